@@ -1,0 +1,11 @@
+"""FineScope: derive compact, domain-specialised LLMs from a larger pretrained one.
+
+Stages (each a `run(cfg)` over files in a run directory): curate → prune → recover → eval → report.
+See README.md for the quickstart and ../DESIGN.md-style notes in the docs.
+"""
+
+__version__ = "0.1.0"
+
+
+class FinescopeError(Exception):
+    """A user-facing error: the CLI prints its message on one line, without a traceback."""

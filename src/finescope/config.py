@@ -1,0 +1,515 @@
+"""Typed configs: one dataclass per stage plus the pipeline config; YAML, dotted overrides, validation, CLI flags.
+
+Each field carries a one-line docstring (the string literal right after it); those docstrings are the `--help`
+text of the CLI and the reference table of the README. Allowed values live in the type: `Literal[...]` for
+choices, `Annotated[T, Range(...)]` for numeric ranges. Validation names the field and the allowed range:
+
+    cfg = load_config(PipelineConfig, "configs/default.yaml", overrides=["curate.top_m=200"])
+    # → ConfigError: configs/default.yaml: curate.top_m = 0: must be ≥ 1
+
+Unknown keys in a YAML or `config.json` are ignored with a warning (old configs keep loading); unknown keys on
+the command line are errors with a suggestion (a typo must not be silently ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import difflib
+import inspect
+import math
+import os
+import textwrap
+import types
+import typing
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+
+from . import FinescopeError
+
+
+class ConfigError(FinescopeError):
+    """A config value or key is invalid; the message names the source, the field and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed numeric interval of a field; `None` = unbounded, `*_open` = bound excluded."""
+
+    min: float | None = None
+    max: float | None = None
+    min_open: bool = False
+    max_open: bool = False
+
+    def contains(self, v: float) -> bool:
+        if isinstance(v, float) and math.isnan(v):
+            return False
+        if self.min is not None and (v <= self.min if self.min_open else v < self.min):
+            return False
+        if self.max is not None and (v >= self.max if self.max_open else v > self.max):
+            return False
+        return True
+
+    def describe(self) -> str:
+        if self.min is not None and self.max is not None:
+            lo, hi = "(" if self.min_open else "[", ")" if self.max_open else "]"
+            return f"in {lo}{_num(self.min)}, {_num(self.max)}{hi}"
+        if self.min is not None:
+            return f"{'>' if self.min_open else '≥'} {_num(self.min)}"
+        if self.max is not None:
+            return f"{'<' if self.max_open else '≤'} {_num(self.max)}"
+        return "any number"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+Positive = Annotated[int, Range(min=1)]
+Fraction = Annotated[float, Range(min=0, max=1, min_open=True, max_open=True)]
+
+
+# ================================================================================================ stage configs
+# The stage issues own their stage's fields; the defaults are METHOD.md's faithful defaults where it gives one.
+
+
+@dataclass
+class CurateConfig:
+    """Stage 1: SAE-guided selection of domain records from a pool (METHOD.md §2)."""
+
+    model: str = "default"
+    """Model: "default" (embedded SmolLM2-135M-Instruct), a local HF folder, a hub id, or a .gguf file."""
+    pool: str = "default"
+    """Candidate records to select from (jsonl/json/parquet/csv/txt folder/HF dataset) or "default"."""
+    seeds: str = "preset:math"
+    """Seed examples of the domain: a record file, or a built-in preset (preset:math|code|medicine|law)."""
+    method: Literal["sae", "embedding", "random", "full"] = "sae"
+    """Selection method: SAE codes (the paper's), sentence-embedding kNN, random subset, or the full pool."""
+    selector: Literal["jacobian", "gradient", "magnitude", "variance", "pca", "random"] = "jacobian"
+    """How the K activation coordinates read by the SAE are chosen (jacobian = v3, gradient = v1)."""
+    layers: list[int] = field(default_factory=list)
+    """Hook layers ℓ (0-based block index; the hidden state after block ℓ); empty = the middle block."""
+    num_coords: Annotated[int, Range(min=1)] = 128
+    """K: number of activation coordinates the SAE reads at each hook layer."""
+    probes: Annotated[int, Range(min=1, max=64)] = 2
+    """R: Rademacher probes (Jacobian-vector products) per reference text for the jacobian selector."""
+    reference: str = "default"
+    """Reference corpus for coordinate selection and SAE training: a record file or "default" (generic text)."""
+    reference_samples: Annotated[int, Range(min=1)] = 1000
+    """Reference texts used (sampled with the seed when the corpus is larger)."""
+    sae_kind: Literal["topk", "relu"] = "topk"
+    """SAE variant: TopK with AuxK dead-latent loss (v3) or ReLU with L1 penalty (v1)."""
+    sae_expansion: Annotated[int, Range(min=1)] = 16
+    """SAE width as a multiple of K."""
+    sae_k: Annotated[int, Range(min=1)] = 32
+    """Active latents per token for the TopK SAE."""
+    sae_l1: Annotated[float, Range(min=0)] = 1e-3
+    """L1 coefficient λ (relu SAE)."""
+    sae_auxk_alpha: Annotated[float, Range(min=0)] = 1 / 32
+    """AuxK loss weight α (topk SAE)."""
+    sae_lr: Annotated[float, Range(min=0, min_open=True)] = 1e-4
+    """SAE AdamW learning rate."""
+    sae_steps: Annotated[int, Range(min=1)] = 2000
+    """SAE optimisation steps."""
+    sae_batch_size: Annotated[int, Range(min=1)] = 256
+    """Token activations per SAE step."""
+    pooling: Literal["mean", "max"] = "mean"
+    """How per-token SAE codes are pooled into one vector per record (special tokens excluded)."""
+    encode_fields: Literal["instruction+response", "instruction"] = "instruction+response"
+    """Which part of an instruction record is encoded (text records are encoded whole)."""
+    selection: Literal["global", "per_seed"] = "global"
+    """global: top-M by max cosine over seeds; per_seed: top-M per seed, union de-duplicated."""
+    top_m: Annotated[int, Range(min=1)] = 100
+    """M: records kept (global) or kept per seed (per_seed)."""
+    pool_sample: Annotated[int, Range(min=0)] = 0
+    """Encode a random sample of this many pool records (0 = the whole pool)."""
+    max_length: Annotated[int, Range(min=8)] = 128
+    """Token limit per encoded record."""
+    batch_size: Annotated[int, Range(min=1)] = 8
+    """Records per forward pass."""
+    seed: int = 0
+    """Random seed (sampling, probes, SAE init)."""
+    skip_bad_rows: bool = False
+    """Skip malformed input rows (and count them) instead of stopping at the first one."""
+
+
+@dataclass
+class PruneConfig:
+    """Stage 2: domain-calibrated structured pruning to a stock-loadable model (METHOD.md §3)."""
+
+    model: str = "default"
+    """Model to prune: "default", a local HF folder, a hub id, or a .gguf file."""
+    data: str = ""
+    """Calibration records (e.g. curate/selected.jsonl); any record file works."""
+    ratio: Fraction = 0.35
+    """Target fraction of *total* parameters removed (the paper's ~35%)."""
+    importance: Literal["taylor", "taylor2", "taylor_mix", "magnitude", "wanda_sp", "flap", "random"] = "taylor"
+    """Width importance: first-order Taylor (LLM-Pruner param_first) by default."""
+    head_mode: Literal["query", "kv_group"] = "query"
+    """Prune query heads inside each KV group (same count per group) or whole KV groups."""
+    attention_ratio: Annotated[float, Range(min=0, max=1, max_open=True)] | None = None
+    """Explicit fraction of attention heads removed (default: chosen by the width solver)."""
+    mlp_ratio: Annotated[float, Range(min=0, max=1, max_open=True)] | None = None
+    """Explicit fraction of MLP channels removed (default: chosen by the width solver)."""
+    mlp_multiple: Annotated[int, Range(min=1)] = 8
+    """MLP width is rounded to a multiple of this."""
+    depth: Annotated[int, Range(min=0)] = 0
+    """Whole decoder blocks to drop (depth pruning)."""
+    depth_importance: Literal["block_influence", "taylor_block"] = "block_influence"
+    """Block score for depth pruning."""
+    calib_samples: Annotated[int, Range(min=1)] = 128
+    """Calibration records used (at most)."""
+    calib_length: Annotated[int, Range(min=8)] = 256
+    """Token limit per calibration record."""
+    batch_size: Annotated[int, Range(min=1)] = 4
+    """Calibration records per forward/backward pass."""
+    seed: int = 0
+    """Random seed (record sampling, random importance)."""
+    overwrite: bool = False
+    """Replace an existing output folder that is not a previous prune output."""
+
+    HASH_EXCLUDE = ("overwrite",)
+
+
+@dataclass
+class RecoverConfig:
+    """Stage 3: teacher-guided distillation + LoRA fine-tuning of the pruned model (METHOD.md §4)."""
+
+    teacher: str = ""
+    """Teacher that rewrites responses; empty = the unpruned model the student was pruned from."""
+    student: str = ""
+    """Pruned model folder to fine-tune."""
+    data: str = ""
+    """Curated records (e.g. curate/selected.jsonl)."""
+    no_teacher: bool = False
+    """Plain SFT on the original responses (the paper's w/o-TGD ablation)."""
+    max_new_tokens: Annotated[int, Range(min=1)] = 256
+    """Token limit of each teacher rewrite."""
+    rewrite_batch_size: Annotated[int, Range(min=1)] = 8
+    """Prompts per batched generate call."""
+    lora_rank: Annotated[int, Range(min=1)] = 32
+    """LoRA rank r (paper: 32)."""
+    lora_alpha: Annotated[float, Range(min=0, min_open=True)] = 64
+    """LoRA α (default 2·r)."""
+    lora_dropout: Annotated[float, Range(min=0, max=1, max_open=True)] = 0.05
+    """LoRA dropout."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Linear projections that get LoRA adapters."""
+    lr: Annotated[float, Range(min=0, min_open=True)] = 5e-5
+    """Peak learning rate (paper: 5e-5)."""
+    batch_size: Annotated[int, Range(min=1)] = 128
+    """Effective batch size (micro batch × gradient accumulation; paper: 128)."""
+    micro_batch_size: Annotated[int, Range(min=1)] = 8
+    """Records per forward/backward pass."""
+    max_length: Annotated[int, Range(min=16)] = 256
+    """Token cutoff per training example (paper: 256)."""
+    epochs: Annotated[float, Range(min=0, min_open=True)] = 2.0
+    """Training epochs."""
+    warmup_ratio: Annotated[float, Range(min=0, max=1)] = 0.03
+    """Fraction of steps with linear warmup before the cosine decay."""
+    eval_fraction: Annotated[float, Range(min=0, max=1, max_open=True)] = 0.1
+    """Held-out fraction of the data for eval loss."""
+    seed: int = 0
+    """Random seed (split, LoRA init, data order)."""
+
+
+@dataclass
+class EvalConfig:
+    """Stage 4: domain benchmarks and domain NLL of a model folder."""
+
+    model: str = "default"
+    """Model to evaluate: "default", a local HF folder, a hub id, or a .gguf file."""
+    tasks: list[str] = field(default_factory=lambda: ["nll:math", "gsm8k", "mmlu:stem"])
+    """Tasks, comma-separated (mmlu:<category|subject>, gsm8k, humaneval, nll:<preset|file>, math:<file>, …)."""
+    shots: Annotated[int, Range(min=0)] = 0
+    """Few-shot examples per question."""
+    limit: Annotated[int, Range(min=0)] = 0
+    """Questions per task (0 = all)."""
+    batch_size: Annotated[int, Range(min=1)] = 8
+    """Sequences per forward pass."""
+    max_new_tokens: Annotated[int, Range(min=1)] = 256
+    """Token limit for generation tasks."""
+    mmlu_scoring: Literal["letter", "cloze"] = "cloze"
+    """MMLU scoring: log-likelihood of the letter (lm-eval mmlu) or length-normalised answer text."""
+    allow_code_execution: bool = False
+    """Run generated code (humaneval, mbpp) in a sandboxed subprocess."""
+    write_samples: bool = False
+    """Also write per-sample predictions as JSONL."""
+    seed: int = 0
+    """Random seed (few-shot sampling)."""
+
+
+@dataclass
+class PipelineConfig:
+    """The whole run: curate → prune → recover → eval → report in one run directory."""
+
+    name: str = "default"
+    """Run name: outputs go to <runs_dir>/<name>/."""
+    runs_dir: str = "runs"
+    """Folder that holds run directories."""
+    curate: CurateConfig = field(default_factory=CurateConfig)
+    """Curate stage settings."""
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    """Prune stage settings."""
+    recover: RecoverConfig = field(default_factory=RecoverConfig)
+    """Recover stage settings."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Eval stage settings."""
+
+
+# ================================================================================================ introspection
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name → the docstring written under it in the class body (base classes included)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """What a field accepts, read off its type hint."""
+
+    base: Any  # int | float | bool | str | a dataclass | list
+    item: Any = None  # element type of a list
+    choices: tuple | None = None
+    range: Range | None = None
+    optional: bool = False
+
+
+def _spec(hint: Any) -> _Spec:
+    optional, rng, choices = False, None, None
+    if typing.get_origin(hint) is Annotated:
+        hint, *extras = typing.get_args(hint)
+        rng = next((e for e in extras if isinstance(e, Range)), None)
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(hint))
+        (hint,) = args
+        inner = _spec(hint)
+        return dataclasses.replace(inner, optional=optional or inner.optional, range=inner.range or rng)
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        return _Spec(base=type(choices[0]), choices=choices, range=rng, optional=optional)
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return _Spec(base=list, item=_spec(item), range=rng, optional=optional)
+    return _Spec(base=hint, range=rng, optional=optional)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+def _fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.init]
+
+
+# ================================================================================================ coercion
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _coerce(value: Any, spec: _Spec, where: str) -> Any:
+    """Turn a YAML or command-line value into the field's type, or raise ConfigError naming `where`."""
+    if value is None or (isinstance(value, str) and spec.optional and value.strip().lower() in ("none", "null")):
+        if spec.optional:
+            return None
+        raise ConfigError(f"{where} must not be empty")
+    base = spec.base
+    if dataclasses.is_dataclass(base):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping of {base.__name__} fields, got {value!r}")
+        return from_dict(base, value, where=where)
+    if base is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list (or comma-separated), got {value!r}")
+        return [_coerce(v, spec.item, f"{where}[{i}]") for i, v in enumerate(value)]
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                out = value
+            elif isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+                out = value.strip().lower() in _TRUE
+            else:
+                raise ValueError
+        elif base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            out = int(value) if not isinstance(value, str) else int(value.strip())
+        elif base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+        elif base is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            out = str(value)
+        else:
+            out = value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} = {value!r}: must be {_type_name(spec)}") from None
+    if spec.choices is not None and out not in spec.choices:
+        raise ConfigError(f"{where} = {out!r}: must be one of {', '.join(map(str, spec.choices))}")
+    if spec.range is not None and not spec.range.contains(out):
+        raise ConfigError(f"{where} = {out!r}: must be {spec.range.describe()}")
+    return out
+
+
+def _type_name(spec: _Spec) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}
+    return names.get(spec.base, getattr(spec.base, "__name__", str(spec.base)))
+
+
+# ================================================================================================ dicts, YAML, overrides
+
+
+def from_dict(cls: type, data: dict, *, where: str = "", strict: bool = False) -> Any:
+    """Build and validate a config of type `cls` from a (possibly partial) mapping; missing keys keep defaults.
+
+    Unknown keys warn (or raise when `strict`). `where` prefixes messages, e.g. "configs/x.yaml: curate".
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__} must be a mapping, got {type(data).__name__}")
+    hints, names = _hints(cls), [f.name for f in _fields(cls)]
+    unknown = [k for k in data if k not in names]
+    for key in unknown:
+        msg = f"{_join(where, key)}: unknown config key{_suggest(key, names)}"
+        if strict:
+            raise ConfigError(msg)
+        warnings.warn(msg + " (ignored)", stacklevel=2)
+    values = {k: _coerce(v, _spec(hints[k]), _join(where, k)) for k, v in data.items() if k in names}
+    cfg = cls(**values)
+    check = getattr(cfg, "check", None)
+    if callable(check):
+        check()
+    return cfg
+
+
+def _join(prefix: str, key: str) -> str:
+    if not prefix:
+        return key
+    return f"{prefix}{key}" if prefix.endswith(": ") else f"{prefix}.{key}"
+
+
+def _suggest(key: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(key, names, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(names)})"
+
+
+def to_dict(cfg: Any) -> dict:
+    return {f.name: (to_dict(v) if dataclasses.is_dataclass(v := getattr(cfg, f.name)) else v) for f in _fields(type(cfg))}
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def apply_overrides(cfg: Any, overrides: list[str], *, where: str = "command line") -> Any:
+    """Return a copy of `cfg` with dotted `key=value` overrides applied (e.g. `curate.top_m=200`)."""
+    data = to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{where}: override {item!r} must look like key=value (e.g. curate.top_m=200)")
+        key, value = item.split("=", 1)
+        node, cls, parts = data, type(cfg), key.strip().split(".")
+        for depth, part in enumerate(parts):
+            names = [f.name for f in _fields(cls)]
+            if part not in names:
+                dotted = ".".join(parts[:depth])
+                raise ConfigError(
+                    f"{where}: unknown config key {key.strip()!r}{_suggest(part, names)}"
+                    + (f" under {dotted!r}" if dotted else "")
+                )
+            if depth == len(parts) - 1:
+                node[part] = value
+            else:
+                sub = _spec(_hints(cls)[part]).base
+                if not dataclasses.is_dataclass(sub):
+                    raise ConfigError(f"{where}: {'.'.join(parts[: depth + 1])!r} has no sub-keys")
+                node, cls = node[part], sub
+    return from_dict(type(cfg), data, where=f"{where}: ", strict=True)
+
+
+def load_config(cls: type, path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Any:
+    """Defaults ← YAML file (if given) ← dotted overrides; validated, with the file named in every error."""
+    cfg = cls()
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}:{line} invalid YAML: {getattr(e, 'problem', e)}") from None
+        cfg = from_dict(cls, data, where=f"{path}: ")
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    return cfg
+
+
+# ================================================================================================ argparse
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One `--flag` per field of a flat stage config, with the field docstring as help text."""
+    docs, hints = field_docs(cls), _hints(cls)
+    for f in _fields(cls):
+        spec = _spec(hints[f.name])
+        if dataclasses.is_dataclass(spec.base):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = docs.get(f.name, "")
+        if spec.choices:
+            help_text += f" Choices: {', '.join(map(str, spec.choices))}."
+        elif spec.range is not None:
+            help_text += f" Must be {spec.range.describe()}."
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        help_text += f" [default: {shown}]"
+        if spec.base is bool:
+            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+        else:
+            parser.add_argument(_flag(f.name), dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
+
+
+def config_from_args(cls: type, args: argparse.Namespace, base: Any | None = None) -> Any:
+    """The config `base` (or defaults) with every flag the user gave applied, validated."""
+    data = to_dict(base if base is not None else cls())
+    given = {f.name: getattr(args, f.name) for f in _fields(cls) if getattr(args, f.name, None) is not None}
+    data.update(given)
+    return from_dict(cls, data, where="", strict=True)

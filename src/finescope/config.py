@@ -500,6 +500,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             help_text += f" Must be {spec.range.describe()}."
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         help_text += f" [default: {shown}]"
+        help_text = help_text.replace("%", "%%")  # argparse %-formats help strings
         if spec.base is bool:
             parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text)

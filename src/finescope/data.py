@@ -100,10 +100,10 @@ def normalise_record(raw: Any) -> dict:
         elif "text" in raw:
             rec = {"text": _text(raw["text"], "text")}
         else:
-            lone = next((i for i, _ in _PAIRS if i in raw), None) or next((r for _, r in _PAIRS if r in raw), None)
+            lone = next((f for pair in _PAIRS for f in pair if f in raw), None)
             if lone is not None:
-                partner = {i: r for i, r in _PAIRS} | {r: i for i, r in _PAIRS}
-                raise ValueError(f"field {lone!r} needs its partner field {partner[lone]!r}")
+                partners = sorted({b for a, b in _PAIRS if a == lone} | {a for a, b in _PAIRS if b == lone})
+                raise ValueError(f"field {lone!r} needs a partner field ({' or '.join(map(repr, partners))})")
             raise ValueError(
                 "no usable fields: expected text, instruction/response, instruction/input/output, "
                 f"prompt/completion, question/answer or messages; got {', '.join(map(repr, raw)) or 'nothing'}"

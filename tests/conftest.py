@@ -1,0 +1,105 @@
+"""Tiny random models of every supported family and a tiny tokenizer, built in-process in seconds."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub
+
+import pytest
+import torch
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma3")
+
+CORPUS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    "The court held that the contract was void because one party lacked capacity.",
+    "def add(a, b):\n    return a + b\n",
+    "The patient presented with fever and a persistent cough for three days.",
+    "Shares rose 3% after the company reported strong quarterly earnings.",
+    "What is 12 times 7? The answer is 84.",
+] * 4
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def build_tokenizer(chat_template: str | None = None):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast
+
+
+def tiny_config(family: str, vocab_size: int, layers: int = 3):
+    import transformers as tf
+
+    common = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False,
+    )
+    if family == "llama":
+        return tf.LlamaConfig(**common)
+    if family == "qwen2":
+        return tf.Qwen2Config(**common)
+    if family == "qwen3":
+        return tf.Qwen3Config(**common)
+    if family == "mistral":
+        return tf.MistralConfig(**common, sliding_window=8)
+    if family == "gemma3":
+        kinds = ["sliding_attention", "full_attention"] * layers
+        return tf.Gemma3TextConfig(**{**common, "tie_word_embeddings": True}, sliding_window=8,
+                                   query_pre_attn_scalar=16, layer_types=kinds[:layers])
+    raise ValueError(family)
+
+
+def build_model(family: str, vocab_size: int, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size), dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer():
+    return build_tokenizer(CHAT_TEMPLATE)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory, chat_tokenizer):
+    """family → folder holding a saved tiny random model and the chat tokenizer."""
+    out = {}
+    for family in FAMILIES:
+        path = tmp_path_factory.mktemp(f"tiny-{family}")
+        build_model(family, len(chat_tokenizer)).save_pretrained(path)
+        chat_tokenizer.save_pretrained(path)
+        out[family] = path
+    return out
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param

@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from finescope.config import (
+    ConfigError, CurateConfig, EvalConfig, PipelineConfig, PruneConfig, RecoverConfig, add_config_arguments,
+    apply_overrides, config_from_args, field_docs, from_dict, load_config, to_yaml,
+)
+
+STAGES = (CurateConfig, PruneConfig, RecoverConfig, EvalConfig, PipelineConfig)
+
+
+@pytest.mark.parametrize("cls", STAGES)
+def test_every_field_has_a_docstring_and_defaults_validate(cls):
+    docs = field_docs(cls)
+    missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+    assert missing == []
+    from finescope.config import to_dict
+
+    assert from_dict(cls, to_dict(cls()), strict=True) == cls()
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: demo\ncurate:\n  top_m: 50\n  layers: [3, 7]\nprune:\n  ratio: 0.3\n")
+    cfg = load_config(PipelineConfig, path, ["curate.top_m=200", "prune.importance=magnitude",
+                                             "eval.tasks=nll:math,gsm8k", "recover.no_teacher=true",
+                                             "prune.attention_ratio=0.25", "recover.lr=1e-5"])
+    assert cfg.name == "demo" and cfg.curate.layers == [3, 7] and cfg.prune.ratio == 0.3
+    assert cfg.curate.top_m == 200 and cfg.prune.importance == "magnitude"
+    assert cfg.eval.tasks == ["nll:math", "gsm8k"] and cfg.recover.no_teacher is True
+    assert cfg.prune.attention_ratio == 0.25 and cfg.recover.lr == 1e-5
+    assert apply_overrides(cfg, ["prune.attention_ratio=none"]).prune.attention_ratio is None
+    again = tmp_path / "again.yaml"
+    again.write_text(to_yaml(cfg))
+    assert load_config(PipelineConfig, again) == cfg
+
+
+@pytest.mark.parametrize("override,message", [
+    ("curate.top_m=0", r"curate\.top_m = 0: must be ≥ 1"),
+    ("prune.ratio=1.2", r"prune\.ratio = 1\.2: must be in \(0, 1\)"),
+    ("prune.ratio=0", r"prune\.ratio = 0\.0: must be in \(0, 1\)"),
+    ("prune.ratio=abc", r"prune\.ratio = 'abc': must be a number"),
+    ("curate.top_m=1.5", r"curate\.top_m = '1\.5': must be an integer"),
+    ("curate.selector=best", r"curate\.selector = 'best': must be one of jacobian, gradient, magnitude"),
+    ("recover.no_teacher=maybe", r"recover\.no_teacher = 'maybe': must be true or false"),
+    ("curate.layers=1,x", r"curate\.layers\[1\] = 'x': must be an integer"),
+    ("curate.top_n=5", r"unknown config key 'curate\.top_n' \(did you mean 'top_m'\?\) under 'curate'"),
+    ("nmae=x", r"unknown config key 'nmae' \(did you mean 'name'\?\)"),
+    ("curate.top_m.x=1", r"'curate\.top_m' has no sub-keys"),
+    ("top_m", r"must look like key=value"),
+    ("prune.attention_ratio=1", r"prune\.attention_ratio = 1\.0: must be in \[0, 1\)"),
+])
+def test_override_errors_name_field_and_range(override, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(PipelineConfig(), [override])
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("curate:\n  top_m: 0\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: curate\.top_m = 0: must be ≥ 1"):
+        load_config(PipelineConfig, bad)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("curate:\n  top_m: [1,\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: line \d+ invalid YAML"):
+        load_config(PipelineConfig, broken)
+    notmap = tmp_path / "list.yaml"
+    notmap.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(PipelineConfig, notmap)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(PipelineConfig, tmp_path / "nope.yaml")
+    sub = tmp_path / "sub.yaml"
+    sub.write_text("curate: 5\n")
+    with pytest.raises(ConfigError, match=r"sub\.yaml: curate must be a mapping of CurateConfig fields"):
+        load_config(PipelineConfig, sub)
+
+
+def test_unknown_yaml_keys_warn_but_load(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("name: x\ncurate:\n  retired_option: 3\n")
+    with pytest.warns(UserWarning, match=r"curate\.retired_option: unknown config key"):
+        cfg = load_config(PipelineConfig, path)
+    assert cfg.name == "x"
+
+
+def test_cli_arguments_from_dataclass():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, PruneConfig)
+    help_text = parser.format_help()
+    assert "--ratio" in help_text and "Target fraction of *total* parameters removed" in help_text
+    assert "Choices: taylor, taylor2" in help_text and "--no-overwrite" in help_text
+    args = parser.parse_args(["--ratio", "0.3", "--importance", "flap", "--overwrite", "--depth", "2"])
+    cfg = config_from_args(PruneConfig, args)
+    assert (cfg.ratio, cfg.importance, cfg.overwrite, cfg.depth) == (0.3, "flap", True, 2)
+    assert cfg.calib_samples == PruneConfig().calib_samples
+    with pytest.raises(ConfigError, match=r"ratio = 2\.0: must be in \(0, 1\)"):
+        config_from_args(PruneConfig, parser.parse_args(["--ratio", "2"]))
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, CurateConfig)
+    cfg = config_from_args(CurateConfig, parser.parse_args(["--layers", "3,9"]), base=CurateConfig(top_m=7))
+    assert cfg.layers == [3, 9] and cfg.top_m == 7

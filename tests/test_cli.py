@@ -35,3 +35,33 @@ def test_errors_are_one_line_with_exit_2(tmp_path, capsys):
     assert err.count("\n") == 0 and err.startswith("finescope info: error:") and "missing" in err
     assert main(["assets", "nope"]) == 2
     assert "unknown asset 'nope'" in capsys.readouterr().err
+
+
+def test_stage_subcommand_plumbing(monkeypatch, tmp_path, capsys):
+    """A registered stage gets flags from its config dataclass, a --config YAML, and run(cfg, out)."""
+    import sys
+    import types
+
+    from finescope import cli, io
+    from finescope.config import PruneConfig
+
+    calls = []
+
+    def fake_run(cfg, out):
+        stage = io.open_stage(out, cfg, overwrite=cfg.overwrite)
+        calls.append(cfg)
+        io.mark_done(stage, cfg, {"ok": True})
+        return out
+
+    module = types.ModuleType("fake_stage")
+    module.run = fake_run
+    monkeypatch.setitem(sys.modules, "fake_stage", module)
+    monkeypatch.setitem(cli.STAGES, "fakeprune", (PruneConfig, "fake_stage:run", "test stage"))
+    yaml_path = tmp_path / "p.yaml"
+    yaml_path.write_text("ratio: 0.2\ncalib_samples: 16\n")
+    out = tmp_path / "out"
+    assert main(["fakeprune", "--out", str(out), "--config", str(yaml_path), "--importance", "flap"]) == 0
+    assert (calls[0].ratio, calls[0].calib_samples, calls[0].importance) == (0.2, 16, "flap")
+    assert io.is_done(out, calls[0])
+    assert main(["fakeprune", "--out", str(out), "--ratio", "1.5"]) == 2
+    assert "ratio = 1.5: must be in (0, 1)" in capsys.readouterr().err

@@ -51,30 +51,44 @@ def test_config_hash_stable_and_excludes_switches():
 
 def test_stage_skip_rerun_and_supersede(tmp_path):
     cfg = CurateConfig(top_m=10)
-    stage = io.open_stage(tmp_path, "curate", cfg)
+    stage = io.open_stage(tmp_path / "curate", cfg)
     assert stage == tmp_path / "curate" and json.loads((stage / "config.json").read_text())["config"]["top_m"] == 10
     (stage / "selected.jsonl").write_text("{}\n")
     assert not io.is_done(stage, cfg)
     # interrupted, same config: the partial folder is kept for the stage to resume
-    assert io.open_stage(tmp_path, "curate", cfg) == stage and (stage / "selected.jsonl").exists()
+    assert io.open_stage(tmp_path / "curate", cfg) == stage and (stage / "selected.jsonl").exists()
     io.mark_done(stage, cfg, {"n": 10})
     assert io.is_done(stage, cfg) and json.loads((stage / "metrics.json").read_text()) == {"n": 10}
-    assert io.open_stage(tmp_path, "curate", cfg) is None  # skipped
+    assert io.open_stage(tmp_path / "curate", cfg) is None  # skipped
     # another config: the finished folder is kept aside, never deleted
     new = CurateConfig(top_m=20)
-    stage2 = io.open_stage(tmp_path, "curate", new)
+    stage2 = io.open_stage(tmp_path / "curate", new)
     assert stage2 == stage and not (stage2 / "selected.jsonl").exists() and not io.is_done(stage2, new)
     aside = tmp_path / f"curate.superseded-{io.config_hash(cfg)}"
     assert (aside / "selected.jsonl").exists() and (aside / "DONE").exists()
     # an unfinished folder of another config is moved aside too
     (stage2 / "partial.bin").write_bytes(b"x")
-    io.open_stage(tmp_path, "curate", cfg)
+    io.open_stage(tmp_path / "curate", cfg)
     assert (tmp_path / f"curate.superseded-{io.config_hash(new)}" / "partial.bin").exists()
 
 
 def test_done_marker_written_last_and_corrupt_marker_means_not_done(tmp_path):
     cfg = CurateConfig()
-    stage = io.open_stage(tmp_path, "curate", cfg)
+    stage = io.open_stage(tmp_path / "curate", cfg)
     (stage / "DONE").write_text("garbage")
     assert not io.is_done(stage, cfg)
-    assert io.open_stage(tmp_path, "curate", cfg) == stage
+    assert io.open_stage(tmp_path / "curate", cfg) == stage
+
+
+def test_unrelated_folder_is_refused_unless_overwrite(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep")
+    with pytest.raises(io.StageError, match="not a finescope stage folder"):
+        io.open_stage(out, CurateConfig())
+    assert (out / "precious.txt").read_text() == "keep"
+    assert io.open_stage(out, CurateConfig(), overwrite=True) == out
+    assert (tmp_path / "mine.superseded-unknown" / "precious.txt").read_text() == "keep"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert io.open_stage(empty, CurateConfig()) == empty

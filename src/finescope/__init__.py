@@ -1,7 +1,7 @@
 """FineScope: derive compact, domain-specialised LLMs from a larger pretrained one.
 
 Stages (each a `run(cfg)` over files in a run directory): curate → prune → recover → eval → report.
-See README.md for the quickstart and ../DESIGN.md-style notes in the docs.
+The CLI is `finescope` (see `finescope --help` and README.md).
 """
 
 __version__ = "0.1.0"

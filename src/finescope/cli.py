@@ -9,14 +9,31 @@ Errors a user can fix (bad file, bad field, unsupported model) print one line an
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
+from functools import partial
+from pathlib import Path
 
 from . import FinescopeError, __version__
 from .assets import PACKAGES
+from .config import add_config_arguments, config_from_args, load_config
 
 PACKAGE_KEYS = tuple(PACKAGES)
+
+# Stage subcommands: name → (config class, "module:function" called as run(cfg, out_dir) -> Path, one-line help).
+# Flags come from the config dataclass (its field docstrings are the help text). Each stage issue adds its line.
+STAGES: dict[str, tuple[type, str, str]] = {}
+
+
+def _run_stage(cls: type, target: str, args: argparse.Namespace) -> int:
+    base = load_config(cls, args.config) if args.config else None
+    cfg = config_from_args(cls, args, base)
+    module, function = target.split(":")
+    out = getattr(importlib.import_module(module), function)(cfg, Path(args.out))
+    print(out)
+    return 0
 
 
 def _cmd_assets(args: argparse.Namespace) -> int:
@@ -64,12 +81,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, or auto (spread over GPUs)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_info)
+
+    for name, (cls, target, help_text) in STAGES.items():
+        p = sub.add_parser(name, help=help_text, description=(cls.__doc__ or help_text).strip())
+        p.add_argument("--out", required=True, metavar="DIR", help="output folder of the stage")
+        p.add_argument("--config", metavar="YAML", help="YAML file with this stage's fields (flags override it)")
+        add_config_arguments(p, cls)
+        p.set_defaults(func=partial(_run_stage, cls, target))
     return parser
+
+
+def _quiet_library_progress_bars() -> None:
+    """transformers draws its own bars (weight loading, GGUF dequantizing); keep logs clean off a terminal."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not sys.stderr.isatty():
+        _quiet_library_progress_bars()
     try:
         return args.func(args)
     except FinescopeError as e:

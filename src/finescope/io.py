@@ -5,7 +5,7 @@ A run directory holds one folder per stage (`runs/<name>/<stage>/`). Each stage 
 records the hash of the current config is skipped on rerun; anything else is recomputed.
 
     from finescope import io
-    stage = io.open_stage("runs/demo", "curate", cfg)      # None if already done with this config
+    stage = io.open_stage("runs/demo/curate", cfg)   # None if already done with this config
     if stage is not None:
         io.write_json_atomic(stage / "metrics.json", {...})
         io.mark_done(stage, cfg)
@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+from . import FinescopeError
 
 DONE = "DONE"
 CONFIG = "config.json"
@@ -130,8 +132,8 @@ def config_hash(cfg: Any) -> str:
 # ---------------------------------------------------------------------------------------------- stage folders
 
 
-def stage_dir(run_dir: str | os.PathLike, stage: str) -> Path:
-    return Path(run_dir) / stage
+class StageError(FinescopeError):
+    """A stage folder cannot be used (e.g. an unrelated folder is in the way)."""
 
 
 def done_hash(stage: str | os.PathLike) -> str | None:
@@ -150,21 +152,28 @@ def is_done(stage: str | os.PathLike, cfg: Any) -> bool:
     return done_hash(stage) == config_hash(cfg)
 
 
-def open_stage(run_dir: str | os.PathLike, stage: str, cfg: Any) -> Path | None:
-    """Prepare `run_dir/stage` for a run of `cfg`; return None when it is already done with this config.
+def open_stage(path: str | os.PathLike, cfg: Any, *, overwrite: bool = False) -> Path | None:
+    """Prepare the stage folder `path` for a run of `cfg`; return None when it is already done with this config.
 
     - Done with the same config hash → None (skip).
     - Unfinished with the same config → kept as is, so a stage may resume what it wrote (e.g. rewrites).
-    - Anything else in the way (done or unfinished, another config) is moved aside to
-      `<stage>.superseded-<hash>`, never deleted, and a fresh folder is started.
+    - A stage folder of another config (done or not) is moved aside to `<name>.superseded-<hash>`, never deleted,
+      and a fresh folder is started.
+    - A non-empty folder that is not a stage folder is refused (StageError), or moved aside with `overwrite`.
     The resolved config is written to `config.json` before the stage starts.
     """
-    path = stage_dir(run_dir, stage)
+    path = Path(path)
     want = config_hash(cfg)
-    have = done_hash(path) or _hash_of_config_file(path / CONFIG)
     if done_hash(path) == want:
         return None
-    if path.exists() and have != want:
+    have = done_hash(path) or _hash_of_config_file(path / CONFIG)
+    if path.is_file():
+        raise StageError(f"{path}: exists and is a file, not a stage folder")
+    if path.is_dir() and have is None and any(path.iterdir()):
+        if not overwrite:
+            raise StageError(f"{path}: exists and is not a finescope stage folder; choose another output folder "
+                             "or pass --overwrite (it is then kept aside as <name>.superseded-unknown)")
+    if path.is_dir() and have != want and any(path.iterdir()):
         aside = path.with_name(f"{path.name}.superseded-{have or 'unknown'}")
         if aside.exists():
             aside = aside.with_name(f"{aside.name}-{time.strftime('%Y%m%d%H%M%S')}")

@@ -158,7 +158,7 @@ def fetch(req: str, *, sdist: bool = False) -> Path:
                    "--disable-pip-version-check", "-d", str(downloads), req]
             if not sys.stderr.isatty():
                 cmd.insert(4, "-q")
-            proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+            proc = subprocess.run(cmd, stdout=_stderr_fd(), stderr=subprocess.PIPE, text=True)
             if proc.returncode != 0:
                 last = [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith("WARNING")][-1:] or ["?"]
                 raise OSError(last[0])
@@ -168,6 +168,14 @@ def fetch(req: str, *, sdist: bool = False) -> Path:
     if found is None:
         raise AssetError(f"pip reported success but no archive of {req} is in {downloads}")
     return found
+
+
+def _stderr_fd() -> int | None:
+    """pip's progress goes to our stderr when it is a real file (not when captured, e.g. under pytest)."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def _index_url() -> str:

@@ -18,13 +18,15 @@ from pathlib import Path
 
 from . import FinescopeError, __version__
 from .assets import PACKAGES
-from .config import add_config_arguments, config_from_args, load_config
+from .config import RecoverConfig, add_config_arguments, config_from_args, load_config
 
 PACKAGE_KEYS = tuple(PACKAGES)
 
 # Stage subcommands: name → (config class, "module:function" called as run(cfg, out_dir) -> Path, one-line help).
 # Flags come from the config dataclass (its field docstrings are the help text). Each stage issue adds its line.
-STAGES: dict[str, tuple[type, str, str]] = {}
+STAGES: dict[str, tuple[type, str, str]] = {
+    "recover": (RecoverConfig, "finescope.recover.run:run", "teacher-guided distillation + LoRA fine-tuning of a pruned model"),
+}
 
 
 def _run_stage(cls: type, target: str, args: argparse.Namespace) -> int:

@@ -181,17 +181,21 @@ class RecoverConfig:
     """Stage 3: teacher-guided distillation + LoRA fine-tuning of the pruned model (METHOD.md §4)."""
 
     teacher: str = ""
-    """Teacher that rewrites responses; empty = the unpruned model the student was pruned from."""
+    """Teacher that rewrites responses; empty = the model the student was pruned from (read from the prune stage's config.json)."""
     student: str = ""
-    """Pruned model folder to fine-tune."""
+    """Pruned model folder to fine-tune (e.g. prune/model)."""
     data: str = ""
-    """Curated records (e.g. curate/selected.jsonl)."""
+    """Curated records (e.g. curate/selected.jsonl); any record file works."""
     no_teacher: bool = False
     """Plain SFT on the original responses (the paper's w/o-TGD ablation)."""
     max_new_tokens: Annotated[int, Range(min=1)] = 256
-    """Token limit of each teacher rewrite."""
+    """Token limit of each teacher rewrite; a rewrite that hits it is rejected as cut off."""
+    temperature: Annotated[float, Range(min=0)] = 0.0
+    """Teacher sampling temperature; 0 = greedy decoding (the default)."""
     rewrite_batch_size: Annotated[int, Range(min=1)] = 8
-    """Prompts per batched generate call."""
+    """Prompts per batched generate call (left padding)."""
+    answer_check: bool = True
+    """Reject rewrites whose final number / option letter differs from the original's (when it has one)."""
     lora_rank: Annotated[int, Range(min=1)] = 32
     """LoRA rank r (paper: 32)."""
     lora_alpha: Annotated[float, Range(min=0, min_open=True)] = 64
@@ -201,7 +205,7 @@ class RecoverConfig:
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
-    """Linear projections that get LoRA adapters."""
+    """Linear projections that get LoRA adapters (default: all of them, LLM-Pruner style)."""
     lr: Annotated[float, Range(min=0, min_open=True)] = 5e-5
     """Peak learning rate (paper: 5e-5)."""
     batch_size: Annotated[int, Range(min=1)] = 128
@@ -209,15 +213,21 @@ class RecoverConfig:
     micro_batch_size: Annotated[int, Range(min=1)] = 8
     """Records per forward/backward pass."""
     max_length: Annotated[int, Range(min=16)] = 256
-    """Token cutoff per training example (paper: 256)."""
+    """Token cutoff per training example, prompt included (paper: 256)."""
     epochs: Annotated[float, Range(min=0, min_open=True)] = 2.0
-    """Training epochs."""
+    """Training epochs (fractions allowed)."""
     warmup_ratio: Annotated[float, Range(min=0, max=1)] = 0.03
     """Fraction of steps with linear warmup before the cosine decay."""
     eval_fraction: Annotated[float, Range(min=0, max=1, max_open=True)] = 0.1
-    """Held-out fraction of the data for eval loss."""
+    """Held-out fraction of the records for the per-epoch eval loss (0 = none)."""
     seed: int = 0
-    """Random seed (split, LoRA init, data order)."""
+    """Random seed (split, LoRA init, dropout, data order, sampling)."""
+    skip_bad_rows: bool = False
+    """Skip malformed input rows (and count them) instead of stopping at the first one."""
+    overwrite: bool = False
+    """Replace an existing output folder that is not a previous recover output."""
+
+    HASH_EXCLUDE = ("overwrite",)
 
 
 @dataclass

@@ -1,0 +1,140 @@
+"""The recover stage: teacher rewrite → filters → LoRA fine-tuning of the pruned student → merge → save.
+
+    finescope recover --student runs/demo/prune/model --data runs/demo/curate/selected.jsonl \\
+        --out runs/demo/recover --max-new-tokens 128 --batch-size 16 --lr 2e-4 --epochs 2
+
+Writes `distilled.jsonl` (original and rewrite, the text used and why), `adapter/` (peft), `model/` (merged,
+stock-loadable), `metrics.json` (rewrite statistics, filter counts, loss curves, wall times) and `DONE`.
+An interrupted rewrite resumes from `rewrites.partial.jsonl`. `--no-teacher` is plain SFT on the originals.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .. import FinescopeError
+from ..config import RecoverConfig
+from ..data import read_records
+from ..io import CONFIG, mark_done, open_stage, read_json, write_json_atomic, write_jsonl_atomic
+from ..modeling import ModelError, load, resolve_model_path
+from .filters import REASONS, apply_filters
+from .finetune import LoraSettings, build_examples, mean_loss, save_adapter_and_merged, split_records, train_lora
+from .rewrite import rewrite_records
+
+PARTIAL = "rewrites.partial.jsonl"
+
+
+class RecoverError(FinescopeError):
+    """The recover stage's inputs cannot be used together."""
+
+
+def default_teacher(student: str) -> str:
+    """The model the student was pruned from: `model` in the config.json of the prune stage folder above it."""
+    cfg_file = Path(student).expanduser().resolve().parent / CONFIG
+    try:
+        model = read_json(cfg_file)["config"]["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        model = None
+    if not isinstance(model, str) or not model:
+        raise RecoverError(f"{student}: cannot tell which model it was pruned from (no prune config.json beside "
+                           "it); pass --teacher MODEL, or --no-teacher for plain SFT")
+    return model
+
+
+def check_same_tokenizer(student_tok, teacher_tok, student: str, teacher: str) -> None:
+    """Rewrites are trained in the student's vocabulary: refuse a teacher that tokenizes differently."""
+    same = (student_tok.get_vocab() == teacher_tok.get_vocab()
+            and student_tok.eos_token == teacher_tok.eos_token
+            and (student_tok.chat_template or None) == (teacher_tok.chat_template or None))
+    if not same:
+        raise RecoverError(f"teacher {teacher} and student {student} have different tokenizers (vocabulary, EOS or "
+                           "chat template); the teacher must share the student's tokenizer")
+
+
+def _free(*objs) -> None:
+    del objs
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run(cfg: RecoverConfig, out: Path) -> Path:
+    """Run the stage into the folder `out`; returns it (skips when it is already done with this config)."""
+    if not cfg.student:
+        raise RecoverError("--student is required: the pruned model folder to fine-tune")
+    if not cfg.data:
+        raise RecoverError("--data is required: the curated records (e.g. curate/selected.jsonl)")
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    records = read_records(cfg.data, skip_bad_rows=cfg.skip_bad_rows)
+    n_instr = sum("instruction" in r for r in records)
+    if not Path(cfg.student).expanduser().is_dir():
+        raise ModelError(f"{cfg.student}: student must be a model folder (the prune stage's model/)")
+    resolve_model_path(cfg.student)  # "not a model folder" before any work
+    teacher_spec = None if cfg.no_teacher or n_instr == 0 else (cfg.teacher or default_teacher(cfg.student))
+
+    stage = open_stage(out, cfg, overwrite=cfg.overwrite)
+    if stage is None:
+        return Path(out)
+
+    student = load(cfg.student)
+    tok = student.tokenizer
+    # Fail on an impossible max_length before spending minutes on the teacher.
+    build_examples(tok, records[:1], cfg.max_length)
+
+    rewrite_stats: dict = {"instruction_records": n_instr, "text_records": len(records) - n_instr}
+    rewrites = None
+    if teacher_spec is not None:
+        t = time.perf_counter()
+        teacher = load(teacher_spec)
+        check_same_tokenizer(tok, teacher.tokenizer, cfg.student, teacher_spec)
+        rewrites, stats = rewrite_records(
+            teacher.model, teacher.tokenizer, records, max_new_tokens=cfg.max_new_tokens,
+            batch_size=cfg.rewrite_batch_size, temperature=cfg.temperature, seed=cfg.seed,
+            partial_path=stage / PARTIAL,
+        )
+        rewrite_stats.update(stats, teacher=teacher.source)
+        _free(teacher)
+        teacher = None
+        times["rewrite"] = round(time.perf_counter() - t, 2)
+
+    rows, counts = apply_filters(records, rewrites, answer_check=cfg.answer_check)
+    write_jsonl_atomic(stage / "distilled.jsonl", rows)
+    judged = sum(counts.get(r, 0) for r in REASONS)
+    filter_stats = {"counts": counts,
+                    "acceptance_rate": round(counts.get("accepted", 0) / judged, 4) if rewrites is not None and judged
+                    else None}
+
+    t = time.perf_counter()
+    train_recs, eval_recs = split_records(rows, cfg.eval_fraction, cfg.seed)
+    train_ex, too_long = build_examples(tok, train_recs, cfg.max_length)
+    eval_ex, eval_too_long = build_examples(tok, eval_recs, cfg.max_length)
+    settings = LoraSettings(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                            target_modules=list(cfg.target_modules), lr=cfg.lr, batch_size=cfg.batch_size,
+                            micro_batch_size=cfg.micro_batch_size, epochs=cfg.epochs, warmup_ratio=cfg.warmup_ratio,
+                            seed=cfg.seed)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    peft_model, history = train_lora(student.model, train_ex, eval_ex, settings, pad_id=pad_id)
+    times["finetune"] = round(time.perf_counter() - t, 2)
+
+    t = time.perf_counter()
+    merged = save_adapter_and_merged(peft_model, tok, stage / "adapter", stage / "model")
+    times["save"] = round(time.perf_counter() - t, 2)
+    history["eval_loss_merged"] = mean_loss(merged, eval_ex, pad_id, settings.micro_batch_size)
+    if (stage / PARTIAL).exists():
+        os.unlink(stage / PARTIAL)  # distilled.jsonl now holds every rewrite
+    times["total"] = round(time.perf_counter() - t0, 2)
+    metrics = {
+        "records": len(records), "skipped_rows": records.skipped,
+        "mode": "sft" if rewrites is None else "tgd",
+        "rewrite": rewrite_stats, "filters": filter_stats,
+        "too_long_skipped": len(too_long) + len(eval_too_long),
+        "train": history, "seconds": times,
+    }
+    mark_done(stage, cfg, metrics)
+    return stage

@@ -168,6 +168,8 @@ class PruneConfig:
     """Token limit per calibration record."""
     batch_size: Annotated[int, Range(min=1)] = 4
     """Calibration records per forward/backward pass."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype while pruning and of the saved model (auto: fp32 on CPU, bf16 on GPU)."""
     seed: int = 0
     """Random seed (record sampling, random importance)."""
     overwrite: bool = False

@@ -1,0 +1,245 @@
+"""The prune stage: calibration records → importance → uniform shapes → sliced, saved, self-verified model.
+
+    finescope prune --model default --data runs/demo/curate/selected.jsonl --ratio 0.35 --out runs/demo/prune
+
+writes `model/` (stock `save_pretrained`: safetensors, rewritten config, tokenizer, generation config),
+`report.json` (parameters before/after, per-layer kept indices, importance summaries, timings, peak memory,
+verification), `config.json`, `metrics.json` and `DONE`. Before DONE, the saved folder is reloaded with stock
+`AutoModelForCausalLM.from_pretrained` in a fresh process: its logits must equal the in-memory pruned model's
+and greedy generation must give the same tokens with and without the KV cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .. import FinescopeError
+from .. import io as fio
+from ..config import PruneConfig
+from ..data import read_records
+from ..modeling import load, model_info
+from .importance import calibration_batches, compute_scores, select_attention, select_blocks, select_channels
+from .solver import Plan, solve
+from .structure import drop_blocks, model_shapes, prune_attention, prune_mlp, rewrite_config
+
+
+class PruneError(FinescopeError):
+    """The prune stage cannot run with these inputs, or its output failed self-verification."""
+
+
+def _log(msg: str) -> None:
+    print(f"prune: {msg}", file=sys.stderr, flush=True)
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def check_output_folder(out: Path, overwrite: bool) -> None:
+    """Refuse, before anything is written, an output folder that is not a previous prune output."""
+    if out.is_file():
+        raise PruneError(f"{out}: exists and is a file, not an output folder")
+    if not out.is_dir() or not any(out.iterdir()) or overwrite:
+        return
+    try:
+        previous = fio.read_json(out / fio.CONFIG).get("config", {})
+    except (OSError, ValueError, AttributeError):
+        previous = None
+    if not isinstance(previous, dict) or not {"ratio", "importance", "head_mode"} <= set(previous):
+        raise PruneError(f"{out}: exists and is not a prune output folder; choose another --out or pass --overwrite")
+
+
+def prune_model(handle, scores, plan: Plan, head_mode: str) -> dict:
+    """Drop blocks and slice every layer to the plan's shapes in place; return the kept indices per layer."""
+    adapter = handle.adapter
+    dropped = select_blocks(scores, plan.depth)
+    kept_layers = [i for i in range(adapter.num_layers) if i not in set(dropped)]
+    drop_blocks(adapter, dropped)
+    layers = []
+    for new_idx, orig in enumerate(kept_layers):
+        heads, kv = select_attention(scores.heads[orig], scores.kv[orig], heads=plan.heads, kv_heads=plan.kv_heads,
+                                     mode=head_mode)
+        channels = select_channels(scores.channels[orig], plan.intermediate)
+        prune_attention(adapter, new_idx, heads, kv)
+        prune_mlp(adapter, new_idx, channels)
+        layers.append({"layer": orig, "heads": heads, "kv_heads": kv, "channels": channels})
+    rewrite_config(adapter)
+    return {"dropped_blocks": dropped, "layers": layers}
+
+
+def _summaries(scores, kept: dict) -> list[dict]:
+    """Per original layer: score mass kept and the spread of scores, for heads and MLP channels."""
+    out = []
+    by_layer = {row["layer"]: row for row in kept["layers"]}
+    for i in range(scores.heads.shape[0]):
+        row = {"layer": i, "dropped": i in kept["dropped_blocks"]}
+        if scores.blocks is not None:
+            row["block_score"] = float(scores.blocks[i])
+        for name, vals, key in (("heads", scores.heads[i], "heads"), ("channels", scores.channels[i], "channels")):
+            total = float(vals.sum())
+            row[f"{name}_score_mean"] = float(vals.mean())
+            row[f"{name}_score_max"] = float(vals.max())
+            if i in by_layer:
+                kept_sum = float(vals[by_layer[i][key]].sum())
+                row[f"{name}_kept_score_fraction"] = kept_sum / total if total else None
+        out.append(row)
+    return out
+
+
+_VERIFY = r"""
+import json, sys, torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+folder, probe, result, dtype, device = sys.argv[1:6]
+model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
+ids = load_file(probe)["input_ids"].to(device)
+with torch.no_grad():
+    logits = model(input_ids=ids).logits.float().cpu()
+    prompt = ids[:1, : min(ids.shape[1], 12)]
+    cached = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True,
+                            min_new_tokens=8, pad_token_id=model.generation_config.pad_token_id or 0)
+    uncached = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False,
+                              min_new_tokens=8, pad_token_id=model.generation_config.pad_token_id or 0)
+save_file({"logits": logits.contiguous()}, result)
+cfg = model.config.get_text_config()
+print(json.dumps({"new_tokens": int(cached.shape[1] - prompt.shape[1]),
+                  "cache_matches_no_cache": bool(torch.equal(cached, uncached)),
+                  "architecture": type(model).__name__,
+                  "shapes": [cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
+                             cfg.head_dim, cfg.intermediate_size]}))
+"""
+
+
+def verify_saved(folder: Path, input_ids: torch.Tensor, expected: torch.Tensor, *, dtype: torch.dtype,
+                 device: str) -> dict:
+    """Reload `folder` with stock transformers in a fresh process; compare logits and generate with/without cache."""
+    from safetensors.torch import load_file, save_file
+
+    with tempfile.TemporaryDirectory(prefix="finescope-verify-") as tmp:
+        probe, result = Path(tmp) / "probe.safetensors", Path(tmp) / "logits.safetensors"
+        save_file({"input_ids": input_ids.contiguous().cpu()}, probe)
+        env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
+        proc = subprocess.run([sys.executable, "-c", _VERIFY, str(folder), str(probe), str(result),
+                               str(dtype).replace("torch.", ""), device],
+                              capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
+            raise PruneError(f"{folder}: the saved model does not reload with stock transformers: {tail[0]}")
+        info = json.loads(proc.stdout.strip().splitlines()[-1])
+        got = load_file(result)["logits"]
+    diff = float((got - expected.float().cpu()).abs().max())
+    scale = float(expected.float().abs().max()) or 1.0
+    tol = (1e-4 if dtype == torch.float32 else 2e-2) * max(1.0, scale)
+    info.update({"max_abs_logit_diff": diff, "tolerance": tol, "logits_match": diff <= tol})
+    if not info["logits_match"]:
+        raise PruneError(f"{folder}: reloaded logits differ from the pruned model's by {diff:.3g} (tolerance {tol:.3g})")
+    if info["new_tokens"] <= 0 or not info["cache_matches_no_cache"]:
+        raise PruneError(f"{folder}: generation after reload is broken ({info})")
+    return info
+
+
+def run(cfg: PruneConfig, out: Path) -> Path:
+    """Prune `cfg.model` to `cfg.ratio` with importance computed on `cfg.data`; write the stage folder `out`."""
+    out = Path(out)
+    start = time.perf_counter()
+    if fio.is_done(out, cfg):
+        _log(f"{out}: already done with this config; skipping")
+        return out
+    if not cfg.data:
+        raise PruneError("data: calibration records are required (--data FILE, e.g. runs/<name>/curate/selected.jsonl)")
+    check_output_folder(out, cfg.overwrite)
+    records = read_records(cfg.data)
+    handle = load(cfg.model, dtype=cfg.dtype)
+    before = model_info(handle)
+    shapes = model_shapes(handle.adapter, handle.model)
+    plan = solve(shapes, cfg.ratio, head_mode=cfg.head_mode, attention_ratio=cfg.attention_ratio,
+                 mlp_ratio=cfg.mlp_ratio, mlp_multiple=cfg.mlp_multiple, depth=cfg.depth)
+    batches, calib = calibration_batches(handle.tokenizer, records, samples=cfg.calib_samples,
+                                         length=cfg.calib_length, batch_size=cfg.batch_size, seed=cfg.seed,
+                                         source=str(cfg.data))
+    target = f"{plan.ratio_target:.4f}" if plan.ratio_target is not None else "(explicit shapes)"
+    _log(f"target {target}, achieved {plan.ratio_achieved:.4f} of total parameters "
+         f"({plan.non_embedding_ratio:.4f} of non-embedding); granule {plan.granule:.4f}")
+    _log(f"shapes: layers {shapes.layers}→{plan.layers}, heads {shapes.heads}→{plan.heads}, "
+         f"KV heads {shapes.kv_heads}→{plan.kv_heads}, head_dim {plan.head_dim}, "
+         f"MLP {shapes.intermediate}→{plan.intermediate}")
+    stage = fio.open_stage(out, cfg, overwrite=cfg.overwrite)
+    if stage is None:
+        return out
+
+    t0 = time.perf_counter()
+    scores = compute_scores(handle.adapter, batches, cfg.importance,
+                            depth_importance=cfg.depth_importance if cfg.depth else None, seed=cfg.seed,
+                            desc=f"importance ({cfg.importance})")
+    t_scores = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    kept = prune_model(handle, scores, plan, cfg.head_mode)
+    after = model_info(handle)
+    if after["parameters"] != plan.params_after:
+        raise PruneError(f"internal: pruned model has {after['parameters']} parameters, the plan said "
+                         f"{plan.params_after}")
+    model = handle.model
+    device = str(next(model.parameters()).device)
+    dtype = next(model.parameters()).dtype
+    probe = batches[0]["input_ids"][:2, :64]
+    probe = probe[:, : max(2, int(batches[0]["attention_mask"][:2, :64].sum(1).min()))]
+    with torch.no_grad():
+        expected = model(input_ids=probe.to(device)).logits.float().cpu()
+    t_slice = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    model_dir = stage / "model"
+    with fio.atomic_dir(model_dir) as tmp:
+        model.save_pretrained(tmp)
+        handle.tokenizer.save_pretrained(tmp)
+    t_save = time.perf_counter() - t0
+    peak_rss = _peak_rss_mib()
+    peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    handle.model = None
+    del model, handle
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    t0 = time.perf_counter()
+    verification = verify_saved(model_dir, probe, expected, dtype=dtype, device=device)
+    t_verify = time.perf_counter() - t0
+    _log(f"verified: stock reload logits match (max diff {verification['max_abs_logit_diff']:.2e}), "
+         f"generate works with and without cache")
+
+    params = {
+        "before": before["parameters"], "after": after["parameters"],
+        "non_embedding_before": before["non_embedding_parameters"],
+        "non_embedding_after": after["non_embedding_parameters"],
+        "ratio": 1 - after["parameters"] / before["parameters"],
+        "non_embedding_ratio": 1 - after["non_embedding_parameters"] / before["non_embedding_parameters"],
+    }
+    timings = {"importance_s": t_scores, "slice_s": t_slice, "save_s": t_save, "verify_s": t_verify,
+               "total_s": time.perf_counter() - start}
+    report = {
+        "model": before["source"], "family": before["family"], "architecture": before["architecture"],
+        "data": str(cfg.data), "calibration": calib, "importance": cfg.importance, "head_mode": cfg.head_mode,
+        "depth_importance": cfg.depth_importance if cfg.depth else None,
+        "calibration_loss": scores.loss, "plan": plan.as_dict(), "parameters": params,
+        "shapes_before": {k: before[k] for k in ("layers", "attention_heads", "kv_heads", "head_dim", "mlp_width")},
+        "shapes_after": {k: after[k] for k in ("layers", "attention_heads", "kv_heads", "head_dim", "mlp_width")},
+        "dropped_blocks": kept["dropped_blocks"], "kept": kept["layers"],
+        "importance_summary": _summaries(scores, kept), "wall_time": timings,
+        "peak_memory_mib": {"rss": peak_rss, "gpu": peak_gpu}, "verification": verification,
+        "notes": ["every layer is pruned to the same shape (no skipped layers), so the config stays standard",
+                  "importance is computed once on the dense model; blocks and widths are then cut together"],
+    }
+    fio.write_json_atomic(stage / "report.json", report)
+    metrics = {"parameters": params, "ratio_target": plan.ratio_target, "ratio_achieved": plan.ratio_achieved,
+               "shapes_after": report["shapes_after"], "calibration_records": calib["records"],
+               "calibration_loss": scores.loss, "wall_time_s": timings["total_s"], "peak_rss_mib": peak_rss,
+               "verified": True}
+    fio.mark_done(stage, cfg, metrics)
+    return stage

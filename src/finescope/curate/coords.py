@@ -1,0 +1,127 @@
+"""Choose the K activation coordinates at hook layer ℓ that the SAE reads (METHOD.md §2.2).
+
+Selectors (per-coordinate score over reference texts; the top K are kept):
+- `jacobian` (v3, default): ‖∂a_j/∂e(x)‖ estimated with R Rademacher probes pushed through Jacobian-vector
+  products w.r.t. the input embeddings (Hutchinson: E[(J v)_j²] = ‖J_j‖²), averaged over tokens and texts.
+- `gradient` (v1): the exact input-gradient norm ‖∂(Σ_t a_{j,t})/∂e(x)‖ per coordinate, by reverse mode (one
+  batched backward per chunk of coordinates; much costlier than `jacobian` on wide models).
+- `magnitude` (mean |a_j|), `variance` (Var a_j), `pca` (energy of coordinate j in the top-K principal
+  subspace of the activations), `random`.
+
+    scores = coordinate_scores(handle, 15, batches, "jacobian", probes=2, seed=0)
+    idx = top_k_coords(scores, 128)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import FinescopeError
+from ..io import progress
+from .activations import TextBatches
+
+SELECTORS = ("jacobian", "gradient", "magnitude", "variance", "pca", "random")
+
+
+def _math_sdpa():
+    """Forward-mode AD needs the composite ("math") attention kernel; fused CPU/GPU kernels lack JVP rules."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def _jacobian_scores(handle, layer: int, batches: TextBatches, probes: int, seed: int) -> torch.Tensor:
+    dev = next(handle.model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    acc, count = None, 0
+    for batch in progress(batches, desc=f"jacobian scores (layer {layer}, R={probes})", total=len(batches),
+                          unit="batch"):
+        ids, attn = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
+        mask = batch["token_mask"].to(dev)
+        with torch.no_grad():
+            embeds = handle.adapter.embed_tokens(ids)
+
+        def f(e: torch.Tensor) -> torch.Tensor:
+            return handle.adapter.hidden_after(layer, inputs_embeds=e, attention_mask=attn)
+
+        for _ in range(probes):
+            v = (torch.randint(0, 2, embeds.shape, generator=gen) * 2 - 1).to(embeds.dtype).to(dev)
+            with _math_sdpa(), torch.no_grad():  # forward mode only: no graph through the weights
+                _, u = torch.func.jvp(f, (embeds,), (v,))
+            sq = u.float().pow(2)[mask].sum(0)  # sum over real tokens of (J v)_j²
+            acc = sq if acc is None else acc + sq
+        count += int(mask.sum()) * probes
+    return (acc / max(count, 1)).sqrt().cpu()
+
+
+def _gradient_scores(handle, layer: int, batches: TextBatches, chunk: int = 64) -> torch.Tensor:
+    dev = next(handle.model.parameters()).device
+    d = handle.adapter.hidden_size
+    acc, n_seq = torch.zeros(d, dtype=torch.float64), 0
+    for batch in progress(batches, desc=f"gradient scores (layer {layer})", total=len(batches), unit="batch"):
+        ids, attn = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
+        mask = batch["token_mask"].to(dev)
+        embeds = handle.adapter.embed_tokens(ids).detach().requires_grad_(True)
+        hidden = handle.adapter.hidden_after(layer, inputs_embeds=embeds, attention_mask=attn)
+        summed = (hidden.float() * mask.unsqueeze(-1)).sum(1)  # (B, d): Σ_t a_{j,t} per text
+        for lo in range(0, d, chunk):
+            cols = torch.arange(lo, min(d, lo + chunk), device=dev)
+            # One-hot grad outputs: row c selects coordinate cols[c] of every text (texts are independent).
+            eye = torch.zeros(len(cols), *summed.shape, device=dev, dtype=summed.dtype)
+            eye[torch.arange(len(cols)), :, cols] = 1.0
+            (grads,) = torch.autograd.grad(summed, embeds, grad_outputs=eye, retain_graph=True,
+                                           is_grads_batched=True)
+            # grads: (C, B, T, h) → one norm per (coordinate, text), summed over texts.
+            acc[lo : lo + len(cols)] += grads.float().flatten(2).norm(dim=-1).sum(-1).double().cpu()
+        n_seq += ids.shape[0]
+    return (acc / max(n_seq, 1)).float()
+
+
+@torch.no_grad()
+def _activation_stats(handle, layer: int, batches: TextBatches) -> dict[str, torch.Tensor]:
+    dev = next(handle.model.parameters()).device
+    d = handle.adapter.hidden_size
+    n, s1, s2, sabs = 0, torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64), \
+        torch.zeros(d, dtype=torch.float64)
+    cross = torch.zeros(d, d, dtype=torch.float64)
+    for batch in progress(batches, desc=f"activation statistics (layer {layer})", total=len(batches),
+                          unit="batch"):
+        hidden = handle.adapter.hidden_after(layer, input_ids=batch["input_ids"].to(dev),
+                                             attention_mask=batch["attention_mask"].to(dev))
+        x = hidden[batch["token_mask"].to(dev)].double().cpu()
+        n += x.shape[0]
+        s1 += x.sum(0)
+        s2 += x.pow(2).sum(0)
+        sabs += x.abs().sum(0)
+        cross += x.T @ x
+    n = max(n, 1)
+    mean = s1 / n
+    return {"magnitude": sabs / n, "variance": s2 / n - mean.pow(2), "covariance": cross / n - torch.outer(mean, mean)}
+
+
+def coordinate_scores(handle, layer: int, batches: TextBatches, selector: str, *, probes: int = 2,
+                      seed: int = 0, k: int = 128) -> torch.Tensor:
+    """A score per hidden coordinate at `layer` (higher = keep)."""
+    d = handle.adapter.hidden_size
+    if selector == "jacobian":
+        return _jacobian_scores(handle, layer, batches, probes, seed)
+    if selector == "gradient":
+        return _gradient_scores(handle, layer, batches)
+    if selector == "random":
+        return torch.rand(d, generator=torch.Generator().manual_seed(seed))
+    if selector in ("magnitude", "variance", "pca"):
+        stats = _activation_stats(handle, layer, batches)
+        if selector != "pca":
+            return stats[selector].float()
+        evals, evecs = torch.linalg.eigh(stats["covariance"])  # ascending
+        top = evecs[:, -k:], evals[-k:].clamp_min(0)
+        return (top[0].pow(2) * top[1]).sum(1).float()
+    raise FinescopeError(f"unknown selector {selector!r}; known: {', '.join(SELECTORS)}")
+
+
+def top_k_coords(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores, highest first."""
+    if k > scores.numel():
+        raise FinescopeError(f"num_coords (K) = {k} is larger than the hidden size {scores.numel()}; "
+                             f"choose K ≤ {scores.numel()}")
+    return torch.topk(scores, k).indices

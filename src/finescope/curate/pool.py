@@ -1,0 +1,136 @@
+"""The embedded default pool and reference corpus, built from packaged data (DESIGN.md §6), and seed presets.
+
+Default pool (`default_pool_path()`, built once into `$FINESCOPE_HOME/pools/`), every record tagged with a
+`source` that selection never reads:
+- `bigbench/elementary_math_qa`: 1,500 MathQA word problems (question → correct option), sampled;
+- `evals/<set>`: up to 20 rows from each of the ~445 OpenAI-evals registry sets (law, finance, medicine, SQL,
+  math, puzzles, languages, …): last user turn → `ideal` answer;
+- `bbc/<topic>`: 2,225 BBC News articles; `wikipedia`, `openwebtext`: 1,000 snippets each.
+Evaluation data (GSM8K test, MMLU, HumanEval) is never included; exact duplicate texts are dropped.
+
+Default reference corpus for coordinate selection and SAE training (`default_reference_texts()`): the generic
+text (Wikipedia, OpenWebText, BBC) standing in for the paper's RedPajama.
+
+Seed presets: `preset:math|code|medicine|law`, ~10 examples each, written for FineScope (src/finescope/seeds/).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import zipfile
+from pathlib import Path
+
+from .. import FinescopeError, assets
+from ..data import read_records
+from ..io import progress, write_jsonl_atomic
+
+POOL_VERSION = "v1"
+EVALS_PER_SET = 20
+MATHQA_SAMPLES = 1500
+PRESETS = ("math", "code", "medicine", "law")
+EXCLUDED_SETS = ("mmlu", "gsm8k", "humaneval", "human_eval")  # evaluation data never enters the pool
+
+
+def _evals_rows(rng: random.Random) -> list[dict]:
+    archive = assets.fetch(assets.PACKAGES["evals"].requirements[0])
+    by_set: dict[str, list[dict]] = {}
+    with zipfile.ZipFile(archive) as z:
+        names = sorted(n for n in z.namelist() if n.startswith("evals/registry/data/") and n.endswith(".jsonl"))
+        for name in progress(names, desc="pool: evals registry", unit="file"):
+            set_name = name.split("/")[3]
+            if any(x in set_name.lower() for x in EXCLUDED_SETS):
+                continue
+            for line in z.read(name).decode("utf-8", "replace").splitlines():
+                rec = _evals_record(line)
+                if rec is not None:
+                    by_set.setdefault(set_name, []).append(rec)
+    out = []
+    for set_name, rows in sorted(by_set.items()):
+        for rec in rng.sample(rows, min(EVALS_PER_SET, len(rows))):
+            out.append({**rec, "source": f"evals/{set_name}"})
+    return out
+
+
+def _evals_record(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(row, dict) or "input" not in row or "ideal" not in row:
+        return None
+    prompt, ideal = row["input"], row["ideal"]
+    if isinstance(prompt, list):
+        turns = [m.get("content") for m in prompt if isinstance(m, dict) and isinstance(m.get("content"), str)]
+        users = [m.get("content") for m in prompt if isinstance(m, dict) and m.get("role") == "user"
+                 and isinstance(m.get("content"), str)]
+        prompt = users[-1] if users else (turns[-1] if turns else "")
+    if isinstance(ideal, list):
+        ideal = next((x for x in ideal if isinstance(x, str)), "")
+    if not isinstance(prompt, str) or not isinstance(ideal, str) or not prompt.strip() or not ideal.strip():
+        return None
+    return {"instruction": prompt.strip(), "response": ideal.strip()}
+
+
+def _mathqa_rows(rng: random.Random) -> list[dict]:
+    path = assets.package_file("bigbench", "bigbench/benchmark_tasks/elementary_math_qa/question_only/task.json")
+    examples = json.loads(path.read_text(encoding="utf-8"))["examples"]
+    rows = []
+    for ex in rng.sample(examples, min(MATHQA_SAMPLES, len(examples))):
+        answer = next((k for k, v in ex["target_scores"].items() if v == 1), None)
+        if answer is not None:
+            rows.append({"instruction": ex["input"], "response": answer, "source": "bigbench/elementary_math_qa"})
+    return rows
+
+
+def _text_rows() -> list[dict]:
+    rows = []
+    for name in ("wikipedia", "openwebtext"):
+        for line in assets.data_path(name).read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                rows.append({"text": json.loads(line)["0"], "source": name})
+    for rec in read_records(assets.data_path("bbc_news")):
+        rows.append({"text": rec["text"], "source": "bbc/" + rec["source_file"].split("/")[0]})
+    return rows
+
+
+def build_default_pool(path: Path, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    rows = _mathqa_rows(rng) + _evals_rows(rng) + _text_rows()
+    seen, unique = set(), []
+    for row in rows:
+        key = row.get("text") or row["instruction"] + "\n" + row["response"]
+        if key not in seen:
+            seen.add(key)
+            unique.append(row)
+    return write_jsonl_atomic(path, unique)
+
+
+def default_pool_path() -> Path:
+    """The embedded mixed-domain pool (jsonl), built on first use."""
+    path = assets.home() / "pools" / f"default-{POOL_VERSION}.jsonl"
+    if not path.is_file():
+        build_default_pool(path)
+    return path
+
+
+def default_reference_texts() -> list[str]:
+    """Generic text for coordinate selection and SAE training (Wikipedia, OpenWebText, BBC News)."""
+    return [r["text"] for r in _text_rows()]
+
+
+def seed_preset_path(name: str) -> Path:
+    if name not in PRESETS:
+        raise FinescopeError(f"unknown seed preset {name!r}; known: {', '.join('preset:' + p for p in PRESETS)}")
+    return Path(__file__).resolve().parent.parent / "seeds" / f"{name}.jsonl"
+
+
+def resolve_records_path(spec: str, kind: str) -> Path:
+    """`preset:<name>` / "default" / a path → a record file path."""
+    if spec.startswith("preset:"):
+        return seed_preset_path(spec.split(":", 1)[1])
+    if spec == "default":
+        return default_pool_path() if kind == "pool" else Path("default")
+    if not spec:
+        raise FinescopeError(f"no {kind} given")
+    return Path(spec)

@@ -1,0 +1,295 @@
+"""`finescope curate`: select a domain's records from a pool with SAE codes (stage 1, METHOD.md §2).
+
+    finescope curate --model default --pool default --seeds preset:math --out runs/demo/curate --top-m 100
+
+Pipeline per hook layer ℓ: score coordinates on reference texts (selector) → keep K → harvest those coordinates
+from the reference corpus (truncated forward, cached shards) → train the SAE → encode pool and seeds (pooled SAE
+codes, cached) → max cosine over seeds → top-M. Everything expensive is cached under
+`$FINESCOPE_HOME/cache/curate/`, keyed by what it depends on, so selecting again with new seeds or a new M only
+re-scores.
+
+Outputs (stage folder): selected.jsonl, scores.parquet, coords.safetensors, sae/ (one per layer), features.json,
+metrics.json, config.json, DONE.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+
+from .. import FinescopeError, assets, io
+from ..config import CurateConfig
+from ..data import read_records, record_text
+from ..modeling import load
+from .activations import TextBatches, encode_pooled, harvest_coords
+from .baselines import minilm_embeddings, random_scores
+from .coords import coordinate_scores, top_k_coords
+from .pool import default_reference_texts, resolve_records_path
+from .sae import evaluate_sae, load_sae, save_sae, train_sae
+from .select import max_cosine, select_global, select_per_seed
+
+
+class CurateError(FinescopeError):
+    pass
+
+
+def _digest(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _model_fingerprint(source: str) -> str:
+    path = Path(source)
+    if not path.is_dir():
+        return source
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.glob("*.safetensors"))
+    return _digest(str(path.resolve()), (path / "config.json").read_text(encoding="utf-8"), files)
+
+
+def _texts_digest(texts: list[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _cache_root() -> Path:
+    return assets.home() / "cache" / "curate"
+
+
+def _load_pool(cfg: CurateConfig) -> list[dict]:
+    records = list(read_records(resolve_records_path(cfg.pool, "pool"), skip_bad_rows=cfg.skip_bad_rows))
+    if cfg.pool_sample and cfg.pool_sample < len(records):
+        records = random.Random(cfg.seed).sample(records, cfg.pool_sample)
+    return records
+
+
+def _reference_texts(cfg: CurateConfig) -> list[str]:
+    if cfg.reference == "default":
+        texts = default_reference_texts()
+    else:
+        texts = [record_text(r) for r in read_records(cfg.reference, skip_bad_rows=cfg.skip_bad_rows)]
+    if len(texts) > cfg.reference_samples:
+        texts = random.Random(cfg.seed).sample(texts, cfg.reference_samples)
+    return texts
+
+
+def _train_layer_sae(cfg: CurateConfig, handle, layer: int, reference: list[str], model_fp: str):
+    """Coordinates + SAE for one layer, from the cache when the same inputs were seen before."""
+    key = _digest("sae", model_fp, layer, cfg.selector, cfg.num_coords, cfg.probes, cfg.coord_samples,
+                  _texts_digest(reference), cfg.max_length, cfg.sae_kind, cfg.sae_expansion, cfg.sae_k,
+                  cfg.sae_l1, cfg.sae_auxk_alpha, cfg.sae_lr, cfg.sae_steps, cfg.sae_batch_size, cfg.seed)
+    root = _cache_root() / f"sae-{key}"
+    root.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    coords_file = root / "coords.safetensors"
+    if coords_file.is_file():
+        saved = load_file(str(coords_file))
+        scores, idx = saved["scores"], saved["indices"]
+    else:
+        t = time.perf_counter()
+        sub = reference[: cfg.coord_samples]
+        scores = coordinate_scores(handle, layer, TextBatches(handle.tokenizer, sub, cfg.max_length,
+                                                               cfg.batch_size),
+                                   cfg.selector, probes=cfg.probes, seed=cfg.seed, k=cfg.num_coords)
+        idx = top_k_coords(scores, cfg.num_coords)
+        io.write_atomic(coords_file, save({"scores": scores.float().contiguous(), "indices": idx.contiguous()}))
+        timings["coords_s"] = time.perf_counter() - t
+    sae_dir = root / "sae"
+    if (sae_dir / "cfg.json").is_file():
+        sae, meta = load_sae(sae_dir)
+        curves, quality = meta["finescope_curves"], meta["finescope_metrics"]
+    else:
+        t = time.perf_counter()
+        acts = harvest_coords(handle, {layer: idx}, TextBatches(handle.tokenizer, reference, cfg.max_length,
+                                                                 cfg.batch_size), root / "acts")[layer]
+        timings["harvest_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        sae, curves = train_sae(acts, kind=cfg.sae_kind, d_sae=cfg.sae_expansion * cfg.num_coords, k=cfg.sae_k,
+                                l1=cfg.sae_l1, auxk_alpha=cfg.sae_auxk_alpha, lr=cfg.sae_lr, steps=cfg.sae_steps,
+                                batch_size=cfg.sae_batch_size, seed=cfg.seed)
+        quality = evaluate_sae(sae, acts)
+        quality["tokens"] = int(acts.shape[0])
+        timings["sae_train_s"] = time.perf_counter() - t
+        save_sae(sae, sae_dir, coords=idx, layer=layer, model=handle.source,
+                 extra={"finescope_curves": curves, "finescope_metrics": quality, "finescope_selector": cfg.selector})
+    return {"key": key, "root": root, "scores": scores, "indices": idx, "sae": sae, "curves": curves,
+            "quality": quality, "timings": timings}
+
+
+def _sae_vectors(cfg, handle, layer_state, layer: int, texts: list[str], tag: str) -> torch.Tensor:
+    batches = TextBatches(handle.tokenizer, texts, cfg.max_length, cfg.batch_size)
+    key = _digest("enc", layer_state["key"], layer, cfg.pooling, cfg.max_length, cfg.batch_size, _texts_digest(texts))
+    cache = _cache_root() / f"enc-{key}"
+    vecs = encode_pooled(handle, layer, layer_state["indices"], layer_state["sae"].encode, batches, cache,
+                         cfg.pooling, desc=f"encode {tag} (layer {layer})")
+    io.write_json_atomic(cache / "info.json", {"texts": len(texts), "layer": layer, "tag": tag})
+    return vecs
+
+
+def _features(pool_vecs, seed_vecs, selected: list[int], pool: list[dict], texts: list[str], top: int = 20,
+              snippets: int = 5) -> list[dict]:
+    """SAE latents most shared by the seeds and the selection, with their top-activating pool snippets."""
+    seed_mean = seed_vecs.mean(0)
+    sel_mean = pool_vecs[selected].mean(0) if selected else torch.zeros_like(seed_mean)
+    pool_mean = pool_vecs.mean(0)
+    shared = seed_mean * sel_mean
+    out = []
+    for latent in torch.argsort(shared, descending=True)[:top].tolist():
+        if float(shared[latent]) <= 0:
+            break
+        best = torch.argsort(pool_vecs[:, latent], descending=True)[:snippets].tolist()
+        out.append({
+            "latent": latent,
+            "seed_mean_activation": float(seed_mean[latent]),
+            "selected_mean_activation": float(sel_mean[latent]),
+            "pool_mean_activation": float(pool_mean[latent]),
+            "top_pool_snippets": [{"id": pool[i]["id"], "source": pool[i].get("source"),
+                                   "activation": float(pool_vecs[i, latent]), "text": texts[i][:240]}
+                                  for i in best],
+        })
+    return out
+
+
+def run(cfg: CurateConfig, out: Path) -> Path:
+    """Run the curate stage into `out`; returns `out` (skipped when already done with this config)."""
+    stage = io.open_stage(out, cfg)
+    if stage is None:
+        return Path(out)
+    start = time.perf_counter()
+    seeds = list(read_records(resolve_records_path(cfg.seeds, "seeds"), skip_bad_rows=cfg.skip_bad_rows))
+    pool = _load_pool(cfg)
+    m = cfg.top_m
+    if m > len(pool) and cfg.method != "full":
+        warnings.warn(f"top_m = {m} is larger than the pool ({len(pool)} records); keeping all of them")
+        m = len(pool)
+    pool_texts = [record_text(r, cfg.encode_fields) for r in pool]
+    seed_texts = [record_text(r, cfg.encode_fields) for r in seeds]
+    metrics: dict = {"method": cfg.method, "pool_records": len(pool), "seeds": len(seeds), "top_m": m,
+                     "selection": cfg.selection, "timings_s": {}}
+    features: dict = {}
+    sims = None
+    if cfg.method == "sae":
+        handle = load(cfg.model)
+        n_layers = handle.adapter.num_layers
+        layers = cfg.layers or [n_layers // 2]
+        for layer in layers:
+            if not 0 <= layer < n_layers:
+                raise CurateError(f"layers: {layer} is out of range; {handle.source} has blocks 0..{n_layers - 1}")
+        if cfg.num_coords > handle.adapter.hidden_size:
+            raise CurateError(f"num_coords (K) = {cfg.num_coords} is larger than the hidden size "
+                              f"{handle.adapter.hidden_size} of {handle.source}")
+        reference = _reference_texts(cfg)
+        model_fp = _model_fingerprint(handle.source)
+        metrics.update({"layers": layers, "reference_texts": len(reference),
+                        "pool_truncated": TextBatches(handle.tokenizer, pool_texts, cfg.max_length).count_truncated(),
+                        "max_length": cfg.max_length, "sae": {}})
+        coords_out, per_layer_scores, per_layer_sims = {}, [], []
+        for layer in layers:
+            state = _train_layer_sae(cfg, handle, layer, reference, model_fp)
+            t = time.perf_counter()
+            pool_vecs = _sae_vectors(cfg, handle, state, layer, pool_texts, "pool")
+            metrics["timings_s"][f"encode_pool_layer{layer}"] = time.perf_counter() - t
+            seed_vecs = _sae_vectors(cfg, handle, state, layer, seed_texts, "seeds")
+            scores, nearest, layer_sims = max_cosine(pool_vecs, seed_vecs)
+            per_layer_scores.append(scores)
+            per_layer_sims.append(layer_sims)
+            coords_out[f"layer{layer}.indices"] = state["indices"].contiguous()
+            coords_out[f"layer{layer}.scores"] = state["scores"].float().contiguous()
+            save_sae(state["sae"], stage / "sae" / f"layer{layer}", coords=state["indices"], layer=layer,
+                     model=handle.source, extra={"finescope_curves": state["curves"],
+                                                 "finescope_metrics": state["quality"]})
+            metrics["sae"][f"layer{layer}"] = {**state["quality"], "curves": state["curves"],
+                                               "cache": str(state["root"])}
+            metrics["timings_s"].update({f"{k}_layer{layer}": v for k, v in state["timings"].items()})
+            features[f"layer{layer}"] = (pool_vecs, seed_vecs)
+        io.write_atomic(stage / "coords.safetensors", save(coords_out))
+        # Several layers: a record's score is its best layer's score; selection lists are merged by union below.
+        scores = torch.stack(per_layer_scores).max(0).values
+        best_layer = torch.stack(per_layer_scores).argmax(0)
+        sims = torch.stack(per_layer_sims)  # (layers, pool, seeds)
+        nearest = sims[best_layer, torch.arange(len(pool))].argmax(-1)
+    elif cfg.method == "embedding":
+        t = time.perf_counter()
+        vecs = minilm_embeddings(pool_texts + seed_texts)
+        metrics["timings_s"]["embed"] = time.perf_counter() - t
+        scores, nearest, layer_sims = max_cosine(vecs[: len(pool)], vecs[len(pool):])
+        sims = layer_sims.unsqueeze(0)
+    elif cfg.method == "random":
+        scores, nearest = random_scores(len(pool), cfg.seed), torch.full((len(pool),), -1)
+    elif cfg.method == "full":
+        scores, nearest = torch.ones(len(pool)), torch.full((len(pool),), -1)
+    else:
+        raise CurateError(f"unknown method {cfg.method!r}")
+
+    if cfg.method == "full":
+        chosen = select_global(scores, pool_texts, len(pool))
+    elif cfg.selection == "per_seed" and sims is not None:
+        chosen = sorted({i for layer_sims in sims for i in select_per_seed(layer_sims, scores, pool_texts, m)},
+                        key=lambda i: (-float(scores[i]), i))
+    elif sims is not None and sims.shape[0] > 1:
+        chosen = sorted({i for s in sims for i in select_global(s.max(-1).values, pool_texts, m)},
+                        key=lambda i: (-float(scores[i]), i))
+    else:
+        chosen = select_global(scores, pool_texts, m)
+    _write_outputs(stage, cfg, pool, seeds, scores, nearest, chosen, metrics)
+    if features:
+        io.write_json_atomic(stage / "features.json", {layer: _features(pv, sv, chosen, pool, pool_texts)
+                                                       for layer, (pv, sv) in features.items()})
+    metrics["timings_s"]["total"] = time.perf_counter() - start
+    io.mark_done(stage, cfg, metrics)
+    return Path(out)
+
+
+def _write_outputs(stage: Path, cfg, pool, seeds, scores, nearest, chosen, metrics) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rank = {i: r for r, i in enumerate(chosen, 1)}
+    seed_ids = [s["id"] for s in seeds]
+
+    def seed_of(i: int):
+        j = int(nearest[i])
+        return seed_ids[j] if j >= 0 else None
+
+    io.write_jsonl_atomic(stage / "selected.jsonl", ({**pool[i], "score": float(scores[i]), "rank": rank[i],
+                                                      "nearest_seed": seed_of(i)} for i in chosen))
+    table = pa.table({
+        "id": [r["id"] for r in pool],
+        "source": [r.get("source") for r in pool],
+        "score": [float(s) for s in scores],
+        "nearest_seed": [seed_of(i) for i in range(len(pool))],
+        "selected": [i in rank for i in range(len(pool))],
+        "rank": [rank.get(i) for i in range(len(pool))],
+    })
+    tmp = stage / ".scores.parquet.tmp"
+    pq.write_table(table, tmp)
+    tmp.replace(stage / "scores.parquet")
+    sel = torch.tensor([float(scores[i]) for i in chosen]) if chosen else torch.zeros(0)
+    q = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])
+    metrics.update({
+        "selected": len(chosen),
+        "score_quantiles_pool": dict(zip(["min", "q25", "median", "q75", "max"],
+                                         torch.quantile(scores.float(), q).tolist())),
+        "score_quantiles_selected": dict(zip(["min", "q25", "median", "q75", "max"],
+                                             torch.quantile(sel, q).tolist())) if len(sel) else {},
+        "selected_sources": _count(pool[i].get("source") for i in chosen),
+    })
+
+
+def _count(values) -> dict:
+    out: dict = {}
+    for v in values:
+        out[str(v)] = out.get(str(v), 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))

@@ -1,0 +1,208 @@
+"""A small sparse autoencoder over K selected activation coordinates (METHOD.md §2.3), saved in SAELens layout.
+
+Two variants: `topk` (TopK activation, AuxK dead-latent loss; v3, the default) and `relu` (ReLU + L1; v1).
+Decoder rows are unit-norm (renormalised after every step, gradient parallel to them removed); the decoder bias
+is initialised from the data; inputs are scaled by a stored factor so the mean squared norm per dimension is 1.
+
+    sae, curves = train_sae(acts, kind="topk", d_sae=2048, k=32, steps=2000)   # acts: (tokens, K) float tensor
+    save_sae(sae, "out/sae", coords=indices, layer=15, model="default")
+    sae, meta = load_sae("out/sae")
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..io import atomic_dir, progress
+
+
+class SparseAutoencoder(nn.Module):
+    def __init__(self, d_in: int, d_sae: int, kind: str = "topk", k: int = 32):
+        super().__init__()
+        if kind not in ("topk", "relu"):
+            raise ValueError(f"SAE kind {kind!r}: must be topk or relu")
+        self.d_in, self.d_sae, self.kind, self.k = d_in, d_sae, kind, min(k, d_sae)
+        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.register_buffer("scale", torch.ones(()))  # input normalisation: x / scale
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.W_dec)
+            self.normalize_decoder()
+            self.W_enc.copy_(self.W_dec.T)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Drop the gradient component along each decoder row, so the unit-norm constraint does not fight Adam."""
+        if self.W_dec.grad is None:
+            return
+        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
+        self.W_dec.grad.sub_(parallel * self.W_dec)
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        return (x / self.scale - self.b_dec) @ self.W_enc + self.b_enc
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        z = torch.relu(pre)
+        if self.kind == "topk":
+            vals, idx = z.topk(self.k, dim=-1)
+            z = torch.zeros_like(z).scatter_(-1, idx, vals)
+        return z
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Sparse codes of raw (unnormalised) activations `x` (..., d_in) → (..., d_sae)."""
+        return self.activate(self.pre_acts(x))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Reconstruction in the raw activation space."""
+        return (z @ self.W_dec + self.b_dec) * self.scale
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pre = self.pre_acts(x)
+        z = self.activate(pre)
+        return self.decode(z), z, pre
+
+
+def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Fraction of variance unexplained: ‖x̂ − x‖² / ‖x − mean(x)‖²."""
+    return (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+def train_sae(
+    acts: torch.Tensor,
+    *,
+    kind: str = "topk",
+    d_sae: int = 2048,
+    k: int = 32,
+    l1: float = 1e-3,
+    auxk_alpha: float = 1 / 32,
+    lr: float = 5e-4,
+    steps: int = 2000,
+    batch_size: int = 256,
+    seed: int = 0,
+    dead_after: int = 200,
+    log_every: int = 50,
+) -> tuple[SparseAutoencoder, dict[str, list]]:
+    """Train an SAE on `acts` (tokens × d_in). Returns the SAE (eval mode) and curves of FVU, L0, dead fraction."""
+    if acts.ndim != 2 or acts.shape[0] < 2:
+        raise ValueError(f"need a (tokens, d_in) activation matrix with ≥ 2 rows, got {tuple(acts.shape)}")
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    acts = acts.float()
+    d_in = acts.shape[1]
+    sae = SparseAutoencoder(d_in, d_sae, kind, k)
+    with torch.no_grad():
+        sample = acts[torch.randperm(acts.shape[0], generator=gen)[:8192]]
+        sae.scale.fill_(float(sample.pow(2).sum(1).mean().div(d_in).sqrt().clamp_min(1e-8)))
+        sae.b_dec.copy_((sample / sae.scale).median(dim=0).values)  # decoder bias from the data
+    opt = torch.optim.AdamW(sae.parameters(), lr=lr, weight_decay=0.0)
+    last_fired = torch.zeros(d_sae, dtype=torch.long)
+    k_aux = max(1, d_in // 2)
+    curves: dict[str, list] = {"step": [], "fvu": [], "l0": [], "dead_fraction": [], "loss": []}
+    bar = progress(range(1, steps + 1), desc=f"train SAE ({kind}, {d_in}→{d_sae})", unit="step")
+    for step in bar:
+        batch = acts[torch.randint(0, acts.shape[0], (batch_size,), generator=gen)]
+        x_hat, z, pre = sae(batch)
+        recon = fvu(batch, x_hat)
+        loss = recon
+        fired = (z > 0).any(0)
+        last_fired = torch.where(fired, torch.zeros_like(last_fired), last_fired + 1)
+        dead = last_fired >= dead_after
+        if kind == "relu":
+            loss = loss + l1 * z.abs().sum(-1).mean() / math.sqrt(d_in)
+        elif auxk_alpha > 0 and dead.any():
+            # AuxK: let the top dead latents reconstruct the residual the live ones left (Gao et al., 2024).
+            dead_pre = pre.masked_fill(~dead, float("-inf"))
+            vals, idx = dead_pre.topk(min(k_aux, int(dead.sum())), dim=-1)
+            z_aux = torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
+            residual = (batch - x_hat).detach()
+            aux_hat = z_aux @ sae.W_dec * sae.scale
+            aux = (aux_hat - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
+            loss = loss + auxk_alpha * torch.nan_to_num(aux, nan=0.0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.remove_parallel_grad()
+        opt.step()
+        sae.normalize_decoder()
+        if step % log_every == 0 or step == steps:
+            recon, loss = recon.detach(), loss.detach()
+            curves["step"].append(step)
+            curves["fvu"].append(float(recon))
+            curves["l0"].append(float((z > 0).float().sum(-1).mean()))
+            curves["dead_fraction"].append(float(dead.float().mean()))
+            curves["loss"].append(float(loss))
+    sae.eval()
+    return sae, curves
+
+
+@torch.no_grad()
+def evaluate_sae(sae: SparseAutoencoder, acts: torch.Tensor, batch_size: int = 4096) -> dict[str, float]:
+    """FVU, mean L0 and dead fraction (latents that never fire) over `acts`."""
+    err = tot = l0 = 0.0
+    fired = torch.zeros(sae.d_sae, dtype=torch.bool)
+    mean = acts.float().mean(0)
+    for i in range(0, acts.shape[0], batch_size):
+        x = acts[i : i + batch_size].float()
+        x_hat, z, _ = sae(x)
+        err += float((x_hat - x).pow(2).sum())
+        tot += float((x - mean).pow(2).sum())
+        l0 += float((z > 0).sum())
+        fired |= (z > 0).any(0)
+    n = acts.shape[0]
+    return {"fvu": err / max(tot, 1e-12), "l0": l0 / n, "dead_fraction": float((~fired).float().mean())}
+
+
+def save_sae(sae: SparseAutoencoder, path: str | Path, *, coords: torch.Tensor, layer: int, model: str,
+             extra: dict[str, Any] | None = None) -> Path:
+    """SAELens layout: cfg.json + sae_weights.safetensors, plus the coordinate indices the SAE reads."""
+    cfg = {
+        "architecture": "topk" if sae.kind == "topk" else "standard",
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "activation_fn_str": "topk" if sae.kind == "topk" else "relu",
+        "activation_fn_kwargs": {"k": sae.k} if sae.kind == "topk" else {},
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "constant_scale",
+        "finescope_input_scale": float(sae.scale),
+        "hook_name": f"model.layers.{layer}",
+        "hook_layer": layer,
+        "hook_point": "residual stream after the block",
+        "model_name": model,
+        "dtype": "float32",
+        "finescope_coords_file": "coords.safetensors",
+        **(extra or {}),
+    }
+    with atomic_dir(path) as tmp:
+        (tmp / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        weights = {n: p.detach().contiguous().float() for n, p in
+                   (("W_enc", sae.W_enc), ("b_enc", sae.b_enc), ("W_dec", sae.W_dec), ("b_dec", sae.b_dec))}
+        save_file(weights, str(tmp / "sae_weights.safetensors"))
+        save_file({"indices": coords.long().contiguous()}, str(tmp / "coords.safetensors"))
+    return Path(path)
+
+
+def load_sae(path: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
+    """Load an SAE folder written by `save_sae`; returns the SAE and its cfg (with `coords`, a LongTensor)."""
+    path = Path(path)
+    cfg = json.loads((path / "cfg.json").read_text())
+    kind = "topk" if cfg["architecture"] == "topk" else "relu"
+    sae = SparseAutoencoder(cfg["d_in"], cfg["d_sae"], kind, cfg.get("activation_fn_kwargs", {}).get("k", 32))
+    state = load_file(str(path / "sae_weights.safetensors"))
+    with torch.no_grad():
+        for name, tensor in state.items():
+            getattr(sae, name).copy_(tensor)
+        sae.scale.fill_(cfg.get("finescope_input_scale", 1.0))
+    cfg["coords"] = load_file(str(path / cfg.get("finescope_coords_file", "coords.safetensors")))["indices"]
+    return sae.eval(), cfg

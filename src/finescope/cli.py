@@ -18,15 +18,17 @@ from pathlib import Path
 
 from . import FinescopeError, __version__
 from .assets import PACKAGES
-from .config import PruneConfig, RecoverConfig, add_config_arguments, config_from_args, load_config
+from .config import CurateConfig, EvalConfig, PruneConfig, RecoverConfig, add_config_arguments, config_from_args, load_config
 
 PACKAGE_KEYS = tuple(PACKAGES)
 
 # Stage subcommands: name → (config class, "module:function" called as run(cfg, out_dir) -> Path, one-line help).
 # Flags come from the config dataclass (its field docstrings are the help text). Each stage issue adds its line.
 STAGES: dict[str, tuple[type, str, str]] = {
+    "curate": (CurateConfig, "finescope.curate.run:run", "SAE-guided selection of a domain's records from a pool"),
     "prune": (PruneConfig, "finescope.prune.run:run", "structured pruning (heads, MLP channels, blocks) to a target ratio"),
     "recover": (RecoverConfig, "finescope.recover.run:run", "teacher-guided distillation + LoRA fine-tuning of a pruned model"),
+    "eval": (EvalConfig, "finescope.evaluate.run:run", "evaluate a model: MMLU slices, GSM8K, HumanEval, domain NLL, task files"),
 }
 
 

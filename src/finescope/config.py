@@ -101,7 +101,9 @@ class CurateConfig:
     reference: str = "default"
     """Reference corpus for coordinate selection and SAE training: a record file or "default" (generic text)."""
     reference_samples: Annotated[int, Range(min=1)] = 1000
-    """Reference texts used (sampled with the seed when the corpus is larger)."""
+    """Reference texts used for SAE training (sampled with the seed when the corpus is larger)."""
+    coord_samples: Annotated[int, Range(min=1)] = 64
+    """Reference texts used to score coordinates (the jacobian/gradient passes are the costly ones)."""
     sae_kind: Literal["topk", "relu"] = "topk"
     """SAE variant: TopK with AuxK dead-latent loss (v3) or ReLU with L1 penalty (v1)."""
     sae_expansion: Annotated[int, Range(min=1)] = 16
@@ -112,7 +114,7 @@ class CurateConfig:
     """L1 coefficient λ (relu SAE)."""
     sae_auxk_alpha: Annotated[float, Range(min=0)] = 1 / 32
     """AuxK loss weight α (topk SAE)."""
-    sae_lr: Annotated[float, Range(min=0, min_open=True)] = 1e-4
+    sae_lr: Annotated[float, Range(min=0, min_open=True)] = 5e-4
     """SAE AdamW learning rate."""
     sae_steps: Annotated[int, Range(min=1)] = 2000
     """SAE optimisation steps."""
@@ -239,23 +241,35 @@ class EvalConfig:
     model: str = "default"
     """Model to evaluate: "default", a local HF folder, a hub id, or a .gguf file."""
     tasks: list[str] = field(default_factory=lambda: ["nll:math", "gsm8k", "mmlu:stem"])
-    """Tasks, comma-separated (mmlu:<category|subject>, gsm8k, humaneval, nll:<preset|file>, math:<file>, …)."""
-    shots: Annotated[int, Range(min=0)] = 0
-    """Few-shot examples per question."""
+    """Tasks, comma-separated: mmlu[:stem|humanities|social_sciences|other|<subject>], gsm8k, humaneval, nll:<math|code|file>, math:<file>[@type+type], mbpp:<file>."""
+    shots: Annotated[int | None, Range(min=0)] = None
+    """Few-shot examples per question; none = each task's default (mmlu 0, gsm8k 8 CoT exemplars, others 0)."""
     limit: Annotated[int, Range(min=0)] = 0
-    """Questions per task (0 = all)."""
+    """Questions per task, evenly spaced through it (0 = all)."""
     batch_size: Annotated[int, Range(min=1)] = 8
-    """Sequences per forward pass."""
+    """Questions per forward pass / prompts per generate call."""
     max_new_tokens: Annotated[int, Range(min=1)] = 256
     """Token limit for generation tasks."""
-    mmlu_scoring: Literal["letter", "cloze"] = "cloze"
-    """MMLU scoring: log-likelihood of the letter (lm-eval mmlu) or length-normalised answer text."""
+    mmlu_scoring: Literal["letter", "cloze", "both"] = "cloze"
+    """MMLU scoring: log-likelihood of the letter (lm-eval mmlu), of the answer text per character (cloze), or both."""
     allow_code_execution: bool = False
-    """Run generated code (humaneval, mbpp) in a sandboxed subprocess."""
+    """Run generated code (humaneval, mbpp) in a confined subprocess; required by those tasks."""
+    num_samples: Annotated[int, Range(min=1)] = 1
+    """Completions per code problem: 1 = greedy pass@1; n > 1 = sampled, unbiased pass@k for k ≤ n."""
+    temperature: Annotated[float, Range(min=0, min_open=True)] = 0.8
+    """Sampling temperature when num_samples > 1."""
+    exec_timeout_s: Annotated[float, Range(min=0, min_open=True)] = 10.0
+    """Wall-clock limit per executed program, in seconds."""
     write_samples: bool = False
     """Also write per-sample predictions as JSONL."""
     seed: int = 0
-    """Random seed (few-shot sampling)."""
+    """Random seed (few-shot choice, sampling)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype: auto = fp32 on CPU, bf16 on GPU."""
+    device: str | None = None
+    """Device: cpu, cuda, cuda:1, auto (spread over GPUs); none = cuda if available."""
+
+    HASH_EXCLUDE = ("device",)
 
 
 @dataclass

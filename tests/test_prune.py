@@ -182,14 +182,23 @@ def test_block_scores(chat_tokenizer):
 
 def test_calibration_labels_cover_the_response_only(chat_tokenizer):
     recs = [{"id": "a", "instruction": "Add 2 and 2.", "response": "The answer is 4."}, {"id": "b", "text": "Plain."}]
-    batches, info = calibration_batches(chat_tokenizer, recs, samples=10, length=64, batch_size=2, seed=0)
+    batches, info = calibration_batches(chat_tokenizer, recs, samples=10, length=64, batch_size=2, seed=0,
+                                        loss_on="response")
     ids, labels = batches[0]["input_ids"], batches[0]["labels"]
     resp = chat_tokenizer.decode([t for t in labels[0].tolist() if t != -100])
     assert resp.startswith("The answer is 4.") and "Add 2" not in resp
     assert (labels[1][batches[0]["attention_mask"][1].bool()] != -100).all()
     assert info["records"] == 2 and info["skipped"] == 0
     with pytest.raises(CalibrationError, match="no usable calibration text"):
-        calibration_batches(chat_tokenizer, recs[:1], samples=10, length=4, batch_size=2, seed=0)
+        calibration_batches(chat_tokenizer, recs[:1], samples=10, length=4, batch_size=2, seed=0, loss_on="response")
+
+
+def test_calibration_text_loss_covers_instruction_and_response(chat_tokenizer):
+    recs = [{"id": "a", "instruction": "Add 2 and 2.", "response": "The answer is 4."}]
+    batches, info = calibration_batches(chat_tokenizer, recs, samples=10, length=64, batch_size=1, seed=0)
+    ids, labels = batches[0]["input_ids"][0], batches[0]["labels"][0]
+    assert chat_tokenizer.decode(ids.tolist()) == "Add 2 and 2.\n\nThe answer is 4."  # plain text, no template
+    assert torch.equal(labels, ids) and info["loss_tokens"] == len(ids) - 1
 
 
 # ================================================================================================ solver

@@ -168,6 +168,9 @@ class PruneConfig:
     """Calibration records used (at most)."""
     calib_length: Annotated[int, Range(min=8)] = 256
     """Token limit per calibration record."""
+    calib_loss: Literal["text", "response"] = "text"
+    """Calibration loss: LM loss on every token of the record's plain text (instruction + response, as
+    LLM-Pruner's plain-text calibration) or only on the response tokens of the chat-formatted record."""
     batch_size: Annotated[int, Range(min=1)] = 4
     """Calibration records per forward/backward pass."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .. import FinescopeError
-from ..data import format_example
+from ..data import format_example, record_text
 from ..io import progress
 from ..modeling import ArchAdapter
 
@@ -51,8 +51,11 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 def calibration_batches(tokenizer, records, *, samples: int, length: int, batch_size: int, seed: int,
-                        source: str = "calibration data") -> tuple[list[dict], dict]:
-    """Tokenised, right-padded batches with labels on the completion tokens only (prompt and padding = -100).
+                        source: str = "calibration data", loss_on: str = "text") -> tuple[list[dict], dict]:
+    """Tokenised, right-padded batches with their loss labels (padding = -100).
+
+    `loss_on="text"`: each record's plain text (instruction + response) with the LM loss on every token;
+    `loss_on="response"`: the chat-formatted record with the loss on the completion tokens only (prompt = -100).
 
     At most `samples` records are used (a seeded sample when there are more); records whose completion is cut
     off entirely by `length` are skipped and counted.
@@ -64,7 +67,10 @@ def calibration_batches(tokenizer, records, *, samples: int, length: int, batch_
     add_bos = bos is not None and (_probe := tokenizer("a")["input_ids"]) and _probe[0] == bos
     rows, skipped = [], 0
     for rec in records:
-        prompt, completion = format_example(tokenizer, rec)
+        if loss_on == "text":
+            prompt, completion = "", record_text(rec)
+        else:
+            prompt, completion = format_example(tokenizer, rec)
         p, c = _encode(tokenizer, prompt), _encode(tokenizer, completion)
         if add_bos and not (p or c)[:1] == [bos]:
             p = [bos] + p

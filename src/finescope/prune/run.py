@@ -165,7 +165,7 @@ def run(cfg: PruneConfig, out: Path) -> Path:
                  mlp_ratio=cfg.mlp_ratio, mlp_multiple=cfg.mlp_multiple, depth=cfg.depth)
     batches, calib = calibration_batches(handle.tokenizer, records, samples=cfg.calib_samples,
                                          length=cfg.calib_length, batch_size=cfg.batch_size, seed=cfg.seed,
-                                         source=str(cfg.data))
+                                         source=str(cfg.data), loss_on=cfg.calib_loss)
     target = f"{plan.ratio_target:.4f}" if plan.ratio_target is not None else "(explicit shapes)"
     _log(f"target {target}, achieved {plan.ratio_achieved:.4f} of total parameters "
          f"({plan.non_embedding_ratio:.4f} of non-embedding); granule {plan.granule:.4f}")

@@ -6,7 +6,7 @@ presets, and for each method (SAE with each selector, MiniLM embedding kNN, rand
 (precision at R = number of relevant records in the pool).
 
     .venv/bin/python benchmarks/curate.py                       # SmolLM2, ~1,000-record labelled pool
-    .venv/bin/python benchmarks/curate.py --pool-size 400 --selectors jacobian,random --quick
+    .venv/bin/python benchmarks/curate.py --pool-size 400 --selectors jacobian,random --sae-steps 500
 """
 
 from __future__ import annotations
@@ -97,6 +97,7 @@ def main() -> None:
     ap.add_argument("--reference-samples", type=int, default=400)
     ap.add_argument("--coord-samples", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=96)
+    ap.add_argument("--sae-steps", type=int, default=1000)
     ap.add_argument("--out", default="runs/bench-curate")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -106,7 +107,8 @@ def main() -> None:
     result: dict = {"model": args.model, "pool_size": args.pool_size, "relevant": relevant, "top_m": args.top_m,
                     "methods": {}, "timings_s": {}}
     common = dict(model=args.model, pool=str(pool_path), top_m=args.top_m, reference_samples=args.reference_samples,
-                  coord_samples=args.coord_samples, max_length=args.max_length, seed=args.seed)
+                  coord_samples=args.coord_samples, max_length=args.max_length, seed=args.seed,
+                  sae_steps=args.sae_steps)
     methods = [("sae", s) for s in args.selectors.split(",")] + [("embedding", "-"), ("random", "-")]
     for method, selector in methods:
         name = f"sae:{selector}" if method == "sae" else method

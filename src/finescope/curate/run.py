@@ -142,11 +142,15 @@ def _sae_vectors(cfg, handle, layer_state, layer: int, texts: list[str], tag: st
 
 def _features(pool_vecs, seed_vecs, selected: list[int], pool: list[dict], texts: list[str], top: int = 20,
               snippets: int = 5) -> list[dict]:
-    """SAE latents most shared by the seeds and the selection, with their top-activating pool snippets."""
+    """SAE latents most shared by the seeds and the selection, with their top-activating pool snippets.
+
+    A latent counts by how much more it fires on both the seeds and the selection than on the pool at large
+    (min(seed mean, selected mean) − pool mean): latents that fire on everything explain nothing.
+    """
     seed_mean = seed_vecs.mean(0)
     sel_mean = pool_vecs[selected].mean(0) if selected else torch.zeros_like(seed_mean)
     pool_mean = pool_vecs.mean(0)
-    shared = seed_mean * sel_mean
+    shared = torch.minimum(seed_mean, sel_mean) - pool_mean
     out = []
     for latent in torch.argsort(shared, descending=True)[:top].tolist():
         if float(shared[latent]) <= 0:
@@ -154,6 +158,7 @@ def _features(pool_vecs, seed_vecs, selected: list[int], pool: list[dict], texts
         best = torch.argsort(pool_vecs[:, latent], descending=True)[:snippets].tolist()
         out.append({
             "latent": latent,
+            "lift": float(shared[latent]),
             "seed_mean_activation": float(seed_mean[latent]),
             "selected_mean_activation": float(sel_mean[latent]),
             "pool_mean_activation": float(pool_mean[latent]),

@@ -2,6 +2,8 @@
 
     finescope assets                 # fetch the embedded default model and data into the cache
     finescope info default           # parameters, layers, heads, widths of a model
+    finescope run [--config FILE|PRESET] [--run-dir DIR] [key=value ...]   # the whole pipeline + report
+    finescope report runs/default    # rewrite a run's report from its files
 
 Errors a user can fix (bad file, bad field, unsupported model) print one line and exit with status 2.
 """
@@ -62,6 +64,26 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from . import pipeline
+    from .config import PipelineConfig
+
+    cfg = load_config(PipelineConfig, pipeline.resolve_config(args.config), args.overrides)
+    root = pipeline.run(cfg, args.run_dir)
+    report = root / "report" / "report.html"
+    print(report if report.is_file() and cfg.report else root)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .pipeline import load_manifest
+    from .report.run import write_report
+
+    load_manifest(args.run_dir)
+    print(write_report(args.run_dir))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="finescope",
@@ -86,6 +108,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, or auto (spread over GPUs)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("run", help="the whole pipeline: curate, prune, recover, eval every variant, then the report",
+                       description="Run curate → prune → recover → eval for every variant of the config into one run "
+                                   "directory (shared stage outputs are computed once; finished stages are skipped "
+                                   "on rerun), then write report.md / report.html and the model card. Prints the "
+                                   "path of report.html.")
+    p.add_argument("--config", metavar="FILE|PRESET", default=None,
+                   help="pipeline YAML, or a packaged preset: default (the embedded default), quick, code, medicine, "
+                        "law, paper-ablations, llama31-8b-mmlu, qwen25-7b-mmlu [default: default]")
+    p.add_argument("--run-dir", metavar="DIR", default=None, help="run directory [default: <runs_dir>/<name>]")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. curate.top_m=200 prune.ratio=0.3 variants=dense,pruned_tgd")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("report", help="(re)write the report of a run directory from its files",
+                       description="Write <run>/report/report.md, report.html (self-contained) and plots/, and the "
+                                   "model card README.md of the final model. Prints the path of report.html.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `finescope run`")
+    p.set_defaults(func=_cmd_report)
 
     for name, (cls, target, help_text) in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=(cls.__doc__ or help_text).strip())

@@ -275,6 +275,14 @@ class EvalConfig:
     HASH_EXCLUDE = ("device",)
 
 
+# Rows of the experiment matrix (the paper's rows and ablations); finescope.pipeline.VARIANTS describes each.
+Variant = Literal[
+    "dense", "dense_curated", "pruned", "pruned_generic", "pruned_tgd", "pruned_sft", "pruned_random",
+    "pruned_full", "generic_tgd", "embedding_tgd", "selector_gradient", "selector_magnitude", "selector_variance",
+    "selector_pca", "selector_random",
+]
+
+
 @dataclass
 class PipelineConfig:
     """The whole run: curate → prune → recover → eval → report in one run directory."""
@@ -283,6 +291,16 @@ class PipelineConfig:
     """Run name: outputs go to <runs_dir>/<name>/."""
     runs_dir: str = "runs"
     """Folder that holds run directories."""
+    model: str = "default"
+    """Dense model of every stage (replaces curate.model and prune.model; the teacher of TGD recovery)."""
+    variants: list[Variant] = field(default_factory=lambda: ["dense", "pruned", "pruned_tgd", "pruned_sft"])
+    """Rows of the results table; variants share identical stage outputs (one curation, one dense eval, …)."""
+    generic_calibration: str = "default"
+    """Generic calibration records of the *generic* variants: a record file, or "default" (Wikipedia, OpenWebText, BBC News snippets)."""
+    sweep_ratios: list[Fraction] = field(default_factory=list)
+    """Extra pruning ratios (curated calibration, no recovery) evaluated on the nll tasks, for an NLL-vs-ratio plot."""
+    report: bool = True
+    """Write report.md, report.html and the final model's card after the stages."""
     curate: CurateConfig = field(default_factory=CurateConfig)
     """Curate stage settings."""
     prune: PruneConfig = field(default_factory=PruneConfig)

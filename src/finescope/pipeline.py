@@ -1,0 +1,312 @@
+"""`finescope run`: curate → prune → recover → eval → report in one run directory, plus the experiment matrix.
+
+    finescope run                                   # the embedded default (configs/default.yaml), runs/default/
+    finescope run --config quick                    # a packaged preset (src/finescope/configs/quick.yaml)
+    finescope run --config my.yaml --run-dir runs/x curate.top_m=200 variants=dense,pruned,pruned_tgd
+
+Each variant (a row of the paper's tables, see VARIANTS) is a chain of stage configs derived from the pipeline
+config. A stage folder is named after what it is plus the hash of its config,
+`<run>/<stage>/<label>-<hash8>/`, so identical stage configs are computed once and shared by every variant
+that needs them (one curation, one dense evaluation, …), and each stage's own DONE marker makes a rerun skip
+what is finished. An interrupted stage keeps its folder and resumes or restarts there on the next run.
+
+`<run>/pipeline.json` lists every variant's stage folders; `finescope.report` reads it and the stage folders.
+Only this module and cli.py know every stage; the stages talk to each other through files only.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from . import FinescopeError, io
+from .config import CurateConfig, PipelineConfig, to_dict
+
+
+class PipelineError(FinescopeError):
+    """The pipeline config cannot be turned into stage configs."""
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """How one row of the results table is produced."""
+
+    label: str
+    """Row label in the results table."""
+    data: str | None
+    """Curation the data comes from: sae | sae:<selector> | embedding | random | full; None = no data."""
+    prune: str | None
+    """Calibration of pruning: "data" (the variant's data), "generic", or None (no pruning)."""
+    recovery: str | None
+    """tgd | sft | None."""
+    description: str
+
+
+VARIANTS: dict[str, VariantSpec] = {
+    "dense": VariantSpec("dense", None, None, None, "the dense model, untouched (reference row)"),
+    "dense_curated": VariantSpec("dense + FineScope data", "sae", None, "tgd",
+                                 "no pruning; LoRA with TGD on the curated set (the paper's unpruned FineScope row)"),
+    "pruned": VariantSpec("pruned, no recovery", "sae", "data", None,
+                          "pruned with curated calibration, no fine-tuning"),
+    "pruned_generic": VariantSpec("pruned (generic calib.), no recovery", "sae", "generic", None,
+                                  "pruned with generic news/wiki calibration, no fine-tuning"),
+    "pruned_tgd": VariantSpec("FineScope (pruned + TGD)", "sae", "data", "tgd",
+                              "curated calibration, TGD recovery on the curated set: the method"),
+    "pruned_sft": VariantSpec("pruned + SFT (w/o TGD)", "sae", "data", "sft",
+                              "as FineScope but plain SFT on the original responses"),
+    "pruned_random": VariantSpec("pruned + Random", "random", "data", "tgd",
+                                 "random subset of the same size for calibration and recovery"),
+    "pruned_full": VariantSpec("pruned + Full pool", "full", "data", "tgd",
+                               "the whole (sampled) pool for calibration and recovery"),
+    "generic_tgd": VariantSpec("pruned (generic calib.) + TGD", "sae", "generic", "tgd",
+                               "generic calibration, TGD recovery on the curated set (Table 4's BookCorpus column)"),
+    "embedding_tgd": VariantSpec("embedding-kNN selection + TGD", "embedding", "data", "tgd",
+                                 "sentence-embedding kNN selection instead of SAE codes (Table 5)"),
+    **{f"selector_{s}": VariantSpec(f"selector {s} + TGD", f"sae:{s}", "data", "tgd",
+                                    f"SAE selection reading coordinates chosen by the {s} selector")
+       for s in ("gradient", "magnitude", "variance", "pca", "random")},
+}
+
+
+@dataclass
+class Job:
+    """One stage run: its config and the folder it writes."""
+
+    stage: str
+    cfg: object
+    folder: Path
+    label: str
+
+    def as_dict(self) -> dict:
+        return {"stage": self.stage, "folder": str(self.folder), "config_hash": io.config_hash(self.cfg)}
+
+
+def _folder(run_dir: Path, stage: str, label: str, cfg) -> Path:
+    return run_dir / stage / f"{label}-{io.config_hash(cfg)[:8]}"
+
+
+def run_dir_of(cfg: PipelineConfig, run_dir: str | Path | None = None) -> Path:
+    return Path(run_dir if run_dir is not None else Path(cfg.runs_dir) / cfg.name).expanduser().resolve()
+
+
+def _log(msg: str) -> None:
+    print(f"run: {msg}", file=sys.stderr, flush=True)
+
+
+# ================================================================================================ planning
+
+
+class Planner:
+    """Derives every stage config of every variant; identical configs map to one Job (one folder)."""
+
+    def __init__(self, cfg: PipelineConfig, run_dir: Path):
+        self.cfg, self.run_dir = cfg, run_dir
+        self.jobs: dict[tuple[str, str], Job] = {}
+
+    def _job(self, stage: str, label: str, cfg) -> Job:
+        """The job of this stage config; the first label given to a config names its folder."""
+        key = (stage, io.config_hash(cfg))
+        if key not in self.jobs:
+            self.jobs[key] = Job(stage, cfg, _folder(self.run_dir, stage, label, cfg), label)
+        return self.jobs[key]
+
+    def curate(self, data: str) -> Job:
+        base = replace(self.cfg.curate, model=self.cfg.model)
+        if data == "sae":
+            return self._job("curate", f"sae-{base.selector}", replace(base, method="sae"))
+        if data.startswith("sae:"):
+            selector = data.split(":", 1)[1]
+            return self._job("curate", f"sae-{selector}", replace(base, method="sae", selector=selector))
+        if data in ("embedding", "random", "full"):
+            # Fields only the SAE method reads are reset, so e.g. changing sae_steps keeps the baselines. The random
+            # subset has top_m records: the SAE selection's size under global selection (the paper's "same size").
+            fresh = CurateConfig()
+            keep = {f: getattr(base, f) for f in ("model", "pool", "seeds", "encode_fields", "selection", "top_m",
+                                                  "pool_sample", "seed", "skip_bad_rows")}
+            return self._job("curate", data, replace(fresh, method=data, **keep))
+        raise PipelineError(f"unknown data source {data!r}")
+
+    def generic_data(self) -> Path:
+        spec = self.cfg.generic_calibration
+        if spec != "default":
+            return Path(spec).expanduser().resolve()
+        return self.run_dir / "data" / "generic.jsonl"
+
+    def prune(self, data: Path, calib: str, ratio: float | None = None) -> Job:
+        pc = replace(self.cfg.prune, model=self.cfg.model, data=str(data))
+        if ratio is not None:
+            pc = replace(pc, ratio=ratio)
+        return self._job("prune", f"{calib}-r{pc.ratio:g}", pc)
+
+    def recover(self, student: str, data: Path, mode: str, label: str) -> Job:
+        rc = replace(self.cfg.recover, student=student, data=str(data), no_teacher=mode == "sft",
+                     teacher=self.cfg.model if mode == "tgd" else "")
+        return self._job("recover", f"{label}-{mode}", rc)
+
+    def evaluate(self, model: str, label: str, tasks: list[str] | None = None) -> Job:
+        ec = replace(self.cfg.eval, model=model, tasks=list(tasks) if tasks else list(self.cfg.eval.tasks))
+        return self._job("eval", label, ec)
+
+    def dense_folder(self) -> str:
+        from .modeling import resolve_model_path
+
+        path = resolve_model_path(self.cfg.model)
+        if not Path(path).is_dir():
+            raise PipelineError(f"model {self.cfg.model!r}: dense_curated fine-tunes the dense model and needs a local "
+                                "folder (a hub id is not one); download it first")
+        return path
+
+
+def plan(cfg: PipelineConfig, run_dir: Path) -> tuple[Planner, dict[str, dict]]:
+    """Every variant's chain of jobs, in run order. Jobs of a chain are dicts stage → Job (eval last)."""
+    if not cfg.variants and not cfg.sweep_ratios:
+        raise PipelineError("variants: nothing to run (give at least one variant, e.g. variants=dense,pruned_tgd)")
+    p = Planner(cfg, run_dir)
+    chains: dict[str, dict] = {}
+    for name in dict.fromkeys(cfg.variants):
+        spec = VARIANTS[name]
+        chain: dict[str, Job] = {}
+        model = cfg.model
+        data = None
+        if spec.data is not None:
+            chain["curate"] = p.curate(spec.data)
+            data = chain["curate"].folder / "selected.jsonl"
+        if spec.prune is not None:
+            calib = data if spec.prune == "data" else p.generic_data()
+            calib_label = chain["curate"].label if spec.prune == "data" else "generic"
+            chain["prune"] = p.prune(calib, calib_label)
+            model = str(chain["prune"].folder / "model")
+        if spec.recovery is not None:
+            student = model if spec.prune is not None else p.dense_folder()
+            student_label = chain["prune"].label if spec.prune is not None else "dense"
+            data_label = chain["curate"].label
+            label = student_label if student_label.startswith(data_label) else f"{student_label}-{data_label}"
+            chain["recover"] = p.recover(student, data, spec.recovery, label)
+            model = str(chain["recover"].folder / "model")
+        chain["eval"] = p.evaluate(model, name)
+        chains[name] = chain
+    if cfg.sweep_ratios:
+        nll = [t for t in cfg.eval.tasks if t.startswith("nll:")] or list(cfg.eval.tasks)
+        cur = p.curate("sae")
+        for r in sorted(set(cfg.sweep_ratios) | {cfg.prune.ratio}):
+            pj = p.prune(cur.folder / "selected.jsonl", cur.label, ratio=r)
+            chains[f"sweep@{r:g}"] = {"curate": cur, "prune": pj,
+                                      "eval": p.evaluate(str(pj.folder / "model"), f"sweep-r{r:g}", nll)}
+        chains["sweep@0"] = {"eval": p.evaluate(cfg.model, "sweep-r0", nll)}
+    return p, chains
+
+
+# ================================================================================================ running
+
+
+def _stage_fn(stage: str):
+    """The stage's `run(cfg, out)`, looked up at call time (so tests can replace it)."""
+    import importlib
+
+    module = {"curate": "finescope.curate.run", "prune": "finescope.prune.run", "recover": "finescope.recover.run",
+              "eval": "finescope.evaluate.run"}[stage]
+    return importlib.import_module(module).run
+
+
+def _write_generic(path: Path, seed: int) -> None:
+    if path.is_file():
+        return
+    from .curate.pool import default_reference_texts
+
+    texts = default_reference_texts()
+    random.Random(seed).shuffle(texts)
+    io.write_jsonl_atomic(path, ({"text": t, "source": "generic"} for t in texts))
+
+
+def run(cfg: PipelineConfig, run_dir: str | Path | None = None) -> Path:
+    """Run every variant's stages into the run directory; write pipeline.json and the report; return the run dir."""
+    root = run_dir_of(cfg, run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    planner, chains = plan(cfg, root)
+    io.write_atomic(root / "pipeline.yaml", _yaml(cfg))
+    manifest_path = root / "pipeline.json"
+    previous = io.read_json(manifest_path) if manifest_path.is_file() else {}
+    seconds: dict[str, float] = previous.get("stage_seconds", {})
+    status: dict[str, str] = {}
+    started = time.perf_counter()
+    order = [j for chain in chains.values() for j in chain.values()]
+    order = list({j.folder: j for j in sorted(order, key=lambda j: _STAGE_ORDER[j.stage])}.values())
+    for i, job in enumerate(order, 1):
+        key = str(job.folder.relative_to(root))
+        if io.is_done(job.folder, job.cfg):
+            status[key] = "done"
+            _log(f"[{i}/{len(order)}] {key}: done, skipped")
+            continue
+        if job.stage == "prune" and Path(job.cfg.data).parent == root / "data":
+            _write_generic(Path(job.cfg.data), cfg.prune.seed)
+        _log(f"[{i}/{len(order)}] {key}: running {job.stage}")
+        t = time.perf_counter()
+        _stage_fn(job.stage)(job.cfg, job.folder)
+        seconds[key] = round(time.perf_counter() - t, 2)
+        status[key] = "ran"
+        _log(f"[{i}/{len(order)}] {key}: finished in {seconds[key]:.0f} s")
+        _write_manifest(manifest_path, cfg, root, chains, seconds, status, time.perf_counter() - started)
+    _write_manifest(manifest_path, cfg, root, chains, seconds, status, time.perf_counter() - started)
+    if cfg.report:
+        from .report.run import write_report
+
+        html = write_report(root)
+        _log(f"report: {html}")
+    return root
+
+
+# Curations first (random/full/embedding do not depend on each other), then every prune, recover, eval:
+# a failure in a late stage never blocks the cheaper shared outputs of the others.
+_STAGE_ORDER = {"curate": 0, "prune": 1, "recover": 2, "eval": 3}
+
+
+def _write_manifest(path: Path, cfg, root: Path, chains, seconds, status, wall: float) -> None:
+    io.write_json_atomic(path, {
+        "name": cfg.name, "model": cfg.model, "config": to_dict(cfg),
+        "variants": {name: {"label": VARIANTS[name].label if name in VARIANTS else name,
+                            "description": VARIANTS[name].description if name in VARIANTS else "pruning-ratio sweep",
+                            "data": VARIANTS[name].data if name in VARIANTS else "sae",
+                            "prune": VARIANTS[name].prune if name in VARIANTS else "data",
+                            "recovery": VARIANTS[name].recovery if name in VARIANTS else None,
+                            "stages": {s: str(j.folder.relative_to(root)) for s, j in chain.items()}}
+                     for name, chain in chains.items()},
+        "stage_seconds": seconds, "last_run_status": status, "last_run_wall_s": round(wall, 2),
+    })
+
+
+def _yaml(cfg: PipelineConfig) -> str:
+    from .config import to_yaml
+
+    return to_yaml(cfg)
+
+
+def load_manifest(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / "pipeline.json"
+    if not path.is_file():
+        raise PipelineError(f"{run_dir}: not a run directory (no pipeline.json); run `finescope run` first")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+# ================================================================================================ presets
+
+
+def preset_dir() -> Path:
+    return Path(__file__).resolve().parent / "configs"
+
+
+def resolve_config(spec: str | None) -> Path:
+    """`--config`: a YAML path, or the name of a packaged preset (default, quick, code, …)."""
+    spec = spec or "default"
+    path = Path(spec).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.exists() or "/" in spec:
+        return path
+    preset = preset_dir() / f"{spec}.yaml"
+    if not preset.is_file():
+        known = ", ".join(sorted(p.stem for p in preset_dir().glob("*.yaml")))
+        raise PipelineError(f"--config {spec}: no such file or preset; presets: {known}")
+    return preset
+

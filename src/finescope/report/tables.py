@@ -1,0 +1,267 @@
+"""Collect a run directory (pipeline.json + stage folders) into plain data, and render tables as Markdown/HTML."""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LOWER_IS_BETTER = {"nll", "perplexity"}
+
+
+@dataclass
+class Column:
+    key: str
+    label: str
+    higher_better: bool
+
+
+@dataclass
+class Row:
+    name: str
+    label: str
+    pruned: bool
+    data: str
+    recovery: str
+    params: int | None
+    values: dict[str, float | None] = field(default_factory=dict)
+    stderr: dict[str, float | None] = field(default_factory=dict)
+    n: dict[str, int] = field(default_factory=dict)
+
+
+def _read(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+DATA_NAMES = {"sae": "FineScope", "random": "Random", "full": "Full pool", "embedding": "embedding kNN"}
+
+
+def _data_name(data: str | None, prune: str | None) -> str:
+    if data is None:
+        return "–"
+    name = DATA_NAMES.get(data) or (f"FineScope ({data.split(':', 1)[1]})" if data.startswith("sae:") else data)
+    return f"{name}; generic calib." if prune == "generic" else name
+
+
+def results_of(folder: Path) -> dict | None:
+    return _read(folder / "results.json")
+
+
+def collect(run_dir: Path) -> dict:
+    """Everything the report shows, from files only."""
+    run_dir = Path(run_dir)
+    manifest = _read(run_dir / "pipeline.json") or {}
+    columns: dict[str, Column] = {}
+    rows: list[Row] = []
+    sweep: list[dict] = []
+    for name, v in manifest.get("variants", {}).items():
+        stages = {s: run_dir / p for s, p in v["stages"].items()}
+        res = results_of(stages["eval"]) if "eval" in stages else None
+        if name.startswith("sweep@"):
+            ratio = float(name.split("@", 1)[1])
+            if res:
+                prune_metrics = _read(stages["prune"] / "metrics.json") if "prune" in stages else None
+                achieved = (prune_metrics or {}).get("ratio_achieved", ratio) if ratio else 0.0
+                sweep.append({"ratio": ratio, "achieved": achieved,
+                              "results": {r["task"]: r["value"] for r in res["results"]}})
+            continue
+        row = Row(name, v["label"], v.get("prune") is not None, _data_name(v.get("data"), v.get("prune")),
+                  (v.get("recovery") or "–").upper() if v.get("recovery") else "–",
+                  (res or {}).get("model", {}).get("parameters"))
+        for r in (res or {}).get("results", []):
+            key = f"{r['task']}|{r['variant']}|{r['metric']}"
+            label = f"{r['task']} {r['metric']}"
+            columns.setdefault(key, Column(key, label, r["metric"] not in LOWER_IS_BETTER))
+            row.values[key], row.stderr[key], row.n[key] = r["value"], r.get("stderr"), r.get("n", 0)
+        rows.append(row)
+    # Two scoring variants of one task and metric: say which is which.
+    labels = [c.label for c in columns.values()]
+    for c in columns.values():
+        if labels.count(c.label) > 1:
+            c.label += f" [{c.key.split('|')[1]}]"
+    return {"run_dir": run_dir, "manifest": manifest, "columns": list(columns.values()), "rows": rows,
+            "sweep": sorted(sweep, key=lambda s: s["ratio"]), "dense": next((r for r in rows if r.name == "dense"), None),
+            "stages": stage_summaries(run_dir, manifest)}
+
+
+def stage_summaries(run_dir: Path, manifest: dict) -> list[dict]:
+    """One entry per stage folder used by the run: stage, folder, seconds, the variants that use it."""
+    used: dict[str, list[str]] = {}
+    for name, v in manifest.get("variants", {}).items():
+        for s, p in v["stages"].items():
+            used.setdefault(p, []).append(name)
+    out = []
+    for rel, names in used.items():
+        folder = run_dir / rel
+        stage = rel.split("/", 1)[0]
+        secs = manifest.get("stage_seconds", {}).get(rel)
+        if secs is None:
+            secs = _stage_seconds(stage, folder)
+        out.append({"stage": stage, "folder": rel, "seconds": secs, "variants": names,
+                    "done": (folder / "DONE").is_file()})
+    order = {"curate": 0, "prune": 1, "recover": 2, "eval": 3}
+    return sorted(out, key=lambda e: (order.get(e["stage"], 9), e["folder"]))
+
+
+def _stage_seconds(stage: str, folder: Path) -> float | None:
+    """Wall time a stage recorded itself (when the pipeline did not time it, e.g. a stage run by hand)."""
+    m = _read(folder / "metrics.json") or {}
+    if stage == "curate":
+        return m.get("timings_s", {}).get("total")
+    if stage == "prune":
+        return m.get("wall_time_s")
+    if stage == "recover":
+        return m.get("seconds", {}).get("total")
+    if stage == "eval":
+        return (_read(folder / "results.json") or {}).get("wall_s")
+    return None
+
+
+# ================================================================================================ formatting
+
+
+def fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def relative(row: Row, dense: Row | None, col: Column) -> str:
+    """% of dense for a higher-is-better metric; the difference to dense for NLL."""
+    if dense is None or row is dense:
+        return ""
+    v, d = row.values.get(col.key), dense.values.get(col.key)
+    if v is None or d is None:
+        return ""
+    if col.higher_better:
+        return f"{100 * v / d:.0f}%" if d else ""
+    return f"{v - d:+.2f}"
+
+
+def mean_percent(row: Row, dense: Row | None, columns: list[Column]) -> float | None:
+    """Mean % of dense over the higher-is-better columns (None when there are none or dense is 0)."""
+    if dense is None:
+        return None
+    vals = [100 * row.values[c.key] / dense.values[c.key] for c in columns
+            if c.higher_better and row.values.get(c.key) is not None and dense.values.get(c.key)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def results_table(data: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and body of the results table: Model | Pruned | Data | Recovery | Params | metrics (% of dense)."""
+    cols, dense = data["columns"], data["dense"]
+    header = ["Variant", "Pruned", "Data", "Recovery", "Params (M)"]
+    header += [c.label + (" ↑" if c.higher_better else " ↓") for c in cols]
+    has_pct = dense is not None and any(c.higher_better for c in cols)
+    if has_pct:
+        header.append("mean % of dense (↑ metrics)")
+    body = []
+    for r in data["rows"]:
+        line = [r.label, "✓" if r.pruned else "✗", r.data, r.recovery,
+                f"{r.params / 1e6:.1f}" if r.params else "–"]
+        for c in cols:
+            rel = relative(r, dense, c)
+            line.append(fmt(r.values.get(c.key)) + (f" ({rel})" if rel else ""))
+        if has_pct:
+            mp = mean_percent(r, dense, cols)
+            line.append("reference" if r is dense else (f"{mp:.0f}%" if mp is not None else "–"))
+        body.append(line)
+    return header, body
+
+
+def markdown_table(header: list[str], body: list[list[str]]) -> str:
+    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(esc, row)) + " |" for row in body]
+    return "\n".join(lines) + "\n"
+
+
+def html_table(header: list[str], body: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in body)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def timings_table(data: dict) -> tuple[list[str], list[list[str]]]:
+    body = [[s["stage"], s["folder"], fmt(s["seconds"], 0) if s["seconds"] is not None else "–",
+             "yes" if s["done"] else "no", ", ".join(s["variants"])] for s in data["stages"]]
+    total = sum(s["seconds"] or 0 for s in data["stages"])
+    body.append(["total", "", f"{total:.0f}", "", ""])
+    return ["Stage", "Folder", "Seconds", "Done", "Used by"], body
+
+
+# ================================================================================================ evidence
+
+
+def main_folder(data: dict, stage: str, prefer: tuple[str, ...] = ("pruned_tgd", "pruned", "pruned_sft",
+                                                                      "dense_curated")) -> Path | None:
+    """The stage folder of the run's headline variant (FineScope first), else of any variant that has one."""
+    variants = data["manifest"].get("variants", {})
+    names = [n for n in prefer if n in variants] + [n for n in variants if n not in prefer]
+    for n in names:
+        rel = variants[n]["stages"].get(stage)
+        if rel:
+            return data["run_dir"] / rel
+    return None
+
+
+def selection_evidence(curate: Path, latents: int = 8, snippets: int = 2, records: int = 8) -> dict:
+    """Top shared SAE latents with snippets, a sample of selected records, and the selection statistics."""
+    metrics = _read(curate / "metrics.json") or {}
+    features = _read(curate / "features.json") or {}
+    selected = []
+    path = curate / "selected.jsonl"
+    if path.is_file():
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if len(selected) >= records:
+                    break
+                r = json.loads(line)
+                text = r.get("text") or f"{r.get('instruction', '')} → {r.get('response', '')}"
+                selected.append({"rank": r.get("rank"), "id": r.get("id"), "source": r.get("source"),
+                                 "score": r.get("score"), "nearest_seed": r.get("nearest_seed"),
+                                 "text": " ".join(text.split())[:220]})
+    layers = {layer: [{**{k: f[k] for k in ("latent", "seed_mean_activation", "selected_mean_activation",
+                                             "pool_mean_activation")},
+                       "snippets": [{"source": s.get("source"), "activation": s["activation"],
+                                     "text": " ".join(s["text"].split())[:160]}
+                                    for s in f["top_pool_snippets"][:snippets]]}
+                      for f in feats[:latents]]
+              for layer, feats in features.items()}
+    return {"metrics": metrics, "latents": layers, "selected": selected,
+            "config": (_read(curate / "config.json") or {}).get("config", {})}
+
+
+def prune_summary(prune: Path) -> dict | None:
+    rep = _read(prune / "report.json")
+    if rep is None:
+        return None
+    return {"shapes_before": rep["shapes_before"], "shapes_after": rep["shapes_after"],
+            "parameters": rep["parameters"], "importance": rep["importance"], "head_mode": rep["head_mode"],
+            "calibration": rep.get("calibration"), "dropped_blocks": rep.get("dropped_blocks"),
+            "ratio_target": rep["plan"].get("ratio_target"), "verified": rep.get("verification", {}).get("logits_match"),
+            "summary": rep.get("importance_summary", [])}
+
+
+def recover_summary(recover: Path) -> dict | None:
+    m = _read(recover / "metrics.json")
+    if m is None:
+        return None
+    cfg = (_read(recover / "config.json") or {}).get("config", {})
+    train = m.get("train", {})
+    ev = train.get("eval_loss", [])
+    return {"mode": m.get("mode"), "records": m.get("records"),
+            "acceptance_rate": m.get("filters", {}).get("acceptance_rate"),
+            "filter_counts": m.get("filters", {}).get("counts", {}),
+            "train_examples": train.get("train_examples"), "steps": train.get("total_steps"),
+            "eval_loss_first": ev[0]["loss"] if ev else None, "eval_loss_last": ev[-1]["loss"] if ev else None,
+            "train_loss": train.get("train_loss", []), "eval_loss": ev,
+            "recipe": {k: cfg.get(k) for k in ("lora_rank", "lora_alpha", "lora_dropout", "lr", "batch_size",
+                                               "micro_batch_size", "max_length", "epochs", "max_new_tokens",
+                                               "temperature", "answer_check", "no_teacher", "teacher")}}

@@ -63,17 +63,20 @@ def text_records(name: str, n: int, seed: int) -> list[dict]:
     return random.Random(seed).sample(recs, n)
 
 
-def calibration_sets(n: int, seed: int) -> dict[str, list[dict]]:
+def calibration_sets(n: int, seed: int, curated_file: str | None = None) -> dict[str, list[dict]]:
+    curated = (random.Random(seed).sample(list(read_records(curated_file)), n) if curated_file
+               else math_records(n, seed))
     generic = text_records("bbc_news", n // 2, seed) + text_records("wikipedia", n - n // 2, seed)
     pool = (math_records(1500, seed + 1) + text_records("wikipedia", 1000, seed + 1)
             + text_records("openwebtext", 1000, seed + 1) + text_records("bbc_news", 2000, seed + 1))
-    return {"curated": math_records(n, seed), "generic": generic, "random": random.Random(seed).sample(pool, n)}
+    return {"curated": curated, "generic": generic, "random": random.Random(seed).sample(pool, n)}
 
 
 def gsm8k_nll_batches(tokenizer, n: int, length: int) -> list[dict]:
     rows = [json.loads(line) for line in assets.data_path("gsm8k").read_text().splitlines() if line.strip()][:n]
     recs = [{"id": str(i), "instruction": r["question"], "response": r["answer"]} for i, r in enumerate(rows)]
-    return calibration_batches(tokenizer, recs, samples=n, length=length, batch_size=8, seed=0)[0]
+    return calibration_batches(tokenizer, recs, samples=n, length=length, batch_size=8, seed=0,
+                               loss_on="response")[0]
 
 
 @torch.no_grad()
@@ -131,6 +134,7 @@ def main() -> None:
     ap.add_argument("--calib-length", type=int, default=128)
     ap.add_argument("--nll-samples", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--curated", default=None, help="a curate stage's selected.jsonl (default: a math stand-in)")
     ap.add_argument("--skip-stage-run", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
@@ -140,7 +144,7 @@ def main() -> None:
     shapes = model_shapes(handle.adapter, dense)
     plan = solve(shapes, args.ratio)
     nll_batches = gsm8k_nll_batches(tok, args.nll_samples, 256)
-    sources = calibration_sets(args.calib_samples, args.seed)
+    sources = calibration_sets(args.calib_samples, args.seed, args.curated)
     calib = {name: calibration_batches(tok, recs, samples=args.calib_samples, length=args.calib_length,
                                        batch_size=4, seed=args.seed) for name, recs in sources.items()}
     result = {
@@ -148,7 +152,8 @@ def main() -> None:
         "ratio_target": args.ratio, "plan": plan.as_dict(),
         "calibration": {name: info for name, (_, info) in calib.items()},
         "calibration_sources": {
-            "curated": "STAND-IN (curate stage not used): BIG-bench elementary_math_qa question + correct option",
+            "curated": (f"curate stage output {args.curated}" if args.curated else
+                        "STAND-IN (curate stage not used): BIG-bench elementary_math_qa question + correct option"),
             "generic": "BBC news articles + Wikipedia snippets",
             "random": "uniform sample of a mixed pool: elementary_math_qa 1500, Wikipedia 1000, OpenWebText 1000, BBC 2000",
         },

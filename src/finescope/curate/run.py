@@ -36,6 +36,10 @@ from .sae import evaluate_sae, load_sae, save_sae, train_sae
 from .select import max_cosine, select_global, select_per_seed
 
 
+# Bump when the SAE's definition changes, so cached SAEs (and encodings made with them) are not reused.
+SAE_VERSION = 2
+
+
 class CurateError(FinescopeError):
     pass
 
@@ -91,7 +95,7 @@ def _train_layer_sae(cfg: CurateConfig, handle, layer: int, reference: list[str]
     coord_texts = reference[: cfg.coord_samples]
     coords_key = _digest("coords", model_fp, layer, cfg.selector, cfg.num_coords, cfg.probes,
                          _texts_digest(coord_texts), cfg.max_length, cfg.batch_size, cfg.seed)
-    key = _digest("sae", coords_key, _texts_digest(reference), cfg.sae_kind, cfg.sae_expansion, cfg.sae_k,
+    key = _digest("sae", SAE_VERSION, coords_key, _texts_digest(reference), cfg.sae_kind, cfg.sae_expansion, cfg.sae_k,
                   cfg.sae_l1, cfg.sae_auxk_alpha, cfg.sae_lr, cfg.sae_steps, cfg.sae_batch_size)
     root = _cache_root() / f"sae-{key}"
     root.mkdir(parents=True, exist_ok=True)

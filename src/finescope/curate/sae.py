@@ -2,7 +2,9 @@
 
 Two variants: `topk` (TopK activation, AuxK dead-latent loss; v3, the default) and `relu` (ReLU + L1; v1).
 Decoder rows are unit-norm (renormalised after every step, gradient parallel to them removed); the decoder bias
-is initialised from the data; inputs are scaled by a stored factor so the mean squared norm per dimension is 1.
+is initialised from the data. Inputs are standardised per coordinate (mean and std stored with the SAE): the
+residual stream has a few "massive" coordinates, hundreds of times larger than the rest, and with a single scale
+they dominate the reconstruction and the pooled codes (every record then looks alike, cosine ≈ 0.98–0.999).
 
     sae, curves = train_sae(acts, kind="topk", d_sae=2048, k=32, steps=2000)   # acts: (tokens, K) float tensor
     save_sae(sae, "out/sae", coords=indices, layer=15, model="default")
@@ -33,7 +35,8 @@ class SparseAutoencoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
-        self.register_buffer("scale", torch.ones(()))  # input normalisation: x / scale
+        self.register_buffer("input_mean", torch.zeros(d_in))  # input standardisation: (x − mean) / std
+        self.register_buffer("input_std", torch.ones(d_in))
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.W_dec)
             self.normalize_decoder()
@@ -51,8 +54,11 @@ class SparseAutoencoder(nn.Module):
         parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
         self.W_dec.grad.sub_(parallel * self.W_dec)
 
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.input_mean) / self.input_std
+
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        return (x / self.scale - self.b_dec) @ self.W_enc + self.b_enc
+        return (self.normalize(x) - self.b_dec) @ self.W_enc + self.b_enc
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         z = torch.relu(pre)
@@ -65,14 +71,22 @@ class SparseAutoencoder(nn.Module):
         """Sparse codes of raw (unnormalised) activations `x` (..., d_in) → (..., d_sae)."""
         return self.activate(self.pre_acts(x))
 
+    def decode_normalized(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.W_dec + self.b_dec
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Reconstruction in the raw activation space."""
-        return (z @ self.W_dec + self.b_dec) * self.scale
+        return self.decode_normalized(z) * self.input_std + self.input_mean
+
+    def forward_normalized(self, xn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(reconstruction, codes, pre-activations) of an already standardised input `xn`."""
+        pre = (xn - self.b_dec) @ self.W_enc + self.b_enc
+        z = self.activate(pre)
+        return self.decode_normalized(z), z, pre
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        pre = self.pre_acts(x)
-        z = self.activate(pre)
-        return self.decode(z), z, pre
+        """(reconstruction of the standardised input, codes, pre-activations) of a raw input `x`."""
+        return self.forward_normalized(self.normalize(x))
 
 
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
@@ -104,17 +118,18 @@ def train_sae(
     d_in = acts.shape[1]
     sae = SparseAutoencoder(d_in, d_sae, kind, k)
     with torch.no_grad():
-        sample = acts[torch.randperm(acts.shape[0], generator=gen)[:8192]]
-        sae.scale.fill_(float(sample.pow(2).sum(1).mean().div(d_in).sqrt().clamp_min(1e-8)))
-        sae.b_dec.copy_((sample / sae.scale).median(dim=0).values)  # decoder bias from the data
+        sample = acts[torch.randperm(acts.shape[0], generator=gen)[:65536]]
+        sae.input_mean.copy_(sample.mean(0))
+        sae.input_std.copy_(sample.std(0).clamp_min(1e-6))
+        sae.b_dec.copy_(sae.normalize(sample).median(dim=0).values)  # decoder bias from the data
     opt = torch.optim.AdamW(sae.parameters(), lr=lr, weight_decay=0.0)
     last_fired = torch.zeros(d_sae, dtype=torch.long)
     k_aux = max(1, d_in // 2)
     curves: dict[str, list] = {"step": [], "fvu": [], "l0": [], "dead_fraction": [], "loss": []}
     bar = progress(range(1, steps + 1), desc=f"train SAE ({kind}, {d_in}→{d_sae})", unit="step")
     for step in bar:
-        batch = acts[torch.randint(0, acts.shape[0], (batch_size,), generator=gen)]
-        x_hat, z, pre = sae(batch)
+        batch = sae.normalize(acts[torch.randint(0, acts.shape[0], (batch_size,), generator=gen)])
+        x_hat, z, pre = sae.forward_normalized(batch)
         recon = fvu(batch, x_hat)
         loss = recon
         fired = (z > 0).any(0)
@@ -128,7 +143,7 @@ def train_sae(
             vals, idx = dead_pre.topk(min(k_aux, int(dead.sum())), dim=-1)
             z_aux = torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
             residual = (batch - x_hat).detach()
-            aux_hat = z_aux @ sae.W_dec * sae.scale
+            aux_hat = z_aux @ sae.W_dec
             aux = (aux_hat - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
             loss = loss + auxk_alpha * torch.nan_to_num(aux, nan=0.0)
         opt.zero_grad(set_to_none=True)
@@ -149,13 +164,14 @@ def train_sae(
 
 @torch.no_grad()
 def evaluate_sae(sae: SparseAutoencoder, acts: torch.Tensor, batch_size: int = 4096) -> dict[str, float]:
-    """FVU, mean L0 and dead fraction (latents that never fire) over `acts`."""
+    """FVU (of the standardised activations, so every coordinate counts alike), mean L0 and dead fraction
+    (latents that never fire) over `acts`."""
     err = tot = l0 = 0.0
     fired = torch.zeros(sae.d_sae, dtype=torch.bool)
-    mean = acts.float().mean(0)
+    mean = sae.normalize(acts.float()).mean(0)
     for i in range(0, acts.shape[0], batch_size):
-        x = acts[i : i + batch_size].float()
-        x_hat, z, _ = sae(x)
+        x = sae.normalize(acts[i : i + batch_size].float())
+        x_hat, z, _ = sae.forward_normalized(x)
         err += float((x_hat - x).pow(2).sum())
         tot += float((x - mean).pow(2).sum())
         l0 += float((z > 0).sum())
@@ -174,8 +190,7 @@ def save_sae(sae: SparseAutoencoder, path: str | Path, *, coords: torch.Tensor, 
         "activation_fn_str": "topk" if sae.kind == "topk" else "relu",
         "activation_fn_kwargs": {"k": sae.k} if sae.kind == "topk" else {},
         "apply_b_dec_to_input": True,
-        "normalize_activations": "constant_scale",
-        "finescope_input_scale": float(sae.scale),
+        "normalize_activations": "finescope_standardize",
         "hook_name": f"model.layers.{layer}",
         "hook_layer": layer,
         "hook_point": "residual stream after the block",
@@ -187,7 +202,8 @@ def save_sae(sae: SparseAutoencoder, path: str | Path, *, coords: torch.Tensor, 
     with atomic_dir(path) as tmp:
         (tmp / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
         weights = {n: p.detach().contiguous().float() for n, p in
-                   (("W_enc", sae.W_enc), ("b_enc", sae.b_enc), ("W_dec", sae.W_dec), ("b_dec", sae.b_dec))}
+                   (("W_enc", sae.W_enc), ("b_enc", sae.b_enc), ("W_dec", sae.W_dec), ("b_dec", sae.b_dec),
+                    ("input_mean", sae.input_mean), ("input_std", sae.input_std))}
         save_file(weights, str(tmp / "sae_weights.safetensors"))
         save_file({"indices": coords.long().contiguous()}, str(tmp / "coords.safetensors"))
     return Path(path)
@@ -203,6 +219,5 @@ def load_sae(path: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
     with torch.no_grad():
         for name, tensor in state.items():
             getattr(sae, name).copy_(tensor)
-        sae.scale.fill_(cfg.get("finescope_input_scale", 1.0))
     cfg["coords"] = load_file(str(path / cfg.get("finescope_coords_file", "coords.safetensors")))["indices"]
     return sae.eval(), cfg

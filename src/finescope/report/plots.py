@@ -29,7 +29,7 @@ def metrics_per_variant(data: dict) -> bytes | None:
     if not cols or not rows:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, len(cols), figsize=(max(4.5, 3.6 * len(cols)), 3.8 + 0.12 * len(rows)),
+    fig, axes = plt.subplots(1, len(cols), figsize=(2.2 + 2.8 * len(cols), 3.8 + 0.12 * len(rows)),
                              squeeze=False)
     for ax, c in zip(axes[0], cols):
         vals = [r.values.get(c.key) for r in rows]
@@ -43,7 +43,8 @@ def metrics_per_variant(data: dict) -> bytes | None:
         ax.invert_yaxis()
         if data["dense"] is not None and data["dense"].values.get(c.key) is not None:
             ax.axvline(data["dense"].values[c.key], color="k", ls="--", lw=1)
-        ax.set_title(c.label + (" (higher is better)" if c.higher_better else " (lower is better)"), fontsize=9)
+        ax.set_title(c.label.replace(" ", "\n", 1) + ("\n(higher is better)" if c.higher_better
+                                                      else "\n(lower is better)"), fontsize=8)
     return _png(fig)
 
 

@@ -299,7 +299,8 @@ def test_bad_inputs_are_clear_errors_and_write_nothing(tiny_model_dirs, calib_fi
         (PruneConfig(model=model, data=str(calib_file), ratio=0.95), SolverError, "nearest reachable"),
         (PruneConfig(model=model, data=""), PruneError, "data: calibration records are required"),
         (PruneConfig(model=model, data=str(tmp_path / "none.jsonl")), Exception, "no such file"),
-        (PruneConfig(model=model, data=str(long_prompts), calib_length=8), CalibrationError, "no usable calibration"),
+        (PruneConfig(model=model, data=str(long_prompts), calib_length=8, calib_loss="response"), CalibrationError,
+         "no usable calibration"),
     ]
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")

@@ -12,7 +12,7 @@ import torch
 from conftest import build_model
 from finescope import cli
 from finescope.config import EvalConfig
-from finescope.evaluate import generate as gen
+from finescope.evaluate import answers as gen
 from finescope.evaluate.code_exec import CodeExecutionError, pass_at_k
 from finescope.evaluate.mc import Request, encode_pair, pick, score_requests
 from finescope.evaluate.perplexity import domain_nll
@@ -148,11 +148,6 @@ def test_math_normalisation(pred, ref, equal):
 def test_math_answer_from_completion():
     assert gen.extract_math_answer("We get $\\boxed{12}$.\n") == "12"
     assert gen.extract_math_answer("Final Answer: The final answer is $7$. I hope it is correct.") == "7"
-
-
-def test_cut_at_stop():
-    assert gen.cut_at_stop("    return a\ndef other():", ["\ndef", "\nclass"]) == "    return a"
-    assert gen.cut_at_stop("no stop", ["\n\n"]) == "no stop"
 
 
 def test_pass_at_k():

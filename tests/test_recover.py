@@ -21,7 +21,7 @@ from finescope.recover.finetune import (
     IGNORE, FinetuneError, LoraSettings, build_examples, collate, split_records, summed_loss, tokenize_pair,
     train_lora, save_adapter_and_merged,
 )
-from finescope.recover.rewrite import DISTILL_SYSTEM, generate_batched, read_partial, rewrite_prompt, rewrite_records
+from finescope.recover.rewrite import DISTILL_SYSTEM, read_partial, rewrite_prompt, rewrite_records
 from finescope.recover.run import PARTIAL, RecoverError, run
 
 RECORDS = [
@@ -125,29 +125,7 @@ def test_split_is_seeded_and_keeps_train_nonempty():
     assert split_records(RECORDS, 0.0, seed=0) == (RECORDS, [])
 
 
-# ================================================================================================ generation
-
-
-def test_left_padded_batches_match_one_by_one(chat_tokenizer):
-    model = build_model("llama", len(chat_tokenizer))
-    prompts = [rewrite_prompt(chat_tokenizer, r) for r in RECORDS[:5]]
-    one = generate_batched(model, chat_tokenizer, prompts, max_new_tokens=6, batch_size=1)
-    many = generate_batched(model, chat_tokenizer, prompts, max_new_tokens=6, batch_size=4)
-    assert [r["text"] for r in one] == [r["text"] for r in many]
-    assert all(r["cut_off"] and r["new_tokens"] == 6 for r in one)  # a random model never ends its turn
-
-
-def test_stop_token_ends_generation_and_is_not_cut_off(chat_tokenizer):
-    model = build_model("llama", len(chat_tokenizer))
-    prompt = rewrite_prompt(chat_tokenizer, RECORDS[0])
-    first = generate_batched(model, chat_tokenizer, [prompt], max_new_tokens=3)[0]
-    ids = chat_tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
-    with torch.no_grad():
-        second_token = int(model.generate(**ids, max_new_tokens=2, do_sample=False)[0, -1])
-    model.generation_config.eos_token_id = second_token  # the model's 2nd greedy token now ends the turn
-    out = generate_batched(model, chat_tokenizer, [prompt], max_new_tokens=3)[0]
-    assert out["new_tokens"] == 1 and out["cut_off"] is False
-    assert first["text"].startswith(out["text"])
+# ================================================================================================ rewrite
 
 
 def test_rewrite_resumes_from_partial_file(tmp_path, chat_tokenizer):

@@ -22,8 +22,9 @@ from pathlib import Path
 
 from .. import io
 from ..config import EvalConfig
+from ..generation import generate
 from .code_exec import CodeExecutionError, Limits, pass_at_k, run_program
-from .generate import extract_gsm8k, extract_math_answer, generate, gsm8k_target, math_equal
+from .answers import extract_gsm8k, extract_math_answer, gsm8k_target, math_equal
 from .mc import Request, mean_stderr, pick, score_requests
 from .perplexity import domain_nll
 from .tasks import (GSM8K_COT_EXEMPLARS, GSM8K_STOP, HUMANEVAL_STOP, LETTERS, MATH_STOP, MBPP_STOP, Task,
@@ -109,13 +110,17 @@ def run_mc(task: Task, handle, cfg: EvalConfig, scoring: str) -> tuple[dict, lis
     return res, samples
 
 
+def _completions(outs: list[list[dict]]) -> list[list[str]]:
+    return [[c["text"] for c in comps] for comps in outs]
+
+
 def run_gsm8k(task: Task, handle, cfg: EvalConfig) -> tuple[dict, list[dict]]:
     docs = task.docs()
     idx = select_subset(len(docs), cfg.limit)
     shots = _shots(cfg, task)
     prompts = [gsm8k_prompt(docs[i]["question"], shots) for i in idx]
-    outs = generate(handle.model, handle.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, stop=GSM8K_STOP,
-                    batch_size=cfg.batch_size, desc=task.name)
+    outs = _completions(generate(handle.model, handle.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+                                 stop=GSM8K_STOP, batch_size=cfg.batch_size, desc=task.name))
     flex, strict, samples = [], [], []
     for i, out in zip(idx, outs):
         target = gsm8k_target(docs[i]["answer"])
@@ -136,8 +141,8 @@ def run_math(task: Task, handle, cfg: EvalConfig) -> tuple[dict, list[dict]]:
     shots = _shots(cfg, task)
     picker = shot_picker(docs, "type", cfg.seed)
     prompts = [math_prompt(docs[i], picker(i, shots)) for i in idx]
-    outs = generate(handle.model, handle.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, stop=MATH_STOP,
-                    batch_size=cfg.batch_size, desc=task.name)
+    outs = _completions(generate(handle.model, handle.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+                                 stop=MATH_STOP, batch_size=cfg.batch_size, desc=task.name))
     acc, samples, by_type = [], [], {}
     for i, out in zip(idx, outs):
         d = docs[i]
@@ -164,9 +169,9 @@ def run_code(task: Task, handle, cfg: EvalConfig) -> tuple[dict, list[dict]]:
         prompts, stop = [mbpp_prompt(docs[i], picker(i, shots)) for i in idx], MBPP_STOP
     n = cfg.num_samples
     temperature = cfg.temperature if n > 1 else 0.0
-    outs = generate(handle.model, handle.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, stop=stop,
-                    batch_size=cfg.batch_size, num_samples=n, temperature=temperature, seed=cfg.seed,
-                    desc=f"{task.name} generate")
+    outs = _completions(generate(handle.model, handle.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+                                 stop=stop, batch_size=cfg.batch_size, num_samples=n, temperature=temperature,
+                                 top_p=0.95, seed=cfg.seed, desc=f"{task.name} generate"))
     limits = Limits(timeout_s=cfg.exec_timeout_s)
     ks = [k for k in (1, 10, 100) if k <= n]
     per_k: dict[int, list[float]] = {k: [] for k in ks}

@@ -222,7 +222,7 @@ def math_type_key(name: str) -> str:
 
 
 def load_math(path: Path, types: list[str] | None = None) -> list[dict]:
-    from .generate import last_boxed
+    from .answers import last_boxed
 
     rows = _read_rows(path, ("problem", "solution"))
     docs = []

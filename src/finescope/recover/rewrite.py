@@ -19,10 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..data import format_prompt
-from ..io import progress
+from ..generation import generate
 
 # SDFT's `alpaca_distill_using` template (Yang et al., 2024), the faithful default (METHOD.md §8 item 9).
 DISTILL_SYSTEM = (
@@ -55,81 +53,6 @@ def rewrite_prompt(tokenizer, rec: dict) -> str:
 
 def prompt_hash(prompt: str) -> str:
     return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
-
-
-def stop_token_ids(model, tokenizer) -> set[int]:
-    """Every id that ends a generation: the tokenizer's EOS and the generation config's (may be a list)."""
-    ids: set[int] = set()
-    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return ids
-
-
-@torch.no_grad()
-def generate_batched(
-    model,
-    tokenizer,
-    prompts: list[str],
-    *,
-    max_new_tokens: int,
-    batch_size: int = 8,
-    temperature: float = 0.0,
-    seed: int = 0,
-    desc: str = "generate",
-    on_batch=None,
-) -> list[dict[str, Any]]:
-    """Generate a completion for every prompt; returns `{"text", "new_tokens", "cut_off"}` in prompt order.
-
-    Prompts are sorted by length so each left-padded batch wastes little; `cut_off` is True when the model did
-    not emit a stop token within `max_new_tokens`. `on_batch(indices, results)` is called after every batch.
-    """
-    add_special = not uses_chat_template(tokenizer)  # a chat template already renders BOS where it wants one
-    stops = stop_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stops), 0)
-    device = next(model.parameters()).device
-    encoded = [tokenizer(p, add_special_tokens=add_special)["input_ids"] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    results: list[dict[str, Any] | None] = [None] * len(prompts)
-    was_training = model.training
-    model.eval()
-    bar = progress(total=len(prompts), desc=desc, unit="rec")
-    try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                seq = encoded[i]
-                ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-                mask[row, width - len(seq):] = 1
-            kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-                                          eos_token_id=sorted(stops) or None)
-            if temperature > 0:
-                torch.manual_seed(seed + start)
-                kwargs.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
-            else:
-                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-            new = out[:, width:].cpu()
-            batch_results = []
-            for row, i in enumerate(idx):
-                toks = new[row].tolist()
-                end = next((k for k, t in enumerate(toks) if t in stops), None)
-                kept = toks if end is None else toks[:end]
-                text = tokenizer.decode(kept, skip_special_tokens=True)
-                results[i] = {"text": text.strip(), "new_tokens": len(kept), "cut_off": end is None}
-                batch_results.append(results[i])
-            if on_batch is not None:
-                on_batch(idx, batch_results)
-            bar.update(len(idx))
-    finally:
-        bar.close()
-        model.train(was_training)
-    return results  # type: ignore[return-value]
 
 
 def read_partial(path: Path) -> dict[str, dict]:
@@ -181,11 +104,11 @@ def rewrite_records(
             partial_path.unlink()
         handle = open(partial_path, "a", encoding="utf-8")
 
-    def save(indices: list[int], results: list[dict]) -> None:
+    def save(indices: list[int], results: list[list[dict]]) -> None:
         lines = []
-        for i, res in zip(indices, results):
+        for i, (res,) in zip(indices, results):
             rid = pending[i]["id"]
-            row = {"id": rid, "rewrite": res["text"], "new_tokens": res["new_tokens"], "cut_off": res["cut_off"],
+            row = {"id": rid, "rewrite": res["text"].strip(), "new_tokens": res["new_tokens"], "cut_off": res["cut_off"],
                    "prompt_hash": prompt_hash(prompts[rid])}
             done[rid] = row
             lines.append(json.dumps(row, ensure_ascii=False) + "\n")
@@ -197,9 +120,9 @@ def rewrite_records(
     start = time.perf_counter()
     try:
         if pending:
-            generate_batched(model, tokenizer, [prompts[r["id"]] for r in pending], max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, temperature=temperature, seed=seed, desc="teacher rewrite",
-                             on_batch=save)
+            generate(model, tokenizer, [prompts[r["id"]] for r in pending], max_new_tokens=max_new_tokens,
+                     batch_size=batch_size, temperature=temperature, seed=seed, desc="teacher rewrite",
+                     on_batch=save)
     finally:
         if handle is not None:
             handle.close()

@@ -1,106 +1,18 @@
-"""Batched generation with left padding, stop sequences and answer extraction (GSM8K numbers, MATH boxed answers).
+"""Answer extraction and normalisation for the generative benchmarks: GSM8K final numbers (lm-eval's strict and
+flexible extraction) and MATH boxed answers (Hendrycks' normalisation). Generation itself is
+`finescope.generation.generate`.
 
-    from finescope.evaluate.generate import generate
-    outs = generate(model, tok, ["Q: 2+2?\\nA:"], max_new_tokens=32, stop=["\\n\\n", "Q:"])
-    outs[0][0]   # the first (greedy) completion, cut at the first stop sequence
+    from finescope.evaluate.answers import extract_gsm8k, gsm8k_target
+    strict, flexible = extract_gsm8k("... so she has 18 eggs. The answer is 18.")
 
-Prompts are sorted by length so each batch pads little; a row stops once a stop sequence appears in its new
-text (per-row stopping), the whole batch when every row has stopped or hit `max_new_tokens`.
+The recover stage's answer-consistency filter (recover/filters.py) extracts answers differently on purpose: it
+compares an original response with a rewrite of it in any format (marked or bare numbers, fractions, option
+letters), while these functions reproduce the benchmarks' published scoring rules.
 """
 
 from __future__ import annotations
 
 import re
-
-import torch
-
-from ..io import progress
-
-
-def cut_at_stop(text: str, stop: list[str]) -> str:
-    """`text` up to (not including) the earliest stop sequence."""
-    cut = len(text)
-    for s in stop:
-        if s:
-            i = text.find(s)
-            if i != -1:
-                cut = min(cut, i)
-    return text[:cut]
-
-
-class _StopOnSequences:
-    """A per-row stopping criterion: True for a row once its generated text contains a stop sequence."""
-
-    def __init__(self, tokenizer, prompt_len: int, stop: list[str]):
-        self.tokenizer, self.prompt_len, self.stop = tokenizer, prompt_len, [s for s in stop if s]
-        self.tail = max((len(s) for s in self.stop), default=0) + 16
-
-    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
-        new = input_ids[:, self.prompt_len:]
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        if not self.stop or new.shape[1] == 0:
-            return done
-        texts = self.tokenizer.batch_decode(new[:, -self.tail:], skip_special_tokens=False)
-        for i, t in enumerate(texts):
-            done[i] = any(s in t for s in self.stop)
-        return done
-
-
-@torch.no_grad()
-def generate(
-    model,
-    tokenizer,
-    prompts: list[str],
-    *,
-    max_new_tokens: int = 256,
-    stop: list[str] | None = None,
-    batch_size: int = 8,
-    num_samples: int = 1,
-    temperature: float = 0.0,
-    top_p: float = 0.95,
-    seed: int = 0,
-    desc: str = "generate",
-) -> list[list[str]]:
-    """`num_samples` completions per prompt (greedy when temperature is 0), each cut at the first stop sequence."""
-    from transformers import StoppingCriteriaList
-
-    stop = list(stop or [])
-    device = next(model.parameters()).device
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    results: list[list[str]] = [[] for _ in prompts]
-    sample = temperature > 0
-    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample, num_return_sequences=num_samples,
-                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    if sample:
-        gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-    else:
-        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
-    bar = progress(total=len(prompts), desc=desc, unit="prompt")
-    try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                            add_special_tokens=not _starts_with_bos(tokenizer, prompts[idx[0]]))
-            enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-            prompt_len = enc["input_ids"].shape[1]
-            if sample:
-                torch.manual_seed(seed + start)
-            out = model.generate(**enc, **gen_kwargs,
-                                 stopping_criteria=StoppingCriteriaList([_StopOnSequences(tokenizer, prompt_len, stop)]))
-            texts = tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
-            for k, text in enumerate(texts):
-                results[idx[k // num_samples]].append(cut_at_stop(text, stop))
-            bar.update(len(idx))
-    finally:
-        tokenizer.padding_side = old_side
-        bar.close()
-    return results
-
-
-def _starts_with_bos(tokenizer, text: str) -> bool:
-    return bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
 
 
 # ================================================================================================ GSM8K answers

@@ -1,0 +1,145 @@
+"""Batched generation with left padding, stop tokens and stop sequences: the one generation loop of FineScope,
+used by the teacher rewrite (recover) and by the generative benchmarks (evaluate).
+
+    from finescope.generation import generate
+    outs = generate(model, tok, ["Q: 2+2?\\nA:"], max_new_tokens=32, stop=["\\n\\n", "Q:"])
+    outs[0][0]   # {"text": ..., "new_tokens": 5, "cut_off": False}: the first (greedy) completion of prompt 0
+
+Prompts are tokenized one by one (a BOS is added unless the prompt text already starts with it, as a chat
+template that renders BOS does), sorted longest first so an out-of-memory error surfaces in the first batch and
+each batch pads little. A completion ends at the first stop token (the tokenizer's EOS and every EOS id of the
+generation config) or stop sequence; a row whose completion ended stops generating while the others continue
+(per-row stopping), and the batch ends when every row has ended or reached `max_new_tokens`. `cut_off` is True
+when neither ended it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from .io import progress
+
+
+def cut_at_stop(text: str, stop: list[str]) -> str:
+    """`text` up to (not including) the earliest stop sequence."""
+    cut = len(text)
+    for s in stop:
+        if s:
+            i = text.find(s)
+            if i != -1:
+                cut = min(cut, i)
+    return text[:cut]
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """Every id that ends a generation: the tokenizer's EOS and the generation config's (may be a list)."""
+    ids: set[int] = set()
+    config = getattr(model, "generation_config", None)
+    for value in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def starts_with_bos(tokenizer, text: str) -> bool:
+    return bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
+
+
+class _StopOnSequences:
+    """A per-row stopping criterion: True for a row once its generated text contains a stop sequence."""
+
+    def __init__(self, tokenizer, prompt_len: int, stop: list[str]):
+        self.tokenizer, self.prompt_len, self.stop = tokenizer, prompt_len, [s for s in stop if s]
+        self.tail = max((len(s) for s in self.stop), default=0) + 16
+
+    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
+        new = input_ids[:, self.prompt_len:]
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if not self.stop or new.shape[1] == 0:
+            return done
+        texts = self.tokenizer.batch_decode(new[:, -self.tail:], skip_special_tokens=False)
+        for i, t in enumerate(texts):
+            done[i] = any(s in t for s in self.stop)
+        return done
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = 256,
+    stop: list[str] | None = None,
+    batch_size: int = 8,
+    num_samples: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    desc: str = "generate",
+    on_batch: Callable[[list[int], list[list[dict[str, Any]]]], None] | None = None,
+) -> list[list[dict[str, Any]]]:
+    """`num_samples` completions per prompt, in prompt order: `{"text", "new_tokens", "cut_off"}` each.
+
+    Greedy when `temperature` is 0, else nucleus sampling seeded per batch (reproducible for a given
+    `batch_size`). `text` is the completion decoded without special tokens and cut at the first stop sequence,
+    not stripped (leading whitespace matters for code). `on_batch(prompt_indices, completions)` is called after
+    every batch, e.g. to append finished rows to a resumable file.
+    """
+    from transformers import StoppingCriteriaList
+
+    stop = [s for s in (stop or []) if s]
+    stops = stop_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops, default=0)
+    device = next(model.parameters()).device
+    encoded = [tokenizer(p, add_special_tokens=not starts_with_bos(tokenizer, p))["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    results: list[list[dict[str, Any]]] = [[] for _ in prompts]
+    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
+                                  pad_token_id=pad_id, eos_token_id=sorted(stops) or None)
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    was_training = model.training
+    model.eval()
+    bar = progress(total=len(prompts), desc=desc, unit="prompt")
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            width = max(len(encoded[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                seq = encoded[i]
+                if seq:
+                    ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+                    mask[row, width - len(seq):] = 1
+            if temperature > 0:
+                torch.manual_seed(seed + start)
+            criteria = StoppingCriteriaList([_StopOnSequences(tokenizer, width, stop)]) if stop else None
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 stopping_criteria=criteria, **kwargs)
+            new = out[:, width:].cpu()
+            batch: list[list[dict[str, Any]]] = [[] for _ in idx]
+            for k in range(new.shape[0]):
+                toks = new[k].tolist()
+                end = next((j for j, t in enumerate(toks) if t in stops), None)
+                kept = toks if end is None else toks[:end]
+                full = tokenizer.decode(kept, skip_special_tokens=True)
+                text = cut_at_stop(full, stop)
+                ended = end is not None or len(text) < len(full) or any(s in full for s in stop)
+                batch[k // num_samples].append({"text": text, "new_tokens": len(kept), "cut_off": not ended})
+            for row, i in enumerate(idx):
+                results[i] = batch[row]
+            if on_batch is not None:
+                on_batch(idx, batch)
+            bar.update(len(idx))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return results

@@ -1,0 +1,75 @@
+"""The shared generation loop (finescope.generation) on tiny random models: left-padded batches equal one-by-one
+generation, stop tokens and stop sequences end a completion (not cut off), several samples per prompt, the
+per-batch callback, and the model's training mode is restored."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import build_model
+from finescope.generation import cut_at_stop, generate, stop_token_ids
+
+PROMPTS = ["What is 12 times 7?", "Natalia sold 48 clips in April and half as many in May. How many in all?",
+           "Name a primary colour.", "Add 2 and 3.", "Which is larger, 3 or 5?"]
+
+
+def chat_prompts(tok):
+    return [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in PROMPTS]
+
+
+def test_left_padded_batches_match_one_by_one(chat_tokenizer):
+    model = build_model("llama", len(chat_tokenizer))
+    prompts = chat_prompts(chat_tokenizer)
+    one = generate(model, chat_tokenizer, prompts, max_new_tokens=6, batch_size=1)
+    many = generate(model, chat_tokenizer, prompts, max_new_tokens=6, batch_size=4)
+    assert [r[0]["text"] for r in one] == [r[0]["text"] for r in many]
+    assert all(r[0]["cut_off"] and r[0]["new_tokens"] == 6 for r in one)  # a random model never ends its turn
+
+
+def test_stop_token_ends_generation_and_is_not_cut_off(chat_tokenizer):
+    model = build_model("llama", len(chat_tokenizer))
+    prompt = chat_prompts(chat_tokenizer)[0]
+    first = generate(model, chat_tokenizer, [prompt], max_new_tokens=3)[0][0]
+    ids = chat_tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        second_token = int(model.generate(**ids, max_new_tokens=2, do_sample=False)[0, -1])
+    model.generation_config.eos_token_id = [second_token]  # the model's 2nd greedy token now ends the turn
+    assert second_token in stop_token_ids(model, chat_tokenizer)
+    out = generate(model, chat_tokenizer, [prompt], max_new_tokens=3)[0][0]
+    assert out["new_tokens"] == 1 and out["cut_off"] is False
+    assert first["text"].startswith(out["text"])
+
+
+def test_stop_sequence_cuts_text_and_stops_that_row_only(tiny_tokenizer):
+    model = build_model("qwen2", len(tiny_tokenizer))
+    free = generate(model, tiny_tokenizer, PROMPTS[:2], max_new_tokens=12, batch_size=2)
+    text = free[0][0]["text"]
+    stop = text[len(text) // 2:len(text) // 2 + 2]  # two characters from the middle of the free completion
+    assert stop.strip(), text
+    cut = generate(model, tiny_tokenizer, PROMPTS[:2], max_new_tokens=12, batch_size=2, stop=[stop])
+    assert cut[0][0]["text"] == cut_at_stop(text, [stop]) and len(cut[0][0]["text"]) < len(text)
+    assert cut[0][0]["cut_off"] is False
+    if stop not in free[1][0]["text"]:  # the other row of the batch ran on to the limit
+        assert cut[1][0]["text"] == free[1][0]["text"] and cut[1][0]["cut_off"] is True
+
+
+def test_samples_callback_and_training_mode(tiny_tokenizer):
+    model = build_model("llama", len(tiny_tokenizer)).train()
+    seen = []
+    outs = generate(model, tiny_tokenizer, PROMPTS, max_new_tokens=5, batch_size=2, num_samples=3,
+                    temperature=1.0, seed=3, on_batch=lambda idx, comps: seen.append((list(idx), comps)))
+    assert [len(o) for o in outs] == [3] * len(PROMPTS)
+    assert sorted(i for idx, _ in seen for i in idx) == list(range(len(PROMPTS)))
+    assert all(outs[i] == c for idx, comps in seen for i, c in zip(idx, comps))
+    assert model.training  # restored after generating in eval mode
+    again = generate(model, tiny_tokenizer, PROMPTS, max_new_tokens=5, batch_size=2, num_samples=3,
+                     temperature=1.0, seed=3)
+    assert again == outs  # seeded sampling is reproducible
+    assert len({c["text"] for o in outs for c in o}) > len(PROMPTS)  # samples differ
+
+
+def test_cut_at_stop():
+    assert cut_at_stop("    return a\ndef other():", ["\ndef", "\nclass"]) == "    return a"
+    assert cut_at_stop("no stop", ["\n\n"]) == "no stop"
+    assert cut_at_stop("a;b|c", ["|", ";"]) == "a"

@@ -92,3 +92,19 @@ def test_unrelated_folder_is_refused_unless_overwrite(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert io.open_stage(empty, CurateConfig()) == empty
+
+
+def test_progress_in_a_log_is_whole_lines(monkeypatch, capsys):
+    monkeypatch.delenv("FINESCOPE_PROGRESS", raising=False)
+    monkeypatch.setenv("FINESCOPE_PROGRESS_INTERVAL", "0")
+    assert list(io.progress(range(3), desc="demo", unit="rec")) == [0, 1, 2]
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.endswith("\n")
+    lines = err.splitlines()
+    assert all(line.startswith("demo:") for line in lines) and "3/3" in lines[-1]
+
+
+def test_progress_silenced(monkeypatch, capsys):
+    monkeypatch.setenv("FINESCOPE_PROGRESS", "0")
+    assert list(io.progress(range(3), desc="demo")) == [0, 1, 2]
+    assert capsys.readouterr().err == ""

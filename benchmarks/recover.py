@@ -2,13 +2,17 @@
 teacher's acceptance rate by reason, seconds per step. Prints JSON (also written to <work>/recover_bench.json).
 
     nice -n 5 .venv/bin/python benchmarks/recover.py --work runs/bench-recover --records 40
+    .venv/bin/python benchmarks/recover.py --work runs/bench-recover-real --records 0 \
+        --data runs/default/curate/<folder>/selected.jsonl --student runs/default/prune/<folder>/model \
+        --epochs 2 --batch-size 16 --sweep-lrs 2e-4,5e-4 --sweep-epochs 2,4
 
-Stand-ins, labelled as such in the output:
-- "curated math set": the curate stage is built in parallel, so the training records are the packaged evals math
-  sets (simple_math, math_for_5th-grader, then jee-math multiple choice), in that order, not an SAE selection.
-- pruned model: with `--pruner standin` (default) a uniform magnitude slicing written here (q heads 9→6, two of
-  three per KV group, MLP width solved so that total parameters drop by `--ratio`); with `--pruner cli` the
-  `finescope prune` command as a user runs it (once that stage has landed).
+Inputs (the output labels which were used):
+- curated set: `--data FILE` (a curate stage's selected.jsonl; `--records N` keeps the first N, 0 = all); without
+  it a STAND-IN: the packaged evals math sets (simple_math, math_for_5th-grader, then jee-math multiple choice).
+- pruned model: `--student DIR` (a prune stage's model/); else with `--pruner standin` (default) a uniform
+  magnitude slicing written here (q heads 9->6, MLP width solved so that total parameters drop by `--ratio`),
+  with `--pruner cli` the `finescope prune` command as a user runs it.
+- recipe sweep: `--sweep-lrs` x `--sweep-epochs`, SFT and TGD each, fine-tuning on the same rewrites.
 Domain NLL: completion-only NLL of GSM8K *test* answers (calculator annotations <<…>> removed) under the chat
 template, token-weighted; GSM8K is evaluation data and is never trained on.
 """
@@ -151,16 +155,38 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--sweep-lrs", default="", help="extra learning rates for SFT and TGD (reuses the rewrites)")
+    p.add_argument("--sweep-epochs", default="", help="extra epoch counts for SFT and TGD (reuses the rewrites)")
+    p.add_argument("--data", default="", help="the curated record file (e.g. a curate stage's selected.jsonl) "
+                                              "instead of the stand-in math set")
+    p.add_argument("--student", default="", help="an existing pruned model folder (e.g. a prune stage's model/) "
+                                                 "instead of pruning here")
     args = p.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     dense = resolve_model_path("default")
-    data = work / "math_standin.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in math_standin(args.records)), encoding="utf-8")
+    if args.data:
+        data = Path(args.data)
+        curated_label = f"{data} (first {args.records} records)" if args.records else str(data)
+        if args.records:
+            recs = read_records(data, limit=args.records)
+            data = work / "curated.jsonl"
+            data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    else:
+        data = work / "math_standin.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in math_standin(args.records)), encoding="utf-8")
+        curated_label = f"STAND-IN: evals math sets {', '.join(EVALS_SETS)} (first {args.records} records)"
     pruned_dir = work / "prune" / "model"
-    if args.pruner == "cli":
+    if args.student:
+        pruned_dir = Path(args.student)
+        report = pruned_dir.parent / "report.json"
+        prune_info = {"pruner": "existing folder", "student": str(pruned_dir)}
+        if report.is_file():
+            r = json.loads(report.read_text())
+            prune_info.update({k: r[k] for k in ("params_before", "params_after", "removed_fraction", "importance")
+                               if k in r})
+    elif args.pruner == "cli":
         prune_info = cli_prune(data, work / "prune", args.ratio)
     elif not (pruned_dir / "config.json").is_file():
         prune_info = standin_prune(dense, pruned_dir, args.ratio)
@@ -179,10 +205,18 @@ def main() -> None:
     tgd = run(recipe(), work / "tgd")
     sft = run(recipe(no_teacher=True), work / "sft")
     variants = {"tgd": tgd, "sft": sft}
-    for lr in [float(x) for x in args.sweep_lrs.split(",") if x.strip()]:
-        variants[f"sft_lr{lr:g}"] = run(recipe(no_teacher=True, lr=lr), work / f"sft_lr{lr:g}")
-        variants[f"tgd_lr{lr:g}"] = run(recipe(no_teacher=True, lr=lr, data=str(tgd / "distilled.jsonl")),
-                                        work / f"tgd_lr{lr:g}")
+    # Sweeps fine-tune on the same rewrites: TGD = plain fine-tuning on distilled.jsonl, whose `response` is the
+    # text the TGD run used (accepted rewrite or the original it fell back to).
+    lrs = [float(x) for x in args.sweep_lrs.split(",") if x.strip()] or [args.lr]
+    epochs = [float(x) for x in args.sweep_epochs.split(",") if x.strip()] or [args.epochs]
+    for lr in lrs:
+        for ep in epochs:
+            if lr == args.lr and ep == args.epochs:
+                continue
+            tag = f"lr{lr:g}_ep{ep:g}"
+            variants[f"sft_{tag}"] = run(recipe(no_teacher=True, lr=lr, epochs=ep), work / f"sft_{tag}")
+            variants[f"tgd_{tag}"] = run(recipe(no_teacher=True, lr=lr, epochs=ep,
+                                                data=str(tgd / "distilled.jsonl")), work / f"tgd_{tag}")
 
     nll_recs = gsm8k_nll_records(args.nll_records)
     nll = {"dense": domain_nll(dense, nll_recs), "pruned": domain_nll(str(pruned_dir), nll_recs)}
@@ -195,8 +229,9 @@ def main() -> None:
     samples = (accepted + [r for r in rows if r["used"] != "rewrite"])[:3]
     result = {
         "model": "SmolLM2-135M-Instruct (embedded default)",
-        "curated_set": f"STAND-IN: evals math sets {', '.join(EVALS_SETS)} (first {len(rows)} records)",
-        "prune": {**prune_info, "label": "STAND-IN" if args.pruner == "standin" else "finescope prune"},
+        "curated_set": curated_label,
+        "prune": {**prune_info, "label": ("existing folder" if args.student else
+                                          "STAND-IN" if args.pruner == "standin" else "finescope prune")},
         "recipe": {k: v for k, v in json.loads((tgd / "config.json").read_text())["config"].items()
                    if k not in ("teacher", "student", "data")},
         "domain_nll": {"task": f"GSM8K test answers, first {len(nll_recs)}, completion-only", **nll},

@@ -114,7 +114,8 @@ def kept_widths(prunes: dict[str, dict]) -> bytes | None:
     a.set_xticklabels([f"{k}\n{first['shapes_before'][k]}" for k in keys], fontsize=8)
     a.set_ylabel("kept fraction")
     a.set_title("kept widths (dense size under each label)", fontsize=9)
-    a.legend(fontsize=7)
+    a.set_ylim(0, 1.35)  # headroom so the legend never hides a bar
+    a.legend(fontsize=7, loc="upper center", ncol=min(len(prunes) + 1, 3))
     for label, p in prunes.items():
         rows = [r for r in p["summary"] if not r.get("dropped")]
         b.plot([r["layer"] for r in rows], [r.get("heads_kept_score_fraction") for r in rows], marker="o", ms=3,

@@ -63,15 +63,25 @@ def test_jacobian_estimate_matches_exact_jacobian_row_norms(llama):
     assert torch.corrcoef(torch.stack([est, exact]))[0, 1] > 0.9
 
 
-def test_gradient_selector_matches_autograd(llama):
-    batches = _batches(llama, [NEWS[1]])
-    scores = coordinate_scores(llama, 0, batches, "gradient")
-    batch = batches.batch(0)
-    for j in (0, 17, 63):
-        e = llama.adapter.embed_tokens(batch["input_ids"]).detach().requires_grad_(True)
-        h = llama.adapter.hidden_after(0, inputs_embeds=e, attention_mask=batch["attention_mask"])
-        (g,) = torch.autograd.grad(h[0][batch["token_mask"][0]][:, j].sum(), e)
-        assert float(scores[j]) == pytest.approx(float(g.norm()), rel=1e-4)
+def test_gradient_selector_estimates_the_autograd_norm(llama):
+    texts = [NEWS[1], MATH[0]]
+    batches = _batches(llama, texts)
+    exact = torch.zeros(llama.adapter.hidden_size)
+    for b in batches:
+        for row in range(b["input_ids"].shape[0]):
+            ids, attn = b["input_ids"][row:row + 1], b["attention_mask"][row:row + 1]
+            for j in range(llama.adapter.hidden_size):
+                e = llama.adapter.embed_tokens(ids).detach().requires_grad_(True)
+                h = llama.adapter.hidden_after(0, inputs_embeds=e, attention_mask=attn)
+                (g,) = torch.autograd.grad(h[0][b["token_mask"][row]][:, j].sum(), e)
+                exact[j] += g.pow(2).sum()
+    exact = (exact / len(texts)).sqrt()  # root-mean-square over texts of ‖∂(Σ_t a_j,t)/∂e‖
+    est = coordinate_scores(llama, 0, batches, "gradient", probes=256, seed=2)
+    rel = ((est - exact).abs() / exact).median()
+    assert rel < 0.12, float(rel)
+    assert torch.corrcoef(torch.stack([est, exact]))[0, 1] > 0.9
+    # a different quantity from the per-token jacobian score
+    assert not torch.allclose(est, coordinate_scores(llama, 0, batches, "jacobian", probes=256, seed=2), rtol=0.2)
 
 
 def test_stat_selectors_match_direct_computation(llama):

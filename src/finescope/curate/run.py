@@ -38,6 +38,9 @@ from .select import max_cosine, select_global, select_per_seed
 
 # Bump when the SAE's definition changes, so cached SAEs (and encodings made with them) are not reused.
 SAE_VERSION = 2
+# Per selector, bumped when its score definition changes, so cached coordinates are not reused
+# (gradient 2: Hutchinson estimate, root-mean-square over texts, instead of the exact per-coordinate backward).
+COORDS_VERSION = {"gradient": 2}
 
 
 class CurateError(FinescopeError):
@@ -93,8 +96,9 @@ def _reference_texts(cfg: CurateConfig) -> list[str]:
 def _train_layer_sae(cfg: CurateConfig, handle, layer: int, reference: list[str], model_fp: str):
     """Coordinates + SAE for one layer, from the cache when the same inputs were seen before."""
     coord_texts = reference[: cfg.coord_samples]
-    coords_key = _digest("coords", model_fp, layer, cfg.selector, cfg.num_coords, cfg.probes,
-                         _texts_digest(coord_texts), cfg.max_length, cfg.batch_size, cfg.seed)
+    coords_key = _digest("coords", COORDS_VERSION.get(cfg.selector, 1), model_fp, layer, cfg.selector,
+                         cfg.num_coords, cfg.probes, _texts_digest(coord_texts), cfg.max_length, cfg.batch_size,
+                         cfg.seed)
     key = _digest("sae", SAE_VERSION, coords_key, _texts_digest(reference), cfg.sae_kind, cfg.sae_expansion, cfg.sae_k,
                   cfg.sae_l1, cfg.sae_auxk_alpha, cfg.sae_lr, cfg.sae_steps, cfg.sae_batch_size)
     root = _cache_root() / f"sae-{key}"

@@ -313,6 +313,14 @@ def record_text(rec: dict, fields: str = "instruction+response") -> str:
 ALPACA_PROMPT = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 
 
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of a prompt: the tokenizer's special tokens (BOS) are added unless the text already starts with
+    the BOS token, as a chat template that renders BOS does. The one rule for every stage that tokenizes a prompt,
+    so training, scoring and generation see the same ids."""
+    bos = tokenizer.bos_token
+    return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+
+
 def format_prompt(tokenizer, instruction: str, system: str | None = None) -> str:
     """The prompt a model sees for an instruction: its chat template with the generation prompt, or Alpaca."""
     if getattr(tokenizer, "chat_template", None):

@@ -5,8 +5,7 @@ used by the teacher rewrite (recover) and by the generative benchmarks (evaluate
     outs = generate(model, tok, ["Q: 2+2?\\nA:"], max_new_tokens=32, stop=["\\n\\n", "Q:"])
     outs[0][0]   # {"text": ..., "new_tokens": 5, "cut_off": False}: the first (greedy) completion of prompt 0
 
-Prompts are tokenized one by one (a BOS is added unless the prompt text already starts with it, as a chat
-template that renders BOS does), sorted longest first so an out-of-memory error surfaces in the first batch and
+Prompts are tokenized one by one (`data.encode_prompt`: BOS added unless the text already starts with it), sorted longest first so an out-of-memory error surfaces in the first batch and
 each batch pads little. A completion ends at the first stop token (the tokenizer's EOS and every EOS id of the
 generation config) or stop sequence; a row whose completion ended stops generating while the others continue
 (per-row stopping), and the batch ends when every row has ended or reached `max_new_tokens`. `cut_off` is True
@@ -19,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from .data import encode_prompt
 from .io import progress
 
 
@@ -43,10 +43,6 @@ def stop_token_ids(model, tokenizer) -> set[int]:
         elif isinstance(value, (list, tuple)):
             ids.update(int(v) for v in value)
     return ids
-
-
-def starts_with_bos(tokenizer, text: str) -> bool:
-    return bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
 
 
 class _StopOnSequences:
@@ -96,7 +92,7 @@ def generate(
     stops = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops, default=0)
     device = next(model.parameters()).device
-    encoded = [tokenizer(p, add_special_tokens=not starts_with_bos(tokenizer, p))["input_ids"] for p in prompts]
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     results: list[list[dict[str, Any]]] = [[] for _ in prompts]
     kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, num_return_sequences=num_samples,

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data import encode_prompt  # lm-eval's rule: the tokenizer's own specials, never a second BOS
 from ..io import progress
 
 
@@ -44,13 +45,6 @@ class Score:
     """Every continuation token is the argmax of the model's distribution."""
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    """lm-eval's rule: the tokenizer's own special-token default, but never a second BOS."""
-    bos = tokenizer.bos_token
-    add = not (bos and text.startswith(bos))
-    return tokenizer.encode(text, add_special_tokens=add) if not add else tokenizer.encode(text)
-
-
 def prefix_token_id(tokenizer) -> int:
     """The token an empty context is replaced by (lm-eval: BOS, else EOS)."""
     return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -59,14 +53,14 @@ def prefix_token_id(tokenizer) -> int:
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids), split exactly as lm-evaluation-harness splits them."""
     if context == "":
-        cont = _encode(tokenizer, continuation)
+        cont = encode_prompt(tokenizer, continuation)
         return [prefix_token_id(tokenizer)], cont
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
-    whole = _encode(tokenizer, context + continuation)
-    ctx = _encode(tokenizer, context)
+    whole = encode_prompt(tokenizer, context + continuation)
+    ctx = encode_prompt(tokenizer, context)
     return ctx, whole[len(ctx):]
 
 

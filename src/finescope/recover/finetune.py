@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import FinescopeError
-from ..data import format_example
+from ..data import encode_prompt, format_example
 from ..io import atomic_dir, progress
 
 IGNORE = -100
@@ -65,15 +65,10 @@ class Example:
 # ------------------------------------------------------------------------------------------------ examples
 
 
-def _add_special(tokenizer) -> bool:
-    # A chat template renders BOS itself where the model wants one; plain prompts get the tokenizer's specials.
-    return not getattr(tokenizer, "chat_template", None)
-
-
 def tokenize_pair(tokenizer, prompt: str, completion: str, max_length: int) -> Example | None:
     """Token ids and completion-only labels, cut at `max_length`; None when the prompt leaves no room."""
     if prompt:
-        p_ids = tokenizer(prompt, add_special_tokens=_add_special(tokenizer))["input_ids"]
+        p_ids = encode_prompt(tokenizer, prompt)
         c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     else:  # a text record: all of it is language-modelling target
         p_ids, c_ids = [], tokenizer(completion, add_special_tokens=True)["input_ids"]
@@ -87,7 +82,7 @@ def tokenize_pair(tokenizer, prompt: str, completion: str, max_length: int) -> E
 def template_overhead(tokenizer) -> int:
     """Prompt tokens of the template around a one-word instruction: the floor for `max_length`."""
     prompt, _ = format_example(tokenizer, {"instruction": "Hi", "response": "Hi"})
-    return len(tokenizer(prompt, add_special_tokens=_add_special(tokenizer))["input_ids"])
+    return len(encode_prompt(tokenizer, prompt))
 
 
 def build_examples(tokenizer, records: list[dict], max_length: int) -> tuple[list[Example], list[str]]:

@@ -2,6 +2,7 @@
 
     python benchmarks/eval.py                              # full sets (hours on a 2-core CPU)
     python benchmarks/eval.py --mmlu 20 --gsm8k 10 --humaneval 10 --nll 50   # a documented subset
+    python benchmarks/eval.py --only humaneval,nll                           # two of the full sets
 
 Each figure carries n, stderr and wall time; for a subset, `full_set_estimate_s` extrapolates the wall time of
 the whole task linearly (questions evenly spaced through the task, so lengths are representative).
@@ -28,7 +29,12 @@ def main() -> int:
     ap.add_argument("--nll", type=int, default=0, help="GSM8K solutions for nll:math (0 = all 1,319)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--only", default="mmlu,gsm8k,humaneval,nll", help="which of mmlu,gsm8k,humaneval,nll to run")
     args = ap.parse_args()
+    only = {x.strip() for x in args.only.split(",") if x.strip()}
+    unknown = only - {"mmlu", "gsm8k", "humaneval", "nll"}
+    if unknown:
+        ap.error(f"--only: unknown {', '.join(sorted(unknown))}; choose from mmlu, gsm8k, humaneval, nll")
 
     import torch
 
@@ -41,6 +47,7 @@ def main() -> int:
     handle = load(args.model)
     plan = [(f"mmlu:{g}", args.mmlu, "both") for g in ("stem", "humanities", "social_sciences", "other")]
     plan += [("gsm8k", args.gsm8k, "cloze"), ("humaneval", args.humaneval, "cloze"), ("nll:math", args.nll, "cloze")]
+    plan = [p for p in plan if p[0].split(":")[0] in only]
     results = []
     for name, limit, scoring in plan:
         task = resolve_task(name)
@@ -58,8 +65,9 @@ def main() -> int:
         "model": model_identity(handle),
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
                     "torch": torch.__version__},
-        "limits": {"mmlu_per_slice": args.mmlu or "all", "gsm8k": args.gsm8k or "all",
-                   "humaneval": args.humaneval or "all", "nll_math": args.nll or "all"},
+        "limits": {k: v for k, v in (("mmlu_per_slice", args.mmlu or "all"), ("gsm8k", args.gsm8k or "all"),
+                                     ("humaneval", args.humaneval or "all"), ("nll_math", args.nll or "all"))
+                   if k.split("_")[0] in only},
         "results": results,
         "wall_s": round(time.perf_counter() - start, 1),
     }, indent=2))

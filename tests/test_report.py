@@ -77,7 +77,8 @@ def run_dir(tmp_path) -> Path:
     _w(root / "prune/p-1/report.json", {
         "shapes_before": shapes_b, "shapes_after": shapes_a, "importance": "taylor", "head_mode": "query",
         "parameters": {"before": 134_515_008, "after": 87_000_000, "ratio": 0.353, "non_embedding_ratio": 0.45},
-        "plan": {"ratio_target": 0.35}, "calibration": {"records": 64, "source": "selected.jsonl"},
+        "plan": {"ratio_target": 0.35}, "data": "runs/x/curate/c-1/selected.jsonl",
+        "calibration": {"records": 64, "skipped": 0, "tokens": 2911, "loss_tokens": 2847, "batches": 8},
         "dropped_blocks": [], "verification": {"logits_match": True},
         "importance_summary": [{"layer": i, "dropped": False, "heads_kept_score_fraction": 0.8,
                                 "channels_kept_score_fraction": 0.7} for i in range(30)]})
@@ -127,6 +128,7 @@ def test_report_files_plots_html_and_card(run_dir):
     assert "A train travels 60 km \\| in 1.5 hours" in md  # pipes inside cells are escaped
     card = (run_dir / "recover/r-1/model/README.md").read_text()
     assert "134.5M → 87.0M" in card and "9→6" in card and "1536→1000" in card
+    assert "calibration 64 records from `runs/x/curate/c-1/selected.jsonl`" in card
     assert "preset:math" in card and "Apache-2.0" in card and "FineScope (pruned + TGD) ★" in card
     assert not (run_dir / "recover/s-1/model/README.md").exists()
 

@@ -52,7 +52,7 @@ def model_card(data: dict, variant: str, model_dir: Path) -> str:
                 f"- shapes: layers {b['layers']}→{a['layers']}, heads {b['attention_heads']}→{a['attention_heads']}, "
                 f"KV heads {b['kv_heads']}→{a['kv_heads']}, head_dim {b['head_dim']}, MLP {b['mlp_width']}→{a['mlp_width']}",
                 f"- importance `{ps['importance']}`, heads pruned per `{ps['head_mode']}`, calibration "
-                f"{(ps.get('calibration') or {}).get('records')} records from `{(ps.get('calibration') or {}).get('source')}`"]
+                f"{(ps.get('calibration') or {}).get('records')} records from `{ps.get('data')}`"]
     else:
         out.append("- not pruned")
     out += ["", "## Recovery", ""]

@@ -244,7 +244,7 @@ def prune_summary(prune: Path) -> dict | None:
         return None
     return {"shapes_before": rep["shapes_before"], "shapes_after": rep["shapes_after"],
             "parameters": rep["parameters"], "importance": rep["importance"], "head_mode": rep["head_mode"],
-            "calibration": rep.get("calibration"), "dropped_blocks": rep.get("dropped_blocks"),
+            "calibration": rep.get("calibration"), "data": rep.get("data"), "dropped_blocks": rep.get("dropped_blocks"),
             "ratio_target": rep["plan"].get("ratio_target"), "verified": rep.get("verification", {}).get("logits_match"),
             "summary": rep.get("importance_summary", [])}
 

@@ -128,7 +128,7 @@ def generate(
                 kept = toks if end is None else toks[:end]
                 full = tokenizer.decode(kept, skip_special_tokens=True)
                 text = cut_at_stop(full, stop)
-                ended = end is not None or len(text) < len(full) or any(s in full for s in stop)
+                ended = end is not None or len(text) < len(full)  # a stop token, or a stop sequence cut it
                 batch[k // num_samples].append({"text": text, "new_tokens": len(kept), "cut_off": not ended})
             for row, i in enumerate(idx):
                 results[i] = batch[row]

@@ -117,6 +117,11 @@ def test_run_every_variant_shares_stages_and_rerun_skips(tiny_run, capsys, monke
     assert sorted(s for s, _ in calls_lr) == sorted(["recover"] * 4 + ["eval"] * 4)
 
 
+def _stage_dirs(folder):
+    """Stage folders of one stage (their lock files lie beside them, hidden)."""
+    return (d for d in folder.iterdir() if not d.name.startswith("."))
+
+
 def test_interrupted_stage_restarts_and_finished_stages_are_skipped(tiny_run, monkeypatch):
     from finescope.recover import run as recover_run
 
@@ -129,9 +134,9 @@ def test_interrupted_stage_restarts_and_finished_stages_are_skipped(tiny_run, mo
     with pytest.raises(KeyboardInterrupt):
         pipeline.run(cfg)
     root = pipeline.run_dir_of(cfg)
-    recover_dir = next((root / "recover").iterdir())
+    recover_dir = next(_stage_dirs(root / "recover"))
     assert not (recover_dir / "DONE").exists() and (recover_dir / "config.json").is_file()
-    assert all((d / "DONE").is_file() for s in ("curate", "prune") for d in (root / s).iterdir())
+    assert all((d / "DONE").is_file() for s in ("curate", "prune") for d in _stage_dirs(root / s))
     monkeypatch.undo()
 
     calls = _calls(monkeypatch)

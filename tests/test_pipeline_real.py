@@ -27,7 +27,7 @@ def test_quick_preset_end_to_end_resumes_after_a_kill(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         pipeline.run(cfg)
     root = pipeline.run_dir_of(cfg)
-    (curate_dir,) = (root / "curate").iterdir()
+    (curate_dir,) = [d for d in (root / "curate").iterdir() if not d.name.startswith(".")]
     assert (curate_dir / "DONE").is_file() and not (root / "prune").exists()
 
     ran: list[str] = []

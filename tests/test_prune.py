@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from conftest import CORPUS, build_model
 from finescope.cli import main
 from finescope.config import PruneConfig
+from finescope.io import StageError
 from finescope.modeling import ArchAdapter, ModelError, load
 from finescope.prune.importance import (
     WIDTH_IMPORTANCE, CalibrationError, calibration_batches, compute_scores, select_attention,
@@ -328,7 +329,7 @@ def test_refuses_an_unrelated_output_folder_unless_overwrite(tiny_model_dirs, ca
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     cfg = PruneConfig(model=str(tiny_model_dirs["qwen3"]), data=str(calib_file), ratio=0.3)
-    with pytest.raises(PruneError, match="not a prune output folder"):
+    with pytest.raises(StageError, match="not a finescope stage folder"):
         run(cfg, out)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     run(PruneConfig(**{**cfg.__dict__, "overwrite": True}), out)

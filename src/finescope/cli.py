@@ -15,6 +15,7 @@ import importlib
 import json
 import sys
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -35,6 +36,8 @@ STAGES: dict[str, tuple[type, str, str]] = {
 
 
 def _run_stage(cls: type, target: str, args: argparse.Namespace) -> int:
+    if not args.out.strip():
+        raise FinescopeError("--out: must not be empty (give the stage's output folder)")
     base = load_config(cls, args.config) if args.config else None
     cfg = config_from_args(cls, args, base)
     module, function = target.split(":")
@@ -76,11 +79,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from .io import exclusive
     from .pipeline import load_manifest
     from .report.run import write_report
 
     load_manifest(args.run_dir)
-    print(write_report(args.run_dir))
+    with exclusive(Path(args.run_dir), "run directory"):  # never beside a `finescope run` still writing it
+        print(write_report(args.run_dir))
     return 0
 
 
@@ -146,15 +151,30 @@ def _quiet_library_progress_bars() -> None:
     hf_logging.disable_progress_bar()
 
 
+def one_line(text: str, limit: int = 1000) -> str:
+    """A message on one line, cut to `limit` characters (a hostile input never floods the terminal)."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else f"{text[: limit - 20]}… ({len(text):,} chars)"
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one `finescope: warning:` line (ours) or `warning (<category>):` line (a library's)."""
+    ours = Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent)
+    prefix = "finescope: warning:" if ours else f"warning ({category.__name__}):"
+    print(f"{prefix} {one_line(message, 500)}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not sys.stderr.isatty():
         _quiet_library_progress_bars()
     try:
-        return args.func(args)
+        with warnings.catch_warnings():  # restores the caller's warning display when main returns
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except FinescopeError as e:
-        print(f"finescope {args.command}: error: {e}", file=sys.stderr)
+        print(f"finescope {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -138,6 +138,10 @@ class CurateConfig:
     """Random seed (sampling, probes, SAE init)."""
     skip_bad_rows: bool = False
     """Skip malformed input rows (and count them) instead of stopping at the first one."""
+    overwrite: bool = False
+    """Replace an existing output folder that is not a previous curate output (it is kept aside, never deleted)."""
+
+    HASH_EXCLUDE = ("overwrite",)
 
 
 @dataclass
@@ -271,8 +275,10 @@ class EvalConfig:
     """Weights dtype: auto = fp32 on CPU, bf16 on GPU."""
     device: str | None = None
     """Device: cpu, cuda, cuda:1, auto (spread over GPUs); none = cuda if available."""
+    overwrite: bool = False
+    """Replace an existing --out (folder or .json file) that is not a previous eval output (kept aside, never deleted)."""
 
-    HASH_EXCLUDE = ("device",)
+    HASH_EXCLUDE = ("device", "overwrite")
 
 
 # Rows of the experiment matrix (the paper's rows and ablations); finescope.pipeline.VARIANTS describes each.
@@ -392,13 +398,13 @@ def _coerce(value: Any, spec: _Spec, where: str) -> Any:
     base = spec.base
     if dataclasses.is_dataclass(base):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping of {base.__name__} fields, got {value!r}")
+            raise ConfigError(f"{where} must be a mapping of {base.__name__} fields, got {quote(value)}")
         return from_dict(base, value, where=where)
     if base is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list (or comma-separated), got {value!r}")
+            raise ConfigError(f"{where} must be a list (or comma-separated), got {quote(value)}")
         return [_coerce(v, spec.item, f"{where}[{i}]") for i, v in enumerate(value)]
     try:
         if base is bool:
@@ -423,12 +429,37 @@ def _coerce(value: Any, spec: _Spec, where: str) -> Any:
         else:
             out = value
     except (TypeError, ValueError):
-        raise ConfigError(f"{where} = {value!r}: must be {_type_name(spec)}") from None
+        raise ConfigError(f"{where} = {quote(value)}: must be {_type_name(spec)}") from None
     if spec.choices is not None and out not in spec.choices:
-        raise ConfigError(f"{where} = {out!r}: must be one of {', '.join(map(str, spec.choices))}")
+        raise ConfigError(f"{where} = {quote(out)}: must be one of {', '.join(map(str, spec.choices))}")
     if spec.range is not None and not spec.range.contains(out):
-        raise ConfigError(f"{where} = {out!r}: must be {spec.range.describe()}")
+        raise ConfigError(f"{where} = {quote(out)}: must be {spec.range.describe()}")
     return out
+
+
+QUOTE_LIMIT = 120
+
+
+def quote(value: Any, limit: int = QUOTE_LIMIT) -> str:
+    """`repr(value)` for a message, cut to `limit` characters: a hostile value never floods the terminal."""
+    if isinstance(value, (dict, list, tuple)) and _count_values(value, limit) >= limit:
+        return f"<{type(value).__name__} of many values>"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 15]}… ({len(text):,} chars)"
+
+
+def _count_values(data: Any, limit: int) -> int:
+    """Values reachable from `data`, counting shared (YAML alias) subtrees every time; stops at `limit`."""
+    seen, stack = 0, [data]
+    while stack and seen < limit:
+        node = stack.pop()
+        seen += 1
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+    return seen
 
 
 def _type_name(spec: _Spec) -> str:
@@ -449,6 +480,7 @@ def from_dict(cls: type, data: dict, *, where: str = "", strict: bool = False) -
     hints, names = _hints(cls), [f.name for f in _fields(cls)]
     unknown = [k for k in data if k not in names]
     for key in unknown:
+        key = str(key)[:QUOTE_LIMIT]
         msg = f"{_join(where, key)}: unknown config key{_suggest(key, names)}"
         if strict:
             raise ConfigError(msg)
@@ -485,7 +517,7 @@ def apply_overrides(cfg: Any, overrides: list[str], *, where: str = "command lin
     data = to_dict(cfg)
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"{where}: override {item!r} must look like key=value (e.g. curate.top_m=200)")
+            raise ConfigError(f"{where}: override {quote(item)} must look like key=value (e.g. curate.top_m=200)")
         key, value = item.split("=", 1)
         node, cls, parts = data, type(cfg), key.strip().split(".")
         for depth, part in enumerate(parts):
@@ -493,7 +525,7 @@ def apply_overrides(cfg: Any, overrides: list[str], *, where: str = "command lin
             if part not in names:
                 dotted = ".".join(parts[:depth])
                 raise ConfigError(
-                    f"{where}: unknown config key {key.strip()!r}{_suggest(part, names)}"
+                    f"{where}: unknown config key {quote(key.strip())}{_suggest(part, names)}"
                     + (f" under {dotted!r}" if dotted else "")
                 )
             if depth == len(parts) - 1:
@@ -506,19 +538,43 @@ def apply_overrides(cfg: Any, overrides: list[str], *, where: str = "command lin
     return from_dict(type(cfg), data, where=f"{where}: ", strict=True)
 
 
+# A real config has a few hundred values; a YAML alias bomb ("billion laughs") expands to billions.
+MAX_CONFIG_VALUES = 100_000
+MAX_CONFIG_BYTES = 4 * 2**20
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        if path.is_dir():
+            raise ConfigError(f"{path}: is a folder, not a YAML config file")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size:,} bytes is not a config file (limit "
+                              f"{MAX_CONFIG_BYTES // 2**20} MiB)")
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{line} invalid YAML: {getattr(e, 'problem', None) or str(e).splitlines()[0]}") \
+            from None
+    if _count_values(data, MAX_CONFIG_VALUES) >= MAX_CONFIG_VALUES:
+        raise ConfigError(f"{path}: expands to more than {MAX_CONFIG_VALUES:,} values (YAML aliases?); not a config")
+    return data
+
+
 def load_config(cls: type, path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Any:
     """Defaults ← YAML file (if given) ← dotted overrides; validated, with the file named in every error."""
     cfg = cls()
     if path is not None:
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}:{line} invalid YAML: {getattr(e, 'problem', e)}") from None
+        data = _read_yaml(path)
         cfg = from_dict(cls, data, where=f"{path}: ")
     if overrides:
         cfg = apply_overrides(cfg, overrides)
@@ -548,7 +604,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         help_text += f" [default: {shown}]"
         help_text = help_text.replace("%", "%%")  # argparse %-formats help strings
-        if spec.base is bool:
+        if spec.base is bool and f.name.startswith("no_"):
+            # A negated field (`no_teacher`) is a plain switch: BooleanOptionalAction would read `--no-teacher` as
+            # the negation of a `--teacher` flag and set the field to False.
+            parser.add_argument(_flag(f.name), dest=f.name, action="store_const", const=True, default=None,
+                                help=help_text)
+        elif spec.base is bool:
             parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text)
         else:

@@ -133,18 +133,43 @@ def config_hash(cfg: Any) -> str:
 
 
 class StageError(FinescopeError):
-    """A stage folder cannot be used (e.g. an unrelated folder is in the way)."""
+    """A stage folder cannot be used (e.g. an unrelated folder is in the way, or another process holds it)."""
+
+
+def _read_hash(path: Path, key: str = "config_hash") -> str | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _config_file_hash(stage: Path) -> str | None:
+    """The hash config.json claims, provided its recorded config really hashes to it (else None)."""
+    try:
+        data = json.loads((stage / CONFIG).read_text(encoding="utf-8"))
+        claimed, config = data["config_hash"], data["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(config, dict) or not isinstance(claimed, str):
+        return None
+    if "hash_exclude" not in data:
+        return claimed  # written before config.json listed its excluded fields: its content cannot be re-hashed
+    for name in data["hash_exclude"] if isinstance(data["hash_exclude"], list) else ():
+        config.pop(name, None)
+    return claimed if config_hash(config) == claimed else None
 
 
 def done_hash(stage: str | os.PathLike) -> str | None:
-    """The config hash recorded in a stage folder's DONE marker, or None when the stage is not finished."""
-    marker = Path(stage) / DONE
-    if not marker.is_file():
+    """The config hash a stage folder's DONE marker certifies, or None when the stage is not finished.
+
+    DONE counts only when config.json beside it records the same hash and its config really hashes to it: a
+    folder whose files come from two different runs is never trusted."""
+    stage = Path(stage)
+    certified = _read_hash(stage / DONE)
+    if certified is None or _config_file_hash(stage) != certified:
         return None
-    try:
-        return json.loads(marker.read_text(encoding="utf-8")).get("config_hash")
-    except (json.JSONDecodeError, AttributeError):
-        return None
+    return certified
 
 
 def is_done(stage: str | os.PathLike, cfg: Any) -> bool:
@@ -152,42 +177,84 @@ def is_done(stage: str | os.PathLike, cfg: Any) -> bool:
     return done_hash(stage) == config_hash(cfg)
 
 
+def stage_kind(cfg: Any) -> str:
+    return type(cfg).__name__
+
+
+def check_output_target(path: str | os.PathLike, *, what: str = "--out") -> Path:
+    """Refuse, before any work, an output path that cannot be written: empty, under a file, or unwritable."""
+    if not os.fspath(path).strip():
+        raise StageError(f"{what}: must not be empty (give a folder or file name)")
+    path = Path(path).expanduser()
+    probe = path if path.exists() else next((p for p in path.absolute().parents if p.exists()), None)
+    for parent in path.absolute().parents:
+        if parent.exists() and not parent.is_dir():
+            raise StageError(f"{path}: cannot be created: {parent} is a file, not a folder")
+    if probe is not None and probe.is_dir() and not os.access(probe, os.W_OK | os.X_OK):
+        raise StageError(f"{path}: {probe} is not writable")
+    return path
+
+
+def check_stage_folder(path: str | os.PathLike, cfg: Any, *, overwrite: bool = False) -> Path:
+    """Refuse, before anything is read or written, a folder `open_stage` would refuse (same rules, no side effect)."""
+    path = check_output_target(path)
+    if path.is_file():
+        raise StageError(f"{path}: exists and is a file, not a stage folder")
+    if not path.is_dir() or overwrite or not any(path.iterdir()):
+        return path
+    recorded = _read_hash(path / CONFIG, "stage")
+    if recorded is not None and recorded != stage_kind(cfg):
+        raise StageError(f"{path}: holds a {recorded} stage, not a {stage_kind(cfg)} one; choose another output "
+                         "folder")
+    if done_hash(path) is None and _read_hash(path / CONFIG) is None:
+        flag = " or pass --overwrite (it is then kept aside as <name>.superseded-unknown)" \
+            if "overwrite" in {f.name for f in dataclasses.fields(cfg)} else ""
+        raise StageError(f"{path}: exists and is not a finescope stage folder; choose another output folder{flag}")
+    return path
+
+
 def open_stage(path: str | os.PathLike, cfg: Any, *, overwrite: bool = False) -> Path | None:
     """Prepare the stage folder `path` for a run of `cfg`; return None when it is already done with this config.
 
+    Call it while holding the folder's lock (`stage_folder` does both).
     - Done with the same config hash → None (skip).
-    - Unfinished with the same config → kept as is, so a stage may resume what it wrote (e.g. rewrites).
+    - Unfinished with the same config → kept as is, so a stage may resume what it wrote (e.g. rewrites); temp
+      files of a killed earlier run are removed.
     - A stage folder of another config (done or not) is moved aside to `<name>.superseded-<hash>`, never deleted,
       and a fresh folder is started.
     - A non-empty folder that is not a stage folder is refused (StageError), or moved aside with `overwrite`.
     The resolved config is written to `config.json` before the stage starts.
     """
-    path = Path(path)
+    path = check_stage_folder(path, cfg, overwrite=overwrite)
     want = config_hash(cfg)
     if done_hash(path) == want:
         return None
-    have = done_hash(path) or _hash_of_config_file(path / CONFIG)
-    if path.is_file():
-        raise StageError(f"{path}: exists and is a file, not a stage folder")
-    if path.is_dir() and have is None and any(path.iterdir()):
-        if not overwrite:
-            raise StageError(f"{path}: exists and is not a finescope stage folder; choose another output folder "
-                             "or pass --overwrite (it is then kept aside as <name>.superseded-unknown)")
+    have = done_hash(path) or _read_hash(path / CONFIG)
     if path.is_dir() and have != want and any(path.iterdir()):
         aside = path.with_name(f"{path.name}.superseded-{have or 'unknown'}")
         if aside.exists():
             aside = aside.with_name(f"{aside.name}-{time.strftime('%Y%m%d%H%M%S')}")
         os.replace(path, aside)
     path.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path / CONFIG, {"config_hash": want, "config": cfg})
+    remove_stale_temp_files(path)
+    write_json_atomic(path / CONFIG, {"config_hash": want, "stage": stage_kind(cfg),
+                                      "hash_exclude": list(getattr(cfg, "HASH_EXCLUDE", ())), "config": cfg})
     return path
 
 
-def _hash_of_config_file(path: Path) -> str | None:
-    try:
-        return read_json(path).get("config_hash")
-    except (json.JSONDecodeError, OSError, AttributeError):
-        return None
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete what `write_atomic` / `atomic_dir` of a killed process left in `folder` (hidden `.*.tmp` files and
+    folders, `.*.old-<pid>` folders). Only safe under the folder's lock: no live writer can own them then."""
+    removed = []
+    for p in sorted(folder.rglob(".*")):
+        if p.name.endswith(".tmp") or ".old-" in p.name:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+            removed.append(p)
+    return removed
 
 
 def mark_done(stage: str | os.PathLike, cfg: Any, metrics: dict | None = None) -> Path:
@@ -199,6 +266,57 @@ def mark_done(stage: str | os.PathLike, cfg: Any, metrics: dict | None = None) -
         stage / DONE,
         {"config_hash": config_hash(cfg), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
     )
+
+
+# ---------------------------------------------------------------------------------------------- locks
+
+
+def lock_file(path: str | os.PathLike) -> Path:
+    """The lock file of a stage folder, run directory or results file: hidden, beside it (so it stays put when
+    the folder is moved aside), never deleted (deleting a lock file lets two processes lock different files)."""
+    path = Path(path).expanduser().absolute()
+    return path.with_name(f".{path.name}.lock")
+
+
+@contextlib.contextmanager
+def exclusive(path: str | os.PathLike, what: str = "stage folder") -> Iterator[Path]:
+    """Hold an exclusive `flock` on `path`'s lock file for the block; the kernel releases it if the process dies.
+
+    A second process is refused at once (StageError naming the holder's PID) instead of waiting: two runs
+    writing one folder is always a mistake, and waiting would hide it."""
+    import fcntl
+
+    lock = lock_file(path)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    except OSError as e:
+        raise StageError(f"{path}: cannot create the lock file {lock}: {e.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise StageError(f"{path}: {what} in use by another finescope process (PID {holder}); wait for it to "
+                             "finish or choose another output") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        yield Path(path)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def stage_folder(path: str | os.PathLike, cfg: Any, *, overwrite: bool = False) -> Iterator[Path | None]:
+    """`open_stage` under the folder's exclusive lock, held until the block ends (the stage's whole life).
+
+        with io.stage_folder(out, cfg) as stage:
+            if stage is None:      # already done with this config
+                return out
+            ...; io.mark_done(stage, cfg, metrics)
+    """
+    with exclusive(path, "stage folder"):
+        yield open_stage(path, cfg, overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------------------------------- progress

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from . import FinescopeError, io
+from . import FinescopeError, __version__, io
 from .config import CurateConfig, PipelineConfig, to_dict
 
 
@@ -222,11 +222,37 @@ def _write_generic(path: Path, seed: int) -> None:
     io.write_jsonl_atomic(path, ({"text": t, "source": "generic"} for t in texts))
 
 
+# Written first into every run directory: what tells a run directory from a user's folder that merely holds a
+# pipeline.yaml (run directories of earlier versions are known by their pipeline.json).
+RUN_MARKER = ".finescope-run"
+
+
+def check_run_dir(root: Path) -> None:
+    """Refuse a run directory that is a file, cannot be written, or is a non-empty folder not written by us."""
+    io.check_output_target(root, what="--run-dir")
+    if root.exists() and not root.is_dir():
+        raise PipelineError(f"{root}: --run-dir exists and is a file, not a folder")
+    if root.is_dir() and any(root.iterdir()) and not (
+            (root / RUN_MARKER).is_file() or (root / "pipeline.json").is_file()):
+        raise PipelineError(f"{root}: exists and is not a finescope run directory; choose a new or empty --run-dir "
+                            "(nothing in it was touched)")
+
+
 def run(cfg: PipelineConfig, run_dir: str | Path | None = None) -> Path:
-    """Run every variant's stages into the run directory; write pipeline.json and the report; return the run dir."""
+    """Run every variant's stages into the run directory; write pipeline.json and the report; return the run dir.
+
+    The run directory is locked for the whole run: a second `finescope run` on it is refused."""
     root = run_dir_of(cfg, run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    planner, chains = plan(cfg, root)
+    check_run_dir(root)
+    _, chains = plan(cfg, root)
+    with io.exclusive(root, "run directory"):
+        check_run_dir(root)
+        root.mkdir(parents=True, exist_ok=True)
+        io.write_json_atomic(root / RUN_MARKER, {"finescope": __version__})
+        return _run_locked(cfg, root, chains)
+
+
+def _run_locked(cfg: PipelineConfig, root: Path, chains: dict[str, dict]) -> Path:
     io.write_atomic(root / "pipeline.yaml", _yaml(cfg))
     manifest_path = root / "pipeline.json"
     previous = io.read_json(manifest_path) if manifest_path.is_file() else {}

@@ -178,13 +178,38 @@ def _features(pool_vecs, seed_vecs, selected: list[int], pool: list[dict], texts
 
 
 def run(cfg: CurateConfig, out: Path) -> Path:
-    """Run the curate stage into `out`; returns `out` (skipped when already done with this config)."""
-    stage = io.open_stage(out, cfg)
-    if stage is None:
-        return Path(out)
+    """Run the curate stage into `out`; returns `out` (skipped when already done with this config).
+
+    Every input (seeds, pool, reference corpus, model and its layers) is read and checked before the stage
+    folder is opened, so a refusal leaves nothing behind."""
+    out = Path(out)
+    if io.is_done(out, cfg):
+        return out
+    io.check_stage_folder(out, cfg, overwrite=cfg.overwrite)
     start = time.perf_counter()
     seeds = list(read_records(resolve_records_path(cfg.seeds, "seeds"), skip_bad_rows=cfg.skip_bad_rows))
     pool = _load_pool(cfg)
+    handle = reference = None
+    if cfg.method == "sae":
+        handle = load(cfg.model)
+        n_layers = handle.adapter.num_layers
+        for layer in cfg.layers:
+            if not 0 <= layer < n_layers:
+                raise CurateError(f"layers: {layer} is out of range; {handle.source} has blocks 0..{n_layers - 1}")
+        if cfg.num_coords > handle.adapter.hidden_size:
+            raise CurateError(f"num_coords (K) = {cfg.num_coords} is larger than the hidden size "
+                              f"{handle.adapter.hidden_size} of {handle.source}")
+        reference = _reference_texts(cfg)
+    with io.stage_folder(out, cfg, overwrite=cfg.overwrite) as stage:
+        if stage is None:
+            return out
+        _curate_into(stage, cfg, seeds, pool, handle, reference, start)
+    return out
+
+
+def _curate_into(stage: Path, cfg: CurateConfig, seeds: list[dict], pool: list[dict], handle,
+                 reference: list[str] | None, start: float) -> None:
+    """Score the pool and write the selection into the (locked) stage folder; DONE last."""
     m = cfg.top_m
     if m > len(pool) and cfg.method != "full":
         warnings.warn(f"top_m = {m} is larger than the pool ({len(pool)} records); keeping all of them")
@@ -196,16 +221,7 @@ def run(cfg: CurateConfig, out: Path) -> Path:
     features: dict = {}
     sims = None
     if cfg.method == "sae":
-        handle = load(cfg.model)
-        n_layers = handle.adapter.num_layers
-        layers = cfg.layers or [n_layers // 2]
-        for layer in layers:
-            if not 0 <= layer < n_layers:
-                raise CurateError(f"layers: {layer} is out of range; {handle.source} has blocks 0..{n_layers - 1}")
-        if cfg.num_coords > handle.adapter.hidden_size:
-            raise CurateError(f"num_coords (K) = {cfg.num_coords} is larger than the hidden size "
-                              f"{handle.adapter.hidden_size} of {handle.source}")
-        reference = _reference_texts(cfg)
+        layers = cfg.layers or [handle.adapter.num_layers // 2]
         model_fp = _model_fingerprint(handle.source)
         metrics.update({"layers": layers, "reference_texts": len(reference),
                         "pool_truncated": TextBatches(handle.tokenizer, pool_texts, cfg.max_length).count_truncated(),
@@ -264,7 +280,6 @@ def run(cfg: CurateConfig, out: Path) -> Path:
                                                        for layer, (pv, sv) in features.items()})
     metrics["timings_s"]["total"] = time.perf_counter() - start
     io.mark_done(stage, cfg, metrics)
-    return Path(out)
 
 
 def _write_outputs(stage: Path, cfg, pool, seeds, scores, nearest, chosen, metrics) -> None:

@@ -242,21 +242,42 @@ def _safe(name: str) -> str:
 
 
 def run(cfg: EvalConfig, out: Path) -> Path:
-    """Evaluate `cfg.model` on `cfg.tasks`; write the results JSON (see module docstring); return its path."""
+    """Evaluate `cfg.model` on `cfg.tasks`; write the results JSON (see module docstring); return its path.
+
+    The output is checked, the tasks resolved and the model loaded before anything is written; the output is
+    locked for the whole evaluation."""
     from ..modeling import load
 
+    io.check_output_target(out)
     out = Path(out)
-    tasks = prepare_tasks(cfg)
-    single_file = out.suffix == ".json"
-    if single_file:
-        results_path, samples_dir = out, out.with_name(out.stem + ".samples")
+    if out.suffix == ".json":
+        if _results_hash(out) == io.config_hash(cfg):
+            return out
+        _check_results_file(out, cfg)
     else:
-        stage = io.open_stage(out, cfg)
-        results_path, samples_dir = out / "results.json", out / "samples"
-        if stage is None:
-            return results_path
-    start = time.perf_counter()
+        if io.is_done(out, cfg):
+            return out / "results.json"
+        io.check_stage_folder(out, cfg, overwrite=cfg.overwrite)
+    tasks = prepare_tasks(cfg)
     handle = load(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    if out.suffix == ".json":
+        with io.exclusive(out, "results file"):
+            if _results_hash(out) == io.config_hash(cfg):
+                return out
+            _check_results_file(out, cfg)
+            _set_aside(out)
+            _evaluate_into(out, out.with_name(out.stem + ".samples"), cfg, tasks, handle)
+        return out
+    with io.stage_folder(out, cfg, overwrite=cfg.overwrite) as stage:
+        if stage is None:
+            return out / "results.json"
+        results = _evaluate_into(stage / "results.json", stage / "samples", cfg, tasks, handle)
+        io.mark_done(stage, cfg, {r["task"] + (f" [{r['variant']}]"): r["value"] for r in results})
+    return out / "results.json"
+
+
+def _evaluate_into(results_path: Path, samples_dir: Path, cfg: EvalConfig, tasks: list[Task], handle) -> list[dict]:
+    start = time.perf_counter()
     results = []
     for task in tasks:
         for res, samples in evaluate_task(task, handle, cfg):
@@ -266,9 +287,49 @@ def run(cfg: EvalConfig, out: Path) -> Path:
     report = {"model": model_identity(handle), "eval_config_hash": io.config_hash(cfg), "config": cfg,
               "results": results, "wall_s": round(time.perf_counter() - start, 2)}
     io.write_json_atomic(results_path, _finite(report))
-    if not single_file:
-        io.mark_done(out, cfg, {r["task"] + (f" [{r['variant']}]"): r["value"] for r in results})
-    return results_path
+    return results
+
+
+# A results file is recognised by its own keys; anything else at --out is a user's file and is never replaced.
+_MAX_RESULTS_BYTES = 256 * 2**20
+
+
+def _results_hash(path: Path) -> str | None:
+    """The eval config hash of a finescope results file at `path`, "" for another JSON file, None if absent."""
+    if not path.exists():
+        return None
+    if not path.is_file() or path.stat().st_size > _MAX_RESULTS_BYTES:
+        return ""
+    try:
+        data = io.read_json(path)
+    except (OSError, ValueError, RecursionError):
+        return ""
+    if isinstance(data, dict) and isinstance(data.get("eval_config_hash"), str) and "results" in data:
+        return data["eval_config_hash"]
+    return ""
+
+
+def _check_results_file(path: Path, cfg: EvalConfig) -> None:
+    if path.exists() and not path.is_file():
+        raise io.StageError(f"{path}: exists and is not a file; give a new .json path or a folder name")
+    if _results_hash(path) == "" and not cfg.overwrite:
+        raise io.StageError(f"{path}: exists and is not a finescope eval results file; choose another --out or pass "
+                            "--overwrite (it is then kept aside as <name>.superseded-unknown.json)")
+
+
+def _set_aside(path: Path) -> None:
+    """Keep an earlier results file (and its samples folder) aside as `<stem>.superseded-<hash>`, never deleted."""
+    have = _results_hash(path)
+    if have is None:
+        return
+    tag = f"superseded-{have or 'unknown'}"
+    stamp = time.strftime("%Y%m%d%H%M%S")
+    for old in (path, path.with_name(path.stem + ".samples")):
+        if old.exists():
+            name = old.with_name(f"{path.stem}.{tag}{'.json' if old == path else '.samples'}")
+            if name.exists():
+                name = name.with_name(f"{path.stem}.{tag}-{stamp}{'.json' if old == path else '.samples'}")
+            old.replace(name)
 
 
 def _finite(obj):

@@ -44,20 +44,6 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def check_output_folder(out: Path, overwrite: bool) -> None:
-    """Refuse, before anything is written, an output folder that is not a previous prune output."""
-    if out.is_file():
-        raise PruneError(f"{out}: exists and is a file, not an output folder")
-    if not out.is_dir() or not any(out.iterdir()) or overwrite:
-        return
-    try:
-        previous = fio.read_json(out / fio.CONFIG).get("config", {})
-    except (OSError, ValueError, AttributeError):
-        previous = None
-    if not isinstance(previous, dict) or not {"ratio", "importance", "head_mode"} <= set(previous):
-        raise PruneError(f"{out}: exists and is not a prune output folder; choose another --out or pass --overwrite")
-
-
 def prune_model(handle, scores, plan: Plan, head_mode: str) -> dict:
     """Drop blocks and slice every layer to the plan's shapes in place; return the kept indices per layer."""
     adapter = handle.adapter
@@ -156,7 +142,7 @@ def run(cfg: PruneConfig, out: Path) -> Path:
         return out
     if not cfg.data:
         raise PruneError("data: calibration records are required (--data FILE, e.g. runs/<name>/curate/selected.jsonl)")
-    check_output_folder(out, cfg.overwrite)
+    fio.check_stage_folder(out, cfg, overwrite=cfg.overwrite)
     records = read_records(cfg.data)
     handle = load(cfg.model, dtype=cfg.dtype)
     before = model_info(handle)
@@ -172,10 +158,15 @@ def run(cfg: PruneConfig, out: Path) -> Path:
     _log(f"shapes: layers {shapes.layers}→{plan.layers}, heads {shapes.heads}→{plan.heads}, "
          f"KV heads {shapes.kv_heads}→{plan.kv_heads}, head_dim {plan.head_dim}, "
          f"MLP {shapes.intermediate}→{plan.intermediate}")
-    stage = fio.open_stage(out, cfg, overwrite=cfg.overwrite)
-    if stage is None:
-        return out
+    with fio.stage_folder(out, cfg, overwrite=cfg.overwrite) as stage:
+        if stage is None:
+            return out
+        return _prune_into(stage, cfg, handle, plan, batches, calib, before, start)
 
+
+def _prune_into(stage: Path, cfg: PruneConfig, handle, plan: Plan, batches, calib: dict, before: dict,
+                start: float) -> Path:
+    """Score, slice, save and verify into the (locked) stage folder; DONE last."""
     t0 = time.perf_counter()
     scores = compute_scores(handle.adapter, batches, cfg.importance,
                             depth_importance=cfg.depth_importance if cfg.depth else None, seed=cfg.seed,

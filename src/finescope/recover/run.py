@@ -20,7 +20,8 @@ import torch
 from .. import FinescopeError
 from ..config import RecoverConfig
 from ..data import read_records
-from ..io import CONFIG, mark_done, open_stage, read_json, write_json_atomic, write_jsonl_atomic
+from ..io import (CONFIG, check_stage_folder, is_done, mark_done, read_json, stage_folder, write_json_atomic,
+                  write_jsonl_atomic)
 from ..modeling import ModelError, load, resolve_model_path
 from .filters import REASONS, apply_filters
 from .finetune import LoraSettings, build_examples, mean_loss, save_adapter_and_merged, split_records, train_lora
@@ -69,7 +70,9 @@ def run(cfg: RecoverConfig, out: Path) -> Path:
         raise RecoverError("--student is required: the pruned model folder to fine-tune")
     if not cfg.data:
         raise RecoverError("--data is required: the curated records (e.g. curate/selected.jsonl)")
-    times: dict[str, float] = {}
+    if is_done(out, cfg):
+        return Path(out)
+    check_stage_folder(out, cfg, overwrite=cfg.overwrite)
     t0 = time.perf_counter()
     records = read_records(cfg.data, skip_bad_rows=cfg.skip_bad_rows)
     n_instr = sum("instruction" in r for r in records)
@@ -77,15 +80,24 @@ def run(cfg: RecoverConfig, out: Path) -> Path:
         raise ModelError(f"{cfg.student}: student must be a model folder (the prune stage's model/)")
     resolve_model_path(cfg.student)  # "not a model folder" before any work
     teacher_spec = None if cfg.no_teacher or n_instr == 0 else (cfg.teacher or default_teacher(cfg.student))
-
-    stage = open_stage(out, cfg, overwrite=cfg.overwrite)
-    if stage is None:
-        return Path(out)
+    if teacher_spec is not None:
+        resolve_model_path(teacher_spec)  # a missing teacher is refused before the folder is opened
 
     student = load(cfg.student)
     tok = student.tokenizer
-    # Fail on an impossible max_length before spending minutes on the teacher.
+    # Fail on an impossible max_length before spending minutes on the teacher (and before the folder is opened).
     build_examples(tok, records[:1], cfg.max_length)
+    with stage_folder(out, cfg, overwrite=cfg.overwrite) as stage:
+        if stage is None:
+            return Path(out)
+        return _recover_into(stage, cfg, records, student, teacher_spec, t0)
+
+
+def _recover_into(stage: Path, cfg: RecoverConfig, records, student, teacher_spec: str | None, t0: float) -> Path:
+    """Rewrite, filter, fine-tune, merge and save into the (locked) stage folder; DONE last."""
+    times: dict[str, float] = {}
+    tok = student.tokenizer
+    n_instr = sum("instruction" in r for r in records)
 
     rewrite_stats: dict = {"instruction_records": n_instr, "text_records": len(records) - n_instr}
     rewrites = None

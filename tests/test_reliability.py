@@ -1,0 +1,339 @@
+"""Locks, refusals that write nothing, user files never replaced, DONE certified by config.json, CLI flags that
+do what they say (issue: reliability campaign). Hostile inputs as a table live in test_hostile_inputs.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import CORPUS
+from finescope import io
+from finescope.cli import STAGES, build_parser, main
+from finescope.config import CurateConfig, EvalConfig, PruneConfig, _fields, _spec, _hints, config_from_args
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _records(path: Path, n: int = 12) -> Path:
+    rows = [{"instruction": f"Question {i}: {CORPUS[i % len(CORPUS)]}", "response": f"Answer {i}."} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _err_line(capsys) -> str:
+    """The refusal: the last stderr line, the only one that says `error:` (progress lines may precede it)."""
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err, err
+    lines = err.splitlines()
+    assert [l for l in lines if "error:" in l] == lines[-1:], err
+    return lines[-1]
+
+
+# ================================================================================================ CLI flags
+
+
+def _non_default(spec, default):
+    """A valid value different from the default, as a command-line string and as the parsed value."""
+    if spec.base is bool:
+        return None, not default
+    if spec.choices:
+        value = next(c for c in spec.choices if c != default)
+        return str(value), value
+    if spec.base is list:
+        return ("3,4", [3, 4]) if spec.item.base is int else ("a,b", ["a", "b"])
+    if spec.base in (int, float):
+        if spec.base is int:
+            candidates = [1 if default is None else default + 1, 1 if default is None else default - 1, 3]
+        else:
+            candidates = [0.25 if not default else default / 2, 0.5, 2.0]
+        value = next(v for v in candidates if v != default and (spec.range is None or spec.range.contains(v)))
+        return str(value), value
+    return "some-value", "some-value"
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_stage_flag_sets_its_field(stage):
+    """Each generated flag changes exactly its own field, to the given value (`--no-teacher` was once a no-op)."""
+    cls = STAGES[stage][0]
+    defaults, hints = cls(), _hints(cls)
+    for f in _fields(cls):
+        spec = _spec(hints[f.name])
+        default = getattr(defaults, f.name)
+        text, value = _non_default(spec, default)
+        flag = "--" + f.name.replace("_", "-")
+        if spec.base is bool:
+            argv = [flag] if value else ["--no-" + f.name.replace("_", "-")]
+        else:
+            argv = [flag, text]
+        args = build_parser().parse_args([stage, "--out", "x", *argv])
+        cfg = config_from_args(cls, args)
+        assert getattr(cfg, f.name) == value, (stage, f.name, argv)
+        changed = [g.name for g in _fields(cls) if getattr(cfg, g.name) != getattr(defaults, g.name)]
+        assert changed == [f.name], (stage, argv, changed)
+
+
+def test_no_teacher_on_a_prune_output_is_plain_sft(tmp_path, tiny_model_dirs, capsys):
+    """The reported defect: on a prune output (where a default teacher exists) `--no-teacher` ran TGD."""
+    prune = tmp_path / "prune"
+    prune.mkdir()
+    student = prune / "model"
+    os.symlink(tiny_model_dirs["llama"], student)
+    (prune / "config.json").write_text(json.dumps({"config_hash": "x", "config": {"model": str(tiny_model_dirs["llama"])}}))
+    data = _records(tmp_path / "data.jsonl", 6)
+    out = tmp_path / "sft"
+    assert main(["recover", "--student", str(student), "--data", str(data), "--no-teacher", "--lora-rank", "2",
+                 "--batch-size", "2", "--micro-batch-size", "2", "--epochs", "0.5", "--max-length", "96",
+                 "--eval-fraction", "0", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["mode"] == "sft" and metrics["rewrite"].get("generated") is None
+    assert json.loads((out / "config.json").read_text())["config"]["no_teacher"] is True
+
+
+# ================================================================================================ locks
+
+
+def _hold_lock(path: Path, ready: Path) -> subprocess.Popen:
+    """Another process that holds `path`'s lock (as a running stage would) until it is killed."""
+    code = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(SRC)!r})
+        from pathlib import Path
+        from finescope import io
+        with io.exclusive(Path({str(path)!r})):
+            Path({str(ready)!r}).write_text("locked")
+            time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "lock holder did not start"
+        time.sleep(0.05)
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_second_process_on_a_stage_folder_is_refused_with_the_holders_pid(tmp_path, tiny_model_dirs, capsys):
+    data = _records(tmp_path / "calib.jsonl")
+    out = tmp_path / "prune"
+    args = ["prune", "--model", str(tiny_model_dirs["llama"]), "--data", str(data), "--ratio", "0.3",
+            "--calib-samples", "4", "--calib-length", "32", "--out", str(out)]
+    holder = _hold_lock(out, tmp_path / "ready")
+    try:
+        assert main(args) == 2
+        err = _err_line(capsys)
+        assert f"PID {holder.pid}" in err and str(out) in err
+        assert not out.exists()  # nothing written while another process holds the folder
+    finally:
+        _stop(holder)
+    # the kernel released the killed holder's lock: the stage now runs
+    assert main(args) == 0 and io.is_done(out, json_config(out, PruneConfig))
+
+
+def json_config(out: Path, cls):
+    from finescope.config import from_dict
+
+    data = json.loads((out / "config.json").read_text())["config"]
+    return from_dict(cls, data)
+
+
+def test_two_real_stage_processes_exactly_one_proceeds(tmp_path, tiny_model_dirs):
+    """Two `finescope prune` processes (different configs) on one folder, started together: one finishes, the other
+    is refused with exit 2 naming a PID, and the folder holds one run's files (config and DONE agree)."""
+    data = _records(tmp_path / "calib.jsonl")
+    out = tmp_path / "prune"
+    env = {**os.environ, "PYTHONPATH": str(SRC), "FINESCOPE_PROGRESS": "0"}
+    base = [sys.executable, "-m", "finescope.cli", "prune", "--model", str(tiny_model_dirs["llama"]), "--data",
+            str(data), "--calib-samples", "8", "--calib-length", "64", "--out", str(out)]
+    procs = [subprocess.Popen(base + ["--ratio", r], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for r in ("0.3", "0.4")]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(rc for rc, _ in results)
+    if codes == [0, 0]:
+        pytest.skip("the two processes did not overlap on this machine (the first finished before the second began)")
+    assert codes == [0, 2], results
+    refused = next(err for rc, err in results if rc == 2)
+    assert "in use by another finescope process (PID" in refused and "Traceback" not in refused
+    assert io.done_hash(out) == json.loads((out / "config.json").read_text())["config_hash"]
+
+
+def test_run_directory_and_report_are_locked(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    holder = _hold_lock(run_dir, tmp_path / "ready")
+    try:
+        assert main(["run", "--config", "quick", "--run-dir", str(run_dir), "report=false"]) == 2
+        assert f"PID {holder.pid}" in _err_line(capsys)
+        run_dir.mkdir()
+        (run_dir / "pipeline.json").write_text("{}")
+        assert main(["report", str(run_dir)]) == 2
+        assert f"PID {holder.pid}" in _err_line(capsys)
+    finally:
+        _stop(holder)
+
+
+def test_lock_is_released_when_the_block_ends_and_reentry_from_another_fd_is_refused(tmp_path):
+    target = tmp_path / "stage"
+    with io.exclusive(target):
+        with pytest.raises(io.StageError, match=f"PID {os.getpid()}"):
+            with io.exclusive(target):
+                pass
+    with io.exclusive(target):
+        pass
+    assert io.lock_file(target).read_text().strip() == str(os.getpid())
+
+
+# ================================================================================================ DONE and temp files
+
+
+def test_done_is_trusted_only_when_config_json_agrees(tmp_path):
+    a, b = CurateConfig(top_m=10), CurateConfig(top_m=20)
+    stage = io.open_stage(tmp_path / "c", a)
+    io.mark_done(stage, a)
+    assert io.is_done(stage, a)
+    # config.json of another run beside DONE of this one (the mixed folder of the report): trusted by neither
+    other = json.loads((stage / "config.json").read_text())
+    other.update(config_hash=io.config_hash(b), config=io.to_jsonable(b))
+    (stage / "config.json").write_text(json.dumps(other))
+    assert not io.is_done(stage, a) and not io.is_done(stage, b)
+    # a hand-edited config.json that still claims the old hash is caught by re-hashing its content
+    edited = json.loads(json.dumps(other))
+    edited["config_hash"] = io.config_hash(a)
+    (stage / "config.json").write_text(json.dumps(edited))
+    assert not io.is_done(stage, a)
+
+
+def test_switches_outside_the_hash_do_not_break_done(tmp_path):
+    cfg = PruneConfig(data="x")
+    stage = io.open_stage(tmp_path / "p", cfg)
+    io.mark_done(stage, cfg)
+    assert io.is_done(stage, dataclasses.replace(cfg, overwrite=True))
+
+
+def test_temp_files_of_a_killed_run_are_removed_when_the_stage_reopens(tmp_path):
+    cfg = CurateConfig()
+    stage = io.open_stage(tmp_path / "c", cfg)
+    (stage / ".selected.jsonl.abc.tmp").write_bytes(b"x" * 100)
+    (stage / "model" / ".weights.x.tmp").parent.mkdir()
+    (stage / "model" / ".weights.x.tmp").write_bytes(b"x")
+    (stage / ".model.q1.tmp").mkdir()
+    (stage / "rewrites.partial.jsonl").write_text("{}\n")  # resumable work is kept
+    with io.stage_folder(tmp_path / "c", cfg) as again:
+        assert again == stage
+    left = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*"))
+    assert left == ["config.json", "model", "rewrites.partial.jsonl"]
+
+
+# ================================================================================================ user files
+
+
+def test_eval_never_replaces_a_json_file_it_did_not_write(tmp_path, tiny_model_dirs, capsys):
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"my": "notes"}')
+    nll = tmp_path / "nll.jsonl"
+    nll.write_text("".join(json.dumps({"text": t}) + "\n" for t in CORPUS[:4]))
+    args = ["eval", "--model", str(tiny_model_dirs["llama"]), "--tasks", f"nll:{nll}", "--device", "cpu"]
+    assert main(args + ["--out", str(mine)]) == 2
+    assert "not a finescope eval results file" in _err_line(capsys)
+    assert mine.read_text() == '{"my": "notes"}'
+    # a results file of ours: same config → reused; another config → the old one is kept aside
+    res = tmp_path / "res.json"
+    assert main(args + ["--out", str(res)]) == 0
+    first = res.read_text()
+    assert main(args + ["--out", str(res)]) == 0 and res.read_text() == first
+    assert main(args + ["--out", str(res), "--batch-size", "2"]) == 0
+    old = json.loads(first)["eval_config_hash"]
+    assert (tmp_path / f"res.superseded-{old}.json").read_text() == first
+    assert json.loads(res.read_text())["config"]["batch_size"] == 2
+    # --overwrite keeps the user's file aside rather than deleting it
+    assert main(args + ["--out", str(mine), "--overwrite"]) == 0
+    assert (tmp_path / "mine.superseded-unknown.json").read_text() == '{"my": "notes"}'
+
+
+def test_run_dir_must_be_new_empty_or_ours(tmp_path, capsys):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "pipeline.yaml").write_text("my: own\n")
+    assert main(["run", "--config", "quick", "--run-dir", str(theirs)]) == 2
+    assert "not a finescope run directory" in _err_line(capsys)
+    assert [p.name for p in theirs.iterdir()] == ["pipeline.yaml"] and (theirs / "pipeline.yaml").read_text() == "my: own\n"
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["run", "--config", "quick", "--run-dir", str(afile)]) == 2
+    assert "is a file" in _err_line(capsys)
+    assert main(["run", "--config", "quick", "--run-dir", str(afile / "sub")]) == 2
+    assert "is a file" in _err_line(capsys) and afile.read_text() == "x"
+
+
+@pytest.mark.parametrize("stage,extra", [
+    ("curate", ["--seeds", "/nonexistent/seeds.jsonl", "--method", "random"]),
+    ("eval", ["--tasks", "nosuchtask"]),
+    ("recover", ["--student", "/nonexistent/model", "--data", "DATA", "--no-teacher"]),
+    ("prune", ["--model", "/nonexistent/model", "--data", "DATA"]),
+])
+def test_refusals_leave_no_stage_folder(stage, extra, tmp_path, capsys):
+    data = _records(tmp_path / "data.jsonl")
+    out = tmp_path / "out"
+    assert main([stage, *[str(data) if a == "DATA" else a for a in extra], "--out", str(out)]) == 2
+    _err_line(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("out", ["", "   "])
+def test_empty_out_is_refused(out, capsys):
+    assert main(["curate", "--method", "random", "--out", out]) == 2
+    assert "--out: must not be empty" in _err_line(capsys)
+
+
+def test_out_under_a_file_is_refused_before_any_work(tmp_path, tiny_model_dirs, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["eval", "--model", str(tiny_model_dirs["llama"]), "--tasks", "nll:math", "--out",
+                 str(afile / "res.json")]) == 2
+    assert "is a file" in _err_line(capsys)
+
+
+# ================================================================================================ configs, warnings
+
+
+def test_yaml_alias_bomb_is_refused_with_a_short_message(tmp_path, capsys):
+    bomb = tmp_path / "bomb.yaml"
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, "
+              f"*a{i - 1}, *a{i - 1}]" for i in range(1, 9)]
+    lines += ["curate:", "  top_m: *a8"]
+    bomb.write_text("\n".join(lines) + "\n")
+    assert main(["run", "--config", str(bomb), "--run-dir", str(tmp_path / "r")]) == 2
+    err = _err_line(capsys)
+    assert "YAML aliases" in err and len(err) < 400
+    assert not (tmp_path / "r").exists()
+
+
+def test_huge_value_is_quoted_short(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("curate:\n  top_m: '" + "9" * 100_000 + "x'\n")
+    assert main(["run", "--config", str(cfg), "--run-dir", str(tmp_path / "r")]) == 2
+    err = _err_line(capsys)
+    assert "curate.top_m" in err and len(err) < 400
+
+
+def test_warnings_print_as_one_finescope_line(tmp_path, capsys):
+    pool = _records(tmp_path / "pool.jsonl", 5)
+    seeds = _records(tmp_path / "seeds.jsonl", 2)
+    assert main(["curate", "--method", "random", "--pool", str(pool), "--seeds", str(seeds), "--top-m", "50",
+                 "--out", str(tmp_path / "c")]) == 0
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if "top_m" in l]
+    assert lines == ["finescope: warning: top_m = 50 is larger than the pool (5 records); keeping all of them"]
+    assert "UserWarning" not in err

@@ -1,18 +1,24 @@
 """Sandbox launcher, run as a fresh interpreter (`python -I -S _sandbox_launch.py SPEC_JSON PROGRAM`).
 
-Order: (root only) join the pids cgroup →
-
-It confines itself, then `exec`s the program, so every limit holds for the program and all its children:
-resource limits → (root only) a private network namespace → Landlock (writes only under the work dir, no TCP,
-no signals to processes outside the sandbox) → (root only) drop to the unprivileged `nobody` user → exec.
+It forks: the child confines itself, then `exec`s the program, so every limit holds for the program and all its
+children: resource limits → (root only) join the pids cgroup → (root only) a private network namespace → Landlock
+(writes only under the work dir, no TCP, no signals to processes outside the sandbox) → (root only) drop to the
+unprivileged `nobody` user → die with the supervisor (death signal, set after the uid drop that would clear it) →
+exec. This process stays behind, unconfined, as the supervisor: it relays the program's exit status, and when
+finescope dies (even by SIGKILL: the kernel sends us SIGTERM) it kills the whole sandbox — the process group and,
+as root, the pids cgroup, which also holds children that left the group with setsid().
 Stdlib only; kept out of the parent so nothing runs between fork and exec in the (multithreaded) parent.
 """
 
 import ctypes
+import importlib.util
 import json
 import os
 import resource
+import signal
 import sys
+import time
+import traceback
 
 # Landlock (Linux ≥ 5.13). Syscall numbers are the same on every architecture (new-style numbering).
 _SYS_CREATE, _SYS_ADD_RULE, _SYS_RESTRICT = 444, 445, 446
@@ -66,9 +72,18 @@ def _landlock(work_dir: str) -> int:
     return abi
 
 
-def main() -> None:
-    spec = json.loads(sys.argv[1])
-    program = sys.argv[2]
+def _load_child_process():
+    """finescope/child_process.py (stdlib only) by path: under `-I -S` the finescope package is not importable."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "child_process.py")
+    spec = importlib.util.spec_from_file_location("_finescope_child_process", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _confine_and_exec(spec: dict, program: str, supervisor: int, child_process) -> None:
+    """In the forked child: apply every limit, then become the program. Never returns."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     mem = spec["memory_mb"] * 2**20
     resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
     resource.setrlimit(resource.RLIMIT_CPU, (spec["cpu_s"], spec["cpu_s"] + 1))
@@ -92,10 +107,62 @@ def main() -> None:
         os.setgroups([])
         os.setgid(spec["drop_to_gid"])
         os.setuid(spec["drop_to_uid"])
+    # After the uid drop (setuid clears it). The program may clear it again; the supervisor is what guarantees
+    # cleanup, this covers the supervisor itself being SIGKILLed.
+    applied["dies_with_parent"] = child_process.set_death_signal(supervisor)
     applied["uid"] = os.getuid()
     json.dump(applied, report)
     report.close()
     os.execv(spec["python"], [spec["python"], "-I", "-B", program])
+
+
+def _kill_sandbox(cgroup) -> None:
+    """SIGKILL everything in the cgroup (escapees included), then the process group — this process last."""
+    for _ in range(200 if cgroup else 0):
+        try:
+            with open(os.path.join(cgroup, "cgroup.procs")) as f:
+                pids = [int(p) for p in f.read().split() if int(p) != os.getpid()]
+        except OSError:
+            break
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.01)
+    os.killpg(0, signal.SIGKILL)
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    program = sys.argv[2]
+    child_process = _load_child_process()
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # the status relay below may re-raise SIGXCPU/SIGSEGV here
+    # finescope's death → SIGTERM → kill the sandbox. Installed before fork so no window lacks it.
+    signal.signal(signal.SIGTERM, lambda *_: _kill_sandbox(spec.get("cgroup")))
+    child_process.set_death_signal(spec["parent_pid"], signal.SIGTERM)
+    supervisor = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _confine_and_exec(spec, program, supervisor, child_process)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(1)  # confinement failed: never run the program unconfined, never return into main()
+    try:
+        status = os.waitpid(pid, 0)[1]
+    except ChildProcessError:  # cannot happen (only we reap it); count it as a failure, never a pass
+        status = 1 << 8
+    if os.WIFSIGNALED(status):  # relay "killed by signal N" so finescope sees it as its child's own death
+        sig = os.WTERMSIG(status)
+        if sig != signal.SIGKILL:  # its disposition cannot be set (and is always the default)
+            signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+        sys.exit(128 + sig)
+    sys.exit(os.WEXITSTATUS(status))
 
 
 if __name__ == "__main__":

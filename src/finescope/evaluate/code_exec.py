@@ -11,11 +11,17 @@ inherited, so no tokens or keys leak). Limits, all applied before the program st
 | fork bomb              | RLIMIT_NPROC (enforced for non-root users; as root the program first drops to `nobody`), and the process group is killed at the end |
 | writes outside its dir | Landlock (Linux ≥ 5.13): file creation/writes/removal allowed only under the temp folder; also no TCP and no signals to outside processes. As root, additionally runs as `nobody` in a private network namespace |
 | huge outputs           | RLIMIT_FSIZE (file_mb) on every file, stdout/stderr included                                  |
+| finescope killed       | a supervisor between finescope and the program gets SIGTERM from the kernel when finescope dies (even by SIGKILL) and SIGKILLs the process group and, as root, the pids cgroup; the program itself also has a death signal in case the supervisor is killed |
+| leftovers of a kill    | the first `run_program` of a process removes temp folders and pids cgroups whose owning process is dead (the owner pid is in their name), killing anything still in such a cgroup |
 
 Honest limits: this is not a container. Without Landlock (old kernels, macOS) writes outside the folder are
 stopped only by file permissions (as `nobody` when started as root; not at all for an ordinary user running
-as themselves), and reads are never restricted. A child that calls setsid() leaves the process group; it keeps
-the CPU, memory and process limits but is not killed at the end. For hostile code, run inside a container/VM.
+as themselves), and reads are never restricted. Without root (no pids cgroup) a child that calls setsid() leaves
+the process group; it keeps the CPU, memory and process limits but is not killed at the end, nor when finescope
+dies (as root the pids cgroup holds it: it is killed at the end, when finescope dies, or at the latest by the
+next run's cleanup if the supervisor itself was SIGKILLed). Death signals are Linux-only: elsewhere a killed
+finescope leaves its program running (a sleeping one indefinitely), and its temp folder until the next run.
+For hostile code, run inside a container/VM.
 
     from finescope.evaluate.code_exec import run_program
     r = run_program("assert 1 + 1 == 2")
@@ -37,9 +43,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import FinescopeError
+from ..child_process import is_stale, owned_prefix, remove_stale
 
 _LAUNCHER = Path(__file__).with_name("_sandbox_launch.py")
 _NOBODY = 65534
+_KIND = "finescope-exec"  # temp folders and cgroups: `<kind>-<owner pid>-<pid namespace>-…`
+_stale_cleaned = False
 
 
 class CodeExecutionError(FinescopeError):
@@ -89,8 +98,13 @@ def _tail(path: Path, n: int = 2000) -> str:
 
 def run_program(code: str, limits: Limits | None = None) -> ExecResult:
     """Run `code` (a complete Python program) confined; exit status 0 = passed."""
+    global _stale_cleaned
     limits = limits or Limits()
-    root = Path(tempfile.mkdtemp(prefix="finescope-exec-"))  # parent-only: outputs and the report
+    if not _stale_cleaned:  # once per process: what runs killed before us (kill -9, OOM) could not remove
+        _stale_cleaned = True
+        remove_stale(_KIND)
+        _remove_stale_cgroups()
+    root = Path(tempfile.mkdtemp(prefix=owned_prefix(_KIND)))  # parent-only: outputs and the report
     work = root / "work"  # the program's folder: the only place it may write
     work.mkdir()
     program = work / "program.py"
@@ -106,11 +120,11 @@ def run_program(code: str, limits: Limits | None = None) -> ExecResult:
         os.chmod(root, 0o711)
         os.chown(work, _NOBODY, _NOBODY)
         os.chown(program, _NOBODY, _NOBODY)
-    nproc = limits.nproc if drop else _user_process_count() + limits.nproc
+    nproc = limits.nproc if drop else _user_process_count() + 1 + limits.nproc  # +1: the launcher's supervisor
     cgroup = _make_pids_cgroup(limits.nproc) if as_root else None
     spec = {"memory_mb": limits.memory_mb, "cpu_s": limits.cpu_s, "file_mb": limits.file_mb, "nproc": nproc,
             "work_dir": str(work), "report": str(root / "report.json"), "python": python,
-            "cgroup": str(cgroup) if cgroup else None,
+            "cgroup": str(cgroup) if cgroup else None, "parent_pid": os.getpid(),
             "drop_to_uid": _NOBODY if drop else None, "drop_to_gid": _NOBODY if drop else None}
     env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work), "LANG": "C.UTF-8",
            "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
@@ -177,12 +191,15 @@ def _kill_group(pgid: int) -> None:
         time.sleep(0.01)
 
 
+_CGROUP_BASES = (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup"))  # cgroup v1 pids hierarchy, v2 root
+
+
 def _make_pids_cgroup(max_pids: int) -> Path | None:
     """A fresh pids cgroup (v1 or v2) capped at `max_pids`, or None when cgroups are not writable here."""
-    for base in (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup")):
+    for base in _CGROUP_BASES:
         if not (base / "cgroup.procs").exists() or not os.access(base, os.W_OK):
             continue
-        path = base / f"finescope-exec-{os.getpid()}-{time.monotonic_ns()}"
+        path = base / f"{owned_prefix(_KIND)}{time.monotonic_ns()}"
         try:
             path.mkdir()
             (path / "pids.max").write_text(str(max_pids))
@@ -208,6 +225,18 @@ def _kill_cgroup(path: Path) -> None:
         time.sleep(0.01)
     with _suppress():
         path.rmdir()
+
+
+def _remove_stale_cgroups() -> None:
+    """Kill what is left in pids cgroups whose creating process is dead (escapees of a killed run), remove them."""
+    for base in _CGROUP_BASES:
+        try:
+            names = [n for n in os.listdir(base) if n.startswith(_KIND + "-")]
+        except OSError:
+            continue
+        for name in names:
+            if is_stale(name, _KIND) and (base / name / "cgroup.procs").exists():
+                _kill_cgroup(base / name)
 
 
 class _suppress:

@@ -107,15 +107,22 @@ print(json.dumps({"new_tokens": int(cached.shape[1] - prompt.shape[1]),
 
 def verify_saved(folder: Path, input_ids: torch.Tensor, expected: torch.Tensor, *, dtype: torch.dtype,
                  device: str) -> dict:
-    """Reload `folder` with stock transformers in a fresh process; compare logits and generate with/without cache."""
+    """Reload `folder` with stock transformers in a fresh process; compare logits and generate with/without cache.
+
+    The process dies with ours (a `kill -9` of finescope must not leave it running), and temp folders of killed
+    earlier runs (their owner pid is in the name) are removed here, since those runs could not.
+    """
     from safetensors.torch import load_file, save_file
 
-    with tempfile.TemporaryDirectory(prefix="finescope-verify-") as tmp:
+    from ..child_process import die_with_parent, owned_prefix, remove_stale
+
+    remove_stale("finescope-verify")
+    with tempfile.TemporaryDirectory(prefix=owned_prefix("finescope-verify")) as tmp:
         probe, result = Path(tmp) / "probe.safetensors", Path(tmp) / "logits.safetensors"
         save_file({"input_ids": input_ids.contiguous().cpu()}, probe)
         env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
-        proc = subprocess.run([sys.executable, "-c", _VERIFY, str(folder), str(probe), str(result),
-                               str(dtype).replace("torch.", ""), device],
+        proc = subprocess.run(die_with_parent([sys.executable, "-c", _VERIFY, str(folder), str(probe), str(result),
+                                               str(dtype).replace("torch.", ""), device]),
                               capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]

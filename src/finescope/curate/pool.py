@@ -128,7 +128,10 @@ def seed_preset_path(name: str) -> Path:
 def resolve_records_path(spec: str, kind: str) -> Path:
     """`preset:<name>` / "default" / a path → a record file path."""
     if spec.startswith("preset:"):
-        return seed_preset_path(spec.split(":", 1)[1])
+        try:
+            return seed_preset_path(spec.split(":", 1)[1])
+        except FinescopeError as e:
+            raise FinescopeError(f"{kind} = {spec!r}: {e}") from None
     if spec == "default":
         return default_pool_path() if kind == "pool" else Path("default")
     if not spec:

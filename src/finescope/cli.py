@@ -21,6 +21,7 @@ from pathlib import Path
 
 from . import FinescopeError, __version__
 from .assets import PACKAGES
+from .messages import one_line
 from .config import CurateConfig, EvalConfig, PruneConfig, RecoverConfig, add_config_arguments, config_from_args, load_config
 
 PACKAGE_KEYS = tuple(PACKAGES)
@@ -151,12 +152,6 @@ def _quiet_library_progress_bars() -> None:
     hf_logging.disable_progress_bar()
 
 
-def one_line(text: str, limit: int = 1000) -> str:
-    """A message on one line, cut to `limit` characters (a hostile input never floods the terminal)."""
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else f"{text[: limit - 20]}… ({len(text):,} chars)"
-
-
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings as one `finescope: warning:` line (ours) or `warning (<category>):` line (a library's)."""
     ours = Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent)
@@ -174,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = _show_warning
             return args.func(args)
     except FinescopeError as e:
-        print(f"finescope {args.command}: error: {one_line(e)}", file=sys.stderr)
+        print(f"finescope {args.command}: error: {one_line(e, 1000)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

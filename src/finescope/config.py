@@ -31,6 +31,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 
 from . import FinescopeError
+from .messages import QUOTE_LIMIT, count_values, quote
 
 
 class ConfigError(FinescopeError):
@@ -437,31 +438,6 @@ def _coerce(value: Any, spec: _Spec, where: str) -> Any:
     return out
 
 
-QUOTE_LIMIT = 120
-
-
-def quote(value: Any, limit: int = QUOTE_LIMIT) -> str:
-    """`repr(value)` for a message, cut to `limit` characters: a hostile value never floods the terminal."""
-    if isinstance(value, (dict, list, tuple)) and _count_values(value, limit) >= limit:
-        return f"<{type(value).__name__} of many values>"
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[: limit - 15]}… ({len(text):,} chars)"
-
-
-def _count_values(data: Any, limit: int) -> int:
-    """Values reachable from `data`, counting shared (YAML alias) subtrees every time; stops at `limit`."""
-    seen, stack = 0, [data]
-    while stack and seen < limit:
-        node = stack.pop()
-        seen += 1
-        if isinstance(node, dict):
-            stack.extend(node.keys())
-            stack.extend(node.values())
-        elif isinstance(node, (list, tuple)):
-            stack.extend(node)
-    return seen
-
-
 def _type_name(spec: _Spec) -> str:
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}
     return names.get(spec.base, getattr(spec.base, "__name__", str(spec.base)))
@@ -564,7 +540,7 @@ def _read_yaml(path: Path) -> Any:
         line = f" line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}:{line} invalid YAML: {getattr(e, 'problem', None) or str(e).splitlines()[0]}") \
             from None
-    if _count_values(data, MAX_CONFIG_VALUES) >= MAX_CONFIG_VALUES:
+    if count_values(data, MAX_CONFIG_VALUES) >= MAX_CONFIG_VALUES:
         raise ConfigError(f"{path}: expands to more than {MAX_CONFIG_VALUES:,} values (YAML aliases?); not a config")
     return data
 

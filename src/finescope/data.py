@@ -5,8 +5,13 @@ extra fields carried through untouched. Accepted aliases: Alpaca `instruction`/`
 `prompt`/`completion`, `question`/`answer`, chat `messages` (first user turn → instruction, last assistant turn
 → response; a system turn is kept as `system`). A missing `id` becomes a stable hash of the content.
 
-Formats: .jsonl (also .jsonl.gz), .json (a list, or an object holding one list), .parquet, .csv/.tsv, a folder of
-.txt files (recursively), and a folder written by `datasets.Dataset.save_to_disk` (read with pyarrow alone).
+Formats: .jsonl, .json (a list, or an object holding one list), .parquet, .csv/.tsv (the text formats also
+compressed: .gz, .bz2, .xz), a folder of .txt files (recursively), and a folder written by
+`datasets.Dataset.save_to_disk` (read with pyarrow alone). Text must be UTF-8 (a UTF-8 byte-order mark is fine).
+
+Every way an input can be unusable (missing, a folder or pipe where a file is expected, a symlink loop, not UTF-8,
+truncated compression, nesting too deep, a broken save_to_disk folder, corrupt parquet) is a one-line RecordError
+naming the file (and line/row and field); a row that is not UTF-8 counts as a bad row for `skip_bad_rows`.
 
     from finescope.data import read_records
     records = read_records("data/pool.jsonl")                      # error names file and line on a bad row
@@ -15,16 +20,24 @@ Formats: .jsonl (also .jsonl.gz), .json (a list, or an object holding one list),
 
 from __future__ import annotations
 
+import bz2
 import csv
+import errno
 import gzip
 import hashlib
 import io as _io
 import json
+import lzma
 import os
-from pathlib import Path
+import re
+import stat
+import sys
+import zlib
+from pathlib import Path, PurePath
 from typing import Any, Iterator
 
 from . import FinescopeError
+from .messages import flat, one_line, quote
 
 # One row source yields (location, raw row); location is e.g. "line 12", "row 3", "item 7".
 RawRow = tuple[str, Any]
@@ -32,6 +45,44 @@ RawRow = tuple[str, Any]
 
 class RecordError(FinescopeError):
     """Malformed or empty record input; the message names the file and the line/row and field."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(flat(message))
+
+
+def check_input_path(path: str | os.PathLike, *, want: str = "file or folder", what: str = "record file",
+                     error: type[FinescopeError] = RecordError) -> os.stat_result:
+    """stat `path` without opening it; every way it is unusable becomes one clear `error`.
+
+    Missing, a dangling symlink, a symlink loop, an inaccessible parent, a folder when `want` is "file", and a
+    FIFO, socket or device (reading those would block or never end) are each named as what they are.
+    """
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise error(f"{path}: a symlink loop (the link leads back to itself); point it at a real {what}") from None
+        if os.path.islink(path):
+            target = os.readlink(path)
+            raise error(f"{path}: a symlink to {quote(target)}, which does not exist; fix the link or pass the "
+                        f"{what} itself") from None
+        if e.errno == errno.ENOENT:
+            raise error(f"{path}: no such {want}") from None
+        if e.errno == errno.ENOTDIR:
+            raise error(f"{path}: no such {want} (a folder in the path is a file)") from None
+        raise error(f"{path}: cannot access it ({e.strerror or e}); check the path and its permissions") from None
+    except ValueError as e:  # e.g. an embedded NUL character in the path
+        raise error(f"{quote(str(path))}: not a usable path ({e})") from None
+    mode = st.st_mode
+    if stat.S_ISDIR(mode):
+        if want == "file":
+            raise error(f"{path}: is a folder, not a file; pass a {what}")
+    elif not stat.S_ISREG(mode):
+        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        raise error(f"{path}: is {kind}, not a regular file; pass a {what}")
+    return st
 
 
 class Records(list):
@@ -54,7 +105,26 @@ def _text(value: Any, field: str) -> str:
         return str(value)
     if not isinstance(value, str):
         raise ValueError(f"field {field!r} must be a string, got {type(value).__name__}")
+    bad = _SURROGATE.search(value)
+    if bad:
+        raise ValueError(f"field {field!r} holds a lone surrogate (\\u{ord(bad.group()):04x} at character "
+                         f"{bad.start()}), which is not valid Unicode text; fix that escape in the file")
     return value
+
+
+# A character of U+D800..U+DFFF: a lone surrogate from a JSON escape, or (U+DC80..U+DCFF) a byte that was not
+# UTF-8, kept by the reader's surrogateescape decoding so the row (not the file) can be reported.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_UNDECODED = re.compile("[\udc80-\udcff]")
+
+
+def _not_utf8(text: str, where: str = "") -> str | None:
+    """The reason `text` (decoded with surrogateescape) holds a byte that was not UTF-8, or None."""
+    m = _UNDECODED.search(text)
+    if m is None:
+        return None
+    return (f"not UTF-8 text (byte 0x{ord(m.group()) - 0xDC00:02x} at {where or 'column'} {m.start() + 1}); "
+            "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
 
 
 def _from_messages(messages: Any) -> tuple[str, str, str | None]:
@@ -106,16 +176,31 @@ def normalise_record(raw: Any) -> dict:
                 raise ValueError(f"field {lone!r} needs a partner field ({' or '.join(map(repr, partners))})")
             raise ValueError(
                 "no usable fields: expected text, instruction/response, instruction/input/output, "
-                f"prompt/completion, question/answer or messages; got {', '.join(map(repr, raw)) or 'nothing'}"
+                "prompt/completion, question/answer or messages; got "
+                f"{one_line(', '.join(map(quote, raw))) or 'nothing'}"
             )
     content = rec.get("text", "") or rec.get("instruction", "") + rec.get("response", "")
     if not content.strip():
         raise ValueError("record has no text (all text fields are empty)")
     if "instruction" in rec and not rec["instruction"].strip():
         raise ValueError("field 'instruction' is empty")
+    if extras:
+        try:
+            dumped = json.dumps(extras, ensure_ascii=False, default=str)
+        except RecursionError:
+            raise ValueError("extra fields are nested too deeply") from None
+        except (TypeError, ValueError):  # keys that are not strings: nothing to check
+            dumped = ""
+        bad = _SURROGATE.search(dumped)
+        if bad:
+            raise ValueError(f"an extra field holds a lone surrogate (\\u{ord(bad.group()):04x}), which is not valid "
+                             "Unicode text; fix that escape in the file")
     rec.update(extras)
     if raw.get("id") not in (None, ""):
-        rec = {"id": str(raw["id"]), **rec}
+        rid = str(raw["id"])
+        if _SURROGATE.search(rid):
+            raise ValueError("field 'id' holds a lone surrogate, which is not valid Unicode text")
+        rec = {"id": rid, **rec}
     return rec
 
 
@@ -131,11 +216,58 @@ def content_id(rec: dict) -> str:
 
 # ================================================================================================ formats
 
+# Compressions read transparently (stdlib), and ones refused with the command that unpacks them.
+_COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+_UNSUPPORTED_COMPRESSION = {".zst": ("zstd", "zstd -d"), ".zstd": ("zstd", "zstd -d"), ".lz4": ("lz4", "lz4 -d"),
+                            ".zip": ("zip", "unzip"), ".7z": ("7z", "7z x"), ".br": ("brotli", "brotli -d"),
+                            ".lzma": ("lzma", "unxz --format=lzma")}
+# Leading bytes of formats a text file must not hold, so a misnamed file is named as what it is.
+_MAGIC = ((b"\x1f\x8b", "gzip-compressed data", "name it {name}.gz"),
+          (b"BZh", "bzip2-compressed data", "name it {name}.bz2"),
+          (b"\xfd7zXZ\x00", "xz-compressed data", "name it {name}.xz"),
+          (b"\x28\xb5\x2f\xfd", "zstd-compressed data", "decompress it first (zstd -d)"),
+          (b"PK\x03\x04", "a zip archive", "unzip it first"),
+          (b"PAR1", "a parquet file", "name it with a .parquet suffix"))
+_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
+         (b"\xfe\xff", "UTF-16"))
+
+
+def _open_binary(path: Path):
+    opener = _COMPRESSED.get(path.suffix.lower())
+    return opener(path, "rb") if opener else open(path, "rb")
+
+
+def _check_text_head(path: Path) -> None:
+    """Refuse, by its first bytes, a text file that is UTF-16/32 or binary (compressed, parquet) data."""
+    with _open_binary(path) as f:
+        head = f.read(4096)
+    for bom, name in _BOMS:
+        if head.startswith(bom):
+            raise RecordError(f"{path}: {name} text (it starts with a {name} byte-order mark); re-save it as UTF-8 "
+                              f"(e.g. iconv -f {name} -t UTF-8)")
+    compressed = path.suffix.lower() in _COMPRESSED
+    for magic, what, fix in _MAGIC:
+        if head.startswith(magic) and not compressed and (magic != b"BZh" or head[4:10] == b"1AY&SY"):
+            raise RecordError(f"{path}: holds {what}, not text; {fix.format(name=path.name)}")
+    if len(head) >= 8 and head.count(b"\x00") * 4 >= len(head):
+        raise RecordError(f"{path}: mostly NUL bytes: UTF-16/32 text without a byte-order mark, or binary data; "
+                          "re-save it as UTF-8 text")
+
 
 def _open_text(path: Path) -> _io.TextIOBase:
-    if path.suffix == ".gz":
-        return _io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8", newline="")
+    """UTF-8 text (a UTF-8 BOM is dropped); bytes that are not UTF-8 come through as U+DC80..U+DCFF (surrogateescape)
+    so that the row holding them can be reported, or skipped, instead of the whole file failing."""
+    _check_text_head(path)
+    return _io.TextIOWrapper(_open_binary(path), encoding="utf-8-sig", errors="surrogateescape", newline="")
+
+
+def _parse_json(text: str):
+    """json.loads, with nesting too deep for the parser reported as a plain ValueError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"JSON nested too deeply to read (more than about {sys.getrecursionlimit()} levels); "
+                         "flatten the record") from None
 
 
 def _rows_jsonl(path: Path) -> Iterator[RawRow]:
@@ -143,18 +275,35 @@ def _rows_jsonl(path: Path) -> Iterator[RawRow]:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            bad = _not_utf8(line)
+            if bad:
+                yield f"line {n}", _Bad(bad)
+                continue
             try:
-                yield f"line {n}", json.loads(line)
+                yield f"line {n}", _parse_json(line)
             except json.JSONDecodeError as e:
-                yield f"line {n}", _Bad(f"invalid JSON ({e.msg} at column {e.colno})")
+                hint = "; the line holds NUL bytes (binary data?)" if "\x00" in line else ""
+                yield f"line {n}", _Bad(f"invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno}){hint}")
+            except ValueError as e:
+                yield f"line {n}", _Bad(str(e))
 
 
 def _rows_json(path: Path) -> Iterator[RawRow]:
     with _open_text(path) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise RecordError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+        text = f.read()
+    m = _UNDECODED.search(text)
+    if m:
+        line = text.count("\n", 0, m.start()) + 1
+        column = m.start() - (text.rfind("\n", 0, m.start()) + 1) + 1
+        raise RecordError(f"{path}: line {line}: not UTF-8 text (byte 0x{ord(m.group()) - 0xDC00:02x} at column "
+                          f"{column}); re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+    try:
+        data = _parse_json(text)
+    except json.JSONDecodeError as e:
+        raise RecordError(f"{path}: line {e.lineno}: invalid JSON ({e.msg.removesuffix(' at')} at column "
+                          f"{e.colno})") from None
+    except ValueError as e:
+        raise RecordError(f"{path}: {e}") from None
     if isinstance(data, dict):
         lists = [k for k, v in data.items() if isinstance(v, list)]
         if len(lists) != 1:
@@ -167,16 +316,29 @@ def _rows_json(path: Path) -> Iterator[RawRow]:
 
 
 def _rows_csv(path: Path) -> Iterator[RawRow]:
+    # Long documents are fine (the default limit is 128 KiB a field); strict: a stray quote that would silently
+    # swallow the rest of the file into one field is an error naming the line.
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
     with _open_text(path) as f:
-        reader = csv.DictReader(f, delimiter="\t" if ".tsv" in path.suffixes else ",")
+        reader = csv.DictReader(f, delimiter="\t" if ".tsv" in [s.lower() for s in path.suffixes] else ",",
+                                strict=True)
         try:
             for row in reader:
+                where = f"line {reader.line_num}"
                 if None in row:
-                    yield f"line {reader.line_num}", _Bad("more values than header columns")
-                else:
-                    yield f"line {reader.line_num}", {k: v for k, v in row.items() if v is not None}
+                    yield where, _Bad("more values than header columns")
+                    continue
+                bad = next((k for k, v in row.items() if _UNDECODED.search(f"{k}{v or ''}")), None)
+                if bad is not None:
+                    m = _UNDECODED.search(f"{bad}{row[bad] or ''}")
+                    yield where, _Bad(f"not UTF-8 text (byte 0x{ord(m.group()) - 0xDC00:02x} in column "
+                                      f"{quote(bad, 60)}); re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+                    continue
+                yield where, {k: v for k, v in row.items() if v is not None}
         except csv.Error as e:
-            raise RecordError(f"{path}: line {reader.line_num}: {e}") from None
+            raise RecordError(f"{path}: line {reader.line_num}: {one_line(e)}; check the quoting (a field holding "
+                              "the delimiter, a quote or a line break must be in double quotes, inner quotes "
+                              "doubled)") from None
 
 
 def _rows_arrow_table(table, start: int = 0) -> Iterator[RawRow]:
@@ -193,34 +355,92 @@ def _rows_parquet(path: Path) -> Iterator[RawRow]:
     try:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several types for corrupt files
-        raise RecordError(f"{path}: not a readable parquet file ({e})") from None
+        raise RecordError(f"{path}: not a readable parquet file ({one_line(e)}); re-write it (e.g. with pandas "
+                          "or pyarrow)") from None
     yield from _rows_arrow_table(table)
+
+
+def _hf_state_files(path: Path) -> list[Path]:
+    """The data files a `save_to_disk` folder's state.json lists, each checked to lie inside the folder."""
+    state_file = path / "state.json"
+    fix = "re-save the dataset with save_to_disk"
+    try:
+        state = _parse_json(state_file.read_bytes().decode("utf-8-sig"))
+    except json.JSONDecodeError as e:
+        raise RecordError(f"{state_file}: line {e.lineno}: invalid JSON ({e.msg}); {fix}") from None
+    except UnicodeDecodeError as e:
+        raise RecordError(f"{state_file}: not UTF-8 text (byte {e.start}); {fix}") from None
+    except ValueError as e:
+        raise RecordError(f"{state_file}: {e}") from None
+    except OSError as e:
+        raise RecordError(f"{state_file}: cannot read it ({e.strerror or e}); {fix}") from None
+    if not isinstance(state, dict):
+        raise RecordError(f"{state_file}: expected a JSON object, got {type(state).__name__}; {fix}")
+    entries = state.get("_data_files")
+    if not isinstance(entries, list) or not entries:
+        got = "nothing" if entries is None else quote(entries)
+        raise RecordError(f"{state_file}: field '_data_files' must be a non-empty list of {{\"filename\": …}} "
+                          f"objects, got {got}; {fix}")
+    try:
+        root = path.resolve(strict=True)
+    except (OSError, RuntimeError) as e:
+        raise RecordError(f"{path}: cannot resolve the folder ({one_line(e)})") from None
+    files = []
+    for i, entry in enumerate(entries):
+        field = f"_data_files[{i}].filename"
+        name = entry.get("filename") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not name.strip() or "\x00" in name:
+            got = quote(entry) if not isinstance(entry, dict) else quote(name)
+            raise RecordError(f"{state_file}: field {field!r} must be a file name inside the folder, got {got}; {fix}")
+        target = path / name
+        escapes = PurePath(name).is_absolute() or ".." in PurePath(name).parts
+        if not escapes:
+            try:
+                escapes = not target.resolve().is_relative_to(root)
+            except (OSError, RuntimeError):  # a symlink loop: reported by check_input_path below
+                escapes = False
+        if escapes:
+            raise RecordError(f"{state_file}: field {field!r} = {quote(name)} points outside the dataset folder; "
+                              f"refusing to read it ({fix})")
+        try:
+            check_input_path(target, want="file", what="Arrow data file")
+        except RecordError as e:
+            raise RecordError(f"{state_file}: field {field!r} names a data file that cannot be read: {e}") from None
+        files.append(target)
+    return files
 
 
 def _rows_hf_dataset(path: Path) -> Iterator[RawRow]:
     """A `save_to_disk` folder: state.json lists the arrow files (Arrow IPC stream format)."""
     import pyarrow as pa
 
-    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    files = [path / f["filename"] for f in state.get("_data_files", [])]
-    if not files:
-        raise RecordError(f"{path}: state.json lists no data files")
     offset = 0
-    for file in files:
-        with pa.memory_map(str(file)) as source:
-            table = pa.ipc.open_stream(source).read_all()
+    for file in _hf_state_files(path):
+        try:
+            with pa.memory_map(str(file)) as source:
+                table = pa.ipc.open_stream(source).read_all()
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise RecordError(f"{file}: not a readable Arrow stream file ({one_line(e)}); re-save the dataset with "
+                              "save_to_disk") from None
         yield from _rows_arrow_table(table, start=offset)
         offset += table.num_rows
 
 
 def _rows_txt_dir(path: Path) -> Iterator[RawRow]:
     files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+    if not files:
+        raise RecordError(f"{path}: no usable records: a folder with no .txt files (and not a datasets save_to_disk "
+                          "folder); pass a record file (.jsonl, .json, .parquet, .csv, .tsv) or a folder of .txt files")
     for p in files:
         rel = p.relative_to(path).as_posix()
         try:
-            text = p.read_text(encoding="utf-8")
+            data = p.read_bytes()
+        except OSError as e:
+            raise RecordError(f"{p}: cannot read it ({e.strerror or e}); check its permissions") from None
+        try:
+            text = data.decode("utf-8")
         except UnicodeDecodeError:
-            text = p.read_text(encoding="latin-1")
+            text = data.decode("latin-1")
         yield f"file {rel}", {"id": rel, "text": text, "source_file": rel}
 
 
@@ -231,29 +451,86 @@ class _Bad:
         self.reason = reason
 
 
+def _read_dataset_dict(path: Path) -> None:
+    """Refuse a saved DatasetDict, naming its splits."""
+    index = path / "dataset_dict.json"
+    try:
+        splits = _parse_json(index.read_bytes().decode("utf-8-sig")).get("splits", [])
+    except (ValueError, OSError, AttributeError) as e:
+        raise RecordError(f"{index}: a saved DatasetDict whose index cannot be read ({one_line(e, 120)}); pass one "
+                          f"split's folder, e.g. {path / 'train'}") from None
+    splits = [s for s in splits if isinstance(s, str)] if isinstance(splits, list) else []
+    shown = ", ".join(quote(s, 60) for s in splits[:10]) or "(none listed)"
+    raise RecordError(
+        f"{path}: a saved DatasetDict with splits {shown}; pass one split's folder, "
+        f"e.g. {path / (splits[0] if splits else 'train')}"
+    )
+
+
+def _guarded(path: Path, rows: Iterator[RawRow]) -> Iterator[RawRow]:
+    """`rows`, with every way reading the file can fail turned into a one-line RecordError naming it."""
+    compressed = path.suffix.lower() in _COMPRESSED
+    try:
+        yield from rows
+    except FinescopeError:
+        raise
+    except gzip.BadGzipFile as e:
+        raise RecordError(f"{path}: not gzip data although it is named {path.suffix} ({one_line(e)}); rename it "
+                          "without .gz, or compress it with gzip") from None
+    except (EOFError, zlib.error, lzma.LZMAError) as e:
+        raise RecordError(f"{path}: the compressed data is truncated or corrupt ({one_line(e) or 'ended early'}); "
+                          "re-create or re-download the file") from None
+    except OSError as e:
+        if compressed and e.errno is None:  # bz2 reports bad data as a bare OSError
+            raise RecordError(f"{path}: the compressed data is corrupt ({one_line(e)}); re-create or re-download "
+                              "the file") from None
+        raise RecordError(f"{path}: cannot read it ({e.strerror or one_line(e)}); check that it is a readable "
+                          "file") from None
+    except UnicodeError as e:
+        raise RecordError(f"{path}: not UTF-8 text ({one_line(e)}); re-save it as UTF-8") from None
+    except RecursionError:
+        raise RecordError(f"{path}: data nested too deeply to read; flatten the records") from None
+
+
 def _row_source(path: Path) -> Iterator[RawRow]:
-    if path.is_dir():
+    st = check_input_path(path)
+    if stat.S_ISDIR(st.st_mode):
         if (path / "dataset_dict.json").is_file():
-            splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8")).get("splits", [])
-            raise RecordError(
-                f"{path}: a saved DatasetDict with splits {', '.join(splits)}; pass one split's folder, "
-                f"e.g. {path / (splits[0] if splits else 'train')}"
-            )
+            _read_dataset_dict(path)
         if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
-            return _rows_hf_dataset(path)
-        return _rows_txt_dir(path)
+            return _guarded(path, _rows_hf_dataset(path))
+        return _guarded(path, _rows_txt_dir(path))
     suffixes = [s.lower() for s in path.suffixes]
     last = suffixes[-1] if suffixes else ""
-    if last == ".gz":
+    if last in _UNSUPPORTED_COMPRESSION:
+        name, command = _UNSUPPORTED_COMPRESSION[last]
+        raise RecordError(f"{path}: {name}-compressed files are not supported; decompress it first ({command}), or "
+                          "compress it with gzip (.gz), bzip2 (.bz2) or xz (.xz)")
+    if last in _COMPRESSED:
         last = suffixes[-2] if len(suffixes) > 1 else ""
     readers = {".jsonl": _rows_jsonl, ".ndjson": _rows_jsonl, ".json": _rows_json, ".parquet": _rows_parquet,
                ".csv": _rows_csv, ".tsv": _rows_csv}
+    if last == ".parquet" and suffixes[-1] != ".parquet":
+        raise RecordError(f"{path}: a compressed parquet file; decompress it first (parquet compresses its data "
+                          "itself)")
     if last not in readers:
         raise RecordError(
-            f"{path}: unsupported file type {last or '(none)'}; use .jsonl, .json, .parquet, .csv, .tsv, a folder "
-            "of .txt files, or a datasets save_to_disk folder"
+            f"{path}: unsupported file type {last[:40] or '(none)'}; use .jsonl, .json, .parquet, "
+            ".csv, .tsv (the text formats also as .gz, .bz2, .xz), a folder of .txt files, or a datasets "
+            "save_to_disk folder"
         )
-    return readers[last](path)
+    if st.st_size == 0:
+        raise RecordError(f"{path}: no usable records: the file is empty (0 bytes)")
+    return _guarded(path, readers[last](path))
+
+
+def raw_rows(path: str | os.PathLike) -> Iterator[RawRow]:
+    """(location, raw row) of every row of a record file, unnormalised; a row that cannot be parsed comes as a
+    `BadRow` carrying the reason. File-level problems raise RecordError (lazily, on iteration for most)."""
+    return _row_source(Path(path))
+
+
+BadRow = _Bad
 
 
 # ================================================================================================ public API
@@ -266,8 +543,6 @@ def read_records(path: str | os.PathLike, *, skip_bad_rows: bool = False, limit:
     `skip_bad_rows`). A file with no usable record raises RecordError.
     """
     path = Path(path)
-    if not path.exists():
-        raise RecordError(f"{path}: no such file or folder")
     out = Records(source=str(path))
     seen: dict[str, str] = {}
     for where, raw in _row_source(path):
@@ -279,18 +554,19 @@ def read_records(path: str | os.PathLike, *, skip_bad_rows: bool = False, limit:
             rid = rec["id"] if explicit else content_id(rec)
             if rid in seen:
                 if explicit:
-                    raise ValueError(f"duplicate id {rid!r} (first seen at {seen[rid]})")
+                    raise ValueError(f"duplicate id {quote(rid)} (first seen at {seen[rid]})")
                 n = 2
                 while f"{rid}-{n}" in seen:
                     n += 1
                 rid = f"{rid}-{n}"
             seen[rid] = where
             out.append({"id": rid, **{k: v for k, v in rec.items() if k != "id"}})
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
+            reason = one_line(e, 400) if isinstance(e, ValueError) else "nested too deeply to read"
             if not skip_bad_rows:
-                raise RecordError(f"{path}: {where}: {e}") from None
+                raise RecordError(f"{path}: {where}: {reason}") from None
             out.skipped += 1
-            out.skipped_reasons.append(f"{where}: {e}")
+            out.skipped_reasons.append(f"{where}: {reason}")
         if limit is not None and len(out) >= limit:
             break
     if not out:

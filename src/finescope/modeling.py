@@ -16,15 +16,20 @@ CLI: `finescope info default`.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import FinescopeError
+from .data import check_input_path
+from .messages import flat, one_line, quote
 
 # model_type → human name. Gemma3 multimodal checkpoints (model_type "gemma3") use their text decoder.
 SUPPORTED: dict[str, str] = {
@@ -39,6 +44,9 @@ SUPPORTED: dict[str, str] = {
 
 class ModelError(FinescopeError):
     """A model cannot be found, loaded, or is of an unsupported architecture."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(flat(message))
 
 
 # ================================================================================================ adapter
@@ -71,7 +79,7 @@ def check_supported(config: Any, where: str = "") -> str:
     if model_type not in SUPPORTED:
         names = ", ".join(sorted(set(SUPPORTED.values())))
         prefix = f"{where}: " if where else ""
-        raise ModelError(f"{prefix}unsupported architecture {model_type!r}; supported: {names}")
+        raise ModelError(f"{prefix}unsupported architecture {quote(model_type, 80)}; supported: {names}")
     return SUPPORTED[model_type]
 
 
@@ -225,19 +233,142 @@ def resolve_model_path(spec: str | os.PathLike) -> str:
 
         return str(default_model_dir())
     path = Path(spec_str).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
+    what = "model folder or .gguf file"
+    if path.suffix.lower() == ".gguf":
+        if not os.path.lexists(path):
             raise ModelError(f"{path}: no such GGUF file")
+        check_input_path(path, want="file", what=".gguf file", error=ModelError)
+        _check_gguf_magic(path)
         return str(gguf_cached_folder(path))
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{path}: not a model folder (no config.json)")
-        return str(path)
-    if path.exists():
+    if os.path.lexists(path):
+        st_dir = path.is_dir()
+        check_input_path(path, what=what, error=ModelError)  # a symlink loop, a dangling link, a FIFO …
+        if st_dir:
+            config = path / "config.json"
+            if not os.path.lexists(config):
+                raise ModelError(f"{path}: not a model folder (no config.json)")
+            check_input_path(config, want="file", what="config.json", error=ModelError)
+            return str(path)
         raise ModelError(f"{path}: not a model folder or .gguf file")
     if spec_str.startswith((".", "/", "~")) or spec_str.count("/") > 1:
         raise ModelError(f"{path}: no such model folder")
     return spec_str  # a Hub id
+
+
+def _check_gguf_magic(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read it ({e.strerror or e}); check its permissions") from None
+    if magic != b"GGUF":
+        raise ModelError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes); pass a real .gguf "
+                         "file or a Hugging Face model folder")
+
+
+def _check_device(spec: Any, device: str | None) -> None:
+    """Refuse a device that does not exist here before anything is loaded."""
+    if device in (None, "auto"):
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelError(f"device {quote(device, 60)}: not a device name; use cpu, cuda, cuda:N, mps or auto") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ModelError(f"{os.fspath(spec)}: device {quote(device, 60)} requested, but CUDA is not available "
+                             f"({why}); use --device cpu, or leave --device unset to use a GPU when there is one")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ModelError(f"{os.fspath(spec)}: device {quote(device, 60)} requested, but this machine has "
+                             f"{count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(f"{os.fspath(spec)}: device 'mps' requested, but MPS is not available; use --device cpu")
+
+
+def _reraise_fatal(e: BaseException) -> None:
+    """Out-of-memory and our own errors pass through the 'cannot load' wrappers unchanged."""
+    if isinstance(e, (FinescopeError, MemoryError, torch.OutOfMemoryError)):
+        raise e
+
+
+def _read_local_config(folder: Path) -> dict:
+    """config.json of a local model folder, checked before transformers sees it: valid JSON, an object, a
+    model_type string of a supported family."""
+    path = folder / "config.json"
+    fix = "fix it, or re-save the model with save_pretrained"
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read it ({e.strerror or e}); check its permissions") from None
+    try:
+        data = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ModelError(f"{path}: not UTF-8 text (byte {e.start}); {fix}") from None
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path}: invalid JSON (line {e.lineno} column {e.colno}: {e.msg}); {fix}") from None
+    except RecursionError:
+        raise ModelError(f"{path}: JSON nested too deeply to read; {fix}") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a JSON object, got {type(data).__name__}; {fix}")
+    model_type = data.get("model_type")
+    names = ", ".join(sorted(SUPPORTED))
+    if model_type is None:
+        raise ModelError(f"{path}: no 'model_type' field (it names the architecture: {names}); {fix}")
+    if not isinstance(model_type, str):
+        raise ModelError(f"{path}: field 'model_type' must be a string ({names}), got {quote(model_type, 80)}")
+    check_supported(SimpleNamespace(model_type=model_type), str(folder))
+    return data
+
+
+def _check_safetensors(folder: Path) -> None:
+    """Open (header only) every safetensors file transformers would load, so a truncated or corrupt one is named."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if os.path.lexists(index):
+        check_input_path(index, want="file", what="safetensors index", error=ModelError)
+        try:
+            weight_map = json.loads(index.read_bytes().decode("utf-8-sig"))["weight_map"]
+            names = sorted({v for v in weight_map.values()})
+            if not all(isinstance(n, str) for n in names):
+                raise TypeError("file names must be strings")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            raise ModelError(f"{index}: not a valid safetensors index ({type(e).__name__}: {one_line(e, 200)}); "
+                             "re-save the model with save_pretrained") from None
+        files = [folder / n for n in names]
+    elif os.path.lexists(folder / "model.safetensors"):
+        files = [folder / "model.safetensors"]
+    else:
+        return
+    for file in files:
+        check_input_path(file, want="file", what="safetensors file", error=ModelError)
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as e:
+            _reraise_fatal(e)
+            raise ModelError(f"{file}: not a readable safetensors file ({one_line(e, 200)}); it is truncated or "
+                             "corrupt: re-save the model with save_pretrained or download it again") from None
+
+
+def _weights_error(source: str, local: bool, e: Exception) -> ModelError:
+    """A one-line ModelError for a failed from_pretrained: names the weights file; never repeats torch's advice to
+    unpickle arbitrary code."""
+    folder = Path(source)
+    safetensors = sorted(folder.glob("*.safetensors")) if local else []
+    bins = sorted(folder.glob("pytorch_model*.bin")) if local else []
+    text = str(e)
+    if isinstance(e, pickle.UnpicklingError) or "weights_only" in text or "Weights only load failed" in text:
+        named = bins[0] if len(bins) == 1 else folder / "pytorch_model*.bin" if bins else source
+        return ModelError(f"{named}: a pickle checkpoint that holds more than tensors, so it cannot be loaded "
+                          "safely; finescope loads only safetensors files and weights-only pickles: convert it to "
+                          "safetensors (where you trust its source) and pass that folder")
+    files = safetensors or bins
+    named = files[0] if len(files) == 1 else source
+    return ModelError(f"{named}: cannot load the model weights ({type(e).__name__}: {one_line(text, 200)}); the "
+                      "folder must be written by save_pretrained with no truncated file (re-save or re-download it)")
 
 
 def load(
@@ -250,17 +381,25 @@ def load(
     """Load a supported causal LM and its tokenizer; the architecture is checked before any weight is read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    _check_device(spec, device)
     source = resolve_model_path(spec)
     local = Path(source).is_dir()
+    if local:
+        _read_local_config(Path(source))
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=local)
     except OSError as e:
         if local:
-            raise ModelError(f"{source}: unreadable config.json ({e})") from None
+            raise ModelError(f"{Path(source) / 'config.json'}: unreadable ({one_line(e, 200)})") from None
         raise ModelError(
-            f"{source!r} is not a local folder or .gguf file, and the Hugging Face Hub could not provide it "
+            f"{quote(source)} is not a local folder or .gguf file, and the Hugging Face Hub could not provide it "
             f"(offline? HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')!r}); pass a local model folder"
         ) from None
+    except Exception as e:
+        _reraise_fatal(e)
+        where = Path(source) / "config.json" if local else quote(source)
+        raise ModelError(f"{where}: invalid model config ({type(e).__name__}: {one_line(e, 200)}); fix it, or re-save "
+                         "the model with save_pretrained") from None
     check_supported(config, source)
     tokenizer = _load_tokenizer(source, local) if with_tokenizer else None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -268,7 +407,13 @@ def load(
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "local_files_only": local}
     if device == "auto":
         kwargs["device_map"] = "auto"
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if local:
+        _check_safetensors(Path(source))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except Exception as e:
+        _reraise_fatal(e)
+        raise _weights_error(source, local, e) from None
     if device != "auto":
         model.to(device)
     model.eval()
@@ -281,7 +426,22 @@ def _load_tokenizer(source: str, local: bool):
     if local and not any((Path(source) / f).is_file() for f in _TOKENIZER_FILES):
         raise ModelError(f"{source}: model folder has no tokenizer ({', '.join(_TOKENIZER_FILES[:2])}); "
                          "save the tokenizer next to the weights")
-    tok = AutoTokenizer.from_pretrained(source, local_files_only=local)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, local_files_only=local)
+    except Exception as e:
+        _reraise_fatal(e)
+        named: Any = source
+        if local:  # name the tokenizer file that is not valid JSON, when one is
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+                file = Path(source) / name
+                try:
+                    if file.is_file():
+                        json.loads(file.read_bytes().decode("utf-8-sig"))
+                except (OSError, ValueError, RecursionError):
+                    named = file
+                    break
+        raise ModelError(f"{named}: cannot load the tokenizer ({type(e).__name__}: {one_line(e, 200)}); re-save the "
+                         "tokenizer with save_pretrained next to the weights") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -303,9 +463,10 @@ def gguf_to_hf_folder(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, 
 
     gguf_path = Path(gguf_path)
     folder, name = str(gguf_path.parent), gguf_path.name
-    steps = progress(total=4, desc=f"convert {name}", unit="step")
+    # The metadata is read and checked before the bar is drawn: a bad file fails with nothing but its error.
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
     check_supported(config, str(gguf_path))
+    steps = progress(total=4, desc=f"convert {name}", unit="step")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     steps.update(1)
     quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
@@ -345,7 +506,13 @@ def gguf_cached_folder(gguf_path: Path) -> Path:
     key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
     out = home() / "models" / f"gguf-{gguf_path.stem}-{key}"
     if not (out / "config.json").is_file():
-        gguf_to_hf_folder(gguf_path, out)
+        try:
+            gguf_to_hf_folder(gguf_path, out)
+        except Exception as e:
+            _reraise_fatal(e)
+            raise ModelError(f"{gguf_path}: cannot convert this GGUF file ({type(e).__name__}: {one_line(e, 200)}); it "
+                             "may be truncated, or its architecture or quantization is not one transformers reads"
+                             ) from None
     return out
 
 

@@ -20,9 +20,9 @@ the same ones; few-shot examples of MMLU come from the same subject, never the q
 from __future__ import annotations
 
 import difflib
-import gzip
 import json
 import math
+import os
 import random
 import re
 from dataclasses import dataclass, field
@@ -30,10 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from .. import FinescopeError
+from ..messages import flat
 
 
 class TaskError(FinescopeError):
     """Unknown task name, a bad task file, or a limit/shots setting the task cannot satisfy."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(flat(message))
 
 
 # ================================================================================================ MMLU data
@@ -179,37 +183,34 @@ def humaneval_program(doc: dict, completion: str) -> str:
 
 
 def _read_rows(path: Path, required: tuple[str, ...]) -> list[dict]:
-    """Rows of a .jsonl(.gz) or .json list, each checked for `required` fields; errors name file, line, field."""
-    if not path.is_file():
-        raise TaskError(f"{path}: no such file")
-    opener = gzip.open if path.suffix == ".gz" else open
-    rows: list[tuple[str, Any]] = []
-    with opener(path, "rt", encoding="utf-8") as f:  # type: ignore[operator]
-        if ".jsonl" in path.suffixes or ".ndjson" in path.suffixes:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append((f"line {n}", json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        raise TaskError(f"{path}: line {n}: invalid JSON ({e.msg})") from None
-        elif path.suffix == ".json":
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(data, list):
-                raise TaskError(f"{path}: expected a JSON list of objects")
-            rows = [(f"item {i}", r) for i, r in enumerate(data)]
-        else:
-            raise TaskError(f"{path}: unsupported task file type; use .jsonl or .json")
+    """Rows of a .jsonl / .json list (also .gz, .bz2, .xz), each checked for `required` fields; errors name file,
+    line and field. The file is read by finescope.data's readers, so an unreadable, non-UTF-8, truncated or too
+    deeply nested file is a one-line TaskError too."""
+    from ..data import BadRow, RecordError, check_input_path, raw_rows
+    from ..messages import quote
+
+    check_input_path(path, want="file", what="task file (.jsonl or .json)", error=TaskError)
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in (".gz", ".bz2", ".xz"):
+        suffixes = suffixes[:-1]
+    if not suffixes or suffixes[-1] not in (".jsonl", ".ndjson", ".json"):
+        raise TaskError(f"{path}: unsupported task file type; use .jsonl or .json")
     out = []
-    for where, row in rows:
-        if not isinstance(row, dict):
-            raise TaskError(f"{path}: {where}: expected an object, got {type(row).__name__}")
-        for name in required:
-            if name not in row or row[name] in (None, ""):
-                raise TaskError(f"{path}: {where}: missing field {name!r} (needs {', '.join(required)})")
-        out.append(row)
+    try:
+        for where, row in raw_rows(path):
+            if isinstance(row, BadRow):
+                raise TaskError(f"{path}: {where}: {row.reason}")
+            if not isinstance(row, dict):
+                raise TaskError(f"{path}: {where}: expected an object, got {type(row).__name__}")
+            for name in required:
+                if name not in row or row[name] in (None, ""):
+                    raise TaskError(f"{path}: {where}: missing field {name!r} (needs {', '.join(required)})")
+                if name != "test_list" and not isinstance(row[name], str):
+                    raise TaskError(f"{path}: {where}: field {name!r} must be a string, got {type(row[name]).__name__}"
+                                    f" {quote(row[name], 80)}")
+            out.append(row)
+    except RecordError as e:
+        raise TaskError(str(e)) from None
     if not out:
         raise TaskError(f"{path}: no rows")
     return out
@@ -340,21 +341,24 @@ def resolve_task(name: str) -> Task:
         if arg in NLL_PRESETS:
             return Task(name, "nll", lambda: _nll_preset(arg), {"preset": arg})
         path = Path(arg).expanduser()
-        if not path.exists():
+        if not os.path.lexists(path):
             raise TaskError(f"task {name!r}: {arg} is neither an NLL preset ({', '.join(NLL_PRESETS)}) nor an "
                             "existing record file")
+        _check_task_path(name, path, "file or folder", "record file")
         return Task(name, "nll", lambda: _nll_file(path), {"file": str(path)})
     if prefix == "math" and arg:
         file, _, types = arg.partition("@")
         path = Path(file).expanduser()
         type_list = [t for t in types.split("+") if t] or None
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise TaskError(f"task {name!r}: {path}: no such file (a MATH jsonl with problem, solution, type)")
+        _check_task_path(name, path, "file", "MATH jsonl (problem, solution, type)")
         return Task(name, "math", lambda: load_math(path, type_list), {"file": str(path), "types": type_list})
     if prefix == "mbpp" and arg:
         path = Path(arg).expanduser()
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise TaskError(f"task {name!r}: {path}: no such file (an MBPP jsonl with text, code, test_list)")
+        _check_task_path(name, path, "file", "MBPP jsonl (text, code, test_list)")
         return Task(name, "code", lambda: load_mbpp(path), {"flavour": "mbpp", "file": str(path)},
                     needs_code_execution=True)
     known = known_task_names()
@@ -364,6 +368,16 @@ def resolve_task(name: str) -> Task:
     raise TaskError(f"unknown task {name!r}{hint}; known: {groups}, mmlu:<subject> (e.g. mmlu:anatomy; "
                     f"57 subjects), gsm8k, humaneval, nll:math, nll:code, nll:<record file>, "
                     "math:<file>[@type+type], mbpp:<file>")
+
+
+def _check_task_path(name: str, path: Path, want: str, what: str) -> None:
+    """A task file that exists but cannot be used (a folder, FIFO, symlink loop, dangling link) → TaskError."""
+    from ..data import check_input_path
+
+    try:
+        check_input_path(path, want=want, what=what, error=TaskError)
+    except TaskError as e:
+        raise TaskError(f"task {name!r}: {e}") from None
 
 
 def _nll_preset(preset: str) -> list[dict]:

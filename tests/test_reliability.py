@@ -337,3 +337,25 @@ def test_warnings_print_as_one_finescope_line(tmp_path, capsys):
     lines = [l for l in err.splitlines() if "top_m" in l]
     assert lines == ["finescope: warning: top_m = 50 is larger than the pool (5 records); keeping all of them"]
     assert "UserWarning" not in err
+
+
+def test_atomic_dir_removes_half_built_folders_of_dead_builders_only(tmp_path):
+    from finescope.child_process import owned_prefix
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        ns = owned_prefix("x").split("-")[2]
+        stale = tmp_path / f".model-{dead.pid}-{ns}-abc.tmp"
+        alive = tmp_path / f".model-{live.pid}-{ns}-def.tmp"
+        other = tmp_path / ".model.unowned.tmp"  # an older version's name: its owner is unknown, so it is kept
+        for d in (stale, alive, other):
+            (d / "w").mkdir(parents=True)
+        with io.atomic_dir(tmp_path / "model") as tmp:
+            (tmp / "weights").write_text("w")
+        assert not stale.exists() and alive.exists() and other.exists()
+        assert (tmp_path / "model" / "weights").read_text() == "w"
+    finally:
+        live.kill()
+        live.wait()

@@ -93,11 +93,16 @@ def read_json(path: str | os.PathLike) -> Any:
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Build a folder under a temporary name and rename it into place only if the block succeeds.
 
-    An existing folder at `path` is replaced only after the new one is complete.
+    An existing folder at `path` is replaced only after the new one is complete. The temporary name records this
+    process's pid, so the half-built folders of killed earlier builds (a multi-GB model save or GGUF conversion)
+    are recognised and removed here.
     """
+    from .child_process import owned_prefix, remove_stale
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_stale(f".{path.name}", path.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=owned_prefix(f".{path.name}"), suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 
 import pytest
 
-from finescope.evaluate.code_exec import Limits, live_group_members, run_program, sandbox_capabilities
+from finescope.evaluate.code_exec import CodeExecutionError, Limits, live_group_members, run_program, sandbox_capabilities
 
 CAPS = sandbox_capabilities()
 FAST = Limits(timeout_s=3, cpu_s=2, memory_mb=512)
@@ -91,3 +92,13 @@ def test_environment_is_not_inherited(monkeypatch):
     monkeypatch.setenv("FINESCOPE_TEST_SECRET", "hunter2")
     r = run_program("import os\nprint(sorted(os.environ))\nassert 'FINESCOPE_TEST_SECRET' not in os.environ", FAST)
     assert r.passed and "hunter2" not in r.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root drops to nobody")
+def test_temp_folder_nobody_cannot_reach_is_refused_not_scored_zero(tmp_path, monkeypatch):
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
+    with pytest.raises(CodeExecutionError, match="not searchable by other users"):
+        run_program("assert True")
+    assert list(private.iterdir()) == []  # the refused program's folder is not left behind

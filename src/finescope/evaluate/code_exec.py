@@ -96,6 +96,16 @@ def _tail(path: Path, n: int = 2000) -> str:
         return ""
 
 
+def _check_reachable_by_nobody(folder: Path) -> None:
+    """As root, programs run as `nobody`: every folder above their work folder must let others pass (o+x), or each
+    program would fail to open its own file and every pass@k would silently read 0."""
+    for d in [folder, *folder.parents]:
+        if not d.stat().st_mode & 0o001:
+            raise CodeExecutionError(f"{d}: not searchable by other users (mode {d.stat().st_mode & 0o777:o}), so the "
+                                     f"sandbox user nobody cannot reach its programs under {folder}; set TMPDIR to a "
+                                     "folder all users can enter (e.g. /tmp)")
+
+
 def run_program(code: str, limits: Limits | None = None) -> ExecResult:
     """Run `code` (a complete Python program) confined; exit status 0 = passed."""
     global _stale_cleaned
@@ -117,6 +127,11 @@ def run_program(code: str, limits: Limits | None = None) -> ExecResult:
         drop = python is not None
         python = python or sys.executable
     if drop:
+        try:
+            _check_reachable_by_nobody(root.parent)
+        except CodeExecutionError:
+            shutil.rmtree(root, ignore_errors=True)
+            raise
         os.chmod(root, 0o711)
         os.chown(work, _NOBODY, _NOBODY)
         os.chown(program, _NOBODY, _NOBODY)

@@ -103,3 +103,29 @@ def tiny_model_dirs(tmp_path_factory, chat_tokenizer):
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+def hold_lock(path, ready):
+    """Another process that holds `path`'s finescope lock (as a running stage would) until it is killed."""
+    import subprocess
+    import sys
+    import textwrap
+    import time
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    code = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(src)!r})
+        from pathlib import Path
+        from finescope import io
+        with io.exclusive(Path({str(path)!r})):
+            Path({str(ready)!r}).write_text("locked")
+            time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 60
+    while not Path(ready).exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "lock holder did not start"
+        time.sleep(0.05)
+    return proc

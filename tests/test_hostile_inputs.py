@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS
+from conftest import CORPUS, hold_lock
 from finescope.cli import main
 
-SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def _records(path: Path, n: int = 8) -> str:
@@ -205,22 +200,8 @@ def test_hostile_input_is_one_line_exit_2_and_touches_nothing(row, tmp_path, tin
 
 def test_a_locked_stage_folder_is_refused_naming_the_holder(tmp_path, tiny_model_dirs, capsys):
     out = tmp_path / "out"
-    ready = tmp_path / "ready"
-    code = textwrap.dedent(f"""
-        import sys, time
-        sys.path.insert(0, {str(SRC)!r})
-        from pathlib import Path
-        from finescope import io
-        with io.exclusive(Path({str(out)!r})):
-            Path({str(ready)!r}).write_text("x")
-            time.sleep(600)
-    """)
-    holder = subprocess.Popen([sys.executable, "-c", code])
+    holder = hold_lock(out, tmp_path / "ready")
     try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            assert holder.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
         for argv in (["curate", "--method", "random", "--pool", _records(tmp_path / "p.jsonl"), "--seeds",
                       _records(tmp_path / "s.jsonl", 2)],
                      ["eval", "--model", str(tiny_model_dirs["llama"]), "--tasks",

@@ -9,16 +9,14 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS
+from conftest import CORPUS, hold_lock
 from finescope import io
 from finescope.cli import STAGES, build_parser, main
-from finescope.config import CurateConfig, EvalConfig, PruneConfig, _fields, _spec, _hints, config_from_args
+from finescope.config import CurateConfig, PruneConfig, _fields, _spec, _hints, config_from_args
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -101,25 +99,6 @@ def test_no_teacher_on_a_prune_output_is_plain_sft(tmp_path, tiny_model_dirs, ca
 # ================================================================================================ locks
 
 
-def _hold_lock(path: Path, ready: Path) -> subprocess.Popen:
-    """Another process that holds `path`'s lock (as a running stage would) until it is killed."""
-    code = textwrap.dedent(f"""
-        import sys, time
-        sys.path.insert(0, {str(SRC)!r})
-        from pathlib import Path
-        from finescope import io
-        with io.exclusive(Path({str(path)!r})):
-            Path({str(ready)!r}).write_text("locked")
-            time.sleep(600)
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", code])
-    deadline = time.monotonic() + 60
-    while not ready.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "lock holder did not start"
-        time.sleep(0.05)
-    return proc
-
-
 def _stop(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -130,7 +109,7 @@ def test_second_process_on_a_stage_folder_is_refused_with_the_holders_pid(tmp_pa
     out = tmp_path / "prune"
     args = ["prune", "--model", str(tiny_model_dirs["llama"]), "--data", str(data), "--ratio", "0.3",
             "--calib-samples", "4", "--calib-length", "32", "--out", str(out)]
-    holder = _hold_lock(out, tmp_path / "ready")
+    holder = hold_lock(out, tmp_path / "ready")
     try:
         assert main(args) == 2
         err = _err_line(capsys)
@@ -171,7 +150,7 @@ def test_two_real_stage_processes_exactly_one_proceeds(tmp_path, tiny_model_dirs
 
 def test_run_directory_and_report_are_locked(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    holder = _hold_lock(run_dir, tmp_path / "ready")
+    holder = hold_lock(run_dir, tmp_path / "ready")
     try:
         assert main(["run", "--config", "quick", "--run-dir", str(run_dir), "report=false"]) == 2
         assert f"PID {holder.pid}" in _err_line(capsys)

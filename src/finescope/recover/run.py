@@ -20,7 +20,7 @@ import torch
 from .. import FinescopeError
 from ..config import RecoverConfig
 from ..data import read_records
-from ..io import (CONFIG, check_stage_folder, is_done, mark_done, read_json, stage_folder, write_json_atomic,
+from ..io import (CONFIG, check_stage_folder, is_done, mark_done, read_json, stage_folder,
                   write_jsonl_atomic)
 from ..modeling import ModelError, load, resolve_model_path
 from .filters import REASONS, apply_filters

@@ -21,6 +21,7 @@ from typing import Any
 
 from ..data import format_prompt
 from ..generation import generate
+from ..io import write_atomic
 
 # SDFT's `alpaca_distill_using` template (Yang et al., 2024), the faithful default (METHOD.md §8 item 9).
 DISTILL_SYSTEM = (
@@ -97,9 +98,7 @@ def rewrite_records(
     if partial_path is not None:
         partial_path.parent.mkdir(parents=True, exist_ok=True)
         if done:  # rewrite the kept rows only, dropping stale or torn ones
-            tmp = partial_path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(v, ensure_ascii=False) + "\n" for v in done.values()), encoding="utf-8")
-            os.replace(tmp, partial_path)
+            write_atomic(partial_path, "".join(json.dumps(v, ensure_ascii=False) + "\n" for v in done.values()))
         elif partial_path.exists():
             partial_path.unlink()
         handle = open(partial_path, "a", encoding="utf-8")

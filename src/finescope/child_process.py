@@ -13,6 +13,7 @@ Stdlib only, no finescope imports: it is the lowest layer.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -95,9 +96,10 @@ def is_stale(name: str, kind: str) -> bool:
 
 
 def remove_stale(kind: str, directory: str | os.PathLike | None = None) -> list[Path]:
-    """Delete folders `<directory>/<kind>-…` (default: the temp dir) left by dead owners; return what was removed.
+    """Delete folders and files `<directory>/<kind>-…` (default: the temp dir) left by dead owners; return what was
+    removed.
 
-    Only folders owned by our own user are touched, and symlinks never are.
+    Only entries owned by our own user are touched, and symlinks never are.
     """
     base = Path(directory or tempfile.gettempdir())
     removed = []
@@ -112,9 +114,13 @@ def remove_stale(kind: str, directory: str | os.PathLike | None = None) -> list[
             st = entry.stat(follow_symlinks=False)
         except OSError:
             continue
-        if not entry.is_dir(follow_symlinks=False) or st.st_uid != os.geteuid():
+        if st.st_uid != os.geteuid() or entry.is_symlink():
             continue
-        shutil.rmtree(entry.path, ignore_errors=True)
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        elif entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
         if not os.path.lexists(entry.path):
             removed.append(Path(entry.path))
     return removed

@@ -46,11 +46,11 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
 
     As in `atomic_dir`, the temporary name records this process's pid, so the partial file a killed earlier write
     of the same target left (a cache shard outside any locked stage folder, say) is removed here."""
-    from .child_process import owned_prefix
+    from .child_process import owned_prefix, remove_stale
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_files(f".{path.name}", path.parent)
+    remove_stale(f".{path.name}", path.parent)
     fd, tmp = tempfile.mkstemp(prefix=owned_prefix(f".{path.name}"), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -64,25 +64,6 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
             os.unlink(tmp)
         raise
     return path
-
-
-def _remove_stale_files(kind: str, folder: Path) -> None:
-    """Delete `<folder>/<kind>-<pid>-….tmp` files of ours whose writer is dead (`child_process.remove_stale` does
-    the same for folders)."""
-    from .child_process import is_stale
-
-    try:
-        with os.scandir(folder) as it:
-            entries = [e for e in it if e.name.startswith(kind + "-") and e.name.endswith(".tmp")]
-    except OSError:
-        return
-    for entry in entries:
-        try:
-            if (is_stale(entry.name, kind) and entry.is_file(follow_symlinks=False)
-                    and entry.stat(follow_symlinks=False).st_uid == os.geteuid()):
-                os.unlink(entry.path)
-        except OSError:
-            pass
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -118,8 +118,8 @@ def hold_lock(path, ready):
         import sys, time
         sys.path.insert(0, {str(src)!r})
         from pathlib import Path
-        from finescope import io
-        with io.exclusive(Path({str(path)!r})):
+        from finescope import storage
+        with storage.exclusive(Path({str(path)!r})):
             Path({str(ready)!r}).write_text("locked")
             time.sleep(600)
     """)

@@ -42,15 +42,15 @@ def test_stage_subcommand_plumbing(monkeypatch, tmp_path, capsys):
     import sys
     import types
 
-    from finescope import cli, io
+    from finescope import cli, storage
     from finescope.config import PruneConfig
 
     calls = []
 
     def fake_run(cfg, out):
-        stage = io.open_stage(out, cfg, overwrite=cfg.overwrite)
+        stage = storage.open_stage(out, cfg, overwrite=cfg.overwrite)
         calls.append(cfg)
-        io.mark_done(stage, cfg, {"ok": True})
+        storage.mark_done(stage, cfg, {"ok": True})
         return out
 
     module = types.ModuleType("fake_stage")
@@ -62,6 +62,6 @@ def test_stage_subcommand_plumbing(monkeypatch, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["fakeprune", "--out", str(out), "--config", str(yaml_path), "--importance", "flap"]) == 0
     assert (calls[0].ratio, calls[0].calib_samples, calls[0].importance) == (0.2, 16, "flap")
-    assert io.is_done(out, calls[0])
+    assert storage.is_done(out, calls[0])
     assert main(["fakeprune", "--out", str(out), "--ratio", "1.5"]) == 2
     assert "ratio = 1.5: must be in (0, 1)" in capsys.readouterr().err

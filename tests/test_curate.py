@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from finescope import io
+from finescope import storage
 from finescope.config import CurateConfig
 from finescope.curate import run as curate_run
 from finescope.curate.activations import TextBatches
@@ -166,7 +166,7 @@ def _cfg(tiny_model_dirs, tmp_path, **kw):
 def test_run_end_to_end_outputs_and_cache(tiny_model_dirs, tmp_path, cache_home, monkeypatch):
     cfg = _cfg(tiny_model_dirs, tmp_path)
     out = curate_run.run(cfg, tmp_path / "curate")
-    assert io.is_done(out, cfg)
+    assert storage.is_done(out, cfg)
     selected = [json.loads(l) for l in (out / "selected.jsonl").read_text().splitlines()]
     assert len(selected) == 10 and [r["rank"] for r in selected] == list(range(1, 11))
     assert all({"id", "score", "nearest_seed", "source"} <= set(r) for r in selected)

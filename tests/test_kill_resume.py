@@ -593,8 +593,8 @@ def test_eval_killed_during_sandboxed_execution_then_rerun_equals_uninterrupted(
 
 _WRITERS = {
     # a big payload keeps the temp file open long enough to be seen and killed in
-    "write_atomic": "io.write_atomic(target, b'\\0' * ({mib} << 20))",
-    "atomic_dir": "with io.atomic_dir(target) as tmp:\n    (tmp / 'weights').write_bytes(b'\\0' * ({mib} << 20))",
+    "write_atomic": "storage.write_atomic(target, b'\\0' * ({mib} << 20))",
+    "atomic_dir": "with storage.atomic_dir(target) as tmp:\n    (tmp / 'weights').write_bytes(b'\\0' * ({mib} << 20))",
 }
 
 
@@ -607,7 +607,7 @@ def test_killed_atomic_write_outside_a_stage_is_cleaned_by_the_next_write(primit
     env = {**os.environ, "PYTHONPATH": str(SRC)}
 
     def code(mib: int) -> str:
-        return ("import sys\nfrom pathlib import Path\nfrom finescope import io\ntarget = Path(sys.argv[1])\n"
+        return ("import sys\nfrom pathlib import Path\nfrom finescope import storage\ntarget = Path(sys.argv[1])\n"
                 + _WRITERS[primitive].format(mib=mib) + "\n")
 
     def temps() -> list[Path]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from finescope import cli, io, pipeline
+from finescope import cli, storage, pipeline
 from finescope.config import PipelineConfig, load_config
 
 FIX = Path(__file__).parent / "fixtures" / "eval"
@@ -158,7 +158,7 @@ def test_ablation_matrix_plan_shares_outputs(tmp_path):
     assert len(by_stage["curate"]) == 9
     # dense eval once, although dense and the ratio sweep's r=0 point could each ask for it
     dense_evals = [j for j in by_stage["eval"] if j.cfg.model == cfg.model]
-    assert len({io.config_hash(j.cfg) for j in dense_evals}) == len(dense_evals)
+    assert len({storage.config_hash(j.cfg) for j in dense_evals}) == len(dense_evals)
     assert chains["pruned"]["prune"] is chains["pruned_tgd"]["prune"] is chains["pruned_sft"]["prune"]
     assert chains["generic_tgd"]["prune"] is chains["pruned_generic"]["prune"]
     assert chains["generic_tgd"]["prune"].cfg.data.endswith("data/generic.jsonl")

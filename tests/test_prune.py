@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from conftest import CORPUS, build_model
 from finescope.cli import main
 from finescope.config import PruneConfig
-from finescope.io import StageError
+from finescope.storage import StageError
 from finescope.modeling import ArchAdapter, ModelError, load
 from finescope.prune.importance import (
     WIDTH_IMPORTANCE, CalibrationError, calibration_batches, compute_scores, select_attention,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CORPUS, hold_lock
-from finescope import io
+from finescope import storage
 from finescope.cli import STAGES, build_parser, main
 from finescope.config import CurateConfig, PruneConfig, _fields, _spec, _hints, config_from_args
 
@@ -118,7 +118,7 @@ def test_second_process_on_a_stage_folder_is_refused_with_the_holders_pid(tmp_pa
     finally:
         _stop(holder)
     # the kernel released the killed holder's lock: the stage now runs
-    assert main(args) == 0 and io.is_done(out, json_config(out, PruneConfig))
+    assert main(args) == 0 and storage.is_done(out, json_config(out, PruneConfig))
 
 
 def json_config(out: Path, cls):
@@ -145,7 +145,7 @@ def test_two_real_stage_processes_exactly_one_proceeds(tmp_path, tiny_model_dirs
     assert codes == [0, 2], results
     refused = next(err for rc, err in results if rc == 2)
     assert "in use by another finescope process (PID" in refused and "Traceback" not in refused
-    assert io.done_hash(out) == json.loads((out / "config.json").read_text())["config_hash"]
+    assert storage.done_hash(out) == json.loads((out / "config.json").read_text())["config_hash"]
 
 
 def test_run_directory_and_report_are_locked(tmp_path, capsys):
@@ -164,13 +164,13 @@ def test_run_directory_and_report_are_locked(tmp_path, capsys):
 
 def test_lock_is_released_when_the_block_ends_and_reentry_from_another_fd_is_refused(tmp_path):
     target = tmp_path / "stage"
-    with io.exclusive(target):
-        with pytest.raises(io.StageError, match=f"PID {os.getpid()}"):
-            with io.exclusive(target):
+    with storage.exclusive(target):
+        with pytest.raises(storage.StageError, match=f"PID {os.getpid()}"):
+            with storage.exclusive(target):
                 pass
-    with io.exclusive(target):
+    with storage.exclusive(target):
         pass
-    assert io.lock_file(target).read_text().strip() == str(os.getpid())
+    assert storage.lock_file(target).read_text().strip() == str(os.getpid())
 
 
 # ================================================================================================ DONE and temp files
@@ -178,37 +178,37 @@ def test_lock_is_released_when_the_block_ends_and_reentry_from_another_fd_is_ref
 
 def test_done_is_trusted_only_when_config_json_agrees(tmp_path):
     a, b = CurateConfig(top_m=10), CurateConfig(top_m=20)
-    stage = io.open_stage(tmp_path / "c", a)
-    io.mark_done(stage, a)
-    assert io.is_done(stage, a)
+    stage = storage.open_stage(tmp_path / "c", a)
+    storage.mark_done(stage, a)
+    assert storage.is_done(stage, a)
     # config.json of another run beside DONE of this one (the mixed folder of the report): trusted by neither
     other = json.loads((stage / "config.json").read_text())
-    other.update(config_hash=io.config_hash(b), config=io.to_jsonable(b))
+    other.update(config_hash=storage.config_hash(b), config=storage.to_jsonable(b))
     (stage / "config.json").write_text(json.dumps(other))
-    assert not io.is_done(stage, a) and not io.is_done(stage, b)
+    assert not storage.is_done(stage, a) and not storage.is_done(stage, b)
     # a hand-edited config.json that still claims the old hash is caught by re-hashing its content
     edited = json.loads(json.dumps(other))
-    edited["config_hash"] = io.config_hash(a)
+    edited["config_hash"] = storage.config_hash(a)
     (stage / "config.json").write_text(json.dumps(edited))
-    assert not io.is_done(stage, a)
+    assert not storage.is_done(stage, a)
 
 
 def test_switches_outside_the_hash_do_not_break_done(tmp_path):
     cfg = PruneConfig(data="x")
-    stage = io.open_stage(tmp_path / "p", cfg)
-    io.mark_done(stage, cfg)
-    assert io.is_done(stage, dataclasses.replace(cfg, overwrite=True))
+    stage = storage.open_stage(tmp_path / "p", cfg)
+    storage.mark_done(stage, cfg)
+    assert storage.is_done(stage, dataclasses.replace(cfg, overwrite=True))
 
 
 def test_temp_files_of_a_killed_run_are_removed_when_the_stage_reopens(tmp_path):
     cfg = CurateConfig()
-    stage = io.open_stage(tmp_path / "c", cfg)
+    stage = storage.open_stage(tmp_path / "c", cfg)
     (stage / ".selected.jsonl.abc.tmp").write_bytes(b"x" * 100)
     (stage / "model" / ".weights.x.tmp").parent.mkdir()
     (stage / "model" / ".weights.x.tmp").write_bytes(b"x")
     (stage / ".model.q1.tmp").mkdir()
     (stage / "rewrites.partial.jsonl").write_text("{}\n")  # resumable work is kept
-    with io.stage_folder(tmp_path / "c", cfg) as again:
+    with storage.stage_folder(tmp_path / "c", cfg) as again:
         assert again == stage
     left = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*"))
     assert left == ["config.json", "model", "rewrites.partial.jsonl"]
@@ -331,7 +331,7 @@ def test_atomic_dir_removes_half_built_folders_of_dead_builders_only(tmp_path):
         other = tmp_path / ".model.unowned.tmp"  # an older version's name: its owner is unknown, so it is kept
         for d in (stale, alive, other):
             (d / "w").mkdir(parents=True)
-        with io.atomic_dir(tmp_path / "model") as tmp:
+        with storage.atomic_dir(tmp_path / "model") as tmp:
             (tmp / "weights").write_text("w")
         assert not stale.exists() and alive.exists() and other.exists()
         assert (tmp_path / "model" / "weights").read_text() == "w"

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import FinescopeError
-from .io import atomic_dir, progress, write_json_atomic
+from .progress import progress
+from .storage import atomic_dir, write_json_atomic
 
 
 class AssetError(FinescopeError):

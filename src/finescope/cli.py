@@ -80,7 +80,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .io import exclusive
+    from .storage import exclusive
     from .pipeline import load_manifest
     from .report.run import write_report
 

@@ -25,7 +25,7 @@ import csv
 import errno
 import gzip
 import hashlib
-import io as _io
+import io
 import json
 import lzma
 import os
@@ -254,11 +254,11 @@ def _check_text_head(path: Path) -> None:
                           "re-save it as UTF-8 text")
 
 
-def _open_text(path: Path) -> _io.TextIOBase:
+def _open_text(path: Path) -> io.TextIOBase:
     """UTF-8 text (a UTF-8 BOM is dropped); bytes that are not UTF-8 come through as U+DC80..U+DCFF (surrogateescape)
     so that the row holding them can be reported, or skipped, instead of the whole file failing."""
     _check_text_head(path)
-    return _io.TextIOWrapper(_open_binary(path), encoding="utf-8-sig", errors="surrogateescape", newline="")
+    return io.TextIOWrapper(_open_binary(path), encoding="utf-8-sig", errors="surrogateescape", newline="")
 
 
 def _parse_json(text: str):

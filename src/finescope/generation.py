@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from .data import encode_prompt
-from .io import progress
+from .progress import progress
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:

@@ -459,7 +459,8 @@ def gguf_to_hf_folder(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, 
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .io import atomic_dir, progress, write_json_atomic
+    from .progress import progress
+    from .storage import atomic_dir, write_json_atomic
 
     gguf_path = Path(gguf_path)
     folder, name = str(gguf_path.parent), gguf_path.name

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from . import FinescopeError, __version__, io
+from . import FinescopeError, __version__, storage
 from .config import CurateConfig, PipelineConfig, to_dict
 
 
@@ -82,11 +82,11 @@ class Job:
     label: str
 
     def as_dict(self) -> dict:
-        return {"stage": self.stage, "folder": str(self.folder), "config_hash": io.config_hash(self.cfg)}
+        return {"stage": self.stage, "folder": str(self.folder), "config_hash": storage.config_hash(self.cfg)}
 
 
 def _folder(run_dir: Path, stage: str, label: str, cfg) -> Path:
-    return run_dir / stage / f"{label}-{io.config_hash(cfg)[:8]}"
+    return run_dir / stage / f"{label}-{storage.config_hash(cfg)[:8]}"
 
 
 def run_dir_of(cfg: PipelineConfig, run_dir: str | Path | None = None) -> Path:
@@ -109,7 +109,7 @@ class Planner:
 
     def _job(self, stage: str, label: str, cfg) -> Job:
         """The job of this stage config; the first label given to a config names its folder."""
-        key = (stage, io.config_hash(cfg))
+        key = (stage, storage.config_hash(cfg))
         if key not in self.jobs:
             self.jobs[key] = Job(stage, cfg, _folder(self.run_dir, stage, label, cfg), label)
         return self.jobs[key]
@@ -219,7 +219,7 @@ def _write_generic(path: Path, seed: int) -> None:
 
     texts = default_reference_texts()
     random.Random(seed).shuffle(texts)
-    io.write_jsonl_atomic(path, ({"text": t, "source": "generic"} for t in texts))
+    storage.write_jsonl_atomic(path, ({"text": t, "source": "generic"} for t in texts))
 
 
 # Written first into every run directory: what tells a run directory from a user's folder that merely holds a
@@ -229,7 +229,7 @@ RUN_MARKER = ".finescope-run"
 
 def check_run_dir(root: Path) -> None:
     """Refuse a run directory that is a file, cannot be written, or is a non-empty folder not written by us."""
-    io.check_output_target(root, what="--run-dir")
+    storage.check_output_target(root, what="--run-dir")
     if root.exists() and not root.is_dir():
         raise PipelineError(f"{root}: --run-dir exists and is a file, not a folder")
     if root.is_dir() and any(root.iterdir()) and not (
@@ -245,17 +245,17 @@ def run(cfg: PipelineConfig, run_dir: str | Path | None = None) -> Path:
     root = run_dir_of(cfg, run_dir)
     check_run_dir(root)
     _, chains = plan(cfg, root)
-    with io.exclusive(root, "run directory"):
+    with storage.exclusive(root, "run directory"):
         check_run_dir(root)
         root.mkdir(parents=True, exist_ok=True)
-        io.write_json_atomic(root / RUN_MARKER, {"finescope": __version__})
+        storage.write_json_atomic(root / RUN_MARKER, {"finescope": __version__})
         return _run_locked(cfg, root, chains)
 
 
 def _run_locked(cfg: PipelineConfig, root: Path, chains: dict[str, dict]) -> Path:
-    io.write_atomic(root / "pipeline.yaml", _yaml(cfg))
+    storage.write_atomic(root / "pipeline.yaml", _yaml(cfg))
     manifest_path = root / "pipeline.json"
-    previous = io.read_json(manifest_path) if manifest_path.is_file() else {}
+    previous = storage.read_json(manifest_path) if manifest_path.is_file() else {}
     seconds: dict[str, float] = previous.get("stage_seconds", {})
     status: dict[str, str] = {}
     started = time.perf_counter()
@@ -263,7 +263,7 @@ def _run_locked(cfg: PipelineConfig, root: Path, chains: dict[str, dict]) -> Pat
     order = list({j.folder: j for j in sorted(order, key=lambda j: _STAGE_ORDER[j.stage])}.values())
     for i, job in enumerate(order, 1):
         key = str(job.folder.relative_to(root))
-        if io.is_done(job.folder, job.cfg):
+        if storage.is_done(job.folder, job.cfg):
             status[key] = "done"
             _log(f"[{i}/{len(order)}] {key}: done, skipped")
             continue
@@ -291,7 +291,7 @@ _STAGE_ORDER = {"curate": 0, "prune": 1, "recover": 2, "eval": 3}
 
 
 def _write_manifest(path: Path, cfg, root: Path, chains, seconds, status, wall: float) -> None:
-    io.write_json_atomic(path, {
+    storage.write_json_atomic(path, {
         "name": cfg.name, "model": cfg.model, "config": to_dict(cfg),
         "variants": {name: {"label": VARIANTS[name].label if name in VARIANTS else name,
                             "description": VARIANTS[name].description if name in VARIANTS else "pruning-ratio sweep",

@@ -16,7 +16,8 @@ from typing import Callable, Iterator
 import torch
 from safetensors.torch import load_file, save
 
-from ..io import progress, write_atomic
+from ..progress import progress
+from ..storage import write_atomic
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import assets
-from ..io import progress
+from ..progress import progress
 
 
 @torch.no_grad()

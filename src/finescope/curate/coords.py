@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .. import FinescopeError
-from ..io import progress
+from ..progress import progress
 from .activations import TextBatches
 
 SELECTORS = ("jacobian", "gradient", "magnitude", "variance", "pca", "random")

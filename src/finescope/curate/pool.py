@@ -23,7 +23,8 @@ from pathlib import Path
 
 from .. import FinescopeError, assets
 from ..data import read_records
-from ..io import progress, write_jsonl_atomic
+from ..progress import progress
+from ..storage import write_jsonl_atomic
 
 POOL_VERSION = "v1"
 EVALS_PER_SET = 20

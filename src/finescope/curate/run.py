@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from .. import FinescopeError, assets, io
+from .. import FinescopeError, assets, storage
 from ..config import CurateConfig
 from ..data import read_records, record_text
 from ..modeling import load
@@ -114,7 +114,7 @@ def _train_layer_sae(cfg: CurateConfig, handle, layer: int, reference: list[str]
                                                                cfg.batch_size),
                                    cfg.selector, probes=cfg.probes, seed=cfg.seed, k=cfg.num_coords)
         idx = top_k_coords(scores, cfg.num_coords)
-        io.write_atomic(coords_file, save({"scores": scores.float().contiguous(), "indices": idx.contiguous()}))
+        storage.write_atomic(coords_file, save({"scores": scores.float().contiguous(), "indices": idx.contiguous()}))
         timings["coords_s"] = time.perf_counter() - t
     sae_dir = root / "sae"
     if (sae_dir / "cfg.json").is_file():
@@ -144,7 +144,7 @@ def _sae_vectors(cfg, handle, layer_state, layer: int, texts: list[str], tag: st
     cache = _cache_root() / f"enc-{key}"
     vecs = encode_pooled(handle, layer, layer_state["indices"], layer_state["sae"].encode, batches, cache,
                          cfg.pooling, desc=f"encode {tag} (layer {layer})")
-    io.write_json_atomic(cache / "info.json", {"texts": len(texts), "layer": layer, "tag": tag})
+    storage.write_json_atomic(cache / "info.json", {"texts": len(texts), "layer": layer, "tag": tag})
     return vecs
 
 
@@ -183,9 +183,9 @@ def run(cfg: CurateConfig, out: Path) -> Path:
     Every input (seeds, pool, reference corpus, model and its layers) is read and checked before the stage
     folder is opened, so a refusal leaves nothing behind."""
     out = Path(out)
-    if io.is_done(out, cfg):
+    if storage.is_done(out, cfg):
         return out
-    io.check_stage_folder(out, cfg, overwrite=cfg.overwrite)
+    storage.check_stage_folder(out, cfg, overwrite=cfg.overwrite)
     start = time.perf_counter()
     seeds = list(read_records(resolve_records_path(cfg.seeds, "seeds"), skip_bad_rows=cfg.skip_bad_rows))
     pool = _load_pool(cfg)
@@ -200,7 +200,7 @@ def run(cfg: CurateConfig, out: Path) -> Path:
             raise CurateError(f"num_coords (K) = {cfg.num_coords} is larger than the hidden size "
                               f"{handle.adapter.hidden_size} of {handle.source}")
         reference = _reference_texts(cfg)
-    with io.stage_folder(out, cfg, overwrite=cfg.overwrite) as stage:
+    with storage.stage_folder(out, cfg, overwrite=cfg.overwrite) as stage:
         if stage is None:
             return out
         _curate_into(stage, cfg, seeds, pool, handle, reference, start)
@@ -245,7 +245,7 @@ def _curate_into(stage: Path, cfg: CurateConfig, seeds: list[dict], pool: list[d
                                                "cache": str(state["root"])}
             metrics["timings_s"].update({f"{k}_layer{layer}": v for k, v in state["timings"].items()})
             features[f"layer{layer}"] = (pool_vecs, seed_vecs)
-        io.write_atomic(stage / "coords.safetensors", save(coords_out))
+        storage.write_atomic(stage / "coords.safetensors", save(coords_out))
         # Several layers: a record's score is its best layer's score; selection lists are merged by union below.
         scores = torch.stack(per_layer_scores).max(0).values
         best_layer = torch.stack(per_layer_scores).argmax(0)
@@ -276,10 +276,10 @@ def _curate_into(stage: Path, cfg: CurateConfig, seeds: list[dict], pool: list[d
         chosen = select_global(scores, pool_texts, m)
     _write_outputs(stage, cfg, pool, seeds, scores, nearest, chosen, metrics)
     if features:
-        io.write_json_atomic(stage / "features.json", {layer: _features(pv, sv, chosen, pool, pool_texts)
+        storage.write_json_atomic(stage / "features.json", {layer: _features(pv, sv, chosen, pool, pool_texts)
                                                        for layer, (pv, sv) in features.items()})
     metrics["timings_s"]["total"] = time.perf_counter() - start
-    io.mark_done(stage, cfg, metrics)
+    storage.mark_done(stage, cfg, metrics)
 
 
 def _write_outputs(stage: Path, cfg, pool, seeds, scores, nearest, chosen, metrics) -> None:
@@ -293,7 +293,7 @@ def _write_outputs(stage: Path, cfg, pool, seeds, scores, nearest, chosen, metri
         j = int(nearest[i])
         return seed_ids[j] if j >= 0 else None
 
-    io.write_jsonl_atomic(stage / "selected.jsonl", ({**pool[i], "score": float(scores[i]), "rank": rank[i],
+    storage.write_jsonl_atomic(stage / "selected.jsonl", ({**pool[i], "score": float(scores[i]), "rank": rank[i],
                                                       "nearest_seed": seed_of(i)} for i in chosen))
     table = pa.table({
         "id": [r["id"] for r in pool],

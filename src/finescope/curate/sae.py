@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..io import atomic_dir, progress
+from ..progress import progress
+from ..storage import atomic_dir
 
 
 class SparseAutoencoder(nn.Module):

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data import encode_prompt  # lm-eval's rule: the tokenizer's own specials, never a second BOS
-from ..io import progress
+from ..progress import progress
 
 
 @dataclass

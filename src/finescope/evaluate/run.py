@@ -20,7 +20,8 @@ import re
 import time
 from pathlib import Path
 
-from .. import io
+from .. import storage
+from ..progress import progress
 from ..config import EvalConfig
 from ..generation import generate
 from .code_exec import CodeExecutionError, Limits, pass_at_k, run_program
@@ -176,7 +177,7 @@ def run_code(task: Task, handle, cfg: EvalConfig) -> tuple[dict, list[dict]]:
     ks = [k for k in (1, 10, 100) if k <= n]
     per_k: dict[int, list[float]] = {k: [] for k in ks}
     samples = []
-    for i, comps in io.progress(list(zip(idx, outs)), desc=f"{task.name} execute", unit="problem"):
+    for i, comps in progress(list(zip(idx, outs)), desc=f"{task.name} execute", unit="problem"):
         d = docs[i]
         statuses = []
         for comp in comps:
@@ -248,31 +249,31 @@ def run(cfg: EvalConfig, out: Path) -> Path:
     locked for the whole evaluation."""
     from ..modeling import load
 
-    io.check_output_target(out)
+    storage.check_output_target(out)
     out = Path(out)
     if out.suffix == ".json":
-        if _results_hash(out) == io.config_hash(cfg):
+        if _results_hash(out) == storage.config_hash(cfg):
             return out
         _check_results_file(out, cfg)
     else:
-        if io.is_done(out, cfg):
+        if storage.is_done(out, cfg):
             return out / "results.json"
-        io.check_stage_folder(out, cfg, overwrite=cfg.overwrite)
+        storage.check_stage_folder(out, cfg, overwrite=cfg.overwrite)
     tasks = prepare_tasks(cfg)
     handle = load(cfg.model, dtype=cfg.dtype, device=cfg.device)
     if out.suffix == ".json":
-        with io.exclusive(out, "results file"):
-            if _results_hash(out) == io.config_hash(cfg):
+        with storage.exclusive(out, "results file"):
+            if _results_hash(out) == storage.config_hash(cfg):
                 return out
             _check_results_file(out, cfg)
             _set_aside(out)
             _evaluate_into(out, out.with_name(out.stem + ".samples"), cfg, tasks, handle)
         return out
-    with io.stage_folder(out, cfg, overwrite=cfg.overwrite) as stage:
+    with storage.stage_folder(out, cfg, overwrite=cfg.overwrite) as stage:
         if stage is None:
             return out / "results.json"
         results = _evaluate_into(stage / "results.json", stage / "samples", cfg, tasks, handle)
-        io.mark_done(stage, cfg, {r["task"] + (f" [{r['variant']}]"): r["value"] for r in results})
+        storage.mark_done(stage, cfg, {r["task"] + (f" [{r['variant']}]"): r["value"] for r in results})
     return out / "results.json"
 
 
@@ -283,10 +284,10 @@ def _evaluate_into(results_path: Path, samples_dir: Path, cfg: EvalConfig, tasks
         for res, samples in evaluate_task(task, handle, cfg):
             results.append(res)
             if cfg.write_samples:
-                io.write_jsonl_atomic(samples_dir / f"{_safe(task.name)}-{_safe(res['variant'])}.jsonl", samples)
-    report = {"model": model_identity(handle), "eval_config_hash": io.config_hash(cfg), "config": cfg,
+                storage.write_jsonl_atomic(samples_dir / f"{_safe(task.name)}-{_safe(res['variant'])}.jsonl", samples)
+    report = {"model": model_identity(handle), "eval_config_hash": storage.config_hash(cfg), "config": cfg,
               "results": results, "wall_s": round(time.perf_counter() - start, 2)}
-    io.write_json_atomic(results_path, _finite(report))
+    storage.write_json_atomic(results_path, _finite(report))
     return results
 
 
@@ -301,7 +302,7 @@ def _results_hash(path: Path) -> str | None:
     if not path.is_file() or path.stat().st_size > _MAX_RESULTS_BYTES:
         return ""
     try:
-        data = io.read_json(path)
+        data = storage.read_json(path)
     except (OSError, ValueError, RecursionError):
         return ""
     if isinstance(data, dict) and isinstance(data.get("eval_config_hash"), str) and "results" in data:
@@ -311,9 +312,9 @@ def _results_hash(path: Path) -> str | None:
 
 def _check_results_file(path: Path, cfg: EvalConfig) -> None:
     if path.exists() and not path.is_file():
-        raise io.StageError(f"{path}: exists and is not a file; give a new .json path or a folder name")
+        raise storage.StageError(f"{path}: exists and is not a file; give a new .json path or a folder name")
     if _results_hash(path) == "" and not cfg.overwrite:
-        raise io.StageError(f"{path}: exists and is not a finescope eval results file; choose another --out or pass "
+        raise storage.StageError(f"{path}: exists and is not a finescope eval results file; choose another --out or pass "
                             "--overwrite (it is then kept aside as <name>.superseded-unknown.json)")
 
 
@@ -340,4 +341,4 @@ def _finite(obj):
         return {k: _finite(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [_finite(v) for v in obj]
-    return io.to_jsonable(obj) if not isinstance(obj, (str, int, float, bool, type(None))) else obj
+    return storage.to_jsonable(obj) if not isinstance(obj, (str, int, float, bool, type(None))) else obj

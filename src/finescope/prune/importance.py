@@ -32,7 +32,7 @@ from torch import nn
 
 from .. import FinescopeError
 from ..data import format_example, record_text
-from ..io import progress
+from ..progress import progress
 from ..modeling import ArchAdapter
 
 WIDTH_IMPORTANCE = ("taylor", "taylor2", "taylor_mix", "magnitude", "wanda_sp", "flap", "random")

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .. import FinescopeError
-from .. import io as fio
+from .. import storage
 from ..config import PruneConfig
 from ..data import read_records
 from ..modeling import load, model_info
@@ -144,12 +144,12 @@ def run(cfg: PruneConfig, out: Path) -> Path:
     """Prune `cfg.model` to `cfg.ratio` with importance computed on `cfg.data`; write the stage folder `out`."""
     out = Path(out)
     start = time.perf_counter()
-    if fio.is_done(out, cfg):
+    if storage.is_done(out, cfg):
         _log(f"{out}: already done with this config; skipping")
         return out
     if not cfg.data:
         raise PruneError("data: calibration records are required (--data FILE, e.g. runs/<name>/curate/selected.jsonl)")
-    fio.check_stage_folder(out, cfg, overwrite=cfg.overwrite)
+    storage.check_stage_folder(out, cfg, overwrite=cfg.overwrite)
     records = read_records(cfg.data)
     handle = load(cfg.model, dtype=cfg.dtype)
     before = model_info(handle)
@@ -165,7 +165,7 @@ def run(cfg: PruneConfig, out: Path) -> Path:
     _log(f"shapes: layers {shapes.layers}→{plan.layers}, heads {shapes.heads}→{plan.heads}, "
          f"KV heads {shapes.kv_heads}→{plan.kv_heads}, head_dim {plan.head_dim}, "
          f"MLP {shapes.intermediate}→{plan.intermediate}")
-    with fio.stage_folder(out, cfg, overwrite=cfg.overwrite) as stage:
+    with storage.stage_folder(out, cfg, overwrite=cfg.overwrite) as stage:
         if stage is None:
             return out
         return _prune_into(stage, cfg, handle, plan, batches, calib, before, start)
@@ -196,7 +196,7 @@ def _prune_into(stage: Path, cfg: PruneConfig, handle, plan: Plan, batches, cali
 
     t0 = time.perf_counter()
     model_dir = stage / "model"
-    with fio.atomic_dir(model_dir) as tmp:
+    with storage.atomic_dir(model_dir) as tmp:
         model.save_pretrained(tmp)
         handle.tokenizer.save_pretrained(tmp)
     t_save = time.perf_counter() - t0
@@ -234,10 +234,10 @@ def _prune_into(stage: Path, cfg: PruneConfig, handle, plan: Plan, batches, cali
         "notes": ["every layer is pruned to the same shape (no skipped layers), so the config stays standard",
                   "importance is computed once on the dense model; blocks and widths are then cut together"],
     }
-    fio.write_json_atomic(stage / "report.json", report)
+    storage.write_json_atomic(stage / "report.json", report)
     metrics = {"parameters": params, "ratio_target": plan.ratio_target, "ratio_achieved": plan.ratio_achieved,
                "shapes_after": report["shapes_after"], "calibration_records": calib["records"],
                "calibration_loss": scores.loss, "wall_time_s": timings["total_s"], "peak_rss_mib": peak_rss,
                "verified": True}
-    fio.mark_done(stage, cfg, metrics)
+    storage.mark_done(stage, cfg, metrics)
     return stage

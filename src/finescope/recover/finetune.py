@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from .. import FinescopeError
 from ..data import encode_prompt, format_example
-from ..io import atomic_dir, progress
+from ..progress import progress
+from ..storage import atomic_dir
 
 IGNORE = -100
 

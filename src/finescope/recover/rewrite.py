@@ -21,7 +21,7 @@ from typing import Any
 
 from ..data import format_prompt
 from ..generation import generate
-from ..io import write_atomic
+from ..storage import write_atomic
 
 # SDFT's `alpaca_distill_using` template (Yang et al., 2024), the faithful default (METHOD.md §8 item 9).
 DISTILL_SYSTEM = (

@@ -20,8 +20,7 @@ import torch
 from .. import FinescopeError
 from ..config import RecoverConfig
 from ..data import read_records
-from ..io import (CONFIG, check_stage_folder, is_done, mark_done, read_json, stage_folder,
-                  write_jsonl_atomic)
+from ..storage import CONFIG, check_stage_folder, is_done, mark_done, read_json, stage_folder, write_jsonl_atomic
 from ..modeling import ModelError, load, resolve_model_path
 from .filters import REASONS, apply_filters
 from .finetune import LoraSettings, build_examples, mean_loss, save_adapter_and_merged, split_records, train_lora

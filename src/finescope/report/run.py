@@ -11,7 +11,7 @@ import html
 import time
 from pathlib import Path
 
-from .. import io
+from .. import storage
 from . import card, plots, tables
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
@@ -184,15 +184,15 @@ def write_report(run_dir: str | Path) -> Path:
     figs = {k: v for k, v in figs.items() if v}
     out = run_dir / "report"
     for name, png in figs.items():
-        io.write_atomic(out / "plots" / f"{name}.png", png)
+        storage.write_atomic(out / "plots" / f"{name}.png", png)
     variant = final_variant(data)
     if variant is not None:
         stages = m["variants"][variant]["stages"]
         model_dir = run_dir / stages.get("recover", stages.get("prune")) / "model"
         if model_dir.is_dir():
-            io.write_atomic(model_dir / "README.md", card.model_card(data, variant, model_dir))
+            storage.write_atomic(model_dir / "README.md", card.model_card(data, variant, model_dir))
             data["card"] = str(model_dir / "README.md")
     blocks = _blocks(data, figs)
-    io.write_atomic(out / "report.md", render_markdown(blocks))
-    html_path = io.write_atomic(out / "report.html", render_html(blocks, figs, f"FineScope run {m.get('name')}"))
+    storage.write_atomic(out / "report.md", render_markdown(blocks))
+    html_path = storage.write_atomic(out / "report.html", render_html(blocks, figs, f"FineScope run {m.get('name')}"))
     return html_path

@@ -1,14 +1,14 @@
-"""Run-directory layout, atomic writes, DONE markers and config hashing; progress bars.
+"""Files of run directories: atomic writes, stage folders with DONE markers, config hashing, locks.
 
 A run directory holds one folder per stage (`runs/<name>/<stage>/`). Each stage folder has `config.json`
 (the resolved config), `metrics.json`, its artifacts, and a `DONE` marker written last. A stage whose `DONE`
 records the hash of the current config is skipped on rerun; anything else is recomputed.
 
-    from finescope import io
-    stage = io.open_stage("runs/demo/curate", cfg)   # None if already done with this config
+    from finescope import storage
+    stage = storage.open_stage("runs/demo/curate", cfg)   # None if already done with this config
     if stage is not None:
-        io.write_json_atomic(stage / "metrics.json", {...})
-        io.mark_done(stage, cfg)
+        storage.write_json_atomic(stage / "metrics.json", {...})
+        storage.mark_done(stage, cfg)
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -321,42 +320,10 @@ def exclusive(path: str | os.PathLike, what: str = "stage folder") -> Iterator[P
 def stage_folder(path: str | os.PathLike, cfg: Any, *, overwrite: bool = False) -> Iterator[Path | None]:
     """`open_stage` under the folder's exclusive lock, held until the block ends (the stage's whole life).
 
-        with io.stage_folder(out, cfg) as stage:
+        with storage.stage_folder(out, cfg) as stage:
             if stage is None:      # already done with this config
                 return out
-            ...; io.mark_done(stage, cfg, metrics)
+            ...; storage.mark_done(stage, cfg, metrics)
     """
     with exclusive(path, "stage folder"):
         yield open_stage(path, cfg, overwrite=overwrite)
-
-
-# ---------------------------------------------------------------------------------------------- progress
-
-
-class _LogLines:
-    """A file for tqdm that turns its carriage-return redraws into whole lines (for logs and CI output)."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def write(self, text: str) -> None:
-        line = text.replace("\r", "").strip()
-        if line:
-            self.stream.write(line + "\n")
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-
-def progress(iterable: Iterable | None = None, *, desc: str, total: int | None = None, unit: str = "it", **kw):
-    """A progress bar on stderr. On a terminal, a live tqdm bar; otherwise (a log file, CI) one line every
-    `FINESCOPE_PROGRESS_INTERVAL` seconds (default 30) plus the final line. FINESCOPE_PROGRESS=0 silences it."""
-    from tqdm.auto import tqdm
-
-    if os.environ.get("FINESCOPE_PROGRESS") == "0":
-        return tqdm(iterable, desc=desc, total=total, unit=unit, disable=True, **kw)
-    if sys.stderr.isatty():
-        return tqdm(iterable, desc=desc, total=total, unit=unit, file=sys.stderr, dynamic_ncols=True, **kw)
-    interval = float(os.environ.get("FINESCOPE_PROGRESS_INTERVAL", "30"))
-    return tqdm(iterable, desc=desc, total=total, unit=unit, file=_LogLines(sys.stderr), ncols=100, ascii=True,
-                mininterval=interval, maxinterval=max(interval, 10.0), **kw)

@@ -25,7 +25,7 @@ import torch
 from finescope.config import CurateConfig
 from finescope.curate import run as curate_run
 from finescope.curate.activations import TextBatches, encode_pooled
-from finescope.curate.pool import default_pool_path
+from finescope.corpora import default_pool_path
 from finescope.curate.sae import load_sae
 from finescope.data import read_records, record_text
 from finescope.modeling import load

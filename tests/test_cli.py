@@ -44,6 +44,7 @@ def test_stage_subcommand_plumbing(monkeypatch, tmp_path, capsys):
 
     from finescope import cli, storage
     from finescope.config import PruneConfig
+    from finescope.stages import Stage
 
     calls = []
 
@@ -56,7 +57,7 @@ def test_stage_subcommand_plumbing(monkeypatch, tmp_path, capsys):
     module = types.ModuleType("fake_stage")
     module.run = fake_run
     monkeypatch.setitem(sys.modules, "fake_stage", module)
-    monkeypatch.setitem(cli.STAGES, "fakeprune", (PruneConfig, "fake_stage:run", "test stage"))
+    monkeypatch.setitem(cli.STAGES, "fakeprune", Stage("fakeprune", PruneConfig, "fake_stage", "test stage"))
     yaml_path = tmp_path / "p.yaml"
     yaml_path.write_text("ratio: 0.2\ncalib_samples: 16\n")
     out = tmp_path / "out"

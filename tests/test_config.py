@@ -2,11 +2,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 
 import pytest
 
 from finescope.config import (
-    ConfigError, CurateConfig, EvalConfig, PipelineConfig, PruneConfig, RecoverConfig, add_config_arguments,
+    PIPELINE_SETS, ConfigError, CurateConfig, EvalConfig, PipelineConfig, PruneConfig, RecoverConfig, add_config_arguments,
     apply_overrides, config_from_args, field_docs, from_dict, load_config, to_yaml,
 )
 
@@ -27,11 +28,11 @@ def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("name: demo\ncurate:\n  top_m: 50\n  layers: [3, 7]\nprune:\n  ratio: 0.3\n")
     cfg = load_config(PipelineConfig, path, ["curate.top_m=200", "prune.importance=magnitude",
-                                             "eval.tasks=nll:math,gsm8k", "recover.no_teacher=true",
+                                             "eval.tasks=nll:math,gsm8k", "recover.lora_rank=4",
                                              "prune.attention_ratio=0.25", "recover.lr=1e-5"])
     assert cfg.name == "demo" and cfg.curate.layers == [3, 7] and cfg.prune.ratio == 0.3
     assert cfg.curate.top_m == 200 and cfg.prune.importance == "magnitude"
-    assert cfg.eval.tasks == ["nll:math", "gsm8k"] and cfg.recover.no_teacher is True
+    assert cfg.eval.tasks == ["nll:math", "gsm8k"] and cfg.recover.lora_rank == 4
     assert cfg.prune.attention_ratio == 0.25 and cfg.recover.lr == 1e-5
     assert apply_overrides(cfg, ["prune.attention_ratio=none"]).prune.attention_ratio is None
     again = tmp_path / "again.yaml"
@@ -104,3 +105,31 @@ def test_cli_arguments_from_dataclass():
     add_config_arguments(parser, CurateConfig)
     cfg = config_from_args(CurateConfig, parser.parse_args(["--layers", "3,9"]), base=CurateConfig(top_m=7))
     assert cfg.layers == [3, 9] and cfg.top_m == 7
+
+
+@pytest.mark.parametrize("section,field,value,instead", [
+    (s, f, "x" if f != "no_teacher" else "true", instead)
+    for s, fields in PIPELINE_SETS.items()
+    for f, instead in fields.items()
+    if f != "method"
+] + [("curate", "method", "embedding", "`variants`")])
+def test_pipeline_refuses_fields_it_sets_itself(tmp_path, section, field, value, instead):
+    """A wiring field in a pipeline config would be overwritten for every variant: refused, naming the key to use."""
+    path = tmp_path / "p.yaml"
+    path.write_text(f"{section}:\n  {field}: {value}\n")
+    with pytest.raises(ConfigError, match=rf"p\.yaml: {section}\.{field}: set by the pipeline .*use {re.escape(instead)}"):
+        load_config(PipelineConfig, path)
+    with pytest.raises(ConfigError, match=rf"command line: {section}\.{field}: set by the pipeline"):
+        load_config(PipelineConfig, None, [f"{section}.{field}={value}"])
+
+
+def test_variants_validated_against_the_variant_table(tmp_path):
+    from finescope.variants import VARIANTS
+
+    assert load_config(PipelineConfig, None, ["variants=" + ",".join(VARIANTS)]).variants == list(VARIANTS)
+    with pytest.raises(ConfigError, match=r"variants\[1\] = 'pruned_tdg': unknown variant \(did you mean 'pruned_tgd'\?\)"):
+        load_config(PipelineConfig, None, ["variants=dense,pruned_tdg"])
+    path = tmp_path / "p.yaml"
+    path.write_text("variants: [dense, nope_nothing_like_it]\n")
+    with pytest.raises(ConfigError, match=r"p\.yaml: variants\[1\] = 'nope_nothing_like_it': unknown variant \(known: dense,"):
+        load_config(PipelineConfig, path)

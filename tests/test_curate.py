@@ -247,7 +247,7 @@ def test_embedding_baseline_with_a_tiny_encoder(tmp_path, chat_tokenizer):
 
 
 def test_seed_presets_are_valid_records():
-    from finescope.curate.pool import PRESETS, seed_preset_path
+    from finescope.corpora import PRESETS, seed_preset_path
     from finescope.data import read_records
 
     for name in PRESETS:

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from finescope.config import CurateConfig
-from finescope.curate.pool import default_pool_path
+from finescope.corpora import default_pool_path
 from finescope.curate.run import run
 from finescope.data import read_records
 

@@ -61,7 +61,7 @@ def _non_default(spec, default):
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_every_stage_flag_sets_its_field(stage):
     """Each generated flag changes exactly its own field, to the given value (`--no-teacher` was once a no-op)."""
-    cls = STAGES[stage][0]
+    cls = STAGES[stage].config
     defaults, hints = cls(), _hints(cls)
     for f in _fields(cls):
         spec = _spec(hints[f.name])

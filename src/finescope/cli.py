@@ -11,7 +11,6 @@ Errors a user can fix (bad file, bad field, unsupported model) print one line an
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import time
@@ -22,37 +21,30 @@ from pathlib import Path
 from . import FinescopeError, __version__
 from .assets import PACKAGES
 from .messages import one_line
-from .config import CurateConfig, EvalConfig, PruneConfig, RecoverConfig, add_config_arguments, config_from_args, load_config
+from .config import add_config_arguments, config_from_args, load_config
+from .stages import STAGES, Stage
 
 PACKAGE_KEYS = tuple(PACKAGES)
 
-# Stage subcommands: name → (config class, "module:function" called as run(cfg, out_dir) -> Path, one-line help).
-# Flags come from the config dataclass (its field docstrings are the help text). Each stage issue adds its line.
-STAGES: dict[str, tuple[type, str, str]] = {
-    "curate": (CurateConfig, "finescope.curate.run:run", "SAE-guided selection of a domain's records from a pool"),
-    "prune": (PruneConfig, "finescope.prune.run:run", "structured pruning (heads, MLP channels, blocks) to a target ratio"),
-    "recover": (RecoverConfig, "finescope.recover.run:run", "teacher-guided distillation + LoRA fine-tuning of a pruned model"),
-    "eval": (EvalConfig, "finescope.evaluate.run:run", "evaluate a model: MMLU slices, GSM8K, HumanEval, domain NLL, task files"),
-}
-
-
-def _run_stage(cls: type, target: str, args: argparse.Namespace) -> int:
+def _run_stage(stage: Stage, args: argparse.Namespace) -> int:
     if not args.out.strip():
         raise FinescopeError("--out: must not be empty (give the stage's output folder)")
-    base = load_config(cls, args.config) if args.config else None
-    cfg = config_from_args(cls, args, base)
-    module, function = target.split(":")
-    out = getattr(importlib.import_module(module), function)(cfg, Path(args.out))
+    base = load_config(stage.config, args.config) if args.config else None
+    cfg = config_from_args(stage.config, args, base)
+    out = stage.entry()(cfg, Path(args.out))
     print(out)
     return 0
 
 
 def _cmd_assets(args: argparse.Namespace) -> int:
     from . import assets
+    from .modeling import embedded_model
 
     keys = list(PACKAGE_KEYS) if args.all else args.names or None
     start = time.perf_counter()
     paths = assets.ensure(keys)
+    for key in [k for k in paths if k in assets.EMBEDDED_MODELS]:
+        paths[f"{key}-model"] = embedded_model(key)
     for key, path in paths.items():
         print(f"{key:<16} {path}")
     print(f"cache: {assets.home()} ({assets.cache_size() / 2**20:,.0f} MiB); {time.perf_counter() - start:.1f} s")
@@ -134,12 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `finescope run`")
     p.set_defaults(func=_cmd_report)
 
-    for name, (cls, target, help_text) in STAGES.items():
-        p = sub.add_parser(name, help=help_text, description=(cls.__doc__ or help_text).strip())
+    for stage in STAGES.values():
+        p = sub.add_parser(stage.name, help=stage.help, description=(stage.config.__doc__ or stage.help).strip())
         p.add_argument("--out", required=True, metavar="DIR", help="output folder of the stage")
         p.add_argument("--config", metavar="YAML", help="YAML file with this stage's fields (flags override it)")
-        add_config_arguments(p, cls)
-        p.set_defaults(func=partial(_run_stage, cls, target))
+        add_config_arguments(p, stage.config)
+        p.set_defaults(func=partial(_run_stage, stage))
     return parser
 
 

@@ -32,6 +32,7 @@ import yaml
 
 from . import FinescopeError
 from .messages import QUOTE_LIMIT, count_values, quote
+from .variants import VARIANTS
 
 
 class ConfigError(FinescopeError):
@@ -282,12 +283,19 @@ class EvalConfig:
     HASH_EXCLUDE = ("device", "overwrite")
 
 
-# Rows of the experiment matrix (the paper's rows and ablations); finescope.pipeline.VARIANTS describes each.
-Variant = Literal[
-    "dense", "dense_curated", "pruned", "pruned_generic", "pruned_tgd", "pruned_sft", "pruned_random",
-    "pruned_full", "generic_tgd", "embedding_tgd", "selector_gradient", "selector_magnitude", "selector_variance",
-    "selector_pca", "selector_random",
-]
+# Stage fields `finescope run` derives itself, from the top-level keys and each variant's recipe: a pipeline config
+# that sets them would be silently overwritten, so it is refused with the key that does what the user meant.
+PIPELINE_SETS: dict[str, dict[str, str]] = {
+    "curate": {"model": "the top-level `model`",
+               "method": "`variants` (embedding_tgd, pruned_random and pruned_full use the other methods)"},
+    "prune": {"model": "the top-level `model`",
+              "data": "`variants` (each prunes on its own curated set) or `generic_calibration`"},
+    "recover": {"student": "`variants` (each recovers its own pruned model)",
+                "teacher": "the top-level `model` (the teacher of TGD recovery)",
+                "data": "`variants` (each recovers on its own curated set)",
+                "no_teacher": "`variants` (pruned_sft is the recovery without teacher)"},
+    "eval": {"model": "the top-level `model` and `variants`"},
+}
 
 
 @dataclass
@@ -300,8 +308,8 @@ class PipelineConfig:
     """Folder that holds run directories."""
     model: str = "default"
     """Dense model of every stage (replaces curate.model and prune.model; the teacher of TGD recovery)."""
-    variants: list[Variant] = field(default_factory=lambda: ["dense", "pruned", "pruned_tgd", "pruned_sft"])
-    """Rows of the results table; variants share identical stage outputs (one curation, one dense eval, …)."""
+    variants: list[str] = field(default_factory=lambda: ["dense", "pruned", "pruned_tgd", "pruned_sft"])
+    """Rows of the results table (finescope.variants.VARIANTS); variants share identical stage outputs (one curation, one dense eval, …)."""
     generic_calibration: str = "default"
     """Generic calibration records of the *generic* variants: a record file, or "default" (Wikipedia, OpenWebText, BBC News snippets)."""
     sweep_ratios: list[Fraction] = field(default_factory=list)
@@ -316,6 +324,18 @@ class PipelineConfig:
     """Recover stage settings."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Eval stage settings."""
+
+    def check(self) -> None:
+        for i, name in enumerate(self.variants):
+            if name not in VARIANTS:
+                raise ConfigError(f"variants[{i}] = {quote(name)}: unknown variant{_suggest(name, list(VARIANTS))}")
+        for section, fields in PIPELINE_SETS.items():
+            cfg = getattr(self, section)
+            default = type(cfg)()
+            for name, instead in fields.items():
+                if getattr(cfg, name) != getattr(default, name):
+                    raise ConfigError(f"{section}.{name}: set by the pipeline for every variant, not in a pipeline "
+                                      f"config; use {instead}")
 
 
 # ================================================================================================ introspection
@@ -465,7 +485,10 @@ def from_dict(cls: type, data: dict, *, where: str = "", strict: bool = False) -
     cfg = cls(**values)
     check = getattr(cfg, "check", None)
     if callable(check):
-        check()
+        try:
+            check()
+        except ConfigError as e:
+            raise ConfigError(f"{where}{e}" if where.endswith(": ") else str(e)) from None
     return cfg
 
 

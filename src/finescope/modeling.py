@@ -27,9 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import FinescopeError
+from . import FinescopeError, assets
 from .data import check_input_path
 from .messages import flat, one_line, quote
+from .progress import progress
+from .storage import atomic_dir, write_json_atomic
 
 # model_type → human name. Gemma3 multimodal checkpoints (model_type "gemma3") use their text decoder.
 SUPPORTED: dict[str, str] = {
@@ -229,9 +231,7 @@ def resolve_model_path(spec: str | os.PathLike) -> str:
     """A model spec → a local HF folder (converting .gguf and "default" on first use), or a Hub id."""
     spec_str = os.fspath(spec)
     if spec_str == "default":
-        from .assets import default_model_dir
-
-        return str(default_model_dir())
+        return str(embedded_model("smollm2"))
     path = Path(spec_str).expanduser()
     what = "model folder or .gguf file"
     if path.suffix.lower() == ".gguf":
@@ -459,9 +459,6 @@ def gguf_to_hf_folder(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, 
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .progress import progress
-    from .storage import atomic_dir, write_json_atomic
-
     gguf_path = Path(gguf_path)
     folder, name = str(gguf_path.parent), gguf_path.name
     # The metadata is read and checked before the bar is drawn: a bad file fails with nothing but its error.
@@ -501,11 +498,9 @@ def gguf_to_hf_folder(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, 
 
 def gguf_cached_folder(gguf_path: Path) -> Path:
     """The HF folder converted from `gguf_path`, in the asset cache, keyed by path, size and mtime."""
-    from .assets import home
-
     st = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    out = home() / "models" / f"gguf-{gguf_path.stem}-{key}"
+    out = assets.home() / "models" / f"gguf-{gguf_path.stem}-{key}"
     if not (out / "config.json").is_file():
         try:
             gguf_to_hf_folder(gguf_path, out)
@@ -514,6 +509,14 @@ def gguf_cached_folder(gguf_path: Path) -> Path:
             raise ModelError(f"{gguf_path}: cannot convert this GGUF file ({type(e).__name__}: {one_line(e, 200)}); it "
                              "may be truncated, or its architecture or quantization is not one transformers reads"
                              ) from None
+    return out
+
+
+def embedded_model(key: str = "smollm2") -> Path:
+    """The HF folder of an embedded model (`smollm2` = the default model, or `gemma3`), converted on first use."""
+    out = assets.model_folder(key)
+    if not (out / "config.json").is_file():
+        gguf_to_hf_folder(assets.model_gguf(key), out)
     return out
 
 

@@ -25,51 +25,12 @@ from pathlib import Path
 
 from . import FinescopeError, __version__, storage
 from .config import CurateConfig, PipelineConfig, to_dict
+from .stages import STAGES
+from .variants import VARIANTS
 
 
 class PipelineError(FinescopeError):
     """The pipeline config cannot be turned into stage configs."""
-
-
-@dataclass(frozen=True)
-class VariantSpec:
-    """How one row of the results table is produced."""
-
-    label: str
-    """Row label in the results table."""
-    data: str | None
-    """Curation the data comes from: sae | sae:<selector> | embedding | random | full; None = no data."""
-    prune: str | None
-    """Calibration of pruning: "data" (the variant's data), "generic", or None (no pruning)."""
-    recovery: str | None
-    """tgd | sft | None."""
-    description: str
-
-
-VARIANTS: dict[str, VariantSpec] = {
-    "dense": VariantSpec("dense", None, None, None, "the dense model, untouched (reference row)"),
-    "dense_curated": VariantSpec("dense + FineScope data", "sae", None, "tgd",
-                                 "no pruning; LoRA with TGD on the curated set (the paper's unpruned FineScope row)"),
-    "pruned": VariantSpec("pruned, no recovery", "sae", "data", None,
-                          "pruned with curated calibration, no fine-tuning"),
-    "pruned_generic": VariantSpec("pruned (generic calib.), no recovery", "sae", "generic", None,
-                                  "pruned with generic news/wiki calibration, no fine-tuning"),
-    "pruned_tgd": VariantSpec("FineScope (pruned + TGD)", "sae", "data", "tgd",
-                              "curated calibration, TGD recovery on the curated set: the method"),
-    "pruned_sft": VariantSpec("pruned + SFT (w/o TGD)", "sae", "data", "sft",
-                              "as FineScope but plain SFT on the original responses"),
-    "pruned_random": VariantSpec("pruned + Random", "random", "data", "tgd",
-                                 "random subset of the same size for calibration and recovery"),
-    "pruned_full": VariantSpec("pruned + Full pool", "full", "data", "tgd",
-                               "the whole (sampled) pool for calibration and recovery"),
-    "generic_tgd": VariantSpec("pruned (generic calib.) + TGD", "sae", "generic", "tgd",
-                               "generic calibration, TGD recovery on the curated set (Table 4's BookCorpus column)"),
-    "embedding_tgd": VariantSpec("embedding-kNN selection + TGD", "embedding", "data", "tgd",
-                                 "sentence-embedding kNN selection instead of SAE codes (Table 5)"),
-    **{f"selector_{s}": VariantSpec(f"selector {s} + TGD", f"sae:{s}", "data", "tgd",
-                                    f"SAE selection reading coordinates chosen by the {s} selector")
-       for s in ("gradient", "magnitude", "variance", "pca", "random")},
-}
 
 
 @dataclass
@@ -204,18 +165,14 @@ def plan(cfg: PipelineConfig, run_dir: Path) -> tuple[Planner, dict[str, dict]]:
 
 
 def _stage_fn(stage: str):
-    """The stage's `run(cfg, out)`, looked up at call time (so tests can replace it)."""
-    import importlib
-
-    module = {"curate": "finescope.curate.run", "prune": "finescope.prune.run", "recover": "finescope.recover.run",
-              "eval": "finescope.evaluate.run"}[stage]
-    return importlib.import_module(module).run
+    """The stage's `run(cfg, out)`, looked up at call time (tests replace it)."""
+    return STAGES[stage].entry()
 
 
 def _write_generic(path: Path, seed: int) -> None:
     if path.is_file():
         return
-    from .curate.pool import default_reference_texts
+    from .corpora import default_reference_texts
 
     texts = default_reference_texts()
     random.Random(seed).shuffle(texts)
@@ -287,7 +244,7 @@ def _run_locked(cfg: PipelineConfig, root: Path, chains: dict[str, dict]) -> Pat
 
 # Curations first (random/full/embedding do not depend on each other), then every prune, recover, eval:
 # a failure in a late stage never blocks the cheaper shared outputs of the others.
-_STAGE_ORDER = {"curate": 0, "prune": 1, "recover": 2, "eval": 3}
+_STAGE_ORDER = {name: i for i, name in enumerate(STAGES)}
 
 
 def _write_manifest(path: Path, cfg, root: Path, chains, seconds, status, wall: float) -> None:

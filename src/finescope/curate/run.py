@@ -31,7 +31,7 @@ from ..modeling import load
 from .activations import TextBatches, encode_pooled, harvest_coords
 from .baselines import minilm_embeddings, random_scores
 from .coords import coordinate_scores, top_k_coords
-from .pool import default_reference_texts, resolve_records_path
+from ..corpora import default_reference_texts, resolve_records_path
 from .sae import evaluate_sae, load_sae, save_sae, train_sae
 from .select import max_cosine, select_global, select_per_seed
 

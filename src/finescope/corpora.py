@@ -1,4 +1,5 @@
-"""The embedded default pool and reference corpus, built from packaged data (DESIGN.md §6), and seed presets.
+"""Embedded corpora built from the packaged assets (DESIGN.md §6): the default pool, the generic reference
+corpus, and the seed presets. Stages and the pipeline read them from here; this module knows no stage.
 
 Default pool (`default_pool_path()`, built once into `$FINESCOPE_HOME/pools/`), every record tagged with a
 `source` that selection never reads:
@@ -21,10 +22,10 @@ import random
 import zipfile
 from pathlib import Path
 
-from .. import FinescopeError, assets
-from ..data import read_records
-from ..progress import progress
-from ..storage import write_jsonl_atomic
+from . import FinescopeError, assets
+from .data import read_records
+from .progress import progress
+from .storage import write_jsonl_atomic
 
 POOL_VERSION = "v1"
 EVALS_PER_SET = 20
@@ -123,7 +124,7 @@ def default_reference_texts() -> list[str]:
 def seed_preset_path(name: str) -> Path:
     if name not in PRESETS:
         raise FinescopeError(f"unknown seed preset {name!r}; known: {', '.join('preset:' + p for p in PRESETS)}")
-    return Path(__file__).resolve().parent.parent / "seeds" / f"{name}.jsonl"
+    return Path(__file__).resolve().parent / "seeds" / f"{name}.jsonl"
 
 
 def resolve_records_path(spec: str, kind: str) -> Path:

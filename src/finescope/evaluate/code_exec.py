@@ -108,59 +108,18 @@ def _check_reachable_by_nobody(folder: Path) -> None:
 
 def run_program(code: str, limits: Limits | None = None) -> ExecResult:
     """Run `code` (a complete Python program) confined; exit status 0 = passed."""
-    global _stale_cleaned
     limits = limits or Limits()
-    if not _stale_cleaned:  # once per process: what runs killed before us (kill -9, OOM) could not remove
-        _stale_cleaned = True
-        remove_stale(_KIND)
-        _remove_stale_cgroups()
-    root = Path(tempfile.mkdtemp(prefix=owned_prefix(_KIND)))  # parent-only: outputs and the report
-    work = root / "work"  # the program's folder: the only place it may write
-    work.mkdir()
-    program = work / "program.py"
-    program.write_text(code, encoding="utf-8")
-    python = sys.executable
-    as_root = os.geteuid() == 0
-    drop = False
-    if as_root:
-        python = _interpreter_for_nobody()
-        drop = python is not None
-        python = python or sys.executable
-    if drop:
-        try:
-            _check_reachable_by_nobody(root.parent)
-        except CodeExecutionError:
-            shutil.rmtree(root, ignore_errors=True)
-            raise
-        os.chmod(root, 0o711)
-        os.chown(work, _NOBODY, _NOBODY)
-        os.chown(program, _NOBODY, _NOBODY)
+    _remove_stale_once()
+    root, program, python, drop = _prepare_sandbox(code)
+    work = program.parent
     nproc = limits.nproc if drop else _user_process_count() + 1 + limits.nproc  # +1: the launcher's supervisor
-    cgroup = _make_pids_cgroup(limits.nproc) if as_root else None
+    cgroup = _make_pids_cgroup(limits.nproc) if os.geteuid() == 0 else None
     spec = {"memory_mb": limits.memory_mb, "cpu_s": limits.cpu_s, "file_mb": limits.file_mb, "nproc": nproc,
             "work_dir": str(work), "report": str(root / "report.json"), "python": python,
             "cgroup": str(cgroup) if cgroup else None, "parent_pid": os.getpid(),
             "drop_to_uid": _NOBODY if drop else None, "drop_to_gid": _NOBODY if drop else None}
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work), "LANG": "C.UTF-8",
-           "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
-    with open(root / "stdout", "wb") as out, open(root / "stderr", "wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", str(_LAUNCHER), json.dumps(spec), str(program)],
-            cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
-            close_fds=True,
-        )
-        pgid = proc.pid  # start_new_session: the child leads its own session and process group
-        try:
-            rc: int | None = proc.wait(timeout=limits.timeout_s)
-            status = "passed" if rc == 0 else ("killed" if rc < 0 else "failed")
-        except subprocess.TimeoutExpired:
-            rc, status = None, "timeout"
-        _kill_group(pgid)
-        if cgroup is not None:
-            _kill_cgroup(cgroup)
-        if rc is None:
-            proc.wait()
+    status, rc, pgid = _launch_and_wait(spec, program, root, limits.timeout_s, cgroup)
     wall = time.perf_counter() - start
     try:
         confinement = json.loads((root / "report.json").read_text())
@@ -170,6 +129,67 @@ def run_program(code: str, limits: Limits | None = None) -> ExecResult:
     result = ExecResult(status, rc, _tail(root / "stdout"), _tail(root / "stderr"), wall, pgid, confinement)
     shutil.rmtree(root, ignore_errors=True)
     return result
+
+
+def _remove_stale_once() -> None:
+    """Once per process: remove what runs killed before us (kill -9, OOM) could not."""
+    global _stale_cleaned
+    if not _stale_cleaned:
+        _stale_cleaned = True
+        remove_stale(_KIND)
+        _remove_stale_cgroups()
+
+
+def _prepare_sandbox(code: str) -> tuple[Path, Path, str, bool]:
+    """A private folder holding work/program.py → (root, program, interpreter, drop privileges to nobody?).
+
+    `root` (parent-only) receives the outputs and the launcher's report; `root/work` is the only place the program
+    may write. As root, the program runs as nobody when an interpreter nobody can run exists."""
+    root = Path(tempfile.mkdtemp(prefix=owned_prefix(_KIND)))
+    work = root / "work"
+    work.mkdir()
+    program = work / "program.py"
+    program.write_text(code, encoding="utf-8")
+    nobody_python = _interpreter_for_nobody() if os.geteuid() == 0 else None
+    if nobody_python is None:
+        return root, program, sys.executable, False
+    try:
+        _check_reachable_by_nobody(root.parent)
+    except CodeExecutionError:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    os.chmod(root, 0o711)
+    os.chown(work, _NOBODY, _NOBODY)
+    os.chown(program, _NOBODY, _NOBODY)
+    return root, program, nobody_python, True
+
+
+def _launch_and_wait(spec: dict, program: Path, root: Path, timeout_s: float,
+                     cgroup: Path | None) -> tuple[str, int | None, int]:
+    """Start the launcher in its own session, wait up to `timeout_s`, then kill whatever is left of it →
+    (status, exit code or None on timeout, process group id)."""
+    work = program.parent
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work), "LANG": "C.UTF-8",
+           "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    with open(root / "stdout", "wb") as out, open(root / "stderr", "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", str(_LAUNCHER), json.dumps(spec), str(program)],
+            cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
+            close_fds=True,
+        )
+        pgid = proc.pid  # start_new_session: the child leads its own session and process group
+        rc: int | None
+        try:
+            rc = proc.wait(timeout=timeout_s)
+            status = "passed" if rc == 0 else ("killed" if rc < 0 else "failed")
+        except subprocess.TimeoutExpired:
+            rc, status = None, "timeout"
+        _kill_group(pgid)
+        if cgroup is not None:
+            _kill_cgroup(cgroup)
+        if rc is None:
+            proc.wait()
+    return status, rc, pgid
 
 
 def live_group_members(pgid: int) -> list[int]:

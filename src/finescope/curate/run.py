@@ -37,7 +37,7 @@ from .select import max_cosine, select_global, select_per_seed
 
 
 # Bump when the SAE's definition changes, so cached SAEs (and encodings made with them) are not reused.
-SAE_VERSION = 2
+SAE_VERSION = 3
 # Per selector, bumped when its score definition changes, so cached coordinates are not reused
 # (gradient 2: Hutchinson estimate, root-mean-square over texts, instead of the exact per-coordinate backward).
 COORDS_VERSION = {"gradient": 2}

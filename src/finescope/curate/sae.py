@@ -2,9 +2,14 @@
 
 Two variants: `topk` (TopK activation, AuxK dead-latent loss; v3, the default) and `relu` (ReLU + L1; v1).
 Decoder rows are unit-norm (renormalised after every step, gradient parallel to them removed); the decoder bias
-is initialised from the data. Inputs are standardised per coordinate (mean and std stored with the SAE): the
+is initialised from the data. Training standardises each input coordinate (mean and std kept with the SAE): the
 residual stream has a few "massive" coordinates, hundreds of times larger than the rest, and with a single scale
 they dominate the reconstruction and the pooled codes (every record then looks alike, cosine ≈ 0.98–0.999).
+
+Encoding, decoding and the saved folder use the standardisation folded into the weights (`SparseAutoencoder.folded`),
+in SAELens's convention on raw activations: codes = act((x − b_dec) @ W_enc + b_enc), with act = ReLU or TopK,
+reconstruction = codes @ W_dec + b_dec. So a standard SAELens loader (architecture "standard"/"topk",
+normalize_activations "none") reproduces our codes from cfg.json + sae_weights.safetensors alone.
 
     sae, curves = train_sae(acts, kind="topk", d_sae=2048, k=32, steps=2000)   # acts: (tokens, K) float tensor
     save_sae(sae, "out/sae", coords=indices, layer=15, model="default")
@@ -38,6 +43,8 @@ class SparseAutoencoder(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.register_buffer("input_mean", torch.zeros(d_in))  # input standardisation: (x − mean) / std
         self.register_buffer("input_std", torch.ones(d_in))
+        self._folded_key: tuple | None = None  # memo of `_folded_on`
+        self._folded_cache: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.W_dec)
             self.normalize_decoder()
@@ -56,10 +63,23 @@ class SparseAutoencoder(nn.Module):
         self.W_dec.grad.sub_(parallel * self.W_dec)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The training-time standardisation (x − mean) / std."""
         return (x - self.input_mean) / self.input_std
 
-    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.normalize(x) - self.b_dec) @ self.W_enc + self.b_enc
+    @torch.no_grad()
+    def folded(self) -> dict[str, torch.Tensor]:
+        """W_enc, b_enc, W_dec, b_dec in raw activation units, the standardisation folded in (SAELens layout).
+
+        With xn = (x − μ)/σ: (xn − b_dec) @ W_enc = (x − (σ·b_dec + μ)) @ (W_enc / σ[:, None]), and
+        σ·(z @ W_dec + b_dec) + μ = z @ (W_dec · σ) + (σ·b_dec + μ). b_enc is unchanged. Computed in float64
+        on the CPU, returned as float32. Keeping b_dec on the input (rather than folding it into b_enc) subtracts
+        the large per-coordinate means before the matmul, so float32 codes stay as accurate as in the standardised
+        form. For an SAE loaded from a folded folder (μ = 0, σ = 1) this returns its weights unchanged, bit for bit.
+        """
+        mean, std, W_enc, b_enc, W_dec, b_dec = (t.detach().cpu().double() for t in (
+            self.input_mean, self.input_std, self.W_enc, self.b_enc, self.W_dec, self.b_dec))
+        return {"W_enc": (W_enc / std[:, None]).float(), "b_enc": b_enc.float(),
+                "W_dec": (W_dec * std).float(), "b_dec": (b_dec * std + mean).float()}
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         z = torch.relu(pre)
@@ -68,26 +88,41 @@ class SparseAutoencoder(nn.Module):
             z = torch.zeros_like(z).scatter_(-1, idx, vals)
         return z
 
+    def _folded_on(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """`folded()` on `device`, memoised until a weight or buffer changes (in-place updates bump a tensor's
+        _version, a move or reassignment changes its storage), so encoding batch after batch folds once."""
+        key = (str(device), *((t.data_ptr(), t._version) for t in
+                              (self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.input_mean, self.input_std)))
+        if self._folded_key != key:
+            self._folded_cache = {n: t.to(device) for n, t in self.folded().items()}
+            self._folded_key = key
+        return self._folded_cache
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """(x − b_dec) @ W_enc + b_enc of raw activations `x`, by the folded weights (they follow `x`'s device)."""
+        w = self._folded_on(x.device)
+        return (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Sparse codes of raw (unnormalised) activations `x` (..., d_in) → (..., d_sae)."""
         return self.activate(self.pre_acts(x))
 
-    def decode_normalized(self, z: torch.Tensor) -> torch.Tensor:
-        return z @ self.W_dec + self.b_dec
-
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Reconstruction in the raw activation space."""
-        return self.decode_normalized(z) * self.input_std + self.input_mean
-
-    def forward_normalized(self, xn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(reconstruction, codes, pre-activations) of an already standardised input `xn`."""
-        pre = (xn - self.b_dec) @ self.W_enc + self.b_enc
-        z = self.activate(pre)
-        return self.decode_normalized(z), z, pre
+        """Reconstruction in the raw activation space: z @ W_dec + b_dec, by the folded weights."""
+        w = self._folded_on(z.device)
+        return z @ w["W_dec"] + w["b_dec"]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(reconstruction of the standardised input, codes, pre-activations) of a raw input `x`."""
-        return self.forward_normalized(self.normalize(x))
+        """(reconstruction, codes, pre-activations) of raw activations `x`, all in raw units."""
+        pre = self.pre_acts(x)
+        z = self.activate(pre)
+        return self.decode(z), z, pre
+
+    def forward_normalized(self, xn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training forward: (reconstruction, codes, pre-activations) of an already standardised input `xn`."""
+        pre = (xn - self.b_dec) @ self.W_enc + self.b_enc
+        z = self.activate(pre)
+        return z @ self.W_dec + self.b_dec, z, pre
 
 
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
@@ -165,57 +200,79 @@ def train_sae(
 
 @torch.no_grad()
 def evaluate_sae(sae: SparseAutoencoder, acts: torch.Tensor, batch_size: int = 4096) -> dict[str, float]:
-    """FVU (of the standardised activations, so every coordinate counts alike), mean L0 and dead fraction
-    (latents that never fire) over `acts`."""
-    err = tot = l0 = 0.0
+    """FVU, mean L0 and dead fraction (latents that never fire) of the SAE as it encodes (folded weights, raw
+    units) over `acts`. The FVU weighs each coordinate by 1 / its variance over `acts`, so every coordinate counts
+    alike (the massive ones do not drown the rest)."""
+    acts = acts.float()
+    mean, std = acts.mean(0), acts.std(0).clamp_min(1e-6)
+    err = l0 = 0.0
     fired = torch.zeros(sae.d_sae, dtype=torch.bool)
-    mean = sae.normalize(acts.float()).mean(0)
     for i in range(0, acts.shape[0], batch_size):
-        x = sae.normalize(acts[i : i + batch_size].float())
-        x_hat, z, _ = sae.forward_normalized(x)
-        err += float((x_hat - x).pow(2).sum())
-        tot += float((x - mean).pow(2).sum())
+        x = acts[i : i + batch_size]
+        x_hat, z, _ = sae(x)
+        err += float(((x_hat - x) / std).pow(2).sum())
         l0 += float((z > 0).sum())
         fired |= (z > 0).any(0)
+    tot = float(((acts - mean) / std).pow(2).sum())
     n = acts.shape[0]
     return {"fvu": err / max(tot, 1e-12), "l0": l0 / n, "dead_fraction": float((~fired).float().mean())}
 
 
 def save_sae(sae: SparseAutoencoder, path: str | Path, *, coords: torch.Tensor, layer: int, model: str,
              extra: dict[str, Any] | None = None) -> Path:
-    """SAELens layout: cfg.json + sae_weights.safetensors, plus the coordinate indices the SAE reads."""
+    """SAELens layout: cfg.json + sae_weights.safetensors (the folded W_enc, b_enc, W_dec, b_dec only, see
+    `SparseAutoencoder.folded`), plus coords.safetensors, the residual coordinates the SAE reads (its d_in inputs)."""
+    topk = sae.kind == "topk"
     cfg = {
-        "architecture": "topk" if sae.kind == "topk" else "standard",
+        "architecture": "topk" if topk else "standard",
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
-        "activation_fn_str": "topk" if sae.kind == "topk" else "relu",
-        "activation_fn_kwargs": {"k": sae.k} if sae.kind == "topk" else {},
+        "dtype": "float32",
+        "device": "cpu",
         "apply_b_dec_to_input": True,
-        "normalize_activations": "finescope_standardize",
+        "normalize_activations": "none",
+        "finetuning_scaling_factor": False,
+        "activation_fn_str": "topk" if topk else "relu",
+        "activation_fn_kwargs": {"k": sae.k} if topk else {},
+        **({"k": sae.k, "rescale_acts_by_decoder_norm": False} if topk else {}),
+        "model_name": model,
         "hook_name": f"model.layers.{layer}",
         "hook_layer": layer,
-        "hook_point": "residual stream after the block",
-        "model_name": model,
-        "dtype": "float32",
+        "hook_head_index": None,
+        "finescope_hook_point": "residual stream after the block",
         "finescope_coords_file": "coords.safetensors",
         **(extra or {}),
     }
     with atomic_dir(path) as tmp:
         (tmp / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        weights = {n: p.detach().contiguous().float() for n, p in
-                   (("W_enc", sae.W_enc), ("b_enc", sae.b_enc), ("W_dec", sae.W_dec), ("b_dec", sae.b_dec),
-                    ("input_mean", sae.input_mean), ("input_std", sae.input_std))}
+        weights = {n: t.contiguous() for n, t in sae.folded().items()}
         save_file(weights, str(tmp / "sae_weights.safetensors"))
         save_file({"indices": coords.long().contiguous()}, str(tmp / "coords.safetensors"))
     return Path(path)
 
 
+def _kind(cfg: dict[str, Any]) -> str:
+    """Our SAE kind for a SAELens cfg, refusing the settings `SparseAutoencoder` does not compute."""
+    arch = cfg.get("architecture", "standard")
+    if (arch not in ("standard", "topk") or not cfg.get("apply_b_dec_to_input", True)
+            or cfg.get("normalize_activations", "none") not in ("none", "finescope_standardize")
+            or cfg.get("rescale_acts_by_decoder_norm", False)):
+        raise ValueError(f"unsupported SAE cfg: architecture {arch!r}, apply_b_dec_to_input "
+                         f"{cfg.get('apply_b_dec_to_input')!r}, normalize_activations "
+                         f"{cfg.get('normalize_activations')!r}, rescale_acts_by_decoder_norm "
+                         f"{cfg.get('rescale_acts_by_decoder_norm')!r}")
+    return "topk" if arch == "topk" else "relu"
+
+
 def load_sae(path: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
-    """Load an SAE folder written by `save_sae`; returns the SAE and its cfg (with `coords`, a LongTensor)."""
+    """Load an SAE folder written by `save_sae`; returns the SAE and its cfg (with `coords`, a LongTensor).
+
+    The folder's weights are already in raw units, so the SAE keeps mean 0, std 1 and encodes exactly as the SAE
+    that was saved. Older folders that also hold input_mean / input_std (unfolded) load too."""
     path = Path(path)
     cfg = json.loads((path / "cfg.json").read_text())
-    kind = "topk" if cfg["architecture"] == "topk" else "relu"
-    sae = SparseAutoencoder(cfg["d_in"], cfg["d_sae"], kind, cfg.get("activation_fn_kwargs", {}).get("k", 32))
+    k = cfg.get("k", cfg.get("activation_fn_kwargs", {}).get("k", 32))
+    sae = SparseAutoencoder(cfg["d_in"], cfg["d_sae"], _kind(cfg), k)
     state = load_file(str(path / "sae_weights.safetensors"))
     with torch.no_grad():
         for name, tensor in state.items():

@@ -5,7 +5,7 @@ wall time and peak RSS, dense-vs-pruned forward latency, parameter ratio. Prints
     .venv/bin/python benchmarks/prune.py --importance taylor,magnitude --calib-samples 16 --nll-samples 32
 
 Calibration sources (same record count each):
-  curated  — STAND-IN for curate/selected.jsonl (the curate stage lands separately): BIG-bench
+  curated  — a fixed math set, not a curation (pass --curated for a curate stage's selected.jsonl): BIG-bench
              elementary_math_qa questions with their correct option as the response (instruction records);
   generic  — BBC news articles + Wikipedia snippets (text records);
   random   — a uniform sample of a mixed pool (elementary_math_qa, Wikipedia, OpenWebText, BBC news).
@@ -134,7 +134,7 @@ def main() -> None:
     ap.add_argument("--calib-length", type=int, default=128)
     ap.add_argument("--nll-samples", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--curated", default=None, help="a curate stage's selected.jsonl (default: a math stand-in)")
+    ap.add_argument("--curated", default=None, help="a curate stage's selected.jsonl (default: a fixed math set, not a curation)")
     ap.add_argument("--skip-stage-run", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
@@ -153,7 +153,7 @@ def main() -> None:
         "calibration": {name: info for name, (_, info) in calib.items()},
         "calibration_sources": {
             "curated": (f"curate stage output {args.curated}" if args.curated else
-                        "STAND-IN (curate stage not used): BIG-bench elementary_math_qa question + correct option"),
+                        "fixed math set, not a curation: BIG-bench elementary_math_qa question + correct option"),
             "generic": "BBC news articles + Wikipedia snippets",
             "random": "uniform sample of a mixed pool: elementary_math_qa 1500, Wikipedia 1000, OpenWebText 1000, BBC 2000",
         },

@@ -8,10 +8,11 @@ teacher's acceptance rate by reason, seconds per step. Prints JSON (also written
 
 Inputs (the output labels which were used):
 - curated set: `--data FILE` (a curate stage's selected.jsonl; `--records N` keeps the first N, 0 = all); without
-  it a STAND-IN: the packaged evals math sets (simple_math, math_for_5th-grader, then jee-math multiple choice).
-- pruned model: `--student DIR` (a prune stage's model/); else with `--pruner standin` (default) a uniform
-  magnitude slicing written here (q heads 9->6, MLP width solved so that total parameters drop by `--ratio`),
-  with `--pruner cli` the `finescope prune` command as a user runs it.
+  it a fixed math set, not a curation: the packaged evals math sets (simple_math, math_for_5th-grader, then
+  jee-math multiple choice).
+- pruned model: `--student DIR` (a prune stage's model/); else the prune stage run here on the curated set at
+  `--ratio` (default settings: first-order Taylor importance, uniform widths) into <work>/prune, in this process
+  (`--pruner stage`, default) or as the `finescope prune` command a user runs (`--pruner cli`).
 - recipe sweep: `--sweep-lrs` x `--sweep-epochs`, SFT and TGD each, fine-tuning on the same rewrites.
 Domain NLL: completion-only NLL of GSM8K *test* answers (calculator annotations <<…>> removed) under the chat
 template, token-weighted; GSM8K is evaluation data and is never trained on.
@@ -20,6 +21,7 @@ template, token-weighted; GSM8K is evaluation data and is never trained on.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -31,7 +33,7 @@ from pathlib import Path
 import torch
 
 from finescope import assets
-from finescope.config import RecoverConfig
+from finescope.config import PruneConfig, RecoverConfig
 from finescope.data import read_records
 from finescope.modeling import load, resolve_model_path
 from finescope.recover.finetune import build_examples, mean_loss
@@ -40,11 +42,11 @@ from finescope.recover.run import run
 EVALS_SETS = ("simple_math/simple_math.jsonl", "math_for_5th-grader/samples.jsonl", "jee-math/samples.jsonl")
 
 
-def math_standin(n: int) -> list[dict]:
+def evals_math_records(n: int) -> list[dict]:
     out = []
     for name in EVALS_SETS:
         path = assets.package_file("evals", f"evals/registry/data/{name}")
-        for i, line in enumerate(open(path, encoding="utf-8")):
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
             if not line.strip():
                 continue
             row = json.loads(line)
@@ -70,73 +72,40 @@ def domain_nll(model_dir: str, records: list[dict]) -> float:
     return round(mean_loss(h.model, examples, h.tokenizer.pad_token_id, micro_batch_size=8), 4)
 
 
-# ------------------------------------------------------------------------------------------------ stand-in pruner
+# ------------------------------------------------------------------------------------------------ pruning
 
 
-def _params(n_layers, hidden, heads, kv, head_dim, mlp, vocab, tied) -> int:
-    attn = hidden * heads * head_dim * 2 + hidden * kv * head_dim * 2
-    per_layer = attn + 3 * hidden * mlp + 2 * hidden
-    return n_layers * per_layer + vocab * hidden * (1 if tied else 2) + hidden
+def prune_summary(stage: Path) -> dict:
+    """The figures of a prune stage's report.json that this benchmark prints (empty when there is none)."""
+    report = stage / "report.json"
+    if not report.is_file():
+        return {}
+    r = json.loads(report.read_text())
+    before, after, params = r.get("shapes_before", {}), r.get("shapes_after", {}), r.get("parameters", {})
+    out = {"importance": r.get("importance"), "head_mode": r.get("head_mode")}
+    for key, name in (("attention_heads", "q_heads"), ("kv_heads", "kv_heads"), ("mlp_width", "mlp"),
+                      ("layers", "layers")):
+        if key in before and key in after:
+            out[name] = f"{before[key]}->{after[key]}"
+    if params:
+        out.update({"params_dense": params.get("before"), "params_pruned": params.get("after"),
+                    "removed_fraction": round(params["ratio"], 4) if "ratio" in params else None})
+    return out
 
 
-@torch.no_grad()
-def standin_prune(dense_dir: str, out: Path, ratio: float) -> dict:
-    """Uniform magnitude slicing (stand-in for `finescope prune`): keep 2 of 3 q heads per KV group by ‖W_q‖+‖W_o‖,
-    and the MLP channels with the largest ‖gate‖+‖up‖+‖down‖, width solved to remove `ratio` of all parameters."""
-    from transformers import AutoModelForCausalLM
-
-    h = load(dense_dir, device="cpu")
-    model, a = h.model, h.adapter
-    c = a.config
-    total = sum(p.numel() for p in model.parameters())
-    groups, per_group = a.num_kv_heads, a.num_heads // a.num_kv_heads
-    keep_per_group = max(1, per_group - 1)
-    heads = groups * keep_per_group
-    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    target = total * (1 - ratio)
-    mlp = a.intermediate_size
-    while mlp > 8 and _params(a.num_layers, a.hidden_size, heads, groups, a.head_dim, mlp, a.vocab_size, tied) > target:
-        mlp -= 8
-    hd, heads0, mlp0 = a.head_dim, a.num_heads, a.intermediate_size
-    sd = {}
-    for i in range(a.num_layers):
-        at, ml = a.attention(i), a.mlp(i)
-        q = at.q_proj.weight.view(a.num_heads, hd, -1)
-        o = at.o_proj.weight.view(-1, a.num_heads, hd)
-        score = q.pow(2).sum((1, 2)) + o.pow(2).sum((0, 2))
-        keep = []
-        for g in range(groups):
-            idx = torch.arange(g * per_group, (g + 1) * per_group)
-            keep += sorted(idx[score[idx].argsort(descending=True)[:keep_per_group]].tolist())
-        keep_t = torch.tensor(keep)
-        sd[f"model.layers.{i}.self_attn.q_proj.weight"] = q[keep_t].reshape(heads * hd, -1).clone()
-        sd[f"model.layers.{i}.self_attn.o_proj.weight"] = o[:, keep_t].reshape(-1, heads * hd).clone()
-        ch = ml.gate_proj.weight.norm(dim=1) + ml.up_proj.weight.norm(dim=1) + ml.down_proj.weight.norm(dim=0)
-        top = ch.argsort(descending=True)[:mlp].sort().values
-        sd[f"model.layers.{i}.mlp.gate_proj.weight"] = ml.gate_proj.weight[top].clone()
-        sd[f"model.layers.{i}.mlp.up_proj.weight"] = ml.up_proj.weight[top].clone()
-        sd[f"model.layers.{i}.mlp.down_proj.weight"] = ml.down_proj.weight[:, top].clone()
-    full = model.state_dict()
-    for k, v in full.items():
-        sd.setdefault(k, v)
-    c.num_attention_heads, c.intermediate_size, c.head_dim = heads, mlp, hd
-    pruned = AutoModelForCausalLM.from_config(c, dtype=torch.float32)
-    missing, unexpected = pruned.load_state_dict(sd, strict=False)
-    assert not unexpected and all(k.startswith("lm_head") for k in missing), (missing, unexpected)
-    pruned.tie_weights()
-    pruned.generation_config = model.generation_config
-    pruned.save_pretrained(out)
-    h.tokenizer.save_pretrained(out)
-    kept = sum(p.numel() for p in pruned.parameters())
-    return {"pruner": "standin-uniform-magnitude", "q_heads": f"{heads0}->{heads}", "mlp": f"{mlp0}->{mlp}",
-            "params_dense": total, "params_pruned": kept, "removed_fraction": round(1 - kept / total, 4)}
+def stage_prune(data: Path, out: Path, ratio: float) -> dict:
+    """The prune stage in this process, as `finescope prune` runs it (skipped when `out` is done with this config)."""
+    # import_module names the stage module whether or not the package re-exports a `run` function over it
+    prune_stage = importlib.import_module("finescope.prune.run")
+    prune_stage.run(PruneConfig(model="default", data=str(data), ratio=ratio), out)
+    return {"pruner": "finescope prune (in process)", **prune_summary(out)}
 
 
 def cli_prune(data: Path, out: Path, ratio: float) -> dict:
     cmd = [sys.executable, "-m", "finescope.cli", "prune", "--model", "default", "--data", str(data),
            "--ratio", str(ratio), "--out", str(out)]
     subprocess.run(cmd, check=True)
-    return {"pruner": "finescope prune", "command": " ".join(cmd[2:])}
+    return {"pruner": "finescope prune", "command": " ".join(cmd[2:]), **prune_summary(out)}
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -148,7 +117,8 @@ def main() -> None:
     p.add_argument("--records", type=int, default=40)
     p.add_argument("--nll-records", type=int, default=64)
     p.add_argument("--ratio", type=float, default=0.35)
-    p.add_argument("--pruner", choices=["standin", "cli"], default="standin")
+    p.add_argument("--pruner", choices=["stage", "cli"], default="stage",
+                   help="run the prune stage in this process, or as the `finescope prune` command")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--epochs", type=float, default=3.0)
@@ -157,7 +127,7 @@ def main() -> None:
     p.add_argument("--sweep-lrs", default="", help="extra learning rates for SFT and TGD (reuses the rewrites)")
     p.add_argument("--sweep-epochs", default="", help="extra epoch counts for SFT and TGD (reuses the rewrites)")
     p.add_argument("--data", default="", help="the curated record file (e.g. a curate stage's selected.jsonl) "
-                                              "instead of the stand-in math set")
+                                              "instead of the fixed evals math set")
     p.add_argument("--student", default="", help="an existing pruned model folder (e.g. a prune stage's model/) "
                                                  "instead of pruning here")
     args = p.parse_args()
@@ -174,31 +144,23 @@ def main() -> None:
             data = work / "curated.jsonl"
             data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
     else:
-        data = work / "math_standin.jsonl"
-        data.write_text("".join(json.dumps(r) + "\n" for r in math_standin(args.records)), encoding="utf-8")
-        curated_label = f"STAND-IN: evals math sets {', '.join(EVALS_SETS)} (first {args.records} records)"
+        data = work / "evals_math.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in evals_math_records(args.records)), encoding="utf-8")
+        curated_label = f"not curated: evals math sets {', '.join(EVALS_SETS)} (first {args.records} records)"
     pruned_dir = work / "prune" / "model"
     if args.student:
         pruned_dir = Path(args.student)
-        report = pruned_dir.parent / "report.json"
-        prune_info = {"pruner": "existing folder", "student": str(pruned_dir)}
-        if report.is_file():
-            r = json.loads(report.read_text())
-            prune_info.update({k: r[k] for k in ("params_before", "params_after", "removed_fraction", "importance")
-                               if k in r})
+        prune_info = {"pruner": "existing folder", "student": str(pruned_dir), **prune_summary(pruned_dir.parent)}
     elif args.pruner == "cli":
         prune_info = cli_prune(data, work / "prune", args.ratio)
-    elif not (pruned_dir / "config.json").is_file():
-        prune_info = standin_prune(dense, pruned_dir, args.ratio)
-        (work / "prune" / "standin.json").write_text(json.dumps(prune_info))
     else:
-        prune_info = json.loads((work / "prune" / "standin.json").read_text())
+        prune_info = stage_prune(data, work / "prune", args.ratio)
 
     def recipe(**kw) -> RecoverConfig:
-        base = dict(teacher=dense, student=str(pruned_dir), data=str(data), max_new_tokens=args.max_new_tokens,
-                    rewrite_batch_size=8, lora_rank=args.rank, lora_alpha=2 * args.rank, lr=args.lr,
-                    batch_size=args.batch_size, micro_batch_size=4, max_length=256, epochs=args.epochs,
-                    eval_fraction=0.1)
+        base = {"teacher": dense, "student": str(pruned_dir), "data": str(data),
+                "max_new_tokens": args.max_new_tokens, "rewrite_batch_size": 8, "lora_rank": args.rank,
+                "lora_alpha": 2 * args.rank, "lr": args.lr, "batch_size": args.batch_size, "micro_batch_size": 4,
+                "max_length": 256, "epochs": args.epochs, "eval_fraction": 0.1}
         base.update(kw)
         return RecoverConfig(**base)
 
@@ -230,8 +192,7 @@ def main() -> None:
     result = {
         "model": "SmolLM2-135M-Instruct (embedded default)",
         "curated_set": curated_label,
-        "prune": {**prune_info, "label": ("existing folder" if args.student else
-                                          "STAND-IN" if args.pruner == "standin" else "finescope prune")},
+        "prune": {**prune_info, "label": "existing folder" if args.student else "finescope prune"},
         "recipe": {k: v for k, v in json.loads((tgd / "config.json").read_text())["config"].items()
                    if k not in ("teacher", "student", "data")},
         "domain_nll": {"task": f"GSM8K test answers, first {len(nll_recs)}, completion-only", **nll},

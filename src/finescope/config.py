@@ -77,7 +77,7 @@ Fraction = Annotated[float, Range(min=0, max=1, min_open=True, max_open=True)]
 
 
 # ================================================================================================ stage configs
-# The stage issues own their stage's fields; the defaults are METHOD.md's faithful defaults where it gives one.
+# Defaults are METHOD.md's faithful defaults where it gives one.
 
 
 @dataclass

@@ -14,7 +14,7 @@ the same ones; few-shot examples of MMLU come from the same subject, never the q
 
     from finescope.evaluate.tasks import resolve_task
     task = resolve_task("mmlu:stem")
-    len(task.docs())   # 3,018
+    len(task.docs())   # 3,153
 """
 
 from __future__ import annotations

@@ -11,10 +11,10 @@ tied LM heads stay intact. Whole decoder blocks can be dropped (`layer_idx` renu
 so generation with a KV cache still works. After slicing, `rewrite_config` writes the counts into the config;
 the result loads with stock `AutoModelForCausalLM.from_pretrained`.
 
-    from finescope.prune.structure import model_shapes, prune_width, drop_blocks
+    from finescope.prune.structure import model_shapes, prune_attention, prune_mlp, drop_blocks
     shapes = model_shapes(handle.adapter, handle.model)
     drop_blocks(handle.adapter, [7, 12])
-    prune_width(handle.adapter, kept_heads, kept_kv, kept_channels)   # per-layer index lists
+    prune_attention(handle.adapter, layer, kept_heads, kept_kv); prune_mlp(handle.adapter, layer, kept_channels)
 """
 
 from __future__ import annotations

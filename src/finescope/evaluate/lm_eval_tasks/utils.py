@@ -1,4 +1,4 @@
-"""Data loaders for the shipped lm-evaluation-harness tasks (read from FineScope's packaged, offline data).
+r"""Data loaders for the shipped lm-evaluation-harness tasks (read from FineScope's packaged, offline data).
 
     lm_eval --model hf --model_args pretrained=<model dir> \
         --include_path $(python -c "import finescope.evaluate, os; print(os.path.dirname(finescope.evaluate.__file__))")/lm_eval_tasks \

@@ -151,7 +151,7 @@ def test_supervisor_relays_the_programs_death_by_signal(sig):
 VERIFY_PARENT = """
 import importlib, sys, torch
 from pathlib import Path
-run = importlib.import_module("finescope.prune.run")  # the module (the package exports its `run` function)
+run = importlib.import_module("finescope.prune.run")  # the stage module (the package exports nothing)
 # the real verify_saved, with a child that announces itself in its temp folder and then blocks
 run._VERIFY = "import os, sys, time; open(os.path.dirname(sys.argv[3]) + '/pid', 'w').write(str(os.getpid())); time.sleep(600)"
 run.verify_saved(Path("unused"), torch.zeros(1, 2, dtype=torch.long), torch.zeros(1), dtype=torch.float32, device="cpu")

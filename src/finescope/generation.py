@@ -5,21 +5,22 @@ used by the teacher rewrite (recover) and by the generative benchmarks (evaluate
     outs = generate(model, tok, ["Q: 2+2?\\nA:"], max_new_tokens=32, stop=["\\n\\n", "Q:"])
     outs[0][0]   # {"text": ..., "new_tokens": 5, "cut_off": False}: the first (greedy) completion of prompt 0
 
-Prompts are tokenized one by one (`data.encode_prompt`: BOS added unless the text already starts with it), sorted longest first so an out-of-memory error surfaces in the first batch and
-each batch pads little. A completion ends at the first stop token (the tokenizer's EOS and every EOS id of the
-generation config) or stop sequence; a row whose completion ended stops generating while the others continue
-(per-row stopping), and the batch ends when every row has ended or reached `max_new_tokens`. `cut_off` is True
-when neither ended it.
+Prompts are tokenized one by one (`tokens.encode_prompt`: BOS added unless the text already starts with it),
+sorted longest first so an out-of-memory error surfaces in the first batch and each batch pads little. A
+completion ends at the first stop token (the tokenizer's EOS and every EOS id of the generation config) or stop
+sequence; a row whose completion ended stops generating while the others continue (per-row stopping), and the
+batch ends when every row has ended or reached `max_new_tokens`. `cut_off` is True when neither ended it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from .data import encode_prompt
 from .progress import progress
+from .tokens import encode_prompt, pad_batch, pad_id
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:
@@ -46,7 +47,11 @@ def stop_token_ids(model, tokenizer) -> set[int]:
 
 
 class _StopOnSequences:
-    """A per-row stopping criterion: True for a row once its generated text contains a stop sequence."""
+    """A per-row stopping criterion: True for a row once its generated text contains a stop sequence.
+
+    Not transformers' `generate(stop_strings=…)`: its StopStringCriteria also matches a stop string that begins
+    in the prompt (a code prompt's last "\n" + a generated "def" halts at once), which changes completions, and
+    it is no faster here (benchmarks/generation_stops.py: ~100 µs per call either way, ≪ one decoding step)."""
 
     def __init__(self, tokenizer, prompt_len: int, stop: list[str]):
         self.tokenizer, self.prompt_len, self.stop = tokenizer, prompt_len, [s for s in stop if s]
@@ -86,50 +91,24 @@ def generate(
     not stripped (leading whitespace matters for code). `on_batch(prompt_indices, completions)` is called after
     every batch, e.g. to append finished rows to a resumable file.
     """
-    from transformers import StoppingCriteriaList
-
     stop = [s for s in (stop or []) if s]
     stops = stop_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops, default=0)
+    pad = pad_id(tokenizer, fallback=min(stops, default=0))
     device = next(model.parameters()).device
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    kwargs = _decoding_kwargs(max_new_tokens, num_samples, temperature, top_p, pad, stops)
     results: list[list[dict[str, Any]]] = [[] for _ in prompts]
-    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
-                                  pad_token_id=pad_id, eos_token_id=sorted(stops) or None)
-    if temperature > 0:
-        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     was_training = model.training
     model.eval()
     bar = progress(total=len(prompts), desc=desc, unit="prompt")
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                seq = encoded[i]
-                if seq:
-                    ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-                    mask[row, width - len(seq):] = 1
             if temperature > 0:
                 torch.manual_seed(seed + start)
-            criteria = StoppingCriteriaList([_StopOnSequences(tokenizer, width, stop)]) if stop else None
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 stopping_criteria=criteria, **kwargs)
-            new = out[:, width:].cpu()
-            batch: list[list[dict[str, Any]]] = [[] for _ in idx]
-            for k in range(new.shape[0]):
-                toks = new[k].tolist()
-                end = next((j for j, t in enumerate(toks) if t in stops), None)
-                kept = toks if end is None else toks[:end]
-                full = tokenizer.decode(kept, skip_special_tokens=True)
-                text = cut_at_stop(full, stop)
-                ended = end is not None or len(text) < len(full)  # a stop token, or a stop sequence cut it
-                batch[k // num_samples].append({"text": text, "new_tokens": len(kept), "cut_off": not ended})
+            new = _generate_batch(model, tokenizer, [encoded[i] for i in idx], pad, stop, device, kwargs)
+            batch = _completions(tokenizer, new, stops, stop, num_samples, len(idx))
             for row, i in enumerate(idx):
                 results[i] = batch[row]
             if on_batch is not None:
@@ -139,3 +118,44 @@ def generate(
         bar.close()
         model.train(was_training)
     return results
+
+
+def _decoding_kwargs(max_new_tokens: int, num_samples: int, temperature: float, top_p: float, pad: int,
+                     stops: set[int]) -> dict[str, Any]:
+    """`model.generate` arguments: greedy (every sampling knob unset) or nucleus sampling without top-k."""
+    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
+                                  pad_token_id=pad, eos_token_id=sorted(stops) or None)
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+def _generate_batch(model, tokenizer, rows: list[list[int]], pad: int, stop: list[str], device,
+                    kwargs: dict[str, Any]) -> torch.Tensor:
+    """The new tokens (rows × samples, ≤ max_new_tokens) generated after the left-padded prompt `rows`."""
+    from transformers import StoppingCriteriaList
+
+    batch = pad_batch(rows, pad, side="left")
+    width = batch["input_ids"].shape[1]
+    criteria = StoppingCriteriaList([_StopOnSequences(tokenizer, width, stop)]) if stop else None
+    out = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                         stopping_criteria=criteria, **kwargs)
+    return out[:, width:].cpu()
+
+
+def _completions(tokenizer, new: torch.Tensor, stops: set[int], stop: list[str], num_samples: int,
+                 n_prompts: int) -> list[list[dict[str, Any]]]:
+    """Per prompt, its samples' `{"text", "new_tokens", "cut_off"}`: ids up to the first stop token, decoded
+    without special tokens, cut at the first stop sequence."""
+    batch: list[list[dict[str, Any]]] = [[] for _ in range(n_prompts)]
+    for k in range(new.shape[0]):
+        toks = new[k].tolist()
+        end = next((j for j, t in enumerate(toks) if t in stops), None)
+        kept = toks if end is None else toks[:end]
+        full = tokenizer.decode(kept, skip_special_tokens=True)
+        text = cut_at_stop(full, stop)
+        ended = end is not None or len(text) < len(full)  # a stop token, or a stop sequence cut it
+        batch[k // num_samples].append({"text": text, "new_tokens": len(kept), "cut_off": not ended})
+    return batch

@@ -15,7 +15,6 @@ CLI: `finescope info default`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -29,6 +28,7 @@ from torch import nn
 
 from . import FinescopeError, assets
 from .data import check_input_path
+from .hashing import sha256_hex
 from .messages import flat, one_line, quote
 from .progress import progress
 from .storage import atomic_dir, write_json_atomic
@@ -499,7 +499,7 @@ def gguf_to_hf_folder(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, 
 def gguf_cached_folder(gguf_path: Path) -> Path:
     """The HF folder converted from `gguf_path`, in the asset cache, keyed by path, size and mtime."""
     st = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = sha256_hex(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}", 12)
     out = assets.home() / "models" / f"gguf-{gguf_path.stem}-{key}"
     if not (out / "config.json").is_file():
         try:

@@ -11,12 +11,12 @@ that needs them (one curation, one dense evaluation, …), and each stage's own 
 what is finished. An interrupted stage keeps its folder and resumes or restarts there on the next run.
 
 `<run>/pipeline.json` lists every variant's stage folders; `finescope.report` reads it and the stage folders.
-Only this module and cli.py know every stage; the stages talk to each other through files only.
+Only this module and cli.py use the stages (through the registry in stages.py); the stages talk to each other
+through files only.
 """
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 import time
@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import FinescopeError, __version__, storage
+from .artifacts import PipelineManifest, VariantEntry
 from .config import CurateConfig, PipelineConfig, to_dict
 from .stages import STAGES
 from .variants import VARIANTS
@@ -212,8 +213,7 @@ def run(cfg: PipelineConfig, run_dir: str | Path | None = None) -> Path:
 def _run_locked(cfg: PipelineConfig, root: Path, chains: dict[str, dict]) -> Path:
     storage.write_atomic(root / "pipeline.yaml", _yaml(cfg))
     manifest_path = root / "pipeline.json"
-    previous = storage.read_json(manifest_path) if manifest_path.is_file() else {}
-    seconds: dict[str, float] = previous.get("stage_seconds", {})
+    seconds = dict(PipelineManifest.read(manifest_path).stage_seconds) if manifest_path.is_file() else {}
     status: dict[str, str] = {}
     started = time.perf_counter()
     order = [j for chain in chains.values() for j in chain.values()]
@@ -248,17 +248,18 @@ _STAGE_ORDER = {name: i for i, name in enumerate(STAGES)}
 
 
 def _write_manifest(path: Path, cfg, root: Path, chains, seconds, status, wall: float) -> None:
-    storage.write_json_atomic(path, {
-        "name": cfg.name, "model": cfg.model, "config": to_dict(cfg),
-        "variants": {name: {"label": VARIANTS[name].label if name in VARIANTS else name,
-                            "description": VARIANTS[name].description if name in VARIANTS else "pruning-ratio sweep",
-                            "data": VARIANTS[name].data if name in VARIANTS else "sae",
-                            "prune": VARIANTS[name].prune if name in VARIANTS else "data",
-                            "recovery": VARIANTS[name].recovery if name in VARIANTS else None,
-                            "stages": {s: str(j.folder.relative_to(root)) for s, j in chain.items()}}
-                     for name, chain in chains.items()},
-        "stage_seconds": seconds, "last_run_status": status, "last_run_wall_s": round(wall, 2),
-    })
+    def entry(name: str, chain: dict) -> VariantEntry:
+        stages = {s: str(j.folder.relative_to(root)) for s, j in chain.items()}
+        if name not in VARIANTS:  # a point of the pruning-ratio sweep
+            return VariantEntry(label=name, description="pruning-ratio sweep", data="sae", prune="data",
+                                recovery=None, stages=stages)
+        v = VARIANTS[name]
+        return VariantEntry(label=v.label, description=v.description, data=v.data, prune=v.prune,
+                            recovery=v.recovery, stages=stages)
+
+    PipelineManifest(name=cfg.name, model=cfg.model, config=to_dict(cfg),
+                     variants={name: entry(name, chain) for name, chain in chains.items()},
+                     stage_seconds=seconds, last_run_status=status, last_run_wall_s=round(wall, 2)).write(path)
 
 
 def _yaml(cfg: PipelineConfig) -> str:
@@ -267,11 +268,11 @@ def _yaml(cfg: PipelineConfig) -> str:
     return to_yaml(cfg)
 
 
-def load_manifest(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / "pipeline.json"
+def load_manifest(run_dir: str | Path) -> PipelineManifest:
+    path = Path(run_dir) / PipelineManifest.FILE
     if not path.is_file():
         raise PipelineError(f"{run_dir}: not a run directory (no pipeline.json); run `finescope run` first")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return PipelineManifest.read(path)
 
 
 # ================================================================================================ presets

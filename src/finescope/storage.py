@@ -1,7 +1,8 @@
 """Files of run directories: atomic writes, stage folders with DONE markers, config hashing, locks.
 
-A run directory holds one folder per stage (`runs/<name>/<stage>/`). Each stage folder has `config.json`
-(the resolved config), `metrics.json`, its artifacts, and a `DONE` marker written last. A stage whose `DONE`
+A run directory holds, per stage, one folder per distinct stage config (`runs/<name>/<stage>/<label>-<hash8>/`).
+Each stage folder has `config.json` (the resolved config), `metrics.json`, its artifacts, and a `DONE` marker
+written last. A stage whose `DONE`
 records the hash of the current config is skipped on rerun; anything else is recomputed.
 
     from finescope import storage
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from . import FinescopeError
+from . import FinescopeError, hashing
 
 DONE = "DONE"
 CONFIG = "config.json"
@@ -136,7 +136,7 @@ def config_hash(cfg: Any) -> str:
     for name in getattr(cfg, "HASH_EXCLUDE", ()):
         data.pop(name, None)
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+    return hashing.sha256_hex(blob, 16)
 
 
 # ---------------------------------------------------------------------------------------------- stage folders

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save
 
 from ..progress import progress
 from ..storage import write_atomic
+from ..tokens import pad_batch, pad_id, pad_rows
 
 
 @dataclass
@@ -46,16 +47,10 @@ class TextBatches:
         enc = self._encode(self.texts[i * self.batch_size : (i + 1) * self.batch_size])
         ids = [x[: self.max_length] for x in enc["input_ids"]]
         special = [x[: self.max_length] for x in enc["special_tokens_mask"]]
-        width = max(1, max(len(x) for x in ids))
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(ids), width), dtype=torch.long)
-        token_mask = torch.zeros((len(ids), width), dtype=torch.bool)
-        for r, (row, sp) in enumerate(zip(ids, special)):
-            input_ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
-            attention[r, : len(row)] = 1
-            token_mask[r, : len(row)] = ~torch.tensor(sp, dtype=torch.bool)
-        return {"input_ids": input_ids, "attention_mask": attention, "token_mask": token_mask}
+        batch = pad_batch(ids, pad_id(self.tokenizer), min_width=1)
+        # Padding counts as special: the token mask keeps real, non-special tokens only.
+        batch["token_mask"] = pad_rows(special, 1, batch["input_ids"].shape[1]) == 0
+        return batch
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for i in range(len(self)):

@@ -14,17 +14,17 @@ metrics.json, config.json, DONE.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save
 
-from .. import FinescopeError, assets, storage
+from .. import FinescopeError, assets, hashing, storage
+from ..artifacts import CurateFeatures, CurateMetrics, PoolSnippet, SaeCurationMetrics, SaeLayerMetrics, SharedLatent
 from ..config import CurateConfig
 from ..data import read_records, record_text
 from ..modeling import load
@@ -37,7 +37,7 @@ from .select import max_cosine, select_global, select_per_seed
 
 
 # Bump when the SAE's definition changes, so cached SAEs (and encodings made with them) are not reused.
-SAE_VERSION = 3
+SAE_VERSION = 3  # 3: folder and encodings use the standardisation folded into the weights (SAELens layout)
 # Per selector, bumped when its score definition changes, so cached coordinates are not reused
 # (gradient 2: Hutchinson estimate, root-mean-square over texts, instead of the exact per-coordinate backward).
 COORDS_VERSION = {"gradient": 2}
@@ -45,30 +45,6 @@ COORDS_VERSION = {"gradient": 2}
 
 class CurateError(FinescopeError):
     pass
-
-
-def _digest(*parts) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(json.dumps(p, sort_keys=True, default=str).encode("utf-8"))
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
-def _model_fingerprint(source: str) -> str:
-    path = Path(source)
-    if not path.is_dir():
-        return source
-    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.glob("*.safetensors"))
-    return _digest(str(path.resolve()), (path / "config.json").read_text(encoding="utf-8"), files)
-
-
-def _texts_digest(texts: list[str]) -> str:
-    h = hashlib.sha256()
-    for t in texts:
-        h.update(t.encode("utf-8"))
-        h.update(b"\0")
-    return h.hexdigest()[:16]
 
 
 def _cache_root() -> Path:
@@ -96,11 +72,12 @@ def _reference_texts(cfg: CurateConfig) -> list[str]:
 def _train_layer_sae(cfg: CurateConfig, handle, layer: int, reference: list[str], model_fp: str):
     """Coordinates + SAE for one layer, from the cache when the same inputs were seen before."""
     coord_texts = reference[: cfg.coord_samples]
-    coords_key = _digest("coords", COORDS_VERSION.get(cfg.selector, 1), model_fp, layer, cfg.selector,
-                         cfg.num_coords, cfg.probes, _texts_digest(coord_texts), cfg.max_length, cfg.batch_size,
-                         cfg.seed)
-    key = _digest("sae", SAE_VERSION, coords_key, _texts_digest(reference), cfg.sae_kind, cfg.sae_expansion, cfg.sae_k,
-                  cfg.sae_l1, cfg.sae_auxk_alpha, cfg.sae_lr, cfg.sae_steps, cfg.sae_batch_size)
+    coords_key = hashing.digest_parts("coords", COORDS_VERSION.get(cfg.selector, 1), model_fp, layer, cfg.selector,
+                                      cfg.num_coords, cfg.probes, hashing.digest_texts(coord_texts), cfg.max_length,
+                                      cfg.batch_size, cfg.seed)
+    key = hashing.digest_parts("sae", SAE_VERSION, coords_key, hashing.digest_texts(reference), cfg.sae_kind,
+                               cfg.sae_expansion, cfg.sae_k, cfg.sae_l1, cfg.sae_auxk_alpha, cfg.sae_lr, cfg.sae_steps,
+                               cfg.sae_batch_size)
     root = _cache_root() / f"sae-{key}"
     root.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -140,7 +117,8 @@ def _train_layer_sae(cfg: CurateConfig, handle, layer: int, reference: list[str]
 
 def _sae_vectors(cfg, handle, layer_state, layer: int, texts: list[str], tag: str) -> torch.Tensor:
     batches = TextBatches(handle.tokenizer, texts, cfg.max_length, cfg.batch_size)
-    key = _digest("enc", layer_state["key"], layer, cfg.pooling, cfg.max_length, cfg.batch_size, _texts_digest(texts))
+    key = hashing.digest_parts("enc", layer_state["key"], layer, cfg.pooling, cfg.max_length, cfg.batch_size,
+                               hashing.digest_texts(texts))
     cache = _cache_root() / f"enc-{key}"
     vecs = encode_pooled(handle, layer, layer_state["indices"], layer_state["sae"].encode, batches, cache,
                          cfg.pooling, desc=f"encode {tag} (layer {layer})")
@@ -149,7 +127,7 @@ def _sae_vectors(cfg, handle, layer_state, layer: int, texts: list[str], tag: st
 
 
 def _features(pool_vecs, seed_vecs, selected: list[int], pool: list[dict], texts: list[str], top: int = 20,
-              snippets: int = 5) -> list[dict]:
+              snippets: int = 5) -> list[SharedLatent]:
     """SAE latents most shared by the seeds and the selection, with their top-activating pool snippets.
 
     A latent counts by how much more it fires on both the seeds and the selection than on the pool at large
@@ -164,16 +142,16 @@ def _features(pool_vecs, seed_vecs, selected: list[int], pool: list[dict], texts
         if float(shared[latent]) <= 0:
             break
         best = torch.argsort(pool_vecs[:, latent], descending=True)[:snippets].tolist()
-        out.append({
-            "latent": latent,
-            "lift": float(shared[latent]),
-            "seed_mean_activation": float(seed_mean[latent]),
-            "selected_mean_activation": float(sel_mean[latent]),
-            "pool_mean_activation": float(pool_mean[latent]),
-            "top_pool_snippets": [{"id": pool[i]["id"], "source": pool[i].get("source"),
-                                   "activation": float(pool_vecs[i, latent]), "text": texts[i][:240]}
-                                  for i in best],
-        })
+        out.append(SharedLatent(
+            latent=latent,
+            lift=float(shared[latent]),
+            seed_mean_activation=float(seed_mean[latent]),
+            selected_mean_activation=float(sel_mean[latent]),
+            pool_mean_activation=float(pool_mean[latent]),
+            top_pool_snippets=[PoolSnippet(id=pool[i]["id"], source=pool[i].get("source"),
+                                           activation=float(pool_vecs[i, latent]), text=texts[i][:240])
+                               for i in best],
+        ))
     return out
 
 
@@ -216,73 +194,105 @@ def _curate_into(stage: Path, cfg: CurateConfig, seeds: list[dict], pool: list[d
         m = len(pool)
     pool_texts = [record_text(r, cfg.encode_fields) for r in pool]
     seed_texts = [record_text(r, cfg.encode_fields) for r in seeds]
-    metrics: dict = {"method": cfg.method, "pool_records": len(pool), "seeds": len(seeds), "top_m": m,
-                     "selection": cfg.selection, "timings_s": {}}
-    features: dict = {}
-    sims = None
+    timings: dict[str, float] = {}
+    scored = _score(stage, cfg, handle, reference, pool_texts, seed_texts, timings)
+    chosen = _choose(cfg, scored, pool_texts, m)
+    selection = _write_outputs(stage, pool, seeds, scored.scores, scored.nearest, chosen)
+    if scored.features:
+        CurateFeatures(layers={layer: _features(pv, sv, chosen, pool, pool_texts)
+                               for layer, (pv, sv) in scored.features.items()}).write(stage / CurateFeatures.FILE)
+    timings["total"] = time.perf_counter() - start
+    metrics = CurateMetrics(method=cfg.method, pool_records=len(pool), seeds=len(seeds), top_m=m,
+                            selection=cfg.selection, timings_s=timings, sae_curation=scored.sae, **selection)
+    storage.mark_done(stage, cfg, metrics.to_json())
+
+
+@dataclass
+class _Scored:
+    """Scores of the pool records and their nearest seed (-1: none), with what the SAE method adds."""
+
+    scores: torch.Tensor
+    nearest: torch.Tensor
+    sims: torch.Tensor | None = None
+    """(layers, pool, seeds) cosine similarities, for per-seed and per-layer selection."""
+    features: dict[str, tuple] = field(default_factory=dict)
+    """Per layer: pooled SAE codes of the pool and of the seeds (for features.json)."""
+    sae: SaeCurationMetrics | None = None
+
+
+def _score(stage: Path, cfg: CurateConfig, handle, reference: list[str] | None, pool_texts: list[str],
+           seed_texts: list[str], timings: dict[str, float]) -> _Scored:
+    """Score every pool record by the configured method."""
+    n = len(pool_texts)
     if cfg.method == "sae":
-        layers = cfg.layers or [handle.adapter.num_layers // 2]
-        model_fp = _model_fingerprint(handle.source)
-        metrics.update({"layers": layers, "reference_texts": len(reference),
-                        "pool_truncated": TextBatches(handle.tokenizer, pool_texts, cfg.max_length).count_truncated(),
-                        "max_length": cfg.max_length, "sae": {}})
-        coords_out, per_layer_scores, per_layer_sims = {}, [], []
-        for layer in layers:
-            state = _train_layer_sae(cfg, handle, layer, reference, model_fp)
-            t = time.perf_counter()
-            pool_vecs = _sae_vectors(cfg, handle, state, layer, pool_texts, "pool")
-            metrics["timings_s"][f"encode_pool_layer{layer}"] = time.perf_counter() - t
-            seed_vecs = _sae_vectors(cfg, handle, state, layer, seed_texts, "seeds")
-            scores, nearest, layer_sims = max_cosine(pool_vecs, seed_vecs)
-            per_layer_scores.append(scores)
-            per_layer_sims.append(layer_sims)
-            coords_out[f"layer{layer}.indices"] = state["indices"].contiguous()
-            coords_out[f"layer{layer}.scores"] = state["scores"].float().contiguous()
-            save_sae(state["sae"], stage / "sae" / f"layer{layer}", coords=state["indices"], layer=layer,
-                     model=handle.source, extra={"finescope_curves": state["curves"],
-                                                 "finescope_metrics": state["quality"]})
-            metrics["sae"][f"layer{layer}"] = {**state["quality"], "curves": state["curves"],
-                                               "cache": str(state["root"])}
-            metrics["timings_s"].update({f"{k}_layer{layer}": v for k, v in state["timings"].items()})
-            features[f"layer{layer}"] = (pool_vecs, seed_vecs)
-        storage.write_atomic(stage / "coords.safetensors", save(coords_out))
-        # Several layers: a record's score is its best layer's score; selection lists are merged by union below.
-        scores = torch.stack(per_layer_scores).max(0).values
-        best_layer = torch.stack(per_layer_scores).argmax(0)
-        sims = torch.stack(per_layer_sims)  # (layers, pool, seeds)
-        nearest = sims[best_layer, torch.arange(len(pool))].argmax(-1)
-    elif cfg.method == "embedding":
+        return _score_sae(stage, cfg, handle, reference, pool_texts, seed_texts, timings)
+    if cfg.method == "embedding":
         t = time.perf_counter()
         vecs = minilm_embeddings(pool_texts + seed_texts)
-        metrics["timings_s"]["embed"] = time.perf_counter() - t
-        scores, nearest, layer_sims = max_cosine(vecs[: len(pool)], vecs[len(pool):])
-        sims = layer_sims.unsqueeze(0)
-    elif cfg.method == "random":
-        scores, nearest = random_scores(len(pool), cfg.seed), torch.full((len(pool),), -1)
-    elif cfg.method == "full":
-        scores, nearest = torch.ones(len(pool)), torch.full((len(pool),), -1)
-    else:
-        raise CurateError(f"unknown method {cfg.method!r}")
-
+        timings["embed"] = time.perf_counter() - t
+        scores, nearest, sims = max_cosine(vecs[:n], vecs[n:])
+        return _Scored(scores, nearest, sims.unsqueeze(0))
+    if cfg.method == "random":
+        return _Scored(random_scores(n, cfg.seed), torch.full((n,), -1))
     if cfg.method == "full":
-        chosen = select_global(scores, pool_texts, len(pool))
-    elif cfg.selection == "per_seed" and sims is not None:
-        chosen = sorted({i for layer_sims in sims for i in select_per_seed(layer_sims, scores, pool_texts, m)},
-                        key=lambda i: (-float(scores[i]), i))
-    elif sims is not None and sims.shape[0] > 1:
-        chosen = sorted({i for s in sims for i in select_global(s.max(-1).values, pool_texts, m)},
-                        key=lambda i: (-float(scores[i]), i))
-    else:
-        chosen = select_global(scores, pool_texts, m)
-    _write_outputs(stage, cfg, pool, seeds, scores, nearest, chosen, metrics)
-    if features:
-        storage.write_json_atomic(stage / "features.json", {layer: _features(pv, sv, chosen, pool, pool_texts)
-                                                       for layer, (pv, sv) in features.items()})
-    metrics["timings_s"]["total"] = time.perf_counter() - start
-    storage.mark_done(stage, cfg, metrics)
+        return _Scored(torch.ones(n), torch.full((n,), -1))
+    raise CurateError(f"unknown method {cfg.method!r}")
 
 
-def _write_outputs(stage: Path, cfg, pool, seeds, scores, nearest, chosen, metrics) -> None:
+def _score_sae(stage: Path, cfg: CurateConfig, handle, reference: list[str], pool_texts: list[str],
+               seed_texts: list[str], timings: dict[str, float]) -> _Scored:
+    """Per hook layer: coordinates and SAE (cached), pooled codes of pool and seeds, max cosine to the seeds.
+
+    Writes the SAEs (sae/layer<ℓ>/) and coords.safetensors. Several layers: a record's score is its best layer's
+    score (selection lists are merged by union in `_choose`)."""
+    layers = cfg.layers or [handle.adapter.num_layers // 2]
+    model_fp = hashing.model_fingerprint(handle.source)
+    coords_out, per_layer_scores, per_layer_sims, features, sae_metrics = {}, [], [], {}, {}
+    for layer in layers:
+        state = _train_layer_sae(cfg, handle, layer, reference, model_fp)
+        t = time.perf_counter()
+        pool_vecs = _sae_vectors(cfg, handle, state, layer, pool_texts, "pool")
+        timings[f"encode_pool_layer{layer}"] = time.perf_counter() - t
+        seed_vecs = _sae_vectors(cfg, handle, state, layer, seed_texts, "seeds")
+        scores, _, layer_sims = max_cosine(pool_vecs, seed_vecs)
+        per_layer_scores.append(scores)
+        per_layer_sims.append(layer_sims)
+        coords_out[f"layer{layer}.indices"] = state["indices"].contiguous()
+        coords_out[f"layer{layer}.scores"] = state["scores"].float().contiguous()
+        save_sae(state["sae"], stage / "sae" / f"layer{layer}", coords=state["indices"], layer=layer,
+                 model=handle.source, extra={"finescope_curves": state["curves"],
+                                             "finescope_metrics": state["quality"]})
+        sae_metrics[f"layer{layer}"] = SaeLayerMetrics.from_json(
+            {**state["quality"], "curves": state["curves"], "cache": str(state["root"])}, source="SAE quality")
+        timings.update({f"{k}_layer{layer}": v for k, v in state["timings"].items()})
+        features[f"layer{layer}"] = (pool_vecs, seed_vecs)
+    storage.write_atomic(stage / "coords.safetensors", save(coords_out))
+    scores = torch.stack(per_layer_scores).max(0).values
+    best_layer = torch.stack(per_layer_scores).argmax(0)
+    sims = torch.stack(per_layer_sims)  # (layers, pool, seeds)
+    nearest = sims[best_layer, torch.arange(len(pool_texts))].argmax(-1)
+    truncated = TextBatches(handle.tokenizer, pool_texts, cfg.max_length).count_truncated()
+    info = SaeCurationMetrics(layers=layers, reference_texts=len(reference), pool_truncated=truncated,
+                              max_length=cfg.max_length, sae=sae_metrics)
+    return _Scored(scores, nearest, sims, features, info)
+
+
+def _choose(cfg: CurateConfig, scored: _Scored, pool_texts: list[str], m: int) -> list[int]:
+    """Indices of the selected records, best first: global top-M, per seed, or the union over layers."""
+    scores, sims = scored.scores, scored.sims
+    if cfg.method == "full":
+        return select_global(scores, pool_texts, len(pool_texts))
+    if cfg.selection == "per_seed" and sims is not None:
+        return sorted({i for layer_sims in sims for i in select_per_seed(layer_sims, scores, pool_texts, m)},
+                      key=lambda i: (-float(scores[i]), i))
+    if sims is not None and sims.shape[0] > 1:
+        return sorted({i for s in sims for i in select_global(s.max(-1).values, pool_texts, m)},
+                      key=lambda i: (-float(scores[i]), i))
+    return select_global(scores, pool_texts, m)
+
+
+def _write_outputs(stage: Path, pool, seeds, scores, nearest, chosen) -> dict:
+    """Write selected.jsonl and scores.parquet; return the selection statistics of metrics.json."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -308,14 +318,13 @@ def _write_outputs(stage: Path, cfg, pool, seeds, scores, nearest, chosen, metri
     tmp.replace(stage / "scores.parquet")
     sel = torch.tensor([float(scores[i]) for i in chosen]) if chosen else torch.zeros(0)
     q = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])
-    metrics.update({
+    names = ["min", "q25", "median", "q75", "max"]
+    return {
         "selected": len(chosen),
-        "score_quantiles_pool": dict(zip(["min", "q25", "median", "q75", "max"],
-                                         torch.quantile(scores.float(), q).tolist())),
-        "score_quantiles_selected": dict(zip(["min", "q25", "median", "q75", "max"],
-                                             torch.quantile(sel, q).tolist())) if len(sel) else {},
+        "score_quantiles_pool": dict(zip(names, torch.quantile(scores.float(), q).tolist())),
+        "score_quantiles_selected": dict(zip(names, torch.quantile(sel, q).tolist())) if len(sel) else {},
         "selected_sources": _count(pool[i].get("source") for i in chosen),
-    })
+    }
 
 
 def _count(values) -> dict:

@@ -2,6 +2,7 @@
 
     finescope eval --model default --tasks mmlu:stem,gsm8k,nll:math --limit 20 --out runs/demo/eval/dense
 
-Modules: tasks (registry), mc (batched log-likelihood), generate (batched generation, answer extraction),
-code_exec (sandbox, pass@k), perplexity (domain NLL), run (the stage), lm_eval_tasks/ (lm-eval YAMLs).
+Modules: tasks.py (registry), mc.py (batched log-likelihood), answers.py (answer extraction), code_exec.py
+(sandbox, pass@k), perplexity.py (domain NLL), run.py (the stage entry point `run(cfg, out)`), lm_eval_tasks/
+(lm-eval YAMLs).
 """

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import encode_prompt  # lm-eval's rule: the tokenizer's own specials, never a second BOS
 from ..progress import progress
+from ..tokens import encode_prompt, pad_batch, pad_id, pad_rows  # encode_prompt = lm-eval's rule: never a 2nd BOS
 
 
 @dataclass
@@ -109,26 +109,20 @@ def score_requests(
     order = sorted(encoded, key=lambda e: -(len(e.ctx) + max(len(c) for c in e.conts)))
     results: list[list[Score] | None] = [None] * len(requests)
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     bar = progress(total=len(requests), desc=desc, unit="q")
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        for enc, scores in zip(batch, _score_batch(model, batch, pad_id, device)):
+        for enc, scores in zip(batch, _score_batch(model, batch, pad, device)):
             results[enc.index] = scores
         bar.update(len(batch))
     bar.close()
     return results  # type: ignore[return-value]
 
 
-def _score_batch(model, batch: list[_Encoded], pad_id: int, device) -> list[list[Score]]:
-    b = len(batch)
-    ctx_len = max(len(e.ctx) for e in batch)
-    ids = torch.full((b, ctx_len), pad_id, dtype=torch.long)
-    mask = torch.zeros((b, ctx_len), dtype=torch.long)
-    for r, e in enumerate(batch):  # left padding: every context ends at the last column
-        ids[r, ctx_len - len(e.ctx):] = torch.tensor(e.ctx)
-        mask[r, ctx_len - len(e.ctx):] = 1
-    ids, mask = ids.to(device), mask.to(device)
+def _score_batch(model, batch: list[_Encoded], pad: int, device) -> list[list[Score]]:
+    contexts = pad_batch([e.ctx for e in batch], pad, side="left")  # every context ends at the last column
+    ids, mask = contexts["input_ids"].to(device), contexts["attention_mask"].to(device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     need_cache = any(len(c) > 1 for e in batch for c in e.conts)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=need_cache, logits_to_keep=1)
@@ -146,18 +140,10 @@ def _score_batch(model, batch: list[_Encoded], pad_id: int, device) -> list[list
     if need_cache:
         cache = getattr(out, "cache", None) or out.past_key_values
         cache.reorder_cache(row_q)  # one copy of the question's cache per answer choice
-        n = len(rows)
-        rest_len = max(len(c) for c in conts) - 1
-        inp = torch.full((n, rest_len), pad_id, dtype=torch.long)
-        tgt = torch.zeros((n, rest_len), dtype=torch.long)
-        cmask = torch.zeros((n, rest_len), dtype=torch.long)
-        for k, c in enumerate(conts):  # input c[:-1], target c[1:], right-padded
-            m = len(c) - 1
-            if m:
-                inp[k, :m] = torch.tensor(c[:-1])
-                tgt[k, :m] = torch.tensor(c[1:])
-                cmask[k, :m] = 1
-        inp, tgt, cmask = inp.to(device), tgt.to(device), cmask.to(device)
+        rest = pad_batch([c[:-1] for c in conts], pad)  # input c[:-1], target c[1:], right-padded
+        rest_len = rest["input_ids"].shape[1]
+        tgt = pad_rows([c[1:] for c in conts], 0, rest_len)  # 0, not -100: padded targets are gathered, then masked
+        inp, tgt, cmask = rest["input_ids"].to(device), tgt.to(device), rest["attention_mask"].to(device)
         full_mask = torch.cat([mask[row_q], cmask], dim=1)
         start = mask[row_q].sum(-1, keepdim=True)
         cpos = start + torch.arange(rest_len, device=device).unsqueeze(0)

@@ -14,13 +14,12 @@ hash of its config.json and weight files' names and sizes.
 
 from __future__ import annotations
 
-import hashlib
-import math
 import re
 import time
 from pathlib import Path
 
-from .. import storage
+from .. import hashing, storage
+from ..artifacts import EvalMetrics, EvalResults, ModelIdentity, TaskResult
 from ..progress import progress
 from ..config import EvalConfig
 from ..generation import generate
@@ -227,14 +226,8 @@ def evaluate_task(task: Task, handle, cfg: EvalConfig) -> list[tuple[dict, list[
 def model_identity(handle) -> dict:
     """Where the model came from and a hash of its config.json plus its weight files' names and sizes."""
     src = Path(handle.source)
-    h = hashlib.sha256()
-    if src.is_dir():
-        h.update((src / "config.json").read_bytes())
-        for f in sorted(src.glob("*.safetensors")) + sorted(src.glob("*.bin")):
-            h.update(f"{f.name}:{f.stat().st_size}".encode())
-    else:
-        h.update(str(src).encode())
-    return {"path": str(src), "config_hash": h.hexdigest()[:16], "architecture": type(handle.model).__name__,
+    return {"path": str(src), "config_hash": hashing.model_config_hash(handle.source),
+            "architecture": type(handle.model).__name__,
             "parameters": sum(p.numel() for p in handle.model.parameters())}
 
 
@@ -257,7 +250,7 @@ def run(cfg: EvalConfig, out: Path) -> Path:
         _check_results_file(out, cfg)
     else:
         if storage.is_done(out, cfg):
-            return out / "results.json"
+            return out / EvalResults.FILE
         storage.check_stage_folder(out, cfg, overwrite=cfg.overwrite)
     tasks = prepare_tasks(cfg)
     handle = load(cfg.model, dtype=cfg.dtype, device=cfg.device)
@@ -271,24 +264,27 @@ def run(cfg: EvalConfig, out: Path) -> Path:
         return out
     with storage.stage_folder(out, cfg, overwrite=cfg.overwrite) as stage:
         if stage is None:
-            return out / "results.json"
-        results = _evaluate_into(stage / "results.json", stage / "samples", cfg, tasks, handle)
-        storage.mark_done(stage, cfg, {r["task"] + (f" [{r['variant']}]"): r["value"] for r in results})
-    return out / "results.json"
+            return out / EvalResults.FILE
+        report = _evaluate_into(stage / EvalResults.FILE, stage / "samples", cfg, tasks, handle)
+        storage.mark_done(stage, cfg, EvalMetrics.of(report.results).to_json())
+    return out / EvalResults.FILE
 
 
-def _evaluate_into(results_path: Path, samples_dir: Path, cfg: EvalConfig, tasks: list[Task], handle) -> list[dict]:
+def _evaluate_into(results_path: Path, samples_dir: Path, cfg: EvalConfig, tasks: list[Task],
+                   handle) -> EvalResults:
     start = time.perf_counter()
     results = []
     for task in tasks:
         for res, samples in evaluate_task(task, handle, cfg):
-            results.append(res)
+            result = TaskResult.from_json(res, source=f"result of task {task.name}")
+            results.append(result)
             if cfg.write_samples:
-                storage.write_jsonl_atomic(samples_dir / f"{_safe(task.name)}-{_safe(res['variant'])}.jsonl", samples)
-    report = {"model": model_identity(handle), "eval_config_hash": storage.config_hash(cfg), "config": cfg,
-              "results": results, "wall_s": round(time.perf_counter() - start, 2)}
-    storage.write_json_atomic(results_path, _finite(report))
-    return results
+                storage.write_jsonl_atomic(samples_dir / f"{_safe(task.name)}-{_safe(result.variant)}.jsonl", samples)
+    report = EvalResults(model=ModelIdentity(**model_identity(handle)), eval_config_hash=storage.config_hash(cfg),
+                         config=storage.to_jsonable(cfg), results=results,
+                         wall_s=round(time.perf_counter() - start, 2))
+    report.write(results_path)
+    return report
 
 
 # A results file is recognised by its own keys; anything else at --out is a user's file and is never replaced.
@@ -331,14 +327,3 @@ def _set_aside(path: Path) -> None:
             if name.exists():
                 name = name.with_name(f"{path.stem}.{tag}-{stamp}{'.json' if old == path else '.samples'}")
             old.replace(name)
-
-
-def _finite(obj):
-    """NaN (e.g. the stderr of a single question) → None, so the file is strict JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return storage.to_jsonable(obj) if not isinstance(obj, (str, int, float, bool, type(None))) else obj

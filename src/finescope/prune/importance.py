@@ -1,8 +1,9 @@
 """Importance of coupled structures (query heads, KV groups, MLP channels, whole blocks) on calibration records.
 
-One pass over the calibration batches gathers what the chosen scores need: gradients of the LM loss on the
-response tokens (Taylor scores), input statistics of o_proj/down_proj (wanda_sp, flap), and each block's
-input/output cosine (block influence). Scores are then summed over each coupled group:
+One pass over the calibration batches gathers what the chosen scores need: gradients of the calibration LM loss
+(on every text token, or on the response tokens with calib_loss=response) for the Taylor scores, input
+statistics of o_proj/down_proj (wanda_sp, flap), and each block's input/output cosine (block influence). Scores are then summed over
+each coupled group:
 
 | name        | element score (summed over a group)                  | source                       |
 |-------------|------------------------------------------------------|------------------------------|
@@ -32,8 +33,9 @@ from torch import nn
 
 from .. import FinescopeError
 from ..data import format_example, record_text
-from ..progress import progress
 from ..modeling import ArchAdapter
+from ..progress import progress
+from ..tokens import IGNORE_INDEX, encode_continuation, encode_prompt, next_token_nll, pad_batch, pad_id
 
 WIDTH_IMPORTANCE = ("taylor", "taylor2", "taylor_mix", "magnitude", "wanda_sp", "flap", "random")
 DEPTH_IMPORTANCE = ("block_influence", "taylor_block")
@@ -44,10 +46,6 @@ class CalibrationError(FinescopeError):
 
 
 # ================================================================================================ calibration data
-
-
-def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
 def calibration_batches(tokenizer, records, *, samples: int, length: int, batch_size: int, seed: int,
@@ -63,43 +61,28 @@ def calibration_batches(tokenizer, records, *, samples: int, length: int, batch_
     records = list(records)
     if len(records) > samples:
         records = random.Random(seed).sample(records, samples)
-    bos = tokenizer.bos_token_id
-    add_bos = bos is not None and (_probe := tokenizer("a")["input_ids"]) and _probe[0] == bos
     rows, skipped = [], 0
     for rec in records:
-        if loss_on == "text":
-            prompt, completion = "", record_text(rec)
-        else:
-            prompt, completion = format_example(tokenizer, rec)
-        p, c = _encode(tokenizer, prompt), _encode(tokenizer, completion)
-        if add_bos and not (p or c)[:1] == [bos]:
-            p = [bos] + p
+        prompt, completion = ("", record_text(rec)) if loss_on == "text" else format_example(tokenizer, rec)
+        if prompt:
+            p, c = encode_prompt(tokenizer, prompt), encode_continuation(tokenizer, completion)
+        else:  # a text: all of it is target (its first token, with no left context, never is: labels shift by one)
+            p, c = [], encode_prompt(tokenizer, completion)
         ids = (p + c)[:length]
         n_prompt = min(len(p), len(ids))
-        # The first token of a text record has no left context to be predicted from.
-        labels = [-100] * n_prompt + ids[n_prompt:]
-        if sum(1 for x in labels[1:] if x != -100) == 0:
+        labels = [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
+        if sum(1 for x in labels[1:] if x != IGNORE_INDEX) == 0:
             skipped += 1
             continue
         rows.append((ids, labels))
     if not rows:
         raise CalibrationError(f"{source}: no usable calibration text ({len(records)} records, {skipped} with no "
                                f"response tokens within calib_length = {length})")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    batches = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, (ids, lab) in enumerate(chunk):
-            input_ids[i, :len(ids)] = torch.tensor(ids)
-            labels[i, :len(lab)] = torch.tensor(lab)
-            mask[i, :len(ids)] = 1
-        batches.append({"input_ids": input_ids, "attention_mask": mask, "labels": labels})
+    pad = pad_id(tokenizer)
+    batches = [pad_batch([ids for ids, _ in chunk], pad, labels=[lab for _, lab in chunk])
+               for chunk in (rows[start:start + batch_size] for start in range(0, len(rows), batch_size))]
     tokens = sum(len(ids) for ids, _ in rows)
-    loss_tokens = sum(sum(1 for x in lab[1:] if x != -100) for _, lab in rows)
+    loss_tokens = sum(sum(1 for x in lab[1:] if x != IGNORE_INDEX) for _, lab in rows)
     return batches, {"records": len(rows), "skipped": skipped, "tokens": tokens, "loss_tokens": loss_tokens,
                      "batches": len(batches)}
 
@@ -232,24 +215,53 @@ class _Stats:
 
 def compute_scores(adapter: ArchAdapter, batches: list[dict], importance: str, *, depth_importance: str | None = None,
                    seed: int = 0, desc: str = "calibration") -> Scores:
-    """Scores of every head, KV group and MLP channel (and block, if `depth_importance`) of the model."""
+    """Scores of every head, KV group and MLP channel (and block, if `depth_importance`) of the model.
+
+    Phases: one pass over the calibration batches gathers what the scores need (`_calibration_pass`), then the
+    width scores are summed over coupled groups (`_width_scores`) and the block scores taken (`_block_scores`)."""
     if importance not in WIDTH_IMPORTANCE:
         raise ValueError(f"unknown importance {importance!r}")
-    model = adapter.model
-    taylor = importance.startswith("taylor")
-    second = importance in ("taylor2", "taylor_mix")
-    need_grad = taylor or depth_importance == "taylor_block"
+    need_grad = importance.startswith("taylor") or depth_importance == "taylor_block"
     need_act = importance in ("wanda_sp", "flap")
     need_bi = depth_importance == "block_influence"
-    L = adapter.num_layers
-    params = [p for i in range(L) for lin in _projections(adapter, i).values() for p in (lin.weight, lin.bias)
-              if p is not None]
-    grads: dict = {}
-    fisher: dict = {}
-    loss_sum, loss_tokens = 0.0, 0
-    stats = _Stats(adapter, need_act, need_bi) if (need_act or need_bi) else None
+    gathered = _Gathered(stats=_Stats(adapter, need_act, need_bi) if (need_act or need_bi) else None)
+    if need_act or need_bi or need_grad:
+        _calibration_pass(adapter, batches, gathered, need_grad=need_grad,
+                          fisher=importance in ("taylor2", "taylor_mix"), desc=desc)
+    heads, kv, channels = _width_scores(adapter, importance, gathered, seed)
+    blocks = _block_scores(adapter, depth_importance, gathered)
+    loss = gathered.loss_sum / gathered.loss_tokens if need_grad and gathered.loss_tokens else None
+    return Scores(heads=heads, kv=kv, channels=channels, blocks=blocks, loss=loss)
+
+
+@dataclass
+class _Gathered:
+    """What the pass over the calibration batches collected."""
+
+    stats: _Stats | None = None
+    """Input moments / block cosines (activation and block-influence scores)."""
+    grads: dict = field(default_factory=dict)
+    """Parameter → gradient of the token-mean loss over all calibration tokens."""
+    fisher: dict = field(default_factory=dict)
+    """Parameter → empirical Fisher diagonal over mini-batches (second-order Taylor scores)."""
+    loss_sum: float = 0.0
+    loss_tokens: int = 0
+
+
+def _scored_parameters(adapter: ArchAdapter) -> list[nn.Parameter]:
+    return [p for i in range(adapter.num_layers) for lin in _projections(adapter, i).values()
+            for p in (lin.weight, lin.bias) if p is not None]
+
+
+def _calibration_pass(adapter: ArchAdapter, batches: list[dict], gathered: _Gathered, *, need_grad: bool,
+                      fisher: bool, desc: str) -> None:
+    """Forward every batch (hooks of `gathered.stats` record activations); with `need_grad`, backpropagate the
+    token-mean loss into the projections only. Restores every parameter's `requires_grad` and removes the hooks."""
+    model = adapter.model
+    params = _scored_parameters(adapter)
+    stats = gathered.stats
     device = next(model.parameters()).device
-    total_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    total_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
     saved_flags = {p: p.requires_grad for p in model.parameters()}
     try:
         for p in model.parameters():
@@ -257,80 +269,98 @@ def compute_scores(adapter: ArchAdapter, batches: list[dict], importance: str, *
         if need_grad:
             for p in params:
                 p.requires_grad_(True)
-        if need_act or need_bi or need_grad:
-            for batch in progress(batches, desc=desc, unit="batch"):
-                batch = {k: v.to(device) for k, v in batch.items()}
-                if stats is not None:
-                    stats.mask = batch["attention_mask"]
-                    stats.count += int(batch["attention_mask"].sum())
-                n = int((batch["labels"][:, 1:] != -100).sum())
-                with torch.set_grad_enabled(need_grad):
-                    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-                    logits = out.logits[:, :-1].float()
-                    loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                       batch["labels"][:, 1:].reshape(-1), ignore_index=-100,
-                                                       reduction="sum")
-                loss_sum += float(loss.detach())
-                loss_tokens += n
-                if need_grad:
-                    (loss / total_tokens).backward()
-                    for p in params:
-                        g = p.grad
-                        grads[p] = g.detach().clone() if p not in grads else grads[p].add_(g)
-                        if second:
-                            # Empirical Fisher over mini-batches: per-batch mean-loss gradient, squared, weighted.
-                            gb = g.float() * (total_tokens / max(n, 1))
-                            sq = gb * gb * (n / total_tokens)
-                            fisher[p] = sq if p not in fisher else fisher[p].add_(sq)
-                        p.grad = None
-                del out, logits, loss
+        for batch in progress(batches, desc=desc, unit="batch"):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            if stats is not None:
+                stats.mask = batch["attention_mask"]
+                stats.count += int(batch["attention_mask"].sum())
+            with torch.set_grad_enabled(need_grad):
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+                loss, n = next_token_nll(out.logits, batch["labels"])
+            gathered.loss_sum += float(loss.detach())
+            gathered.loss_tokens += n
+            if need_grad:
+                (loss / total_tokens).backward()
+                _accumulate_gradients(params, gathered, n, total_tokens, fisher)
+            del out, loss
     finally:
         for p, flag in saved_flags.items():
             p.requires_grad_(flag)
         if stats is not None:
             stats.close()
 
-    heads = torch.zeros(L, adapter.num_heads)
-    kv = torch.zeros(L, adapter.num_kv_heads)
-    channels = torch.zeros(L, adapter.intermediate_size)
-    blocks = None
+
+def _accumulate_gradients(params: list[nn.Parameter], gathered: _Gathered, n: int, total_tokens: int,
+                          fisher: bool) -> None:
+    """Add this batch's gradients (of loss / total_tokens) to the sums, and their Fisher term; clear `.grad`."""
+    for p in params:
+        g = p.grad
+        gathered.grads[p] = g.detach().clone() if p not in gathered.grads else gathered.grads[p].add_(g)
+        if fisher:
+            # Empirical Fisher over mini-batches: per-batch mean-loss gradient, squared, weighted.
+            gb = g.float() * (total_tokens / max(n, 1))
+            sq = gb * gb * (n / total_tokens)
+            gathered.fisher[p] = sq if p not in gathered.fisher else gathered.fisher[p].add_(sq)
+        p.grad = None
+
+
+def _width_scores(adapter: ArchAdapter, importance: str, gathered: _Gathered, seed: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(heads, kv, channels) of every layer for one width importance."""
+    L, H, K = adapter.num_layers, adapter.num_heads, adapter.num_kv_heads
+    heads, kv, channels = torch.zeros(L, H), torch.zeros(L, K), torch.zeros(L, adapter.intermediate_size)
     gen = torch.Generator().manual_seed(seed)
-    d, H = adapter.head_dim, adapter.num_heads
     for i in range(L):
-        proj = _projections(adapter, i)
         if importance == "random":
             heads[i] = torch.rand(H, generator=gen)
-            kv[i] = torch.rand(adapter.num_kv_heads, generator=gen)
+            kv[i] = torch.rand(K, generator=gen)
             channels[i] = torch.rand(adapter.intermediate_size, generator=gen)
-        elif taylor or importance == "magnitude":
-            elem = {k: _element_scores(lin, importance, grads, fisher) for k, lin in proj.items()}
-            h, g, c = _group_sums(adapter, i, elem)
-            if importance == "magnitude":
-                h, g, c = h.sqrt(), g.sqrt(), c.sqrt()
-            heads[i], kv[i], channels[i] = h.cpu(), g.cpu(), c.cpu()
+        elif importance in ("wanda_sp", "flap"):
+            heads[i], kv[i], channels[i] = _activation_group_scores(adapter, i, importance, gathered.stats)
         else:
-            cols = {}
-            for name in ("o", "down"):
-                s, sq = stats.sum[(i, name)], stats.sq[(i, name)]
-                w = proj[name].weight.detach().float()
-                if importance == "wanda_sp":
-                    cols[name] = w.abs().sum(0).double() * sq.sqrt()
-                else:  # flap: sample variance of each input feature × squared column norm
-                    mean = s / stats.count
-                    var = (sq / stats.count - mean * mean).clamp_min(0)
-                    cols[name] = var * (w * w).sum(0).double()
-            heads[i] = cols["o"].reshape(H, d).sum(1).float().cpu()
-            kv[i] = heads[i].reshape(adapter.num_kv_heads, -1).sum(1)
-            channels[i] = cols["down"].float().cpu()
+            heads[i], kv[i], channels[i] = _weight_group_scores(adapter, i, importance, gathered)
+    return heads, kv, channels
+
+
+def _weight_group_scores(adapter: ArchAdapter, i: int, importance: str, gathered: _Gathered):
+    """Taylor or magnitude scores of layer i's heads, KV groups and channels (element scores summed per group)."""
+    elem = {k: _element_scores(lin, importance, gathered.grads, gathered.fisher)
+            for k, lin in _projections(adapter, i).items()}
+    h, g, c = _group_sums(adapter, i, elem)
+    if importance == "magnitude":
+        h, g, c = h.sqrt(), g.sqrt(), c.sqrt()
+    return h.cpu(), g.cpu(), c.cpu()
+
+
+def _activation_group_scores(adapter: ArchAdapter, i: int, importance: str, stats: _Stats):
+    """wanda_sp / flap scores of layer i from the o_proj and down_proj input statistics."""
+    proj = _projections(adapter, i)
+    cols = {}
+    for name in ("o", "down"):
+        s, sq = stats.sum[(i, name)], stats.sq[(i, name)]
+        w = proj[name].weight.detach().float()
+        if importance == "wanda_sp":
+            cols[name] = w.abs().sum(0).double() * sq.sqrt()
+        else:  # flap: sample variance of each input feature × squared column norm
+            mean = s / stats.count
+            var = (sq / stats.count - mean * mean).clamp_min(0)
+            cols[name] = var * (w * w).sum(0).double()
+    heads = cols["o"].reshape(adapter.num_heads, adapter.head_dim).sum(1).float().cpu()
+    return heads, heads.reshape(adapter.num_kv_heads, -1).sum(1), cols["down"].float().cpu()
+
+
+def _block_scores(adapter: ArchAdapter, depth_importance: str | None, gathered: _Gathered) -> torch.Tensor | None:
+    """Per-block importance for depth pruning (None without `depth_importance`)."""
     if depth_importance == "block_influence":
-        blocks = (stats.cos / max(stats.count, 1)).float()
-    elif depth_importance == "taylor_block":
-        blocks = torch.zeros(L)
-        for i in range(L):
+        return (gathered.stats.cos / max(gathered.stats.count, 1)).float()
+    if depth_importance == "taylor_block":
+        blocks = torch.zeros(adapter.num_layers)
+        for i in range(adapter.num_layers):
             blocks[i] = sum(float(s.sum()) for lin in _projections(adapter, i).values()
-                            for s in _element_scores(lin, "taylor_block", grads, fisher) if s is not None)
-    loss = loss_sum / loss_tokens if loss_tokens else None
-    return Scores(heads=heads, kv=kv, channels=channels, blocks=blocks, loss=loss if need_grad else None)
+                            for s in _element_scores(lin, "taylor_block", gathered.grads, gathered.fisher)
+                            if s is not None)
+        return blocks
+    return None
 
 
 # ================================================================================================ selection

@@ -18,12 +18,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .. import FinescopeError
 from .. import storage
+from ..artifacts import (Calibration, KeptLayer, LayerImportance, ModelShapes, ParameterCounts, PeakMemory,
+                         PruneMetrics, PrunePlan, PruneReport, PruneTimings, Verification)
 from ..config import PruneConfig
 from ..data import read_records
 from ..modeling import load, model_info
@@ -62,21 +65,21 @@ def prune_model(handle, scores, plan: Plan, head_mode: str) -> dict:
     return {"dropped_blocks": dropped, "layers": layers}
 
 
-def _summaries(scores, kept: dict) -> list[dict]:
+def _summaries(scores, kept: dict) -> list[LayerImportance]:
     """Per original layer: score mass kept and the spread of scores, for heads and MLP channels."""
     out = []
     by_layer = {row["layer"]: row for row in kept["layers"]}
     for i in range(scores.heads.shape[0]):
-        row = {"layer": i, "dropped": i in kept["dropped_blocks"]}
+        row = LayerImportance(layer=i, dropped=i in kept["dropped_blocks"])
         if scores.blocks is not None:
-            row["block_score"] = float(scores.blocks[i])
+            row.scores["block_score"] = float(scores.blocks[i])
         for name, vals, key in (("heads", scores.heads[i], "heads"), ("channels", scores.channels[i], "channels")):
             total = float(vals.sum())
-            row[f"{name}_score_mean"] = float(vals.mean())
-            row[f"{name}_score_max"] = float(vals.max())
+            row.scores[f"{name}_score_mean"] = float(vals.mean())
+            row.scores[f"{name}_score_max"] = float(vals.max())
             if i in by_layer:
                 kept_sum = float(vals[by_layer[i][key]].sum())
-                row[f"{name}_kept_score_fraction"] = kept_sum / total if total else None
+                row.scores[f"{name}_kept_score_fraction"] = kept_sum / total if total else None
         out.append(row)
     return out
 
@@ -180,7 +183,43 @@ def _prune_into(stage: Path, cfg: PruneConfig, handle, plan: Plan, batches, cali
                             desc=f"importance ({cfg.importance})")
     t_scores = time.perf_counter() - t0
     t0 = time.perf_counter()
-    kept = prune_model(handle, scores, plan, cfg.head_mode)
+    sliced = _slice_and_probe(handle, scores, plan, cfg.head_mode, batches)
+    t_slice = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _save_model(handle, stage / "model")
+    t_save = time.perf_counter() - t0
+    peak = PeakMemory(rss=_peak_rss_mib(),
+                      gpu=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None)
+    _release_model(handle)  # the reload below runs in a fresh process: free our copy first
+    t0 = time.perf_counter()
+    verification = Verification(**verify_saved(stage / "model", sliced.probe, sliced.expected, dtype=sliced.dtype,
+                                                device=sliced.device))
+    t_verify = time.perf_counter() - t0
+    _log(f"verified: stock reload logits match (max diff {verification.max_abs_logit_diff:.2e}), "
+         f"generate works with and without cache")
+    timings = PruneTimings(importance_s=t_scores, slice_s=t_slice, save_s=t_save, verify_s=t_verify,
+                           total_s=time.perf_counter() - start)
+    report = _report(cfg, plan, calib, before, sliced, scores, timings, peak, verification)
+    report.write(stage / PruneReport.FILE)
+    storage.mark_done(stage, cfg, _metrics(report).to_json())
+    return stage
+
+
+@dataclass
+class _Sliced:
+    """The pruned model's bookkeeping once sliced: what was kept, its counts, and the logits a reload must match."""
+
+    kept: dict
+    after: dict
+    probe: torch.Tensor
+    expected: torch.Tensor
+    device: str
+    dtype: torch.dtype
+
+
+def _slice_and_probe(handle, scores, plan: Plan, head_mode: str, batches) -> _Sliced:
+    """Prune in place, check the parameter count against the plan, and record the probe logits."""
+    kept = prune_model(handle, scores, plan, head_mode)
     after = model_info(handle)
     if after["parameters"] != plan.params_after:
         raise PruneError(f"internal: pruned model has {after['parameters']} parameters, the plan said "
@@ -192,52 +231,52 @@ def _prune_into(stage: Path, cfg: PruneConfig, handle, plan: Plan, batches, cali
     probe = probe[:, : max(2, int(batches[0]["attention_mask"][:2, :64].sum(1).min()))]
     with torch.no_grad():
         expected = model(input_ids=probe.to(device)).logits.float().cpu()
-    t_slice = time.perf_counter() - t0
+    return _Sliced(kept=kept, after=after, probe=probe, expected=expected, device=device, dtype=dtype)
 
-    t0 = time.perf_counter()
-    model_dir = stage / "model"
+
+def _save_model(handle, model_dir: Path) -> None:
+    """Stock `save_pretrained` of model and tokenizer, renamed into place only when complete."""
     with storage.atomic_dir(model_dir) as tmp:
-        model.save_pretrained(tmp)
+        handle.model.save_pretrained(tmp)
         handle.tokenizer.save_pretrained(tmp)
-    t_save = time.perf_counter() - t0
-    peak_rss = _peak_rss_mib()
-    peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
+def _release_model(handle) -> None:
     handle.model = None
-    del model, handle
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    t0 = time.perf_counter()
-    verification = verify_saved(model_dir, probe, expected, dtype=dtype, device=device)
-    t_verify = time.perf_counter() - t0
-    _log(f"verified: stock reload logits match (max diff {verification['max_abs_logit_diff']:.2e}), "
-         f"generate works with and without cache")
 
-    params = {
-        "before": before["parameters"], "after": after["parameters"],
-        "non_embedding_before": before["non_embedding_parameters"],
-        "non_embedding_after": after["non_embedding_parameters"],
-        "ratio": 1 - after["parameters"] / before["parameters"],
-        "non_embedding_ratio": 1 - after["non_embedding_parameters"] / before["non_embedding_parameters"],
-    }
-    timings = {"importance_s": t_scores, "slice_s": t_slice, "save_s": t_save, "verify_s": t_verify,
-               "total_s": time.perf_counter() - start}
-    report = {
-        "model": before["source"], "family": before["family"], "architecture": before["architecture"],
-        "data": str(cfg.data), "calibration": calib, "importance": cfg.importance, "head_mode": cfg.head_mode,
-        "depth_importance": cfg.depth_importance if cfg.depth else None,
-        "calibration_loss": scores.loss, "plan": plan.as_dict(), "parameters": params,
-        "shapes_before": {k: before[k] for k in ("layers", "attention_heads", "kv_heads", "head_dim", "mlp_width")},
-        "shapes_after": {k: after[k] for k in ("layers", "attention_heads", "kv_heads", "head_dim", "mlp_width")},
-        "dropped_blocks": kept["dropped_blocks"], "kept": kept["layers"],
-        "importance_summary": _summaries(scores, kept), "wall_time": timings,
-        "peak_memory_mib": {"rss": peak_rss, "gpu": peak_gpu}, "verification": verification,
-        "notes": ["every layer is pruned to the same shape (no skipped layers), so the config stays standard",
-                  "importance is computed once on the dense model; blocks and widths are then cut together"],
-    }
-    storage.write_json_atomic(stage / "report.json", report)
-    metrics = {"parameters": params, "ratio_target": plan.ratio_target, "ratio_achieved": plan.ratio_achieved,
-               "shapes_after": report["shapes_after"], "calibration_records": calib["records"],
-               "calibration_loss": scores.loss, "wall_time_s": timings["total_s"], "peak_rss_mib": peak_rss,
-               "verified": True}
-    storage.mark_done(stage, cfg, metrics)
-    return stage
+
+_SHAPE_KEYS = ("layers", "attention_heads", "kv_heads", "head_dim", "mlp_width")
+
+
+def _report(cfg: PruneConfig, plan: Plan, calib: dict, before: dict, sliced: _Sliced, scores,
+            timings: PruneTimings, peak: PeakMemory, verification: Verification) -> PruneReport:
+    after = sliced.after
+    params = ParameterCounts(
+        before=before["parameters"], after=after["parameters"],
+        non_embedding_before=before["non_embedding_parameters"],
+        non_embedding_after=after["non_embedding_parameters"],
+        ratio=1 - after["parameters"] / before["parameters"],
+        non_embedding_ratio=1 - after["non_embedding_parameters"] / before["non_embedding_parameters"],
+    )
+    return PruneReport(
+        model=before["source"], family=before["family"], architecture=before["architecture"],
+        data=str(cfg.data), calibration=Calibration(**calib), importance=cfg.importance, head_mode=cfg.head_mode,
+        depth_importance=cfg.depth_importance if cfg.depth else None,
+        calibration_loss=scores.loss, plan=PrunePlan(**plan.as_dict()), parameters=params,
+        shapes_before=ModelShapes(**{k: before[k] for k in _SHAPE_KEYS}),
+        shapes_after=ModelShapes(**{k: after[k] for k in _SHAPE_KEYS}),
+        dropped_blocks=sliced.kept["dropped_blocks"], kept=[KeptLayer(**row) for row in sliced.kept["layers"]],
+        importance_summary=_summaries(scores, sliced.kept), wall_time=timings, peak_memory_mib=peak,
+        verification=verification,
+        notes=["every layer is pruned to the same shape (no skipped layers), so the config stays standard",
+               "importance is computed once on the dense model; blocks and widths are then cut together"],
+    )
+
+
+def _metrics(report: PruneReport) -> PruneMetrics:
+    return PruneMetrics(parameters=report.parameters, ratio_target=report.plan.ratio_target,
+                        ratio_achieved=report.plan.ratio_achieved, shapes_after=report.shapes_after,
+                        calibration_records=report.calibration.records, calibration_loss=report.calibration_loss,
+                        wall_time_s=report.wall_time.total_s, peak_rss_mib=report.peak_memory_mib.rss, verified=True)

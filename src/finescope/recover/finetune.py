@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .. import FinescopeError
-from ..data import encode_prompt, format_example
+from ..data import format_example
 from ..progress import progress
 from ..storage import atomic_dir
+from ..tokens import IGNORE_INDEX, encode_continuation, encode_prompt, next_token_nll, pad_batch
 
-IGNORE = -100
+IGNORE = IGNORE_INDEX  # label of prompt and padding positions
 
 
 class FinetuneError(FinescopeError):
@@ -69,10 +69,9 @@ class Example:
 def tokenize_pair(tokenizer, prompt: str, completion: str, max_length: int) -> Example | None:
     """Token ids and completion-only labels, cut at `max_length`; None when the prompt leaves no room."""
     if prompt:
-        p_ids = encode_prompt(tokenizer, prompt)
-        c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        p_ids, c_ids = encode_prompt(tokenizer, prompt), encode_continuation(tokenizer, completion)
     else:  # a text record: all of it is language-modelling target
-        p_ids, c_ids = [], tokenizer(completion, add_special_tokens=True)["input_ids"]
+        p_ids, c_ids = [], encode_prompt(tokenizer, completion)
     if len(p_ids) >= max_length or not c_ids:
         return None
     ids = (p_ids + c_ids)[:max_length]
@@ -106,16 +105,7 @@ def build_examples(tokenizer, records: list[dict], max_length: int) -> tuple[lis
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch: input_ids, attention_mask, labels (-100 on padding)."""
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return pad_batch([e.input_ids for e in examples], pad_id, labels=[e.labels for e in examples])
 
 
 def split_records(records: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -137,11 +127,7 @@ def summed_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, in
     """Sum of next-token NLL over labelled tokens, and their count."""
     device = next(model.parameters()).device
     logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-    labels = batch["labels"].to(device)[:, 1:]
-    logits = logits[:, :-1].float()
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
-                           reduction="sum")
-    return loss, int((labels != IGNORE).sum())
+    return next_token_nll(logits, batch["labels"].to(device))
 
 
 @torch.no_grad()

@@ -5,14 +5,13 @@ appended to a partial file, and a rerun skips the records already there.
     from finescope.modeling import load
     from finescope.recover.rewrite import rewrite_records
     teacher = load("default", device="cpu")
-    rows = rewrite_records(teacher.model, teacher.tokenizer, records, max_new_tokens=128,
-                           partial_path=Path("runs/demo/recover/rewrites.partial.jsonl"))
-    # rows: {id: {"rewrite": str, "new_tokens": int, "cut_off": bool, "prompt_hash": str}}
+    rows, stats = rewrite_records(teacher.model, teacher.tokenizer, records, max_new_tokens=128,
+                                  partial_path=Path("runs/demo/recover/rewrites.partial.jsonl"))
+    # rows: {id: {"rewrite": str, "new_tokens": int, "cut_off": bool, "prompt_hash": str}}; stats: counts, timings
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -21,6 +20,7 @@ from typing import Any
 
 from ..data import format_prompt
 from ..generation import generate
+from ..hashing import sha256_hex
 from ..storage import write_atomic
 
 # SDFT's `alpaca_distill_using` template (Yang et al., 2024), the faithful default (METHOD.md §8 item 9).
@@ -53,7 +53,7 @@ def rewrite_prompt(tokenizer, rec: dict) -> str:
 
 
 def prompt_hash(prompt: str) -> str:
-    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
+    return sha256_hex(prompt, 16)
 
 
 def read_partial(path: Path) -> dict[str, dict]:

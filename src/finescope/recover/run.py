@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .. import FinescopeError
+from .. import FinescopeError, tokens
+from ..artifacts import FilterStats, RecoverMetrics, RewriteStats, TeacherRewriteStats, TrainHistory
 from ..config import RecoverConfig
 from ..data import read_records
 from ..storage import CONFIG, check_stage_folder, is_done, mark_done, read_json, stage_folder, write_jsonl_atomic
@@ -95,32 +96,55 @@ def run(cfg: RecoverConfig, out: Path) -> Path:
 def _recover_into(stage: Path, cfg: RecoverConfig, records, student, teacher_spec: str | None, t0: float) -> Path:
     """Rewrite, filter, fine-tune, merge and save into the (locked) stage folder; DONE last."""
     times: dict[str, float] = {}
-    tok = student.tokenizer
+    rewrite_stats, rewrites = _rewrite(stage, cfg, records, student.tokenizer, teacher_spec, times)
+    rows, filter_stats = _filter(stage, cfg, records, rewrites)
+    history, too_long = _finetune_and_save(stage, cfg, rows, student, times)
+    if (stage / PARTIAL).exists():
+        os.unlink(stage / PARTIAL)  # distilled.jsonl now holds every rewrite
+    times["total"] = round(time.perf_counter() - t0, 2)
+    metrics = RecoverMetrics(records=len(records), skipped_rows=records.skipped,
+                             mode="sft" if rewrites is None else "tgd", rewrite=rewrite_stats, filters=filter_stats,
+                             too_long_skipped=too_long, train=history, seconds=times)
+    mark_done(stage, cfg, metrics.to_json())
+    return stage
+
+
+def _rewrite(stage: Path, cfg: RecoverConfig, records, tok, teacher_spec: str | None,
+             times: dict[str, float]) -> tuple[RewriteStats, dict | None]:
+    """The teacher's rewrites of the instruction records (resuming a partial file), or None without a teacher."""
     n_instr = sum("instruction" in r for r in records)
+    if teacher_spec is None:
+        return RewriteStats(instruction_records=n_instr, text_records=len(records) - n_instr), None
+    t = time.perf_counter()
+    teacher = load(teacher_spec)
+    check_same_tokenizer(tok, teacher.tokenizer, cfg.student, teacher_spec)
+    rewrites, stats = rewrite_records(
+        teacher.model, teacher.tokenizer, records, max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.rewrite_batch_size, temperature=cfg.temperature, seed=cfg.seed,
+        partial_path=stage / PARTIAL,
+    )
+    source = teacher.source
+    del teacher  # the last reference: the teacher's memory is free before the student trains
+    _free()
+    times["rewrite"] = round(time.perf_counter() - t, 2)
+    instruction_records = stats.pop("instruction_records")
+    return RewriteStats(instruction_records=instruction_records, text_records=len(records) - n_instr,
+                        teacher_run=TeacherRewriteStats(**stats, teacher=source)), rewrites
 
-    rewrite_stats: dict = {"instruction_records": n_instr, "text_records": len(records) - n_instr}
-    rewrites = None
-    if teacher_spec is not None:
-        t = time.perf_counter()
-        teacher = load(teacher_spec)
-        check_same_tokenizer(tok, teacher.tokenizer, cfg.student, teacher_spec)
-        rewrites, stats = rewrite_records(
-            teacher.model, teacher.tokenizer, records, max_new_tokens=cfg.max_new_tokens,
-            batch_size=cfg.rewrite_batch_size, temperature=cfg.temperature, seed=cfg.seed,
-            partial_path=stage / PARTIAL,
-        )
-        rewrite_stats.update(stats, teacher=teacher.source)
-        _free(teacher)
-        teacher = None
-        times["rewrite"] = round(time.perf_counter() - t, 2)
 
+def _filter(stage: Path, cfg: RecoverConfig, records, rewrites: dict | None) -> tuple[list[dict], FilterStats]:
+    """Keep or reject each rewrite (falling back to the original response); write distilled.jsonl."""
     rows, counts = apply_filters(records, rewrites, answer_check=cfg.answer_check)
     write_jsonl_atomic(stage / "distilled.jsonl", rows)
     judged = sum(counts.get(r, 0) for r in REASONS)
-    filter_stats = {"counts": counts,
-                    "acceptance_rate": round(counts.get("accepted", 0) / judged, 4) if rewrites is not None and judged
-                    else None}
+    rate = round(counts.get("accepted", 0) / judged, 4) if rewrites is not None and judged else None
+    return rows, FilterStats(counts=counts, acceptance_rate=rate)
 
+
+def _finetune_and_save(stage: Path, cfg: RecoverConfig, rows: list[dict], student,
+                       times: dict[str, float]) -> tuple[TrainHistory, int]:
+    """LoRA-tune the student on `rows`, save adapter and merged model; the history and the too-long count."""
+    tok = student.tokenizer
     t = time.perf_counter()
     train_recs, eval_recs = split_records(rows, cfg.eval_fraction, cfg.seed)
     train_ex, too_long = build_examples(tok, train_recs, cfg.max_length)
@@ -129,7 +153,7 @@ def _recover_into(stage: Path, cfg: RecoverConfig, records, student, teacher_spe
                             target_modules=list(cfg.target_modules), lr=cfg.lr, batch_size=cfg.batch_size,
                             micro_batch_size=cfg.micro_batch_size, epochs=cfg.epochs, warmup_ratio=cfg.warmup_ratio,
                             seed=cfg.seed)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = tokens.pad_id(tok)
     peft_model, history = train_lora(student.model, train_ex, eval_ex, settings, pad_id=pad_id)
     times["finetune"] = round(time.perf_counter() - t, 2)
 
@@ -137,15 +161,5 @@ def _recover_into(stage: Path, cfg: RecoverConfig, records, student, teacher_spe
     merged = save_adapter_and_merged(peft_model, tok, stage / "adapter", stage / "model")
     times["save"] = round(time.perf_counter() - t, 2)
     history["eval_loss_merged"] = mean_loss(merged, eval_ex, pad_id, settings.micro_batch_size)
-    if (stage / PARTIAL).exists():
-        os.unlink(stage / PARTIAL)  # distilled.jsonl now holds every rewrite
-    times["total"] = round(time.perf_counter() - t0, 2)
-    metrics = {
-        "records": len(records), "skipped_rows": records.skipped,
-        "mode": "sft" if rewrites is None else "tgd",
-        "rewrite": rewrite_stats, "filters": filter_stats,
-        "too_long_skipped": len(too_long) + len(eval_too_long),
-        "train": history, "seconds": times,
-    }
-    mark_done(stage, cfg, metrics)
-    return stage
+    history = TrainHistory.from_json(history, source="train_lora history", strict=True)
+    return history, len(too_long) + len(eval_too_long)

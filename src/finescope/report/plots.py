@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import io as _io
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..artifacts import CurateMetrics, PruneReport
+    from .tables import Recovery
 
 
 def _plt():
@@ -77,9 +82,10 @@ def score_histograms(curations: dict[str, Path]) -> bytes | None:
     return _png(fig)
 
 
-def sae_curves(metrics: dict) -> bytes | None:
+def sae_curves(metrics: CurateMetrics | None) -> bytes | None:
     """FVU, L0 and dead fraction over SAE training steps, per hook layer."""
-    layers = {k: v["curves"] for k, v in (metrics.get("sae") or {}).items() if v.get("curves", {}).get("step")}
+    sae = metrics.sae_curation.sae if metrics is not None and metrics.sae_curation is not None else {}
+    layers = {k: v.curves for k, v in sae.items() if v.curves.get("step")}
     if not layers:
         return None
     plt = _plt()
@@ -95,7 +101,7 @@ def sae_curves(metrics: dict) -> bytes | None:
     return _png(fig)
 
 
-def kept_widths(prunes: dict[str, dict]) -> bytes | None:
+def kept_widths(prunes: dict[str, PruneReport | None]) -> bytes | None:
     """Shapes before/after (layers, heads, KV heads, MLP width) and per-layer importance mass kept."""
     prunes = {k: v for k, v in prunes.items() if v}
     if not prunes:
@@ -108,20 +114,21 @@ def kept_widths(prunes: dict[str, dict]) -> bytes | None:
     xs = range(len(keys))
     a.bar([x for x in xs], [1.0] * len(keys), width, label="dense", color="#999")
     for i, (label, p) in enumerate(prunes.items(), 1):
-        a.bar([x + i * width for x in xs], [p["shapes_after"][k] / first["shapes_before"][k] for k in keys], width,
-              label=f"{label} (−{100 * p['parameters']['ratio']:.0f}% params)")
+        a.bar([x + i * width for x in xs],
+              [getattr(p.shapes_after, k) / getattr(first.shapes_before, k) for k in keys], width,
+              label=f"{label} (−{100 * p.parameters.ratio:.0f}% params)")
     a.set_xticks([x + width * len(prunes) / 2 for x in xs])
-    a.set_xticklabels([f"{k}\n{first['shapes_before'][k]}" for k in keys], fontsize=8)
+    a.set_xticklabels([f"{k}\n{getattr(first.shapes_before, k)}" for k in keys], fontsize=8)
     a.set_ylabel("kept fraction")
     a.set_title("kept widths (dense size under each label)", fontsize=9)
     a.set_ylim(0, 1.35)  # headroom so the legend never hides a bar
     a.legend(fontsize=7, loc="upper center", ncol=min(len(prunes) + 1, 3))
     for label, p in prunes.items():
-        rows = [r for r in p["summary"] if not r.get("dropped")]
-        b.plot([r["layer"] for r in rows], [r.get("heads_kept_score_fraction") for r in rows], marker="o", ms=3,
+        rows = [r for r in p.importance_summary if not r.dropped]
+        b.plot([r.layer for r in rows], [r.scores.get("heads_kept_score_fraction") for r in rows], marker="o", ms=3,
                label=f"{label}: heads")
-        b.plot([r["layer"] for r in rows], [r.get("channels_kept_score_fraction") for r in rows], marker="s", ms=3,
-               ls="--", label=f"{label}: MLP channels")
+        b.plot([r.layer for r in rows], [r.scores.get("channels_kept_score_fraction") for r in rows], marker="s",
+               ms=3, ls="--", label=f"{label}: MLP channels")
     b.set_xlabel("layer")
     b.set_ylabel("importance mass kept")
     b.set_title("per-layer importance kept", fontsize=9)
@@ -146,17 +153,17 @@ def ratio_sweep(sweep: list[dict]) -> bytes | None:
     return _png(fig)
 
 
-def recovery_curves(recovers: dict[str, dict]) -> bytes | None:
+def recovery_curves(recovers: dict[str, Recovery | None]) -> bytes | None:
     """LoRA train / held-out loss per step of each recovery."""
-    recovers = {k: v for k, v in recovers.items() if v and v["train_loss"]}
+    recovers = {k: v.metrics.train for k, v in recovers.items() if v and v.metrics.train.train_loss}
     if not recovers:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.4))
-    for label, r in recovers.items():
-        line, = ax.plot([p["step"] for p in r["train_loss"]], [p["loss"] for p in r["train_loss"]], label=f"{label} train")
-        spe = max(1, r["steps"] or 1) / max(1e-9, max(p["epoch"] for p in r["eval_loss"]) or 1)
-        ax.plot([p["epoch"] * spe for p in r["eval_loss"]], [p["loss"] for p in r["eval_loss"]], ls="--", marker="o",
+    for label, train in recovers.items():
+        line, = ax.plot([p.step for p in train.train_loss], [p.loss for p in train.train_loss], label=f"{label} train")
+        spe = max(1, train.total_steps or 1) / max(1e-9, max(p.epoch for p in train.eval_loss) or 1)
+        ax.plot([p.epoch * spe for p in train.eval_loss], [p.loss for p in train.eval_loss], ls="--", marker="o",
                 color=line.get_color(), label=f"{label} held-out")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")

@@ -22,92 +22,121 @@ code{background:#f5f5f5;padding:0 3px}h2{border-bottom:1px solid #ddd;padding-bo
 
 
 def _blocks(data: dict, plot_files: dict[str, bytes]) -> list[tuple]:
-    m, run_dir = data["manifest"], data["run_dir"]
-    cfg = m.get("config", {})
-    b: list[tuple] = [("h1", f"FineScope run `{m.get('name')}`"),
-                      ("p", f"Model `{m.get('model')}`; run directory `{run_dir}`; written "
-                            f"{time.strftime('%Y-%m-%d %H:%M')}. Variants: "
-                            + ", ".join(f"`{n}`" for n in m.get("variants", {}) if not n.startswith("sweep@")) + "."),
-                      ("h2", "Results")]
+    """The report as a list of blocks (heading, paragraph, note, table, image), rendered to Markdown and HTML."""
+    return [*_header_blocks(data), *_results_blocks(data, plot_files), *_variants_blocks(data),
+            *_selection_blocks(data, plot_files), *_pruning_blocks(data, plot_files),
+            *_recovery_blocks(data, plot_files), *_timings_blocks(data)]
+
+
+def _header_blocks(data: dict) -> list[tuple]:
+    m = data["manifest"]
+    return [("h1", f"FineScope run `{m.name}`"),
+            ("p", f"Model `{m.model}`; run directory `{data['run_dir']}`; written {time.strftime('%Y-%m-%d %H:%M')}. "
+                  "Variants: " + ", ".join(f"`{n}`" for n in m.variants if not n.startswith("sweep@")) + ".")]
+
+
+def _results_blocks(data: dict, plot_files: dict[str, bytes]) -> list[tuple]:
     header, body = tables.results_table(data)
-    b.append(("table", header, body))
     ns = sorted({f"{c.label.split(' ')[0]} n={r.n.get(c.key)}" for r in data["rows"] for c in data["columns"]
                  if r.n.get(c.key)})
-    b.append(("note", "Rows = variants, columns = metrics (↑ higher is better, ↓ lower is better). In brackets: "
-                      "% of the dense model's value for ↑ metrics, the difference to dense for NLL. Questions per "
-                      "task: " + ", ".join(ns) + ". Small n means wide error bars (see the plot's whiskers)."))
+    b: list[tuple] = [("h2", "Results"), ("table", header, body),
+                      ("note", "Rows = variants, columns = metrics (↑ higher is better, ↓ lower is better). In "
+                               "brackets: % of the dense model's value for ↑ metrics, the difference to dense for NLL. "
+                               "Questions per task: " + ", ".join(ns) + ". Small n means wide error bars (see the "
+                               "plot's whiskers).")]
     if "metrics" in plot_files:
         b.append(("img", "metrics", "metric per variant (dashed: dense)"))
     if "sweep" in plot_files:
         b.append(("img", "sweep", "NLL vs pruning ratio"))
-    b.append(("h2", "Variants"))
-    b.append(("table", ["Variant", "Label", "What", "Stage folders"],
-              [[n, v["label"], v["description"], ", ".join(v["stages"].values())]
-               for n, v in m.get("variants", {}).items()]))
+    return b
 
+
+def _variants_blocks(data: dict) -> list[tuple]:
+    return [("h2", "Variants"),
+            ("table", ["Variant", "Label", "What", "Stage folders"],
+             [[n, v.label, v.description, ", ".join(v.stages.values())]
+              for n, v in data["manifest"].variants.items()])]
+
+
+def _selection_blocks(data: dict, plot_files: dict[str, bytes]) -> list[tuple]:
     curate_dir = tables.main_folder(data, "curate")
-    if curate_dir is not None and (curate_dir / "metrics.json").is_file():
-        ev = tables.selection_evidence(curate_dir)
-        mm = ev["metrics"]
-        b.append(("h2", "Selection evidence"))
-        b.append(("p", f"`{curate_dir.relative_to(run_dir)}`: {mm.get('selected')} of {mm.get('pool_records')} pool "
-                       f"records selected with seeds `{ev['config'].get('seeds')}` (method `{mm.get('method')}`, "
-                       f"selector `{ev['config'].get('selector')}`, layers {mm.get('layers')}). Selected by source: "
-                       + card._top(mm.get("selected_sources", {}), 10) + "."))
-        for layer, s in (mm.get("sae") or {}).items():
-            b.append(("p", f"SAE {layer}: FVU {tables.fmt(s.get('fvu'))}, L0 {tables.fmt(s.get('l0'), 1)}, dead "
-                           f"fraction {tables.fmt(s.get('dead_fraction'))}, {s.get('tokens')} training tokens."))
-        if "scores" in plot_files:
-            b.append(("img", "scores", "selection scores: selected vs rest"))
-        if "sae" in plot_files:
-            b.append(("img", "sae", "SAE training curves"))
-        for layer, lat in ev["latents"].items():
-            b.append(("h3", f"Top shared SAE latents ({layer})"))
-            b.append(("table", ["latent", "seed mean", "selected mean", "pool mean", "top pool snippets"],
-                      [[f["latent"], tables.fmt(f["seed_mean_activation"]), tables.fmt(f["selected_mean_activation"]),
-                        tables.fmt(f["pool_mean_activation"]),
-                        " ‖ ".join(f"[{s['source']}, {s['activation']:.2f}] {s['text']}" for s in f["snippets"])]
-                       for f in lat]))
-        b.append(("h3", "Sample of selected records"))
-        b.append(("table", ["rank", "source", "score", "nearest seed", "text"],
-                  [[r["rank"], r["source"], tables.fmt(r["score"]), r["nearest_seed"], r["text"]]
-                   for r in ev["selected"]]))
+    ev = tables.selection_evidence(curate_dir) if curate_dir is not None else None
+    if ev is None or ev.metrics is None:
+        return []
+    mm, sae = ev.metrics, ev.metrics.sae_curation
+    layers = tables.fmt(sae.layers if sae else None)
+    b: list[tuple] = [("h2", "Selection evidence"),
+                      ("p", f"`{curate_dir.relative_to(data['run_dir'])}`: {mm.selected} of {mm.pool_records} pool "
+                            f"records selected with seeds `{ev.config.get('seeds')}` (method `{mm.method}`, "
+                            f"selector `{ev.config.get('selector')}`, layers {layers}). Selected by source: "
+                            + card._top(mm.selected_sources, 10) + ".")]
+    for layer, s in (sae.sae if sae else {}).items():
+        b.append(("p", f"SAE {layer}: FVU {tables.fmt(s.fvu)}, L0 {tables.fmt(s.l0, 1)}, dead "
+                       f"fraction {tables.fmt(s.dead_fraction)}, {s.tokens} training tokens."))
+    if "scores" in plot_files:
+        b.append(("img", "scores", "selection scores: selected vs rest"))
+    if "sae" in plot_files:
+        b.append(("img", "sae", "SAE training curves"))
+    for layer, lat in ev.latents.items():
+        b.append(("h3", f"Top shared SAE latents ({layer})"))
+        b.append(("table", ["latent", "seed mean", "selected mean", "pool mean", "top pool snippets"],
+                  [[f.latent, tables.fmt(f.seed_mean_activation), tables.fmt(f.selected_mean_activation),
+                    tables.fmt(f.pool_mean_activation),
+                    " ‖ ".join(f"[{s.source}, {s.activation:.2f}] {s.text}" for s in f.top_pool_snippets)]
+                   for f in lat]))
+    b.append(("h3", "Sample of selected records"))
+    b.append(("table", ["rank", "source", "score", "nearest seed", "text"],
+              [[r["rank"], r["source"], tables.fmt(r["score"]), r["nearest_seed"], r["text"]] for r in ev.selected]))
+    return b
 
-    prunes = {s["folder"]: tables.prune_summary(run_dir / s["folder"]) for s in data["stages"] if s["stage"] == "prune"}
+
+def _stage_folders(data: dict, stage: str) -> list[str]:
+    return [s["folder"] for s in data["stages"] if s["stage"] == stage]
+
+
+def _pruning_blocks(data: dict, plot_files: dict[str, bytes]) -> list[tuple]:
+    prunes = {k: tables.prune_report(data["run_dir"] / k) for k in _stage_folders(data, "prune")}
     prunes = {k: v for k, v in prunes.items() if v}
-    if prunes:
-        b.append(("h2", "Pruning"))
-        b.append(("table", ["folder", "params before → after", "removed", "layers", "heads", "KV heads", "MLP width",
-                            "importance", "calibration", "reload verified"],
-                  [[k, f"{p['parameters']['before'] / 1e6:.1f}M → {p['parameters']['after'] / 1e6:.1f}M",
-                    f"{100 * p['parameters']['ratio']:.1f}%",
-                    *[f"{p['shapes_before'][x]}→{p['shapes_after'][x]}" for x in
-                      ("layers", "attention_heads", "kv_heads", "mlp_width")],
-                    p["importance"], f"{(p.get('calibration') or {}).get('records')} records", str(p["verified"])]
-                   for k, p in prunes.items()]))
-        if "widths" in plot_files:
-            b.append(("img", "widths", "kept widths"))
+    if not prunes:
+        return []
+    shape_keys = ("layers", "attention_heads", "kv_heads", "mlp_width")
+    b: list[tuple] = [("h2", "Pruning"),
+                      ("table", ["folder", "params before → after", "removed", "layers", "heads", "KV heads",
+                                 "MLP width", "importance", "calibration", "reload verified"],
+                       [[k, f"{p.parameters.before / 1e6:.1f}M → {p.parameters.after / 1e6:.1f}M",
+                         f"{100 * p.parameters.ratio:.1f}%",
+                         *[f"{getattr(p.shapes_before, x)}→{getattr(p.shapes_after, x)}" for x in shape_keys],
+                         p.importance, f"{p.calibration.records} records", str(p.verification.logits_match)]
+                        for k, p in prunes.items()])]
+    if "widths" in plot_files:
+        b.append(("img", "widths", "kept widths"))
+    return b
 
-    recovers = {s["folder"]: tables.recover_summary(run_dir / s["folder"]) for s in data["stages"]
-                if s["stage"] == "recover"}
+
+def _recovery_blocks(data: dict, plot_files: dict[str, bytes]) -> list[tuple]:
+    recovers = {k: tables.recovery(data["run_dir"] / k) for k in _stage_folders(data, "recover")}
     recovers = {k: v for k, v in recovers.items() if v}
-    if recovers:
-        b.append(("h2", "Recovery"))
-        b.append(("table", ["folder", "mode", "records", "rewrite acceptance", "filter counts", "train ex.", "steps",
-                            "held-out loss before → after"],
-                  [[k, r["mode"], r["records"], tables.fmt(r["acceptance_rate"]),
-                    ", ".join(f"{a} {n}" for a, n in r["filter_counts"].items()), r["train_examples"], r["steps"],
-                    f"{tables.fmt(r['eval_loss_first'])} → {tables.fmt(r['eval_loss_last'])}"]
-                   for k, r in recovers.items()]))
-        if "recovery" in plot_files:
-            b.append(("img", "recovery", "recovery loss curves"))
+    if not recovers:
+        return []
+    b: list[tuple] = [("h2", "Recovery"),
+                      ("table", ["folder", "mode", "records", "rewrite acceptance", "filter counts", "train ex.",
+                                 "steps", "held-out loss before → after"],
+                       [[k, r.metrics.mode, r.metrics.records, tables.fmt(r.metrics.filters.acceptance_rate),
+                         ", ".join(f"{a} {n}" for a, n in r.metrics.filters.counts.items()),
+                         r.metrics.train.train_examples, r.metrics.train.total_steps,
+                         f"{tables.fmt(r.eval_loss_first)} → {tables.fmt(r.eval_loss_last)}"]
+                        for k, r in recovers.items()])]
+    if "recovery" in plot_files:
+        b.append(("img", "recovery", "recovery loss curves"))
+    return b
 
-    b.append(("h2", "Timings"))
+
+def _timings_blocks(data: dict) -> list[tuple]:
     header, body = tables.timings_table(data)
-    b.append(("table", header, body))
-    b.append(("note", f"Seconds are wall time of each stage when the pipeline ran it (a stage shared by several "
-                      f"variants runs once). Last invocation: {m.get('last_run_wall_s')} s. Config: "
-                      f"`pipeline.yaml` in the run directory."))
+    b: list[tuple] = [("h2", "Timings"), ("table", header, body),
+                      ("note", f"Seconds are wall time of each stage when the pipeline ran it (a stage shared by "
+                               f"several variants runs once). Last invocation: {data['manifest'].last_run_wall_s} s. "
+                               f"Config: `pipeline.yaml` in the run directory.")]
     if data.get("card"):
         b.append(("p", f"Model card: `{data['card']}`"))
     return b
@@ -156,10 +185,10 @@ def render_html(blocks: list[tuple], plot_files: dict[str, bytes], title: str) -
 
 def final_variant(data: dict) -> str | None:
     """The variant whose model gets the card: FineScope (pruned + TGD) first, else the last one with a model."""
-    variants = data["manifest"].get("variants", {})
+    variants = data["manifest"].variants
     for name in ("pruned_tgd", *reversed([n for n in variants if not n.startswith("sweep@")])):
         v = variants.get(name)
-        if v and ("recover" in v["stages"] or "prune" in v["stages"]):
+        if v and ("recover" in v.stages or "prune" in v.stages):
             return name
     return None
 
@@ -169,30 +198,31 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir).resolve()
     data = tables.collect(run_dir)
     m = data["manifest"]
-    curations = {s["folder"]: run_dir / s["folder"] for s in data["stages"] if s["stage"] == "curate"}
-    curate_dir = tables.main_folder(data, "curate")
-    figs = {
-        "metrics": plots.metrics_per_variant(data),
-        "sweep": plots.ratio_sweep(data["sweep"]),
-        "scores": plots.score_histograms(curations),
-        "sae": plots.sae_curves(tables.selection_evidence(curate_dir)["metrics"]) if curate_dir else None,
-        "widths": plots.kept_widths({s["folder"]: tables.prune_summary(run_dir / s["folder"])
-                                     for s in data["stages"] if s["stage"] == "prune"}),
-        "recovery": plots.recovery_curves({s["folder"]: tables.recover_summary(run_dir / s["folder"])
-                                           for s in data["stages"] if s["stage"] == "recover"}),
-    }
-    figs = {k: v for k, v in figs.items() if v}
+    figs = {k: v for k, v in _figures(data).items() if v}
     out = run_dir / "report"
     for name, png in figs.items():
         storage.write_atomic(out / "plots" / f"{name}.png", png)
     variant = final_variant(data)
     if variant is not None:
-        stages = m["variants"][variant]["stages"]
+        stages = m.variants[variant].stages
         model_dir = run_dir / stages.get("recover", stages.get("prune")) / "model"
         if model_dir.is_dir():
             storage.write_atomic(model_dir / "README.md", card.model_card(data, variant, model_dir))
             data["card"] = str(model_dir / "README.md")
     blocks = _blocks(data, figs)
     storage.write_atomic(out / "report.md", render_markdown(blocks))
-    html_path = storage.write_atomic(out / "report.html", render_html(blocks, figs, f"FineScope run {m.get('name')}"))
+    html_path = storage.write_atomic(out / "report.html", render_html(blocks, figs, f"FineScope run {m.name}"))
     return html_path
+
+
+def _figures(data: dict) -> dict[str, bytes | None]:
+    run_dir = data["run_dir"]
+    curate_dir = tables.main_folder(data, "curate")
+    return {
+        "metrics": plots.metrics_per_variant(data),
+        "sweep": plots.ratio_sweep(data["sweep"]),
+        "scores": plots.score_histograms({k: run_dir / k for k in _stage_folders(data, "curate")}),
+        "sae": plots.sae_curves(tables.selection_evidence(curate_dir).metrics) if curate_dir else None,
+        "widths": plots.kept_widths({k: tables.prune_report(run_dir / k) for k in _stage_folders(data, "prune")}),
+        "recovery": plots.recovery_curves({k: tables.recovery(run_dir / k) for k in _stage_folders(data, "recover")}),
+    }

@@ -1,11 +1,20 @@
-"""Collect a run directory (pipeline.json + stage folders) into plain data, and render tables as Markdown/HTML."""
+"""Collect a run directory (pipeline.json + stage folders) into plain data, and render tables as Markdown/HTML.
+
+Stage files are read through their types in finescope/artifacts.py (a file that is absent is a stage that has not
+run; an incomplete one is an error naming the file and the field)."""
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from ..artifacts import (CurateFeatures, CurateMetrics, EvalResults, PipelineManifest, PruneMetrics, PruneReport,
+                         RecoverMetrics, SharedLatent)
+from ..storage import CONFIG, METRICS
 
 LOWER_IS_BETTER = {"nll", "perplexity"}
 
@@ -30,11 +39,13 @@ class Row:
     n: dict[str, int] = field(default_factory=dict)
 
 
-def _read(path: Path):
+def _stage_config(folder: Path) -> dict[str, Any]:
+    """The resolved config a stage folder records in config.json ({} when there is none)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
+        return {}
+    return data.get("config", {}) if isinstance(data, dict) else {}
 
 
 DATA_NAMES = {"sae": "FineScope", "random": "Random", "full": "Full pool", "embedding": "embedding kNN"}
@@ -47,36 +58,30 @@ def _data_name(data: str | None, prune: str | None) -> str:
     return f"{name}; generic calib." if prune == "generic" else name
 
 
-def results_of(folder: Path) -> dict | None:
-    return _read(folder / "results.json")
+def results_of(folder: Path) -> EvalResults | None:
+    return EvalResults.read_if_exists(folder / EvalResults.FILE)
 
 
 def collect(run_dir: Path) -> dict:
     """Everything the report shows, from files only."""
     run_dir = Path(run_dir)
-    manifest = _read(run_dir / "pipeline.json") or {}
+    manifest = PipelineManifest.read_if_exists(run_dir / PipelineManifest.FILE) or PipelineManifest()
     columns: dict[str, Column] = {}
     rows: list[Row] = []
     sweep: list[dict] = []
-    for name, v in manifest.get("variants", {}).items():
-        stages = {s: run_dir / p for s, p in v["stages"].items()}
+    for name, v in manifest.variants.items():
+        stages = {s: run_dir / p for s, p in v.stages.items()}
         res = results_of(stages["eval"]) if "eval" in stages else None
         if name.startswith("sweep@"):
-            ratio = float(name.split("@", 1)[1])
             if res:
-                prune_metrics = _read(stages["prune"] / "metrics.json") if "prune" in stages else None
-                achieved = (prune_metrics or {}).get("ratio_achieved", ratio) if ratio else 0.0
-                sweep.append({"ratio": ratio, "achieved": achieved,
-                              "results": {r["task"]: r["value"] for r in res["results"]}})
+                sweep.append(_sweep_point(name, stages, res))
             continue
-        row = Row(name, v["label"], v.get("prune") is not None, _data_name(v.get("data"), v.get("prune")),
-                  (v.get("recovery") or "–").upper() if v.get("recovery") else "–",
-                  (res or {}).get("model", {}).get("parameters"))
-        for r in (res or {}).get("results", []):
-            key = f"{r['task']}|{r['variant']}|{r['metric']}"
-            label = f"{r['task']} {r['metric']}"
-            columns.setdefault(key, Column(key, label, r["metric"] not in LOWER_IS_BETTER))
-            row.values[key], row.stderr[key], row.n[key] = r["value"], r.get("stderr"), r.get("n", 0)
+        row = Row(name, v.label, v.prune is not None, _data_name(v.data, v.prune),
+                  v.recovery.upper() if v.recovery else "–", res.model.parameters if res else None)
+        for r in res.results if res else []:
+            key = f"{r.task}|{r.variant}|{r.metric}"
+            columns.setdefault(key, Column(key, f"{r.task} {r.metric}", r.metric not in LOWER_IS_BETTER))
+            row.values[key], row.stderr[key], row.n[key] = r.value, r.stderr, r.n
         rows.append(row)
     # Two scoring variants of one task and metric: say which is which.
     labels = [c.label for c in columns.values()]
@@ -88,17 +93,25 @@ def collect(run_dir: Path) -> dict:
             "stages": stage_summaries(run_dir, manifest)}
 
 
-def stage_summaries(run_dir: Path, manifest: dict) -> list[dict]:
+def _sweep_point(name: str, stages: dict[str, Path], res: EvalResults) -> dict:
+    """A `sweep@<ratio>` variant: the ratio asked for, the ratio achieved, and its results per task."""
+    ratio = float(name.split("@", 1)[1])
+    prune_metrics = PruneMetrics.read_if_exists(stages["prune"] / PruneMetrics.FILE) if "prune" in stages else None
+    achieved = (prune_metrics.ratio_achieved if prune_metrics else ratio) if ratio else 0.0
+    return {"ratio": ratio, "achieved": achieved, "results": {r.task: r.value for r in res.results}}
+
+
+def stage_summaries(run_dir: Path, manifest: PipelineManifest) -> list[dict]:
     """One entry per stage folder used by the run: stage, folder, seconds, the variants that use it."""
     used: dict[str, list[str]] = {}
-    for name, v in manifest.get("variants", {}).items():
-        for s, p in v["stages"].items():
+    for name, v in manifest.variants.items():
+        for p in v.stages.values():
             used.setdefault(p, []).append(name)
     out = []
     for rel, names in used.items():
         folder = run_dir / rel
         stage = rel.split("/", 1)[0]
-        secs = manifest.get("stage_seconds", {}).get(rel)
+        secs = manifest.stage_seconds.get(rel)
         if secs is None:
             secs = _stage_seconds(stage, folder)
         out.append({"stage": stage, "folder": rel, "seconds": secs, "variants": names,
@@ -109,15 +122,18 @@ def stage_summaries(run_dir: Path, manifest: dict) -> list[dict]:
 
 def _stage_seconds(stage: str, folder: Path) -> float | None:
     """Wall time a stage recorded itself (when the pipeline did not time it, e.g. a stage run by hand)."""
-    m = _read(folder / "metrics.json") or {}
     if stage == "curate":
-        return m.get("timings_s", {}).get("total")
+        m = CurateMetrics.read_if_exists(folder / METRICS)
+        return m.timings_s.get("total") if m else None
     if stage == "prune":
-        return m.get("wall_time_s")
+        m = PruneMetrics.read_if_exists(folder / METRICS)
+        return m.wall_time_s if m else None
     if stage == "recover":
-        return m.get("seconds", {}).get("total")
+        m = RecoverMetrics.read_if_exists(folder / METRICS)
+        return m.seconds.get("total") if m else None
     if stage == "eval":
-        return (_read(folder / "results.json") or {}).get("wall_s")
+        res = results_of(folder)
+        return res.wall_s if res else None
     return None
 
 
@@ -202,21 +218,43 @@ def timings_table(data: dict) -> tuple[list[str], list[list[str]]]:
 def main_folder(data: dict, stage: str, prefer: tuple[str, ...] = ("pruned_tgd", "pruned", "pruned_sft",
                                                                       "dense_curated")) -> Path | None:
     """The stage folder of the run's headline variant (FineScope first), else of any variant that has one."""
-    variants = data["manifest"].get("variants", {})
+    variants = data["manifest"].variants
     names = [n for n in prefer if n in variants] + [n for n in variants if n not in prefer]
     for n in names:
-        rel = variants[n]["stages"].get(stage)
+        rel = variants[n].stages.get(stage)
         if rel:
             return data["run_dir"] / rel
     return None
 
 
-def selection_evidence(curate: Path, latents: int = 8, snippets: int = 2, records: int = 8) -> dict:
+@dataclass
+class SelectionEvidence:
+    """What the report shows of one curation."""
+
+    metrics: CurateMetrics | None
+    """None while the curation has not finished."""
+    latents: dict[str, list[SharedLatent]]
+    """Per layer: the top shared latents, each with its first snippets (text whitespace-folded, cut)."""
+    selected: list[dict]
+    """The first selected records: rank, id, source, score, nearest_seed, text (folded, cut)."""
+    config: dict[str, Any]
+    """The curation's resolved config."""
+
+
+def selection_evidence(curate: Path, latents: int = 8, snippets: int = 2, records: int = 8) -> SelectionEvidence:
     """Top shared SAE latents with snippets, a sample of selected records, and the selection statistics."""
-    metrics = _read(curate / "metrics.json") or {}
-    features = _read(curate / "features.json") or {}
-    selected = []
-    path = curate / "selected.jsonl"
+    features = CurateFeatures.read_if_exists(curate / CurateFeatures.FILE) or CurateFeatures()
+    shown = {layer: [dataclasses.replace(f, top_pool_snippets=[
+                         dataclasses.replace(s, text=" ".join(s.text.split())[:160])
+                         for s in f.top_pool_snippets[:snippets]]) for f in feats[:latents]]
+             for layer, feats in features.layers.items()}
+    return SelectionEvidence(metrics=CurateMetrics.read_if_exists(curate / CurateMetrics.FILE), latents=shown,
+                             selected=_first_selected(curate / "selected.jsonl", records),
+                             config=_stage_config(curate))
+
+
+def _first_selected(path: Path, records: int) -> list[dict]:
+    selected: list[dict] = []
     if path.is_file():
         with open(path, encoding="utf-8") as f:
             for line in f:
@@ -227,41 +265,39 @@ def selection_evidence(curate: Path, latents: int = 8, snippets: int = 2, record
                 selected.append({"rank": r.get("rank"), "id": r.get("id"), "source": r.get("source"),
                                  "score": r.get("score"), "nearest_seed": r.get("nearest_seed"),
                                  "text": " ".join(text.split())[:220]})
-    layers = {layer: [{**{k: f[k] for k in ("latent", "seed_mean_activation", "selected_mean_activation",
-                                             "pool_mean_activation")},
-                       "snippets": [{"source": s.get("source"), "activation": s["activation"],
-                                     "text": " ".join(s["text"].split())[:160]}
-                                    for s in f["top_pool_snippets"][:snippets]]}
-                      for f in feats[:latents]]
-              for layer, feats in features.items()}
-    return {"metrics": metrics, "latents": layers, "selected": selected,
-            "config": (_read(curate / "config.json") or {}).get("config", {})}
+    return selected
 
 
-def prune_summary(prune: Path) -> dict | None:
-    rep = _read(prune / "report.json")
-    if rep is None:
-        return None
-    return {"shapes_before": rep["shapes_before"], "shapes_after": rep["shapes_after"],
-            "parameters": rep["parameters"], "importance": rep["importance"], "head_mode": rep["head_mode"],
-            "calibration": rep.get("calibration"), "data": rep.get("data"), "dropped_blocks": rep.get("dropped_blocks"),
-            "ratio_target": rep["plan"].get("ratio_target"), "verified": rep.get("verification", {}).get("logits_match"),
-            "summary": rep.get("importance_summary", [])}
+def prune_report(prune: Path) -> PruneReport | None:
+    return PruneReport.read_if_exists(prune / PruneReport.FILE)
 
 
-def recover_summary(recover: Path) -> dict | None:
-    m = _read(recover / "metrics.json")
+@dataclass
+class Recovery:
+    """A recover stage folder as the report shows it: its metrics and the recipe in its config."""
+
+    metrics: RecoverMetrics
+    recipe: dict[str, Any]
+    """LoRA and rewrite settings from config.json (lora_rank, lr, epochs, teacher, …)."""
+
+    @property
+    def eval_loss_first(self) -> float | None:
+        ev = self.metrics.train.eval_loss
+        return ev[0].loss if ev else None
+
+    @property
+    def eval_loss_last(self) -> float | None:
+        ev = self.metrics.train.eval_loss
+        return ev[-1].loss if ev else None
+
+
+RECIPE_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lr", "batch_size", "micro_batch_size", "max_length",
+               "epochs", "max_new_tokens", "temperature", "answer_check", "no_teacher", "teacher")
+
+
+def recovery(recover: Path) -> Recovery | None:
+    m = RecoverMetrics.read_if_exists(recover / RecoverMetrics.FILE)
     if m is None:
         return None
-    cfg = (_read(recover / "config.json") or {}).get("config", {})
-    train = m.get("train", {})
-    ev = train.get("eval_loss", [])
-    return {"mode": m.get("mode"), "records": m.get("records"),
-            "acceptance_rate": m.get("filters", {}).get("acceptance_rate"),
-            "filter_counts": m.get("filters", {}).get("counts", {}),
-            "train_examples": train.get("train_examples"), "steps": train.get("total_steps"),
-            "eval_loss_first": ev[0]["loss"] if ev else None, "eval_loss_last": ev[-1]["loss"] if ev else None,
-            "train_loss": train.get("train_loss", []), "eval_loss": ev,
-            "recipe": {k: cfg.get(k) for k in ("lora_rank", "lora_alpha", "lora_dropout", "lr", "batch_size",
-                                               "micro_batch_size", "max_length", "epochs", "max_new_tokens",
-                                               "temperature", "answer_check", "no_teacher", "teacher")}}
+    cfg = _stage_config(recover)
+    return Recovery(metrics=m, recipe={k: cfg.get(k) for k in RECIPE_KEYS})

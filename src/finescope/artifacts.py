@@ -1,0 +1,689 @@
+"""The JSON files stages leave for each other and for the report, each defined once as a dataclass.
+
+Stages talk only through files; this module is the contract of those files. A stage builds one of these objects
+and writes it (`.write(path)`, atomically); the pipeline and the report read it back through the same type
+(`.read(path)`), so a key lives in one place and a reader cannot ask for one no writer writes.
+
+    from finescope.artifacts import PruneReport
+    report = PruneReport.read("runs/demo/prune/p-1/report.json")
+    report.parameters.after, report.shapes_after.mlp_width
+
+| file                          | written by                     | type             |
+|-------------------------------|--------------------------------|------------------|
+| curate/…/metrics.json         | curate/run.py                  | CurateMetrics    |
+| curate/…/features.json        | curate/run.py                  | CurateFeatures   |
+| prune/…/report.json           | prune/run.py                   | PruneReport      |
+| prune/…/metrics.json          | prune/run.py                   | PruneMetrics     |
+| recover/…/metrics.json        | recover/run.py                 | RecoverMetrics   |
+| eval/…/results.json (or --out)| evaluate/run.py                | EvalResults      |
+| eval/…/metrics.json           | evaluate/run.py                | EvalMetrics      |
+| <run>/pipeline.json           | pipeline.py                    | PipelineManifest |
+
+On disk the JSON keys are the field names, in field order. Reading tolerates keys it does not know (files of
+newer versions) and refuses a file that lacks a required field with one line naming the file and the field.
+Fields with a default may be absent (files of older versions). A field marked `flatten` has no key of its own:
+its content sits in the enclosing object (free-form extras, or a group of keys only some runs write).
+This is a lower layer: it imports nothing from the stage packages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar, Union
+
+from . import FinescopeError
+from .storage import METRICS, to_jsonable, write_json_atomic
+
+S = TypeVar("S", bound="Schema")
+
+FLATTEN = {"flatten": True}
+"""Field metadata: the field's content is written into the enclosing object instead of under its own key."""
+
+
+class ArtifactError(FinescopeError):
+    """A stage artifact cannot be read: missing, not JSON, or without a field its type requires."""
+
+
+# ================================================================================================ machinery
+
+
+@dataclass(kw_only=True)
+class Schema:
+    """Base of every artifact and of the objects nested in them: JSON ⇄ dataclass, by field name."""
+
+    FILE: ClassVar[str] = ""
+    """The artifact's file name in its folder ("" for parts nested in another artifact)."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The object as plain JSON data, keys in field order (flattened fields merged in place)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("flatten"):
+                if value is not None:
+                    out.update(_encode(value))
+            else:
+                out[f.name] = _encode(value)
+        return out
+
+    @classmethod
+    def from_json(cls: type[S], data: Any, *, source: str = "<data>", strict: bool = False) -> S:
+        """Build from JSON data; `source` (the file) is named in the error when a required field is missing.
+
+        Unknown keys are ignored, unless `strict` (for a writer converting its own dict: a key the schema does not
+        know would otherwise be dropped from the file without a word)."""
+        return _decode_schema(cls, data, source, "", strict)
+
+    def write(self, path: str | os.PathLike) -> Path:
+        """Write atomically (temp file + rename) with the project's one JSON writer."""
+        return write_json_atomic(path, self.to_json())
+
+    @classmethod
+    def read(cls: type[S], path: str | os.PathLike) -> S:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ArtifactError(f"{path}: missing; the stage that writes it ({cls.__name__}) has not finished") \
+                from None
+        except (OSError, ValueError) as e:
+            reason = " ".join(str(e).split())[:200]
+            raise ArtifactError(f"{path}: not a readable JSON file ({reason}); rerun the stage that writes it") \
+                from None
+        return cls.from_json(data, source=str(path))
+
+    @classmethod
+    def read_if_exists(cls: type[S], path: str | os.PathLike) -> S | None:
+        """`read`, or None when there is no such file (e.g. a stage that has not run yet)."""
+        return cls.read(path) if Path(path).is_file() else None
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, Schema):
+        return value.to_json()
+    if isinstance(value, dict):
+        return {str(k): _encode(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v) for v in value]
+    return to_jsonable(value)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _schema_of(tp: Any) -> type[Schema] | None:
+    """The Schema class of `tp` or of `tp | None`, else None."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0] if len(args) == 1 else None
+    return tp if isinstance(tp, type) and issubclass(tp, Schema) else None
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+@functools.cache
+def _own_keys(cls: type[Schema]) -> frozenset[str]:
+    """The keys a schema reads itself, including those of flattened groups (not those of a flattened dict)."""
+    keys: set[str] = set()
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("flatten"):
+            keys.add(f.name)
+        elif (group := _schema_of(_hints(cls)[f.name])) is not None:
+            keys |= _own_keys(group)
+    return frozenset(keys)
+
+
+def _join(where: str, key: Any) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", type(None): "null", bool: "a boolean"}.get(
+        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def _wrong(source: str, where: str, want: str, value: Any) -> ArtifactError:
+    return ArtifactError(f"{source}: field {where or '(top level)'!r} should be {want}, not {_kind(value)}; "
+                         "rerun the stage that writes this file")
+
+
+def _decode_schema(cls: type[S], data: Any, source: str, where: str, strict: bool = False) -> S:
+    if not isinstance(data, dict):
+        raise _wrong(source, where, f"an object ({cls.__name__})", data)
+    hints, kwargs = _hints(cls), {}
+    if strict and not any(f.metadata.get("flatten") and _schema_of(_hints(cls)[f.name]) is None
+                          for f in dataclasses.fields(cls)):
+        unknown = [k for k in data if k not in _own_keys(cls)]
+        if unknown:
+            raise ArtifactError(f"{source}: {_join(where, unknown[0])!r} is not a field of {cls.__name__}; "
+                                "add it to finescope/artifacts.py")
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if f.metadata.get("flatten"):
+            group = _schema_of(tp)
+            if group is None:  # free-form extras: every key no other field reads
+                rest = {k: v for k, v in data.items() if k not in _own_keys(cls)}
+                kwargs[f.name] = _decode(tp, rest, source, where, strict)
+            elif any(g.name in data for g in dataclasses.fields(group) if _required(g)):
+                own = _own_keys(group)
+                kwargs[f.name] = _decode_schema(group, {k: v for k, v in data.items() if k in own}, source, where,
+                                                strict)
+            else:
+                kwargs[f.name] = None  # the group is written by some runs only (e.g. SAE curation)
+        elif f.name in data:
+            kwargs[f.name] = _decode(tp, data[f.name], source, _join(where, f.name), strict)
+        elif _required(f):
+            raise ArtifactError(f"{source}: missing field {_join(where, f.name)!r} ({cls.__name__}); the file is "
+                                "incomplete or from another finescope version; rerun the stage that writes it")
+    return cls(**kwargs)
+
+
+def _decode(tp: Any, value: Any, source: str, where: str, strict: bool = False) -> Any:
+    """JSON `value` as type `tp`: schemas are built, lists and dicts checked and converted item by item; scalars
+    are taken as they are (JSON has one number type, and a reader formats what it finds)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(tp)):
+            return None
+        return _decode(args[0], value, source, where, strict) if len(args) == 1 else value
+    if isinstance(tp, type) and issubclass(tp, Schema):
+        return _decode_schema(tp, value, source, where, strict)
+    if tp is list or origin is list:
+        if not isinstance(value, list):
+            raise _wrong(source, where, "a list", value)
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_decode(item, v, source, f"{where}[{i}]", strict) for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise _wrong(source, where, "an object", value)
+        _, item = typing.get_args(tp) or (str, Any)
+        return {k: _decode(item, v, source, _join(where, k), strict) for k, v in value.items()}
+    return value
+
+
+def _strict(obj: Any) -> Any:
+    """NaN and ±inf (e.g. the stderr of a single question) → None, so the file is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_strict(v) for v in obj]
+    return obj
+
+
+# ================================================================================================ curate
+
+
+@dataclass(kw_only=True)
+class SaeLayerMetrics(Schema):
+    """Quality of one hook layer's SAE on its training activations, with its curves."""
+
+    fvu: float
+    """Fraction of variance unexplained of the standardised activations (lower is better)."""
+    l0: float
+    """Mean number of active latents per token."""
+    dead_fraction: float
+    """Fraction of latents that never fired."""
+    tokens: int
+    """Training tokens (activation rows)."""
+    extra: dict[str, Any] = field(default_factory=dict, metadata=FLATTEN)
+    """Any further quality numbers the SAE module reports."""
+    curves: dict[str, list[float]]
+    """Training curves: `step` and, per step, `fvu`, `l0`, `dead_fraction`, `loss`, …"""
+    cache: str
+    """Cache folder the SAE was trained in (or reused from)."""
+
+
+@dataclass(kw_only=True)
+class SaeCurationMetrics(Schema):
+    """The part of curate metrics only SAE curation writes."""
+
+    layers: list[int]
+    """Hook layers read (block indices)."""
+    reference_texts: int
+    """Reference texts the coordinates and the SAE were computed on."""
+    pool_truncated: int
+    """Pool records longer than max_length (encoded truncated)."""
+    max_length: int
+    """Token length records were encoded at."""
+    sae: dict[str, SaeLayerMetrics]
+    """Per hook layer (`layer<ℓ>`): the SAE's quality and curves."""
+
+
+@dataclass(kw_only=True)
+class CurateMetrics(Schema):
+    """`curate/…/metrics.json`: what was selected from how much, and how long it took."""
+
+    FILE: ClassVar[str] = METRICS
+
+    method: str
+    """sae | embedding | random | full."""
+    pool_records: int
+    """Pool records scored (after pool_sample)."""
+    seeds: int
+    """Seed records."""
+    top_m: int
+    """Records to keep (top_m, capped at the pool size)."""
+    selection: str
+    """global | per_seed."""
+    timings_s: dict[str, float]
+    """Wall seconds per phase (`coords_s_layer15`, `encode_pool_layer15`, …) and `total`."""
+    sae_curation: SaeCurationMetrics | None = field(default=None, metadata=FLATTEN)
+    """SAE method only: layers, reference size, truncation, SAE quality (keys at the top level)."""
+    selected: int
+    """Records selected (several layers or per-seed selection may keep more than top_m)."""
+    score_quantiles_pool: dict[str, float]
+    """min / q25 / median / q75 / max of the pool's scores."""
+    score_quantiles_selected: dict[str, float]
+    """The same over the selection ({} when nothing was selected)."""
+    selected_sources: dict[str, int]
+    """Selected records per `source` field, most first."""
+
+
+@dataclass(kw_only=True)
+class PoolSnippet(Schema):
+    """A pool record on which an SAE latent fires strongly."""
+
+    id: str
+    source: str | None
+    activation: float
+    text: str
+    """The record's encoded text, cut to 240 characters."""
+
+
+@dataclass(kw_only=True)
+class SharedLatent(Schema):
+    """An SAE latent that fires more on both the seeds and the selection than on the pool at large."""
+
+    latent: int
+    lift: float
+    """min(seed mean, selected mean) − pool mean of its pooled activation."""
+    seed_mean_activation: float
+    selected_mean_activation: float
+    pool_mean_activation: float
+    top_pool_snippets: list[PoolSnippet]
+    """Its top-activating pool records."""
+
+
+@dataclass(kw_only=True)
+class CurateFeatures(Schema):
+    """`curate/…/features.json` (SAE method): the latents that explain the selection, per hook layer."""
+
+    FILE: ClassVar[str] = "features.json"
+
+    layers: dict[str, list[SharedLatent]] = field(default_factory=dict, metadata=FLATTEN)
+    """`layer<ℓ>` → shared latents, most lift first (the layer names are the file's top-level keys)."""
+
+
+# ================================================================================================ prune
+
+
+@dataclass(kw_only=True)
+class ModelShapes(Schema):
+    """Per-layer shapes of a model (every layer alike)."""
+
+    layers: int
+    attention_heads: int
+    kv_heads: int
+    head_dim: int
+    mlp_width: int
+
+
+@dataclass(kw_only=True)
+class ParameterCounts(Schema):
+    """Parameters before and after pruning, and the fraction removed."""
+
+    before: int
+    after: int
+    non_embedding_before: int
+    non_embedding_after: int
+    ratio: float
+    """Fraction of all parameters removed."""
+    non_embedding_ratio: float
+    """Fraction of non-embedding parameters removed."""
+
+
+@dataclass(kw_only=True)
+class Calibration(Schema):
+    """The calibration batches importance was computed on."""
+
+    records: int
+    """Records used."""
+    skipped: int
+    """Records with no loss token within calib_length."""
+    tokens: int
+    loss_tokens: int
+    batches: int
+
+
+@dataclass(kw_only=True)
+class PrunePlan(Schema):
+    """The width solver's plan (prune/solver.py `Plan`, field for field)."""
+
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    depth: int
+    """Blocks dropped."""
+    params_before: int
+    params_after: int
+    ratio_target: float | None
+    """Requested fraction of parameters to remove (None: explicit shapes)."""
+    ratio_achieved: float
+    non_embedding_ratio: float
+    attention_removed: float
+    mlp_removed: float
+    granule: float
+    """Smallest step in ratio the uniform shapes allow."""
+
+
+@dataclass(kw_only=True)
+class KeptLayer(Schema):
+    """What one kept block keeps (indices in the dense model)."""
+
+    layer: int
+    """Block index in the dense model."""
+    heads: list[int]
+    kv_heads: list[int]
+    channels: list[int]
+
+
+@dataclass(kw_only=True)
+class LayerImportance(Schema):
+    """Importance summary of one dense block."""
+
+    layer: int
+    dropped: bool
+    scores: dict[str, float | None] = field(default_factory=dict, metadata=FLATTEN)
+    """`heads_score_mean`, `heads_score_max`, `channels_…` alike; `block_score` when blocks were scored;
+    `heads_kept_score_fraction` / `channels_kept_score_fraction` for kept blocks (None when scores sum to 0)."""
+
+
+@dataclass(kw_only=True)
+class PruneTimings(Schema):
+    importance_s: float
+    slice_s: float
+    save_s: float
+    verify_s: float
+    total_s: float
+
+
+@dataclass(kw_only=True)
+class PeakMemory(Schema):
+    rss: float
+    """Peak resident memory of the process, MiB."""
+    gpu: float | None
+    """Peak CUDA memory allocated, MiB (None without CUDA)."""
+
+
+@dataclass(kw_only=True)
+class Verification(Schema):
+    """The saved model, reloaded with stock transformers in a fresh process."""
+
+    new_tokens: int
+    """Tokens greedy generation produced after the reload."""
+    cache_matches_no_cache: bool
+    architecture: str
+    shapes: list[int]
+    """layers, heads, KV heads, head_dim, MLP width of the reloaded config."""
+    max_abs_logit_diff: float
+    tolerance: float
+    logits_match: bool
+
+
+@dataclass(kw_only=True)
+class PruneReport(Schema):
+    """`prune/…/report.json`: everything about one pruning, for the report and the model card."""
+
+    FILE: ClassVar[str] = "report.json"
+
+    model: str
+    """The dense model pruned (as loaded)."""
+    family: str
+    architecture: str
+    data: str
+    """Calibration records file."""
+    calibration: Calibration
+    importance: str
+    """Importance criterion (taylor, …)."""
+    head_mode: str
+    depth_importance: str | None
+    """Block criterion, when blocks were dropped."""
+    calibration_loss: float | None
+    """Mean loss on the calibration batches (gradient criteria only)."""
+    plan: PrunePlan
+    parameters: ParameterCounts
+    shapes_before: ModelShapes
+    shapes_after: ModelShapes
+    dropped_blocks: list[int]
+    kept: list[KeptLayer]
+    importance_summary: list[LayerImportance]
+    wall_time: PruneTimings
+    peak_memory_mib: PeakMemory
+    verification: Verification
+    notes: list[str]
+
+
+@dataclass(kw_only=True)
+class PruneMetrics(Schema):
+    """`prune/…/metrics.json`: the headline numbers of report.json."""
+
+    FILE: ClassVar[str] = METRICS
+
+    parameters: ParameterCounts
+    ratio_target: float | None
+    ratio_achieved: float
+    shapes_after: ModelShapes
+    calibration_records: int
+    calibration_loss: float | None
+    wall_time_s: float
+    peak_rss_mib: float
+    verified: bool
+    """The stock reload matched (a failed verification fails the stage instead)."""
+
+
+# ================================================================================================ recover
+
+
+@dataclass(kw_only=True)
+class TeacherRewriteStats(Schema):
+    """The teacher's rewriting (TGD mode only)."""
+
+    resumed: int
+    """Rewrites taken over from an interrupted run."""
+    generated: int
+    seconds: float
+    new_tokens: int
+    tokens_per_second: float | None
+    mean_new_tokens: float
+    teacher: str
+    """The teacher model (as loaded)."""
+
+
+@dataclass(kw_only=True)
+class RewriteStats(Schema):
+    instruction_records: int
+    """Records with an instruction (the ones a teacher rewrites)."""
+    text_records: int
+    """Plain-text records (trained on as they are)."""
+    teacher_run: TeacherRewriteStats | None = field(default=None, metadata=FLATTEN)
+    """TGD mode only (keys at this level)."""
+
+
+@dataclass(kw_only=True)
+class FilterStats(Schema):
+    counts: dict[str, int]
+    """Records per filter outcome (`accepted` or a rejection reason)."""
+    acceptance_rate: float | None
+    """Accepted / judged rewrites (None without a teacher)."""
+
+
+@dataclass(kw_only=True)
+class TrainLossPoint(Schema):
+    step: int
+    epoch: int
+    loss: float
+    lr: float
+
+
+@dataclass(kw_only=True)
+class EvalLossPoint(Schema):
+    epoch: float
+    """Epochs trained when measured (0: before training)."""
+    loss: float | None
+
+
+@dataclass(kw_only=True)
+class TrainHistory(Schema):
+    """LoRA fine-tuning: sizes, schedule and loss curves."""
+
+    train_examples: int
+    eval_examples: int
+    micro_batch_size: int
+    grad_accumulation: int
+    effective_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    trainable_parameters: int
+    train_loss: list[TrainLossPoint]
+    eval_loss: list[EvalLossPoint]
+    """Held-out loss before training and after each epoch."""
+    seconds: float
+    seconds_per_step: float
+    epochs_run: int
+    eval_loss_merged: float | None
+    """Held-out loss of the merged model (equals the last eval_loss up to float error)."""
+
+
+@dataclass(kw_only=True)
+class RecoverMetrics(Schema):
+    """`recover/…/metrics.json`."""
+
+    FILE: ClassVar[str] = METRICS
+
+    records: int
+    skipped_rows: int
+    mode: str
+    """tgd (teacher rewrites) | sft (original responses)."""
+    rewrite: RewriteStats
+    filters: FilterStats
+    too_long_skipped: int
+    """Examples longer than max_length, left out of training."""
+    train: TrainHistory
+    seconds: dict[str, float]
+    """Wall seconds: rewrite, finetune, save, total."""
+
+
+# ================================================================================================ eval
+
+
+@dataclass(kw_only=True)
+class ModelIdentity(Schema):
+    path: str
+    config_hash: str
+    """Hash of config.json and the weight files' names and sizes."""
+    architecture: str
+    parameters: int
+
+
+@dataclass(kw_only=True)
+class TaskResult(Schema):
+    """One task under one scoring variant."""
+
+    task: str
+    variant: str
+    """Scoring variant (letter, cloze, 8-shot cot, greedy, …)."""
+    metric: str
+    value: float | None
+    """None when undefined (e.g. no questions)."""
+    stderr: float | None
+    n: int
+    """Questions scored."""
+    extra: dict[str, Any] = field(default_factory=dict, metadata=FLATTEN)
+    """Task-specific extras: shots, by_subject, exact_match_strict, pass@k, perplexity, …"""
+    wall_s: float
+
+
+@dataclass(kw_only=True)
+class EvalResults(Schema):
+    """`eval/…/results.json`, or the `--out FILE.json` of `finescope eval`. Strict JSON (no NaN)."""
+
+    FILE: ClassVar[str] = "results.json"
+
+    model: ModelIdentity
+    eval_config_hash: str
+    """Hash of the eval config: a rerun with the same one is skipped."""
+    config: dict[str, Any]
+    """The resolved eval config."""
+    results: list[TaskResult]
+    wall_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        return _strict(super().to_json())
+
+
+@dataclass(kw_only=True)
+class EvalMetrics(Schema):
+    """`eval/…/metrics.json`: `"<task> [<variant>]"` → value, one key per result."""
+
+    FILE: ClassVar[str] = METRICS
+
+    values: dict[str, float | None] = field(default_factory=dict, metadata=FLATTEN)
+
+    @classmethod
+    def of(cls, results: list[TaskResult]) -> EvalMetrics:
+        return cls(values={f"{r.task} [{r.variant}]": r.value for r in results})
+
+
+# ================================================================================================ pipeline
+
+
+@dataclass(kw_only=True)
+class VariantEntry(Schema):
+    """One variant (row of the results table) of a run."""
+
+    label: str
+    description: str
+    data: str | None = None
+    """Curation the data comes from (sae, sae:<selector>, random, …); None = no data."""
+    prune: str | None = None
+    """Calibration of pruning (data | generic); None = not pruned."""
+    recovery: str | None = None
+    """tgd | sft | None."""
+    stages: dict[str, str]
+    """Stage → its folder, relative to the run directory (eval last)."""
+
+
+@dataclass(kw_only=True)
+class PipelineManifest(Schema):
+    """`<run>/pipeline.json`: the run's variants and their stage folders. Every field may be absent (an empty
+    manifest is a run with nothing in it yet)."""
+
+    FILE: ClassVar[str] = "pipeline.json"
+
+    name: str | None = None
+    model: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    """The resolved pipeline config."""
+    variants: dict[str, VariantEntry] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    """Stage folder → wall seconds of the run that computed it."""
+    last_run_status: dict[str, str] = field(default_factory=dict)
+    """Stage folder → done (skipped) | ran, for the last invocation."""
+    last_run_wall_s: float | None = None

@@ -1,0 +1,97 @@
+"""Token ids to model inputs: the BOS rule for prompts, padded batches with attention masks, the masked LM loss.
+
+The one place where FineScope turns token-id lists into tensors, so that pruning (calibration), fine-tuning,
+activation harvesting, generation and log-likelihood scoring pad, mask and score the same way. A lower layer:
+it imports torch and nothing from the stage packages.
+
+    from finescope.tokens import encode_prompt, pad_batch, pad_id, next_token_nll
+    rows = [encode_prompt(tok, "Q: 2+2?\\nA:"), encode_prompt(tok, "Hi")]
+    batch = pad_batch(rows, pad_id(tok), side="left")        # {"input_ids", "attention_mask"}
+    batch = pad_batch(rows, pad_id(tok), labels=rows)        # right-padded, labels -100 on padding
+    loss_sum, n = next_token_nll(model(**batch).logits, batch["labels"])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+"""Label of a position that carries no loss (prompt tokens, padding): the default of `F.cross_entropy`."""
+
+
+# ================================================================================================ encoding
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of a prompt: the tokenizer's special tokens (BOS) are added unless the text already starts with
+    the BOS token, as a chat template that renders BOS does. The one rule for every stage that tokenizes a prompt
+    (or a whole text), so calibration, training, scoring and generation see the same ids."""
+    bos = tokenizer.bos_token
+    return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+
+
+def encode_continuation(tokenizer, text: str) -> list[int]:
+    """Token ids of text that follows a prompt: no special tokens at all (an empty text gives no ids)."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+# ================================================================================================ batches
+
+
+def pad_id(tokenizer, fallback: int = 0) -> int:
+    """The id that fills padding: the tokenizer's pad token, else its EOS, else `fallback`.
+
+    Padding is always masked out, so the choice never changes a score; it only has to be a valid id (and, for
+    generation, one that ends a completion, which EOS does)."""
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    return fallback
+
+
+def pad_rows(rows: Sequence[Sequence[int]], value: int, width: int, *, side: str = "right") -> torch.Tensor:
+    """(len(rows), width) long tensor: each row's values at the right end (`side="left"` padding) or the start
+    (`side="right"`), `value` elsewhere. Rows longer than `width` are an error (cut them first)."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', not {side!r}")
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for r, row in enumerate(rows):
+        n = len(row)
+        if n:
+            cols = slice(width - n, width) if side == "left" else slice(0, n)
+            out[r, cols] = torch.tensor(list(row), dtype=torch.long)
+    return out
+
+
+def pad_batch(rows: Sequence[Sequence[int]], pad: int, *, side: str = "right",
+              labels: Sequence[Sequence[int]] | None = None, min_width: int = 0) -> dict[str, torch.Tensor]:
+    """`input_ids` and `attention_mask` (1 on real tokens) of token-id rows padded to the longest row (at least
+    `min_width`), plus `labels` (`IGNORE_INDEX` on padding) when `labels` are given, row by row.
+
+    Left padding puts every row's last token in the last column (prompts to generate from, contexts to score);
+    right padding keeps positions 0… for the real tokens (training and loss batches)."""
+    width = max([min_width, *(len(r) for r in rows)])
+    batch = {"input_ids": pad_rows(rows, pad, width, side=side),
+             "attention_mask": pad_rows([[1] * len(r) for r in rows], 0, width, side=side)}
+    if labels is not None:
+        batch["labels"] = pad_rows(labels, IGNORE_INDEX, width, side=side)
+    return batch
+
+
+# ================================================================================================ loss
+
+
+def next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token negative log-likelihood (float32) of every labelled position, and how many there are.
+
+    `logits` (batch, T, vocab) predict position t+1 from position t; `labels` (batch, T) hold the token ids, with
+    `IGNORE_INDEX` where no loss falls. Divide the sum by the total count of a step for the token-weighted mean
+    (what fine-tuning optimises and Taylor importance differentiates)."""
+    targets = labels[:, 1:]
+    logits = logits[:, :-1].float()
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+    return loss, int((targets != IGNORE_INDEX).sum())

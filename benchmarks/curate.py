@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from finescope.config import CurateConfig
+from finescope.corpora import default_pool_path
 from finescope.curate import run as curate_run
 from finescope.curate.activations import TextBatches, encode_pooled
-from finescope.corpora import default_pool_path
 from finescope.curate.sae import load_sae
 from finescope.data import read_records, record_text
 from finescope.modeling import load
@@ -62,8 +62,7 @@ def labelled_pool(size: int, seed: int, out: Path) -> tuple[Path, dict[str, int]
 
 def precision(selected: list[dict], domain: str, m: int, r: int) -> dict[str, float]:
     hits = [domain_of(x.get("source", "")) == domain for x in selected]
-    return {"precision_at_m": sum(hits[:m]) / max(1, min(m, len(hits))),
-            "r_precision": sum(hits[:r]) / max(1, r)}
+    return {"precision_at_m": sum(hits[:m]) / max(1, min(m, len(hits))), "r_precision": sum(hits[:r]) / max(1, r)}
 
 
 def throughput(handle, state_dir: Path, texts: list[str], max_length: int, batch_size: int, reps: int = 3) -> dict:
@@ -83,9 +82,12 @@ def throughput(handle, state_dir: Path, texts: list[str], max_length: int, batch
             t = time.perf_counter()
             encode_pooled(handle, layer, coords, sae.encode, batches, Path(tmp), "mean")
             enc.append(tokens / (time.perf_counter() - t))
-    return {"tokens": tokens, "bare_truncated_forward_tok_s": statistics.median(bare),
-            "pool_encoding_tok_s": statistics.median(enc),
-            "ratio": statistics.median(e / b for e, b in zip(enc, bare))}
+    return {
+        "tokens": tokens,
+        "bare_truncated_forward_tok_s": statistics.median(bare),
+        "pool_encoding_tok_s": statistics.median(enc),
+        "ratio": statistics.median(e / b for e, b in zip(enc, bare)),
+    }
 
 
 def main() -> None:
@@ -104,18 +106,32 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pool_path, relevant = labelled_pool(args.pool_size, args.seed, out / "labelled_pool.jsonl")
-    result: dict = {"model": args.model, "pool_size": args.pool_size, "relevant": relevant, "top_m": args.top_m,
-                    "methods": {}, "timings_s": {}}
-    common = dict(model=args.model, pool=str(pool_path), top_m=args.top_m, reference_samples=args.reference_samples,
-                  coord_samples=args.coord_samples, max_length=args.max_length, seed=args.seed,
-                  sae_steps=args.sae_steps)
+    result: dict = {
+        "model": args.model,
+        "pool_size": args.pool_size,
+        "relevant": relevant,
+        "top_m": args.top_m,
+        "methods": {},
+        "timings_s": {},
+    }
+    common = dict(
+        model=args.model,
+        pool=str(pool_path),
+        top_m=args.top_m,
+        reference_samples=args.reference_samples,
+        coord_samples=args.coord_samples,
+        max_length=args.max_length,
+        seed=args.seed,
+        sae_steps=args.sae_steps,
+    )
     methods = [("sae", s) for s in args.selectors.split(",")] + [("embedding", "-"), ("random", "-")]
     for method, selector in methods:
         name = f"sae:{selector}" if method == "sae" else method
         result["methods"][name] = {}
         for domain in DOMAINS:
-            cfg = CurateConfig(**common, method=method, seeds=f"preset:{domain}",
-                               **({"selector": selector} if method == "sae" else {}))
+            cfg = CurateConfig(
+                **common, method=method, seeds=f"preset:{domain}", **({"selector": selector} if method == "sae" else {})
+            )
             t = time.perf_counter()
             stage = curate_run.run(cfg, out / f"{name.replace(':', '-')}-{domain}")
             result["timings_s"][f"{name}/{domain}"] = round(time.perf_counter() - t, 1)

@@ -52,8 +52,15 @@ def main() -> int:
     for name, limit, scoring in plan:
         task = resolve_task(name)
         total = len(task.docs())
-        cfg = EvalConfig(model=args.model, tasks=[name], limit=min(limit, total), batch_size=args.batch_size,
-                         max_new_tokens=args.max_new_tokens, mmlu_scoring=scoring, allow_code_execution=True)
+        cfg = EvalConfig(
+            model=args.model,
+            tasks=[name],
+            limit=min(limit, total),
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            mmlu_scoring=scoring,
+            allow_code_execution=True,
+        )
         for res, _ in evaluate_task(task, handle, cfg):
             res.pop("by_subject", None)
             res["task_size"] = total
@@ -61,16 +68,32 @@ def main() -> int:
                 res["full_set_estimate_s"] = round(res["wall_s"] * total / res["n"])
             results.append(res)
             print(json.dumps(res), file=sys.stderr, flush=True)
-    print(json.dumps({
-        "model": model_identity(handle),
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-                    "torch": torch.__version__},
-        "limits": {k: v for k, v in (("mmlu_per_slice", args.mmlu or "all"), ("gsm8k", args.gsm8k or "all"),
-                                     ("humaneval", args.humaneval or "all"), ("nll_math", args.nll or "all"))
-                   if k.split("_")[0] in only},
-        "results": results,
-        "wall_s": round(time.perf_counter() - start, 1),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "model": model_identity(handle),
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(),
+                    "python": platform.python_version(),
+                    "torch": torch.__version__,
+                },
+                "limits": {
+                    k: v
+                    for k, v in (
+                        ("mmlu_per_slice", args.mmlu or "all"),
+                        ("gsm8k", args.gsm8k or "all"),
+                        ("humaneval", args.humaneval or "all"),
+                        ("nll_math", args.nll or "all"),
+                    )
+                    if k.split("_")[0] in only
+                },
+                "results": results,
+                "wall_s": round(time.perf_counter() - start, 1),
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

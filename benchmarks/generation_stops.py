@@ -30,22 +30,27 @@ from finescope.modeling import load
 from finescope.tokens import encode_prompt, pad_batch, pad_id
 
 NEVER = ["<<never-a-stop>>", "@@@@ ####"]
-QUESTIONS = ["Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-             "How many clips did Natalia sell altogether in April and May?",
-             "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. "
-             "How much did she earn?",
-             "A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts in total does it take?"]
-CODE = ['def add(a, b):\n    """Return the sum of a and b."""\n',
-        'from typing import List\n\n\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n'
-        '    """Check if in given list of numbers, are any two numbers closer to each other than given threshold."""\n',
-        'def fib(n: int):\n    """Return n-th Fibonacci number.\n    >>> fib(10)\n    55\n    """\n']
+QUESTIONS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May?",
+    "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. How much did she earn?",
+    "A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts in total does it take?",
+]
+CODE = [
+    'def add(a, b):\n    """Return the sum of a and b."""\n',
+    "from typing import List\n\n\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n"
+    '    """Check if in given list of numbers, are any two numbers closer to each other than given threshold."""\n',
+    'def fib(n: int):\n    """Return n-th Fibonacci number.\n    >>> fib(10)\n    55\n    """\n',
+]
 CHAT = ["What is 12 times 7? Answer briefly.", "Write one sentence about the sea."]
 
 
 def prompts(tokenizer) -> list[str]:
     gsm = [f"Q: {q}\nA:" for q in QUESTIONS]
-    chat = [tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True)
-            for c in CHAT]
+    chat = [
+        tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True)
+        for c in CHAT
+    ]
     return gsm + CODE + chat
 
 
@@ -54,8 +59,9 @@ def _transformers_batch(model, tokenizer, rows, pad, stop, device, kwargs):
     batch = pad_batch(rows, pad, side="left")
     width = batch["input_ids"].shape[1]
     extra = dict(stop_strings=stop, tokenizer=tokenizer) if stop else {}
-    out = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                         **extra, **kwargs)
+    out = model.generate(
+        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), **extra, **kwargs
+    )
     return out[:, width:].cpu()
 
 
@@ -84,11 +90,16 @@ def time_generate(model, tok, texts, stop, new_tokens, repeats) -> dict:
                 times[name].append(time.perf_counter() - t)
     ours, theirs = statistics.median(times["ours"]), statistics.median(times["transformers"])
     differ = [i for i, (a, b) in enumerate(zip(outs["ours"], outs["transformers"], strict=True)) if a != b]
-    return {"ours_s": round(ours, 3), "transformers_s": round(theirs, 3), "ratio": round(theirs / ours, 3),
-            "new_tokens": [o[0]["new_tokens"] for o in outs["ours"]],
-            "identical_outputs": not differ,
-            "differing": [{"prompt": i, "ours": outs["ours"][i][0], "transformers": outs["transformers"][i][0]}
-                          for i in differ]}
+    return {
+        "ours_s": round(ours, 3),
+        "transformers_s": round(theirs, 3),
+        "ratio": round(theirs / ours, 3),
+        "new_tokens": [o[0]["new_tokens"] for o in outs["ours"]],
+        "identical_outputs": not differ,
+        "differing": [
+            {"prompt": i, "ours": outs["ours"][i][0], "transformers": outs["transformers"][i][0]} for i in differ
+        ],
+    }
 
 
 def time_criteria(tok, texts, stop, new_tokens, repeats=50) -> dict:
@@ -148,12 +159,15 @@ def bench(model, tok, new_tokens, repeats) -> dict:
     model.eval()
     texts = prompts(tok)
     task_stop = list(dict.fromkeys(GSM8K_STOP + HUMANEVAL_STOP))
-    return {"prompts": len(texts), "max_new_tokens": new_tokens,
-            "forward_tokens_per_s": forward_throughput(model, tok, texts, new_tokens, max(3, repeats)),
-            "never": time_generate(model, tok, texts, NEVER, new_tokens, repeats),
-            "tasks": time_generate(model, tok, texts, task_stop, new_tokens, repeats),
-            "criterion_call": time_criteria(tok, texts, task_stop, new_tokens),
-            "stop_across_prompt_boundary": boundary_check(model, tok, texts, 8)}
+    return {
+        "prompts": len(texts),
+        "max_new_tokens": new_tokens,
+        "forward_tokens_per_s": forward_throughput(model, tok, texts, new_tokens, max(3, repeats)),
+        "never": time_generate(model, tok, texts, NEVER, new_tokens, repeats),
+        "tasks": time_generate(model, tok, texts, task_stop, new_tokens, repeats),
+        "criterion_call": time_criteria(tok, texts, task_stop, new_tokens),
+        "stop_across_prompt_boundary": boundary_check(model, tok, texts, 8),
+    }
 
 
 def main() -> None:
@@ -167,12 +181,23 @@ def main() -> None:
     real = load("default")
     tok = real.tokenizer
     torch.manual_seed(0)
-    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                        pad_token_id=tok.pad_token_id))
-    result = {"torch_threads": torch.get_num_threads(),
-              "tiny_random_llama": bench(tiny, tok, args.new_tokens, args.repeats * 2)}
+    tiny = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    )
+    result = {
+        "torch_threads": torch.get_num_threads(),
+        "tiny_random_llama": bench(tiny, tok, args.new_tokens, args.repeats * 2),
+    }
     if not args.skip_real:
         result["smollm2_135m"] = bench(real.model, tok, args.new_tokens, args.repeats)
     print(json.dumps(result, indent=1))

@@ -56,27 +56,32 @@ def math_records(n: int, seed: int, skip: int = 0) -> list[dict]:
 def text_records(name: str, n: int, seed: int) -> list[dict]:
     path = assets.data_path(name)
     if name in ("wikipedia", "openwebtext"):  # schelling_point rows: the snippet is under key "0"
-        recs = [{"id": f"{name}-{i}", "text": json.loads(line)["0"]}
-                for i, line in enumerate(path.read_text().splitlines()) if line.strip()]
+        recs = [
+            {"id": f"{name}-{i}", "text": json.loads(line)["0"]}
+            for i, line in enumerate(path.read_text().splitlines())
+            if line.strip()
+        ]
     else:
         recs = list(read_records(path))
     return random.Random(seed).sample(recs, n)
 
 
 def calibration_sets(n: int, seed: int, curated_file: str | None = None) -> dict[str, list[dict]]:
-    curated = (random.Random(seed).sample(list(read_records(curated_file)), n) if curated_file
-               else math_records(n, seed))
+    curated = random.Random(seed).sample(list(read_records(curated_file)), n) if curated_file else math_records(n, seed)
     generic = text_records("bbc_news", n // 2, seed) + text_records("wikipedia", n - n // 2, seed)
-    pool = (math_records(1500, seed + 1) + text_records("wikipedia", 1000, seed + 1)
-            + text_records("openwebtext", 1000, seed + 1) + text_records("bbc_news", 2000, seed + 1))
+    pool = (
+        math_records(1500, seed + 1)
+        + text_records("wikipedia", 1000, seed + 1)
+        + text_records("openwebtext", 1000, seed + 1)
+        + text_records("bbc_news", 2000, seed + 1)
+    )
     return {"curated": curated, "generic": generic, "random": random.Random(seed).sample(pool, n)}
 
 
 def gsm8k_nll_batches(tokenizer, n: int, length: int) -> list[dict]:
     rows = [json.loads(line) for line in assets.data_path("gsm8k").read_text().splitlines() if line.strip()][:n]
     recs = [{"id": str(i), "instruction": r["question"], "response": r["answer"]} for i, r in enumerate(rows)]
-    return calibration_batches(tokenizer, recs, samples=n, length=length, batch_size=8, seed=0,
-                               loss_on="response")[0]
+    return calibration_batches(tokenizer, recs, samples=n, length=length, batch_size=8, seed=0, loss_on="response")[0]
 
 
 @torch.no_grad()
@@ -85,8 +90,11 @@ def nll(model, batches) -> float:
     for b in batches:
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
         labels = b["labels"][:, 1:]
-        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                          ignore_index=-100, reduction="sum"))
+        total += float(
+            torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+        )
         count += int((labels != -100).sum())
     return total / count
 
@@ -112,18 +120,38 @@ def stage_run(records: list[dict], ratio: float, calib_samples: int, calib_lengt
         data = Path(tmp) / "curated.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in records))
         out = Path(tmp) / "prune"
-        cmd = [sys.executable, "-m", "finescope.cli", "prune", "--model", "default", "--data", str(data),
-               "--ratio", str(ratio), "--calib-samples", str(calib_samples), "--calib-length", str(calib_length),
-               "--out", str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "finescope.cli",
+            "prune",
+            "--model",
+            "default",
+            "--data",
+            str(data),
+            "--ratio",
+            str(ratio),
+            "--calib-samples",
+            str(calib_samples),
+            "--calib-length",
+            str(calib_length),
+            "--out",
+            str(out),
+        ]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             raise SystemExit(f"finescope prune failed: {proc.stderr.strip()[-500:]}")
         report = json.loads((out / "report.json").read_text())
-    return {"command_wall_s": wall, "stage_wall_time": report["wall_time"],
-            "peak_rss_mib": report["peak_memory_mib"]["rss"], "verification": report["verification"],
-            "shapes_after": report["shapes_after"], "parameters": report["parameters"]}
+    return {
+        "command_wall_s": wall,
+        "stage_wall_time": report["wall_time"],
+        "peak_rss_mib": report["peak_memory_mib"]["rss"],
+        "verification": report["verification"],
+        "shapes_after": report["shapes_after"],
+        "parameters": report["parameters"],
+    }
 
 
 def main() -> None:
@@ -134,7 +162,9 @@ def main() -> None:
     ap.add_argument("--calib-length", type=int, default=128)
     ap.add_argument("--nll-samples", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--curated", default=None, help="a curate stage's selected.jsonl (default: a fixed math set, not a curation)")
+    ap.add_argument(
+        "--curated", default=None, help="a curate stage's selected.jsonl (default: a fixed math set, not a curation)"
+    )
     ap.add_argument("--skip-stage-run", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
@@ -145,15 +175,25 @@ def main() -> None:
     plan = solve(shapes, args.ratio)
     nll_batches = gsm8k_nll_batches(tok, args.nll_samples, 256)
     sources = calibration_sets(args.calib_samples, args.seed, args.curated)
-    calib = {name: calibration_batches(tok, recs, samples=args.calib_samples, length=args.calib_length,
-                                       batch_size=4, seed=args.seed) for name, recs in sources.items()}
+    calib = {
+        name: calibration_batches(
+            tok, recs, samples=args.calib_samples, length=args.calib_length, batch_size=4, seed=args.seed
+        )
+        for name, recs in sources.items()
+    }
     result = {
-        "model": "SmolLM2-135M-Instruct (embedded default)", "device": "cpu", "threads": torch.get_num_threads(),
-        "ratio_target": args.ratio, "plan": plan.as_dict(),
+        "model": "SmolLM2-135M-Instruct (embedded default)",
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "ratio_target": args.ratio,
+        "plan": plan.as_dict(),
         "calibration": {name: info for name, (_, info) in calib.items()},
         "calibration_sources": {
-            "curated": (f"curate stage output {args.curated}" if args.curated else
-                        "fixed math set, not a curation: BIG-bench elementary_math_qa question + correct option"),
+            "curated": (
+                f"curate stage output {args.curated}"
+                if args.curated
+                else "fixed math set, not a curation: BIG-bench elementary_math_qa question + correct option"
+            ),
             "generic": "BBC news articles + Wikipedia snippets",
             "random": "uniform sample of a mixed pool: elementary_math_qa 1500, Wikipedia 1000, OpenWebText 1000, BBC 2000",
         },

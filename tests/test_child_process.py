@@ -65,6 +65,7 @@ def _read_marker(pattern: str, parent: subprocess.Popen) -> list[int]:
         assert parent.poll() is None, f"the parent exited early ({parent.returncode})"
         hits = glob.glob(pattern)
         return hits and Path(hits[0]).read_text().split()
+
     return [int(p) for p in _wait_for(found, pattern)]
 
 
@@ -187,11 +188,14 @@ def test_killing_the_parent_kills_prune_verification_and_next_start_cleans_up():
 def test_die_with_parent_launcher_kills_a_plain_command(tmp_path):
     """The shared launcher alone: a parent starts `sleep` through it and is killed."""
     marker = tmp_path / "pid"
-    parent = _python("""
+    parent = _python(
+        """
         import subprocess, sys
         from finescope.child_process import die_with_parent
         subprocess.run(die_with_parent(["sh", "-c", f"echo $$ > {sys.argv[1]}.tmp; mv {sys.argv[1]}.tmp {sys.argv[1]}; exec sleep 600"]))
-    """, str(marker))
+    """,
+        str(marker),
+    )
     try:
         pids = _read_marker(str(marker), parent)
         _kill_parent_and_check(parent, pids)
@@ -201,8 +205,9 @@ def test_die_with_parent_launcher_kills_a_plain_command(tmp_path):
 
 
 def test_die_with_parent_runs_the_command_normally_and_never_after_the_parent_died(tmp_path):
-    ok = subprocess.run(die_with_parent([sys.executable, "-c", "import sys; print('hi'); sys.exit(3)"]),
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        die_with_parent([sys.executable, "-c", "import sys; print('hi'); sys.exit(3)"]), capture_output=True, text=True
+    )
     assert ok.returncode == 3 and ok.stdout == "hi\n"
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a dead parent pid: the race where the parent dies before the death signal is set

@@ -47,17 +47,24 @@ def test_top_level_help_lists_every_subcommand():
 REFUSALS = {
     "assets": (lambda d: ["assets", "nope"], "unknown asset 'nope'", None),
     "info": (lambda d: ["info", str(d / "missing-model")], "missing-model: no such model folder", None),
-    "run": (lambda d: ["run", "--run-dir", str(d / "run"), "nosuch.key=1"], "unknown config key 'nosuch.key'",
-            "run"),
+    "run": (lambda d: ["run", "--run-dir", str(d / "run"), "nosuch.key=1"], "unknown config key 'nosuch.key'", "run"),
     "report": (lambda d: ["report", str(d)], "not a run directory", None),
-    "curate": (lambda d: ["curate", "--out", str(d / "out"), "--seeds", str(d / "missing.jsonl")],
-               "missing.jsonl: no such file", "out"),
-    "prune": (lambda d: ["prune", "--out", str(d / "out"), "--data", str(d / "missing.jsonl")],
-              "missing.jsonl: no such file", "out"),
-    "recover": (lambda d: ["recover", "--out", str(d / "out"), "--student", str(d), "--data", str(d / "missing.jsonl")],
-                "missing.jsonl: no such file", "out"),
-    "eval": (lambda d: ["eval", "--out", str(d / "out"), "--tasks", "nosuchtask"], "unknown task 'nosuchtask'",
-             "out"),
+    "curate": (
+        lambda d: ["curate", "--out", str(d / "out"), "--seeds", str(d / "missing.jsonl")],
+        "missing.jsonl: no such file",
+        "out",
+    ),
+    "prune": (
+        lambda d: ["prune", "--out", str(d / "out"), "--data", str(d / "missing.jsonl")],
+        "missing.jsonl: no such file",
+        "out",
+    ),
+    "recover": (
+        lambda d: ["recover", "--out", str(d / "out"), "--student", str(d), "--data", str(d / "missing.jsonl")],
+        "missing.jsonl: no such file",
+        "out",
+    ),
+    "eval": (lambda d: ["eval", "--out", str(d / "out"), "--tasks", "nosuchtask"], "unknown task 'nosuchtask'", "out"),
 }
 
 # More refusals: bad flag values (checked against the config dataclass) and an unknown preset.

@@ -7,8 +7,20 @@ import re
 import pytest
 
 from finescope.config import (
-    PIPELINE_SETS, ConfigError, CurateConfig, EvalConfig, PipelineConfig, PruneConfig, RecoverConfig, add_config_arguments,
-    apply_overrides, config_from_args, field_docs, from_dict, load_config, to_yaml,
+    PIPELINE_SETS,
+    ConfigError,
+    CurateConfig,
+    EvalConfig,
+    PipelineConfig,
+    PruneConfig,
+    RecoverConfig,
+    add_config_arguments,
+    apply_overrides,
+    config_from_args,
+    field_docs,
+    from_dict,
+    load_config,
+    to_yaml,
 )
 
 STAGES = (CurateConfig, PruneConfig, RecoverConfig, EvalConfig, PipelineConfig)
@@ -27,9 +39,18 @@ def test_every_field_has_a_docstring_and_defaults_validate(cls):
 def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("name: demo\ncurate:\n  top_m: 50\n  layers: [3, 7]\nprune:\n  ratio: 0.3\n")
-    cfg = load_config(PipelineConfig, path, ["curate.top_m=200", "prune.importance=magnitude",
-                                             "eval.tasks=nll:math,gsm8k", "recover.lora_rank=4",
-                                             "prune.attention_ratio=0.25", "recover.lr=1e-5"])
+    cfg = load_config(
+        PipelineConfig,
+        path,
+        [
+            "curate.top_m=200",
+            "prune.importance=magnitude",
+            "eval.tasks=nll:math,gsm8k",
+            "recover.lora_rank=4",
+            "prune.attention_ratio=0.25",
+            "recover.lr=1e-5",
+        ],
+    )
     assert cfg.name == "demo" and cfg.curate.layers == [3, 7] and cfg.prune.ratio == 0.3
     assert cfg.curate.top_m == 200 and cfg.prune.importance == "magnitude"
     assert cfg.eval.tasks == ["nll:math", "gsm8k"] and cfg.recover.lora_rank == 4
@@ -40,21 +61,24 @@ def test_yaml_and_overrides(tmp_path):
     assert load_config(PipelineConfig, again) == cfg
 
 
-@pytest.mark.parametrize("override,message", [
-    ("curate.top_m=0", r"curate\.top_m = 0: must be ≥ 1"),
-    ("prune.ratio=1.2", r"prune\.ratio = 1\.2: must be in \(0, 1\)"),
-    ("prune.ratio=0", r"prune\.ratio = 0\.0: must be in \(0, 1\)"),
-    ("prune.ratio=abc", r"prune\.ratio = 'abc': must be a number"),
-    ("curate.top_m=1.5", r"curate\.top_m = '1\.5': must be an integer"),
-    ("curate.selector=best", r"curate\.selector = 'best': must be one of jacobian, gradient, magnitude"),
-    ("recover.no_teacher=maybe", r"recover\.no_teacher = 'maybe': must be true or false"),
-    ("curate.layers=1,x", r"curate\.layers\[1\] = 'x': must be an integer"),
-    ("curate.top_n=5", r"unknown config key 'curate\.top_n' \(did you mean 'top_m'\?\) under 'curate'"),
-    ("nmae=x", r"unknown config key 'nmae' \(did you mean 'name'\?\)"),
-    ("curate.top_m.x=1", r"'curate\.top_m' has no sub-keys"),
-    ("top_m", r"must look like key=value"),
-    ("prune.attention_ratio=1", r"prune\.attention_ratio = 1\.0: must be in \[0, 1\)"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("curate.top_m=0", r"curate\.top_m = 0: must be ≥ 1"),
+        ("prune.ratio=1.2", r"prune\.ratio = 1\.2: must be in \(0, 1\)"),
+        ("prune.ratio=0", r"prune\.ratio = 0\.0: must be in \(0, 1\)"),
+        ("prune.ratio=abc", r"prune\.ratio = 'abc': must be a number"),
+        ("curate.top_m=1.5", r"curate\.top_m = '1\.5': must be an integer"),
+        ("curate.selector=best", r"curate\.selector = 'best': must be one of jacobian, gradient, magnitude"),
+        ("recover.no_teacher=maybe", r"recover\.no_teacher = 'maybe': must be true or false"),
+        ("curate.layers=1,x", r"curate\.layers\[1\] = 'x': must be an integer"),
+        ("curate.top_n=5", r"unknown config key 'curate\.top_n' \(did you mean 'top_m'\?\) under 'curate'"),
+        ("nmae=x", r"unknown config key 'nmae' \(did you mean 'name'\?\)"),
+        ("curate.top_m.x=1", r"'curate\.top_m' has no sub-keys"),
+        ("top_m", r"must look like key=value"),
+        ("prune.attention_ratio=1", r"prune\.attention_ratio = 1\.0: must be in \[0, 1\)"),
+    ],
+)
 def test_override_errors_name_field_and_range(override, message):
     with pytest.raises(ConfigError, match=message):
         apply_overrides(PipelineConfig(), [override])
@@ -107,17 +131,23 @@ def test_cli_arguments_from_dataclass():
     assert cfg.layers == [3, 9] and cfg.top_m == 7
 
 
-@pytest.mark.parametrize("section,field,value,instead", [
-    (s, f, "x" if f != "no_teacher" else "true", instead)
-    for s, fields in PIPELINE_SETS.items()
-    for f, instead in fields.items()
-    if f != "method"
-] + [("curate", "method", "embedding", "`variants`")])
+@pytest.mark.parametrize(
+    "section,field,value,instead",
+    [
+        (s, f, "x" if f != "no_teacher" else "true", instead)
+        for s, fields in PIPELINE_SETS.items()
+        for f, instead in fields.items()
+        if f != "method"
+    ]
+    + [("curate", "method", "embedding", "`variants`")],
+)
 def test_pipeline_refuses_fields_it_sets_itself(tmp_path, section, field, value, instead):
     """A wiring field in a pipeline config would be overwritten for every variant: refused, naming the key to use."""
     path = tmp_path / "p.yaml"
     path.write_text(f"{section}:\n  {field}: {value}\n")
-    with pytest.raises(ConfigError, match=rf"p\.yaml: {section}\.{field}: set by the pipeline .*use {re.escape(instead)}"):
+    with pytest.raises(
+        ConfigError, match=rf"p\.yaml: {section}\.{field}: set by the pipeline .*use {re.escape(instead)}"
+    ):
         load_config(PipelineConfig, path)
     with pytest.raises(ConfigError, match=rf"command line: {section}\.{field}: set by the pipeline"):
         load_config(PipelineConfig, None, [f"{section}.{field}={value}"])
@@ -127,9 +157,13 @@ def test_variants_validated_against_the_variant_table(tmp_path):
     from finescope.variants import VARIANTS
 
     assert load_config(PipelineConfig, None, ["variants=" + ",".join(VARIANTS)]).variants == list(VARIANTS)
-    with pytest.raises(ConfigError, match=r"variants\[1\] = 'pruned_tdg': unknown variant \(did you mean 'pruned_tgd'\?\)"):
+    with pytest.raises(
+        ConfigError, match=r"variants\[1\] = 'pruned_tdg': unknown variant \(did you mean 'pruned_tgd'\?\)"
+    ):
         load_config(PipelineConfig, None, ["variants=dense,pruned_tdg"])
     path = tmp_path / "p.yaml"
     path.write_text("variants: [dense, nope_nothing_like_it]\n")
-    with pytest.raises(ConfigError, match=r"p\.yaml: variants\[1\] = 'nope_nothing_like_it': unknown variant \(known: dense,"):
+    with pytest.raises(
+        ConfigError, match=r"p\.yaml: variants\[1\] = 'nope_nothing_like_it': unknown variant \(known: dense,"
+    ):
         load_config(PipelineConfig, path)

@@ -16,7 +16,9 @@ from finescope.curate.select import max_cosine, select_global, select_per_seed
 from finescope.modeling import load
 
 MATH = [f"Tom has {i} apples and buys {i + 3} more. How many apples does he have now? {2 * i + 3}." for i in range(20)]
-NEWS = [f"Shares of company {i} rose {i % 7}% on Monday after strong quarterly earnings were reported." for i in range(20)]
+NEWS = [
+    f"Shares of company {i} rose {i % 7}% on Monday after strong quarterly earnings were reported." for i in range(20)
+]
 
 
 @pytest.fixture
@@ -71,7 +73,7 @@ def test_gradient_selector_estimates_the_autograd_norm(llama):
     exact = torch.zeros(llama.adapter.hidden_size)
     for b in batches:
         for row in range(b["input_ids"].shape[0]):
-            ids, attn = b["input_ids"][row:row + 1], b["attention_mask"][row:row + 1]
+            ids, attn = b["input_ids"][row : row + 1], b["attention_mask"][row : row + 1]
             for j in range(llama.adapter.hidden_size):
                 e = llama.adapter.embed_tokens(ids).detach().requires_grad_(True)
                 h = llama.adapter.hidden_after(0, inputs_embeds=e, attention_mask=attn)
@@ -89,8 +91,12 @@ def test_gradient_selector_estimates_the_autograd_norm(llama):
 def test_stat_selectors_match_direct_computation(llama):
     texts = MATH[:4] + NEWS[:4]
     batches = _batches(llama, texts)
-    acts = torch.cat([llama.adapter.hidden_after(1, input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-                      [b["token_mask"]] for b in batches]).double()
+    acts = torch.cat(
+        [
+            llama.adapter.hidden_after(1, input_ids=b["input_ids"], attention_mask=b["attention_mask"])[b["token_mask"]]
+            for b in batches
+        ]
+    ).double()
     torch.testing.assert_close(coordinate_scores(llama, 1, batches, "magnitude"), acts.abs().mean(0).float())
     var = acts.var(0, unbiased=False).float()
     torch.testing.assert_close(coordinate_scores(llama, 1, batches, "variance"), var, rtol=1e-4, atol=1e-5)
@@ -158,9 +164,21 @@ def _pool_file(tmp_path):
 
 def _cfg(tiny_model_dirs, tmp_path, **kw):
     pool, ref, seeds = _pool_file(tmp_path)
-    base = dict(model=str(tiny_model_dirs["llama"]), pool=str(pool), seeds=str(seeds), reference=str(ref),
-                num_coords=16, sae_expansion=4, sae_k=4, sae_steps=60, sae_batch_size=64, top_m=10, max_length=32,
-                coord_samples=8, batch_size=8)
+    base = dict(
+        model=str(tiny_model_dirs["llama"]),
+        pool=str(pool),
+        seeds=str(seeds),
+        reference=str(ref),
+        num_coords=16,
+        sae_expansion=4,
+        sae_k=4,
+        sae_steps=60,
+        sae_batch_size=64,
+        top_m=10,
+        max_length=32,
+        coord_samples=8,
+        batch_size=8,
+    )
     base.update(kw)
     return CurateConfig(**base)
 
@@ -240,8 +258,15 @@ def test_embedding_baseline_with_a_tiny_encoder(tmp_path, chat_tokenizer):
 
     from finescope.curate.baselines import minilm_embeddings
 
-    BertModel(BertConfig(vocab_size=len(chat_tokenizer), hidden_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path / "enc")
+    BertModel(
+        BertConfig(
+            vocab_size=len(chat_tokenizer),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+        )
+    ).save_pretrained(tmp_path / "enc")
     chat_tokenizer.save_pretrained(tmp_path / "enc")
     vecs = minilm_embeddings(MATH[:3] + NEWS[:2], model_dir=str(tmp_path / "enc"), batch_size=2)
     assert vecs.shape == (5, 32)

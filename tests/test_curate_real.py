@@ -24,8 +24,17 @@ def test_curate_small_real_pool(tmp_path, monkeypatch):
     other = rng.sample([r for r in rows if r["source"].startswith("evals/")], 6)
     pool = tmp_path / "pool.jsonl"
     pool.write_text("".join(json.dumps(r) + "\n" for r in math + news + other))
-    cfg = CurateConfig(pool=str(pool), seeds="preset:math", top_m=6, reference_samples=48, coord_samples=8,
-                       max_length=48, sae_steps=300, sae_batch_size=128, batch_size=8)
+    cfg = CurateConfig(
+        pool=str(pool),
+        seeds="preset:math",
+        top_m=6,
+        reference_samples=48,
+        coord_samples=8,
+        max_length=48,
+        sae_steps=300,
+        sae_batch_size=128,
+        batch_size=8,
+    )
     out = run(cfg, tmp_path / "curate")
     selected = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
     metrics = json.loads((out / "metrics.json").read_text())

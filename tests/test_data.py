@@ -13,9 +13,15 @@ ROWS = [
     {"instruction": "Summarise the ruling.", "input": "The court held the contract void.", "output": "Void."},
     {"prompt": "Capital of France?", "completion": "Paris"},
     {"question": "What is 12*7?", "answer": "84"},
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                  {"role": "assistant", "content": "draft"}, {"role": "user", "content": "again"},
-                  {"role": "assistant", "content": "Hello!"}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "draft"},
+            {"role": "user", "content": "again"},
+            {"role": "assistant", "content": "Hello!"},
+        ]
+    },
     {"text": "Plain text about shares and earnings.", "id": 42},
 ]
 
@@ -149,9 +155,14 @@ def test_bad_rows_error_or_skip(tmp_path):
     assert [r.get("text") or r["response"] for r in recs] == ["good", "7"]
     assert recs.skipped == 8
     reasons = "\n".join(recs.skipped_reasons)
-    for expected in ("line 4: expected an object", "line 5: field 'instruction' needs a partner field ('output' or 'response')",
-                     "line 6: record has no text", "line 8: field 'messages' has no user turn",
-                     "line 10: field 'response' must be a string", "line 11: no usable fields"):
+    for expected in (
+        "line 4: expected an object",
+        "line 5: field 'instruction' needs a partner field ('output' or 'response')",
+        "line 6: record has no text",
+        "line 8: field 'messages' has no user turn",
+        "line 10: field 'response' must be a string",
+        "line 11: no usable fields",
+    ):
         assert expected in reasons
 
 

@@ -17,8 +17,17 @@ from finescope.evaluate.code_exec import CodeExecutionError, pass_at_k
 from finescope.evaluate.mc import Request, encode_pair, pick, score_requests
 from finescope.evaluate.perplexity import domain_nll
 from finescope.evaluate.run import prepare_tasks, run
-from finescope.evaluate.tasks import (TaskError, load_math, load_mbpp, math_type_key, mbpp_program,
-                                      mmlu_cloze_prompt, mmlu_letter_prompt, resolve_task, select_subset)
+from finescope.evaluate.tasks import (
+    TaskError,
+    load_math,
+    load_mbpp,
+    math_type_key,
+    mbpp_program,
+    mmlu_cloze_prompt,
+    mmlu_letter_prompt,
+    resolve_task,
+    select_subset,
+)
 
 FIX = Path(__file__).parent / "fixtures" / "eval"
 
@@ -85,28 +94,38 @@ def test_pick_and_normalisation():
 
 
 def test_mmlu_prompts_follow_lm_eval_templates():
-    doc = {"id": "x", "subject": "high_school_physics", "question": " What is g? ", "choices": ["1", "9.8", "3", "4"],
-           "answer": 1}
+    doc = {
+        "id": "x",
+        "subject": "high_school_physics",
+        "question": " What is g? ",
+        "choices": ["1", "9.8", "3", "4"],
+        "answer": 1,
+    }
     shot = {**doc, "id": "y", "question": "Unit of force?", "choices": ["N", "J", "W", "Pa"], "answer": 0}
     assert mmlu_letter_prompt(doc, [shot]) == (
         "The following are multiple choice questions (with answers) about high school physics.\n\n"
         "Unit of force?\nA. N\nB. J\nC. W\nD. Pa\nAnswer: A\n\n"
-        "What is g?\nA. 1\nB. 9.8\nC. 3\nD. 4\nAnswer:")
+        "What is g?\nA. 1\nB. 9.8\nC. 3\nD. 4\nAnswer:"
+    )
     assert mmlu_cloze_prompt(doc, []) == (
-        "The following are questions (with answers) about high school physics.\n\nQuestion: What is g?\nAnswer:")
+        "The following are questions (with answers) about high school physics.\n\nQuestion: What is g?\nAnswer:"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- extraction
 
 
-@pytest.mark.parametrize("completion, strict, flexible", [
-    (" 15 - 6 = 9 trees. The answer is 9.", "9", "9"),
-    (" She pays $1,200 in all. The answer is $1,200.", "1200", "1200"),
-    (" So 3.50 + 1.50 = 5.00 dollars.", None, "5"),
-    (" First 4 * 2 = 8, then 8 - 10 = -2. The answer is -2.", "-2", "-2"),
-    (" I do not know.", None, None),
-    (" #### 72", "72", "72"),
-])
+@pytest.mark.parametrize(
+    "completion, strict, flexible",
+    [
+        (" 15 - 6 = 9 trees. The answer is 9.", "9", "9"),
+        (" She pays $1,200 in all. The answer is $1,200.", "1200", "1200"),
+        (" So 3.50 + 1.50 = 5.00 dollars.", None, "5"),
+        (" First 4 * 2 = 8, then 8 - 10 = -2. The answer is -2.", "-2", "-2"),
+        (" I do not know.", None, None),
+        (" #### 72", "72", "72"),
+    ],
+)
 def test_gsm8k_extraction(completion, strict, flexible):
     assert gen.extract_gsm8k(completion) == (strict, flexible)
 
@@ -116,31 +135,37 @@ def test_gsm8k_target():
     assert gen.gsm8k_target("...\n#### 1,000") == "1000"
 
 
-@pytest.mark.parametrize("text, boxed", [
-    ("so $x = \\boxed{5}$.", "5"),
-    ("first \\boxed{1} then \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
-    ("\\boxed{\\sqrt{x^{2}}}", "\\sqrt{x^{2}}"),
-    ("no box here", None),
-    ("\\boxed 7$", "7"),
-])
+@pytest.mark.parametrize(
+    "text, boxed",
+    [
+        ("so $x = \\boxed{5}$.", "5"),
+        ("first \\boxed{1} then \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+        ("\\boxed{\\sqrt{x^{2}}}", "\\sqrt{x^{2}}"),
+        ("no box here", None),
+        ("\\boxed 7$", "7"),
+    ],
+)
 def test_last_boxed(text, boxed):
     assert gen.last_boxed(text) == boxed
 
 
-@pytest.mark.parametrize("pred, ref, equal", [
-    ("\\frac12", "\\frac{1}{2}", True),
-    ("\\dfrac{1}{2}", "\\frac{1}{2}", True),
-    ("0.5", "\\frac{1}{2}", True),
-    ("1/2", "\\frac{1}{2}", True),
-    ("x = 3", "3", True),
-    ("10^\\circ", "10", True),
-    ("\\$5.00", "5", True),
-    ("5 \\text{ cm}", "5", True),
-    ("\\left( 1, 2 \\right)", "(1,2)", True),
-    ("3", "4", False),
-    (None, "4", False),
-    ("\\sqrt2", "\\sqrt{2}", True),
-])
+@pytest.mark.parametrize(
+    "pred, ref, equal",
+    [
+        ("\\frac12", "\\frac{1}{2}", True),
+        ("\\dfrac{1}{2}", "\\frac{1}{2}", True),
+        ("0.5", "\\frac{1}{2}", True),
+        ("1/2", "\\frac{1}{2}", True),
+        ("x = 3", "3", True),
+        ("10^\\circ", "10", True),
+        ("\\$5.00", "5", True),
+        ("5 \\text{ cm}", "5", True),
+        ("\\left( 1, 2 \\right)", "(1,2)", True),
+        ("3", "4", False),
+        (None, "4", False),
+        ("\\sqrt2", "\\sqrt{2}", True),
+    ],
+)
 def test_math_normalisation(pred, ref, equal):
     assert gen.math_equal(pred, ref) is equal
 
@@ -228,9 +253,19 @@ def test_domain_nll_equals_manual(chat_tokenizer):
 
 def test_run_writes_results_and_skips_rerun(tiny_model_dirs, tmp_path):
     model = str(tiny_model_dirs["llama"])
-    cfg = EvalConfig(model=model, tasks=[f"nll:{FIX / 'nll_small.jsonl'}", f"math:{FIX / 'math_small.jsonl'}",
-                                         f"mbpp:{FIX / 'mbpp_small.jsonl'}"],
-                     allow_code_execution=True, max_new_tokens=8, batch_size=2, write_samples=True, device="cpu")
+    cfg = EvalConfig(
+        model=model,
+        tasks=[
+            f"nll:{FIX / 'nll_small.jsonl'}",
+            f"math:{FIX / 'math_small.jsonl'}",
+            f"mbpp:{FIX / 'mbpp_small.jsonl'}",
+        ],
+        allow_code_execution=True,
+        max_new_tokens=8,
+        batch_size=2,
+        write_samples=True,
+        device="cpu",
+    )
     out = tmp_path / "eval" / "dense"
     path = run(cfg, out)
     assert path == out / "results.json" and (out / "DONE").is_file()
@@ -247,8 +282,9 @@ def test_run_writes_results_and_skips_rerun(tiny_model_dirs, tmp_path):
 
 
 def test_run_single_file_output(tiny_model_dirs, tmp_path):
-    cfg = EvalConfig(model=str(tiny_model_dirs["qwen3"]), tasks=[f"nll:{FIX / 'nll_small.jsonl'}"], limit=2,
-                     device="cpu")
+    cfg = EvalConfig(
+        model=str(tiny_model_dirs["qwen3"]), tasks=[f"nll:{FIX / 'nll_small.jsonl'}"], limit=2, device="cpu"
+    )
     out = tmp_path / "eval" / "pruned.json"
     assert run(cfg, out) == out
     assert json.loads(out.read_text())["results"][0]["n"] == 2

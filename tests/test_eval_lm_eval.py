@@ -8,8 +8,14 @@ import pytest
 
 import finescope.evaluate
 from finescope.evaluate.mc import Request, pick, score_requests
-from finescope.evaluate.tasks import (LETTERS, MMLU_CATEGORIES, load_mmlu, mmlu_cloze_prompt, mmlu_letter_prompt,
-                                      select_subset)
+from finescope.evaluate.tasks import (
+    LETTERS,
+    MMLU_CATEGORIES,
+    load_mmlu,
+    mmlu_cloze_prompt,
+    mmlu_letter_prompt,
+    select_subset,
+)
 
 TASK_DIR = Path(finescope.evaluate.__file__).parent / "lm_eval_tasks"
 
@@ -17,11 +23,11 @@ TASK_DIR = Path(finescope.evaluate.__file__).parent / "lm_eval_tasks"
 @pytest.mark.slow
 def test_lm_eval_agrees_with_our_scorer(tmp_path, chat_tokenizer):
     pytest.importorskip("lm_eval")
+    import torch
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import torch
     from conftest import tiny_config
 
     # A tiny random Llama with room for whole MMLU prompts: both harnesses truncate long inputs, differently
@@ -35,13 +41,23 @@ def test_lm_eval_agrees_with_our_scorer(tmp_path, chat_tokenizer):
     docs = [d for d in load_mmlu() if MMLU_CATEGORIES[d["subject"]] == "stem"]
     idx = select_subset(len(docs), 6)
     tasks = ["finescope_mmlu_stem", "finescope_mmlu_stem_cloze"]
-    out = simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype=float32", tasks=tasks,
-                          task_manager=TaskManager(include_path=str(TASK_DIR)), num_fewshot=0,
-                          samples={t: idx for t in tasks}, log_samples=True, batch_size=2, device="cpu")
+    out = simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={model_dir},dtype=float32",
+        tasks=tasks,
+        task_manager=TaskManager(include_path=str(TASK_DIR)),
+        num_fewshot=0,
+        samples={t: idx for t in tasks},
+        log_samples=True,
+        batch_size=2,
+        device="cpu",
+    )
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    for task, prompt, norm in (("finescope_mmlu_stem", mmlu_letter_prompt, "none"),
-                               ("finescope_mmlu_stem_cloze", mmlu_cloze_prompt, "chars")):
+    for task, prompt, norm in (
+        ("finescope_mmlu_stem", mmlu_letter_prompt, "none"),
+        ("finescope_mmlu_stem_cloze", mmlu_cloze_prompt, "chars"),
+    ):
         theirs = sorted(out["samples"][task], key=lambda s: s["doc_id"])
         assert [s["doc_id"] for s in theirs] == idx
         for i, sample in zip(idx, theirs):

@@ -35,8 +35,15 @@ def test_eval_stage_on_smollm2(tmp_path):
     from finescope.config import EvalConfig
     from finescope.evaluate.run import run
 
-    cfg = EvalConfig(model="default", tasks=["mmlu:anatomy", "nll:math", "gsm8k"], limit=4, shots=1,
-                     mmlu_scoring="both", max_new_tokens=40, batch_size=4)
+    cfg = EvalConfig(
+        model="default",
+        tasks=["mmlu:anatomy", "nll:math", "gsm8k"],
+        limit=4,
+        shots=1,
+        mmlu_scoring="both",
+        max_new_tokens=40,
+        batch_size=4,
+    )
     report = json.loads(run(cfg, tmp_path / "results.json").read_text())
     res = {(r["task"], r["variant"]): r for r in report["results"]}
     nll = res[("nll:math", "response tokens")]

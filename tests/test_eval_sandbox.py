@@ -8,7 +8,13 @@ import time
 
 import pytest
 
-from finescope.evaluate.code_exec import CodeExecutionError, Limits, live_group_members, run_program, sandbox_capabilities
+from finescope.evaluate.code_exec import (
+    CodeExecutionError,
+    Limits,
+    live_group_members,
+    run_program,
+    sandbox_capabilities,
+)
 
 CAPS = sandbox_capabilities()
 FAST = Limits(timeout_s=3, cpu_s=2, memory_mb=512)
@@ -58,8 +64,10 @@ def test_fork_bomb_is_contained():
     assert _group_gone(r.pgid)
 
 
-@pytest.mark.skipif(not (CAPS["landlock_abi"] or CAPS["drops_privileges"]),
-                    reason="neither Landlock nor root (to drop to nobody): writes outside cannot be stopped here")
+@pytest.mark.skipif(
+    not (CAPS["landlock_abi"] or CAPS["drops_privileges"]),
+    reason="neither Landlock nor root (to drop to nobody): writes outside cannot be stopped here",
+)
 def test_write_outside_its_folder_is_refused(tmp_path):
     victim = tmp_path / "outside" / "victim.txt"
     victim.parent.mkdir()

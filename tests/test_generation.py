@@ -9,13 +9,20 @@ import torch
 from conftest import build_model
 from finescope.generation import cut_at_stop, generate, stop_token_ids
 
-PROMPTS = ["What is 12 times 7?", "Natalia sold 48 clips in April and half as many in May. How many in all?",
-           "Name a primary colour.", "Add 2 and 3.", "Which is larger, 3 or 5?"]
+PROMPTS = [
+    "What is 12 times 7?",
+    "Natalia sold 48 clips in April and half as many in May. How many in all?",
+    "Name a primary colour.",
+    "Add 2 and 3.",
+    "Which is larger, 3 or 5?",
+]
 
 
 def chat_prompts(tok):
-    return [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in PROMPTS]
+    return [
+        tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in PROMPTS
+    ]
 
 
 def test_left_padded_batches_match_one_by_one(chat_tokenizer):
@@ -45,7 +52,7 @@ def test_stop_sequence_cuts_text_and_stops_that_row_only(tiny_tokenizer):
     model = build_model("qwen2", len(tiny_tokenizer))
     free = generate(model, tiny_tokenizer, PROMPTS[:2], max_new_tokens=12, batch_size=2)
     text = free[0][0]["text"]
-    stop = text[len(text) // 2:len(text) // 2 + 2]  # two characters from the middle of the free completion
+    stop = text[len(text) // 2 : len(text) // 2 + 2]  # two characters from the middle of the free completion
     assert stop.strip(), text
     cut = generate(model, tiny_tokenizer, PROMPTS[:2], max_new_tokens=12, batch_size=2, stop=[stop])
     assert cut[0][0]["text"] == cut_at_stop(text, [stop]) and len(cut[0][0]["text"]) < len(text)
@@ -57,14 +64,24 @@ def test_stop_sequence_cuts_text_and_stops_that_row_only(tiny_tokenizer):
 def test_samples_callback_and_training_mode(tiny_tokenizer):
     model = build_model("llama", len(tiny_tokenizer)).train()
     seen = []
-    outs = generate(model, tiny_tokenizer, PROMPTS, max_new_tokens=5, batch_size=2, num_samples=3,
-                    temperature=1.0, seed=3, on_batch=lambda idx, comps: seen.append((list(idx), comps)))
+    outs = generate(
+        model,
+        tiny_tokenizer,
+        PROMPTS,
+        max_new_tokens=5,
+        batch_size=2,
+        num_samples=3,
+        temperature=1.0,
+        seed=3,
+        on_batch=lambda idx, comps: seen.append((list(idx), comps)),
+    )
     assert [len(o) for o in outs] == [3] * len(PROMPTS)
     assert sorted(i for idx, _ in seen for i in idx) == list(range(len(PROMPTS)))
     assert all(outs[i] == c for idx, comps in seen for i, c in zip(idx, comps))
     assert model.training  # restored after generating in eval mode
-    again = generate(model, tiny_tokenizer, PROMPTS, max_new_tokens=5, batch_size=2, num_samples=3,
-                     temperature=1.0, seed=3)
+    again = generate(
+        model, tiny_tokenizer, PROMPTS, max_new_tokens=5, batch_size=2, num_samples=3, temperature=1.0, seed=3
+    )
     assert again == outs  # seeded sampling is reproducible
     assert len({c["text"] for o in outs for c in o}) > len(PROMPTS)  # samples differ
 

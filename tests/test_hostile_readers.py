@@ -268,14 +268,37 @@ def _argv(command: str, bad: Path, tiny: str, good: Path, out: Path) -> list[str
     return {
         "curate-pool": ["curate", "--pool", bad_s, "--seeds", good_s, "--method", "random", "--out", out_s],
         "curate-seeds": ["curate", "--seeds", bad_s, "--pool", good_s, "--method", "random", "--out", out_s],
-        "curate-reference": ["curate", "--reference", bad_s, "--pool", good_s, "--seeds", good_s, "--model", tiny,
-                             "--num-coords", "8", "--out", out_s],
+        "curate-reference": [
+            "curate",
+            "--reference",
+            bad_s,
+            "--pool",
+            good_s,
+            "--seeds",
+            good_s,
+            "--model",
+            tiny,
+            "--num-coords",
+            "8",
+            "--out",
+            out_s,
+        ],
         "prune": ["prune", "--data", bad_s, "--model", tiny, "--out", out_s],
         "recover": ["recover", "--data", bad_s, "--student", tiny, "--no-teacher", "--out", out_s],
         "eval-nll": ["eval", "--model", tiny, "--tasks", f"nll:{bad_s}", "--device", "cpu", "--out", out_s],
         "eval-math": ["eval", "--model", tiny, "--tasks", f"math:{bad_s}", "--device", "cpu", "--out", out_s],
-        "eval-mbpp": ["eval", "--model", tiny, "--tasks", f"mbpp:{bad_s}", "--allow-code-execution", "--device",
-                      "cpu", "--out", out_s],
+        "eval-mbpp": [
+            "eval",
+            "--model",
+            tiny,
+            "--tasks",
+            f"mbpp:{bad_s}",
+            "--allow-code-execution",
+            "--device",
+            "cpu",
+            "--out",
+            out_s,
+        ],
     }[command]
 
 
@@ -323,8 +346,10 @@ def _forbid_reading_outside(monkeypatch, root: Path) -> list:
 @pytest.mark.parametrize("case,builder,command", RECORD_CASES, ids=[c[0] for c in RECORD_CASES])
 def test_bad_record_input_is_one_line_error(case, builder, command, tiny, tmp_path, capsys, monkeypatch):
     bad, expected = builder(tmp_path / "in")
-    good = _write(tmp_path / "good" / ("math.jsonl" if command == "eval-math" else "good.jsonl"),
-                  _jsonl([MATH_ROW] if command == "eval-math" else GOOD_ROWS))
+    good = _write(
+        tmp_path / "good" / ("math.jsonl" if command == "eval-math" else "good.jsonl"),
+        _jsonl([MATH_ROW] if command == "eval-math" else GOOD_ROWS),
+    )
     if builder is unreadable:
         _deny_open(monkeypatch, bad)
     opened = _forbid_reading_outside(monkeypatch, tmp_path)

@@ -37,18 +37,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 from conftest import CORPUS
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-ATTEMPTS = 4          # tries to land a kill inside a narrow window (e.g. a 15 ms model save)
-RUN_TIMEOUT = 600     # generous: a loaded 2-core machine
-GONE_DEADLINE = 60    # seconds for the kernel to end the killed run's children
+ATTEMPTS = 4  # tries to land a kill inside a narrow window (e.g. a 15 ms model save)
+RUN_TIMEOUT = 600  # generous: a loaded 2-core machine
+GONE_DEADLINE = 60  # seconds for the kernel to end the killed run's children
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and Linux death signals")
 
@@ -116,8 +116,14 @@ class Killed:
 
 def _env(home: Path, tmpdir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TMPDIR", "TMP", "TEMP")}
-    env.update(PYTHONPATH=str(SRC), HF_HUB_OFFLINE="1", FINESCOPE_PROGRESS="0", FINESCOPE_HOME=str(home),
-               TMPDIR=str(tmpdir), TRANSFORMERS_VERBOSITY="error")
+    env.update(
+        PYTHONPATH=str(SRC),
+        HF_HUB_OFFLINE="1",
+        FINESCOPE_PROGRESS="0",
+        FINESCOPE_HOME=str(home),
+        TMPDIR=str(tmpdir),
+        TRANSFORMERS_VERBOSITY="error",
+    )
     return env
 
 
@@ -127,8 +133,7 @@ def _cmd(stage: str, args: list[str], out: Path) -> list[str]:
 
 def run_to_end(cmd: list[str], env: dict, log: Path) -> None:
     with open(log, "wb") as f:
-        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT,
-                              cwd=env["TMPDIR"])
+        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT, cwd=env["TMPDIR"])
     text = log.read_text(errors="replace")
     assert proc.returncode == 0, f"{cmd[3]} exited {proc.returncode}:\n{text[-4000:]}"
     assert "Traceback" not in text, text[-4000:]
@@ -175,7 +180,7 @@ def assert_nothing_survives(killed: Killed, *paths: Path) -> None:
     while True:
         procs = _processes()
         alive = []
-        for (pid, start), seen in killed.descendants.items():
+        for pid, start in killed.descendants:
             p = procs.get(pid)
             if p is not None and p.start == start and p.live:
                 alive.append(p)
@@ -188,8 +193,13 @@ def assert_nothing_survives(killed: Killed, *paths: Path) -> None:
         if not alive:
             return
         if time.monotonic() > deadline:
-            pytest.fail("processes of the killed run survive:\n" + "\n".join(
-                f"  pid {p.pid} ppid {p.ppid} uid {p.uid} state {p.state}: {' '.join(p.cmdline)[:300]}" for p in alive))
+            pytest.fail(
+                "processes of the killed run survive:\n"
+                + "\n".join(
+                    f"  pid {p.pid} ppid {p.ppid} uid {p.uid} state {p.state}: {' '.join(p.cmdline)[:300]}"
+                    for p in alive
+                )
+            )
         time.sleep(0.1)
 
 
@@ -198,7 +208,9 @@ def _owned(kind: str, pid: int, folder: Path) -> list[Path]:
 
 
 def _cgroups(pid: int) -> list[str]:
-    return [p for base in ("/sys/fs/cgroup/pids", "/sys/fs/cgroup") for p in glob.glob(f"{base}/finescope-exec-{pid}-*")]
+    return [
+        p for base in ("/sys/fs/cgroup/pids", "/sys/fs/cgroup") for p in glob.glob(f"{base}/finescope-exec-{pid}-*")
+    ]
 
 
 def assert_clean_after_rerun(killed: Killed, out: Path, tmpdir: Path) -> None:
@@ -257,7 +269,7 @@ class Case:
     stage: str
     args: list[str]
     trigger: Callable[[Path, Path, Path], Callable[[int], bool]]  # (out, tmpdir, home) → trigger(pid)
-    reached: Callable[[Killed, Path, Path, Path], str | None]     # None when the kill landed at the point, else why not
+    reached: Callable[[Killed, Path, Path, Path], str | None]  # None when the kill landed at the point, else why not
 
 
 def kill_and_resume(case: Case, tmp_path: Path, tmpdir: Path) -> tuple[Killed, Path]:
@@ -284,9 +296,11 @@ def kill_and_resume(case: Case, tmp_path: Path, tmpdir: Path) -> tuple[Killed, P
             continue
         run_to_end(cmd, env, tmp_path / f"rerun-{attempt}.log")
         assert_clean_after_rerun(killed, out, tmpdir)
-        print(f"{case.stage}: killed pid {killed.pid} on attempt {attempt + 1}; children seen: "
-              f"{[' '.join(p.cmdline)[:80] for p in killed.descendants.values()]}; left for the next start: {left}; "
-              f"misses: {misses}")
+        print(
+            f"{case.stage}: killed pid {killed.pid} on attempt {attempt + 1}; children seen: "
+            f"{[' '.join(p.cmdline)[:80] for p in killed.descendants.values()]}; left for the next start: {left}; "
+            f"misses: {misses}"
+        )
         return killed, out
     pytest.skip(f"{case.stage}: kill point not reached in {ATTEMPTS} attempts: " + "; ".join(misses))
 
@@ -311,13 +325,18 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     calib = [{"instruction": f"Say something about item {i}.", "response": t} for i, t in enumerate(CORPUS)]
     calib += [{"text": t} for t in CORPUS[:4]]
     (base / "calib.jsonl").write_text("".join(json.dumps(r) + "\n" for r in calib))
-    data = [{"id": f"r{i}", "instruction": f"Question {i}: {CORPUS[i % 6]}", "response": f"Answer {i}."}
-            for i in range(12)]
+    data = [
+        {"id": f"r{i}", "instruction": f"Question {i}: {CORPUS[i % 6]}", "response": f"Answer {i}."} for i in range(12)
+    ]
     data.append({"id": "t1", "text": CORPUS[1]})
     (base / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
-    math = [f"Tom has {i} apples and buys {i + 3} more. How many apples does he have now? {2 * i + 3}." for i in range(20)]
-    news = [f"Shares of company {i} rose {i % 7}% on Monday after strong quarterly earnings were reported."
-            for i in range(20)]
+    math = [
+        f"Tom has {i} apples and buys {i + 3} more. How many apples does he have now? {2 * i + 3}." for i in range(20)
+    ]
+    news = [
+        f"Shares of company {i} rose {i % 7}% on Monday after strong quarterly earnings were reported."
+        for i in range(20)
+    ]
     pool = [{"instruction": t, "response": "ok", "source": "math"} for t in math]
     pool += [{"text": t, "source": "news"} for t in news] + [{"text": news[0], "source": "news"}]
     (base / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pool))
@@ -325,9 +344,13 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     (base / "seeds.jsonl").write_text("".join(json.dumps({"instruction": t, "response": "x"}) + "\n" for t in math[:3]))
     # An MBPP task whose program sleeps whatever the (random, garbage) completion is: the completion lands inside
     # a raw triple-quoted string opened by the setup code and closed by the first test line.
-    mbpp = {"task_id": "sleepy", "text": "Write a function that returns one.", "code": "def one():\n    return 1",
-            "test_setup_code": "import time\ntime.sleep(3)\n_completion = r'''",
-            "test_list": ["'''", "assert 1 + 1 == 2"]}
+    mbpp = {
+        "task_id": "sleepy",
+        "text": "Write a function that returns one.",
+        "code": "def one():\n    return 1",
+        "test_setup_code": "import time\ntime.sleep(3)\n_completion = r'''",
+        "test_list": ["'''", "assert 1 + 1 == 2"],
+    }
     (base / "mbpp_sleepy.jsonl").write_text(json.dumps(mbpp) + "\n")
     return {p.stem: p for p in base.iterdir()}
 
@@ -363,8 +386,18 @@ def _reference(tmp_path_factory, stage: str, args: list[str]) -> Path:
 
 
 def _prune_args(models, inputs) -> list[str]:
-    return ["--model", str(models["llama"]), "--data", str(inputs["calib"]), "--ratio", "0.4", "--depth", "1",
-            "--batch-size", "8"]
+    return [
+        "--model",
+        str(models["llama"]),
+        "--data",
+        str(inputs["calib"]),
+        "--ratio",
+        "0.4",
+        "--depth",
+        "1",
+        "--batch-size",
+        "8",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -376,22 +409,28 @@ def _verify_child(pid: int, tmpdir: Path) -> bool:
     """The stock-reload subprocess of `pid` is running (exec'd past the die-with-parent wrapper)."""
     if not _owned("finescope-verify", pid, tmpdir):
         return False
-    return any(p.live and p.cmdline[1:2] == ["-c"] and "from_pretrained(folder" in " ".join(p.cmdline)
-               for p in _descendants(pid, _processes()))
+    return any(
+        p.live and p.cmdline[1:2] == ["-c"] and "from_pretrained(folder" in " ".join(p.cmdline)
+        for p in _descendants(pid, _processes())
+    )
 
 
 def _prune_reached(point: str):
     def check(killed: Killed, out: Path, tmpdir: Path, home: Path) -> str | None:
         saving, saved = _exists(out, TEMP.format("model")), (out / "model").exists()
         if point == "importance":
-            return None if (out / "config.json").is_file() and not saving and not saved else \
-                "killed after the model save had begun"
+            return (
+                None
+                if (out / "config.json").is_file() and not saving and not saved
+                else "killed after the model save had begun"
+            )
         if point == "save":
             return None if saving and not saved else "killed after the save finished"
         verifiers = [p for p in killed.descendants.values() if "from_pretrained(folder" in " ".join(p.cmdline)]
         assert verifiers, "the verification subprocess was never seen among the killed run's children"
         assert _owned("finescope-verify", killed.pid, tmpdir), "no verification temp folder of the killed run"
         return None if saved else "killed before the model was saved"
+
     return check
 
 
@@ -403,8 +442,9 @@ PRUNE_TRIGGERS = {
 
 
 @pytest.mark.parametrize("point", list(PRUNE_TRIGGERS))
-def test_prune_killed_then_rerun_equals_uninterrupted(point, tmp_path, tmpdir_for_stage, tiny_model_dirs, inputs,
-                                                     prune_reference):
+def test_prune_killed_then_rerun_equals_uninterrupted(
+    point, tmp_path, tmpdir_for_stage, tiny_model_dirs, inputs, prune_reference
+):
     case = Case("prune", _prune_args(tiny_model_dirs, inputs), PRUNE_TRIGGERS[point], _prune_reached(point))
     killed, out = kill_and_resume(case, tmp_path, tmpdir_for_stage)
     assert_same_weights(out / "model", prune_reference / "model")
@@ -419,9 +459,28 @@ def test_prune_killed_then_rerun_equals_uninterrupted(point, tmp_path, tmpdir_fo
 
 def _recover_args(models, inputs) -> list[str]:
     model = str(models["llama"])
-    return ["--student", model, "--teacher", model, "--data", str(inputs["data"]), "--max-new-tokens", "16",
-            "--rewrite-batch-size", "2", "--lora-rank", "2", "--batch-size", "4", "--micro-batch-size", "2",
-            "--epochs", "1", "--max-length", "128"]
+    return [
+        "--student",
+        model,
+        "--teacher",
+        model,
+        "--data",
+        str(inputs["data"]),
+        "--max-new-tokens",
+        "16",
+        "--rewrite-batch-size",
+        "2",
+        "--lora-rank",
+        "2",
+        "--batch-size",
+        "4",
+        "--micro-batch-size",
+        "2",
+        "--epochs",
+        "1",
+        "--max-length",
+        "128",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -445,8 +504,11 @@ def _recover_reached(point: str):
             return None if rows >= 1 else "killed before a rewrite batch was saved"
         adapter = _exists(out, TEMP.format("adapter")) or (out / "adapter").exists()
         if point == "finetune":
-            return None if (out / "distilled.jsonl").is_file() and not adapter else "killed after the adapter save began"
+            return (
+                None if (out / "distilled.jsonl").is_file() and not adapter else "killed after the adapter save began"
+            )
         return None if adapter else "killed before the adapter save began"
+
     return check
 
 
@@ -458,8 +520,9 @@ RECOVER_TRIGGERS = {
 
 
 @pytest.mark.parametrize("point", list(RECOVER_TRIGGERS))
-def test_recover_killed_then_rerun_equals_uninterrupted(point, tmp_path, tmpdir_for_stage, tiny_model_dirs, inputs,
-                                                     recover_reference):
+def test_recover_killed_then_rerun_equals_uninterrupted(
+    point, tmp_path, tmpdir_for_stage, tiny_model_dirs, inputs, recover_reference
+):
     case = Case("recover", _recover_args(tiny_model_dirs, inputs), RECOVER_TRIGGERS[point], _recover_reached(point))
     killed, out = kill_and_resume(case, tmp_path, tmpdir_for_stage)
     assert (out / "distilled.jsonl").read_bytes() == (recover_reference / "distilled.jsonl").read_bytes()
@@ -473,12 +536,16 @@ def test_recover_killed_then_rerun_equals_uninterrupted(point, tmp_path, tmpdir_
     assert [r["loss"] for r in metrics["train"]["train_loss"]] == [r["loss"] for r in want["train"]["train_loss"]]
 
 
-@pytest.mark.xfail(strict=True, reason="defect: sampled rewrites are seeded per batch as seed + the batch's offset in "
-                   "the *pending* list (generation.generate: torch.manual_seed(seed + start)), so a resumed rewrite "
-                   "draws other samples than an uninterrupted one; fix: pass seed + len(resumed rows) from "
-                   "rewrite_records, or seed by record")
-def test_recover_sampled_rewrite_killed_then_rerun_equals_uninterrupted(tmp_path, tmpdir_for_stage, tiny_model_dirs,
-                                                                        inputs):
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect: sampled rewrites are seeded per batch as seed + the batch's offset in "
+    "the *pending* list (generation.generate: torch.manual_seed(seed + start)), so a resumed rewrite "
+    "draws other samples than an uninterrupted one; fix: pass seed + len(resumed rows) from "
+    "rewrite_records, or seed by record",
+)
+def test_recover_sampled_rewrite_killed_then_rerun_equals_uninterrupted(
+    tmp_path, tmpdir_for_stage, tiny_model_dirs, inputs
+):
     args = _recover_args(tiny_model_dirs, inputs) + ["--temperature", "0.7", "--epochs", "0.25"]
     ref = tmp_path / "reference"
     (tmp_path / "ref-home").mkdir()
@@ -493,10 +560,34 @@ def test_recover_sampled_rewrite_killed_then_rerun_equals_uninterrupted(tmp_path
 
 
 def _curate_args(models, inputs) -> list[str]:
-    return ["--model", str(models["llama"]), "--pool", str(inputs["pool"]), "--seeds", str(inputs["seeds"]),
-            "--reference", str(inputs["ref"]), "--num-coords", "16", "--sae-expansion", "4", "--sae-k", "4",
-            "--sae-steps", "60", "--sae-batch-size", "64", "--top-m", "10", "--max-length", "32",
-            "--coord-samples", "8", "--batch-size", "8"]
+    return [
+        "--model",
+        str(models["llama"]),
+        "--pool",
+        str(inputs["pool"]),
+        "--seeds",
+        str(inputs["seeds"]),
+        "--reference",
+        str(inputs["ref"]),
+        "--num-coords",
+        "16",
+        "--sae-expansion",
+        "4",
+        "--sae-k",
+        "4",
+        "--sae-steps",
+        "60",
+        "--sae-batch-size",
+        "64",
+        "--top-m",
+        "10",
+        "--max-length",
+        "32",
+        "--coord-samples",
+        "8",
+        "--batch-size",
+        "8",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -515,6 +606,7 @@ def _curate_reached(point: str):
         if point == "encoding" and not _sae_cached(home):
             return "killed before the SAE was cached"
         return None
+
     return check
 
 
@@ -525,8 +617,9 @@ CURATE_TRIGGERS = {
 
 
 @pytest.mark.parametrize("point", list(CURATE_TRIGGERS))
-def test_curate_killed_then_rerun_equals_uninterrupted(point, tmp_path, tmpdir_for_stage, tiny_model_dirs, inputs,
-                                                     curate_reference):
+def test_curate_killed_then_rerun_equals_uninterrupted(
+    point, tmp_path, tmpdir_for_stage, tiny_model_dirs, inputs, curate_reference
+):
     import pyarrow.parquet as pq
 
     case = Case("curate", _curate_args(tiny_model_dirs, inputs), CURATE_TRIGGERS[point], _curate_reached(point))
@@ -543,9 +636,22 @@ def test_curate_killed_then_rerun_equals_uninterrupted(point, tmp_path, tmpdir_f
 
 
 def _eval_args(models, inputs) -> list[str]:
-    return ["--model", str(models["llama"]), "--tasks", f"mbpp:{inputs['mbpp_sleepy']}", "--allow-code-execution",
-            "--max-new-tokens", "8", "--batch-size", "2", "--exec-timeout-s", "60", "--write-samples",
-            "--device", "cpu"]
+    return [
+        "--model",
+        str(models["llama"]),
+        "--tasks",
+        f"mbpp:{inputs['mbpp_sleepy']}",
+        "--allow-code-execution",
+        "--max-new-tokens",
+        "8",
+        "--batch-size",
+        "2",
+        "--exec-timeout-s",
+        "60",
+        "--write-samples",
+        "--device",
+        "cpu",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -561,8 +667,9 @@ def _sandboxed_program(pid: int, tmpdir: Path) -> bool:
     """The generated program itself (exec'd by the sandbox launcher) is running under `pid`."""
     if not _owned("finescope-exec", pid, tmpdir):
         return False
-    return any(p.live and "-B" in p.cmdline and p.cmdline[-1].endswith("program.py")
-               for p in _descendants(pid, _processes()))
+    return any(
+        p.live and "-B" in p.cmdline and p.cmdline[-1].endswith("program.py") for p in _descendants(pid, _processes())
+    )
 
 
 def _eval_reached(killed: Killed, out: Path, tmpdir: Path, home: Path) -> str | None:
@@ -572,20 +679,28 @@ def _eval_reached(killed: Killed, out: Path, tmpdir: Path, home: Path) -> str | 
     return None if not (out / "results.json").exists() else "killed after the results were written"
 
 
-def test_eval_killed_during_sandboxed_execution_then_rerun_equals_uninterrupted(tmp_path, tmpdir_for_stage,
-                                                                                tiny_model_dirs, inputs, eval_reference):
-    case = Case("eval", _eval_args(tiny_model_dirs, inputs), lambda out, tmpdir, home: lambda pid:
-                _sandboxed_program(pid, tmpdir), _eval_reached)
+def test_eval_killed_during_sandboxed_execution_then_rerun_equals_uninterrupted(
+    tmp_path, tmpdir_for_stage, tiny_model_dirs, inputs, eval_reference
+):
+    case = Case(
+        "eval",
+        _eval_args(tiny_model_dirs, inputs),
+        lambda out, tmpdir, home: lambda pid: _sandboxed_program(pid, tmpdir),
+        _eval_reached,
+    )
     killed, out = kill_and_resume(case, tmp_path, tmpdir_for_stage)
 
     def values(folder: Path) -> list[dict]:
-        return [{k: v for k, v in r.items() if k != "wall_s"}
-                for r in json.loads((folder / "results.json").read_text())["results"]]
+        return [
+            {k: v for k, v in r.items() if k != "wall_s"}
+            for r in json.loads((folder / "results.json").read_text())["results"]
+        ]
 
     assert values(out) == values(eval_reference)
     samples = sorted((out / "samples").glob("*.jsonl"))
-    assert [p.read_bytes() for p in samples] == [eval_reference.joinpath("samples", p.name).read_bytes()
-                                                 for p in samples]
+    assert [p.read_bytes() for p in samples] == [
+        eval_reference.joinpath("samples", p.name).read_bytes() for p in samples
+    ]
 
 
 # ================================================================================================ atomic writes
@@ -607,15 +722,22 @@ def test_killed_atomic_write_outside_a_stage_is_cleaned_by_the_next_write(primit
     env = {**os.environ, "PYTHONPATH": str(SRC)}
 
     def code(mib: int) -> str:
-        return ("import sys\nfrom pathlib import Path\nfrom finescope import storage\ntarget = Path(sys.argv[1])\n"
-                + _WRITERS[primitive].format(mib=mib) + "\n")
+        return (
+            "import sys\nfrom pathlib import Path\nfrom finescope import storage\ntarget = Path(sys.argv[1])\n"
+            + _WRITERS[primitive].format(mib=mib)
+            + "\n"
+        )
 
     def temps() -> list[Path]:
         return list(target.parent.glob(f".{target.name}*.tmp"))
 
     for attempt in range(ATTEMPTS):
-        killed = run_and_kill([sys.executable, "-c", code(256 << attempt), str(target)], env,
-                              tmp_path / f"killed-{attempt}.log", _when(lambda: bool(temps())))
+        killed = run_and_kill(
+            [sys.executable, "-c", code(256 << attempt), str(target)],
+            env,
+            tmp_path / f"killed-{attempt}.log",
+            _when(lambda: bool(temps())),
+        )
         if killed is not None and temps() and not target.exists():
             break
         for p in temps() + [target]:  # missed the window: start over with a bigger payload

@@ -56,7 +56,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         path.pop()
@@ -113,23 +113,44 @@ def _package(tmp_path: Path, files: dict[str, str]) -> Path:
     return root
 
 
-@pytest.mark.parametrize("files,cycle", [
-    ({"__init__.py": "", "a.py": "from . import b\n", "b.py": "def f():\n    from .a import x\n"},
-     ["pkg.a", "pkg.b", "pkg.a"]),
-    ({"__init__.py": "", "a.py": "import pkg.curate.run\n", "curate/__init__.py": "",
-      "curate/run.py": "from ..a import y\n"}, ["pkg.a", "pkg.curate.run", "pkg.a"]),
-    ({"__init__.py": "", "a.py": "from .b import x\n", "b.py": "import os\n"}, None),
-])
+@pytest.mark.parametrize(
+    "files,cycle",
+    [
+        (
+            {"__init__.py": "", "a.py": "from . import b\n", "b.py": "def f():\n    from .a import x\n"},
+            ["pkg.a", "pkg.b", "pkg.a"],
+        ),
+        (
+            {
+                "__init__.py": "",
+                "a.py": "import pkg.curate.run\n",
+                "curate/__init__.py": "",
+                "curate/run.py": "from ..a import y\n",
+            },
+            ["pkg.a", "pkg.curate.run", "pkg.a"],
+        ),
+        ({"__init__.py": "", "a.py": "from .b import x\n", "b.py": "import os\n"}, None),
+    ],
+)
 def test_cycle_finder_sees_deferred_and_relative_imports(tmp_path, files, cycle):
     assert find_cycle(import_graph(_package(tmp_path, files), "pkg")) == cycle
 
 
 def test_layering_checker_flags_cross_stage_and_outside_imports(tmp_path):
-    root = _package(tmp_path, {
-        "__init__.py": "", "cli.py": "from .prune import run\n", "storage.py": "from .curate.sae import S\n",
-        "curate/__init__.py": "", "curate/sae.py": "", "curate/run.py": "from ..prune.solver import solve\n",
-        "prune/__init__.py": "", "prune/run.py": "from .solver import solve\n", "prune/solver.py": "",
-    })
+    root = _package(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "cli.py": "from .prune import run\n",
+            "storage.py": "from .curate.sae import S\n",
+            "curate/__init__.py": "",
+            "curate/sae.py": "",
+            "curate/run.py": "from ..prune.solver import solve\n",
+            "prune/__init__.py": "",
+            "prune/run.py": "from .solver import solve\n",
+            "prune/solver.py": "",
+        },
+    )
     assert layering_violations(import_graph(root, "pkg"), "pkg") == [
         "stage pkg.curate.run imports another stage: pkg.prune.solver",
         "pkg.storage imports stage internals: pkg.curate.sae",

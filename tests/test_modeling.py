@@ -6,14 +6,16 @@ import shutil
 import pytest
 import torch
 
-from conftest import FAMILIES, build_model
 from finescope.modeling import ArchAdapter, ModelError, format_info, load, model_info
 
 
 def _batch(tokenizer):
     tokenizer.padding_side = "left"
-    return tokenizer(["What is 12 times 7?", "Shares rose after strong earnings were reported by the company."],
-                     return_tensors="pt", padding=True)
+    return tokenizer(
+        ["What is 12 times 7?", "Shares rose after strong earnings were reported by the company."],
+        return_tensors="pt",
+        padding=True,
+    )
 
 
 def test_load_folder_and_adapter_shapes(tiny_model_dirs, family):
@@ -21,7 +23,13 @@ def test_load_folder_and_adapter_shapes(tiny_model_dirs, family):
     a = h.adapter
     assert a.family.lower().startswith(family[:4])
     assert (a.num_layers, a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, a.intermediate_size) == (
-        3, 64, 4, 2, 16, 96)
+        3,
+        64,
+        4,
+        2,
+        16,
+        96,
+    )
     assert h.tokenizer is not None and h.model.dtype == torch.float32
     for i in range(a.num_layers):
         att, mlp = a.attention(i), a.mlp(i)
@@ -61,8 +69,10 @@ def test_truncated_forward_last_block_matches_pre_norm_output(tiny_model_dirs):
 def test_truncated_forward_never_runs_blocks_above(tiny_model_dirs, family):
     h = load(tiny_model_dirs[family], device="cpu")
     calls = []
-    hooks = [h.adapter.layers[2].register_forward_pre_hook(lambda *a: calls.append("block2")),
-             h.model.get_output_embeddings().register_forward_pre_hook(lambda *a: calls.append("lm_head"))]
+    hooks = [
+        h.adapter.layers[2].register_forward_pre_hook(lambda *a: calls.append("block2")),
+        h.model.get_output_embeddings().register_forward_pre_hook(lambda *a: calls.append("lm_head")),
+    ]
     with torch.no_grad():
         out = h.adapter.hidden_states_at([0, 1], **_batch(h.tokenizer))
     for hk in hooks:

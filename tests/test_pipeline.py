@@ -8,14 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from finescope import cli, storage, pipeline
+from finescope import cli, pipeline, storage
 from finescope.config import PipelineConfig, load_config
 
 FIX = Path(__file__).parent / "fixtures" / "eval"
 CONFIGS = Path(pipeline.__file__).parent / "configs"
 
 MATH = [f"Tom has {i} apples and buys {i + 3} more. How many apples does he have now?" for i in range(16)]
-NEWS = [f"Shares of company {i} rose {i % 7}% on Monday after strong quarterly earnings were reported." for i in range(16)]
+NEWS = [
+    f"Shares of company {i} rose {i % 7}% on Monday after strong quarterly earnings were reported." for i in range(16)
+]
 
 
 @pytest.fixture
@@ -25,21 +27,41 @@ def tiny_run(tmp_path, tiny_model_dirs, monkeypatch):
     rows = [{"instruction": t, "response": f"He has {2 * i + 3} apples.", "source": "math"} for i, t in enumerate(MATH)]
     rows += [{"text": t, "source": "news"} for t in NEWS]
     (tmp_path / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "seeds.jsonl").write_text("".join(json.dumps({"instruction": t, "response": "x"}) + "\n"
-                                                  for t in MATH[:3]))
+    (tmp_path / "seeds.jsonl").write_text(
+        "".join(json.dumps({"instruction": t, "response": "x"}) + "\n" for t in MATH[:3])
+    )
     (tmp_path / "generic.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in NEWS + MATH))
     model = str(tiny_model_dirs["llama"])
     cfg = {
-        "name": "tiny", "runs_dir": str(tmp_path / "runs"), "model": model,
-        "variants": ["dense", "pruned", "pruned_tgd", "pruned_sft", "pruned_random", "pruned_generic",
-                     "dense_curated"],
+        "name": "tiny",
+        "runs_dir": str(tmp_path / "runs"),
+        "model": model,
+        "variants": ["dense", "pruned", "pruned_tgd", "pruned_sft", "pruned_random", "pruned_generic", "dense_curated"],
         "generic_calibration": str(tmp_path / "generic.jsonl"),
-        "curate": {"pool": str(tmp_path / "pool.jsonl"), "seeds": str(tmp_path / "seeds.jsonl"),
-                   "reference": str(tmp_path / "generic.jsonl"), "num_coords": 16, "sae_expansion": 4, "sae_k": 4,
-                   "sae_steps": 30, "sae_batch_size": 64, "top_m": 8, "max_length": 32, "coord_samples": 8},
+        "curate": {
+            "pool": str(tmp_path / "pool.jsonl"),
+            "seeds": str(tmp_path / "seeds.jsonl"),
+            "reference": str(tmp_path / "generic.jsonl"),
+            "num_coords": 16,
+            "sae_expansion": 4,
+            "sae_k": 4,
+            "sae_steps": 30,
+            "sae_batch_size": 64,
+            "top_m": 8,
+            "max_length": 32,
+            "coord_samples": 8,
+        },
         "prune": {"ratio": 0.3, "calib_samples": 8, "calib_length": 32},
-        "recover": {"max_new_tokens": 8, "lora_rank": 4, "lora_alpha": 8, "batch_size": 4, "micro_batch_size": 4,
-                    "epochs": 1, "max_length": 200, "eval_fraction": 0.25},
+        "recover": {
+            "max_new_tokens": 8,
+            "lora_rank": 4,
+            "lora_alpha": 8,
+            "batch_size": 4,
+            "micro_batch_size": 4,
+            "epochs": 1,
+            "max_length": 200,
+            "eval_fraction": 0.25,
+        },
         "eval": {"tasks": [f"nll:{FIX / 'nll_small.jsonl'}"], "batch_size": 4},
     }
     import yaml
@@ -65,6 +87,7 @@ def _calls(monkeypatch, fail: bool = False) -> list[tuple[str, str]]:
             if fail:
                 raise AssertionError(f"{stage} ran again: {out}")
             return fn(cfg, out)
+
         return wrapped
 
     monkeypatch.setattr(pipeline, "_stage_fn", fake)

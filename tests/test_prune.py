@@ -11,14 +11,18 @@ from transformers import AutoModelForCausalLM
 from conftest import CORPUS, build_model
 from finescope.cli import main
 from finescope.config import PruneConfig
-from finescope.storage import StageError
 from finescope.modeling import ArchAdapter, ModelError, load
 from finescope.prune.importance import (
-    WIDTH_IMPORTANCE, CalibrationError, calibration_batches, compute_scores, select_attention,
+    WIDTH_IMPORTANCE,
+    CalibrationError,
+    calibration_batches,
+    compute_scores,
+    select_attention,
 )
 from finescope.prune.run import PruneError, prune_model, run
 from finescope.prune.solver import SolverError, solve
 from finescope.prune.structure import Shapes, count_after, drop_blocks, model_shapes
+from finescope.storage import StageError
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +40,9 @@ def _batches(tokenizer, n=8, length=48, batch_size=4):
 
 
 def _probe(tokenizer):
-    return tokenizer(["What is 12 times 7? The answer is", "The court held that"], return_tensors="pt",
-                     padding=True)["input_ids"][:, :8]
+    return tokenizer(["What is 12 times 7? The answer is", "The court held that"], return_tensors="pt", padding=True)[
+        "input_ids"
+    ][:, :8]
 
 
 def _mask_removed(model, kept: dict) -> None:
@@ -56,7 +61,7 @@ def _mask_removed(model, kept: dict) -> None:
             row = kept_by_layer[i]
             for h in range(a.num_heads):
                 if h not in row["heads"]:
-                    o[:, h * d:(h + 1) * d] = 0
+                    o[:, h * d : (h + 1) * d] = 0
             for j in range(a.intermediate_size):
                 if j not in row["channels"]:
                     down[:, j] = 0
@@ -74,8 +79,9 @@ def test_sliced_model_equals_masked_dense_model(family, chat_tokenizer, tmp_path
     a = ArchAdapter(model)
     shapes = model_shapes(a, model)
     plan = solve(shapes, 0.3 if depth == 0 else 0.45, head_mode=head_mode, depth=depth, mlp_multiple=8)
-    scores = compute_scores(a, _batches(chat_tokenizer), "random", seed=3,
-                            depth_importance="block_influence" if depth else None)
+    scores = compute_scores(
+        a, _batches(chat_tokenizer), "random", seed=3, depth_importance="block_influence" if depth else None
+    )
 
     class H:  # the minimal handle prune_model needs
         pass
@@ -94,8 +100,13 @@ def test_sliced_model_equals_masked_dense_model(family, chat_tokenizer, tmp_path
     model.save_pretrained(tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     cfg = again.config
-    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-            cfg.intermediate_size) == (plan.layers, plan.heads, plan.kv_heads, 16, plan.intermediate)
+    assert (
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        cfg.intermediate_size,
+    ) == (plan.layers, plan.heads, plan.kv_heads, 16, plan.intermediate)
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits)
 
@@ -118,10 +129,12 @@ def test_depth_pruning_generates_with_cache(family, chat_tokenizer):
         assert len(a.config.layer_types) == 2
     prompt = _probe(chat_tokenizer)[:1]
     with torch.no_grad():
-        cached = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, use_cache=True,
-                                pad_token_id=0)
-        plain = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, use_cache=False,
-                               pad_token_id=0)
+        cached = model.generate(
+            prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0
+        )
+        plain = model.generate(
+            prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0
+        )
     assert cached.shape[1] == prompt.shape[1] + 6 and torch.equal(cached, plain)
 
 
@@ -136,9 +149,9 @@ def test_zeroed_structures_score_lowest(importance, chat_tokenizer):
     d = a.head_dim
     with torch.no_grad():
         attn, mlp = a.attention(1), a.mlp(1)
-        attn.q_proj.weight[2 * d:3 * d] = 0
-        attn.q_proj.bias[2 * d:3 * d] = 0
-        attn.o_proj.weight[:, 2 * d:3 * d] = 0
+        attn.q_proj.weight[2 * d : 3 * d] = 0
+        attn.q_proj.bias[2 * d : 3 * d] = 0
+        attn.o_proj.weight[:, 2 * d : 3 * d] = 0
         mlp.gate_proj.weight[5] = 0
         mlp.up_proj.weight[5] = 0
         mlp.down_proj.weight[:, 5] = 0
@@ -162,7 +175,7 @@ def test_taylor_is_first_order_loss_change(chat_tokenizer):
     q, o = a.attention(2).q_proj.weight, a.attention(2).o_proj.weight
     gq, go = torch.autograd.grad(loss, [q, o])
     d = a.head_dim
-    want = (q.detach() * gq)[d:2 * d].abs().sum() + (o.detach() * go)[:, d:2 * d].abs().sum()
+    want = (q.detach() * gq)[d : 2 * d].abs().sum() + (o.detach() * go)[:, d : 2 * d].abs().sum()
     assert float(scores.heads[2, 1]) == pytest.approx(float(want), rel=1e-4)
 
 
@@ -181,9 +194,10 @@ def test_block_scores(chat_tokenizer):
 
 def test_calibration_labels_cover_the_response_only(chat_tokenizer):
     recs = [{"id": "a", "instruction": "Add 2 and 2.", "response": "The answer is 4."}, {"id": "b", "text": "Plain."}]
-    batches, info = calibration_batches(chat_tokenizer, recs, samples=10, length=64, batch_size=2, seed=0,
-                                        loss_on="response")
-    ids, labels = batches[0]["input_ids"], batches[0]["labels"]
+    batches, info = calibration_batches(
+        chat_tokenizer, recs, samples=10, length=64, batch_size=2, seed=0, loss_on="response"
+    )
+    labels = batches[0]["labels"]
     resp = chat_tokenizer.decode([t for t in labels[0].tolist() if t != -100])
     assert resp.startswith("The answer is 4.") and "Add 2" not in resp
     assert (labels[1][batches[0]["attention_mask"][1].bool()] != -100).all()
@@ -202,8 +216,19 @@ def test_calibration_text_loss_covers_instruction_and_response(chat_tokenizer):
 
 # ================================================================================================ solver
 
-SMOL = Shapes(total=134_515_008, embedding=28_311_552, layers=30, heads=9, kv_heads=3, head_dim=64,
-              intermediate=1536, per_query_head=73_728, per_kv_head=73_728, per_channel=1728, per_block=3_540_096)
+SMOL = Shapes(
+    total=134_515_008,
+    embedding=28_311_552,
+    layers=30,
+    heads=9,
+    kv_heads=3,
+    head_dim=64,
+    intermediate=1536,
+    per_query_head=73_728,
+    per_kv_head=73_728,
+    per_channel=1728,
+    per_block=3_540_096,
+)
 
 
 @pytest.mark.parametrize("head_mode", ["query", "kv_group"])
@@ -218,8 +243,9 @@ def test_solver_hits_targets_within_one_granule(head_mode, depth):
             continue
         assert abs(plan.ratio_achieved - target) <= plan.granule
         assert plan.intermediate % 8 == 0 and plan.heads % plan.kv_heads == 0
-        assert plan.params_after == count_after(SMOL, layers=30 - depth, heads=plan.heads, kv_heads=plan.kv_heads,
-                                                intermediate=plan.intermediate)
+        assert plan.params_after == count_after(
+            SMOL, layers=30 - depth, heads=plan.heads, kv_heads=plan.kv_heads, intermediate=plan.intermediate
+        )
         assert plan.non_embedding_ratio > plan.ratio_achieved
 
 
@@ -250,8 +276,9 @@ def test_solver_unreachable_names_nearest_ratios():
 
 def test_run_every_family_saves_a_stock_loadable_verified_model(family, tiny_model_dirs, calib_file, tmp_path):
     out = tmp_path / "prune"
-    cfg = PruneConfig(model=str(tiny_model_dirs[family]), data=str(calib_file), ratio=0.4, depth=1,
-                      importance="taylor", batch_size=8)
+    cfg = PruneConfig(
+        model=str(tiny_model_dirs[family]), data=str(calib_file), ratio=0.4, depth=1, importance="taylor", batch_size=8
+    )
     assert run(cfg, out) == out
     report = json.loads((out / "report.json").read_text())
     assert (out / "DONE").is_file() and (out / "model" / "model.safetensors").is_file()
@@ -298,8 +325,11 @@ def test_bad_inputs_are_clear_errors_and_write_nothing(tiny_model_dirs, calib_fi
         (PruneConfig(model=model, data=str(calib_file), ratio=0.95), SolverError, "nearest reachable"),
         (PruneConfig(model=model, data=""), PruneError, "data: calibration records are required"),
         (PruneConfig(model=model, data=str(tmp_path / "none.jsonl")), Exception, "no such file"),
-        (PruneConfig(model=model, data=str(long_prompts), calib_length=8, calib_loss="response"), CalibrationError,
-         "no usable calibration"),
+        (
+            PruneConfig(model=model, data=str(long_prompts), calib_length=8, calib_loss="response"),
+            CalibrationError,
+            "no usable calibration",
+        ),
     ]
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
@@ -339,12 +369,45 @@ def test_cli_prune(tiny_model_dirs, calib_file, tmp_path, capsys):
         main(["prune", "--help"])
     assert e.value.code == 0 and "--importance" in capsys.readouterr().out
     out = tmp_path / "cli"
-    assert main(["prune", "--model", str(tiny_model_dirs["mistral"]), "--data", str(calib_file), "--ratio", "0.3",
-                 "--importance", "wanda_sp", "--depth", "1", "--depth-importance", "taylor_block",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                str(tiny_model_dirs["mistral"]),
+                "--data",
+                str(calib_file),
+                "--ratio",
+                "0.3",
+                "--importance",
+                "wanda_sp",
+                "--depth",
+                "1",
+                "--depth-importance",
+                "taylor_block",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert captured.out.strip() == str(out) and "achieved" in captured.err and "shapes:" in captured.err
-    assert main(["prune", "--model", str(tiny_model_dirs["mistral"]), "--data", str(calib_file), "--ratio", "1.5",
-                 "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                str(tiny_model_dirs["mistral"]),
+                "--data",
+                str(calib_file),
+                "--ratio",
+                "1.5",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "ratio" in err and not (tmp_path / "x").exists()

@@ -14,11 +14,15 @@ pytestmark = pytest.mark.slow
 
 def test_prune_smollm2_to_35_percent(tmp_path):
     data = tmp_path / "math.jsonl"
-    rows = [{"instruction": f"What is {a} + {b}?", "response": f"{a} + {b} = {a + b}. The answer is {a + b}."}
-            for a, b in [(12, 30), (7, 8), (45, 55), (3, 9), (100, 23), (64, 36), (19, 1), (8, 8)]]
+    rows = [
+        {"instruction": f"What is {a} + {b}?", "response": f"{a} + {b} = {a + b}. The answer is {a + b}."}
+        for a, b in [(12, 30), (7, 8), (45, 55), (3, 9), (100, 23), (64, 36), (19, 1), (8, 8)]
+    ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = run(PruneConfig(model="default", data=str(data), ratio=0.35, calib_samples=8, calib_length=64,
-                          batch_size=4), tmp_path / "prune")
+    out = run(
+        PruneConfig(model="default", data=str(data), ratio=0.35, calib_samples=8, calib_length=64, batch_size=4),
+        tmp_path / "prune",
+    )
     report = json.loads((out / "report.json").read_text())
     after = report["shapes_after"]
     assert (after["layers"], after["attention_heads"], after["kv_heads"], after["head_dim"]) == (30, 6, 3, 64)

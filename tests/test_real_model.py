@@ -10,7 +10,7 @@ import torch
 from finescope import assets
 from finescope.cli import main
 from finescope.data import format_prompt, read_records
-from finescope.modeling import load, model_info
+from finescope.modeling import load
 
 pytestmark = pytest.mark.slow
 
@@ -42,8 +42,9 @@ def test_converted_folder_matches_the_gguf_weights(smol):
 def test_truncated_forward_on_real_model(smol):
     tok = smol.tokenizer
     tok.padding_side = "left"
-    batch = tok(["What is 12 times 7?", "The court held that the contract was void."], return_tensors="pt",
-                padding=True)
+    batch = tok(
+        ["What is 12 times 7?", "The court held that the contract was void."], return_tensors="pt", padding=True
+    )
     with torch.no_grad():
         full = smol.model(**batch, output_hidden_states=True).hidden_states
         mid = smol.adapter.hidden_after(15, **batch)
@@ -57,7 +58,7 @@ def test_chat_template_and_generation(smol):
     ids = smol.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         out = smol.model.generate(**ids, max_new_tokens=12, do_sample=False)
-    text = smol.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    text = smol.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert len(text.strip()) > 0
 
 
@@ -66,6 +67,11 @@ def test_packaged_data_reads_as_records():
     assert len(gsm) == 1319 and "####" in gsm[0]["response"]
     news = read_records(assets.data_path("bbc_news"))
     assert len(news) == 2225 and news[0]["source_file"].split("/")[0] in {
-        "business", "entertainment", "politics", "sport", "tech"}
+        "business",
+        "entertainment",
+        "politics",
+        "sport",
+        "tech",
+    }
     mmlu = assets.data_path("mmlu")
     assert sum(1 for _ in mmlu.open()) >= 14042

@@ -18,16 +18,27 @@ from finescope.modeling import ModelError
 from finescope.recover import filters
 from finescope.recover.filters import apply_filters, check_rewrite
 from finescope.recover.finetune import (
-    IGNORE, FinetuneError, LoraSettings, build_examples, collate, split_records, summed_loss, tokenize_pair,
-    train_lora, save_adapter_and_merged,
+    IGNORE,
+    FinetuneError,
+    LoraSettings,
+    build_examples,
+    collate,
+    save_adapter_and_merged,
+    split_records,
+    summed_loss,
+    tokenize_pair,
+    train_lora,
 )
 from finescope.recover.rewrite import DISTILL_SYSTEM, read_partial, rewrite_prompt, rewrite_records
 from finescope.recover.run import PARTIAL, RecoverError, run
 
 RECORDS = [
     {"id": "r1", "instruction": "What is 12 times 7?", "response": "12 * 7 = 84.\n#### 84"},
-    {"id": "r2", "instruction": "Natalia sold 48 clips in April and half as many in May. How many in all?",
-     "response": "48 + 24 = 72. The answer is 72."},
+    {
+        "id": "r2",
+        "instruction": "Natalia sold 48 clips in April and half as many in May. How many in all?",
+        "response": "48 + 24 = 72. The answer is 72.",
+    },
     {"id": "r3", "instruction": "Which is larger?\n(A) 3\n(B) 5\n", "response": "Therefore, the correct answer is (B)"},
     {"id": "r4", "instruction": "Name a primary colour.", "response": "Red is a primary colour."},
     {"id": "r5", "instruction": "Add 2 and 3.", "response": "5"},
@@ -150,24 +161,27 @@ def test_rewrite_resumes_from_partial_file(tmp_path, chat_tokenizer):
 # ================================================================================================ filters
 
 
-@pytest.mark.parametrize("rec, rewrite, cut_off, reason", [
-    (RECORDS[0], "7 * 12 = 84, so the result is 84.", False, "accepted"),
-    (RECORDS[0], "   ", False, "empty"),
-    (RECORDS[0], "7 * 12 = 84", True, "cut_off"),
-    (RECORDS[0], "Following the reference answer, 84.", False, "leakage"),
-    (RECORDS[0], "Your response: 84", False, "leakage"),
-    (RECORDS[0], "84 is it. " * 12, False, "degenerate"),
-    (RECORDS[0], "step\nstep\nstep\nstep\n84", False, "degenerate"),
-    (RECORDS[0], "=" * 40 + " 84", False, "degenerate"),
-    (RECORDS[0], "12 * 7 = 74. The answer is 74.", False, "answer_mismatch"),
-    (RECORDS[0], "I cannot compute that.", False, "answer_mismatch"),
-    (RECORDS[1], "In May she sold 24, so 48 + 24 = 72 clips.", False, "accepted"),
-    (RECORDS[2], "5 is more than 3. The answer is (B).", False, "accepted"),
-    (RECORDS[2], "3 is bigger. Therefore, the correct answer is (A)", False, "answer_mismatch"),
-    (RECORDS[3], "Blue is a primary colour, founded 1666.", False, "accepted"),  # nothing checkable
-    (RECORDS[4], "2 + 3 = 5.0", False, "accepted"),
-    ({"id": "m", "instruction": "Rate it", "response": "[4.0000]"}, "It is 4 hours.", False, "accepted"),
-])
+@pytest.mark.parametrize(
+    "rec, rewrite, cut_off, reason",
+    [
+        (RECORDS[0], "7 * 12 = 84, so the result is 84.", False, "accepted"),
+        (RECORDS[0], "   ", False, "empty"),
+        (RECORDS[0], "7 * 12 = 84", True, "cut_off"),
+        (RECORDS[0], "Following the reference answer, 84.", False, "leakage"),
+        (RECORDS[0], "Your response: 84", False, "leakage"),
+        (RECORDS[0], "84 is it. " * 12, False, "degenerate"),
+        (RECORDS[0], "step\nstep\nstep\nstep\n84", False, "degenerate"),
+        (RECORDS[0], "=" * 40 + " 84", False, "degenerate"),
+        (RECORDS[0], "12 * 7 = 74. The answer is 74.", False, "answer_mismatch"),
+        (RECORDS[0], "I cannot compute that.", False, "answer_mismatch"),
+        (RECORDS[1], "In May she sold 24, so 48 + 24 = 72 clips.", False, "accepted"),
+        (RECORDS[2], "5 is more than 3. The answer is (B).", False, "accepted"),
+        (RECORDS[2], "3 is bigger. Therefore, the correct answer is (A)", False, "answer_mismatch"),
+        (RECORDS[3], "Blue is a primary colour, founded 1666.", False, "accepted"),  # nothing checkable
+        (RECORDS[4], "2 + 3 = 5.0", False, "accepted"),
+        ({"id": "m", "instruction": "Rate it", "response": "[4.0000]"}, "It is 4 hours.", False, "accepted"),
+    ],
+)
 def test_each_filter_reason(rec, rewrite, cut_off, reason):
     assert check_rewrite(rec, rewrite, cut_off) == reason
 
@@ -215,8 +229,17 @@ def test_apply_filters_falls_back_and_counts():
 def _train(tok, seed=0, lr=5e-3, steps_epochs=3.0, family="llama"):
     model = build_model(family, len(tok))
     train, _ = build_examples(tok, RECORDS, max_length=128)
-    s = LoraSettings(rank=4, alpha=8, dropout=0.0, lr=lr, batch_size=4, micro_batch_size=2, epochs=steps_epochs,
-                     warmup_ratio=0.0, seed=seed)
+    s = LoraSettings(
+        rank=4,
+        alpha=8,
+        dropout=0.0,
+        lr=lr,
+        batch_size=4,
+        micro_batch_size=2,
+        epochs=steps_epochs,
+        warmup_ratio=0.0,
+        seed=seed,
+    )
     return model, train, train_lora(model, train, train[:2], s, pad_id=tok.pad_token_id)
 
 
@@ -267,9 +290,21 @@ def test_unknown_target_module_is_refused(chat_tokenizer):
 
 
 def _cfg(teacher, student, data, **kw) -> RecoverConfig:
-    base = dict(teacher=str(teacher), student=str(student), data=str(data), max_new_tokens=6, rewrite_batch_size=4,
-                lora_rank=4, lora_alpha=8, lr=1e-3, batch_size=4, micro_batch_size=2, max_length=128, epochs=1.0,
-                eval_fraction=0.2)
+    base = dict(
+        teacher=str(teacher),
+        student=str(student),
+        data=str(data),
+        max_new_tokens=6,
+        rewrite_batch_size=4,
+        lora_rank=4,
+        lora_alpha=8,
+        lr=1e-3,
+        batch_size=4,
+        micro_batch_size=2,
+        max_length=128,
+        epochs=1.0,
+        eval_fraction=0.2,
+    )
     base.update(kw)
     return RecoverConfig(**base)
 
@@ -372,15 +407,35 @@ def test_max_length_below_the_template_is_refused_before_the_teacher(tmp_path, t
 def test_cli_recover_and_one_line_errors(tmp_path, tiny_model_dirs, capsys):
     data = write_records(tmp_path / "data.jsonl")
     student = str(tiny_model_dirs["mistral"])
-    args = ["recover", "--student", student, "--teacher", student, "--data", str(data), "--max-new-tokens", "4",
-            "--lora-rank", "2", "--batch-size", "4", "--micro-batch-size", "4", "--epochs", "0.5",
-            "--max-length", "96"]
+    args = [
+        "recover",
+        "--student",
+        student,
+        "--teacher",
+        student,
+        "--data",
+        str(data),
+        "--max-new-tokens",
+        "4",
+        "--lora-rank",
+        "2",
+        "--batch-size",
+        "4",
+        "--micro-batch-size",
+        "4",
+        "--epochs",
+        "0.5",
+        "--max-length",
+        "96",
+    ]
     assert main(args + ["--out", str(tmp_path / "cli")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "cli")
     metrics = json.loads((tmp_path / "cli" / "metrics.json").read_text())
     assert metrics["train"]["total_steps"] == 1
-    assert main(["recover", "--student", str(tmp_path), "--data", str(data), "--no-teacher",
-                 "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(["recover", "--student", str(tmp_path), "--data", str(data), "--no-teacher", "--out", str(tmp_path / "x")])
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("finescope recover: error:") and "\n" not in err
     with pytest.raises(SystemExit):

@@ -21,8 +21,14 @@ def _math_records(n: int) -> list[dict]:
     out = []
     for i, row in enumerate(rows):
         turns = {m["role"]: m["content"] for m in row["input"]}
-        out.append({"id": f"sm{i}", "system": turns.get("system", ""), "instruction": turns["user"],
-                    "response": row["ideal"] if isinstance(row["ideal"], str) else row["ideal"][0]})
+        out.append(
+            {
+                "id": f"sm{i}",
+                "system": turns.get("system", ""),
+                "instruction": turns["user"],
+                "response": row["ideal"] if isinstance(row["ideal"], str) else row["ideal"][0],
+            }
+        )
     return out
 
 
@@ -34,9 +40,21 @@ def test_recover_on_smollm2(tmp_path):
     data = tmp_path / "math.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _math_records(4)), encoding="utf-8")
     dense = resolve_model_path("default")
-    cfg = RecoverConfig(teacher="default", student=dense, data=str(data), max_new_tokens=32, rewrite_batch_size=4,
-                        lora_rank=8, lora_alpha=16, lr=2e-4, batch_size=4, micro_batch_size=2, max_length=192,
-                        epochs=1.0, eval_fraction=0.25)
+    cfg = RecoverConfig(
+        teacher="default",
+        student=dense,
+        data=str(data),
+        max_new_tokens=32,
+        rewrite_batch_size=4,
+        lora_rank=8,
+        lora_alpha=16,
+        lr=2e-4,
+        batch_size=4,
+        micro_batch_size=2,
+        max_length=192,
+        epochs=1.0,
+        eval_fraction=0.25,
+    )
     out = run(cfg, tmp_path / "recover")
     rows = [json.loads(l) for l in (out / "distilled.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(r["rewrite"].strip() for r in rows)

@@ -16,7 +16,7 @@ import pytest
 from conftest import CORPUS, hold_lock
 from finescope import storage
 from finescope.cli import STAGES, build_parser, main
-from finescope.config import CurateConfig, PruneConfig, _fields, _spec, _hints, config_from_args
+from finescope.config import CurateConfig, PruneConfig, _fields, _hints, _spec, config_from_args
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -85,12 +85,38 @@ def test_no_teacher_on_a_prune_output_is_plain_sft(tmp_path, tiny_model_dirs, ca
     prune.mkdir()
     student = prune / "model"
     os.symlink(tiny_model_dirs["llama"], student)
-    (prune / "config.json").write_text(json.dumps({"config_hash": "x", "config": {"model": str(tiny_model_dirs["llama"])}}))
+    (prune / "config.json").write_text(
+        json.dumps({"config_hash": "x", "config": {"model": str(tiny_model_dirs["llama"])}})
+    )
     data = _records(tmp_path / "data.jsonl", 6)
     out = tmp_path / "sft"
-    assert main(["recover", "--student", str(student), "--data", str(data), "--no-teacher", "--lora-rank", "2",
-                 "--batch-size", "2", "--micro-batch-size", "2", "--epochs", "0.5", "--max-length", "96",
-                 "--eval-fraction", "0", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "recover",
+                "--student",
+                str(student),
+                "--data",
+                str(data),
+                "--no-teacher",
+                "--lora-rank",
+                "2",
+                "--batch-size",
+                "2",
+                "--micro-batch-size",
+                "2",
+                "--epochs",
+                "0.5",
+                "--max-length",
+                "96",
+                "--eval-fraction",
+                "0",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["mode"] == "sft" and metrics["rewrite"].get("generated") is None
     assert json.loads((out / "config.json").read_text())["config"]["no_teacher"] is True
@@ -107,8 +133,21 @@ def _stop(proc: subprocess.Popen) -> None:
 def test_second_process_on_a_stage_folder_is_refused_with_the_holders_pid(tmp_path, tiny_model_dirs, capsys):
     data = _records(tmp_path / "calib.jsonl")
     out = tmp_path / "prune"
-    args = ["prune", "--model", str(tiny_model_dirs["llama"]), "--data", str(data), "--ratio", "0.3",
-            "--calib-samples", "4", "--calib-length", "32", "--out", str(out)]
+    args = [
+        "prune",
+        "--model",
+        str(tiny_model_dirs["llama"]),
+        "--data",
+        str(data),
+        "--ratio",
+        "0.3",
+        "--calib-samples",
+        "4",
+        "--calib-length",
+        "32",
+        "--out",
+        str(out),
+    ]
     holder = hold_lock(out, tmp_path / "ready")
     try:
         assert main(args) == 2
@@ -134,10 +173,26 @@ def test_two_real_stage_processes_exactly_one_proceeds(tmp_path, tiny_model_dirs
     data = _records(tmp_path / "calib.jsonl")
     out = tmp_path / "prune"
     env = {**os.environ, "PYTHONPATH": str(SRC), "FINESCOPE_PROGRESS": "0"}
-    base = [sys.executable, "-m", "finescope.cli", "prune", "--model", str(tiny_model_dirs["llama"]), "--data",
-            str(data), "--calib-samples", "8", "--calib-length", "64", "--out", str(out)]
-    procs = [subprocess.Popen(base + ["--ratio", r], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for r in ("0.3", "0.4")]
+    base = [
+        sys.executable,
+        "-m",
+        "finescope.cli",
+        "prune",
+        "--model",
+        str(tiny_model_dirs["llama"]),
+        "--data",
+        str(data),
+        "--calib-samples",
+        "8",
+        "--calib-length",
+        "64",
+        "--out",
+        str(out),
+    ]
+    procs = [
+        subprocess.Popen(base + ["--ratio", r], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for r in ("0.3", "0.4")
+    ]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     codes = sorted(rc for rc, _ in results)
     if codes == [0, 0]:
@@ -246,7 +301,9 @@ def test_run_dir_must_be_new_empty_or_ours(tmp_path, capsys):
     (theirs / "pipeline.yaml").write_text("my: own\n")
     assert main(["run", "--config", "quick", "--run-dir", str(theirs)]) == 2
     assert "not a finescope run directory" in _err_line(capsys)
-    assert [p.name for p in theirs.iterdir()] == ["pipeline.yaml"] and (theirs / "pipeline.yaml").read_text() == "my: own\n"
+    assert [p.name for p in theirs.iterdir()] == ["pipeline.yaml"] and (
+        theirs / "pipeline.yaml"
+    ).read_text() == "my: own\n"
     afile = tmp_path / "afile"
     afile.write_text("x")
     assert main(["run", "--config", "quick", "--run-dir", str(afile)]) == 2
@@ -255,12 +312,15 @@ def test_run_dir_must_be_new_empty_or_ours(tmp_path, capsys):
     assert "is a file" in _err_line(capsys) and afile.read_text() == "x"
 
 
-@pytest.mark.parametrize("stage,extra", [
-    ("curate", ["--seeds", "/nonexistent/seeds.jsonl", "--method", "random"]),
-    ("eval", ["--tasks", "nosuchtask"]),
-    ("recover", ["--student", "/nonexistent/model", "--data", "DATA", "--no-teacher"]),
-    ("prune", ["--model", "/nonexistent/model", "--data", "DATA"]),
-])
+@pytest.mark.parametrize(
+    "stage,extra",
+    [
+        ("curate", ["--seeds", "/nonexistent/seeds.jsonl", "--method", "random"]),
+        ("eval", ["--tasks", "nosuchtask"]),
+        ("recover", ["--student", "/nonexistent/model", "--data", "DATA", "--no-teacher"]),
+        ("prune", ["--model", "/nonexistent/model", "--data", "DATA"]),
+    ],
+)
 def test_refusals_leave_no_stage_folder(stage, extra, tmp_path, capsys):
     data = _records(tmp_path / "data.jsonl")
     out = tmp_path / "out"
@@ -278,8 +338,12 @@ def test_empty_out_is_refused(out, capsys):
 def test_out_under_a_file_is_refused_before_any_work(tmp_path, tiny_model_dirs, capsys):
     afile = tmp_path / "afile"
     afile.write_text("x")
-    assert main(["eval", "--model", str(tiny_model_dirs["llama"]), "--tasks", "nll:math", "--out",
-                 str(afile / "res.json")]) == 2
+    assert (
+        main(
+            ["eval", "--model", str(tiny_model_dirs["llama"]), "--tasks", "nll:math", "--out", str(afile / "res.json")]
+        )
+        == 2
+    )
     assert "is a file" in _err_line(capsys)
 
 
@@ -289,8 +353,11 @@ def test_out_under_a_file_is_refused_before_any_work(tmp_path, tiny_model_dirs, 
 def test_yaml_alias_bomb_is_refused_with_a_short_message(tmp_path, capsys):
     bomb = tmp_path / "bomb.yaml"
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
-    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, "
-              f"*a{i - 1}, *a{i - 1}]" for i in range(1, 9)]
+    lines += [
+        f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, "
+        f"*a{i - 1}, *a{i - 1}]"
+        for i in range(1, 9)
+    ]
     lines += ["curate:", "  top_m: *a8"]
     bomb.write_text("\n".join(lines) + "\n")
     assert main(["run", "--config", str(bomb), "--run-dir", str(tmp_path / "r")]) == 2
@@ -310,8 +377,24 @@ def test_huge_value_is_quoted_short(tmp_path, capsys):
 def test_warnings_print_as_one_finescope_line(tmp_path, capsys):
     pool = _records(tmp_path / "pool.jsonl", 5)
     seeds = _records(tmp_path / "seeds.jsonl", 2)
-    assert main(["curate", "--method", "random", "--pool", str(pool), "--seeds", str(seeds), "--top-m", "50",
-                 "--out", str(tmp_path / "c")]) == 0
+    assert (
+        main(
+            [
+                "curate",
+                "--method",
+                "random",
+                "--pool",
+                str(pool),
+                "--seeds",
+                str(seeds),
+                "--top-m",
+                "50",
+                "--out",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     lines = [l for l in err.splitlines() if "top_m" in l]
     assert lines == ["finescope: warning: top_m = 50 is larger than the pool (5 records); keeping all of them"]

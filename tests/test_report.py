@@ -13,12 +13,38 @@ import pyarrow.parquet as pq
 import pytest
 
 from finescope import cli, storage
-from finescope.artifacts import (ArtifactError, Calibration, CurateFeatures, CurateMetrics, EvalLossPoint,
-                                 EvalResults, FilterStats, KeptLayer, LayerImportance, ModelIdentity, ModelShapes,
-                                 ParameterCounts, PeakMemory, PipelineManifest, PoolSnippet, PruneMetrics, PrunePlan,
-                                 PruneReport, PruneTimings, RecoverMetrics, RewriteStats, SaeCurationMetrics,
-                                 SaeLayerMetrics, SharedLatent, TaskResult, TeacherRewriteStats, TrainHistory,
-                                 TrainLossPoint, Verification, VariantEntry)
+from finescope.artifacts import (
+    ArtifactError,
+    Calibration,
+    CurateFeatures,
+    CurateMetrics,
+    EvalLossPoint,
+    EvalResults,
+    FilterStats,
+    KeptLayer,
+    LayerImportance,
+    ModelIdentity,
+    ModelShapes,
+    ParameterCounts,
+    PeakMemory,
+    PipelineManifest,
+    PoolSnippet,
+    PruneMetrics,
+    PrunePlan,
+    PruneReport,
+    PruneTimings,
+    RecoverMetrics,
+    RewriteStats,
+    SaeCurationMetrics,
+    SaeLayerMetrics,
+    SharedLatent,
+    TaskResult,
+    TeacherRewriteStats,
+    TrainHistory,
+    TrainLossPoint,
+    VariantEntry,
+    Verification,
+)
 from finescope.config import CurateConfig, EvalConfig, PipelineConfig, PruneConfig, RecoverConfig, to_dict
 from finescope.report import tables
 from finescope.report.run import write_report
@@ -29,88 +55,258 @@ TASKS = ["nll:math", "mmlu:elementary_mathematics"]
 
 def _results(acc: float, nll: float, params: int, path: str) -> EvalResults:
     return EvalResults(
-        model=ModelIdentity(path=path, config_hash="0123456789abcdef", architecture="LlamaForCausalLM",
-                            parameters=params),
-        eval_config_hash="fedcba9876543210", config=to_dict(EvalConfig(model=path, tasks=TASKS)), wall_s=12.5,
-        results=[TaskResult(task="nll:math", variant="response tokens", metric="nll", value=nll, stderr=0.05, n=40,
-                            extra={"perplexity": 2.718 ** nll, "tokens": 4000}, wall_s=4.0),
-                 TaskResult(task="mmlu:elementary_mathematics", variant="cloze", metric="acc_norm", value=acc,
-                            stderr=0.07, n=40, extra={"shots": 0, "acc": acc, "acc_stderr": 0.07}, wall_s=8.5)])
+        model=ModelIdentity(
+            path=path, config_hash="0123456789abcdef", architecture="LlamaForCausalLM", parameters=params
+        ),
+        eval_config_hash="fedcba9876543210",
+        config=to_dict(EvalConfig(model=path, tasks=TASKS)),
+        wall_s=12.5,
+        results=[
+            TaskResult(
+                task="nll:math",
+                variant="response tokens",
+                metric="nll",
+                value=nll,
+                stderr=0.05,
+                n=40,
+                extra={"perplexity": 2.718**nll, "tokens": 4000},
+                wall_s=4.0,
+            ),
+            TaskResult(
+                task="mmlu:elementary_mathematics",
+                variant="cloze",
+                metric="acc_norm",
+                value=acc,
+                stderr=0.07,
+                n=40,
+                extra={"shots": 0, "acc": acc, "acc_stderr": 0.07},
+                wall_s=8.5,
+            ),
+        ],
+    )
 
 
 def _curation(folder: Path) -> None:
-    storage.open_stage(folder, CurateConfig(model="default", seeds="preset:math", selector="gradient", method="sae",
-                                            top_m=2, pool="default", layers=[15]))
-    curves = {"step": [0, 10, 20], "fvu": [1.0, 0.5, 0.3], "l0": [32, 32, 32], "dead_fraction": [0.0, 0.1, 0.2],
-              "loss": [1, 0.6, 0.4]}
+    storage.open_stage(
+        folder,
+        CurateConfig(
+            model="default",
+            seeds="preset:math",
+            selector="gradient",
+            method="sae",
+            top_m=2,
+            pool="default",
+            layers=[15],
+        ),
+    )
+    curves = {
+        "step": [0, 10, 20],
+        "fvu": [1.0, 0.5, 0.3],
+        "l0": [32, 32, 32],
+        "dead_fraction": [0.0, 0.1, 0.2],
+        "loss": [1, 0.6, 0.4],
+    }
     CurateMetrics(
-        method="sae", pool_records=6, seeds=2, top_m=2, selection="global", timings_s={"total": 299.0},
-        sae_curation=SaeCurationMetrics(layers=[15], reference_texts=64, pool_truncated=0, max_length=128, sae={
-            "layer15": SaeLayerMetrics(fvu=0.3, l0=32.0, dead_fraction=0.2, tokens=1000, curves=curves,
-                                       cache="/cache/sae-0")}),
-        selected=2, selected_sources={"bigbench/elementary_math_qa": 2},
+        method="sae",
+        pool_records=6,
+        seeds=2,
+        top_m=2,
+        selection="global",
+        timings_s={"total": 299.0},
+        sae_curation=SaeCurationMetrics(
+            layers=[15],
+            reference_texts=64,
+            pool_truncated=0,
+            max_length=128,
+            sae={
+                "layer15": SaeLayerMetrics(
+                    fvu=0.3, l0=32.0, dead_fraction=0.2, tokens=1000, curves=curves, cache="/cache/sae-0"
+                )
+            },
+        ),
+        selected=2,
+        selected_sources={"bigbench/elementary_math_qa": 2},
         score_quantiles_pool={"min": 0.1, "q25": 0.2, "median": 0.3, "q75": 0.5, "max": 0.9},
         score_quantiles_selected={"min": 0.8, "q25": 0.82, "median": 0.85, "q75": 0.88, "max": 0.9},
     ).write(folder / CurateMetrics.FILE)
-    CurateFeatures(layers={"layer15": [SharedLatent(
-        latent=7, lift=1.1, seed_mean_activation=1.5, selected_mean_activation=1.2, pool_mean_activation=0.1,
-        top_pool_snippets=[PoolSnippet(id="a", source="bigbench/elementary_math_qa", activation=3.2,
-                                       text="a train travels 60 km in 1.5 hours")])]}).write(folder / "features.json")
-    storage.write_jsonl_atomic(folder / "selected.jsonl", [
-        {"id": "a", "instruction": "A train travels 60 km | in 1.5 hours. Speed?", "response": "40",
-         "source": "bigbench/elementary_math_qa", "score": 0.9, "rank": 1, "nearest_seed": "s1"}])
-    pq.write_table(pa.table({"id": list("abcdef"), "score": [0.9, 0.8, 0.3, 0.2, 0.1, 0.15],
-                             "selected": [True, True, False, False, False, False]}), folder / "scores.parquet")
+    CurateFeatures(
+        layers={
+            "layer15": [
+                SharedLatent(
+                    latent=7,
+                    lift=1.1,
+                    seed_mean_activation=1.5,
+                    selected_mean_activation=1.2,
+                    pool_mean_activation=0.1,
+                    top_pool_snippets=[
+                        PoolSnippet(
+                            id="a",
+                            source="bigbench/elementary_math_qa",
+                            activation=3.2,
+                            text="a train travels 60 km in 1.5 hours",
+                        )
+                    ],
+                )
+            ]
+        }
+    ).write(folder / "features.json")
+    storage.write_jsonl_atomic(
+        folder / "selected.jsonl",
+        [
+            {
+                "id": "a",
+                "instruction": "A train travels 60 km | in 1.5 hours. Speed?",
+                "response": "40",
+                "source": "bigbench/elementary_math_qa",
+                "score": 0.9,
+                "rank": 1,
+                "nearest_seed": "s1",
+            }
+        ],
+    )
+    pq.write_table(
+        pa.table(
+            {
+                "id": list("abcdef"),
+                "score": [0.9, 0.8, 0.3, 0.2, 0.1, 0.15],
+                "selected": [True, True, False, False, False, False],
+            }
+        ),
+        folder / "scores.parquet",
+    )
 
 
 def _pruning(folder: Path) -> None:
     storage.open_stage(folder, PruneConfig(model="default", data="runs/x/curate/c-1/selected.jsonl", ratio=0.35))
     shapes_b = ModelShapes(layers=30, attention_heads=9, kv_heads=3, head_dim=64, mlp_width=1536)
     shapes_a = ModelShapes(layers=30, attention_heads=6, kv_heads=3, head_dim=64, mlp_width=1000)
-    params = ParameterCounts(before=134_515_008, after=87_000_000, non_embedding_before=106_000_000,
-                             non_embedding_after=58_300_000, ratio=0.353, non_embedding_ratio=0.45)
-    plan = PrunePlan(layers=30, heads=6, kv_heads=3, head_dim=64, intermediate=1000, depth=0,
-                     params_before=134_515_008, params_after=87_000_000, ratio_target=0.35, ratio_achieved=0.353,
-                     non_embedding_ratio=0.45, attention_removed=0.33, mlp_removed=0.35, granule=0.004)
+    params = ParameterCounts(
+        before=134_515_008,
+        after=87_000_000,
+        non_embedding_before=106_000_000,
+        non_embedding_after=58_300_000,
+        ratio=0.353,
+        non_embedding_ratio=0.45,
+    )
+    plan = PrunePlan(
+        layers=30,
+        heads=6,
+        kv_heads=3,
+        head_dim=64,
+        intermediate=1000,
+        depth=0,
+        params_before=134_515_008,
+        params_after=87_000_000,
+        ratio_target=0.35,
+        ratio_achieved=0.353,
+        non_embedding_ratio=0.45,
+        attention_removed=0.33,
+        mlp_removed=0.35,
+        granule=0.004,
+    )
     report = PruneReport(
-        model="default", family="llama", architecture="LlamaForCausalLM", data="runs/x/curate/c-1/selected.jsonl",
+        model="default",
+        family="llama",
+        architecture="LlamaForCausalLM",
+        data="runs/x/curate/c-1/selected.jsonl",
         calibration=Calibration(records=64, skipped=0, tokens=2911, loss_tokens=2847, batches=8),
-        importance="taylor", head_mode="query", depth_importance=None, calibration_loss=2.3, plan=plan,
-        parameters=params, shapes_before=shapes_b, shapes_after=shapes_a, dropped_blocks=[],
-        kept=[KeptLayer(layer=i, heads=[0, 1, 2, 3, 4, 5], kv_heads=[0, 1, 2], channels=list(range(1000)))
-              for i in range(30)],
-        importance_summary=[LayerImportance(layer=i, dropped=False, scores={"heads_kept_score_fraction": 0.8,
-                                                                           "channels_kept_score_fraction": 0.7})
-                            for i in range(30)],
+        importance="taylor",
+        head_mode="query",
+        depth_importance=None,
+        calibration_loss=2.3,
+        plan=plan,
+        parameters=params,
+        shapes_before=shapes_b,
+        shapes_after=shapes_a,
+        dropped_blocks=[],
+        kept=[
+            KeptLayer(layer=i, heads=[0, 1, 2, 3, 4, 5], kv_heads=[0, 1, 2], channels=list(range(1000)))
+            for i in range(30)
+        ],
+        importance_summary=[
+            LayerImportance(
+                layer=i, dropped=False, scores={"heads_kept_score_fraction": 0.8, "channels_kept_score_fraction": 0.7}
+            )
+            for i in range(30)
+        ],
         wall_time=PruneTimings(importance_s=40.0, slice_s=1.0, save_s=2.0, verify_s=10.0, total_s=58.0),
         peak_memory_mib=PeakMemory(rss=2048.0, gpu=None),
-        verification=Verification(new_tokens=8, cache_matches_no_cache=True, architecture="LlamaForCausalLM",
-                                  shapes=[30, 6, 3, 64, 1000], max_abs_logit_diff=1e-6, tolerance=1e-4,
-                                  logits_match=True),
-        notes=[])
+        verification=Verification(
+            new_tokens=8,
+            cache_matches_no_cache=True,
+            architecture="LlamaForCausalLM",
+            shapes=[30, 6, 3, 64, 1000],
+            max_abs_logit_diff=1e-6,
+            tolerance=1e-4,
+            logits_match=True,
+        ),
+        notes=[],
+    )
     report.write(folder / PruneReport.FILE)
-    PruneMetrics(parameters=params, ratio_target=0.35, ratio_achieved=0.353, shapes_after=shapes_a,
-                 calibration_records=64, calibration_loss=2.3, wall_time_s=58.0, peak_rss_mib=2048.0,
-                 verified=True).write(folder / PruneMetrics.FILE)
+    PruneMetrics(
+        parameters=params,
+        ratio_target=0.35,
+        ratio_achieved=0.353,
+        shapes_after=shapes_a,
+        calibration_records=64,
+        calibration_loss=2.3,
+        wall_time_s=58.0,
+        peak_rss_mib=2048.0,
+        verified=True,
+    ).write(folder / PruneMetrics.FILE)
 
 
 def _recovery(folder: Path, mode: str) -> None:
-    storage.open_stage(folder, RecoverConfig(student="prune/p-1/model", data="curate/sae-1/selected.jsonl",
-                                             lora_rank=32, lora_alpha=64, lr=2e-4, teacher="default",
-                                             no_teacher=mode == "sft"))
-    teacher = TeacherRewriteStats(resumed=0, generated=100, seconds=50.0, new_tokens=6400, tokens_per_second=128.0,
-                                  mean_new_tokens=64.0, teacher="default") if mode == "tgd" else None
+    storage.open_stage(
+        folder,
+        RecoverConfig(
+            student="prune/p-1/model",
+            data="curate/sae-1/selected.jsonl",
+            lora_rank=32,
+            lora_alpha=64,
+            lr=2e-4,
+            teacher="default",
+            no_teacher=mode == "sft",
+        ),
+    )
+    teacher = (
+        TeacherRewriteStats(
+            resumed=0,
+            generated=100,
+            seconds=50.0,
+            new_tokens=6400,
+            tokens_per_second=128.0,
+            mean_new_tokens=64.0,
+            teacher="default",
+        )
+        if mode == "tgd"
+        else None
+    )
     RecoverMetrics(
-        records=100, skipped_rows=0, mode=mode,
+        records=100,
+        skipped_rows=0,
+        mode=mode,
         rewrite=RewriteStats(instruction_records=100, text_records=0, teacher_run=teacher),
-        filters=FilterStats(counts={"accepted": 60, "answer_mismatch": 40},
-                            acceptance_rate=0.6 if mode == "tgd" else None),
+        filters=FilterStats(
+            counts={"accepted": 60, "answer_mismatch": 40}, acceptance_rate=0.6 if mode == "tgd" else None
+        ),
         too_long_skipped=0,
-        train=TrainHistory(train_examples=90, eval_examples=10, micro_batch_size=4, grad_accumulation=2,
-                           effective_batch=8, steps_per_epoch=6, total_steps=12, trainable_parameters=500_000,
-                           train_loss=[TrainLossPoint(step=s, epoch=1, loss=2 - s / 10, lr=2e-4) for s in range(1, 13)],
-                           eval_loss=[EvalLossPoint(epoch=0, loss=2.5), EvalLossPoint(epoch=2, loss=1.7)],
-                           seconds=30.0, seconds_per_step=2.5, epochs_run=2, eval_loss_merged=1.7),
+        train=TrainHistory(
+            train_examples=90,
+            eval_examples=10,
+            micro_batch_size=4,
+            grad_accumulation=2,
+            effective_batch=8,
+            steps_per_epoch=6,
+            total_steps=12,
+            trainable_parameters=500_000,
+            train_loss=[TrainLossPoint(step=s, epoch=1, loss=2 - s / 10, lr=2e-4) for s in range(1, 13)],
+            eval_loss=[EvalLossPoint(epoch=0, loss=2.5), EvalLossPoint(epoch=2, loss=1.7)],
+            seconds=30.0,
+            seconds_per_step=2.5,
+            epochs_run=2,
+            eval_loss_merged=1.7,
+        ),
         seconds={"finetune": 30.0, "save": 2.0, "total": 90.0},
     ).write(folder / RecoverMetrics.FILE)
     (folder / "model").mkdir(parents=True)
@@ -119,20 +315,31 @@ def _recovery(folder: Path, mode: str) -> None:
 @pytest.fixture
 def run_dir(tmp_path) -> Path:
     root = tmp_path / "run"
-    stages = {"dense": {"eval": "eval/dense-1"},
-              "pruned": {"curate": "curate/sae-1", "prune": "prune/p-1", "eval": "eval/pruned-1"},
-              "pruned_tgd": {"curate": "curate/sae-1", "prune": "prune/p-1", "recover": "recover/r-1",
-                             "eval": "eval/tgd-1"},
-              "pruned_sft": {"curate": "curate/sae-1", "prune": "prune/p-1", "recover": "recover/s-1",
-                             "eval": "eval/sft-1"}}
+    stages = {
+        "dense": {"eval": "eval/dense-1"},
+        "pruned": {"curate": "curate/sae-1", "prune": "prune/p-1", "eval": "eval/pruned-1"},
+        "pruned_tgd": {"curate": "curate/sae-1", "prune": "prune/p-1", "recover": "recover/r-1", "eval": "eval/tgd-1"},
+        "pruned_sft": {"curate": "curate/sae-1", "prune": "prune/p-1", "recover": "recover/s-1", "eval": "eval/sft-1"},
+    }
     from finescope.pipeline import VARIANTS
 
     PipelineManifest(
-        name="fixture", model="default", config=to_dict(PipelineConfig(name="fixture")),
-        variants={n: VariantEntry(label=VARIANTS[n].label, description=VARIANTS[n].description, data=VARIANTS[n].data,
-                                  prune=VARIANTS[n].prune, recovery=VARIANTS[n].recovery, stages=s)
-                  for n, s in stages.items()},
-        stage_seconds={"curate/sae-1": 300.0, "prune/p-1": 60.0}, last_run_wall_s=900,
+        name="fixture",
+        model="default",
+        config=to_dict(PipelineConfig(name="fixture")),
+        variants={
+            n: VariantEntry(
+                label=VARIANTS[n].label,
+                description=VARIANTS[n].description,
+                data=VARIANTS[n].data,
+                prune=VARIANTS[n].prune,
+                recovery=VARIANTS[n].recovery,
+                stages=s,
+            )
+            for n, s in stages.items()
+        },
+        stage_seconds={"curate/sae-1": 300.0, "prune/p-1": 60.0},
+        last_run_wall_s=900,
     ).write(root / PipelineManifest.FILE)
     _results(0.5, 2.0, 134_515_008, "default").write(root / "eval/dense-1" / EvalResults.FILE)
     _results(0.25, 5.5, 87_000_000, "p").write(root / "eval/pruned-1" / EvalResults.FILE)

@@ -16,8 +16,9 @@ def _raw_acts(n=1500, seed=0):
     """Sparse structure at very different scales: per-coordinate means in ±5, stds from 0.1 to 50."""
     g = torch.Generator().manual_seed(seed)
     dictionary = torch.nn.functional.normalize(torch.randn(48, D_IN, generator=g), dim=1)
-    codes = torch.zeros(n, 48).scatter_(1, torch.randint(0, 48, (n, 3), generator=g),
-                                        torch.rand(n, 3, generator=g) * 3 + 0.5)
+    codes = torch.zeros(n, 48).scatter_(
+        1, torch.randint(0, 48, (n, 3), generator=g), torch.rand(n, 3, generator=g) * 3 + 0.5
+    )
     mean = torch.rand(D_IN, generator=g) * 10 - 5
     std = torch.logspace(-1, torch.log10(torch.tensor(50.0)), D_IN)[torch.randperm(D_IN, generator=g)]
     return (codes @ dictionary) * std + mean
@@ -61,7 +62,11 @@ def test_folder_has_saelens_cfg_and_tensors(trained):
     if kind == "topk":
         assert cfg["k"] == K and cfg["activation_fn_kwargs"] == {"k": K}
     assert {n: tuple(t.shape) for n, t in w.items()} == {
-        "W_enc": (D_IN, D_SAE), "b_enc": (D_SAE,), "W_dec": (D_SAE, D_IN), "b_dec": (D_IN,)}
+        "W_enc": (D_IN, D_SAE),
+        "b_enc": (D_SAE,),
+        "W_dec": (D_SAE, D_IN),
+        "b_dec": (D_IN,),
+    }
     assert all(t.dtype == torch.float32 for t in w.values())
 
 

@@ -7,8 +7,8 @@ import os
 import pytest
 
 from finescope import storage
-from finescope.progress import progress
 from finescope.config import CurateConfig, PruneConfig
+from finescope.progress import progress
 
 
 def test_write_atomic_never_leaves_half_files(tmp_path, monkeypatch):

@@ -86,7 +86,7 @@ def test_next_token_nll_is_token_weighted_across_batches():
     logits, labels = torch.randn(3, 6, 7), torch.randint(0, 7, (3, 6))
     labels[1, 3:] = IGNORE_INDEX
     whole, n = next_token_nll(logits, labels)
-    parts = [next_token_nll(logits[i:i + 1], labels[i:i + 1]) for i in range(3)]
+    parts = [next_token_nll(logits[i : i + 1], labels[i : i + 1]) for i in range(3)]
     assert n == sum(k for _, k in parts)
     assert torch.allclose(whole, sum(part for part, _ in parts))
 
@@ -103,7 +103,8 @@ def bos_tokenizer():
 
     tok = build_tokenizer()
     tok._tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.bos_token_id)])
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.bos_token_id)]
+    )
     return tok
 
 
@@ -127,8 +128,9 @@ def test_calibration_and_finetuning_agree_on_bos(bos_tokenizer):
     from finescope.recover.finetune import tokenize_pair
 
     for text in ("Plain text here.", "<s>Text that starts with BOS."):
-        batches, _ = calibration_batches(bos_tokenizer, [{"id": "a", "text": text}], samples=1, length=64,
-                                         batch_size=1, seed=0)
+        batches, _ = calibration_batches(
+            bos_tokenizer, [{"id": "a", "text": text}], samples=1, length=64, batch_size=1, seed=0
+        )
         ex = tokenize_pair(bos_tokenizer, "", text, 64)
         assert batches[0]["input_ids"][0].tolist() == ex.input_ids == encode_prompt(bos_tokenizer, text)
 

@@ -1,6 +1,7 @@
 """FineScope: derive compact, domain-specialised LLMs from a larger pretrained one.
 
-Stages (each a `run(cfg, out)` over files in a run directory, listed in finescope.stages): curate → prune → recover → eval → report.
+Stages (each a `run(cfg, out)` over files in a run directory, listed in finescope.stages):
+curate → prune → recover → eval, then the report.
 The CLI is `finescope` (see `finescope --help` and README.md).
 """
 

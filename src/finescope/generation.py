@@ -58,11 +58,11 @@ class _StopOnSequences:
         self.tail = max((len(s) for s in self.stop), default=0) + 16
 
     def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
-        new = input_ids[:, self.prompt_len:]
+        new = input_ids[:, self.prompt_len :]
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         if not self.stop or new.shape[1] == 0:
             return done
-        texts = self.tokenizer.batch_decode(new[:, -self.tail:], skip_special_tokens=False)
+        texts = self.tokenizer.batch_decode(new[:, -self.tail :], skip_special_tokens=False)
         for i, t in enumerate(texts):
             done[i] = any(s in t for s in self.stop)
         return done
@@ -104,7 +104,7 @@ def generate(
     bar = progress(total=len(prompts), desc=desc, unit="prompt")
     try:
         for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             if temperature > 0:
                 torch.manual_seed(seed + start)
             new = _generate_batch(model, tokenizer, [encoded[i] for i in idx], pad, stop, device, kwargs)
@@ -120,11 +120,16 @@ def generate(
     return results
 
 
-def _decoding_kwargs(max_new_tokens: int, num_samples: int, temperature: float, top_p: float, pad: int,
-                     stops: set[int]) -> dict[str, Any]:
+def _decoding_kwargs(
+    max_new_tokens: int, num_samples: int, temperature: float, top_p: float, pad: int, stops: set[int]
+) -> dict[str, Any]:
     """`model.generate` arguments: greedy (every sampling knob unset) or nucleus sampling without top-k."""
-    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
-                                  pad_token_id=pad, eos_token_id=sorted(stops) or None)
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=num_samples,
+        pad_token_id=pad,
+        eos_token_id=sorted(stops) or None,
+    )
     if temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
     else:
@@ -132,21 +137,27 @@ def _decoding_kwargs(max_new_tokens: int, num_samples: int, temperature: float, 
     return kwargs
 
 
-def _generate_batch(model, tokenizer, rows: list[list[int]], pad: int, stop: list[str], device,
-                    kwargs: dict[str, Any]) -> torch.Tensor:
+def _generate_batch(
+    model, tokenizer, rows: list[list[int]], pad: int, stop: list[str], device, kwargs: dict[str, Any]
+) -> torch.Tensor:
     """The new tokens (rows × samples, ≤ max_new_tokens) generated after the left-padded prompt `rows`."""
     from transformers import StoppingCriteriaList
 
     batch = pad_batch(rows, pad, side="left")
     width = batch["input_ids"].shape[1]
     criteria = StoppingCriteriaList([_StopOnSequences(tokenizer, width, stop)]) if stop else None
-    out = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                         stopping_criteria=criteria, **kwargs)
+    out = model.generate(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        stopping_criteria=criteria,
+        **kwargs,
+    )
     return out[:, width:].cpu()
 
 
-def _completions(tokenizer, new: torch.Tensor, stops: set[int], stop: list[str], num_samples: int,
-                 n_prompts: int) -> list[list[dict[str, Any]]]:
+def _completions(
+    tokenizer, new: torch.Tensor, stops: set[int], stop: list[str], num_samples: int, n_prompts: int
+) -> list[list[dict[str, Any]]]:
     """Per prompt, its samples' `{"text", "new_tokens", "cut_off"}`: ids up to the first stop token, decoded
     without special tokens, cut at the first stop sequence."""
     batch: list[list[dict[str, Any]]] = [[] for _ in range(n_prompts)]

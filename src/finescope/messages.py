@@ -1,7 +1,7 @@
 """Helpers for user-facing messages: a refusal is one line, and no value quoted in it can flood the terminal.
 
-    from finescope.messages import one_line, quote
-    raise ConfigError(f"{where} = {quote(value)}: must be an integer")   # a 10 MB value prints as 200 chars
+from finescope.messages import one_line, quote
+raise ConfigError(f"{where} = {quote(value)}: must be an integer")   # a 10 MB value prints as 200 chars
 """
 
 from __future__ import annotations

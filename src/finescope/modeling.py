@@ -142,8 +142,9 @@ class ArchAdapter:
     # -------------------------------------------------------------------------------------- parts
     def attention(self, i: int) -> AttentionParts:
         a = self.layers[i].self_attn
-        return AttentionParts(a.q_proj, a.k_proj, a.v_proj, a.o_proj,
-                              getattr(a, "q_norm", None), getattr(a, "k_norm", None))
+        return AttentionParts(
+            a.q_proj, a.k_proj, a.v_proj, a.o_proj, getattr(a, "q_norm", None), getattr(a, "k_norm", None)
+        )
 
     def mlp(self, i: int) -> MlpParts:
         m = self.layers[i].mlp
@@ -178,8 +179,9 @@ class ArchAdapter:
 
         handles = [self.layers[i].register_forward_hook(make_hook(i)) for i in sorted(set(layers))]
         try:
-            self.decoder(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                         use_cache=False)
+            self.decoder(
+                input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, use_cache=False
+            )
         except _StopForward:
             pass
         finally:
@@ -220,8 +222,14 @@ def _parse_dtype(dtype: str | torch.dtype | None, device) -> torch.dtype:
         return default_dtype(device)
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in names:
         raise ModelError(f"dtype {dtype!r}: must be one of auto, {', '.join(names)}")
     return names[dtype]
@@ -262,8 +270,10 @@ def _check_gguf_magic(path: Path) -> None:
     except OSError as e:
         raise ModelError(f"{path}: cannot read it ({e.strerror or e}); check its permissions") from None
     if magic != b"GGUF":
-        raise ModelError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes); pass a real .gguf "
-                         "file or a Hugging Face model folder")
+        raise ModelError(
+            f"{path}: not a GGUF file (it does not start with the GGUF magic bytes); pass a real .gguf "
+            "file or a Hugging Face model folder"
+        )
 
 
 def _check_device(spec: Any, device: str | None) -> None:
@@ -277,12 +287,16 @@ def _check_device(spec: Any, device: str | None) -> None:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise ModelError(f"{os.fspath(spec)}: device {quote(device, 60)} requested, but CUDA is not available "
-                             f"({why}); use --device cpu, or leave --device unset to use a GPU when there is one")
+            raise ModelError(
+                f"{os.fspath(spec)}: device {quote(device, 60)} requested, but CUDA is not available "
+                f"({why}); use --device cpu, or leave --device unset to use a GPU when there is one"
+            )
         count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:
-            raise ModelError(f"{os.fspath(spec)}: device {quote(device, 60)} requested, but this machine has "
-                             f"{count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+            raise ModelError(
+                f"{os.fspath(spec)}: device {quote(device, 60)} requested, but this machine has "
+                f"{count} CUDA device(s) (cuda:0..cuda:{count - 1})"
+            )
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise ModelError(f"{os.fspath(spec)}: device 'mps' requested, but MPS is not available; use --device cpu")
 
@@ -335,8 +349,10 @@ def _check_safetensors(folder: Path) -> None:
             if not all(isinstance(n, str) for n in names):
                 raise TypeError("file names must be strings")
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
-            raise ModelError(f"{index}: not a valid safetensors index ({type(e).__name__}: {one_line(e, 200)}); "
-                             "re-save the model with save_pretrained") from None
+            raise ModelError(
+                f"{index}: not a valid safetensors index ({type(e).__name__}: {one_line(e, 200)}); "
+                "re-save the model with save_pretrained"
+            ) from None
         files = [folder / n for n in names]
     elif os.path.lexists(folder / "model.safetensors"):
         files = [folder / "model.safetensors"]
@@ -349,8 +365,10 @@ def _check_safetensors(folder: Path) -> None:
                 pass
         except Exception as e:
             _reraise_fatal(e)
-            raise ModelError(f"{file}: not a readable safetensors file ({one_line(e, 200)}); it is truncated or "
-                             "corrupt: re-save the model with save_pretrained or download it again") from None
+            raise ModelError(
+                f"{file}: not a readable safetensors file ({one_line(e, 200)}); it is truncated or "
+                "corrupt: re-save the model with save_pretrained or download it again"
+            ) from None
 
 
 def _weights_error(source: str, local: bool, e: Exception) -> ModelError:
@@ -362,13 +380,17 @@ def _weights_error(source: str, local: bool, e: Exception) -> ModelError:
     text = str(e)
     if isinstance(e, pickle.UnpicklingError) or "weights_only" in text or "Weights only load failed" in text:
         named = bins[0] if len(bins) == 1 else folder / "pytorch_model*.bin" if bins else source
-        return ModelError(f"{named}: a pickle checkpoint that holds more than tensors, so it cannot be loaded "
-                          "safely; finescope loads only safetensors files and weights-only pickles: convert it to "
-                          "safetensors (where you trust its source) and pass that folder")
+        return ModelError(
+            f"{named}: a pickle checkpoint that holds more than tensors, so it cannot be loaded "
+            "safely; finescope loads only safetensors files and weights-only pickles: convert it to "
+            "safetensors (where you trust its source) and pass that folder"
+        )
     files = safetensors or bins
     named = files[0] if len(files) == 1 else source
-    return ModelError(f"{named}: cannot load the model weights ({type(e).__name__}: {one_line(text, 200)}); the "
-                      "folder must be written by save_pretrained with no truncated file (re-save or re-download it)")
+    return ModelError(
+        f"{named}: cannot load the model weights ({type(e).__name__}: {one_line(text, 200)}); the "
+        "folder must be written by save_pretrained with no truncated file (re-save or re-download it)"
+    )
 
 
 def load(
@@ -398,8 +420,10 @@ def load(
     except Exception as e:
         _reraise_fatal(e)
         where = Path(source) / "config.json" if local else quote(source)
-        raise ModelError(f"{where}: invalid model config ({type(e).__name__}: {one_line(e, 200)}); fix it, or re-save "
-                         "the model with save_pretrained") from None
+        raise ModelError(
+            f"{where}: invalid model config ({type(e).__name__}: {one_line(e, 200)}); fix it, or re-save "
+            "the model with save_pretrained"
+        ) from None
     check_supported(config, source)
     tokenizer = _load_tokenizer(source, local) if with_tokenizer else None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -424,8 +448,10 @@ def _load_tokenizer(source: str, local: bool):
     from transformers import AutoTokenizer
 
     if local and not any((Path(source) / f).is_file() for f in _TOKENIZER_FILES):
-        raise ModelError(f"{source}: model folder has no tokenizer ({', '.join(_TOKENIZER_FILES[:2])}); "
-                         "save the tokenizer next to the weights")
+        raise ModelError(
+            f"{source}: model folder has no tokenizer ({', '.join(_TOKENIZER_FILES[:2])}); "
+            "save the tokenizer next to the weights"
+        )
     try:
         tok = AutoTokenizer.from_pretrained(source, local_files_only=local)
     except Exception as e:
@@ -440,8 +466,10 @@ def _load_tokenizer(source: str, local: bool):
                 except (OSError, ValueError, RecursionError):
                     named = file
                     break
-        raise ModelError(f"{named}: cannot load the tokenizer ({type(e).__name__}: {one_line(e, 200)}); re-save the "
-                         "tokenizer with save_pretrained next to the weights") from None
+        raise ModelError(
+            f"{named}: cannot load the tokenizer ({type(e).__name__}: {one_line(e, 200)}); re-save the "
+            "tokenizer with save_pretrained next to the weights"
+        ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -450,7 +478,9 @@ def _load_tokenizer(source: str, local: bool):
 # ================================================================================================ GGUF
 
 
-def gguf_to_hf_folder(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+def gguf_to_hf_folder(
+    gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32
+) -> Path:
     """Convert a GGUF file into a plain `save_pretrained` folder (dequantized weights, safetensors, tokenizer).
 
     A model loaded with `gguf_file=` is flagged quantized, and `save_pretrained`/`Trainer` refuse it; so the
@@ -476,8 +506,9 @@ def gguf_to_hf_folder(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, 
     # Tied LM heads appear as "missing" and are restored by tie_weights; anything else is a real mismatch.
     real_missing = [k for k in missing if not (k.startswith("lm_head") and config.tie_word_embeddings)]
     if real_missing or unexpected:
-        raise ModelError(f"{gguf_path}: weights do not match the config (missing {real_missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
+        raise ModelError(
+            f"{gguf_path}: weights do not match the config (missing {real_missing[:3]}, unexpected {unexpected[:3]})"
+        )
     model.tie_weights()
     model.generation_config = quantized.generation_config
     if model.generation_config.eos_token_id is None:
@@ -489,8 +520,10 @@ def gguf_to_hf_folder(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, 
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        write_json_atomic(tmp / "finescope_source.json", {"converted_from": str(gguf_path.resolve()),
-                                                          "dtype": str(dtype).replace("torch.", "")})
+        write_json_atomic(
+            tmp / "finescope_source.json",
+            {"converted_from": str(gguf_path.resolve()), "dtype": str(dtype).replace("torch.", "")},
+        )
     steps.update(1)
     steps.close()
     return Path(out_dir)
@@ -506,9 +539,10 @@ def gguf_cached_folder(gguf_path: Path) -> Path:
             gguf_to_hf_folder(gguf_path, out)
         except Exception as e:
             _reraise_fatal(e)
-            raise ModelError(f"{gguf_path}: cannot convert this GGUF file ({type(e).__name__}: {one_line(e, 200)}); it "
-                             "may be truncated, or its architecture or quantization is not one transformers reads"
-                             ) from None
+            raise ModelError(
+                f"{gguf_path}: cannot convert this GGUF file ({type(e).__name__}: {one_line(e, 200)}); it "
+                "may be truncated, or its architecture or quantization is not one transformers reads"
+            ) from None
     return out
 
 

@@ -87,8 +87,20 @@ class Planner:
             # Fields only the SAE method reads are reset, so e.g. changing sae_steps keeps the baselines. The random
             # subset has top_m records: the SAE selection's size under global selection (the paper's "same size").
             fresh = CurateConfig()
-            keep = {f: getattr(base, f) for f in ("model", "pool", "seeds", "encode_fields", "selection", "top_m",
-                                                  "pool_sample", "seed", "skip_bad_rows")}
+            keep = {
+                f: getattr(base, f)
+                for f in (
+                    "model",
+                    "pool",
+                    "seeds",
+                    "encode_fields",
+                    "selection",
+                    "top_m",
+                    "pool_sample",
+                    "seed",
+                    "skip_bad_rows",
+                )
+            }
             return self._job("curate", data, replace(fresh, method=data, **keep))
         raise PipelineError(f"unknown data source {data!r}")
 
@@ -105,8 +117,13 @@ class Planner:
         return self._job("prune", f"{calib}-r{pc.ratio:g}", pc)
 
     def recover(self, student: str, data: Path, mode: str, label: str) -> Job:
-        rc = replace(self.cfg.recover, student=student, data=str(data), no_teacher=mode == "sft",
-                     teacher=self.cfg.model if mode == "tgd" else "")
+        rc = replace(
+            self.cfg.recover,
+            student=student,
+            data=str(data),
+            no_teacher=mode == "sft",
+            teacher=self.cfg.model if mode == "tgd" else "",
+        )
         return self._job("recover", f"{label}-{mode}", rc)
 
     def evaluate(self, model: str, label: str, tasks: list[str] | None = None) -> Job:
@@ -118,8 +135,10 @@ class Planner:
 
         path = resolve_model_path(self.cfg.model)
         if not Path(path).is_dir():
-            raise PipelineError(f"model {self.cfg.model!r}: dense_curated fine-tunes the dense model and needs a local "
-                                "folder (a hub id is not one); download it first")
+            raise PipelineError(
+                f"model {self.cfg.model!r}: dense_curated fine-tunes the dense model and needs a local "
+                "folder (a hub id is not one); download it first"
+            )
         return path
 
 
@@ -156,8 +175,11 @@ def plan(cfg: PipelineConfig, run_dir: Path) -> tuple[Planner, dict[str, dict]]:
         cur = p.curate("sae")
         for r in sorted(set(cfg.sweep_ratios) | {cfg.prune.ratio}):
             pj = p.prune(cur.folder / "selected.jsonl", cur.label, ratio=r)
-            chains[f"sweep@{r:g}"] = {"curate": cur, "prune": pj,
-                                      "eval": p.evaluate(str(pj.folder / "model"), f"sweep-r{r:g}", nll)}
+            chains[f"sweep@{r:g}"] = {
+                "curate": cur,
+                "prune": pj,
+                "eval": p.evaluate(str(pj.folder / "model"), f"sweep-r{r:g}", nll),
+            }
         chains["sweep@0"] = {"eval": p.evaluate(cfg.model, "sweep-r0", nll)}
     return p, chains
 
@@ -190,10 +212,15 @@ def check_run_dir(root: Path) -> None:
     storage.check_output_target(root, what="--run-dir")
     if root.exists() and not root.is_dir():
         raise PipelineError(f"{root}: --run-dir exists and is a file, not a folder")
-    if root.is_dir() and any(root.iterdir()) and not (
-            (root / RUN_MARKER).is_file() or (root / "pipeline.json").is_file()):
-        raise PipelineError(f"{root}: exists and is not a finescope run directory; choose a new or empty --run-dir "
-                            "(nothing in it was touched)")
+    if (
+        root.is_dir()
+        and any(root.iterdir())
+        and not ((root / RUN_MARKER).is_file() or (root / "pipeline.json").is_file())
+    ):
+        raise PipelineError(
+            f"{root}: exists and is not a finescope run directory; choose a new or empty --run-dir "
+            "(nothing in it was touched)"
+        )
 
 
 def run(cfg: PipelineConfig, run_dir: str | Path | None = None) -> Path:
@@ -251,15 +278,23 @@ def _write_manifest(path: Path, cfg, root: Path, chains, seconds, status, wall: 
     def entry(name: str, chain: dict) -> VariantEntry:
         stages = {s: str(j.folder.relative_to(root)) for s, j in chain.items()}
         if name not in VARIANTS:  # a point of the pruning-ratio sweep
-            return VariantEntry(label=name, description="pruning-ratio sweep", data="sae", prune="data",
-                                recovery=None, stages=stages)
+            return VariantEntry(
+                label=name, description="pruning-ratio sweep", data="sae", prune="data", recovery=None, stages=stages
+            )
         v = VARIANTS[name]
-        return VariantEntry(label=v.label, description=v.description, data=v.data, prune=v.prune,
-                            recovery=v.recovery, stages=stages)
+        return VariantEntry(
+            label=v.label, description=v.description, data=v.data, prune=v.prune, recovery=v.recovery, stages=stages
+        )
 
-    PipelineManifest(name=cfg.name, model=cfg.model, config=to_dict(cfg),
-                     variants={name: entry(name, chain) for name, chain in chains.items()},
-                     stage_seconds=seconds, last_run_status=status, last_run_wall_s=round(wall, 2)).write(path)
+    PipelineManifest(
+        name=cfg.name,
+        model=cfg.model,
+        config=to_dict(cfg),
+        variants={name: entry(name, chain) for name, chain in chains.items()},
+        stage_seconds=seconds,
+        last_run_status=status,
+        last_run_wall_s=round(wall, 2),
+    ).write(path)
 
 
 def _yaml(cfg: PipelineConfig) -> str:
@@ -293,4 +328,3 @@ def resolve_config(spec: str | None) -> Path:
         known = ", ".join(sorted(p.stem for p in preset_dir().glob("*.yaml")))
         raise PipelineError(f"--config {spec}: no such file or preset; presets: {known}")
     return preset
-

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Iterable
+from collections.abc import Iterable
+
 
 class _LogLines:
     """A file for tqdm that turns its carriage-return redraws into whole lines (for logs and CI output)."""
@@ -31,5 +32,15 @@ def progress(iterable: Iterable | None = None, *, desc: str, total: int | None =
     if sys.stderr.isatty():
         return tqdm(iterable, desc=desc, total=total, unit=unit, file=sys.stderr, dynamic_ncols=True, **kw)
     interval = float(os.environ.get("FINESCOPE_PROGRESS_INTERVAL", "30"))
-    return tqdm(iterable, desc=desc, total=total, unit=unit, file=_LogLines(sys.stderr), ncols=100, ascii=True,
-                mininterval=interval, maxinterval=max(interval, 10.0), **kw)
+    return tqdm(
+        iterable,
+        desc=desc,
+        total=total,
+        unit=unit,
+        file=_LogLines(sys.stderr),
+        ncols=100,
+        ascii=True,
+        mininterval=interval,
+        maxinterval=max(interval, 10.0),
+        **kw,
+    )

@@ -8,9 +8,10 @@ the registry stays cheap and tests can replace a stage's `run`.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .config import CurateConfig, EvalConfig, PruneConfig, RecoverConfig
 
@@ -31,13 +32,28 @@ class Stage:
         return importlib.import_module(self.module).run
 
 
-STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("curate", CurateConfig, "finescope.curate.run", "SAE-guided selection of a domain's records from a pool"),
-    Stage("prune", PruneConfig, "finescope.prune.run",
-          "structured pruning (heads, MLP channels, blocks) to a target ratio"),
-    Stage("recover", RecoverConfig, "finescope.recover.run",
-          "teacher-guided distillation + LoRA fine-tuning of a pruned model"),
-    Stage("eval", EvalConfig, "finescope.evaluate.run",
-          "evaluate a model: MMLU slices, GSM8K, HumanEval, domain NLL, task files"),
-)}
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage("curate", CurateConfig, "finescope.curate.run", "SAE-guided selection of a domain's records from a pool"),
+        Stage(
+            "prune",
+            PruneConfig,
+            "finescope.prune.run",
+            "structured pruning (heads, MLP channels, blocks) to a target ratio",
+        ),
+        Stage(
+            "recover",
+            RecoverConfig,
+            "finescope.recover.run",
+            "teacher-guided distillation + LoRA fine-tuning of a pruned model",
+        ),
+        Stage(
+            "eval",
+            EvalConfig,
+            "finescope.evaluate.run",
+            "evaluate a model: MMLU slices, GSM8K, HumanEval, domain NLL, task files",
+        ),
+    )
+}
 """In run order: a later stage reads only earlier stages' files."""

@@ -21,8 +21,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from . import FinescopeError, hashing
 
@@ -214,11 +215,13 @@ def check_stage_folder(path: str | os.PathLike, cfg: Any, *, overwrite: bool = F
         return path
     recorded = _read_hash(path / CONFIG, "stage")
     if recorded is not None and recorded != stage_kind(cfg):
-        raise StageError(f"{path}: holds a {recorded} stage, not a {stage_kind(cfg)} one; choose another output "
-                         "folder")
+        raise StageError(f"{path}: holds a {recorded} stage, not a {stage_kind(cfg)} one; choose another output folder")
     if done_hash(path) is None and _read_hash(path / CONFIG) is None:
-        flag = " or pass --overwrite (it is then kept aside as <name>.superseded-unknown)" \
-            if "overwrite" in {f.name for f in dataclasses.fields(cfg)} else ""
+        flag = (
+            " or pass --overwrite (it is then kept aside as <name>.superseded-unknown)"
+            if "overwrite" in {f.name for f in dataclasses.fields(cfg)}
+            else ""
+        )
         raise StageError(f"{path}: exists and is not a finescope stage folder; choose another output folder{flag}")
     return path
 
@@ -247,8 +250,15 @@ def open_stage(path: str | os.PathLike, cfg: Any, *, overwrite: bool = False) ->
         os.replace(path, aside)
     path.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(path)
-    write_json_atomic(path / CONFIG, {"config_hash": want, "stage": stage_kind(cfg),
-                                      "hash_exclude": list(getattr(cfg, "HASH_EXCLUDE", ())), "config": cfg})
+    write_json_atomic(
+        path / CONFIG,
+        {
+            "config_hash": want,
+            "stage": stage_kind(cfg),
+            "hash_exclude": list(getattr(cfg, "HASH_EXCLUDE", ())),
+            "config": cfg,
+        },
+    )
     return path
 
 
@@ -307,8 +317,10 @@ def exclusive(path: str | os.PathLike, what: str = "stage folder") -> Iterator[P
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-            raise StageError(f"{path}: {what} in use by another finescope process (PID {holder}); wait for it to "
-                             "finish or choose another output") from None
+            raise StageError(
+                f"{path}: {what} in use by another finescope process (PID {holder}); wait for it to "
+                "finish or choose another output"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
         yield Path(path)
@@ -320,10 +332,10 @@ def exclusive(path: str | os.PathLike, what: str = "stage folder") -> Iterator[P
 def stage_folder(path: str | os.PathLike, cfg: Any, *, overwrite: bool = False) -> Iterator[Path | None]:
     """`open_stage` under the folder's exclusive lock, held until the block ends (the stage's whole life).
 
-        with storage.stage_folder(out, cfg) as stage:
-            if stage is None:      # already done with this config
-                return out
-            ...; storage.mark_done(stage, cfg, metrics)
+    with storage.stage_folder(out, cfg) as stage:
+        if stage is None:      # already done with this config
+            return out
+        ...; storage.mark_done(stage, cfg, metrics)
     """
     with exclusive(path, "stage folder"):
         yield open_stage(path, cfg, overwrite=overwrite)

@@ -66,16 +66,24 @@ def pad_rows(rows: Sequence[Sequence[int]], value: int, width: int, *, side: str
     return out
 
 
-def pad_batch(rows: Sequence[Sequence[int]], pad: int, *, side: str = "right",
-              labels: Sequence[Sequence[int]] | None = None, min_width: int = 0) -> dict[str, torch.Tensor]:
+def pad_batch(
+    rows: Sequence[Sequence[int]],
+    pad: int,
+    *,
+    side: str = "right",
+    labels: Sequence[Sequence[int]] | None = None,
+    min_width: int = 0,
+) -> dict[str, torch.Tensor]:
     """`input_ids` and `attention_mask` (1 on real tokens) of token-id rows padded to the longest row (at least
     `min_width`), plus `labels` (`IGNORE_INDEX` on padding) when `labels` are given, row by row.
 
     Left padding puts every row's last token in the last column (prompts to generate from, contexts to score);
     right padding keeps positions 0… for the real tokens (training and loss batches)."""
     width = max([min_width, *(len(r) for r in rows)])
-    batch = {"input_ids": pad_rows(rows, pad, width, side=side),
-             "attention_mask": pad_rows([[1] * len(r) for r in rows], 0, width, side=side)}
+    batch = {
+        "input_ids": pad_rows(rows, pad, width, side=side),
+        "attention_mask": pad_rows([[1] * len(r) for r in rows], 0, width, side=side),
+    }
     if labels is not None:
         batch["labels"] = pad_rows(labels, IGNORE_INDEX, width, side=side)
     return batch
@@ -92,6 +100,7 @@ def next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     (what fine-tuning optimises and Taylor importance differentiates)."""
     targets = labels[:, 1:]
     logits = logits[:, :-1].float()
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return loss, int((targets != IGNORE_INDEX).sum())

@@ -27,25 +27,61 @@ class VariantSpec:
 
 VARIANTS: dict[str, VariantSpec] = {
     "dense": VariantSpec("dense", None, None, None, "the dense model, untouched (reference row)"),
-    "dense_curated": VariantSpec("dense + FineScope data", "sae", None, "tgd",
-                                 "no pruning; LoRA with TGD on the curated set (the paper's unpruned FineScope row)"),
-    "pruned": VariantSpec("pruned, no recovery", "sae", "data", None,
-                          "pruned with curated calibration, no fine-tuning"),
-    "pruned_generic": VariantSpec("pruned (generic calib.), no recovery", "sae", "generic", None,
-                                  "pruned with generic news/wiki calibration, no fine-tuning"),
-    "pruned_tgd": VariantSpec("FineScope (pruned + TGD)", "sae", "data", "tgd",
-                              "curated calibration, TGD recovery on the curated set: the method"),
-    "pruned_sft": VariantSpec("pruned + SFT (w/o TGD)", "sae", "data", "sft",
-                              "as FineScope but plain SFT on the original responses"),
-    "pruned_random": VariantSpec("pruned + Random", "random", "data", "tgd",
-                                 "random subset of the same size for calibration and recovery"),
-    "pruned_full": VariantSpec("pruned + Full pool", "full", "data", "tgd",
-                               "the whole (sampled) pool for calibration and recovery"),
-    "generic_tgd": VariantSpec("pruned (generic calib.) + TGD", "sae", "generic", "tgd",
-                               "generic calibration, TGD recovery on the curated set (Table 4's BookCorpus column)"),
-    "embedding_tgd": VariantSpec("embedding-kNN selection + TGD", "embedding", "data", "tgd",
-                                 "sentence-embedding kNN selection instead of SAE codes (Table 5)"),
-    **{f"selector_{s}": VariantSpec(f"selector {s} + TGD", f"sae:{s}", "data", "tgd",
-                                    f"SAE selection reading coordinates chosen by the {s} selector")
-       for s in ("gradient", "magnitude", "variance", "pca", "random")},
+    "dense_curated": VariantSpec(
+        "dense + FineScope data",
+        "sae",
+        None,
+        "tgd",
+        "no pruning; LoRA with TGD on the curated set (the paper's unpruned FineScope row)",
+    ),
+    "pruned": VariantSpec(
+        "pruned, no recovery", "sae", "data", None, "pruned with curated calibration, no fine-tuning"
+    ),
+    "pruned_generic": VariantSpec(
+        "pruned (generic calib.), no recovery",
+        "sae",
+        "generic",
+        None,
+        "pruned with generic news/wiki calibration, no fine-tuning",
+    ),
+    "pruned_tgd": VariantSpec(
+        "FineScope (pruned + TGD)",
+        "sae",
+        "data",
+        "tgd",
+        "curated calibration, TGD recovery on the curated set: the method",
+    ),
+    "pruned_sft": VariantSpec(
+        "pruned + SFT (w/o TGD)", "sae", "data", "sft", "as FineScope but plain SFT on the original responses"
+    ),
+    "pruned_random": VariantSpec(
+        "pruned + Random", "random", "data", "tgd", "random subset of the same size for calibration and recovery"
+    ),
+    "pruned_full": VariantSpec(
+        "pruned + Full pool", "full", "data", "tgd", "the whole (sampled) pool for calibration and recovery"
+    ),
+    "generic_tgd": VariantSpec(
+        "pruned (generic calib.) + TGD",
+        "sae",
+        "generic",
+        "tgd",
+        "generic calibration, TGD recovery on the curated set (Table 4's BookCorpus column)",
+    ),
+    "embedding_tgd": VariantSpec(
+        "embedding-kNN selection + TGD",
+        "embedding",
+        "data",
+        "tgd",
+        "sentence-embedding kNN selection instead of SAE codes (Table 5)",
+    ),
+    **{
+        f"selector_{s}": VariantSpec(
+            f"selector {s} + TGD",
+            f"sae:{s}",
+            "data",
+            "tgd",
+            f"SAE selection reading coordinates chosen by the {s} selector",
+        )
+        for s in ("gradient", "magnitude", "variance", "pca", "random")
+    },
 }

@@ -9,9 +9,9 @@ Padding and special tokens (BOS) are excluded from everything downstream through
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save
@@ -65,8 +65,13 @@ def _shard_path(cache_dir: Path, i: int) -> Path:
     return cache_dir / f"shard-{i:05d}.safetensors"
 
 
-def sharded(cache_dir: Path, n_batches: int, compute: Callable[[int], dict[str, torch.Tensor]], desc: str,
-            shard_batches: int = 16) -> list[dict[str, torch.Tensor]]:
+def sharded(
+    cache_dir: Path,
+    n_batches: int,
+    compute: Callable[[int], dict[str, torch.Tensor]],
+    desc: str,
+    shard_batches: int = 16,
+) -> list[dict[str, torch.Tensor]]:
     """Run `compute(batch_index)` over all batches, `shard_batches` per safetensors shard in `cache_dir`.
 
     Shards already on disk are loaded instead of recomputed, so a killed run resumes where it stopped.
@@ -96,16 +101,18 @@ def sharded(cache_dir: Path, n_batches: int, compute: Callable[[int], dict[str, 
 
 
 @torch.no_grad()
-def harvest_coords(handle, coords: dict[int, torch.Tensor], batches: TextBatches, cache_dir: Path
-                   ) -> dict[int, torch.Tensor]:
+def harvest_coords(
+    handle, coords: dict[int, torch.Tensor], batches: TextBatches, cache_dir: Path
+) -> dict[int, torch.Tensor]:
     """Selected coordinates of every non-special token at each hook layer: {layer: (tokens, K)} (float32)."""
     layers = sorted(coords)
     dev = _device(handle)
 
     def compute(b: int) -> dict[str, torch.Tensor]:
         batch = batches.batch(b)
-        hidden = handle.adapter.hidden_states_at(layers, input_ids=batch["input_ids"].to(dev),
-                                                 attention_mask=batch["attention_mask"].to(dev))
+        hidden = handle.adapter.hidden_states_at(
+            layers, input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)
+        )
         mask = batch["token_mask"].to(dev)
         return {f"layer{l}": hidden[l][mask][:, coords[l].to(dev)].float().cpu() for l in layers}
 
@@ -114,8 +121,16 @@ def harvest_coords(handle, coords: dict[int, torch.Tensor], batches: TextBatches
 
 
 @torch.no_grad()
-def encode_pooled(handle, layer: int, coords: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor],
-                  batches: TextBatches, cache_dir: Path, pooling: str = "mean", desc: str = "encode") -> torch.Tensor:
+def encode_pooled(
+    handle,
+    layer: int,
+    coords: torch.Tensor,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    batches: TextBatches,
+    cache_dir: Path,
+    pooling: str = "mean",
+    desc: str = "encode",
+) -> torch.Tensor:
     """One vector per text: `encode` (e.g. an SAE encoder) applied to each token's selected coordinates at
     `layer`, pooled over non-special tokens (mean or max). Texts without any token get a zero vector."""
     dev = _device(handle)
@@ -123,8 +138,9 @@ def encode_pooled(handle, layer: int, coords: torch.Tensor, encode: Callable[[to
 
     def compute(b: int) -> dict[str, torch.Tensor]:
         batch = batches.batch(b)
-        hidden = handle.adapter.hidden_after(layer, input_ids=batch["input_ids"].to(dev),
-                                             attention_mask=batch["attention_mask"].to(dev))
+        hidden = handle.adapter.hidden_after(
+            layer, input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)
+        )
         mask = batch["token_mask"].to(dev)
         codes = encode(hidden[..., idx].float())  # (B, T, d_code)
         m = mask.unsqueeze(-1).float()

@@ -13,8 +13,9 @@ from ..progress import progress
 
 
 @torch.no_grad()
-def minilm_embeddings(texts: list[str], batch_size: int = 32, max_length: int = 256,
-                      model_dir: str | None = None) -> torch.Tensor:
+def minilm_embeddings(
+    texts: list[str], batch_size: int = 32, max_length: int = 256, model_dir: str | None = None
+) -> torch.Tensor:
     """(len(texts), 384) unit vectors from all-MiniLM-L6-v2."""
     from transformers import AutoModel, AutoTokenizer
 
@@ -23,8 +24,7 @@ def minilm_embeddings(texts: list[str], batch_size: int = 32, max_length: int = 
     model = AutoModel.from_pretrained(path, local_files_only=True).eval()
     out = []
     for i in progress(range(0, len(texts), batch_size), desc="embed (all-MiniLM-L6-v2)", unit="batch"):
-        enc = tok(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
-                  return_tensors="pt")
+        enc = tok(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         hidden = model(**enc).last_hidden_state
         mask = enc["attention_mask"].unsqueeze(-1).float()
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)

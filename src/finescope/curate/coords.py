@@ -32,8 +32,9 @@ def _math_sdpa():
     return sdpa_kernel(SDPBackend.MATH)
 
 
-def _probe_scores(handle, layer: int, batches: TextBatches, probes: int, seed: int, *, per_text: bool,
-                  desc: str) -> torch.Tensor:
+def _probe_scores(
+    handle, layer: int, batches: TextBatches, probes: int, seed: int, *, per_text: bool, desc: str
+) -> torch.Tensor:
     """Hutchinson estimates of Jacobian row norms w.r.t. the input embeddings, from `probes` Rademacher JVPs.
 
     per_text=False (jacobian): rows of ∂a_{j,t}/∂e per token, squared norms averaged over tokens.
@@ -49,7 +50,7 @@ def _probe_scores(handle, layer: int, batches: TextBatches, probes: int, seed: i
         with torch.no_grad():
             embeds = handle.adapter.embed_tokens(ids)
 
-        def f(e: torch.Tensor) -> torch.Tensor:
+        def f(e: torch.Tensor, attn: torch.Tensor = attn) -> torch.Tensor:
             return handle.adapter.hidden_after(layer, inputs_embeds=e, attention_mask=attn)
 
         for _ in range(probes):
@@ -70,13 +71,17 @@ def _probe_scores(handle, layer: int, batches: TextBatches, probes: int, seed: i
 def _activation_stats(handle, layer: int, batches: TextBatches) -> dict[str, torch.Tensor]:
     dev = next(handle.model.parameters()).device
     d = handle.adapter.hidden_size
-    n, s1, s2, sabs = 0, torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64), \
-        torch.zeros(d, dtype=torch.float64)
+    n, s1, s2, sabs = (
+        0,
+        torch.zeros(d, dtype=torch.float64),
+        torch.zeros(d, dtype=torch.float64),
+        torch.zeros(d, dtype=torch.float64),
+    )
     cross = torch.zeros(d, d, dtype=torch.float64)
-    for batch in progress(batches, desc=f"activation statistics (layer {layer})", total=len(batches),
-                          unit="batch"):
-        hidden = handle.adapter.hidden_after(layer, input_ids=batch["input_ids"].to(dev),
-                                             attention_mask=batch["attention_mask"].to(dev))
+    for batch in progress(batches, desc=f"activation statistics (layer {layer})", total=len(batches), unit="batch"):
+        hidden = handle.adapter.hidden_after(
+            layer, input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)
+        )
         x = hidden[batch["token_mask"].to(dev)].double().cpu()
         n += x.shape[0]
         s1 += x.sum(0)
@@ -88,16 +93,19 @@ def _activation_stats(handle, layer: int, batches: TextBatches) -> dict[str, tor
     return {"magnitude": sabs / n, "variance": s2 / n - mean.pow(2), "covariance": cross / n - torch.outer(mean, mean)}
 
 
-def coordinate_scores(handle, layer: int, batches: TextBatches, selector: str, *, probes: int = 2,
-                      seed: int = 0, k: int = 128) -> torch.Tensor:
+def coordinate_scores(
+    handle, layer: int, batches: TextBatches, selector: str, *, probes: int = 2, seed: int = 0, k: int = 128
+) -> torch.Tensor:
     """A score per hidden coordinate at `layer` (higher = keep)."""
     d = handle.adapter.hidden_size
     if selector == "jacobian":
-        return _probe_scores(handle, layer, batches, probes, seed, per_text=False,
-                             desc=f"jacobian scores (layer {layer}, R={probes})")
+        return _probe_scores(
+            handle, layer, batches, probes, seed, per_text=False, desc=f"jacobian scores (layer {layer}, R={probes})"
+        )
     if selector == "gradient":
-        return _probe_scores(handle, layer, batches, probes, seed, per_text=True,
-                             desc=f"gradient scores (layer {layer}, R={probes})")
+        return _probe_scores(
+            handle, layer, batches, probes, seed, per_text=True, desc=f"gradient scores (layer {layer}, R={probes})"
+        )
     if selector == "random":
         return torch.rand(d, generator=torch.Generator().manual_seed(seed))
     if selector in ("magnitude", "variance", "pca"):
@@ -113,6 +121,7 @@ def coordinate_scores(handle, layer: int, batches: TextBatches, selector: str, *
 def top_k_coords(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k highest scores, highest first."""
     if k > scores.numel():
-        raise FinescopeError(f"num_coords (K) = {k} is larger than the hidden size {scores.numel()}; "
-                             f"choose K ≤ {scores.numel()}")
+        raise FinescopeError(
+            f"num_coords (K) = {k} is larger than the hidden size {scores.numel()}; choose K ≤ {scores.numel()}"
+        )
     return torch.topk(scores, k).indices

@@ -26,15 +26,14 @@ from safetensors.torch import load_file, save
 from .. import FinescopeError, assets, hashing, storage
 from ..artifacts import CurateFeatures, CurateMetrics, PoolSnippet, SaeCurationMetrics, SaeLayerMetrics, SharedLatent
 from ..config import CurateConfig
+from ..corpora import default_reference_texts, resolve_records_path
 from ..data import read_records, record_text
 from ..modeling import load
 from .activations import TextBatches, encode_pooled, harvest_coords
 from .baselines import minilm_embeddings, random_scores
 from .coords import coordinate_scores, top_k_coords
-from ..corpora import default_reference_texts, resolve_records_path
 from .sae import evaluate_sae, load_sae, save_sae, train_sae
 from .select import max_cosine, select_global, select_per_seed
-
 
 # Bump when the SAE's definition changes, so cached SAEs (and encodings made with them) are not reused.
 SAE_VERSION = 3  # 3: folder and encodings use the standardisation folded into the weights (SAELens layout)
@@ -72,12 +71,33 @@ def _reference_texts(cfg: CurateConfig) -> list[str]:
 def _train_layer_sae(cfg: CurateConfig, handle, layer: int, reference: list[str], model_fp: str):
     """Coordinates + SAE for one layer, from the cache when the same inputs were seen before."""
     coord_texts = reference[: cfg.coord_samples]
-    coords_key = hashing.digest_parts("coords", COORDS_VERSION.get(cfg.selector, 1), model_fp, layer, cfg.selector,
-                                      cfg.num_coords, cfg.probes, hashing.digest_texts(coord_texts), cfg.max_length,
-                                      cfg.batch_size, cfg.seed)
-    key = hashing.digest_parts("sae", SAE_VERSION, coords_key, hashing.digest_texts(reference), cfg.sae_kind,
-                               cfg.sae_expansion, cfg.sae_k, cfg.sae_l1, cfg.sae_auxk_alpha, cfg.sae_lr, cfg.sae_steps,
-                               cfg.sae_batch_size)
+    coords_key = hashing.digest_parts(
+        "coords",
+        COORDS_VERSION.get(cfg.selector, 1),
+        model_fp,
+        layer,
+        cfg.selector,
+        cfg.num_coords,
+        cfg.probes,
+        hashing.digest_texts(coord_texts),
+        cfg.max_length,
+        cfg.batch_size,
+        cfg.seed,
+    )
+    key = hashing.digest_parts(
+        "sae",
+        SAE_VERSION,
+        coords_key,
+        hashing.digest_texts(reference),
+        cfg.sae_kind,
+        cfg.sae_expansion,
+        cfg.sae_k,
+        cfg.sae_l1,
+        cfg.sae_auxk_alpha,
+        cfg.sae_lr,
+        cfg.sae_steps,
+        cfg.sae_batch_size,
+    )
     root = _cache_root() / f"sae-{key}"
     root.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -87,9 +107,15 @@ def _train_layer_sae(cfg: CurateConfig, handle, layer: int, reference: list[str]
         scores, idx = saved["scores"], saved["indices"]
     else:
         t = time.perf_counter()
-        scores = coordinate_scores(handle, layer, TextBatches(handle.tokenizer, coord_texts, cfg.max_length,
-                                                               cfg.batch_size),
-                                   cfg.selector, probes=cfg.probes, seed=cfg.seed, k=cfg.num_coords)
+        scores = coordinate_scores(
+            handle,
+            layer,
+            TextBatches(handle.tokenizer, coord_texts, cfg.max_length, cfg.batch_size),
+            cfg.selector,
+            probes=cfg.probes,
+            seed=cfg.seed,
+            k=cfg.num_coords,
+        )
         idx = top_k_coords(scores, cfg.num_coords)
         storage.write_atomic(coords_file, save({"scores": scores.float().contiguous(), "indices": idx.contiguous()}))
         timings["coords_s"] = time.perf_counter() - t
@@ -99,35 +125,72 @@ def _train_layer_sae(cfg: CurateConfig, handle, layer: int, reference: list[str]
         curves, quality = meta["finescope_curves"], meta["finescope_metrics"]
     else:
         t = time.perf_counter()
-        acts = harvest_coords(handle, {layer: idx}, TextBatches(handle.tokenizer, reference, cfg.max_length,
-                                                                 cfg.batch_size), root / "acts")[layer]
+        acts = harvest_coords(
+            handle,
+            {layer: idx},
+            TextBatches(handle.tokenizer, reference, cfg.max_length, cfg.batch_size),
+            root / "acts",
+        )[layer]
         timings["harvest_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        sae, curves = train_sae(acts, kind=cfg.sae_kind, d_sae=cfg.sae_expansion * cfg.num_coords, k=cfg.sae_k,
-                                l1=cfg.sae_l1, auxk_alpha=cfg.sae_auxk_alpha, lr=cfg.sae_lr, steps=cfg.sae_steps,
-                                batch_size=cfg.sae_batch_size, seed=cfg.seed)
+        sae, curves = train_sae(
+            acts,
+            kind=cfg.sae_kind,
+            d_sae=cfg.sae_expansion * cfg.num_coords,
+            k=cfg.sae_k,
+            l1=cfg.sae_l1,
+            auxk_alpha=cfg.sae_auxk_alpha,
+            lr=cfg.sae_lr,
+            steps=cfg.sae_steps,
+            batch_size=cfg.sae_batch_size,
+            seed=cfg.seed,
+        )
         quality = evaluate_sae(sae, acts)
         quality["tokens"] = int(acts.shape[0])
         timings["sae_train_s"] = time.perf_counter() - t
-        save_sae(sae, sae_dir, coords=idx, layer=layer, model=handle.source,
-                 extra={"finescope_curves": curves, "finescope_metrics": quality, "finescope_selector": cfg.selector})
-    return {"key": key, "root": root, "scores": scores, "indices": idx, "sae": sae, "curves": curves,
-            "quality": quality, "timings": timings}
+        save_sae(
+            sae,
+            sae_dir,
+            coords=idx,
+            layer=layer,
+            model=handle.source,
+            extra={"finescope_curves": curves, "finescope_metrics": quality, "finescope_selector": cfg.selector},
+        )
+    return {
+        "key": key,
+        "root": root,
+        "scores": scores,
+        "indices": idx,
+        "sae": sae,
+        "curves": curves,
+        "quality": quality,
+        "timings": timings,
+    }
 
 
 def _sae_vectors(cfg, handle, layer_state, layer: int, texts: list[str], tag: str) -> torch.Tensor:
     batches = TextBatches(handle.tokenizer, texts, cfg.max_length, cfg.batch_size)
-    key = hashing.digest_parts("enc", layer_state["key"], layer, cfg.pooling, cfg.max_length, cfg.batch_size,
-                               hashing.digest_texts(texts))
+    key = hashing.digest_parts(
+        "enc", layer_state["key"], layer, cfg.pooling, cfg.max_length, cfg.batch_size, hashing.digest_texts(texts)
+    )
     cache = _cache_root() / f"enc-{key}"
-    vecs = encode_pooled(handle, layer, layer_state["indices"], layer_state["sae"].encode, batches, cache,
-                         cfg.pooling, desc=f"encode {tag} (layer {layer})")
+    vecs = encode_pooled(
+        handle,
+        layer,
+        layer_state["indices"],
+        layer_state["sae"].encode,
+        batches,
+        cache,
+        cfg.pooling,
+        desc=f"encode {tag} (layer {layer})",
+    )
     storage.write_json_atomic(cache / "info.json", {"texts": len(texts), "layer": layer, "tag": tag})
     return vecs
 
 
-def _features(pool_vecs, seed_vecs, selected: list[int], pool: list[dict], texts: list[str], top: int = 20,
-              snippets: int = 5) -> list[SharedLatent]:
+def _features(
+    pool_vecs, seed_vecs, selected: list[int], pool: list[dict], texts: list[str], top: int = 20, snippets: int = 5
+) -> list[SharedLatent]:
     """SAE latents most shared by the seeds and the selection, with their top-activating pool snippets.
 
     A latent counts by how much more it fires on both the seeds and the selection than on the pool at large
@@ -142,16 +205,24 @@ def _features(pool_vecs, seed_vecs, selected: list[int], pool: list[dict], texts
         if float(shared[latent]) <= 0:
             break
         best = torch.argsort(pool_vecs[:, latent], descending=True)[:snippets].tolist()
-        out.append(SharedLatent(
-            latent=latent,
-            lift=float(shared[latent]),
-            seed_mean_activation=float(seed_mean[latent]),
-            selected_mean_activation=float(sel_mean[latent]),
-            pool_mean_activation=float(pool_mean[latent]),
-            top_pool_snippets=[PoolSnippet(id=pool[i]["id"], source=pool[i].get("source"),
-                                           activation=float(pool_vecs[i, latent]), text=texts[i][:240])
-                               for i in best],
-        ))
+        out.append(
+            SharedLatent(
+                latent=latent,
+                lift=float(shared[latent]),
+                seed_mean_activation=float(seed_mean[latent]),
+                selected_mean_activation=float(sel_mean[latent]),
+                pool_mean_activation=float(pool_mean[latent]),
+                top_pool_snippets=[
+                    PoolSnippet(
+                        id=pool[i]["id"],
+                        source=pool[i].get("source"),
+                        activation=float(pool_vecs[i, latent]),
+                        text=texts[i][:240],
+                    )
+                    for i in best
+                ],
+            )
+        )
     return out
 
 
@@ -175,8 +246,10 @@ def run(cfg: CurateConfig, out: Path) -> Path:
             if not 0 <= layer < n_layers:
                 raise CurateError(f"layers: {layer} is out of range; {handle.source} has blocks 0..{n_layers - 1}")
         if cfg.num_coords > handle.adapter.hidden_size:
-            raise CurateError(f"num_coords (K) = {cfg.num_coords} is larger than the hidden size "
-                              f"{handle.adapter.hidden_size} of {handle.source}")
+            raise CurateError(
+                f"num_coords (K) = {cfg.num_coords} is larger than the hidden size "
+                f"{handle.adapter.hidden_size} of {handle.source}"
+            )
         reference = _reference_texts(cfg)
     with storage.stage_folder(out, cfg, overwrite=cfg.overwrite) as stage:
         if stage is None:
@@ -185,12 +258,19 @@ def run(cfg: CurateConfig, out: Path) -> Path:
     return out
 
 
-def _curate_into(stage: Path, cfg: CurateConfig, seeds: list[dict], pool: list[dict], handle,
-                 reference: list[str] | None, start: float) -> None:
+def _curate_into(
+    stage: Path,
+    cfg: CurateConfig,
+    seeds: list[dict],
+    pool: list[dict],
+    handle,
+    reference: list[str] | None,
+    start: float,
+) -> None:
     """Score the pool and write the selection into the (locked) stage folder; DONE last."""
     m = cfg.top_m
     if m > len(pool) and cfg.method != "full":
-        warnings.warn(f"top_m = {m} is larger than the pool ({len(pool)} records); keeping all of them")
+        warnings.warn(f"top_m = {m} is larger than the pool ({len(pool)} records); keeping all of them", stacklevel=2)
         m = len(pool)
     pool_texts = [record_text(r, cfg.encode_fields) for r in pool]
     seed_texts = [record_text(r, cfg.encode_fields) for r in seeds]
@@ -199,11 +279,20 @@ def _curate_into(stage: Path, cfg: CurateConfig, seeds: list[dict], pool: list[d
     chosen = _choose(cfg, scored, pool_texts, m)
     selection = _write_outputs(stage, pool, seeds, scored.scores, scored.nearest, chosen)
     if scored.features:
-        CurateFeatures(layers={layer: _features(pv, sv, chosen, pool, pool_texts)
-                               for layer, (pv, sv) in scored.features.items()}).write(stage / CurateFeatures.FILE)
+        CurateFeatures(
+            layers={layer: _features(pv, sv, chosen, pool, pool_texts) for layer, (pv, sv) in scored.features.items()}
+        ).write(stage / CurateFeatures.FILE)
     timings["total"] = time.perf_counter() - start
-    metrics = CurateMetrics(method=cfg.method, pool_records=len(pool), seeds=len(seeds), top_m=m,
-                            selection=cfg.selection, timings_s=timings, sae_curation=scored.sae, **selection)
+    metrics = CurateMetrics(
+        method=cfg.method,
+        pool_records=len(pool),
+        seeds=len(seeds),
+        top_m=m,
+        selection=cfg.selection,
+        timings_s=timings,
+        sae_curation=scored.sae,
+        **selection,
+    )
     storage.mark_done(stage, cfg, metrics.to_json())
 
 
@@ -220,8 +309,15 @@ class _Scored:
     sae: SaeCurationMetrics | None = None
 
 
-def _score(stage: Path, cfg: CurateConfig, handle, reference: list[str] | None, pool_texts: list[str],
-           seed_texts: list[str], timings: dict[str, float]) -> _Scored:
+def _score(
+    stage: Path,
+    cfg: CurateConfig,
+    handle,
+    reference: list[str] | None,
+    pool_texts: list[str],
+    seed_texts: list[str],
+    timings: dict[str, float],
+) -> _Scored:
     """Score every pool record by the configured method."""
     n = len(pool_texts)
     if cfg.method == "sae":
@@ -239,8 +335,15 @@ def _score(stage: Path, cfg: CurateConfig, handle, reference: list[str] | None, 
     raise CurateError(f"unknown method {cfg.method!r}")
 
 
-def _score_sae(stage: Path, cfg: CurateConfig, handle, reference: list[str], pool_texts: list[str],
-               seed_texts: list[str], timings: dict[str, float]) -> _Scored:
+def _score_sae(
+    stage: Path,
+    cfg: CurateConfig,
+    handle,
+    reference: list[str],
+    pool_texts: list[str],
+    seed_texts: list[str],
+    timings: dict[str, float],
+) -> _Scored:
     """Per hook layer: coordinates and SAE (cached), pooled codes of pool and seeds, max cosine to the seeds.
 
     Writes the SAEs (sae/layer<ℓ>/) and coords.safetensors. Several layers: a record's score is its best layer's
@@ -259,11 +362,17 @@ def _score_sae(stage: Path, cfg: CurateConfig, handle, reference: list[str], poo
         per_layer_sims.append(layer_sims)
         coords_out[f"layer{layer}.indices"] = state["indices"].contiguous()
         coords_out[f"layer{layer}.scores"] = state["scores"].float().contiguous()
-        save_sae(state["sae"], stage / "sae" / f"layer{layer}", coords=state["indices"], layer=layer,
-                 model=handle.source, extra={"finescope_curves": state["curves"],
-                                             "finescope_metrics": state["quality"]})
+        save_sae(
+            state["sae"],
+            stage / "sae" / f"layer{layer}",
+            coords=state["indices"],
+            layer=layer,
+            model=handle.source,
+            extra={"finescope_curves": state["curves"], "finescope_metrics": state["quality"]},
+        )
         sae_metrics[f"layer{layer}"] = SaeLayerMetrics.from_json(
-            {**state["quality"], "curves": state["curves"], "cache": str(state["root"])}, source="SAE quality")
+            {**state["quality"], "curves": state["curves"], "cache": str(state["root"])}, source="SAE quality"
+        )
         timings.update({f"{k}_layer{layer}": v for k, v in state["timings"].items()})
         features[f"layer{layer}"] = (pool_vecs, seed_vecs)
     storage.write_atomic(stage / "coords.safetensors", save(coords_out))
@@ -272,8 +381,13 @@ def _score_sae(stage: Path, cfg: CurateConfig, handle, reference: list[str], poo
     sims = torch.stack(per_layer_sims)  # (layers, pool, seeds)
     nearest = sims[best_layer, torch.arange(len(pool_texts))].argmax(-1)
     truncated = TextBatches(handle.tokenizer, pool_texts, cfg.max_length).count_truncated()
-    info = SaeCurationMetrics(layers=layers, reference_texts=len(reference), pool_truncated=truncated,
-                              max_length=cfg.max_length, sae=sae_metrics)
+    info = SaeCurationMetrics(
+        layers=layers,
+        reference_texts=len(reference),
+        pool_truncated=truncated,
+        max_length=cfg.max_length,
+        sae=sae_metrics,
+    )
     return _Scored(scores, nearest, sims, features, info)
 
 
@@ -283,11 +397,15 @@ def _choose(cfg: CurateConfig, scored: _Scored, pool_texts: list[str], m: int) -
     if cfg.method == "full":
         return select_global(scores, pool_texts, len(pool_texts))
     if cfg.selection == "per_seed" and sims is not None:
-        return sorted({i for layer_sims in sims for i in select_per_seed(layer_sims, scores, pool_texts, m)},
-                      key=lambda i: (-float(scores[i]), i))
+        return sorted(
+            {i for layer_sims in sims for i in select_per_seed(layer_sims, scores, pool_texts, m)},
+            key=lambda i: (-float(scores[i]), i),
+        )
     if sims is not None and sims.shape[0] > 1:
-        return sorted({i for s in sims for i in select_global(s.max(-1).values, pool_texts, m)},
-                      key=lambda i: (-float(scores[i]), i))
+        return sorted(
+            {i for s in sims for i in select_global(s.max(-1).values, pool_texts, m)},
+            key=lambda i: (-float(scores[i]), i),
+        )
     return select_global(scores, pool_texts, m)
 
 
@@ -303,16 +421,20 @@ def _write_outputs(stage: Path, pool, seeds, scores, nearest, chosen) -> dict:
         j = int(nearest[i])
         return seed_ids[j] if j >= 0 else None
 
-    storage.write_jsonl_atomic(stage / "selected.jsonl", ({**pool[i], "score": float(scores[i]), "rank": rank[i],
-                                                      "nearest_seed": seed_of(i)} for i in chosen))
-    table = pa.table({
-        "id": [r["id"] for r in pool],
-        "source": [r.get("source") for r in pool],
-        "score": [float(s) for s in scores],
-        "nearest_seed": [seed_of(i) for i in range(len(pool))],
-        "selected": [i in rank for i in range(len(pool))],
-        "rank": [rank.get(i) for i in range(len(pool))],
-    })
+    storage.write_jsonl_atomic(
+        stage / "selected.jsonl",
+        ({**pool[i], "score": float(scores[i]), "rank": rank[i], "nearest_seed": seed_of(i)} for i in chosen),
+    )
+    table = pa.table(
+        {
+            "id": [r["id"] for r in pool],
+            "source": [r.get("source") for r in pool],
+            "score": [float(s) for s in scores],
+            "nearest_seed": [seed_of(i) for i in range(len(pool))],
+            "selected": [i in rank for i in range(len(pool))],
+            "rank": [rank.get(i) for i in range(len(pool))],
+        }
+    )
     tmp = stage / ".scores.parquet.tmp"
     pq.write_table(table, tmp)
     tmp.replace(stage / "scores.parquet")

@@ -76,10 +76,16 @@ class SparseAutoencoder(nn.Module):
         the large per-coordinate means before the matmul, so float32 codes stay as accurate as in the standardised
         form. For an SAE loaded from a folded folder (μ = 0, σ = 1) this returns its weights unchanged, bit for bit.
         """
-        mean, std, W_enc, b_enc, W_dec, b_dec = (t.detach().cpu().double() for t in (
-            self.input_mean, self.input_std, self.W_enc, self.b_enc, self.W_dec, self.b_dec))
-        return {"W_enc": (W_enc / std[:, None]).float(), "b_enc": b_enc.float(),
-                "W_dec": (W_dec * std).float(), "b_dec": (b_dec * std + mean).float()}
+        mean, std, W_enc, b_enc, W_dec, b_dec = (
+            t.detach().cpu().double()
+            for t in (self.input_mean, self.input_std, self.W_enc, self.b_enc, self.W_dec, self.b_dec)
+        )
+        return {
+            "W_enc": (W_enc / std[:, None]).float(),
+            "b_enc": b_enc.float(),
+            "W_dec": (W_dec * std).float(),
+            "b_dec": (b_dec * std + mean).float(),
+        }
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         z = torch.relu(pre)
@@ -91,8 +97,13 @@ class SparseAutoencoder(nn.Module):
     def _folded_on(self, device: torch.device) -> dict[str, torch.Tensor]:
         """`folded()` on `device`, memoised until a weight or buffer changes (in-place updates bump a tensor's
         _version, a move or reassignment changes its storage), so encoding batch after batch folds once."""
-        key = (str(device), *((t.data_ptr(), t._version) for t in
-                              (self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.input_mean, self.input_std)))
+        key = (
+            str(device),
+            *(
+                (t.data_ptr(), t._version)
+                for t in (self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.input_mean, self.input_std)
+            ),
+        )
         if self._folded_key != key:
             self._folded_cache = {n: t.to(device) for n, t in self.folded().items()}
             self._folded_key = key
@@ -218,8 +229,15 @@ def evaluate_sae(sae: SparseAutoencoder, acts: torch.Tensor, batch_size: int = 4
     return {"fvu": err / max(tot, 1e-12), "l0": l0 / n, "dead_fraction": float((~fired).float().mean())}
 
 
-def save_sae(sae: SparseAutoencoder, path: str | Path, *, coords: torch.Tensor, layer: int, model: str,
-             extra: dict[str, Any] | None = None) -> Path:
+def save_sae(
+    sae: SparseAutoencoder,
+    path: str | Path,
+    *,
+    coords: torch.Tensor,
+    layer: int,
+    model: str,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """SAELens layout: cfg.json + sae_weights.safetensors (the folded W_enc, b_enc, W_dec, b_dec only, see
     `SparseAutoencoder.folded`), plus coords.safetensors, the residual coordinates the SAE reads (its d_in inputs)."""
     topk = sae.kind == "topk"
@@ -254,13 +272,18 @@ def save_sae(sae: SparseAutoencoder, path: str | Path, *, coords: torch.Tensor, 
 def _kind(cfg: dict[str, Any]) -> str:
     """Our SAE kind for a SAELens cfg, refusing the settings `SparseAutoencoder` does not compute."""
     arch = cfg.get("architecture", "standard")
-    if (arch not in ("standard", "topk") or not cfg.get("apply_b_dec_to_input", True)
-            or cfg.get("normalize_activations", "none") not in ("none", "finescope_standardize")
-            or cfg.get("rescale_acts_by_decoder_norm", False)):
-        raise ValueError(f"unsupported SAE cfg: architecture {arch!r}, apply_b_dec_to_input "
-                         f"{cfg.get('apply_b_dec_to_input')!r}, normalize_activations "
-                         f"{cfg.get('normalize_activations')!r}, rescale_acts_by_decoder_norm "
-                         f"{cfg.get('rescale_acts_by_decoder_norm')!r}")
+    if (
+        arch not in ("standard", "topk")
+        or not cfg.get("apply_b_dec_to_input", True)
+        or cfg.get("normalize_activations", "none") not in ("none", "finescope_standardize")
+        or cfg.get("rescale_acts_by_decoder_norm", False)
+    ):
+        raise ValueError(
+            f"unsupported SAE cfg: architecture {arch!r}, apply_b_dec_to_input "
+            f"{cfg.get('apply_b_dec_to_input')!r}, normalize_activations "
+            f"{cfg.get('normalize_activations')!r}, rescale_acts_by_decoder_norm "
+            f"{cfg.get('rescale_acts_by_decoder_norm')!r}"
+        )
     return "topk" if arch == "topk" else "relu"
 
 

@@ -24,13 +24,13 @@ import traceback
 _SYS_CREATE, _SYS_ADD_RULE, _SYS_RESTRICT = 444, 445, 446
 _PR_SET_NO_NEW_PRIVS = 38
 _FS_WRITE_RIGHTS = {  # access right bit → first ABI that knows it
-    1 << 1: 1,   # WRITE_FILE
-    1 << 4: 1,   # REMOVE_DIR
-    1 << 5: 1,   # REMOVE_FILE
-    1 << 6: 1,   # MAKE_CHAR
-    1 << 7: 1,   # MAKE_DIR
-    1 << 8: 1,   # MAKE_REG
-    1 << 9: 1,   # MAKE_SOCK
+    1 << 1: 1,  # WRITE_FILE
+    1 << 4: 1,  # REMOVE_DIR
+    1 << 5: 1,  # REMOVE_FILE
+    1 << 6: 1,  # MAKE_CHAR
+    1 << 7: 1,  # MAKE_DIR
+    1 << 8: 1,  # MAKE_REG
+    1 << 9: 1,  # MAKE_SOCK
     1 << 10: 1,  # MAKE_FIFO
     1 << 11: 1,  # MAKE_BLOCK
     1 << 12: 1,  # MAKE_SYM
@@ -47,8 +47,8 @@ def _landlock(work_dir: str) -> int:
     if abi < 1:
         return 0
     fs = sum(bit for bit, since in _FS_WRITE_RIGHTS.items() if abi >= since)
-    net = 3 if abi >= 4 else 0          # BIND_TCP | CONNECT_TCP, with no rule allowing any port
-    scoped = 3 if abi >= 6 else 0       # abstract unix sockets | signals, to processes outside the domain
+    net = 3 if abi >= 4 else 0  # BIND_TCP | CONNECT_TCP, with no rule allowing any port
+    scoped = 3 if abi >= 6 else 0  # abstract unix sockets | signals, to processes outside the domain
     attr = (ctypes.c_uint64 * 3)(fs, net, scoped)
     size = 24 if abi >= 6 else 16 if abi >= 4 else 8
     ruleset = libc.syscall(_SYS_CREATE, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 
-
 # ================================================================================================ GSM8K answers
 
 _NUMBER = re.compile(r"-?[$0-9.,]{2,}|-?[0-9]+")
@@ -59,7 +58,7 @@ def last_boxed(text: str) -> str | None:
         return None
     rest = text[idx:]
     if rest.startswith("\\boxed ") and "{" not in rest.split(" ", 1)[1][:1]:
-        return rest[len("\\boxed "):].split("$")[0].strip()
+        return rest[len("\\boxed ") :].split("$")[0].strip()
     open_at = rest.find("{")
     if open_at < 0:
         return None
@@ -70,7 +69,7 @@ def last_boxed(text: str) -> str | None:
         elif rest[i] == "}":
             depth -= 1
             if depth == 0:
-                return rest[open_at + 1:i]
+                return rest[open_at + 1 : i]
     return None
 
 

@@ -101,9 +101,11 @@ def _check_reachable_by_nobody(folder: Path) -> None:
     program would fail to open its own file and every pass@k would silently read 0."""
     for d in [folder, *folder.parents]:
         if not d.stat().st_mode & 0o001:
-            raise CodeExecutionError(f"{d}: not searchable by other users (mode {d.stat().st_mode & 0o777:o}), so the "
-                                     f"sandbox user nobody cannot reach its programs under {folder}; set TMPDIR to a "
-                                     "folder all users can enter (e.g. /tmp)")
+            raise CodeExecutionError(
+                f"{d}: not searchable by other users (mode {d.stat().st_mode & 0o777:o}), so the "
+                f"sandbox user nobody cannot reach its programs under {folder}; set TMPDIR to a "
+                "folder all users can enter (e.g. /tmp)"
+            )
 
 
 def run_program(code: str, limits: Limits | None = None) -> ExecResult:
@@ -114,10 +116,19 @@ def run_program(code: str, limits: Limits | None = None) -> ExecResult:
     work = program.parent
     nproc = limits.nproc if drop else _user_process_count() + 1 + limits.nproc  # +1: the launcher's supervisor
     cgroup = _make_pids_cgroup(limits.nproc) if os.geteuid() == 0 else None
-    spec = {"memory_mb": limits.memory_mb, "cpu_s": limits.cpu_s, "file_mb": limits.file_mb, "nproc": nproc,
-            "work_dir": str(work), "report": str(root / "report.json"), "python": python,
-            "cgroup": str(cgroup) if cgroup else None, "parent_pid": os.getpid(),
-            "drop_to_uid": _NOBODY if drop else None, "drop_to_gid": _NOBODY if drop else None}
+    spec = {
+        "memory_mb": limits.memory_mb,
+        "cpu_s": limits.cpu_s,
+        "file_mb": limits.file_mb,
+        "nproc": nproc,
+        "work_dir": str(work),
+        "report": str(root / "report.json"),
+        "python": python,
+        "cgroup": str(cgroup) if cgroup else None,
+        "parent_pid": os.getpid(),
+        "drop_to_uid": _NOBODY if drop else None,
+        "drop_to_gid": _NOBODY if drop else None,
+    }
     start = time.perf_counter()
     status, rc, pgid = _launch_and_wait(spec, program, root, limits.timeout_s, cgroup)
     wall = time.perf_counter() - start
@@ -164,17 +175,30 @@ def _prepare_sandbox(code: str) -> tuple[Path, Path, str, bool]:
     return root, program, nobody_python, True
 
 
-def _launch_and_wait(spec: dict, program: Path, root: Path, timeout_s: float,
-                     cgroup: Path | None) -> tuple[str, int | None, int]:
+def _launch_and_wait(
+    spec: dict, program: Path, root: Path, timeout_s: float, cgroup: Path | None
+) -> tuple[str, int | None, int]:
     """Start the launcher in its own session, wait up to `timeout_s`, then kill whatever is left of it →
     (status, exit code or None on timeout, process group id)."""
     work = program.parent
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work), "LANG": "C.UTF-8",
-           "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(work),
+        "TMPDIR": str(work),
+        "LANG": "C.UTF-8",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONHASHSEED": "0",
+        "OMP_NUM_THREADS": "1",
+    }
     with open(root / "stdout", "wb") as out, open(root / "stderr", "wb") as err:
         proc = subprocess.Popen(
             [sys.executable, "-I", "-S", str(_LAUNCHER), json.dumps(spec), str(program)],
-            cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
+            cwd=work,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
             close_fds=True,
         )
         pgid = proc.pid  # start_new_session: the child leads its own session and process group

@@ -61,7 +61,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
         context = context[:-n_spaces]
     whole = encode_prompt(tokenizer, context + continuation)
     ctx = encode_prompt(tokenizer, context)
-    return ctx, whole[len(ctx):]
+    return ctx, whole[len(ctx) :]
 
 
 def max_model_length(model, default: int = 2048) -> int:
@@ -112,7 +112,7 @@ def score_requests(
     pad = pad_id(tokenizer)
     bar = progress(total=len(requests), desc=desc, unit="q")
     for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
+        batch = order[start : start + batch_size]
         for enc, scores in zip(batch, _score_batch(model, batch, pad, device)):
             results[enc.index] = scores
         bar.update(len(batch))
@@ -147,8 +147,9 @@ def _score_batch(model, batch: list[_Encoded], pad: int, device) -> list[list[Sc
         full_mask = torch.cat([mask[row_q], cmask], dim=1)
         start = mask[row_q].sum(-1, keepdim=True)
         cpos = start + torch.arange(rest_len, device=device).unsqueeze(0)
-        out2 = model(input_ids=inp, attention_mask=full_mask, position_ids=cpos, use_cache=True,
-                     **{_cache_kwarg(model): cache})
+        out2 = model(
+            input_ids=inp, attention_mask=full_mask, position_ids=cpos, use_cache=True, **{_cache_kwarg(model): cache}
+        )
         lp = torch.log_softmax(out2.logits.float(), dim=-1)
         tok_lp = lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) * cmask
         logprob = logprob + tok_lp.sum(-1)
@@ -171,6 +172,7 @@ def _cache_kwarg(model) -> str:
 
 def pick(scores: list[Score], continuations: list[str], normalise: str = "none") -> int:
     """Index of the chosen answer: highest log-likelihood, optionally per character (lm-eval acc_norm) or token."""
+
     def value(k: int) -> float:
         s = scores[k]
         if normalise == "chars":

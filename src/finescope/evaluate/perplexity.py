@@ -20,7 +20,9 @@ def pair_of(tokenizer, rec: dict) -> tuple[str, str]:
     return format_example(tokenizer, rec)
 
 
-def domain_nll(model, tokenizer, records: list[dict], *, batch_size: int = 8, desc: str = "nll") -> tuple[dict, list[dict]]:
+def domain_nll(
+    model, tokenizer, records: list[dict], *, batch_size: int = 8, desc: str = "nll"
+) -> tuple[dict, list[dict]]:
     """(metrics, per-record samples) of the response-token NLL over `records`."""
     pairs = [pair_of(tokenizer, r) for r in records]
     scores = score_requests(model, tokenizer, [Request(c, [x]) for c, x in pairs], batch_size=batch_size, desc=desc)
@@ -36,5 +38,7 @@ def domain_nll(model, tokenizer, records: list[dict], *, batch_size: int = 8, de
     else:
         stderr = float("nan")
     metrics = {"nll": mean, "nll_stderr": stderr, "perplexity": math.exp(mean), "tokens": total_tokens}
-    samples = [{"id": r["id"], "nll_sum": x, "tokens": t, "nll": x / max(1, t)} for r, x, t in zip(records, nll, tokens)]
+    samples = [
+        {"id": r["id"], "nll_sum": x, "tokens": t, "nll": x / max(1, t)} for r, x, t in zip(records, nll, tokens)
+    ]
     return metrics, samples

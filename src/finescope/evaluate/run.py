@@ -20,16 +20,33 @@ from pathlib import Path
 
 from .. import hashing, storage
 from ..artifacts import EvalMetrics, EvalResults, ModelIdentity, TaskResult
-from ..progress import progress
 from ..config import EvalConfig
 from ..generation import generate
-from .code_exec import CodeExecutionError, Limits, pass_at_k, run_program
+from ..progress import progress
 from .answers import extract_gsm8k, extract_math_answer, gsm8k_target, math_equal
+from .code_exec import CodeExecutionError, Limits, pass_at_k, run_program
 from .mc import Request, mean_stderr, pick, score_requests
 from .perplexity import domain_nll
-from .tasks import (GSM8K_COT_EXEMPLARS, GSM8K_STOP, HUMANEVAL_STOP, LETTERS, MATH_STOP, MBPP_STOP, Task,
-                    TaskError, gsm8k_prompt, humaneval_program, math_prompt, mbpp_program, mbpp_prompt,
-                    mmlu_cloze_prompt, mmlu_letter_prompt, resolve_task, select_subset, shot_picker)
+from .tasks import (
+    GSM8K_COT_EXEMPLARS,
+    GSM8K_STOP,
+    HUMANEVAL_STOP,
+    LETTERS,
+    MATH_STOP,
+    MBPP_STOP,
+    Task,
+    TaskError,
+    gsm8k_prompt,
+    humaneval_program,
+    math_prompt,
+    mbpp_program,
+    mbpp_prompt,
+    mmlu_cloze_prompt,
+    mmlu_letter_prompt,
+    resolve_task,
+    select_subset,
+    shot_picker,
+)
 
 DEFAULT_SHOTS = {"mc": 0, "gsm8k": 8, "code": 0, "math": 0, "nll": 0}
 
@@ -41,17 +58,21 @@ def prepare_tasks(cfg: EvalConfig) -> list[Task]:
     tasks = [resolve_task(n) for n in cfg.tasks]
     needs = [t.name for t in tasks if t.needs_code_execution]
     if needs and not cfg.allow_code_execution:
-        raise CodeExecutionError(f"{', '.join(needs)} run model-generated code; pass --allow-code-execution to "
-                                 "allow it (each program runs confined: see finescope/evaluate/code_exec.py)")
+        raise CodeExecutionError(
+            f"{', '.join(needs)} run model-generated code; pass --allow-code-execution to "
+            "allow it (each program runs confined: see finescope/evaluate/code_exec.py)"
+        )
     for t in tasks:
         n = len(t.docs())
         if cfg.limit > n:
-            raise TaskError(f"task {t.name!r} has {n} questions; --limit {cfg.limit} is larger "
-                            "(use a smaller limit, or 0 for all)")
+            raise TaskError(
+                f"task {t.name!r} has {n} questions; --limit {cfg.limit} is larger (use a smaller limit, or 0 for all)"
+            )
         shots = _shots(cfg, t)
         if t.kind == "gsm8k" and shots > len(GSM8K_COT_EXEMPLARS):
-            raise TaskError(f"gsm8k has {len(GSM8K_COT_EXEMPLARS)} chain-of-thought exemplars; --shots {shots} "
-                            "is larger")
+            raise TaskError(
+                f"gsm8k has {len(GSM8K_COT_EXEMPLARS)} chain-of-thought exemplars; --shots {shots} is larger"
+            )
         if t.kind in ("mc", "math", "code") and t.options.get("flavour") != "humaneval" and shots >= n:
             raise TaskError(f"task {t.name!r}: --shots {shots} needs more than {n} questions")
     return tasks
@@ -68,8 +89,15 @@ def _shots(cfg: EvalConfig, task: Task) -> int:
 
 def _result(task: Task, variant: str, metric: str, values: list[float], **extra) -> dict:
     n = len(values)
-    return {"task": task.name, "variant": variant, "metric": metric, "value": sum(values) / n if n else float("nan"),
-            "stderr": mean_stderr(values), "n": n, **extra}
+    return {
+        "task": task.name,
+        "variant": variant,
+        "metric": metric,
+        "value": sum(values) / n if n else float("nan"),
+        "stderr": mean_stderr(values),
+        "n": n,
+        **extra,
+    }
 
 
 def run_mc(task: Task, handle, cfg: EvalConfig, scoring: str) -> tuple[dict, list[dict]]:
@@ -87,8 +115,9 @@ def run_mc(task: Task, handle, cfg: EvalConfig, scoring: str) -> tuple[dict, lis
         else:
             reqs.append(Request(mmlu_cloze_prompt(d, ex), [f" {c}" for c in d["choices"]]))
             choices_text.append(d["choices"])
-    scores = score_requests(handle.model, handle.tokenizer, reqs, batch_size=cfg.batch_size,
-                            desc=f"{task.name} [{scoring}]")
+    scores = score_requests(
+        handle.model, handle.tokenizer, reqs, batch_size=cfg.batch_size, desc=f"{task.name} [{scoring}]"
+    )
     acc, acc_norm, samples, by_subject = [], [], [], {}
     for i, s, ch in zip(idx, scores, choices_text):
         d = docs[i]
@@ -98,13 +127,23 @@ def run_mc(task: Task, handle, cfg: EvalConfig, scoring: str) -> tuple[dict, lis
         acc_norm.append(float(norm == d["answer"]))
         main = acc[-1] if scoring == "letter" else acc_norm[-1]
         by_subject.setdefault(d["subject"], []).append(main)
-        samples.append({"id": d["id"], "subject": d["subject"], "answer": d["answer"], "pred": raw,
-                        "pred_norm": norm, "logprobs": [x.logprob for x in s], "correct": bool(main)})
+        samples.append(
+            {
+                "id": d["id"],
+                "subject": d["subject"],
+                "answer": d["answer"],
+                "pred": raw,
+                "pred_norm": norm,
+                "logprobs": [x.logprob for x in s],
+                "correct": bool(main),
+            }
+        )
     if scoring == "letter":
         res = _result(task, "letter", "acc", acc, shots=shots)
     else:
-        res = _result(task, "cloze", "acc_norm", acc_norm, shots=shots, acc=sum(acc) / len(acc),
-                      acc_stderr=mean_stderr(acc))
+        res = _result(
+            task, "cloze", "acc_norm", acc_norm, shots=shots, acc=sum(acc) / len(acc), acc_stderr=mean_stderr(acc)
+        )
     if len(by_subject) > 1:
         res["by_subject"] = {k: {"value": sum(v) / len(v), "n": len(v)} for k, v in sorted(by_subject.items())}
     return res, samples
@@ -119,19 +158,43 @@ def run_gsm8k(task: Task, handle, cfg: EvalConfig) -> tuple[dict, list[dict]]:
     idx = select_subset(len(docs), cfg.limit)
     shots = _shots(cfg, task)
     prompts = [gsm8k_prompt(docs[i]["question"], shots) for i in idx]
-    outs = _completions(generate(handle.model, handle.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-                                 stop=GSM8K_STOP, batch_size=cfg.batch_size, desc=task.name))
+    outs = _completions(
+        generate(
+            handle.model,
+            handle.tokenizer,
+            prompts,
+            max_new_tokens=cfg.max_new_tokens,
+            stop=GSM8K_STOP,
+            batch_size=cfg.batch_size,
+            desc=task.name,
+        )
+    )
     flex, strict, samples = [], [], []
     for i, out in zip(idx, outs):
         target = gsm8k_target(docs[i]["answer"])
         s, f = extract_gsm8k(out[0])
         flex.append(float(f == target))
         strict.append(float(s == target))
-        samples.append({"id": docs[i]["id"], "target": target, "completion": out[0], "strict": s, "flexible": f,
-                        "correct": bool(flex[-1])})
-    res = _result(task, f"{shots}-shot cot", "exact_match", flex, shots=shots,
-                  extraction="last number in the completion (lm-eval flexible-extract)",
-                  exact_match_strict=sum(strict) / len(strict), exact_match_strict_stderr=mean_stderr(strict))
+        samples.append(
+            {
+                "id": docs[i]["id"],
+                "target": target,
+                "completion": out[0],
+                "strict": s,
+                "flexible": f,
+                "correct": bool(flex[-1]),
+            }
+        )
+    res = _result(
+        task,
+        f"{shots}-shot cot",
+        "exact_match",
+        flex,
+        shots=shots,
+        extraction="last number in the completion (lm-eval flexible-extract)",
+        exact_match_strict=sum(strict) / len(strict),
+        exact_match_strict_stderr=mean_stderr(strict),
+    )
     return res, samples
 
 
@@ -141,8 +204,17 @@ def run_math(task: Task, handle, cfg: EvalConfig) -> tuple[dict, list[dict]]:
     shots = _shots(cfg, task)
     picker = shot_picker(docs, "type", cfg.seed)
     prompts = [math_prompt(docs[i], picker(i, shots)) for i in idx]
-    outs = _completions(generate(handle.model, handle.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-                                 stop=MATH_STOP, batch_size=cfg.batch_size, desc=task.name))
+    outs = _completions(
+        generate(
+            handle.model,
+            handle.tokenizer,
+            prompts,
+            max_new_tokens=cfg.max_new_tokens,
+            stop=MATH_STOP,
+            batch_size=cfg.batch_size,
+            desc=task.name,
+        )
+    )
     acc, samples, by_type = [], [], {}
     for i, out in zip(idx, outs):
         d = docs[i]
@@ -150,10 +222,24 @@ def run_math(task: Task, handle, cfg: EvalConfig) -> tuple[dict, list[dict]]:
         ok = math_equal(pred, d["reference"])
         acc.append(float(ok))
         by_type.setdefault(d["type"], []).append(float(ok))
-        samples.append({"id": d["id"], "type": d["type"], "reference": d["reference"], "pred": pred,
-                        "completion": out[0], "correct": ok})
-    res = _result(task, f"{shots}-shot", "acc", acc, shots=shots,
-                  by_type={k: {"value": sum(v) / len(v), "n": len(v)} for k, v in sorted(by_type.items())})
+        samples.append(
+            {
+                "id": d["id"],
+                "type": d["type"],
+                "reference": d["reference"],
+                "pred": pred,
+                "completion": out[0],
+                "correct": ok,
+            }
+        )
+    res = _result(
+        task,
+        f"{shots}-shot",
+        "acc",
+        acc,
+        shots=shots,
+        by_type={k: {"value": sum(v) / len(v), "n": len(v)} for k, v in sorted(by_type.items())},
+    )
     return res, samples
 
 
@@ -169,9 +255,21 @@ def run_code(task: Task, handle, cfg: EvalConfig) -> tuple[dict, list[dict]]:
         prompts, stop = [mbpp_prompt(docs[i], picker(i, shots)) for i in idx], MBPP_STOP
     n = cfg.num_samples
     temperature = cfg.temperature if n > 1 else 0.0
-    outs = _completions(generate(handle.model, handle.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-                                 stop=stop, batch_size=cfg.batch_size, num_samples=n, temperature=temperature,
-                                 top_p=0.95, seed=cfg.seed, desc=f"{task.name} generate"))
+    outs = _completions(
+        generate(
+            handle.model,
+            handle.tokenizer,
+            prompts,
+            max_new_tokens=cfg.max_new_tokens,
+            stop=stop,
+            batch_size=cfg.batch_size,
+            num_samples=n,
+            temperature=temperature,
+            top_p=0.95,
+            seed=cfg.seed,
+            desc=f"{task.name} generate",
+        )
+    )
     limits = Limits(timeout_s=cfg.exec_timeout_s)
     ks = [k for k in (1, 10, 100) if k <= n]
     per_k: dict[int, list[float]] = {k: [] for k in ks}
@@ -187,19 +285,34 @@ def run_code(task: Task, handle, cfg: EvalConfig) -> tuple[dict, list[dict]]:
             per_k[k].append(pass_at_k(n, c, k))
         samples.append({"id": d["id"], "completions": comps, "statuses": statuses, "passed": c})
     variant = "greedy" if n == 1 else f"n={n}, T={temperature}"
-    res = _result(task, variant, "pass@1", per_k[1], shots=shots, samples_per_problem=n,
-                  **{f"pass@{k}": sum(v) / len(v) for k, v in per_k.items() if k != 1})
+    res = _result(
+        task,
+        variant,
+        "pass@1",
+        per_k[1],
+        shots=shots,
+        samples_per_problem=n,
+        **{f"pass@{k}": sum(v) / len(v) for k, v in per_k.items() if k != 1},
+    )
     return res, samples
 
 
 def run_nll(task: Task, handle, cfg: EvalConfig) -> tuple[dict, list[dict]]:
     docs = task.docs()
     idx = select_subset(len(docs), cfg.limit)
-    metrics, samples = domain_nll(handle.model, handle.tokenizer, [docs[i] for i in idx],
-                                  batch_size=cfg.batch_size, desc=task.name)
-    res = {"task": task.name, "variant": "response tokens", "metric": "nll", "value": metrics["nll"],
-           "stderr": metrics["nll_stderr"], "n": len(idx), "perplexity": metrics["perplexity"],
-           "tokens": metrics["tokens"]}
+    metrics, samples = domain_nll(
+        handle.model, handle.tokenizer, [docs[i] for i in idx], batch_size=cfg.batch_size, desc=task.name
+    )
+    res = {
+        "task": task.name,
+        "variant": "response tokens",
+        "metric": "nll",
+        "value": metrics["nll"],
+        "stderr": metrics["nll_stderr"],
+        "n": len(idx),
+        "perplexity": metrics["perplexity"],
+        "tokens": metrics["tokens"],
+    }
     return res, samples
 
 
@@ -226,9 +339,12 @@ def evaluate_task(task: Task, handle, cfg: EvalConfig) -> list[tuple[dict, list[
 def model_identity(handle) -> dict:
     """Where the model came from and a hash of its config.json plus its weight files' names and sizes."""
     src = Path(handle.source)
-    return {"path": str(src), "config_hash": hashing.model_config_hash(handle.source),
-            "architecture": type(handle.model).__name__,
-            "parameters": sum(p.numel() for p in handle.model.parameters())}
+    return {
+        "path": str(src),
+        "config_hash": hashing.model_config_hash(handle.source),
+        "architecture": type(handle.model).__name__,
+        "parameters": sum(p.numel() for p in handle.model.parameters()),
+    }
 
 
 def _safe(name: str) -> str:
@@ -270,8 +386,7 @@ def run(cfg: EvalConfig, out: Path) -> Path:
     return out / EvalResults.FILE
 
 
-def _evaluate_into(results_path: Path, samples_dir: Path, cfg: EvalConfig, tasks: list[Task],
-                   handle) -> EvalResults:
+def _evaluate_into(results_path: Path, samples_dir: Path, cfg: EvalConfig, tasks: list[Task], handle) -> EvalResults:
     start = time.perf_counter()
     results = []
     for task in tasks:
@@ -280,9 +395,13 @@ def _evaluate_into(results_path: Path, samples_dir: Path, cfg: EvalConfig, tasks
             results.append(result)
             if cfg.write_samples:
                 storage.write_jsonl_atomic(samples_dir / f"{_safe(task.name)}-{_safe(result.variant)}.jsonl", samples)
-    report = EvalResults(model=ModelIdentity(**model_identity(handle)), eval_config_hash=storage.config_hash(cfg),
-                         config=storage.to_jsonable(cfg), results=results,
-                         wall_s=round(time.perf_counter() - start, 2))
+    report = EvalResults(
+        model=ModelIdentity(**model_identity(handle)),
+        eval_config_hash=storage.config_hash(cfg),
+        config=storage.to_jsonable(cfg),
+        results=results,
+        wall_s=round(time.perf_counter() - start, 2),
+    )
     report.write(results_path)
     return report
 
@@ -310,8 +429,10 @@ def _check_results_file(path: Path, cfg: EvalConfig) -> None:
     if path.exists() and not path.is_file():
         raise storage.StageError(f"{path}: exists and is not a file; give a new .json path or a folder name")
     if _results_hash(path) == "" and not cfg.overwrite:
-        raise storage.StageError(f"{path}: exists and is not a finescope eval results file; choose another --out or pass "
-                            "--overwrite (it is then kept aside as <name>.superseded-unknown.json)")
+        raise storage.StageError(
+            f"{path}: exists and is not a finescope eval results file; choose another --out or pass "
+            "--overwrite (it is then kept aside as <name>.superseded-unknown.json)"
+        )
 
 
 def _set_aside(path: Path) -> None:

@@ -45,25 +45,83 @@ class TaskError(FinescopeError):
 # The subject → category map of lm-eval's mmlu groups (stem 3,153 / humanities 4,705 / social sciences 3,077 /
 # other 3,107 questions). It follows Hendrycks et al.'s categories.py except anatomy, which lm-eval files under stem.
 MMLU_CATEGORIES: dict[str, str] = {
-    **dict.fromkeys([
-        "abstract_algebra", "anatomy", "astronomy", "college_biology", "college_chemistry",
-        "college_computer_science", "college_mathematics", "college_physics", "computer_security",
-        "conceptual_physics", "electrical_engineering", "elementary_mathematics", "high_school_biology",
-        "high_school_chemistry", "high_school_computer_science", "high_school_mathematics", "high_school_physics",
-        "high_school_statistics", "machine_learning"], "stem"),
-    **dict.fromkeys([
-        "formal_logic", "high_school_european_history", "high_school_us_history", "high_school_world_history",
-        "international_law", "jurisprudence", "logical_fallacies", "moral_disputes", "moral_scenarios",
-        "philosophy", "prehistory", "professional_law", "world_religions"], "humanities"),
-    **dict.fromkeys([
-        "econometrics", "high_school_geography", "high_school_government_and_politics",
-        "high_school_macroeconomics", "high_school_microeconomics", "high_school_psychology", "human_sexuality",
-        "professional_psychology", "public_relations", "security_studies", "sociology", "us_foreign_policy"],
-        "social_sciences"),
-    **dict.fromkeys([
-        "business_ethics", "clinical_knowledge", "college_medicine", "global_facts", "human_aging", "management",
-        "marketing", "medical_genetics", "miscellaneous", "nutrition", "professional_accounting",
-        "professional_medicine", "virology"], "other"),
+    **dict.fromkeys(
+        [
+            "abstract_algebra",
+            "anatomy",
+            "astronomy",
+            "college_biology",
+            "college_chemistry",
+            "college_computer_science",
+            "college_mathematics",
+            "college_physics",
+            "computer_security",
+            "conceptual_physics",
+            "electrical_engineering",
+            "elementary_mathematics",
+            "high_school_biology",
+            "high_school_chemistry",
+            "high_school_computer_science",
+            "high_school_mathematics",
+            "high_school_physics",
+            "high_school_statistics",
+            "machine_learning",
+        ],
+        "stem",
+    ),
+    **dict.fromkeys(
+        [
+            "formal_logic",
+            "high_school_european_history",
+            "high_school_us_history",
+            "high_school_world_history",
+            "international_law",
+            "jurisprudence",
+            "logical_fallacies",
+            "moral_disputes",
+            "moral_scenarios",
+            "philosophy",
+            "prehistory",
+            "professional_law",
+            "world_religions",
+        ],
+        "humanities",
+    ),
+    **dict.fromkeys(
+        [
+            "econometrics",
+            "high_school_geography",
+            "high_school_government_and_politics",
+            "high_school_macroeconomics",
+            "high_school_microeconomics",
+            "high_school_psychology",
+            "human_sexuality",
+            "professional_psychology",
+            "public_relations",
+            "security_studies",
+            "sociology",
+            "us_foreign_policy",
+        ],
+        "social_sciences",
+    ),
+    **dict.fromkeys(
+        [
+            "business_ethics",
+            "clinical_knowledge",
+            "college_medicine",
+            "global_facts",
+            "human_aging",
+            "management",
+            "marketing",
+            "medical_genetics",
+            "miscellaneous",
+            "nutrition",
+            "professional_accounting",
+            "professional_medicine",
+            "virology",
+        ],
+        "other",
+    ),
 }
 MMLU_GROUPS = ("stem", "humanities", "social_sciences", "other")
 LETTERS = ("A", "B", "C", "D")
@@ -86,14 +144,21 @@ def load_mmlu(path: str | Path | None = None) -> list[dict]:
             if row.get("correct_answer") not in LETTERS:
                 continue
             subject = row["topic"].strip().replace(" ", "_")
-            docs.append({"id": f"mmlu-{n}", "subject": subject, "question": row["question"],
-                         "choices": [row["answer_a"], row["answer_b"], row["answer_c"], row["answer_d"]],
-                         "answer": LETTERS.index(row["correct_answer"])})
+            docs.append(
+                {
+                    "id": f"mmlu-{n}",
+                    "subject": subject,
+                    "question": row["question"],
+                    "choices": [row["answer_a"], row["answer_b"], row["answer_c"], row["answer_d"]],
+                    "answer": LETTERS.index(row["correct_answer"]),
+                }
+            )
     return docs
 
 
 def mmlu_letter_prompt(doc: dict, shots: list[dict]) -> str:
     """lm-eval `mmlu` (default template): description, k solved examples, the question with lettered choices."""
+
     def block(d: dict) -> str:
         lines = [d["question"].strip()] + [f"{L}. {c}" for L, c in zip(LETTERS, d["choices"])]
         return "\n".join(lines) + "\nAnswer:"
@@ -115,34 +180,50 @@ def mmlu_cloze_prompt(doc: dict, shots: list[dict]) -> str:
 # The 8 chain-of-thought exemplars of Wei et al. (2022), as used by lm-eval's gsm8k-cot; written for the paper,
 # not drawn from the GSM8K test set.
 GSM8K_COT_EXEMPLARS: list[tuple[str, str]] = [
-    ("There are 15 trees in the grove. Grove workers will plant trees in the grove today. After they are done, "
-     "there will be 21 trees. How many trees did the grove workers plant today?",
-     "There are 15 trees originally. Then there were 21 trees after some more were planted. So there must have "
-     "been 21 - 15 = 6. The answer is 6."),
-    ("If there are 3 cars in the parking lot and 2 more cars arrive, how many cars are in the parking lot?",
-     "There are originally 3 cars. 2 more cars arrive. 3 + 2 = 5. The answer is 5."),
-    ("Leah had 32 chocolates and her sister had 42. If they ate 35, how many pieces do they have left in total?",
-     "Originally, Leah had 32 chocolates. Her sister had 42. So in total they had 32 + 42 = 74. After eating 35, "
-     "they had 74 - 35 = 39. The answer is 39."),
-    ("Jason had 20 lollipops. He gave Denny some lollipops. Now Jason has 12 lollipops. How many lollipops did "
-     "Jason give to Denny?",
-     "Jason started with 20 lollipops. Then he had 12 after giving some to Denny. So he gave Denny 20 - 12 = 8. "
-     "The answer is 8."),
-    ("Shawn has five toys. For Christmas, he got two toys each from his mom and dad. How many toys does he have "
-     "now?",
-     "Shawn started with 5 toys. If he got 2 toys each from his mom and dad, then that is 4 more toys. 5 + 4 = 9. "
-     "The answer is 9."),
-    ("There were nine computers in the server room. Five more computers were installed each day, from monday to "
-     "thursday. How many computers are now in the server room?",
-     "There were originally 9 computers. For each of 4 days, 5 more computers were added. So 5 * 4 = 20 "
-     "computers were added. 9 + 20 is 29. The answer is 29."),
-    ("Michael had 58 golf balls. On tuesday, he lost 23 golf balls. On wednesday, he lost 2 more. How many golf "
-     "balls did he have at the end of wednesday?",
-     "Michael started with 58 golf balls. After losing 23 on tuesday, he had 58 - 23 = 35. After losing 2 more, "
-     "he had 35 - 2 = 33 golf balls. The answer is 33."),
-    ("Olivia has $23. She bought five bagels for $3 each. How much money does she have left?",
-     "Olivia had 23 dollars. 5 bagels for 3 dollars each will be 5 x 3 = 15 dollars. So she has 23 - 15 dollars "
-     "left. 23 - 15 is 8. The answer is 8."),
+    (
+        "There are 15 trees in the grove. Grove workers will plant trees in the grove today. After they are done, "
+        "there will be 21 trees. How many trees did the grove workers plant today?",
+        "There are 15 trees originally. Then there were 21 trees after some more were planted. So there must have "
+        "been 21 - 15 = 6. The answer is 6.",
+    ),
+    (
+        "If there are 3 cars in the parking lot and 2 more cars arrive, how many cars are in the parking lot?",
+        "There are originally 3 cars. 2 more cars arrive. 3 + 2 = 5. The answer is 5.",
+    ),
+    (
+        "Leah had 32 chocolates and her sister had 42. If they ate 35, how many pieces do they have left in total?",
+        "Originally, Leah had 32 chocolates. Her sister had 42. So in total they had 32 + 42 = 74. After eating 35, "
+        "they had 74 - 35 = 39. The answer is 39.",
+    ),
+    (
+        "Jason had 20 lollipops. He gave Denny some lollipops. Now Jason has 12 lollipops. How many lollipops did "
+        "Jason give to Denny?",
+        "Jason started with 20 lollipops. Then he had 12 after giving some to Denny. So he gave Denny 20 - 12 = 8. "
+        "The answer is 8.",
+    ),
+    (
+        "Shawn has five toys. For Christmas, he got two toys each from his mom and dad. How many toys does he have "
+        "now?",
+        "Shawn started with 5 toys. If he got 2 toys each from his mom and dad, then that is 4 more toys. 5 + 4 = 9. "
+        "The answer is 9.",
+    ),
+    (
+        "There were nine computers in the server room. Five more computers were installed each day, from monday to "
+        "thursday. How many computers are now in the server room?",
+        "There were originally 9 computers. For each of 4 days, 5 more computers were added. So 5 * 4 = 20 "
+        "computers were added. 9 + 20 is 29. The answer is 29.",
+    ),
+    (
+        "Michael had 58 golf balls. On tuesday, he lost 23 golf balls. On wednesday, he lost 2 more. How many golf "
+        "balls did he have at the end of wednesday?",
+        "Michael started with 58 golf balls. After losing 23 on tuesday, he had 58 - 23 = 35. After losing 2 more, "
+        "he had 35 - 2 = 33 golf balls. The answer is 33.",
+    ),
+    (
+        "Olivia has $23. She bought five bagels for $3 each. How much money does she have left?",
+        "Olivia had 23 dollars. 5 bagels for 3 dollars each will be 5 x 3 = 15 dollars. So she has 23 - 15 dollars "
+        "left. 23 - 15 is 8. The answer is 8.",
+    ),
 ]
 GSM8K_STOP = ["Q:", "</s>", "<|im_end|>", "<|endoftext|>", "\n\n"]
 
@@ -206,8 +287,10 @@ def _read_rows(path: Path, required: tuple[str, ...]) -> list[dict]:
                 if name not in row or row[name] in (None, ""):
                     raise TaskError(f"{path}: {where}: missing field {name!r} (needs {', '.join(required)})")
                 if name != "test_list" and not isinstance(row[name], str):
-                    raise TaskError(f"{path}: {where}: field {name!r} must be a string, got {type(row[name]).__name__}"
-                                    f" {quote(row[name], 80)}")
+                    raise TaskError(
+                        f"{path}: {where}: field {name!r} must be a string, got {type(row[name]).__name__}"
+                        f" {quote(row[name], 80)}"
+                    )
             out.append(row)
     except RecordError as e:
         raise TaskError(str(e)) from None
@@ -231,9 +314,16 @@ def load_math(path: Path, types: list[str] | None = None) -> list[dict]:
         ref = last_boxed(r["solution"])
         if ref is None:
             raise TaskError(f"{path}: row {i + 1}: field 'solution' has no \\boxed{{…}} answer")
-        docs.append({"id": str(r.get("id", r.get("unique_id", f"math-{i}"))), "problem": r["problem"],
-                     "solution": r["solution"], "reference": ref, "type": math_type_key(str(r.get("type", "unknown"))),
-                     "level": r.get("level")})
+        docs.append(
+            {
+                "id": str(r.get("id", r.get("unique_id", f"math-{i}"))),
+                "problem": r["problem"],
+                "solution": r["solution"],
+                "reference": ref,
+                "type": math_type_key(str(r.get("type", "unknown"))),
+                "level": r.get("level"),
+            }
+        )
     if types:
         known = sorted({d["type"] for d in docs})
         wanted = [math_type_key(t) for t in types]
@@ -258,16 +348,25 @@ def load_mbpp(path: Path) -> list[dict]:
     for i, r in enumerate(rows):
         if not isinstance(r["test_list"], list) or not all(isinstance(t, str) for t in r["test_list"]):
             raise TaskError(f"{path}: row {i + 1}: field 'test_list' must be a list of assert statements")
-        docs.append({"id": str(r.get("task_id", f"mbpp-{i}")), "text": r["text"], "code": r["code"],
-                     "test_list": r["test_list"], "test_setup_code": r.get("test_setup_code") or ""})
+        docs.append(
+            {
+                "id": str(r.get("task_id", f"mbpp-{i}")),
+                "text": r["text"],
+                "code": r["code"],
+                "test_list": r["test_list"],
+                "test_setup_code": r.get("test_setup_code") or "",
+            }
+        )
     return docs
 
 
 def mbpp_prompt(doc: dict, shots: list[dict]) -> str:
     def head(d: dict) -> str:
         tests = "\n".join(d["test_list"])
-        return (f"You are an expert Python programmer, and here is your task: {d['text']} "
-                f"Your code should pass these tests:\n\n{tests}\n[BEGIN]\n")
+        return (
+            f"You are an expert Python programmer, and here is your task: {d['text']} "
+            f"Your code should pass these tests:\n\n{tests}\n[BEGIN]\n"
+        )
 
     ex = "".join(f"{head(s)}{s['code']}\n[DONE]\n\n" for s in shots)
     return ex + head(doc)
@@ -318,9 +417,14 @@ def _mmlu_task(name: str, subjects: set[str]) -> Task:
 
 def known_task_names() -> list[str]:
     """Every fixed task name plus the file/preset patterns."""
-    return (["mmlu"] + [f"mmlu:{g}" for g in MMLU_GROUPS] + [f"mmlu:{s}" for s in sorted(MMLU_CATEGORIES)]
-            + ["gsm8k", "humaneval"] + [f"nll:{p}" for p in NLL_PRESETS]
-            + ["nll:<record file>", "math:<file>[@type+type]", "mbpp:<file>"])
+    return (
+        ["mmlu"]
+        + [f"mmlu:{g}" for g in MMLU_GROUPS]
+        + [f"mmlu:{s}" for s in sorted(MMLU_CATEGORIES)]
+        + ["gsm8k", "humaneval"]
+        + [f"nll:{p}" for p in NLL_PRESETS]
+        + ["nll:<record file>", "math:<file>[@type+type]", "mbpp:<file>"]
+    )
 
 
 def resolve_task(name: str) -> Task:
@@ -342,8 +446,9 @@ def resolve_task(name: str) -> Task:
             return Task(name, "nll", lambda: _nll_preset(arg), {"preset": arg})
         path = Path(arg).expanduser()
         if not os.path.lexists(path):
-            raise TaskError(f"task {name!r}: {arg} is neither an NLL preset ({', '.join(NLL_PRESETS)}) nor an "
-                            "existing record file")
+            raise TaskError(
+                f"task {name!r}: {arg} is neither an NLL preset ({', '.join(NLL_PRESETS)}) nor an existing record file"
+            )
         _check_task_path(name, path, "file or folder", "record file")
         return Task(name, "nll", lambda: _nll_file(path), {"file": str(path)})
     if prefix == "math" and arg:
@@ -359,15 +464,18 @@ def resolve_task(name: str) -> Task:
         if not os.path.lexists(path):
             raise TaskError(f"task {name!r}: {path}: no such file (an MBPP jsonl with text, code, test_list)")
         _check_task_path(name, path, "file", "MBPP jsonl (text, code, test_list)")
-        return Task(name, "code", lambda: load_mbpp(path), {"flavour": "mbpp", "file": str(path)},
-                    needs_code_execution=True)
+        return Task(
+            name, "code", lambda: load_mbpp(path), {"flavour": "mbpp", "file": str(path)}, needs_code_execution=True
+        )
     known = known_task_names()
     close = difflib.get_close_matches(name, known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     groups = ", ".join(["mmlu", *(f"mmlu:{g}" for g in MMLU_GROUPS)])
-    raise TaskError(f"unknown task {name!r}{hint}; known: {groups}, mmlu:<subject> (e.g. mmlu:anatomy; "
-                    f"57 subjects), gsm8k, humaneval, nll:math, nll:code, nll:<record file>, "
-                    "math:<file>[@type+type], mbpp:<file>")
+    raise TaskError(
+        f"unknown task {name!r}{hint}; known: {groups}, mmlu:<subject> (e.g. mmlu:anatomy; "
+        f"57 subjects), gsm8k, humaneval, nll:math, nll:code, nll:<record file>, "
+        "math:<file>[@type+type], mbpp:<file>"
+    )
 
 
 def _check_task_path(name: str, path: Path, want: str, what: str) -> None:
@@ -383,8 +491,7 @@ def _check_task_path(name: str, path: Path, want: str, what: str) -> None:
 def _nll_preset(preset: str) -> list[dict]:
     if preset == "math":
         return [{"id": d["id"], "instruction": d["question"], "response": d["answer"]} for d in load_gsm8k()]
-    return [{"id": d["id"], "context": d["prompt"], "continuation": d["canonical_solution"]}
-            for d in load_humaneval()]
+    return [{"id": d["id"], "context": d["prompt"], "continuation": d["canonical_solution"]} for d in load_humaneval()]
 
 
 def _nll_file(path: Path) -> list[dict]:

@@ -2,8 +2,8 @@
 
 One pass over the calibration batches gathers what the chosen scores need: gradients of the calibration LM loss
 (on every text token, or on the response tokens with calib_loss=response) for the Taylor scores, input
-statistics of o_proj/down_proj (wanda_sp, flap), and each block's input/output cosine (block influence). Scores are then summed over
-each coupled group:
+statistics of o_proj/down_proj (wanda_sp, flap), and each block's input/output cosine (block influence).
+Scores are then summed over each coupled group:
 
 | name        | element score (summed over a group)                  | source                       |
 |-------------|------------------------------------------------------|------------------------------|
@@ -48,8 +48,17 @@ class CalibrationError(FinescopeError):
 # ================================================================================================ calibration data
 
 
-def calibration_batches(tokenizer, records, *, samples: int, length: int, batch_size: int, seed: int,
-                        source: str = "calibration data", loss_on: str = "text") -> tuple[list[dict], dict]:
+def calibration_batches(
+    tokenizer,
+    records,
+    *,
+    samples: int,
+    length: int,
+    batch_size: int,
+    seed: int,
+    source: str = "calibration data",
+    loss_on: str = "text",
+) -> tuple[list[dict], dict]:
     """Tokenised, right-padded batches with their loss labels (padding = -100).
 
     `loss_on="text"`: each record's plain text (instruction + response) with the LM loss on every token;
@@ -76,15 +85,24 @@ def calibration_batches(tokenizer, records, *, samples: int, length: int, batch_
             continue
         rows.append((ids, labels))
     if not rows:
-        raise CalibrationError(f"{source}: no usable calibration text ({len(records)} records, {skipped} with no "
-                               f"response tokens within calib_length = {length})")
+        raise CalibrationError(
+            f"{source}: no usable calibration text ({len(records)} records, {skipped} with no "
+            f"response tokens within calib_length = {length})"
+        )
     pad = pad_id(tokenizer)
-    batches = [pad_batch([ids for ids, _ in chunk], pad, labels=[lab for _, lab in chunk])
-               for chunk in (rows[start:start + batch_size] for start in range(0, len(rows), batch_size))]
+    batches = [
+        pad_batch([ids for ids, _ in chunk], pad, labels=[lab for _, lab in chunk])
+        for chunk in (rows[start : start + batch_size] for start in range(0, len(rows), batch_size))
+    ]
     tokens = sum(len(ids) for ids, _ in rows)
     loss_tokens = sum(sum(1 for x in lab[1:] if x != IGNORE_INDEX) for _, lab in rows)
-    return batches, {"records": len(rows), "skipped": skipped, "tokens": tokens, "loss_tokens": loss_tokens,
-                     "batches": len(batches)}
+    return batches, {
+        "records": len(rows),
+        "skipped": skipped,
+        "tokens": tokens,
+        "loss_tokens": loss_tokens,
+        "batches": len(batches),
+    }
 
 
 # ================================================================================================ scores
@@ -109,8 +127,15 @@ class Scores:
 
 def _projections(adapter: ArchAdapter, i: int) -> dict[str, nn.Linear]:
     a, m = adapter.attention(i), adapter.mlp(i)
-    return {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj,
-            "gate": m.gate_proj, "up": m.up_proj, "down": m.down_proj}
+    return {
+        "q": a.q_proj,
+        "k": a.k_proj,
+        "v": a.v_proj,
+        "o": a.o_proj,
+        "gate": m.gate_proj,
+        "up": m.up_proj,
+        "down": m.down_proj,
+    }
 
 
 def _group_sums(adapter: ArchAdapter, i: int, elem: dict[str, tuple[torch.Tensor, torch.Tensor | None]]):
@@ -213,8 +238,15 @@ class _Stats:
             h.remove()
 
 
-def compute_scores(adapter: ArchAdapter, batches: list[dict], importance: str, *, depth_importance: str | None = None,
-                   seed: int = 0, desc: str = "calibration") -> Scores:
+def compute_scores(
+    adapter: ArchAdapter,
+    batches: list[dict],
+    importance: str,
+    *,
+    depth_importance: str | None = None,
+    seed: int = 0,
+    desc: str = "calibration",
+) -> Scores:
     """Scores of every head, KV group and MLP channel (and block, if `depth_importance`) of the model.
 
     Phases: one pass over the calibration batches gathers what the scores need (`_calibration_pass`), then the
@@ -226,8 +258,9 @@ def compute_scores(adapter: ArchAdapter, batches: list[dict], importance: str, *
     need_bi = depth_importance == "block_influence"
     gathered = _Gathered(stats=_Stats(adapter, need_act, need_bi) if (need_act or need_bi) else None)
     if need_act or need_bi or need_grad:
-        _calibration_pass(adapter, batches, gathered, need_grad=need_grad,
-                          fisher=importance in ("taylor2", "taylor_mix"), desc=desc)
+        _calibration_pass(
+            adapter, batches, gathered, need_grad=need_grad, fisher=importance in ("taylor2", "taylor_mix"), desc=desc
+        )
     heads, kv, channels = _width_scores(adapter, importance, gathered, seed)
     blocks = _block_scores(adapter, depth_importance, gathered)
     loss = gathered.loss_sum / gathered.loss_tokens if need_grad and gathered.loss_tokens else None
@@ -249,12 +282,18 @@ class _Gathered:
 
 
 def _scored_parameters(adapter: ArchAdapter) -> list[nn.Parameter]:
-    return [p for i in range(adapter.num_layers) for lin in _projections(adapter, i).values()
-            for p in (lin.weight, lin.bias) if p is not None]
+    return [
+        p
+        for i in range(adapter.num_layers)
+        for lin in _projections(adapter, i).values()
+        for p in (lin.weight, lin.bias)
+        if p is not None
+    ]
 
 
-def _calibration_pass(adapter: ArchAdapter, batches: list[dict], gathered: _Gathered, *, need_grad: bool,
-                      fisher: bool, desc: str) -> None:
+def _calibration_pass(
+    adapter: ArchAdapter, batches: list[dict], gathered: _Gathered, *, need_grad: bool, fisher: bool, desc: str
+) -> None:
     """Forward every batch (hooks of `gathered.stats` record activations); with `need_grad`, backpropagate the
     token-mean loss into the projections only. Restores every parameter's `requires_grad` and removes the hooks."""
     model = adapter.model
@@ -290,8 +329,9 @@ def _calibration_pass(adapter: ArchAdapter, batches: list[dict], gathered: _Gath
             stats.close()
 
 
-def _accumulate_gradients(params: list[nn.Parameter], gathered: _Gathered, n: int, total_tokens: int,
-                          fisher: bool) -> None:
+def _accumulate_gradients(
+    params: list[nn.Parameter], gathered: _Gathered, n: int, total_tokens: int, fisher: bool
+) -> None:
     """Add this batch's gradients (of loss / total_tokens) to the sums, and their Fisher term; clear `.grad`."""
     for p in params:
         g = p.grad
@@ -304,8 +344,9 @@ def _accumulate_gradients(params: list[nn.Parameter], gathered: _Gathered, n: in
         p.grad = None
 
 
-def _width_scores(adapter: ArchAdapter, importance: str, gathered: _Gathered, seed: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _width_scores(
+    adapter: ArchAdapter, importance: str, gathered: _Gathered, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(heads, kv, channels) of every layer for one width importance."""
     L, H, K = adapter.num_layers, adapter.num_heads, adapter.num_kv_heads
     heads, kv, channels = torch.zeros(L, H), torch.zeros(L, K), torch.zeros(L, adapter.intermediate_size)
@@ -324,8 +365,10 @@ def _width_scores(adapter: ArchAdapter, importance: str, gathered: _Gathered, se
 
 def _weight_group_scores(adapter: ArchAdapter, i: int, importance: str, gathered: _Gathered):
     """Taylor or magnitude scores of layer i's heads, KV groups and channels (element scores summed per group)."""
-    elem = {k: _element_scores(lin, importance, gathered.grads, gathered.fisher)
-            for k, lin in _projections(adapter, i).items()}
+    elem = {
+        k: _element_scores(lin, importance, gathered.grads, gathered.fisher)
+        for k, lin in _projections(adapter, i).items()
+    }
     h, g, c = _group_sums(adapter, i, elem)
     if importance == "magnitude":
         h, g, c = h.sqrt(), g.sqrt(), c.sqrt()
@@ -356,9 +399,12 @@ def _block_scores(adapter: ArchAdapter, depth_importance: str | None, gathered: 
     if depth_importance == "taylor_block":
         blocks = torch.zeros(adapter.num_layers)
         for i in range(adapter.num_layers):
-            blocks[i] = sum(float(s.sum()) for lin in _projections(adapter, i).values()
-                            for s in _element_scores(lin, "taylor_block", gathered.grads, gathered.fisher)
-                            if s is not None)
+            blocks[i] = sum(
+                float(s.sum())
+                for lin in _projections(adapter, i).values()
+                for s in _element_scores(lin, "taylor_block", gathered.grads, gathered.fisher)
+                if s is not None
+            )
         return blocks
     return None
 
@@ -374,8 +420,9 @@ def select_blocks(scores: Scores, depth: int) -> list[int]:
     return sorted(int(i) for i in order[:depth])
 
 
-def select_attention(head_scores: torch.Tensor, kv_scores: torch.Tensor, *, heads: int, kv_heads: int,
-                     mode: str) -> tuple[list[int], list[int]]:
+def select_attention(
+    head_scores: torch.Tensor, kv_scores: torch.Tensor, *, heads: int, kv_heads: int, mode: str
+) -> tuple[list[int], list[int]]:
     """Kept (query heads, KV heads) of one layer: top query heads inside every KV group (same count per group),
     or the top KV groups with all their query heads."""
     H, K = head_scores.numel(), kv_scores.numel()
@@ -386,7 +433,7 @@ def select_attention(head_scores: torch.Tensor, kv_scores: torch.Tensor, *, head
         per = heads // K
         kept = []
         for grp in range(K):
-            local = head_scores[grp * g:(grp + 1) * g]
+            local = head_scores[grp * g : (grp + 1) * g]
             top = torch.argsort(local, descending=True, stable=True)[:per]
             kept += [grp * g + int(t) for t in top]
         return sorted(kept), list(range(K))

@@ -23,10 +23,20 @@ from pathlib import Path
 
 import torch
 
-from .. import FinescopeError
-from .. import storage
-from ..artifacts import (Calibration, KeptLayer, LayerImportance, ModelShapes, ParameterCounts, PeakMemory,
-                         PruneMetrics, PrunePlan, PruneReport, PruneTimings, Verification)
+from .. import FinescopeError, storage
+from ..artifacts import (
+    Calibration,
+    KeptLayer,
+    LayerImportance,
+    ModelShapes,
+    ParameterCounts,
+    PeakMemory,
+    PruneMetrics,
+    PrunePlan,
+    PruneReport,
+    PruneTimings,
+    Verification,
+)
 from ..config import PruneConfig
 from ..data import read_records
 from ..modeling import load, model_info
@@ -55,8 +65,9 @@ def prune_model(handle, scores, plan: Plan, head_mode: str) -> dict:
     drop_blocks(adapter, dropped)
     layers = []
     for new_idx, orig in enumerate(kept_layers):
-        heads, kv = select_attention(scores.heads[orig], scores.kv[orig], heads=plan.heads, kv_heads=plan.kv_heads,
-                                     mode=head_mode)
+        heads, kv = select_attention(
+            scores.heads[orig], scores.kv[orig], heads=plan.heads, kv_heads=plan.kv_heads, mode=head_mode
+        )
         channels = select_channels(scores.channels[orig], plan.intermediate)
         prune_attention(adapter, new_idx, heads, kv)
         prune_mlp(adapter, new_idx, channels)
@@ -108,8 +119,9 @@ print(json.dumps({"new_tokens": int(cached.shape[1] - prompt.shape[1]),
 """
 
 
-def verify_saved(folder: Path, input_ids: torch.Tensor, expected: torch.Tensor, *, dtype: torch.dtype,
-                 device: str) -> dict:
+def verify_saved(
+    folder: Path, input_ids: torch.Tensor, expected: torch.Tensor, *, dtype: torch.dtype, device: str
+) -> dict:
     """Reload `folder` with stock transformers in a fresh process; compare logits and generate with/without cache.
 
     The process dies with ours (a `kill -9` of finescope must not leave it running), and temp folders of killed
@@ -124,9 +136,23 @@ def verify_saved(folder: Path, input_ids: torch.Tensor, expected: torch.Tensor, 
         probe, result = Path(tmp) / "probe.safetensors", Path(tmp) / "logits.safetensors"
         save_file({"input_ids": input_ids.contiguous().cpu()}, probe)
         env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
-        proc = subprocess.run(die_with_parent([sys.executable, "-c", _VERIFY, str(folder), str(probe), str(result),
-                                               str(dtype).replace("torch.", ""), device]),
-                              capture_output=True, text=True, env=env)
+        proc = subprocess.run(
+            die_with_parent(
+                [
+                    sys.executable,
+                    "-c",
+                    _VERIFY,
+                    str(folder),
+                    str(probe),
+                    str(result),
+                    str(dtype).replace("torch.", ""),
+                    device,
+                ]
+            ),
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         if proc.returncode != 0:
             tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
             raise PruneError(f"{folder}: the saved model does not reload with stock transformers: {tail[0]}")
@@ -137,7 +163,9 @@ def verify_saved(folder: Path, input_ids: torch.Tensor, expected: torch.Tensor, 
     tol = (1e-4 if dtype == torch.float32 else 2e-2) * max(1.0, scale)
     info.update({"max_abs_logit_diff": diff, "tolerance": tol, "logits_match": diff <= tol})
     if not info["logits_match"]:
-        raise PruneError(f"{folder}: reloaded logits differ from the pruned model's by {diff:.3g} (tolerance {tol:.3g})")
+        raise PruneError(
+            f"{folder}: reloaded logits differ from the pruned model's by {diff:.3g} (tolerance {tol:.3g})"
+        )
     if info["new_tokens"] <= 0 or not info["cache_matches_no_cache"]:
         raise PruneError(f"{folder}: generation after reload is broken ({info})")
     return info
@@ -157,30 +185,54 @@ def run(cfg: PruneConfig, out: Path) -> Path:
     handle = load(cfg.model, dtype=cfg.dtype)
     before = model_info(handle)
     shapes = model_shapes(handle.adapter, handle.model)
-    plan = solve(shapes, cfg.ratio, head_mode=cfg.head_mode, attention_ratio=cfg.attention_ratio,
-                 mlp_ratio=cfg.mlp_ratio, mlp_multiple=cfg.mlp_multiple, depth=cfg.depth)
-    batches, calib = calibration_batches(handle.tokenizer, records, samples=cfg.calib_samples,
-                                         length=cfg.calib_length, batch_size=cfg.batch_size, seed=cfg.seed,
-                                         source=str(cfg.data), loss_on=cfg.calib_loss)
+    plan = solve(
+        shapes,
+        cfg.ratio,
+        head_mode=cfg.head_mode,
+        attention_ratio=cfg.attention_ratio,
+        mlp_ratio=cfg.mlp_ratio,
+        mlp_multiple=cfg.mlp_multiple,
+        depth=cfg.depth,
+    )
+    batches, calib = calibration_batches(
+        handle.tokenizer,
+        records,
+        samples=cfg.calib_samples,
+        length=cfg.calib_length,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        source=str(cfg.data),
+        loss_on=cfg.calib_loss,
+    )
     target = f"{plan.ratio_target:.4f}" if plan.ratio_target is not None else "(explicit shapes)"
-    _log(f"target {target}, achieved {plan.ratio_achieved:.4f} of total parameters "
-         f"({plan.non_embedding_ratio:.4f} of non-embedding); granule {plan.granule:.4f}")
-    _log(f"shapes: layers {shapes.layers}→{plan.layers}, heads {shapes.heads}→{plan.heads}, "
-         f"KV heads {shapes.kv_heads}→{plan.kv_heads}, head_dim {plan.head_dim}, "
-         f"MLP {shapes.intermediate}→{plan.intermediate}")
+    _log(
+        f"target {target}, achieved {plan.ratio_achieved:.4f} of total parameters "
+        f"({plan.non_embedding_ratio:.4f} of non-embedding); granule {plan.granule:.4f}"
+    )
+    _log(
+        f"shapes: layers {shapes.layers}→{plan.layers}, heads {shapes.heads}→{plan.heads}, "
+        f"KV heads {shapes.kv_heads}→{plan.kv_heads}, head_dim {plan.head_dim}, "
+        f"MLP {shapes.intermediate}→{plan.intermediate}"
+    )
     with storage.stage_folder(out, cfg, overwrite=cfg.overwrite) as stage:
         if stage is None:
             return out
         return _prune_into(stage, cfg, handle, plan, batches, calib, before, start)
 
 
-def _prune_into(stage: Path, cfg: PruneConfig, handle, plan: Plan, batches, calib: dict, before: dict,
-                start: float) -> Path:
+def _prune_into(
+    stage: Path, cfg: PruneConfig, handle, plan: Plan, batches, calib: dict, before: dict, start: float
+) -> Path:
     """Score, slice, save and verify into the (locked) stage folder; DONE last."""
     t0 = time.perf_counter()
-    scores = compute_scores(handle.adapter, batches, cfg.importance,
-                            depth_importance=cfg.depth_importance if cfg.depth else None, seed=cfg.seed,
-                            desc=f"importance ({cfg.importance})")
+    scores = compute_scores(
+        handle.adapter,
+        batches,
+        cfg.importance,
+        depth_importance=cfg.depth_importance if cfg.depth else None,
+        seed=cfg.seed,
+        desc=f"importance ({cfg.importance})",
+    )
     t_scores = time.perf_counter() - t0
     t0 = time.perf_counter()
     sliced = _slice_and_probe(handle, scores, plan, cfg.head_mode, batches)
@@ -188,17 +240,22 @@ def _prune_into(stage: Path, cfg: PruneConfig, handle, plan: Plan, batches, cali
     t0 = time.perf_counter()
     _save_model(handle, stage / "model")
     t_save = time.perf_counter() - t0
-    peak = PeakMemory(rss=_peak_rss_mib(),
-                      gpu=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None)
+    peak = PeakMemory(
+        rss=_peak_rss_mib(), gpu=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    )
     _release_model(handle)  # the reload below runs in a fresh process: free our copy first
     t0 = time.perf_counter()
-    verification = Verification(**verify_saved(stage / "model", sliced.probe, sliced.expected, dtype=sliced.dtype,
-                                                device=sliced.device))
+    verification = Verification(
+        **verify_saved(stage / "model", sliced.probe, sliced.expected, dtype=sliced.dtype, device=sliced.device)
+    )
     t_verify = time.perf_counter() - t0
-    _log(f"verified: stock reload logits match (max diff {verification.max_abs_logit_diff:.2e}), "
-         f"generate works with and without cache")
-    timings = PruneTimings(importance_s=t_scores, slice_s=t_slice, save_s=t_save, verify_s=t_verify,
-                           total_s=time.perf_counter() - start)
+    _log(
+        f"verified: stock reload logits match (max diff {verification.max_abs_logit_diff:.2e}), "
+        f"generate works with and without cache"
+    )
+    timings = PruneTimings(
+        importance_s=t_scores, slice_s=t_slice, save_s=t_save, verify_s=t_verify, total_s=time.perf_counter() - start
+    )
     report = _report(cfg, plan, calib, before, sliced, scores, timings, peak, verification)
     report.write(stage / PruneReport.FILE)
     storage.mark_done(stage, cfg, _metrics(report).to_json())
@@ -222,8 +279,9 @@ def _slice_and_probe(handle, scores, plan: Plan, head_mode: str, batches) -> _Sl
     kept = prune_model(handle, scores, plan, head_mode)
     after = model_info(handle)
     if after["parameters"] != plan.params_after:
-        raise PruneError(f"internal: pruned model has {after['parameters']} parameters, the plan said "
-                         f"{plan.params_after}")
+        raise PruneError(
+            f"internal: pruned model has {after['parameters']} parameters, the plan said {plan.params_after}"
+        )
     model = handle.model
     device = str(next(model.parameters()).device)
     dtype = next(model.parameters()).dtype
@@ -250,33 +308,62 @@ def _release_model(handle) -> None:
 _SHAPE_KEYS = ("layers", "attention_heads", "kv_heads", "head_dim", "mlp_width")
 
 
-def _report(cfg: PruneConfig, plan: Plan, calib: dict, before: dict, sliced: _Sliced, scores,
-            timings: PruneTimings, peak: PeakMemory, verification: Verification) -> PruneReport:
+def _report(
+    cfg: PruneConfig,
+    plan: Plan,
+    calib: dict,
+    before: dict,
+    sliced: _Sliced,
+    scores,
+    timings: PruneTimings,
+    peak: PeakMemory,
+    verification: Verification,
+) -> PruneReport:
     after = sliced.after
     params = ParameterCounts(
-        before=before["parameters"], after=after["parameters"],
+        before=before["parameters"],
+        after=after["parameters"],
         non_embedding_before=before["non_embedding_parameters"],
         non_embedding_after=after["non_embedding_parameters"],
         ratio=1 - after["parameters"] / before["parameters"],
         non_embedding_ratio=1 - after["non_embedding_parameters"] / before["non_embedding_parameters"],
     )
     return PruneReport(
-        model=before["source"], family=before["family"], architecture=before["architecture"],
-        data=str(cfg.data), calibration=Calibration(**calib), importance=cfg.importance, head_mode=cfg.head_mode,
+        model=before["source"],
+        family=before["family"],
+        architecture=before["architecture"],
+        data=str(cfg.data),
+        calibration=Calibration(**calib),
+        importance=cfg.importance,
+        head_mode=cfg.head_mode,
         depth_importance=cfg.depth_importance if cfg.depth else None,
-        calibration_loss=scores.loss, plan=PrunePlan(**plan.as_dict()), parameters=params,
+        calibration_loss=scores.loss,
+        plan=PrunePlan(**plan.as_dict()),
+        parameters=params,
         shapes_before=ModelShapes(**{k: before[k] for k in _SHAPE_KEYS}),
         shapes_after=ModelShapes(**{k: after[k] for k in _SHAPE_KEYS}),
-        dropped_blocks=sliced.kept["dropped_blocks"], kept=[KeptLayer(**row) for row in sliced.kept["layers"]],
-        importance_summary=_summaries(scores, sliced.kept), wall_time=timings, peak_memory_mib=peak,
+        dropped_blocks=sliced.kept["dropped_blocks"],
+        kept=[KeptLayer(**row) for row in sliced.kept["layers"]],
+        importance_summary=_summaries(scores, sliced.kept),
+        wall_time=timings,
+        peak_memory_mib=peak,
         verification=verification,
-        notes=["every layer is pruned to the same shape (no skipped layers), so the config stays standard",
-               "importance is computed once on the dense model; blocks and widths are then cut together"],
+        notes=[
+            "every layer is pruned to the same shape (no skipped layers), so the config stays standard",
+            "importance is computed once on the dense model; blocks and widths are then cut together",
+        ],
     )
 
 
 def _metrics(report: PruneReport) -> PruneMetrics:
-    return PruneMetrics(parameters=report.parameters, ratio_target=report.plan.ratio_target,
-                        ratio_achieved=report.plan.ratio_achieved, shapes_after=report.shapes_after,
-                        calibration_records=report.calibration.records, calibration_loss=report.calibration_loss,
-                        wall_time_s=report.wall_time.total_s, peak_rss_mib=report.peak_memory_mib.rss, verified=True)
+    return PruneMetrics(
+        parameters=report.parameters,
+        ratio_target=report.plan.ratio_target,
+        ratio_achieved=report.plan.ratio_achieved,
+        shapes_after=report.shapes_after,
+        calibration_records=report.calibration.records,
+        calibration_loss=report.calibration_loss,
+        wall_time_s=report.wall_time.total_s,
+        peak_rss_mib=report.peak_memory_mib.rss,
+        verified=True,
+    )

@@ -75,11 +75,19 @@ def _plan(shapes: Shapes, depth: int, heads: int, kv: int, width: int, target: f
     after = count_after(shapes, layers=layers, heads=heads, kv_heads=kv, intermediate=width)
     removed = shapes.total - after
     return Plan(
-        layers=layers, heads=heads, kv_heads=kv, head_dim=shapes.head_dim, intermediate=width, depth=depth,
-        params_before=shapes.total, params_after=after, ratio_target=target,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv,
+        head_dim=shapes.head_dim,
+        intermediate=width,
+        depth=depth,
+        params_before=shapes.total,
+        params_after=after,
+        ratio_target=target,
         ratio_achieved=removed / shapes.total,
         non_embedding_ratio=removed / shapes.non_embedding,
-        attention_removed=1 - heads / shapes.heads, mlp_removed=1 - width / shapes.intermediate,
+        attention_removed=1 - heads / shapes.heads,
+        mlp_removed=1 - width / shapes.intermediate,
         granule=granule,
     )
 
@@ -100,7 +108,9 @@ def solve(
     if head_mode not in ("query", "kv_group"):
         raise SolverError(f"head_mode = {head_mode!r}: must be query or kv_group")
     if not 0 <= depth < shapes.layers:
-        raise SolverError(f"depth = {depth}: must be in [0, {shapes.layers - 1}] (the model has {shapes.layers} blocks)")
+        raise SolverError(
+            f"depth = {depth}: must be in [0, {shapes.layers - 1}] (the model has {shapes.layers} blocks)"
+        )
     if mlp_multiple > shapes.intermediate:
         raise SolverError(f"mlp_multiple = {mlp_multiple}: larger than the MLP width {shapes.intermediate}")
     layers = shapes.layers - depth
@@ -109,13 +119,19 @@ def solve(
     I = shapes.intermediate
 
     if mlp_ratio is not None:
-        width = I if mlp_ratio == 0 else min(I, max(mlp_multiple, round(I * (1 - mlp_ratio) / mlp_multiple) * mlp_multiple))
+        width = (
+            I if mlp_ratio == 0 else min(I, max(mlp_multiple, round(I * (1 - mlp_ratio) / mlp_multiple) * mlp_multiple))
+        )
         widths_for = lambda h, kv: [width]  # noqa: E731
         # With the MLP width fixed, attention is the only freedom: its step is the granule.
-        step = shapes.kv_heads * shapes.per_query_head if head_mode == "query" else \
-            shapes.group_size * shapes.per_query_head + shapes.per_kv_head
+        step = (
+            shapes.kv_heads * shapes.per_query_head
+            if head_mode == "query"
+            else shapes.group_size * shapes.per_query_head + shapes.per_kv_head
+        )
         granule = layers * step / shapes.total
     else:
+
         def widths_for(h: int, kv: int) -> list[int]:
             target_after = shapes.total * (1 - ratio)
             base = count_after(shapes, layers=layers, heads=h, kv_heads=kv, intermediate=I)
@@ -127,23 +143,32 @@ def solve(
         return _plan(shapes, depth, h, kv, w, None, granule)
 
     # For each attention choice, the MLP width closest to the target; then the best-balanced choice among those.
-    plans = [min((_plan(shapes, depth, h, kv, w, ratio, granule) for w in widths_for(h, kv)),
-                 key=lambda p: abs(p.ratio_achieved - ratio)) for h, kv in attn_opts]
+    plans = [
+        min(
+            (_plan(shapes, depth, h, kv, w, ratio, granule) for w in widths_for(h, kv)),
+            key=lambda p: abs(p.ratio_achieved - ratio),
+        )
+        for h, kv in attn_opts
+    ]
     feasible = [p for p in plans if abs(p.ratio_achieved - ratio) <= granule + 1e-12 and p.params_after < shapes.total]
     if not feasible:
         widths = None if mlp_ratio is None else widths_for(0, 0)
         raise SolverError(_unreachable_message(shapes, ratio, attn_opts, layers, mlp_multiple, depth, granule, widths))
     # Closest in-layer balance first (LLM-Pruner's equal attention/MLP ratio), then closest to the target.
-    return min(feasible, key=lambda p: (round(abs(p.attention_removed - p.mlp_removed), 6),
-                                        abs(p.ratio_achieved - ratio)))
+    return min(
+        feasible, key=lambda p: (round(abs(p.attention_removed - p.mlp_removed), 6), abs(p.ratio_achieved - ratio))
+    )
 
 
 def reachable_ratios(shapes: Shapes, attn_opts, layers: int, mlp_multiple: int, widths=None) -> list[float]:
     """Every total-parameter ratio reachable with these attention options and MLP widths (sorted)."""
     if widths is None:
         widths = sorted(set(range(mlp_multiple, shapes.intermediate + 1, mlp_multiple)) | {shapes.intermediate})
-    out = {1 - count_after(shapes, layers=layers, heads=h, kv_heads=kv, intermediate=w) / shapes.total
-           for h, kv in attn_opts for w in widths}
+    out = {
+        1 - count_after(shapes, layers=layers, heads=h, kv_heads=kv, intermediate=w) / shapes.total
+        for h, kv in attn_opts
+        for w in widths
+    }
     return sorted(r for r in out if r > 0)
 
 
@@ -157,7 +182,10 @@ def _unreachable_message(shapes, ratio, attn_opts, layers, mlp_multiple, depth, 
     if above:
         near.append(f"{min(above):.4f}")
     where = f" with depth = {depth}" if depth else ""
-    return (f"ratio = {ratio}: unreachable with uniform layer shapes{where} (granule {granule:.4f}); "
-            f"nearest reachable: {' or '.join(near) or 'none'} (reachable range "
-            f"{ratios[0]:.4f}…{ratios[-1]:.4f})" if ratios else
-            f"ratio = {ratio}: nothing can be pruned with these settings")
+    return (
+        f"ratio = {ratio}: unreachable with uniform layer shapes{where} (granule {granule:.4f}); "
+        f"nearest reachable: {' or '.join(near) or 'none'} (reachable range "
+        f"{ratios[0]:.4f}…{ratios[-1]:.4f})"
+        if ratios
+        else f"ratio = {ratio}: nothing can be pruned with these settings"
+    )

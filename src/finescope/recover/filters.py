@@ -22,8 +22,16 @@ REASONS = ("accepted", "empty", "cut_off", "leakage", "degenerate", "answer_mism
 
 # SDFT drops rewrites that mention the template; lower-case substrings.
 LEAKAGE_PHRASES = (
-    "reference answer", "reference response", "the reference", "your response", "my response is based",
-    "### instruction", "### response", "### reference", "using the reference", "as a guide",
+    "reference answer",
+    "reference response",
+    "the reference",
+    "your response",
+    "my response is based",
+    "### instruction",
+    "### response",
+    "### reference",
+    "using the reference",
+    "as a guide",
 )
 
 
@@ -41,7 +49,7 @@ def is_degenerate(text: str) -> bool:
         return True
     words = text.split()
     if len(words) >= 24:
-        grams = [tuple(words[i:i + 4]) for i in range(len(words) - 3)]
+        grams = [tuple(words[i : i + 4]) for i in range(len(words) - 3)]
         if len(set(grams)) / len(grams) < 0.5:
             return True
     return False
@@ -172,6 +180,14 @@ def apply_filters(
             reason = check_rewrite(rec, rewrite, got.get("cut_off", False), answer_check=answer_check)
         counts[reason] += 1
         used = "rewrite" if reason == "accepted" else "original"
-        rows.append({**rec, "response": rewrite if used == "rewrite" else rec["response"], "original": rec["response"],
-                     "rewrite": rewrite, "used": used, "reason": reason})
+        rows.append(
+            {
+                **rec,
+                "response": rewrite if used == "rewrite" else rec["response"],
+                "original": rec["response"],
+                "rewrite": rewrite,
+                "used": used,
+                "reason": reason,
+            }
+        )
     return rows, dict(counts)

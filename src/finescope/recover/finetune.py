@@ -89,8 +89,10 @@ def build_examples(tokenizer, records: list[dict], max_length: int) -> tuple[lis
     """Examples of every record (instruction or text) and the ids of records whose prompt fills `max_length`."""
     overhead = template_overhead(tokenizer)
     if overhead + 1 >= max_length:
-        raise FinetuneError(f"max_length {max_length} is shorter than the prompt template itself ({overhead} tokens "
-                            f"around a one-word instruction); raise --max-length")
+        raise FinetuneError(
+            f"max_length {max_length} is shorter than the prompt template itself ({overhead} tokens "
+            f"around a one-word instruction); raise --max-length"
+        )
     out, too_long = [], []
     for rec in records:
         prompt, completion = format_example(tokenizer, rec)
@@ -139,7 +141,7 @@ def mean_loss(model, examples: list[Example], pad_id: int, micro_batch_size: int
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(examples), micro_batch_size):
-        loss, n = summed_loss(model, collate(examples[start:start + micro_batch_size], pad_id))
+        loss, n = summed_loss(model, collate(examples[start : start + micro_batch_size], pad_id))
         total, count = total + float(loss), count + n
     model.train(was_training)
     return total / max(count, 1)
@@ -159,11 +161,18 @@ def attach_lora(model, s: LoraSettings):
     present = linear_module_names(model)
     missing = [t for t in s.target_modules if t not in present]
     if missing:
-        raise FinetuneError(f"target_modules {', '.join(missing)} not in the model; its linear modules: "
-                            f"{', '.join(sorted(present))}")
+        raise FinetuneError(
+            f"target_modules {', '.join(missing)} not in the model; its linear modules: {', '.join(sorted(present))}"
+        )
     torch.manual_seed(s.seed)
-    config = LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=list(s.target_modules),
-                        bias="none", task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=s.rank,
+        lora_alpha=s.alpha,
+        lora_dropout=s.dropout,
+        target_modules=list(s.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, config)
 
 
@@ -190,11 +199,16 @@ def train_lora(
     optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(round(s.warmup_ratio * total_steps)), total_steps)
     history: dict[str, Any] = {
-        "train_examples": len(train), "eval_examples": len(held_out), "micro_batch_size": micro,
-        "grad_accumulation": accum, "effective_batch": effective, "steps_per_epoch": steps_per_epoch,
+        "train_examples": len(train),
+        "eval_examples": len(held_out),
+        "micro_batch_size": micro,
+        "grad_accumulation": accum,
+        "effective_batch": effective,
+        "steps_per_epoch": steps_per_epoch,
         "total_steps": total_steps,
         "trainable_parameters": sum(p.numel() for p in params),
-        "train_loss": [], "eval_loss": [{"epoch": 0, "loss": mean_loss(peft_model, held_out, pad_id, micro)}],
+        "train_loss": [],
+        "eval_loss": [{"epoch": 0, "loss": mean_loss(peft_model, held_out, pad_id, micro)}],
     }
     gen = torch.Generator().manual_seed(s.seed)
     torch.manual_seed(s.seed)  # dropout masks
@@ -207,11 +221,11 @@ def train_lora(
         for g in range(0, len(order), effective):
             if step >= total_steps:
                 break
-            group = [train[i] for i in order[g:g + effective]]
+            group = [train[i] for i in order[g : g + effective]]
             n_tokens = sum(e.targets for e in group)
             total = 0.0
             for m in range(0, len(group), micro):
-                loss, _ = summed_loss(peft_model, collate(group[m:m + micro], pad_id))
+                loss, _ = summed_loss(peft_model, collate(group[m : m + micro], pad_id))
                 (loss / max(n_tokens, 1)).backward()
                 total += float(loss.detach())
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -219,12 +233,17 @@ def train_lora(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            history["train_loss"].append({"step": step, "epoch": epoch, "loss": total / max(n_tokens, 1),
-                                          "lr": scheduler.get_last_lr()[0]})
+            history["train_loss"].append(
+                {"step": step, "epoch": epoch, "loss": total / max(n_tokens, 1), "lr": scheduler.get_last_lr()[0]}
+            )
             bar.update(1)
             bar.set_postfix(loss=f"{total / max(n_tokens, 1):.3f}")
-        history["eval_loss"].append({"epoch": round(min(step / steps_per_epoch, s.epochs), 3),
-                                     "loss": mean_loss(peft_model, held_out, pad_id, micro)})
+        history["eval_loss"].append(
+            {
+                "epoch": round(min(step / steps_per_epoch, s.epochs), 3),
+                "loss": mean_loss(peft_model, held_out, pad_id, micro),
+            }
+        )
     bar.close()
     seconds = time.perf_counter() - start
     history.update(seconds=round(seconds, 2), seconds_per_step=round(seconds / total_steps, 3), epochs_run=epoch)

@@ -107,8 +107,13 @@ def rewrite_records(
         lines = []
         for i, (res,) in zip(indices, results):
             rid = pending[i]["id"]
-            row = {"id": rid, "rewrite": res["text"].strip(), "new_tokens": res["new_tokens"], "cut_off": res["cut_off"],
-                   "prompt_hash": prompt_hash(prompts[rid])}
+            row = {
+                "id": rid,
+                "rewrite": res["text"].strip(),
+                "new_tokens": res["new_tokens"],
+                "cut_off": res["cut_off"],
+                "prompt_hash": prompt_hash(prompts[rid]),
+            }
             done[rid] = row
             lines.append(json.dumps(row, ensure_ascii=False) + "\n")
         if handle is not None:
@@ -119,15 +124,26 @@ def rewrite_records(
     start = time.perf_counter()
     try:
         if pending:
-            generate(model, tokenizer, [prompts[r["id"]] for r in pending], max_new_tokens=max_new_tokens,
-                     batch_size=batch_size, temperature=temperature, seed=seed, desc="teacher rewrite",
-                     on_batch=save)
+            generate(
+                model,
+                tokenizer,
+                [prompts[r["id"]] for r in pending],
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                temperature=temperature,
+                seed=seed,
+                desc="teacher rewrite",
+                on_batch=save,
+            )
     finally:
         if handle is not None:
             handle.close()
     seconds = time.perf_counter() - start
     new_tokens = sum(done[r["id"]]["new_tokens"] for r in pending)
-    stats.update(seconds=round(seconds, 2), new_tokens=new_tokens,
-                 tokens_per_second=round(new_tokens / seconds, 1) if seconds > 0 and new_tokens else None,
-                 mean_new_tokens=round(sum(v["new_tokens"] for v in done.values()) / max(len(done), 1), 1))
+    stats.update(
+        seconds=round(seconds, 2),
+        new_tokens=new_tokens,
+        tokens_per_second=round(new_tokens / seconds, 1) if seconds > 0 and new_tokens else None,
+        mean_new_tokens=round(sum(v["new_tokens"] for v in done.values()) / max(len(done), 1), 1),
+    )
     return done, stats

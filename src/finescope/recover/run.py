@@ -21,8 +21,8 @@ from .. import FinescopeError, tokens
 from ..artifacts import FilterStats, RecoverMetrics, RewriteStats, TeacherRewriteStats, TrainHistory
 from ..config import RecoverConfig
 from ..data import read_records
-from ..storage import CONFIG, check_stage_folder, is_done, mark_done, read_json, stage_folder, write_jsonl_atomic
 from ..modeling import ModelError, load, resolve_model_path
+from ..storage import CONFIG, check_stage_folder, is_done, mark_done, read_json, stage_folder, write_jsonl_atomic
 from .filters import REASONS, apply_filters
 from .finetune import LoraSettings, build_examples, mean_loss, save_adapter_and_merged, split_records, train_lora
 from .rewrite import rewrite_records
@@ -42,19 +42,25 @@ def default_teacher(student: str) -> str:
     except (OSError, ValueError, KeyError, TypeError):
         model = None
     if not isinstance(model, str) or not model:
-        raise RecoverError(f"{student}: cannot tell which model it was pruned from (no prune config.json beside "
-                           "it); pass --teacher MODEL, or --no-teacher for plain SFT")
+        raise RecoverError(
+            f"{student}: cannot tell which model it was pruned from (no prune config.json beside "
+            "it); pass --teacher MODEL, or --no-teacher for plain SFT"
+        )
     return model
 
 
 def check_same_tokenizer(student_tok, teacher_tok, student: str, teacher: str) -> None:
     """Rewrites are trained in the student's vocabulary: refuse a teacher that tokenizes differently."""
-    same = (student_tok.get_vocab() == teacher_tok.get_vocab()
-            and student_tok.eos_token == teacher_tok.eos_token
-            and (student_tok.chat_template or None) == (teacher_tok.chat_template or None))
+    same = (
+        student_tok.get_vocab() == teacher_tok.get_vocab()
+        and student_tok.eos_token == teacher_tok.eos_token
+        and (student_tok.chat_template or None) == (teacher_tok.chat_template or None)
+    )
     if not same:
-        raise RecoverError(f"teacher {teacher} and student {student} have different tokenizers (vocabulary, EOS or "
-                           "chat template); the teacher must share the student's tokenizer")
+        raise RecoverError(
+            f"teacher {teacher} and student {student} have different tokenizers (vocabulary, EOS or "
+            "chat template); the teacher must share the student's tokenizer"
+        )
 
 
 def _free(*objs) -> None:
@@ -102,15 +108,23 @@ def _recover_into(stage: Path, cfg: RecoverConfig, records, student, teacher_spe
     if (stage / PARTIAL).exists():
         os.unlink(stage / PARTIAL)  # distilled.jsonl now holds every rewrite
     times["total"] = round(time.perf_counter() - t0, 2)
-    metrics = RecoverMetrics(records=len(records), skipped_rows=records.skipped,
-                             mode="sft" if rewrites is None else "tgd", rewrite=rewrite_stats, filters=filter_stats,
-                             too_long_skipped=too_long, train=history, seconds=times)
+    metrics = RecoverMetrics(
+        records=len(records),
+        skipped_rows=records.skipped,
+        mode="sft" if rewrites is None else "tgd",
+        rewrite=rewrite_stats,
+        filters=filter_stats,
+        too_long_skipped=too_long,
+        train=history,
+        seconds=times,
+    )
     mark_done(stage, cfg, metrics.to_json())
     return stage
 
 
-def _rewrite(stage: Path, cfg: RecoverConfig, records, tok, teacher_spec: str | None,
-             times: dict[str, float]) -> tuple[RewriteStats, dict | None]:
+def _rewrite(
+    stage: Path, cfg: RecoverConfig, records, tok, teacher_spec: str | None, times: dict[str, float]
+) -> tuple[RewriteStats, dict | None]:
     """The teacher's rewrites of the instruction records (resuming a partial file), or None without a teacher."""
     n_instr = sum("instruction" in r for r in records)
     if teacher_spec is None:
@@ -119,8 +133,13 @@ def _rewrite(stage: Path, cfg: RecoverConfig, records, tok, teacher_spec: str | 
     teacher = load(teacher_spec)
     check_same_tokenizer(tok, teacher.tokenizer, cfg.student, teacher_spec)
     rewrites, stats = rewrite_records(
-        teacher.model, teacher.tokenizer, records, max_new_tokens=cfg.max_new_tokens,
-        batch_size=cfg.rewrite_batch_size, temperature=cfg.temperature, seed=cfg.seed,
+        teacher.model,
+        teacher.tokenizer,
+        records,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.rewrite_batch_size,
+        temperature=cfg.temperature,
+        seed=cfg.seed,
         partial_path=stage / PARTIAL,
     )
     source = teacher.source
@@ -128,8 +147,11 @@ def _rewrite(stage: Path, cfg: RecoverConfig, records, tok, teacher_spec: str | 
     _free()
     times["rewrite"] = round(time.perf_counter() - t, 2)
     instruction_records = stats.pop("instruction_records")
-    return RewriteStats(instruction_records=instruction_records, text_records=len(records) - n_instr,
-                        teacher_run=TeacherRewriteStats(**stats, teacher=source)), rewrites
+    return RewriteStats(
+        instruction_records=instruction_records,
+        text_records=len(records) - n_instr,
+        teacher_run=TeacherRewriteStats(**stats, teacher=source),
+    ), rewrites
 
 
 def _filter(stage: Path, cfg: RecoverConfig, records, rewrites: dict | None) -> tuple[list[dict], FilterStats]:
@@ -141,18 +163,27 @@ def _filter(stage: Path, cfg: RecoverConfig, records, rewrites: dict | None) -> 
     return rows, FilterStats(counts=counts, acceptance_rate=rate)
 
 
-def _finetune_and_save(stage: Path, cfg: RecoverConfig, rows: list[dict], student,
-                       times: dict[str, float]) -> tuple[TrainHistory, int]:
+def _finetune_and_save(
+    stage: Path, cfg: RecoverConfig, rows: list[dict], student, times: dict[str, float]
+) -> tuple[TrainHistory, int]:
     """LoRA-tune the student on `rows`, save adapter and merged model; the history and the too-long count."""
     tok = student.tokenizer
     t = time.perf_counter()
     train_recs, eval_recs = split_records(rows, cfg.eval_fraction, cfg.seed)
     train_ex, too_long = build_examples(tok, train_recs, cfg.max_length)
     eval_ex, eval_too_long = build_examples(tok, eval_recs, cfg.max_length)
-    settings = LoraSettings(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                            target_modules=list(cfg.target_modules), lr=cfg.lr, batch_size=cfg.batch_size,
-                            micro_batch_size=cfg.micro_batch_size, epochs=cfg.epochs, warmup_ratio=cfg.warmup_ratio,
-                            seed=cfg.seed)
+    settings = LoraSettings(
+        rank=cfg.lora_rank,
+        alpha=cfg.lora_alpha,
+        dropout=cfg.lora_dropout,
+        target_modules=list(cfg.target_modules),
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        micro_batch_size=cfg.micro_batch_size,
+        epochs=cfg.epochs,
+        warmup_ratio=cfg.warmup_ratio,
+        seed=cfg.seed,
+    )
     pad_id = tokens.pad_id(tok)
     peft_model, history = train_lora(student.model, train_ex, eval_ex, settings, pad_id=pad_id)
     times["finetune"] = round(time.perf_counter() - t, 2)

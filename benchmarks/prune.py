@@ -186,7 +186,7 @@ def main() -> None:
         "device": "cpu",
         "threads": torch.get_num_threads(),
         "ratio_target": args.ratio,
-        "plan": plan.as_dict(),
+        "plan": plan.to_json(),
         "calibration": {name: info for name, (_, info) in calib.items()},
         "calibration_sources": {
             "curated": (

@@ -35,6 +35,7 @@ import math
 import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, Union
@@ -43,6 +44,8 @@ from . import FinescopeError
 from .storage import METRICS, to_jsonable, write_json_atomic
 
 S = TypeVar("S", bound="Schema")
+_C = TypeVar("_C", bound=type)
+_R = TypeVar("_R")
 
 FLATTEN = {"flatten": True}
 """Field metadata: the field's content is written into the enclosing object instead of under its own key."""
@@ -118,7 +121,15 @@ def _encode(value: Any) -> Any:
     return to_jsonable(value)
 
 
-@functools.cache
+def _cache_per_class(fn: Callable[[_C], _R]) -> Callable[[_C], _R]:
+    """`functools.cache` for a function of one class, keeping its signature.
+
+    Classes are hashable, but mypy checks a dataclass class against `Hashable` through the unbound instance
+    `__hash__` and rejects it at every call of a plain `functools.cache` wrapper."""
+    return functools.cache(fn)
+
+
+@_cache_per_class
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -135,7 +146,7 @@ def _required(f: dataclasses.Field) -> bool:
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
-@functools.cache
+@_cache_per_class
 def _own_keys(cls: type[Schema]) -> frozenset[str]:
     """The keys a schema reads itself, including those of flattened groups (not those of a flattened dict)."""
     keys: set[str] = set()
@@ -383,7 +394,7 @@ class Calibration(Schema):
 
 @dataclass(kw_only=True)
 class PrunePlan(Schema):
-    """The width solver's plan (prune/solver.py `Plan`, field for field)."""
+    """The width solver's plan: what prune/solver.py `solve` returns, written into report.json as is."""
 
     layers: int
     heads: int

@@ -102,7 +102,7 @@ def remove_stale(kind: str, directory: str | os.PathLike | None = None) -> list[
     Only entries owned by our own user are touched, and symlinks never are.
     """
     base = Path(directory or tempfile.gettempdir())
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(os.scandir(base))
     except OSError:

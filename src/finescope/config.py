@@ -79,6 +79,11 @@ Fraction = Annotated[float, Range(min=0, max=1, min_open=True, max_open=True)]
 # ================================================================================================ stage configs
 # Defaults are METHOD.md's faithful defaults where it gives one.
 
+CurateMethod = Literal["sae", "embedding", "random", "full"]
+"""Values of CurateConfig.method."""
+Selector = Literal["jacobian", "gradient", "magnitude", "variance", "pca", "random"]
+"""Values of CurateConfig.selector."""
+
 
 @dataclass
 class CurateConfig:
@@ -90,9 +95,9 @@ class CurateConfig:
     """Candidate records to select from (jsonl/json/parquet/csv/txt folder/HF dataset) or "default"."""
     seeds: str = "preset:math"
     """Seed examples of the domain: a record file, or a built-in preset (preset:math|code|medicine|law)."""
-    method: Literal["sae", "embedding", "random", "full"] = "sae"
+    method: CurateMethod = "sae"
     """Selection method: SAE codes (the paper's), sentence-embedding kNN, random subset, or the full pool."""
-    selector: Literal["jacobian", "gradient", "magnitude", "variance", "pca", "random"] = "jacobian"
+    selector: Selector = "jacobian"
     """How the K activation coordinates read by the SAE are chosen (jacobian = v3, gradient = v1)."""
     layers: list[int] = field(default_factory=list)
     """Hook layers ℓ (0-based block index; the hidden state after block ℓ); empty = the middle block."""
@@ -425,7 +430,7 @@ def _coerce(value: Any, spec: _Spec, where: str) -> Any:
             return None
         raise ConfigError(f"{where} must not be empty")
     base = spec.base
-    if dataclasses.is_dataclass(base):
+    if isinstance(base, type) and dataclasses.is_dataclass(base):
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping of {base.__name__} fields, got {quote(value)}")
         return from_dict(base, value, where=where)
@@ -435,6 +440,7 @@ def _coerce(value: Any, spec: _Spec, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} must be a list (or comma-separated), got {quote(value)}")
         return [_coerce(v, spec.item, f"{where}[{i}]") for i, v in enumerate(value)]
+    out: Any
     try:
         if base is bool:
             if isinstance(value, bool):
@@ -541,7 +547,7 @@ def apply_overrides(cfg: Any, overrides: list[str], *, where: str = "command lin
                 node[part] = value
             else:
                 sub = _spec(_hints(cls)[part]).base
-                if not dataclasses.is_dataclass(sub):
+                if not (isinstance(sub, type) and dataclasses.is_dataclass(sub)):
                     raise ConfigError(f"{where}: {'.'.join(parts[: depth + 1])!r} has no sub-keys")
                 node, cls = node[part], sub
     return from_dict(type(cfg), data, where=f"{where}: ", strict=True)
@@ -606,7 +612,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         spec = _spec(hints[f.name])
         if dataclasses.is_dataclass(spec.base):
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        else:
+            assert f.default_factory is not dataclasses.MISSING, f"{cls.__name__}.{f.name} has no default"
+            default = f.default_factory()
         help_text = docs.get(f.name, "")
         if spec.choices:
             help_text += f" Choices: {', '.join(map(str, spec.choices))}."

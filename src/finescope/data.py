@@ -32,7 +32,7 @@ import re
 import stat
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePath
 from typing import Any
 
@@ -251,7 +251,7 @@ def content_id(rec: dict) -> str:
 # ================================================================================================ formats
 
 # Compressions read transparently (stdlib), and ones refused with the command that unpacks them.
-_COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+_COMPRESSED: dict[str, Callable[..., io.BufferedIOBase]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 _UNSUPPORTED_COMPRESSION = {
     ".zst": ("zstd", "zstd -d"),
     ".zstd": ("zstd", "zstd -d"),
@@ -384,6 +384,7 @@ def _rows_csv(path: Path) -> Iterator[RawRow]:
                 bad = next((k for k, v in row.items() if _UNDECODED.search(f"{k}{v or ''}")), None)
                 if bad is not None:
                     m = _UNDECODED.search(f"{bad}{row[bad] or ''}")
+                    assert m is not None, "the same search just matched this column"
                     yield (
                         where,
                         _Bad(

@@ -57,7 +57,7 @@ class _StopOnSequences:
         self.tokenizer, self.prompt_len, self.stop = tokenizer, prompt_len, [s for s in stop if s]
         self.tail = max((len(s) for s in self.stop), default=0) + 16
 
-    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.Tensor:
         new = input_ids[:, self.prompt_len :]
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         if not self.stop or new.shape[1] == 0:

@@ -21,7 +21,7 @@ import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -90,22 +90,29 @@ class ArchAdapter:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.family = check_supported(model.config)
-        self.config = model.config.get_text_config()
-        inner = model.model
+        self.family = check_supported(self.hf.config)
+        self.config: Any = self.hf.config.get_text_config()
+        inner = self.hf.model
         # Multimodal Gemma3 keeps its text decoder one level down.
         self.decoder: nn.Module = getattr(inner, "language_model", inner)
         if not hasattr(self.decoder, "layers"):
             raise ModelError(f"{type(model).__name__}: no decoder layers found")
 
+    @property
+    def hf(self) -> Any:
+        """`model`, duck-typed: torch types the attributes of a Hugging Face model (`config`, `model`, its
+        getters) as Tensor | Module, so the adapter reads them untyped."""
+        return self.model
+
     # -------------------------------------------------------------------------------------- shapes
     @property
     def layers(self) -> nn.ModuleList:
-        return self.decoder.layers
+        # HF decoders keep their blocks in an nn.ModuleList; torch types the lookup as Tensor | Module.
+        return cast(nn.ModuleList, self.decoder.layers)
 
     @property
     def num_layers(self) -> int:
-        return len(self.decoder.layers)
+        return len(self.layers)
 
     @property
     def hidden_size(self) -> int:
@@ -133,21 +140,22 @@ class ArchAdapter:
 
     @property
     def embed_tokens(self) -> nn.Embedding:
-        return self.model.get_input_embeddings()
+        return self.hf.get_input_embeddings()
 
     @property
-    def lm_head(self) -> nn.Module | None:
-        return self.model.get_output_embeddings()
+    def lm_head(self) -> nn.Linear | None:
+        """The output projection (an nn.Linear in every supported family), or None when the model has none."""
+        return self.hf.get_output_embeddings()
 
     # -------------------------------------------------------------------------------------- parts
     def attention(self, i: int) -> AttentionParts:
-        a = self.layers[i].self_attn
+        a: Any = self.layers[i].self_attn  # the HF attention module; its projections are per-architecture attributes
         return AttentionParts(
             a.q_proj, a.k_proj, a.v_proj, a.o_proj, getattr(a, "q_norm", None), getattr(a, "k_norm", None)
         )
 
     def mlp(self, i: int) -> MlpParts:
-        m = self.layers[i].mlp
+        m: Any = self.layers[i].mlp  # the HF MLP module
         return MlpParts(m.gate_proj, m.up_proj, m.down_proj)
 
     # -------------------------------------------------------------------------------------- truncated forward
@@ -439,7 +447,8 @@ def load(
         _reraise_fatal(e)
         raise _weights_error(source, local, e) from None
     if device != "auto":
-        model.to(device)
+        # transformers declares `to` with functools.wraps(nn.Module.to), so mypy sees the unbound signature.
+        model.to(device)  # type: ignore[arg-type]
     model.eval()
     return ModelHandle(model=model, tokenizer=tokenizer, adapter=ArchAdapter(model), source=source)
 

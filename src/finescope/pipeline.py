@@ -20,18 +20,28 @@ from __future__ import annotations
 import random
 import sys
 import time
+import typing
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeGuard
 
 from . import FinescopeError, __version__, storage
 from .artifacts import PipelineManifest, VariantEntry
-from .config import CurateConfig, PipelineConfig, to_dict
+from .config import CurateConfig, CurateMethod, PipelineConfig, Selector, to_dict
 from .stages import STAGES
 from .variants import VARIANTS
 
 
 class PipelineError(FinescopeError):
     """The pipeline config cannot be turned into stage configs."""
+
+
+def _is_method(name: str) -> TypeGuard[CurateMethod]:
+    return name in typing.get_args(CurateMethod)
+
+
+def _is_selector(name: str) -> TypeGuard[Selector]:
+    return name in typing.get_args(Selector)
 
 
 @dataclass
@@ -82,8 +92,9 @@ class Planner:
             return self._job("curate", f"sae-{base.selector}", replace(base, method="sae"))
         if data.startswith("sae:"):
             selector = data.split(":", 1)[1]
-            return self._job("curate", f"sae-{selector}", replace(base, method="sae", selector=selector))
-        if data in ("embedding", "random", "full"):
+            if _is_selector(selector):
+                return self._job("curate", f"sae-{selector}", replace(base, method="sae", selector=selector))
+        elif _is_method(data):  # "embedding", "random" or "full" ("sae" is handled above)
             # Fields only the SAE method reads are reset, so e.g. changing sae_steps keeps the baselines. The random
             # subset has top_m records: the SAE selection's size under global selection (the paper's "same size").
             fresh = CurateConfig()
@@ -152,12 +163,13 @@ def plan(cfg: PipelineConfig, run_dir: Path) -> tuple[Planner, dict[str, dict]]:
         spec = VARIANTS[name]
         chain: dict[str, Job] = {}
         model = cfg.model
-        data = None
+        data: Path | None = None
         if spec.data is not None:
             chain["curate"] = p.curate(spec.data)
             data = chain["curate"].folder / "selected.jsonl"
         if spec.prune is not None:
             calib = data if spec.prune == "data" else p.generic_data()
+            assert calib is not None, f"VARIANTS[{name!r}]: calibration on the variant's data, but it has none"
             calib_label = chain["curate"].label if spec.prune == "data" else "generic"
             chain["prune"] = p.prune(calib, calib_label)
             model = str(chain["prune"].folder / "model")
@@ -165,6 +177,7 @@ def plan(cfg: PipelineConfig, run_dir: Path) -> tuple[Planner, dict[str, dict]]:
             student = model if spec.prune is not None else p.dense_folder()
             student_label = chain["prune"].label if spec.prune is not None else "dense"
             data_label = chain["curate"].label
+            assert data is not None, f"VARIANTS[{name!r}]: recovery needs the variant's data"
             label = student_label if student_label.startswith(data_label) else f"{student_label}-{data_label}"
             chain["recover"] = p.recover(student, data, spec.recovery, label)
             model = str(chain["recover"].folder / "model")

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save
@@ -25,7 +26,7 @@ from ..tokens import pad_batch, pad_id, pad_rows
 class TextBatches:
     """Texts tokenised in fixed batches: right padding, truncation at `max_length`, a mask of real tokens."""
 
-    tokenizer: object
+    tokenizer: Any  # a Hugging Face tokenizer
     texts: list[str]
     max_length: int = 128
     batch_size: int = 8

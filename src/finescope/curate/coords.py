@@ -43,7 +43,8 @@ def _probe_scores(
     """
     dev = next(handle.model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    acc, count = None, 0
+    acc: torch.Tensor | None = None
+    count = 0
     for batch in progress(batches, desc=desc, total=len(batches), unit="batch"):
         ids, attn = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
         mask = batch["token_mask"].to(dev)
@@ -56,7 +57,7 @@ def _probe_scores(
         for _ in range(probes):
             v = (torch.randint(0, 2, embeds.shape, generator=gen) * 2 - 1).to(embeds.dtype).to(dev)
             with _math_sdpa(), torch.no_grad():  # forward mode only: no graph through the weights
-                _, u = torch.func.jvp(f, (embeds,), (v,))
+                u = torch.func.jvp(f, (embeds,), (v,))[1]  # (f(embeds), J·v)
             u = u.float()
             if per_text:  # (J_sum v)_j per text, J_sum = ∂(Σ_t a_{j,t})/∂e
                 sq = (u * mask.unsqueeze(-1)).sum(1).pow(2).sum(0)
@@ -64,6 +65,7 @@ def _probe_scores(
                 sq = u.pow(2)[mask].sum(0)
             acc = sq if acc is None else acc + sq
         count += (ids.shape[0] if per_text else int(mask.sum())) * probes
+    assert acc is not None, "the reference texts give at least one batch and probes ≥ 1"
     return (acc / max(count, 1)).sqrt().cpu()
 
 

@@ -321,6 +321,7 @@ def _score(
     """Score every pool record by the configured method."""
     n = len(pool_texts)
     if cfg.method == "sae":
+        assert reference is not None, "the sae method reads the reference corpus before scoring"
         return _score_sae(stage, cfg, handle, reference, pool_texts, seed_texts, timings)
     if cfg.method == "embedding":
         t = time.perf_counter()

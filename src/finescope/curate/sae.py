@@ -32,6 +32,9 @@ from ..storage import atomic_dir
 
 
 class SparseAutoencoder(nn.Module):
+    input_mean: torch.Tensor  # buffers (register_buffer), declared so they type as tensors
+    input_std: torch.Tensor
+
     def __init__(self, d_in: int, d_sae: int, kind: str = "topk", k: int = 32):
         super().__init__()
         if kind not in ("topk", "relu"):

@@ -76,6 +76,7 @@ def _load_child_process():
     """finescope/child_process.py (stdlib only) by path: under `-I -S` the finescope package is not importable."""
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "child_process.py")
     spec = importlib.util.spec_from_file_location("_finescope_child_process", path)
+    assert spec is not None and spec.loader is not None, "a .py path always has a source loader"
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

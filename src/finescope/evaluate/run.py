@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from .. import hashing, storage
@@ -118,7 +120,8 @@ def run_mc(task: Task, handle, cfg: EvalConfig, scoring: str) -> tuple[dict, lis
     scores = score_requests(
         handle.model, handle.tokenizer, reqs, batch_size=cfg.batch_size, desc=f"{task.name} [{scoring}]"
     )
-    acc, acc_norm, samples, by_subject = [], [], [], {}
+    acc, acc_norm, samples = [], [], []
+    by_subject: dict[str, list[float]] = {}
     for i, s, ch in zip(idx, scores, choices_text):
         d = docs[i]
         raw = pick(s, ch, "none")
@@ -215,7 +218,8 @@ def run_math(task: Task, handle, cfg: EvalConfig) -> tuple[dict, list[dict]]:
             desc=task.name,
         )
     )
-    acc, samples, by_type = [], [], {}
+    acc, samples = [], []
+    by_type: dict[str, list[float]] = {}
     for i, out in zip(idx, outs):
         d = docs[i]
         pred = extract_math_answer(out[0])
@@ -318,9 +322,10 @@ def run_nll(task: Task, handle, cfg: EvalConfig) -> tuple[dict, list[dict]]:
 
 def evaluate_task(task: Task, handle, cfg: EvalConfig) -> list[tuple[dict, list[dict]]]:
     """Every result (one per scoring variant) of one task, each with its wall time."""
+    runs: list[Callable[[], tuple[dict, list[dict]]]]
     if task.kind == "mc":
         variants = ["letter", "cloze"] if cfg.mmlu_scoring == "both" else [cfg.mmlu_scoring]
-        runs = [lambda v=v: run_mc(task, handle, cfg, v) for v in variants]
+        runs = [partial(run_mc, task, handle, cfg, v) for v in variants]
     else:
         runner = {"gsm8k": run_gsm8k, "math": run_math, "code": run_code, "nll": run_nll}[task.kind]
         runs = [lambda: runner(task, handle, cfg)]

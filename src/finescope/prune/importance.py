@@ -186,7 +186,9 @@ class _Stats:
     """Forward hooks: o_proj/down_proj input moments over real tokens, and block input/output cosines."""
 
     def __init__(self, adapter: ArchAdapter, activations: bool, blocks: bool):
-        self.adapter, self.mask = adapter, None
+        self.adapter = adapter
+        self.mask: torch.Tensor | None = None
+        """attention_mask of the batch being forwarded (set by the calibration pass before each forward)."""
         L = adapter.num_layers
         self.sum: dict[tuple[int, str], torch.Tensor] = {}
         self.sq: dict[tuple[int, str], torch.Tensor] = {}
@@ -204,6 +206,7 @@ class _Stats:
                 self.handles.append(layer.register_forward_hook(self._block_out(i)))
 
     def _real(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.mask is not None, "the calibration pass sets the mask before each forward"
         return x.detach().float()[self.mask.to(x.device).bool()]  # (tokens, features)
 
     def _moments(self, i: int, name: str):
@@ -281,7 +284,7 @@ class _Gathered:
     loss_tokens: int = 0
 
 
-def _scored_parameters(adapter: ArchAdapter) -> list[nn.Parameter]:
+def _scored_parameters(adapter: ArchAdapter) -> list[torch.Tensor]:
     return [
         p
         for i in range(adapter.num_layers)
@@ -306,8 +309,8 @@ def _calibration_pass(
         for p in model.parameters():
             p.requires_grad_(False)
         if need_grad:
-            for p in params:
-                p.requires_grad_(True)
+            for param in params:
+                param.requires_grad_(True)
         for batch in progress(batches, desc=desc, unit="batch"):
             batch = {k: v.to(device) for k, v in batch.items()}
             if stats is not None:
@@ -330,11 +333,12 @@ def _calibration_pass(
 
 
 def _accumulate_gradients(
-    params: list[nn.Parameter], gathered: _Gathered, n: int, total_tokens: int, fisher: bool
+    params: list[torch.Tensor], gathered: _Gathered, n: int, total_tokens: int, fisher: bool
 ) -> None:
     """Add this batch's gradients (of loss / total_tokens) to the sums, and their Fisher term; clear `.grad`."""
     for p in params:
         g = p.grad
+        assert g is not None, "every scored projection takes part in the forward, so backward gave it a gradient"
         gathered.grads[p] = g.detach().clone() if p not in gathered.grads else gathered.grads[p].add_(g)
         if fisher:
             # Empirical Fisher over mini-batches: per-batch mean-loss gradient, squared, weighted.
@@ -357,6 +361,7 @@ def _width_scores(
             kv[i] = torch.rand(K, generator=gen)
             channels[i] = torch.rand(adapter.intermediate_size, generator=gen)
         elif importance in ("wanda_sp", "flap"):
+            assert gathered.stats is not None, "activation importances gather input statistics"
             heads[i], kv[i], channels[i] = _activation_group_scores(adapter, i, importance, gathered.stats)
         else:
             heads[i], kv[i], channels[i] = _weight_group_scores(adapter, i, importance, gathered)
@@ -395,6 +400,7 @@ def _activation_group_scores(adapter: ArchAdapter, i: int, importance: str, stat
 def _block_scores(adapter: ArchAdapter, depth_importance: str | None, gathered: _Gathered) -> torch.Tensor | None:
     """Per-block importance for depth pruning (None without `depth_importance`)."""
     if depth_importance == "block_influence":
+        assert gathered.stats is not None, "block influence gathers block cosines"
         return (gathered.stats.cos / max(gathered.stats.count, 1)).float()
     if depth_importance == "taylor_block":
         blocks = torch.zeros(adapter.num_layers)
@@ -416,6 +422,7 @@ def select_blocks(scores: Scores, depth: int) -> list[int]:
     """The `depth` least important blocks (to drop)."""
     if depth == 0:
         return []
+    assert scores.blocks is not None, "depth pruning needs block scores (compute_scores with depth_importance)"
     order = torch.argsort(scores.blocks, stable=True)
     return sorted(int(i) for i in order[:depth])
 

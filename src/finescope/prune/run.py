@@ -41,7 +41,7 @@ from ..config import PruneConfig
 from ..data import read_records
 from ..modeling import load, model_info
 from .importance import calibration_batches, compute_scores, select_attention, select_blocks, select_channels
-from .solver import Plan, solve
+from .solver import solve
 from .structure import drop_blocks, model_shapes, prune_attention, prune_mlp, rewrite_config
 
 
@@ -57,7 +57,7 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def prune_model(handle, scores, plan: Plan, head_mode: str) -> dict:
+def prune_model(handle, scores, plan: PrunePlan, head_mode: str) -> dict:
     """Drop blocks and slice every layer to the plan's shapes in place; return the kept indices per layer."""
     adapter = handle.adapter
     dropped = select_blocks(scores, plan.depth)
@@ -221,7 +221,7 @@ def run(cfg: PruneConfig, out: Path) -> Path:
 
 
 def _prune_into(
-    stage: Path, cfg: PruneConfig, handle, plan: Plan, batches, calib: dict, before: dict, start: float
+    stage: Path, cfg: PruneConfig, handle, plan: PrunePlan, batches, calib: dict, before: dict, start: float
 ) -> Path:
     """Score, slice, save and verify into the (locked) stage folder; DONE last."""
     t0 = time.perf_counter()
@@ -274,7 +274,7 @@ class _Sliced:
     dtype: torch.dtype
 
 
-def _slice_and_probe(handle, scores, plan: Plan, head_mode: str, batches) -> _Sliced:
+def _slice_and_probe(handle, scores, plan: PrunePlan, head_mode: str, batches) -> _Sliced:
     """Prune in place, check the parameter count against the plan, and record the probe logits."""
     kept = prune_model(handle, scores, plan, head_mode)
     after = model_info(handle)
@@ -310,7 +310,7 @@ _SHAPE_KEYS = ("layers", "attention_heads", "kv_heads", "head_dim", "mlp_width")
 
 def _report(
     cfg: PruneConfig,
-    plan: Plan,
+    plan: PrunePlan,
     calib: dict,
     before: dict,
     sliced: _Sliced,
@@ -338,7 +338,7 @@ def _report(
         head_mode=cfg.head_mode,
         depth_importance=cfg.depth_importance if cfg.depth else None,
         calibration_loss=scores.loss,
-        plan=PrunePlan(**plan.as_dict()),
+        plan=plan,
         parameters=params,
         shapes_before=ModelShapes(**{k: before[k] for k in _SHAPE_KEYS}),
         shapes_after=ModelShapes(**{k: after[k] for k in _SHAPE_KEYS}),

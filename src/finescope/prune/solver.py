@@ -9,42 +9,18 @@ the one whose removed fraction is closest to the MLP's is taken: LLM-Pruner prun
 same in-layer ratio, and this is the nearest uniform-shape equivalent.
 
     from finescope.prune.solver import solve
-    plan = solve(shapes, 0.35)          # Plan(heads=6, kv_heads=3, intermediate=752, …) on SmolLM2
+    plan = solve(shapes, 0.35)          # PrunePlan(heads=6, kv_heads=3, intermediate=752, …) on SmolLM2
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 from .. import FinescopeError
+from ..artifacts import PrunePlan
 from .structure import Shapes, count_after
 
 
 class SolverError(FinescopeError):
     """The requested ratio or shapes cannot be reached with uniform layer shapes."""
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Shapes of the pruned model and what they achieve."""
-
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    depth: int
-    params_before: int
-    params_after: int
-    ratio_target: float | None
-    ratio_achieved: float
-    non_embedding_ratio: float
-    attention_removed: float
-    mlp_removed: float
-    granule: float
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _round_multiple(width: float, multiple: int, full: int) -> list[int]:
@@ -70,11 +46,13 @@ def _attention_options(shapes: Shapes, head_mode: str, attention_ratio: float | 
     return [min(opts, key=lambda o: (abs(o[0] - want), -o[0]))]
 
 
-def _plan(shapes: Shapes, depth: int, heads: int, kv: int, width: int, target: float | None, granule: float) -> Plan:
+def _plan(
+    shapes: Shapes, depth: int, heads: int, kv: int, width: int, target: float | None, granule: float
+) -> PrunePlan:
     layers = shapes.layers - depth
     after = count_after(shapes, layers=layers, heads=heads, kv_heads=kv, intermediate=width)
     removed = shapes.total - after
-    return Plan(
+    return PrunePlan(
         layers=layers,
         heads=heads,
         kv_heads=kv,
@@ -101,7 +79,7 @@ def solve(
     mlp_ratio: float | None = None,
     mlp_multiple: int = 8,
     depth: int = 0,
-) -> Plan:
+) -> PrunePlan:
     """Uniform shapes removing `ratio` of all parameters (± one granule), or SolverError naming nearby ratios."""
     if not 0 < ratio < 1:
         raise SolverError(f"ratio = {ratio}: must be in (0, 1)")

@@ -20,6 +20,7 @@ the result loads with stock `AutoModelForCausalLM.from_pretrained`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -138,7 +139,7 @@ def prune_attention(adapter: ArchAdapter, layer: int, kept_heads: list[int], kep
     transformers maps query head i to KV head i // (heads/kv_heads).
     """
     d = adapter.head_dim
-    attn = adapter.layers[layer].self_attn
+    attn: Any = adapter.layers[layer].self_attn  # the HF attention module; its attributes are per-architecture
     parts = adapter.attention(layer)
     heads_now, kv_now = parts.q_proj.out_features // d, parts.k_proj.out_features // d
     group = heads_now // kv_now
@@ -158,7 +159,7 @@ def prune_attention(adapter: ArchAdapter, layer: int, kept_heads: list[int], kep
 
 def prune_mlp(adapter: ArchAdapter, layer: int, kept: list[int]) -> None:
     """Keep MLP channels `kept` of one layer (gate/up rows, down columns)."""
-    mlp = adapter.layers[layer].mlp
+    mlp: Any = adapter.layers[layer].mlp  # the HF MLP module
     parts = adapter.mlp(layer)
     mlp.gate_proj = slice_linear(parts.gate_proj, rows=kept)
     mlp.up_proj = slice_linear(parts.up_proj, rows=kept)
@@ -210,7 +211,7 @@ def rewrite_config(adapter: ArchAdapter) -> dict:
     cfg = adapter.config
     for k, v in new.items():
         setattr(cfg, k, v)
-    top = adapter.model.config
+    top = adapter.hf.config
     if top is not cfg:  # multimodal wrapper: keep the text config it serialises in sync
         text = top.get_text_config()
         for k, v in new.items():

@@ -167,7 +167,8 @@ def attach_lora(model, s: LoraSettings):
     torch.manual_seed(s.seed)
     config = LoraConfig(
         r=s.rank,
-        lora_alpha=s.alpha,
+        # peft annotates lora_alpha as int, but it only divides by it (scaling = alpha / r); a float alpha is fine.
+        lora_alpha=s.alpha,  # type: ignore[arg-type]
         lora_dropout=s.dropout,
         target_modules=list(s.target_modules),
         bias="none",

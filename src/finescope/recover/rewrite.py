@@ -44,7 +44,8 @@ def rewrite_prompt(tokenizer, rec: dict) -> str:
     plain `alpaca_distill_using` text.
     """
     body = DISTILL_BODY.format(instruction=rec["instruction"].strip(), reference=rec["response"].strip())
-    own = rec.get("system") if isinstance(rec.get("system"), str) and rec.get("system").strip() else None
+    rec_system = rec.get("system")
+    own = rec_system if isinstance(rec_system, str) and rec_system.strip() else None
     if uses_chat_template(tokenizer):
         system = DISTILL_SYSTEM + (f"\n\n{own.strip()}" if own else "")
         return format_prompt(tokenizer, body, system=system)

@@ -185,12 +185,12 @@ def _finetune_and_save(
         seed=cfg.seed,
     )
     pad_id = tokens.pad_id(tok)
-    peft_model, history = train_lora(student.model, train_ex, eval_ex, settings, pad_id=pad_id)
+    peft_model, raw_history = train_lora(student.model, train_ex, eval_ex, settings, pad_id=pad_id)
     times["finetune"] = round(time.perf_counter() - t, 2)
 
     t = time.perf_counter()
     merged = save_adapter_and_merged(peft_model, tok, stage / "adapter", stage / "model")
     times["save"] = round(time.perf_counter() - t, 2)
-    history["eval_loss_merged"] = mean_loss(merged, eval_ex, pad_id, settings.micro_batch_size)
-    history = TrainHistory.from_json(history, source="train_lora history", strict=True)
+    raw_history["eval_loss_merged"] = mean_loss(merged, eval_ex, pad_id, settings.micro_batch_size)
+    history = TrainHistory.from_json(raw_history, source="train_lora history", strict=True)
     return history, len(too_long) + len(eval_too_long)

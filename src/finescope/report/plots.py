@@ -108,30 +108,30 @@ def sae_curves(metrics: CurateMetrics | None) -> bytes | None:
 
 def kept_widths(prunes: dict[str, PruneReport | None]) -> bytes | None:
     """Shapes before/after (layers, heads, KV heads, MLP width) and per-layer importance mass kept."""
-    prunes = {k: v for k, v in prunes.items() if v}
-    if not prunes:
+    reports = {k: v for k, v in prunes.items() if v}
+    if not reports:
         return None
     plt = _plt()
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 3.4))
     keys = ("layers", "attention_heads", "kv_heads", "mlp_width")
-    first = next(iter(prunes.values()))
-    width = 0.8 / (len(prunes) + 1)
+    first = next(iter(reports.values()))
+    width = 0.8 / (len(reports) + 1)
     xs = range(len(keys))
     a.bar([x for x in xs], [1.0] * len(keys), width, label="dense", color="#999")
-    for i, (label, p) in enumerate(prunes.items(), 1):
+    for i, (label, p) in enumerate(reports.items(), 1):
         a.bar(
             [x + i * width for x in xs],
             [getattr(p.shapes_after, k) / getattr(first.shapes_before, k) for k in keys],
             width,
             label=f"{label} (−{100 * p.parameters.ratio:.0f}% params)",
         )
-    a.set_xticks([x + width * len(prunes) / 2 for x in xs])
+    a.set_xticks([x + width * len(reports) / 2 for x in xs])
     a.set_xticklabels([f"{k}\n{getattr(first.shapes_before, k)}" for k in keys], fontsize=8)
     a.set_ylabel("kept fraction")
     a.set_title("kept widths (dense size under each label)", fontsize=9)
     a.set_ylim(0, 1.35)  # headroom so the legend never hides a bar
-    a.legend(fontsize=7, loc="upper center", ncol=min(len(prunes) + 1, 3))
-    for label, p in prunes.items():
+    a.legend(fontsize=7, loc="upper center", ncol=min(len(reports) + 1, 3))
+    for label, p in reports.items():
         rows = [r for r in p.importance_summary if not r.dropped]
         b.plot(
             [r.layer for r in rows],
@@ -174,12 +174,12 @@ def ratio_sweep(sweep: list[dict]) -> bytes | None:
 
 def recovery_curves(recovers: dict[str, Recovery | None]) -> bytes | None:
     """LoRA train / held-out loss per step of each recovery."""
-    recovers = {k: v.metrics.train for k, v in recovers.items() if v and v.metrics.train.train_loss}
-    if not recovers:
+    histories = {k: v.metrics.train for k, v in recovers.items() if v and v.metrics.train.train_loss}
+    if not histories:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.4))
-    for label, train in recovers.items():
+    for label, train in histories.items():
         (line,) = ax.plot(
             [p.step for p in train.train_loss], [p.loss for p in train.train_loss], label=f"{label} train"
         )

@@ -82,8 +82,10 @@ def _variants_blocks(data: dict) -> list[tuple]:
 
 def _selection_blocks(data: dict, plot_files: dict[str, bytes]) -> list[tuple]:
     curate_dir = tables.main_folder(data, "curate")
-    ev = tables.selection_evidence(curate_dir) if curate_dir is not None else None
-    if ev is None or ev.metrics is None:
+    if curate_dir is None:
+        return []
+    ev = tables.selection_evidence(curate_dir)
+    if ev.metrics is None:
         return []
     mm, sae = ev.metrics, ev.metrics.sae_curation
     layers = tables.fmt(sae.layers if sae else None)
@@ -144,8 +146,8 @@ def _stage_folders(data: dict, stage: str) -> list[str]:
 
 
 def _pruning_blocks(data: dict, plot_files: dict[str, bytes]) -> list[tuple]:
-    prunes = {k: tables.prune_report(data["run_dir"] / k) for k in _stage_folders(data, "prune")}
-    prunes = {k: v for k, v in prunes.items() if v}
+    found = {k: tables.prune_report(data["run_dir"] / k) for k in _stage_folders(data, "prune")}
+    prunes = {k: v for k, v in found.items() if v}
     if not prunes:
         return []
     shape_keys = ("layers", "attention_heads", "kv_heads", "mlp_width")
@@ -185,8 +187,8 @@ def _pruning_blocks(data: dict, plot_files: dict[str, bytes]) -> list[tuple]:
 
 
 def _recovery_blocks(data: dict, plot_files: dict[str, bytes]) -> list[tuple]:
-    recovers = {k: tables.recovery(data["run_dir"] / k) for k in _stage_folders(data, "recover")}
-    recovers = {k: v for k, v in recovers.items() if v}
+    found = {k: tables.recovery(data["run_dir"] / k) for k in _stage_folders(data, "recover")}
+    recovers = {k: v for k, v in found.items() if v}
     if not recovers:
         return []
     b: list[tuple] = [

@@ -144,14 +144,14 @@ def stage_summaries(run_dir: Path, manifest: PipelineManifest) -> list[dict]:
 def _stage_seconds(stage: str, folder: Path) -> float | None:
     """Wall time a stage recorded itself (when the pipeline did not time it, e.g. a stage run by hand)."""
     if stage == "curate":
-        m = CurateMetrics.read_if_exists(folder / METRICS)
-        return m.timings_s.get("total") if m else None
+        cm = CurateMetrics.read_if_exists(folder / METRICS)
+        return cm.timings_s.get("total") if cm else None
     if stage == "prune":
-        m = PruneMetrics.read_if_exists(folder / METRICS)
-        return m.wall_time_s if m else None
+        pm = PruneMetrics.read_if_exists(folder / METRICS)
+        return pm.wall_time_s if pm else None
     if stage == "recover":
-        m = RecoverMetrics.read_if_exists(folder / METRICS)
-        return m.seconds.get("total") if m else None
+        rm = RecoverMetrics.read_if_exists(folder / METRICS)
+        return rm.seconds.get("total") if rm else None
     if stage == "eval":
         res = results_of(folder)
         return res.wall_s if res else None
@@ -186,9 +186,9 @@ def mean_percent(row: Row, dense: Row | None, columns: list[Column]) -> float | 
     if dense is None:
         return None
     vals = [
-        100 * row.values[c.key] / dense.values[c.key]
+        100 * v / d
         for c in columns
-        if c.higher_better and row.values.get(c.key) is not None and dense.values.get(c.key)
+        if c.higher_better and (v := row.values.get(c.key)) is not None and (d := dense.values.get(c.key))
     ]
     return sum(vals) / len(vals) if vals else None
 

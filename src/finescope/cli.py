@@ -90,7 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"finescope {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_assets(sub)
+    _add_info(sub)
+    _add_run(sub)
+    _add_report(sub)
+    for stage in STAGES.values():
+        _add_stage(sub, stage)
+    return parser
 
+
+def _add_assets(sub) -> None:
     p = sub.add_parser(
         "assets",
         help="fetch the embedded default model, corpora and benchmarks into the cache",
@@ -106,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="fetch every asset, optional ones included")
     p.set_defaults(func=_cmd_assets)
 
+
+def _add_info(sub) -> None:
     p = sub.add_parser(
         "info",
         help="print a model's parameters, layers, heads and widths",
@@ -118,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_info)
 
+
+def _add_run(sub) -> None:
     p = sub.add_parser(
         "run",
         help="the whole pipeline: curate, prune, recover, eval every variant, then the report",
@@ -142,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_run)
 
+
+def _add_report(sub) -> None:
     p = sub.add_parser(
         "report",
         help="(re)write the report of a run directory from its files",
@@ -151,13 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `finescope run`")
     p.set_defaults(func=_cmd_report)
 
-    for stage in STAGES.values():
-        p = sub.add_parser(stage.name, help=stage.help, description=(stage.config.__doc__ or stage.help).strip())
-        p.add_argument("--out", required=True, metavar="DIR", help="output folder of the stage")
-        p.add_argument("--config", metavar="YAML", help="YAML file with this stage's fields (flags override it)")
-        add_config_arguments(p, stage.config)
-        p.set_defaults(func=partial(_run_stage, stage))
-    return parser
+
+def _add_stage(sub, stage: Stage) -> None:
+    """`finescope <stage>`: --out, --config, and one flag per field of the stage's config."""
+    p = sub.add_parser(stage.name, help=stage.help, description=(stage.config.__doc__ or stage.help).strip())
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder of the stage")
+    p.add_argument("--config", metavar="YAML", help="YAML file with this stage's fields (flags override it)")
+    add_config_arguments(p, stage.config)
+    p.set_defaults(func=partial(_run_stage, stage))
 
 
 def _quiet_library_progress_bars() -> None:

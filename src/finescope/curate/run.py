@@ -68,10 +68,9 @@ def _reference_texts(cfg: CurateConfig) -> list[str]:
     return texts[: cfg.reference_samples]
 
 
-def _train_layer_sae(cfg: CurateConfig, handle, layer: int, reference: list[str], model_fp: str):
-    """Coordinates + SAE for one layer, from the cache when the same inputs were seen before."""
-    coord_texts = reference[: cfg.coord_samples]
-    coords_key = hashing.digest_parts(
+def _coords_key(cfg: CurateConfig, layer: int, coord_texts: list[str], model_fp: str) -> str:
+    """Cache key of a layer's coordinate scores: the model, the layer, the selector and its texts."""
+    return hashing.digest_parts(
         "coords",
         COORDS_VERSION.get(cfg.selector, 1),
         model_fp,
@@ -84,7 +83,11 @@ def _train_layer_sae(cfg: CurateConfig, handle, layer: int, reference: list[str]
         cfg.batch_size,
         cfg.seed,
     )
-    key = hashing.digest_parts(
+
+
+def _sae_key(cfg: CurateConfig, coords_key: str, reference: list[str]) -> str:
+    """Cache key of a layer's SAE: its coordinates, the reference corpus and the SAE's training settings."""
+    return hashing.digest_parts(
         "sae",
         SAE_VERSION,
         coords_key,
@@ -98,64 +101,18 @@ def _train_layer_sae(cfg: CurateConfig, handle, layer: int, reference: list[str]
         cfg.sae_steps,
         cfg.sae_batch_size,
     )
+
+
+def _train_layer_sae(cfg: CurateConfig, handle, layer: int, reference: list[str], model_fp: str):
+    """Coordinates + SAE for one layer, from the cache when the same inputs were seen before."""
+    coord_texts = reference[: cfg.coord_samples]
+    coords_key = _coords_key(cfg, layer, coord_texts, model_fp)
+    key = _sae_key(cfg, coords_key, reference)
     root = _cache_root() / f"sae-{key}"
     root.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    coords_file = _cache_root() / f"coords-{coords_key}.safetensors"
-    if coords_file.is_file():
-        saved = load_file(str(coords_file))
-        scores, idx = saved["scores"], saved["indices"]
-    else:
-        t = time.perf_counter()
-        scores = coordinate_scores(
-            handle,
-            layer,
-            TextBatches(handle.tokenizer, coord_texts, cfg.max_length, cfg.batch_size),
-            cfg.selector,
-            probes=cfg.probes,
-            seed=cfg.seed,
-            k=cfg.num_coords,
-        )
-        idx = top_k_coords(scores, cfg.num_coords)
-        storage.write_atomic(coords_file, save({"scores": scores.float().contiguous(), "indices": idx.contiguous()}))
-        timings["coords_s"] = time.perf_counter() - t
-    sae_dir = root / "sae"
-    if (sae_dir / "cfg.json").is_file():
-        sae, meta = load_sae(sae_dir)
-        curves, quality = meta["finescope_curves"], meta["finescope_metrics"]
-    else:
-        t = time.perf_counter()
-        acts = harvest_coords(
-            handle,
-            {layer: idx},
-            TextBatches(handle.tokenizer, reference, cfg.max_length, cfg.batch_size),
-            root / "acts",
-        )[layer]
-        timings["harvest_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        sae, curves = train_sae(
-            acts,
-            kind=cfg.sae_kind,
-            d_sae=cfg.sae_expansion * cfg.num_coords,
-            k=cfg.sae_k,
-            l1=cfg.sae_l1,
-            auxk_alpha=cfg.sae_auxk_alpha,
-            lr=cfg.sae_lr,
-            steps=cfg.sae_steps,
-            batch_size=cfg.sae_batch_size,
-            seed=cfg.seed,
-        )
-        quality = evaluate_sae(sae, acts)
-        quality["tokens"] = int(acts.shape[0])
-        timings["sae_train_s"] = time.perf_counter() - t
-        save_sae(
-            sae,
-            sae_dir,
-            coords=idx,
-            layer=layer,
-            model=handle.source,
-            extra={"finescope_curves": curves, "finescope_metrics": quality, "finescope_selector": cfg.selector},
-        )
+    scores, idx = _layer_coords(cfg, handle, layer, coord_texts, coords_key, timings)
+    sae, curves, quality = _layer_sae(cfg, handle, layer, reference, idx, root, timings)
     return {
         "key": key,
         "root": root,
@@ -166,6 +123,85 @@ def _train_layer_sae(cfg: CurateConfig, handle, layer: int, reference: list[str]
         "quality": quality,
         "timings": timings,
     }
+
+
+def _layer_coords(
+    cfg: CurateConfig, handle, layer: int, coord_texts: list[str], coords_key: str, timings: dict[str, float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coordinate scores and the top-K indices of one layer, cached in coords-<key>.safetensors."""
+    coords_file = _cache_root() / f"coords-{coords_key}.safetensors"
+    if coords_file.is_file():
+        saved = load_file(str(coords_file))
+        return saved["scores"], saved["indices"]
+    t = time.perf_counter()
+    scores = coordinate_scores(
+        handle,
+        layer,
+        TextBatches(handle.tokenizer, coord_texts, cfg.max_length, cfg.batch_size),
+        cfg.selector,
+        probes=cfg.probes,
+        seed=cfg.seed,
+        k=cfg.num_coords,
+    )
+    idx = top_k_coords(scores, cfg.num_coords)
+    storage.write_atomic(coords_file, save({"scores": scores.float().contiguous(), "indices": idx.contiguous()}))
+    timings["coords_s"] = time.perf_counter() - t
+    return scores, idx
+
+
+def _layer_sae(
+    cfg: CurateConfig,
+    handle,
+    layer: int,
+    reference: list[str],
+    idx: torch.Tensor,
+    root: Path,
+    timings: dict[str, float],
+):
+    """(SAE, curves, quality) of one layer: loaded from root/sae/, else harvested, trained and saved there."""
+    sae_dir = root / "sae"
+    if (sae_dir / "cfg.json").is_file():
+        sae, meta = load_sae(sae_dir)
+        return sae, meta["finescope_curves"], meta["finescope_metrics"]
+    t = time.perf_counter()
+    acts = harvest_coords(
+        handle,
+        {layer: idx},
+        TextBatches(handle.tokenizer, reference, cfg.max_length, cfg.batch_size),
+        root / "acts",
+    )[layer]
+    timings["harvest_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    sae, curves, quality = _fit_sae(cfg, acts)
+    timings["sae_train_s"] = time.perf_counter() - t
+    save_sae(
+        sae,
+        sae_dir,
+        coords=idx,
+        layer=layer,
+        model=handle.source,
+        extra={"finescope_curves": curves, "finescope_metrics": quality, "finescope_selector": cfg.selector},
+    )
+    return sae, curves, quality
+
+
+def _fit_sae(cfg: CurateConfig, acts: torch.Tensor):
+    """Train the configured SAE on harvested activations; returns (SAE, curves, quality with the token count)."""
+    sae, curves = train_sae(
+        acts,
+        kind=cfg.sae_kind,
+        d_sae=cfg.sae_expansion * cfg.num_coords,
+        k=cfg.sae_k,
+        l1=cfg.sae_l1,
+        auxk_alpha=cfg.sae_auxk_alpha,
+        lr=cfg.sae_lr,
+        steps=cfg.sae_steps,
+        batch_size=cfg.sae_batch_size,
+        seed=cfg.seed,
+    )
+    quality = evaluate_sae(sae, acts)
+    quality["tokens"] = int(acts.shape[0])
+    return sae, curves, quality
 
 
 def _sae_vectors(cfg, handle, layer_state, layer: int, texts: list[str], tag: str) -> torch.Tensor:

@@ -166,12 +166,7 @@ def train_sae(
     torch.manual_seed(seed)
     acts = acts.float()
     d_in = acts.shape[1]
-    sae = SparseAutoencoder(d_in, d_sae, kind, k)
-    with torch.no_grad():
-        sample = acts[torch.randperm(acts.shape[0], generator=gen)[:65536]]
-        sae.input_mean.copy_(sample.mean(0))
-        sae.input_std.copy_(sample.std(0).clamp_min(1e-6))
-        sae.b_dec.copy_(sae.normalize(sample).median(dim=0).values)  # decoder bias from the data
+    sae = _init_sae(acts, d_sae, kind, k, gen)
     opt = torch.optim.AdamW(sae.parameters(), lr=lr, weight_decay=0.0)
     last_fired = torch.zeros(d_sae, dtype=torch.long)
     k_aux = max(1, d_in // 2)
@@ -181,35 +176,67 @@ def train_sae(
         batch = sae.normalize(acts[torch.randint(0, acts.shape[0], (batch_size,), generator=gen)])
         x_hat, z, pre = sae.forward_normalized(batch)
         recon = fvu(batch, x_hat)
-        loss = recon
-        fired = (z > 0).any(0)
-        last_fired = torch.where(fired, torch.zeros_like(last_fired), last_fired + 1)
+        last_fired = torch.where((z > 0).any(0), torch.zeros_like(last_fired), last_fired + 1)
         dead = last_fired >= dead_after
+        loss = recon
         if kind == "relu":
             loss = loss + l1 * z.abs().sum(-1).mean() / math.sqrt(d_in)
         elif auxk_alpha > 0 and dead.any():
-            # AuxK: let the top dead latents reconstruct the residual the live ones left (Gao et al., 2024).
-            dead_pre = pre.masked_fill(~dead, float("-inf"))
-            vals, idx = dead_pre.topk(min(k_aux, int(dead.sum())), dim=-1)
-            z_aux = torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
-            residual = (batch - x_hat).detach()
-            aux_hat = z_aux @ sae.W_dec
-            aux = (aux_hat - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
-            loss = loss + auxk_alpha * torch.nan_to_num(aux, nan=0.0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sae.remove_parallel_grad()
-        opt.step()
-        sae.normalize_decoder()
+            loss = loss + auxk_alpha * _auxk_loss(sae, batch, x_hat, pre, dead, k_aux)
+        _optimizer_step(sae, opt, loss)
         if step % log_every == 0 or step == steps:
-            recon, loss = recon.detach(), loss.detach()
-            curves["step"].append(step)
-            curves["fvu"].append(float(recon))
-            curves["l0"].append(float((z > 0).float().sum(-1).mean()))
-            curves["dead_fraction"].append(float(dead.float().mean()))
-            curves["loss"].append(float(loss))
+            _log_curves(curves, step, recon.detach(), loss.detach(), z, dead)
     sae.eval()
     return sae, curves
+
+
+def _init_sae(acts: torch.Tensor, d_sae: int, kind: str, k: int, gen: torch.Generator) -> SparseAutoencoder:
+    """A fresh SAE with the input standardisation and the decoder bias (median) taken from a sample of `acts`."""
+    sae = SparseAutoencoder(acts.shape[1], d_sae, kind, k)
+    with torch.no_grad():
+        sample = acts[torch.randperm(acts.shape[0], generator=gen)[:65536]]
+        sae.input_mean.copy_(sample.mean(0))
+        sae.input_std.copy_(sample.std(0).clamp_min(1e-6))
+        sae.b_dec.copy_(sae.normalize(sample).median(dim=0).values)
+    return sae
+
+
+def _auxk_loss(
+    sae: SparseAutoencoder,
+    batch: torch.Tensor,
+    x_hat: torch.Tensor,
+    pre: torch.Tensor,
+    dead: torch.Tensor,
+    k_aux: int,
+) -> torch.Tensor:
+    """AuxK: FVU of the top dead latents reconstructing the residual the live ones left (Gao et al., 2024)."""
+    dead_pre = pre.masked_fill(~dead, float("-inf"))
+    vals, idx = dead_pre.topk(min(k_aux, int(dead.sum())), dim=-1)
+    z_aux = torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
+    residual = (batch - x_hat).detach()
+    aux_hat = z_aux @ sae.W_dec
+    aux = (aux_hat - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
+    return torch.nan_to_num(aux, nan=0.0)
+
+
+def _optimizer_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """One Adam step that keeps the decoder rows unit-norm."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    sae.remove_parallel_grad()
+    opt.step()
+    sae.normalize_decoder()
+
+
+def _log_curves(
+    curves: dict[str, list], step: int, recon: torch.Tensor, loss: torch.Tensor, z: torch.Tensor, dead: torch.Tensor
+) -> None:
+    """Append one point (FVU, L0, dead fraction, loss) to the training curves."""
+    curves["step"].append(step)
+    curves["fvu"].append(float(recon))
+    curves["l0"].append(float((z > 0).float().sum(-1).mean()))
+    curves["dead_fraction"].append(float(dead.float().mean()))
+    curves["loss"].append(float(loss))
 
 
 @torch.no_grad()

@@ -14,6 +14,8 @@ same in-layer ratio, and this is the nearest uniform-shape equivalent.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .. import FinescopeError
 from ..artifacts import PrunePlan
 from .structure import Shapes, count_after
@@ -81,41 +83,10 @@ def solve(
     depth: int = 0,
 ) -> PrunePlan:
     """Uniform shapes removing `ratio` of all parameters (± one granule), or SolverError naming nearby ratios."""
-    if not 0 < ratio < 1:
-        raise SolverError(f"ratio = {ratio}: must be in (0, 1)")
-    if head_mode not in ("query", "kv_group"):
-        raise SolverError(f"head_mode = {head_mode!r}: must be query or kv_group")
-    if not 0 <= depth < shapes.layers:
-        raise SolverError(
-            f"depth = {depth}: must be in [0, {shapes.layers - 1}] (the model has {shapes.layers} blocks)"
-        )
-    if mlp_multiple > shapes.intermediate:
-        raise SolverError(f"mlp_multiple = {mlp_multiple}: larger than the MLP width {shapes.intermediate}")
+    _check_request(shapes, ratio, head_mode, depth, mlp_multiple)
     layers = shapes.layers - depth
-    granule = layers * mlp_multiple * shapes.per_channel / shapes.total
     attn_opts = _attention_options(shapes, head_mode, attention_ratio)
-    I = shapes.intermediate
-
-    if mlp_ratio is not None:
-        width = (
-            I if mlp_ratio == 0 else min(I, max(mlp_multiple, round(I * (1 - mlp_ratio) / mlp_multiple) * mlp_multiple))
-        )
-        widths_for = lambda h, kv: [width]  # noqa: E731
-        # With the MLP width fixed, attention is the only freedom: its step is the granule.
-        step = (
-            shapes.kv_heads * shapes.per_query_head
-            if head_mode == "query"
-            else shapes.group_size * shapes.per_query_head + shapes.per_kv_head
-        )
-        granule = layers * step / shapes.total
-    else:
-
-        def widths_for(h: int, kv: int) -> list[int]:
-            target_after = shapes.total * (1 - ratio)
-            base = count_after(shapes, layers=layers, heads=h, kv_heads=kv, intermediate=I)
-            channels = (base - target_after) / (layers * shapes.per_channel)
-            return _round_multiple(I - channels, mlp_multiple, I)
-
+    widths_for, granule = _mlp_widths(shapes, ratio, layers, head_mode, mlp_ratio, mlp_multiple)
     if attention_ratio is not None and mlp_ratio is not None:
         (h, kv), (w,) = attn_opts[0], widths_for(*attn_opts[0])
         return _plan(shapes, depth, h, kv, w, None, granule)
@@ -136,6 +107,46 @@ def solve(
     return min(
         feasible, key=lambda p: (round(abs(p.attention_removed - p.mlp_removed), 6), abs(p.ratio_achieved - ratio))
     )
+
+
+def _check_request(shapes: Shapes, ratio: float, head_mode: str, depth: int, mlp_multiple: int) -> None:
+    if not 0 < ratio < 1:
+        raise SolverError(f"ratio = {ratio}: must be in (0, 1)")
+    if head_mode not in ("query", "kv_group"):
+        raise SolverError(f"head_mode = {head_mode!r}: must be query or kv_group")
+    if not 0 <= depth < shapes.layers:
+        raise SolverError(
+            f"depth = {depth}: must be in [0, {shapes.layers - 1}] (the model has {shapes.layers} blocks)"
+        )
+    if mlp_multiple > shapes.intermediate:
+        raise SolverError(f"mlp_multiple = {mlp_multiple}: larger than the MLP width {shapes.intermediate}")
+
+
+def _mlp_widths(
+    shapes: Shapes, ratio: float, layers: int, head_mode: str, mlp_ratio: float | None, mlp_multiple: int
+) -> tuple[Callable[[int, int], list[int]], float]:
+    """The MLP widths worth trying for each attention choice (heads, kv heads), and the plan's granule: one
+    `mlp_multiple` step of MLP width in every layer, or one attention step when the MLP width is fixed."""
+    I = shapes.intermediate
+    if mlp_ratio is not None:
+        width = (
+            I if mlp_ratio == 0 else min(I, max(mlp_multiple, round(I * (1 - mlp_ratio) / mlp_multiple) * mlp_multiple))
+        )
+        # With the MLP width fixed, attention is the only freedom: its step is the granule.
+        step = (
+            shapes.kv_heads * shapes.per_query_head
+            if head_mode == "query"
+            else shapes.group_size * shapes.per_query_head + shapes.per_kv_head
+        )
+        return (lambda h, kv: [width]), layers * step / shapes.total
+
+    def widths_for(h: int, kv: int) -> list[int]:
+        target_after = shapes.total * (1 - ratio)
+        base = count_after(shapes, layers=layers, heads=h, kv_heads=kv, intermediate=I)
+        channels = (base - target_after) / (layers * shapes.per_channel)
+        return _round_multiple(I - channels, mlp_multiple, I)
+
+    return widths_for, layers * mlp_multiple * shapes.per_channel / shapes.total
 
 
 def reachable_ratios(shapes: Shapes, attn_opts, layers: int, mlp_multiple: int, widths=None) -> list[float]:

@@ -177,6 +177,22 @@ def attach_lora(model, s: LoraSettings):
     return get_peft_model(model, config)
 
 
+@dataclass
+class _Trainer:
+    """A LoRA run's peft model, optimiser and schedule, and its batch arithmetic."""
+
+    model: Any
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    pad_id: int
+    micro: int
+    accum: int
+    effective: int
+    steps_per_epoch: int
+    total_steps: int
+
+
 def train_lora(
     model,
     train: list[Example],
@@ -186,70 +202,97 @@ def train_lora(
     pad_id: int,
 ) -> tuple[Any, dict[str, Any]]:
     """Fine-tune LoRA adapters on `train`; returns the peft model and the history (losses, steps, timings)."""
-    from transformers import get_cosine_schedule_with_warmup
-
     if not train:
         raise FinetuneError("no training examples left (every record's prompt fills max_length)")
+    t = _setup_training(model, len(train), s, pad_id)
+    history = _initial_history(t, len(train), held_out)
+    gen = torch.Generator().manual_seed(s.seed)
+    torch.manual_seed(s.seed)  # dropout masks
+    t.model.train()
+    start = time.perf_counter()
+    epochs_run = _train_epochs(t, train, held_out, s.epochs, gen, history)
+    seconds = time.perf_counter() - start
+    history.update(seconds=round(seconds, 2), seconds_per_step=round(seconds / t.total_steps, 3), epochs_run=epochs_run)
+    t.model.eval()
+    return t.model, history
+
+
+def _setup_training(model, n_train: int, s: LoraSettings, pad_id: int) -> _Trainer:
+    """Attach LoRA; size micro-batches, accumulation and steps; AdamW with linear warmup then cosine decay."""
+    from transformers import get_cosine_schedule_with_warmup
+
     peft_model = attach_lora(model, s)
     micro = min(s.micro_batch_size, s.batch_size)
     accum = max(1, s.batch_size // micro)
     effective = micro * accum
-    steps_per_epoch = math.ceil(len(train) / effective)
+    steps_per_epoch = math.ceil(n_train / effective)
     total_steps = max(1, math.ceil(s.epochs * steps_per_epoch))
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(round(s.warmup_ratio * total_steps)), total_steps)
-    history: dict[str, Any] = {
-        "train_examples": len(train),
+    return _Trainer(
+        peft_model, params, optimizer, scheduler, pad_id, micro, accum, effective, steps_per_epoch, total_steps
+    )
+
+
+def _initial_history(t: _Trainer, n_train: int, held_out: list[Example]) -> dict[str, Any]:
+    """The run's sizes and the held-out loss before training (epoch 0)."""
+    return {
+        "train_examples": n_train,
         "eval_examples": len(held_out),
-        "micro_batch_size": micro,
-        "grad_accumulation": accum,
-        "effective_batch": effective,
-        "steps_per_epoch": steps_per_epoch,
-        "total_steps": total_steps,
-        "trainable_parameters": sum(p.numel() for p in params),
+        "micro_batch_size": t.micro,
+        "grad_accumulation": t.accum,
+        "effective_batch": t.effective,
+        "steps_per_epoch": t.steps_per_epoch,
+        "total_steps": t.total_steps,
+        "trainable_parameters": sum(p.numel() for p in t.params),
         "train_loss": [],
-        "eval_loss": [{"epoch": 0, "loss": mean_loss(peft_model, held_out, pad_id, micro)}],
+        "eval_loss": [{"epoch": 0, "loss": mean_loss(t.model, held_out, t.pad_id, t.micro)}],
     }
-    gen = torch.Generator().manual_seed(s.seed)
-    torch.manual_seed(s.seed)  # dropout masks
-    peft_model.train()
-    step, epoch, start = 0, 0, time.perf_counter()
-    bar = progress(total=total_steps, desc="lora", unit="step")
-    while step < total_steps:
+
+
+def _train_epochs(
+    t: _Trainer, train: list[Example], held_out: list[Example], epochs: float, gen: torch.Generator, history: dict
+) -> int:
+    """Seeded-shuffle epochs of optimiser steps up to `total_steps`, each ending in a held-out eval; epochs run."""
+    step, epoch = 0, 0
+    bar = progress(total=t.total_steps, desc="lora", unit="step")
+    while step < t.total_steps:
         epoch += 1
         order = torch.randperm(len(train), generator=gen).tolist()
-        for g in range(0, len(order), effective):
-            if step >= total_steps:
+        for g in range(0, len(order), t.effective):
+            if step >= t.total_steps:
                 break
-            group = [train[i] for i in order[g : g + effective]]
-            n_tokens = sum(e.targets for e in group)
-            total = 0.0
-            for m in range(0, len(group), micro):
-                loss, _ = summed_loss(peft_model, collate(group[m : m + micro], pad_id))
-                (loss / max(n_tokens, 1)).backward()
-                total += float(loss.detach())
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = _optimiser_step(t, [train[i] for i in order[g : g + t.effective]])
             step += 1
             history["train_loss"].append(
-                {"step": step, "epoch": epoch, "loss": total / max(n_tokens, 1), "lr": scheduler.get_last_lr()[0]}
+                {"step": step, "epoch": epoch, "loss": loss, "lr": t.scheduler.get_last_lr()[0]}
             )
             bar.update(1)
-            bar.set_postfix(loss=f"{total / max(n_tokens, 1):.3f}")
+            bar.set_postfix(loss=f"{loss:.3f}")
         history["eval_loss"].append(
             {
-                "epoch": round(min(step / steps_per_epoch, s.epochs), 3),
-                "loss": mean_loss(peft_model, held_out, pad_id, micro),
+                "epoch": round(min(step / t.steps_per_epoch, epochs), 3),
+                "loss": mean_loss(t.model, held_out, t.pad_id, t.micro),
             }
         )
     bar.close()
-    seconds = time.perf_counter() - start
-    history.update(seconds=round(seconds, 2), seconds_per_step=round(seconds / total_steps, 3), epochs_run=epoch)
-    peft_model.eval()
-    return peft_model, history
+    return epoch
+
+
+def _optimiser_step(t: _Trainer, group: list[Example]) -> float:
+    """One step on `group`, gradients accumulated over micro-batches; its token-weighted mean loss."""
+    n_tokens = sum(e.targets for e in group)
+    total = 0.0
+    for m in range(0, len(group), t.micro):
+        loss, _ = summed_loss(t.model, collate(group[m : m + t.micro], t.pad_id))
+        (loss / max(n_tokens, 1)).backward()
+        total += float(loss.detach())
+    torch.nn.utils.clip_grad_norm_(t.params, 1.0)
+    t.optimizer.step()
+    t.scheduler.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    return total / max(n_tokens, 1)
 
 
 def save_adapter_and_merged(peft_model, tokenizer, adapter_dir: Path, model_dir: Path):

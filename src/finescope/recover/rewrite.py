@@ -16,7 +16,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from ..data import format_prompt
 from ..generation import generate
@@ -91,40 +91,14 @@ def rewrite_records(
     """
     todo = [r for r in records if "instruction" in r]
     prompts = {r["id"]: rewrite_prompt(tokenizer, r) for r in todo}
-    done = read_partial(partial_path) if partial_path is not None else {}
-    done = {k: v for k, v in done.items() if k in prompts and v.get("prompt_hash") == prompt_hash(prompts[k])}
+    done = _resumable_rows(partial_path, prompts)
     pending = [r for r in todo if r["id"] not in done]
     stats: dict[str, Any] = {"instruction_records": len(todo), "resumed": len(done), "generated": len(pending)}
-    handle = None
-    if partial_path is not None:
-        partial_path.parent.mkdir(parents=True, exist_ok=True)
-        if done:  # rewrite the kept rows only, dropping stale or torn ones
-            write_atomic(partial_path, "".join(json.dumps(v, ensure_ascii=False) + "\n" for v in done.values()))
-        elif partial_path.exists():
-            partial_path.unlink()
-        handle = open(partial_path, "a", encoding="utf-8")
-
-    def save(indices: list[int], results: list[list[dict]]) -> None:
-        lines = []
-        for i, (res,) in zip(indices, results):
-            rid = pending[i]["id"]
-            row = {
-                "id": rid,
-                "rewrite": res["text"].strip(),
-                "new_tokens": res["new_tokens"],
-                "cut_off": res["cut_off"],
-                "prompt_hash": prompt_hash(prompts[rid]),
-            }
-            done[rid] = row
-            lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-        if handle is not None:
-            handle.write("".join(lines))
-            handle.flush()
-            os.fsync(handle.fileno())
-
+    handle = _reopen_partial(partial_path, done) if partial_path is not None else None
     start = time.perf_counter()
     try:
         if pending:
+            sink = _BatchSink([r["id"] for r in pending], prompts, done, handle)
             generate(
                 model,
                 tokenizer,
@@ -134,17 +108,62 @@ def rewrite_records(
                 temperature=temperature,
                 seed=seed,
                 desc="teacher rewrite",
-                on_batch=save,
+                on_batch=sink.save,
             )
     finally:
         if handle is not None:
             handle.close()
-    seconds = time.perf_counter() - start
-    new_tokens = sum(done[r["id"]]["new_tokens"] for r in pending)
-    stats.update(
-        seconds=round(seconds, 2),
-        new_tokens=new_tokens,
-        tokens_per_second=round(new_tokens / seconds, 1) if seconds > 0 and new_tokens else None,
-        mean_new_tokens=round(sum(v["new_tokens"] for v in done.values()) / max(len(done), 1), 1),
-    )
+    stats.update(_throughput(time.perf_counter() - start, [done[r["id"]] for r in pending], done))
     return done, stats
+
+
+def _resumable_rows(partial_path: Path | None, prompts: dict[str, str]) -> dict[str, dict]:
+    """Rows of the partial file for a current record whose prompt hash still matches its prompt."""
+    done = read_partial(partial_path) if partial_path is not None else {}
+    return {k: v for k, v in done.items() if k in prompts and v.get("prompt_hash") == prompt_hash(prompts[k])}
+
+
+def _reopen_partial(partial_path: Path, done: dict[str, dict]) -> TextIO:
+    """Reset the partial file to the kept rows (dropping stale or torn ones) and open it for appending."""
+    partial_path.parent.mkdir(parents=True, exist_ok=True)
+    if done:
+        write_atomic(partial_path, "".join(json.dumps(v, ensure_ascii=False) + "\n" for v in done.values()))
+    elif partial_path.exists():
+        partial_path.unlink()
+    return open(partial_path, "a", encoding="utf-8")
+
+
+class _BatchSink:
+    """`generate`'s `on_batch`: each finished batch becomes rows in `done`, appended durably to `handle`."""
+
+    def __init__(self, ids: list[str], prompts: dict[str, str], done: dict[str, dict], handle: TextIO | None):
+        self.ids, self.prompts, self.done, self.handle = ids, prompts, done, handle
+
+    def save(self, indices: list[int], results: list[list[dict]]) -> None:
+        rows = [self.row(self.ids[i], res) for i, (res,) in zip(indices, results)]
+        for row in rows:
+            self.done[row["id"]] = row
+        if self.handle is not None:
+            self.handle.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+
+    def row(self, rid: str, res: dict) -> dict:
+        return {
+            "id": rid,
+            "rewrite": res["text"].strip(),
+            "new_tokens": res["new_tokens"],
+            "cut_off": res["cut_off"],
+            "prompt_hash": prompt_hash(self.prompts[rid]),
+        }
+
+
+def _throughput(seconds: float, generated: list[dict], done: dict[str, dict]) -> dict[str, Any]:
+    """Timing stats: wall seconds, new tokens of this run, their rate, and the mean over all rows."""
+    new_tokens = sum(row["new_tokens"] for row in generated)
+    return {
+        "seconds": round(seconds, 2),
+        "new_tokens": new_tokens,
+        "tokens_per_second": round(new_tokens / seconds, 1) if seconds > 0 and new_tokens else None,
+        "mean_new_tokens": round(sum(v["new_tokens"] for v in done.values()) / max(len(done), 1), 1),
+    }

@@ -152,7 +152,18 @@ def run_mc(task: Task, handle, cfg: EvalConfig, scoring: str) -> tuple[dict, lis
     return res, samples
 
 
-def _completions(outs: list[list[dict]]) -> list[list[str]]:
+def _completions(handle, cfg: EvalConfig, prompts: list[str], stop, desc: str, **sampling) -> list[list[str]]:
+    """Each prompt's completion texts (one, or `num_samples` when sampling), generated with the eval settings."""
+    outs = generate(
+        handle.model,
+        handle.tokenizer,
+        prompts,
+        max_new_tokens=cfg.max_new_tokens,
+        stop=stop,
+        batch_size=cfg.batch_size,
+        desc=desc,
+        **sampling,
+    )
     return [[c["text"] for c in comps] for comps in outs]
 
 
@@ -161,17 +172,7 @@ def run_gsm8k(task: Task, handle, cfg: EvalConfig) -> tuple[dict, list[dict]]:
     idx = select_subset(len(docs), cfg.limit)
     shots = _shots(cfg, task)
     prompts = [gsm8k_prompt(docs[i]["question"], shots) for i in idx]
-    outs = _completions(
-        generate(
-            handle.model,
-            handle.tokenizer,
-            prompts,
-            max_new_tokens=cfg.max_new_tokens,
-            stop=GSM8K_STOP,
-            batch_size=cfg.batch_size,
-            desc=task.name,
-        )
-    )
+    outs = _completions(handle, cfg, prompts, GSM8K_STOP, task.name)
     flex, strict, samples = [], [], []
     for i, out in zip(idx, outs):
         target = gsm8k_target(docs[i]["answer"])
@@ -207,17 +208,7 @@ def run_math(task: Task, handle, cfg: EvalConfig) -> tuple[dict, list[dict]]:
     shots = _shots(cfg, task)
     picker = shot_picker(docs, "type", cfg.seed)
     prompts = [math_prompt(docs[i], picker(i, shots)) for i in idx]
-    outs = _completions(
-        generate(
-            handle.model,
-            handle.tokenizer,
-            prompts,
-            max_new_tokens=cfg.max_new_tokens,
-            stop=MATH_STOP,
-            batch_size=cfg.batch_size,
-            desc=task.name,
-        )
-    )
+    outs = _completions(handle, cfg, prompts, MATH_STOP, task.name)
     acc, samples = [], []
     by_type: dict[str, list[float]] = {}
     for i, out in zip(idx, outs):
@@ -260,19 +251,15 @@ def run_code(task: Task, handle, cfg: EvalConfig) -> tuple[dict, list[dict]]:
     n = cfg.num_samples
     temperature = cfg.temperature if n > 1 else 0.0
     outs = _completions(
-        generate(
-            handle.model,
-            handle.tokenizer,
-            prompts,
-            max_new_tokens=cfg.max_new_tokens,
-            stop=stop,
-            batch_size=cfg.batch_size,
-            num_samples=n,
-            temperature=temperature,
-            top_p=0.95,
-            seed=cfg.seed,
-            desc=f"{task.name} generate",
-        )
+        handle,
+        cfg,
+        prompts,
+        stop,
+        f"{task.name} generate",
+        num_samples=n,
+        temperature=temperature,
+        top_p=0.95,
+        seed=cfg.seed,
     )
     limits = Limits(timeout_s=cfg.exec_timeout_s)
     ks = [k for k in (1, 10, 100) if k <= n]

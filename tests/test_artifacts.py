@@ -108,6 +108,7 @@ def test_on_disk_keys_are_the_field_names_in_field_order_with_groups_in_place(tm
         value=0.5,
         stderr=0.1,
         n=4,
+        chance=0.0,
         extra={"shots": 8, "exact_match_strict": 0.25},
         wall_s=3.0,
     )
@@ -118,6 +119,7 @@ def test_on_disk_keys_are_the_field_names_in_field_order_with_groups_in_place(tm
         "value",
         "stderr",
         "n",
+        "chance",
         "shots",
         "exact_match_strict",
         "wall_s",
@@ -231,11 +233,15 @@ def test_extras_keep_what_a_task_adds():
         "value": 1.0,
         "stderr": None,
         "n": 2,
+        "chance": 0.0,
         "pass@10": 0.5,
         "wall_s": 1.0,
     }
     assert TaskResult.from_json(data).extra == {"pass@10": 0.5}
     assert TaskResult.from_json(data).to_json() == data
+    old = {k: v for k, v in data.items() if k != "chance"}  # a file from before `chance` was recorded
+    assert TaskResult.from_json(old).chance is None
+    assert TaskResult.from_json(old).to_json() == {**old, "chance": None}
 
 
 def test_wrong_shapes_and_unreadable_files_are_one_line_errors(tmp_path):

@@ -156,7 +156,8 @@ def test_pipeline_refuses_fields_it_sets_itself(tmp_path, section, field, value,
 def test_variants_validated_against_the_variant_table(tmp_path):
     from finescope.variants import VARIANTS
 
-    assert load_config(PipelineConfig, None, ["variants=" + ",".join(VARIANTS)]).variants == list(VARIANTS)
+    every = load_config(PipelineConfig, None, ["variants=" + ",".join(VARIANTS), "recover.kd_weight=0.5"])
+    assert every.variants == list(VARIANTS)
     with pytest.raises(
         ConfigError, match=r"variants\[1\] = 'pruned_tdg': unknown variant \(did you mean 'pruned_tgd'\?\)"
     ):

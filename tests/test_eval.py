@@ -86,11 +86,11 @@ def test_encode_pair_moves_trailing_space(chat_tokenizer):
 def test_pick_and_normalisation():
     from finescope.evaluate.mc import Score
 
-    scores = [Score(-4.0, 2, False), Score(-6.0, 3, False)]
+    scores = [Score(-4.0, 2, False, 0), Score(-6.0, 3, False, 0)]
     assert pick(scores, ["ab", "abcdef"], "none") == 0
     assert pick(scores, ["ab", "abcdef"], "chars") == 1  # −1.0 per char beats −2.0
-    assert pick([Score(-4.0, 2, False), Score(-5.0, 4, False)], ["ab", "cd"], "tokens") == 1  # −1.25 beats −2
-    assert pick([Score(-1.0, 1, False)] * 3, ["a", "b", "c"]) == 0  # ties → first, as np.argmax
+    assert pick([Score(-4.0, 2, False, 0), Score(-5.0, 4, False, 0)], ["ab", "cd"], "tokens") == 1  # −1.25 beats −2
+    assert pick([Score(-1.0, 1, False, 0)] * 3, ["a", "b", "c"]) == 0  # ties → first, as np.argmax
 
 
 def test_mmlu_prompts_follow_lm_eval_templates():
@@ -251,6 +251,58 @@ def test_domain_nll_equals_manual(chat_tokenizer):
     assert len(samples) == 3
 
 
+def _overfit(model, tok, texts: list[str], steps: int = 12) -> None:
+    """A few Adam steps on `texts`, so the model's argmax hits some tokens (a random model hits none)."""
+    batch = tok(texts, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        model(**batch, labels=labels).loss.backward()
+        opt.step()
+    model.eval()
+
+
+def test_top1_equals_argmax_hand_count(chat_tokenizer):
+    """top1 = Σ [argmax of a plain unpadded forward == target] / Σ tokens over the completion tokens."""
+    from finescope.data import format_example, read_records
+
+    torch.manual_seed(0)
+    model = build_model("llama", len(chat_tokenizer))
+    recs = list(read_records(FIX / "nll_small.jsonl"))
+    pairs = [format_example(chat_tokenizer, r) for r in recs]
+    _overfit(model, chat_tokenizer, [p + c for p, c in pairs])
+    metrics, samples = domain_nll(model, chat_tokenizer, recs, batch_size=2)
+    hits, tokens = [], []
+    for prompt, completion in pairs:
+        ctx, cont = encode_pair(chat_tokenizer, prompt, completion)
+        with torch.no_grad():
+            pred = model(torch.tensor([ctx + cont])).logits[0].argmax(-1)
+        hits.append(sum(int(pred[len(ctx) - 1 + i]) == t for i, t in enumerate(cont)))
+        tokens.append(len(cont))
+    assert [s["top1_hits"] for s in samples] == hits
+    assert 0 < sum(hits) < sum(tokens)  # neither trivially 0 nor 1
+    assert metrics["top1"] == pytest.approx(sum(hits) / sum(tokens))
+    assert metrics["top1_stderr"] > 0  # per-document (cluster) standard error
+
+
+def test_mc_results_record_chance_from_the_number_of_choices(chat_tokenizer):
+    from types import SimpleNamespace
+
+    from finescope.evaluate.run import evaluate_task
+    from finescope.evaluate.tasks import Task
+
+    docs = [
+        {"id": f"q{i}", "subject": "arithmetic", "question": f"{i} + 1 =", "choices": ["1", "2", "3", "4"], "answer": i}
+        for i in range(3)
+    ]
+    handle = SimpleNamespace(model=build_model("llama", len(chat_tokenizer)), tokenizer=chat_tokenizer)
+    cfg = EvalConfig(tasks=["mmlu:x"], mmlu_scoring="both", batch_size=2)
+    got = [res for res, _ in evaluate_task(Task("mmlu:x", "mc", lambda: docs), handle, cfg)]
+    assert [(r["variant"], r["chance"]) for r in got] == [("letter", 0.25), ("cloze", 0.25)]
+
+
 def test_run_writes_results_and_skips_rerun(tiny_model_dirs, tmp_path):
     model = str(tiny_model_dirs["llama"])
     cfg = EvalConfig(
@@ -270,8 +322,12 @@ def test_run_writes_results_and_skips_rerun(tiny_model_dirs, tmp_path):
     path = run(cfg, out)
     assert path == out / "results.json" and (out / "DONE").is_file()
     report = json.loads(path.read_text())
-    by_task = {r["task"].split(":")[0]: r for r in report["results"]}
-    assert by_task["nll"]["n"] == 3 and by_task["nll"]["value"] > 0
+    by_task = {r["task"].split(":")[0]: r for r in report["results"] if r["metric"] != "top1"}
+    assert by_task["nll"]["n"] == 3 and by_task["nll"]["value"] > 0 and by_task["nll"]["chance"] is None
+    (top1,) = [r for r in report["results"] if r["metric"] == "top1"]
+    assert top1["task"] == by_task["nll"]["task"] and top1["n"] == 3 and 0 <= top1["value"] <= 1
+    assert top1["chance"] == 0.0 and top1["wall_s"] == by_task["nll"]["wall_s"]  # one pass, two results
+    assert by_task["math"]["chance"] == by_task["mbpp"]["chance"] == 0.0
     assert by_task["math"]["n"] == 5 and set(by_task["math"]["by_type"]) >= {"prealgebra", "algebra"}
     assert by_task["mbpp"]["metric"] == "pass@1" and 0 <= by_task["mbpp"]["value"] <= 1
     assert all("wall_s" in r and "stderr" in r for r in report["results"])

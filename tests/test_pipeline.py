@@ -153,7 +153,7 @@ def test_interrupted_stage_restarts_and_finished_stages_are_skipped(tiny_run, mo
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(recover_run, "train_lora", boom)
+    monkeypatch.setattr(recover_run, "fine_tune", boom)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run(cfg)
     root = pipeline.run_dir_of(cfg)

@@ -20,14 +20,14 @@ from finescope.recover.filters import apply_filters, check_rewrite
 from finescope.recover.finetune import (
     IGNORE,
     FinetuneError,
-    LoraSettings,
+    TrainSettings,
     build_examples,
     collate,
-    save_adapter_and_merged,
+    fine_tune,
+    save_trained,
     split_records,
     summed_loss,
     tokenize_pair,
-    train_lora,
 )
 from finescope.recover.rewrite import DISTILL_SYSTEM, read_partial, rewrite_prompt, rewrite_records
 from finescope.recover.run import PARTIAL, RecoverError, run
@@ -229,7 +229,7 @@ def test_apply_filters_falls_back_and_counts():
 def _train(tok, seed=0, lr=5e-3, steps_epochs=3.0, family="llama"):
     model = build_model(family, len(tok))
     train, _ = build_examples(tok, RECORDS, max_length=128)
-    s = LoraSettings(
+    s = TrainSettings(
         rank=4,
         alpha=8,
         dropout=0.0,
@@ -240,7 +240,7 @@ def _train(tok, seed=0, lr=5e-3, steps_epochs=3.0, family="llama"):
         warmup_ratio=0.0,
         seed=seed,
     )
-    return model, train, train_lora(model, train, train[:2], s, pad_id=tok.pad_token_id)
+    return model, train, fine_tune(model, train, train[:2], s, pad_id=tok.pad_token_id)
 
 
 def test_lora_is_deterministic_and_learns(chat_tokenizer):
@@ -267,7 +267,7 @@ def test_merged_logits_equal_base_plus_adapter_and_reload(tmp_path, chat_tokeniz
         with peft_model.disable_adapter():
             base = peft_model(**inputs).logits
     assert not torch.allclose(adapted, base, atol=1e-4)  # the adapter learned something
-    merged = save_adapter_and_merged(peft_model, chat_tokenizer, tmp_path / "adapter", tmp_path / "model")
+    merged = save_trained(peft_model, chat_tokenizer, tmp_path / "adapter", tmp_path / "model")
     with torch.no_grad():
         torch.testing.assert_close(merged(**inputs).logits, adapted, rtol=1e-4, atol=1e-4)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
@@ -283,7 +283,7 @@ def test_unknown_target_module_is_refused(chat_tokenizer):
     model = build_model("llama", len(chat_tokenizer))
     train, _ = build_examples(chat_tokenizer, RECORDS, max_length=128)
     with pytest.raises(FinetuneError, match="c_attn not in the model"):
-        train_lora(model, train, [], LoraSettings(target_modules=["q_proj", "c_attn"]), pad_id=0)
+        fine_tune(model, train, [], TrainSettings(target_modules=["q_proj", "c_attn"]), pad_id=0)
 
 
 # ================================================================================================ stage
@@ -351,7 +351,7 @@ def test_interrupted_run_resumes_the_rewrite(tmp_path, tiny_model_dirs, monkeypa
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(recover_run, "train_lora", boom)
+    monkeypatch.setattr(recover_run, "fine_tune", boom)
     with pytest.raises(KeyboardInterrupt):
         run(cfg, tmp_path / "recover")
     assert len(read_partial(tmp_path / "recover" / PARTIAL)) == 5

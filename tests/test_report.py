@@ -79,6 +79,7 @@ def _results(acc: float, nll: float, params: int, path: str) -> EvalResults:
                 value=acc,
                 stderr=0.07,
                 n=40,
+                chance=0.25,
                 extra={"shots": 0, "acc": acc, "acc_stderr": 0.07},
                 wall_s=8.5,
             ),
@@ -361,8 +362,8 @@ def test_results_table_values_and_percent_of_dense(run_dir):
     assert tgd["mmlu:elementary_mathematics acc_norm ↑"] == "0.300 (60%)"
     assert tgd["nll:math nll ↓"] == "3.000 (+1.00)"
     assert tgd["Pruned"] == "✓" and tgd["Data"] == "FineScope" and tgd["Recovery"] == "TGD"
-    assert tgd["Params (M)"] == "87.0" and tgd["mean % of dense (↑ metrics)"] == "60%"
-    assert rows["dense"]["mean % of dense (↑ metrics)"] == "reference"
+    assert tgd["Params (M)"] == "87.0" and tgd["mean % of dense (↑ metrics above chance)"] == "60%"
+    assert rows["dense"]["mean % of dense (↑ metrics above chance)"] == "reference"
     assert rows["dense"]["mmlu:elementary_mathematics acc_norm ↑"] == "0.500"
     assert rows["pruned, no recovery"]["mmlu:elementary_mathematics acc_norm ↑"] == "0.250 (50%)"
     assert rows["pruned + SFT (w/o TGD)"]["nll:math nll ↓"] == "–"  # no results yet
@@ -409,3 +410,110 @@ def test_an_incomplete_artifact_is_refused_in_one_line_naming_file_and_field(run
     assert cli.main(["report", str(run_dir)]) == 2
     err = capsys.readouterr().err.strip()
     assert "calibration.records" in err and str(path) in err and "\n" not in err
+
+
+# ---------------------------------------------------------------------------------------------- mean % of dense
+
+
+def _result(task: str, metric: str, value: float, n: int, chance: float | None, variant: str = "v") -> TaskResult:
+    return TaskResult(task=task, variant=variant, metric=metric, value=value, stderr=0.05, n=n, chance=chance, wall_s=1)
+
+
+def _eval_only_run(root: Path, results: dict[str, list[TaskResult]]) -> Path:
+    """A run directory with only evaluations: variant → its results."""
+    from finescope.pipeline import VARIANTS
+
+    PipelineManifest(
+        name="chance",
+        model="default",
+        variants={
+            n: VariantEntry(label=VARIANTS[n].label, description="", stages={"eval": f"eval/{n}"}) for n in results
+        },
+    ).write(root / PipelineManifest.FILE)
+    for n, rs in results.items():
+        EvalResults(
+            model=ModelIdentity(path=n, config_hash="0" * 16, architecture="LlamaForCausalLM", parameters=1_000_000),
+            eval_config_hash="1" * 16,
+            config={},
+            results=rs,
+            wall_s=1.0,
+        ).write(root / "eval" / n / EvalResults.FILE)
+    return root
+
+
+def _chance_run(root: Path) -> Path:
+    # dense: MMLU at chance (0.267 at n = 60, as the 135M model), top-1 and a 4-choice MMLU slice clearly above
+    # it, GSM8K 0/60 (chance 0: nothing to tell apart), NLL (↓, never in the mean)
+    dense = [
+        _result("nll:math", "nll", 1.35, 60, None, "response tokens"),
+        _result("nll:math", "top1", 0.50, 60, 0.0, "response tokens (top-1)"),
+        _result("mmlu:elementary_mathematics", "acc_norm", 0.267, 60, 0.25),
+        _result("mmlu:marketing", "acc_norm", 0.60, 60, 0.25),
+        _result("gsm8k", "exact_match", 0.0, 60, 0.0),
+    ]
+    pruned = [
+        _result("nll:math", "nll", 4.3, 60, None, "response tokens"),
+        _result("nll:math", "top1", 0.25, 60, 0.0, "response tokens (top-1)"),
+        _result("mmlu:elementary_mathematics", "acc_norm", 0.534, 60, 0.25),  # 200 %: noise, must not count
+        _result("mmlu:marketing", "acc_norm", 0.45, 60, 0.25),
+        _result("gsm8k", "exact_match", 0.0, 60, 0.0),
+    ]
+    return _eval_only_run(root, {"dense": dense, "pruned": pruned})
+
+
+def test_wilson_lower_bound():
+    assert tables.wilson_lower(0.267, 60) == pytest.approx(0.1846, abs=5e-4)  # below chance 0.25
+    assert tables.wilson_lower(0.5, 40) == pytest.approx(0.3742, abs=5e-4)
+    assert tables.wilson_lower(0.0, 164) == 0.0 and tables.wilson_lower(1 / 60, 60) > 0
+
+
+def test_mean_percent_only_over_metrics_above_chance(tmp_path):
+    data = tables.collect(_chance_run(tmp_path / "run"))
+    used, left = tables.summary_columns(data)
+    assert [c.label for c in used] == ["nll:math top1", "mmlu:marketing acc_norm"]
+    assert {c.label: why for c, why in left} == {
+        "mmlu:elementary_mathematics acc_norm": "dense 0.267 is not distinguishable from chance 0.25 at n = 60",
+        "gsm8k exact_match": "dense 0.000 is not distinguishable from chance 0 at n = 60",
+    }
+    header, body = tables.results_table(data)
+    rows = {r[0]: dict(zip(header, r)) for r in body}
+    pruned = rows["pruned, no recovery"]
+    assert pruned[tables.SUMMARY_HEADER] == "62%"  # (50 % + 75 %) / 2; the 200 % MMLU cell is left out
+    assert pruned["mmlu:elementary_mathematics acc_norm ↑"] == "0.534 (200%)"  # the cell itself stays
+    note = tables.summary_note(data)
+    assert note.startswith("Mean % of dense: averaged over nll:math top1, mmlu:marketing acc_norm,")
+    assert "left out: mmlu:elementary_mathematics acc_norm — dense 0.267 is not distinguishable from chance" in note
+    html_path = write_report(tmp_path / "run")
+    assert note in (tmp_path / "run/report/report.md").read_text()
+    assert "left out: mmlu:elementary_mathematics acc_norm" in html_path.read_text()
+
+
+def test_no_metric_above_chance_shows_a_dash_with_the_reason(tmp_path):
+    at_chance = {
+        v: [_result("mmlu:elementary_mathematics", "acc_norm", a, 60, 0.25)]
+        for v, a in (("dense", 0.267), ("pruned", 0.2))
+    }
+    data = tables.collect(_eval_only_run(tmp_path / "run", at_chance))
+    header, body = tables.results_table(data)
+    assert [dict(zip(header, r))[tables.SUMMARY_HEADER] for r in body] == ["reference", "–"]
+    note = tables.summary_note(data)
+    assert note.startswith("Mean % of dense: – for every variant, as no ↑ metric's dense value is distinguishable")
+    assert "chance 0.25 at n = 60" in note
+
+
+def test_old_results_without_chance_still_render(tmp_path):
+    """Files written before `chance` existed: read, shown, and left out of the mean with the reason."""
+    root = _chance_run(tmp_path / "run")
+    for n in ("dense", "pruned"):
+        path = root / "eval" / n / EvalResults.FILE
+        old = json.loads(path.read_text())
+        for r in old["results"]:
+            del r["chance"]
+        path.write_text(json.dumps(old))
+    data = tables.collect(root)
+    header, body = tables.results_table(data)
+    rows = {r[0]: dict(zip(header, r)) for r in body}
+    assert rows["pruned, no recovery"]["mmlu:marketing acc_norm ↑"] == "0.450 (75%)"
+    assert rows["pruned, no recovery"][tables.SUMMARY_HEADER] == "–"
+    assert "mmlu:marketing acc_norm — no chance level recorded" in tables.summary_note(data)
+    assert write_report(root).is_file()

@@ -561,7 +561,10 @@ class TrainLossPoint(Schema):
     step: int
     epoch: int
     loss: float
+    """Token-weighted training loss of the step (α·KD + (1 − α)·CE with logit distillation)."""
     lr: float
+    kd: float | None = None
+    """The step's mean KD term (τ²·KL per token); None without logit distillation."""
 
 
 @dataclass(kw_only=True)
@@ -569,6 +572,8 @@ class EvalLossPoint(Schema):
     epoch: float
     """Epochs trained when measured (0: before training)."""
     loss: float | None
+    seconds: float | None = None
+    """Training wall seconds when measured (held-out loss against time)."""
 
 
 @dataclass(kw_only=True)
@@ -594,6 +599,40 @@ class TrainHistory(Schema):
 
 
 @dataclass(kw_only=True)
+class KdStats(Schema):
+    """Logit distillation from the teacher (kd_weight > 0 only)."""
+
+    weight: float
+    """α: loss = α·KD + (1 − α)·CE."""
+    temperature: float
+    loss: str
+    """forward | reverse KL."""
+    targets: str
+    """top-k cache (one teacher pass, read back each epoch) | online (the teacher runs on every batch)."""
+    top_k: int | None
+    cache: str | None
+    """The cache file (top-k targets only)."""
+    cache_hit: bool | None
+    """The targets were read from an existing cache built for the same teacher, examples, τ and k."""
+    seconds: float
+    """Teacher pass that built the cache (0 on a hit or online)."""
+
+
+@dataclass(kw_only=True)
+class RecoveryData(Schema):
+    """What the student was trained on, by source."""
+
+    curated: int
+    """Records of --data (trained on as given)."""
+    next_ranked: int
+    """Next-ranked curated records added by --recover-top-m."""
+    replay: int
+    """Generic replay records (text) added by --replay-fraction."""
+    dropped_eval_overlap: dict[str, int]
+    """Added records left out because they overlap evaluation data, per source (next_ranked, replay)."""
+
+
+@dataclass(kw_only=True)
 class RecoverMetrics(Schema):
     """`recover/…/metrics.json`."""
 
@@ -609,7 +648,11 @@ class RecoverMetrics(Schema):
     """Examples longer than max_length, left out of training."""
     train: TrainHistory
     seconds: dict[str, float]
-    """Wall seconds: rewrite, finetune, save, total."""
+    """Wall seconds: rewrite, kd_targets, finetune, save, total."""
+    adapter: str = "lora"
+    """lora | full fine-tuning."""
+    kd: KdStats | None = None
+    data: RecoveryData | None = None
 
 
 # ================================================================================================ eval
@@ -636,9 +679,12 @@ class TaskResult(Schema):
     """None when undefined (e.g. no questions)."""
     stderr: float | None
     n: int
-    """Questions scored."""
+    """Questions scored (documents, for the token-weighted metrics of an `nll:` task)."""
+    chance: float | None = None
+    """The value of a random guess, for accuracy metrics: 1/choices for multiple choice, 0 for generated answers,
+    code and top-1 (strictly 1/vocabulary). None for NLL, and in files of older versions (unknown)."""
     extra: dict[str, Any] = field(default_factory=dict, metadata=FLATTEN)
-    """Task-specific extras: shots, by_subject, exact_match_strict, pass@k, perplexity, …"""
+    """Task-specific extras: shots, by_subject, exact_match_strict, pass@k, perplexity, tokens, …"""
     wall_s: float
 
 

@@ -205,7 +205,27 @@ class RecoverConfig:
     data: str = ""
     """Curated records (e.g. curate/selected.jsonl); any record file works."""
     no_teacher: bool = False
-    """Plain SFT on the original responses (the paper's w/o-TGD ablation)."""
+    """Plain SFT on the original responses (the paper's w/o-TGD ablation): no teacher at all."""
+    no_rewrite: bool = False
+    """Train on the original responses, without teacher rewrites (with --kd-weight > 0: logit distillation alone)."""
+    kd_weight: Annotated[float, Range(min=0, max=1)] = 0.0
+    """Logit distillation weight α: loss = α·KL(teacher, student) + (1 − α)·CE on the response tokens; 0 = none (TGD alone)."""
+    kd_temperature: Annotated[float, Range(min=0, min_open=True)] = 1.0
+    """Softmax temperature τ of both distributions in the KD term (the term is scaled by τ²)."""
+    kd_loss: Literal["forward", "reverse"] = "forward"
+    """KL direction: forward KL(teacher ‖ student) (mean-seeking) or reverse KL(student ‖ teacher) (mode-seeking)."""
+    kd_cache: str = "auto"
+    """Teacher targets for KD: "auto" = its top-k distributions cached under $FINESCOPE_HOME/cache/recover (one teacher pass), a folder = cached there, "off" = the teacher runs on every batch (whole vocabulary, teacher kept in memory)."""
+    kd_top_k: Annotated[int, Range(min=1)] = 64
+    """Teacher tokens kept per position in the KD cache (the rest of the vocabulary is one bin)."""
+    adapter: Literal["lora", "full"] = "lora"
+    """lora = LoRA adapters merged at the end (paper); full = every weight trained (small models; memory checked first)."""
+    recover_top_m: Annotated[int, Range(min=0)] = 0
+    """Train on the curation's top N records instead of only --data (the next-ranked pool records join; needs --data from a curate stage); 0 = --data as it is."""
+    replay: str = "default"
+    """Generic replay text for --replay-fraction: "default" (Wikipedia, OpenWebText, BBC News) or a record file."""
+    replay_fraction: Annotated[float, Range(min=0, max=10)] = 0.0
+    """Generic replay records added, as a fraction of the domain records (against forgetting); 0 = none."""
     max_new_tokens: Annotated[int, Range(min=1)] = 256
     """Token limit of each teacher rewrite; a rewrite that hits it is rejected as cut off."""
     temperature: Annotated[float, Range(min=0)] = 0.0
@@ -255,7 +275,7 @@ class EvalConfig:
     model: str = "default"
     """Model to evaluate: "default", a local HF folder, a hub id, or a .gguf file."""
     tasks: list[str] = field(default_factory=lambda: ["nll:math", "gsm8k", "mmlu:stem"])
-    """Tasks, comma-separated: mmlu[:stem|humanities|social_sciences|other|<subject>], gsm8k, humaneval, nll:<math|code|file>, math:<file>[@type+type], mbpp:<file>."""
+    """Tasks, comma-separated: mmlu[:stem|humanities|social_sciences|other|<subject>], gsm8k, humaneval[:instruct], nll:<math|code|file>, math:<file>[@type+type], mbpp:<file>."""
     shots: Annotated[int | None, Range(min=0)] = None
     """Few-shot examples per question; none = each task's default (mmlu 0, gsm8k 8 CoT exemplars, others 0)."""
     limit: Annotated[int, Range(min=0)] = 0
@@ -340,6 +360,11 @@ class PipelineConfig:
         for i, name in enumerate(self.variants):
             if name not in VARIANTS:
                 raise ConfigError(f"variants[{i}] = {quote(name)}: unknown variant{_suggest(name, list(VARIANTS))}")
+        kd = [name for name in self.variants if VARIANTS[name].recovery == "kd"]
+        if kd and self.recover.kd_weight == 0:
+            raise ConfigError(
+                f"variants {', '.join(kd)}: recover.kd_weight is 0; set it (0 < α ≤ 1) for their logit distillation"
+            )
         for section, fields in PIPELINE_SETS.items():
             cfg = getattr(self, section)
             default = type(cfg)()

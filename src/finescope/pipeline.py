@@ -133,7 +133,10 @@ class Planner:
             student=student,
             data=str(data),
             no_teacher=mode == "sft",
-            teacher=self.cfg.model if mode == "tgd" else "",
+            teacher=self.cfg.model if mode in ("tgd", "kd") else "",
+            # recover.kd_weight and recover.no_rewrite are the recipe of the kd variants; the others stay TGD / SFT.
+            kd_weight=self.cfg.recover.kd_weight if mode == "kd" else 0.0,
+            no_rewrite=self.cfg.recover.no_rewrite if mode == "kd" else False,
         )
         return self._job("recover", f"{label}-{mode}", rc)
 

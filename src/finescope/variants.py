@@ -21,7 +21,7 @@ class VariantSpec:
     prune: str | None
     """Calibration of pruning: "data" (the variant's data), "generic", or None (no pruning)."""
     recovery: str | None
-    """tgd | sft | None."""
+    """tgd (teacher rewrites) | kd (rewrites + logit distillation, recover.kd_weight) | sft | None."""
     description: str
 
 
@@ -51,11 +51,25 @@ VARIANTS: dict[str, VariantSpec] = {
         "tgd",
         "curated calibration, TGD recovery on the curated set: the method",
     ),
+    "pruned_kd": VariantSpec(
+        "FineScope + KD",
+        "sae",
+        "data",
+        "kd",
+        "as FineScope, plus logit distillation from the dense teacher (recover.kd_weight)",
+    ),
     "pruned_sft": VariantSpec(
         "pruned + SFT (w/o TGD)", "sae", "data", "sft", "as FineScope but plain SFT on the original responses"
     ),
     "pruned_random": VariantSpec(
         "pruned + Random", "random", "data", "tgd", "random subset of the same size for calibration and recovery"
+    ),
+    "random_kd": VariantSpec(
+        "pruned + Random + KD",
+        "random",
+        "data",
+        "kd",
+        "random subset of the same size, recovered like FineScope + KD (does curation still matter?)",
     ),
     "pruned_full": VariantSpec(
         "pruned + Full pool", "full", "data", "tgd", "the whole (sampled) pool for calibration and recovery"

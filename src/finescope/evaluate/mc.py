@@ -1,7 +1,8 @@
 """Batched log-likelihood scoring: each question's context is run once, its answer choices share its KV cache.
 
 `score_requests` returns, for every (context, [continuation, ...]) request, the summed log-probability of each
-continuation given the context, its token count and whether it is the greedy continuation. Tokenisation follows
+continuation given the context, its token count, whether it is the greedy continuation and how many of its
+tokens are the model's argmax (top-1) prediction. Tokenisation follows
 lm-evaluation-harness (`_encode_pair`): trailing spaces of the context move to the continuation, the pair is
 encoded whole and split at the context's token count, so our numbers match `lm_eval` on the same prompts.
 
@@ -43,6 +44,8 @@ class Score:
     """Number of continuation tokens scored."""
     greedy: bool
     """Every continuation token is the argmax of the model's distribution."""
+    top1: int
+    """Continuation tokens that are the argmax of the model's distribution (ties go to the lowest id)."""
 
 
 def prefix_token_id(tokenizer) -> int:
@@ -136,6 +139,7 @@ def _score_batch(model, batch: list[_Encoded], pad: int, device) -> list[list[Sc
     greedy_first = first[row_q].argmax(-1) == first_tok
     logprob = lp_first.clone()
     greedy = greedy_first.clone()
+    top1 = greedy_first.long()
 
     if need_cache:
         cache = getattr(out, "cache", None) or out.past_key_values
@@ -153,13 +157,14 @@ def _score_batch(model, batch: list[_Encoded], pad: int, device) -> list[list[Sc
         lp = torch.log_softmax(out2.logits.float(), dim=-1)
         tok_lp = lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) * cmask
         logprob = logprob + tok_lp.sum(-1)
-        hit = (lp.argmax(-1) == tgt) | (cmask == 0)
-        greedy = greedy & hit.all(-1)
+        argmax_hit = lp.argmax(-1) == tgt
+        greedy = greedy & (argmax_hit | (cmask == 0)).all(-1)
+        top1 = top1 + (argmax_hit & (cmask == 1)).sum(-1)
         del cache, out2
 
     result: list[list[Score]] = [[] for _ in batch]
     for k, (r, _) in enumerate(rows):
-        result[r].append(Score(float(logprob[k]), len(conts[k]), bool(greedy[k])))
+        result[r].append(Score(float(logprob[k]), len(conts[k]), bool(greedy[k]), int(top1[k])))
     return result
 
 

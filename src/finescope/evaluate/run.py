@@ -7,9 +7,11 @@
 with the same config is skipped) or, when it ends in `.json`, that results file itself. Per-sample JSONL
 (`--write-samples`) goes to `<out>/samples/` or `<stem>.samples/` beside the file.
 
-Each task result: task, variant (scoring), metric, value, stderr, n, wall time, plus task-specific extras
-(per-subject/type breakdowns, both GSM8K extractions, perplexity). The model is identified by its folder and a
-hash of its config.json and weight files' names and sizes.
+Each task result: task, variant (scoring), metric, value, stderr, n, chance (the value a random guess gets, for
+accuracy metrics: 1/choices for multiple choice, 0 for generation, code and top-1), wall time, plus task-specific
+extras (per-subject/type breakdowns, both GSM8K extractions, perplexity). An `nll:` task gives two results from one
+scoring pass: `nll` and `top1`. The model is identified by its folder and a hash of its config.json and weight
+files' names and sizes.
 """
 
 from __future__ import annotations
@@ -38,7 +40,11 @@ from .tasks import (
     MBPP_STOP,
     Task,
     TaskError,
+    end_of_turn_stops,
+    extract_code,
     gsm8k_prompt,
+    humaneval_instruct_program,
+    humaneval_instruct_prompt,
     humaneval_program,
     math_prompt,
     mbpp_program,
@@ -89,7 +95,8 @@ def _shots(cfg: EvalConfig, task: Task) -> int:
 # ================================================================================================ task runners
 
 
-def _result(task: Task, variant: str, metric: str, values: list[float], **extra) -> dict:
+def _result(task: Task, variant: str, metric: str, values: list[float], *, chance: float, **extra) -> dict:
+    """A result of per-question scores: their mean and its standard error; `chance` is a random guess's value."""
     n = len(values)
     return {
         "task": task.name,
@@ -98,6 +105,7 @@ def _result(task: Task, variant: str, metric: str, values: list[float], **extra)
         "value": sum(values) / n if n else float("nan"),
         "stderr": mean_stderr(values),
         "n": n,
+        "chance": chance,
         **extra,
     }
 
@@ -141,11 +149,19 @@ def run_mc(task: Task, handle, cfg: EvalConfig, scoring: str) -> tuple[dict, lis
                 "correct": bool(main),
             }
         )
+    chance = sum(1 / len(ch) for ch in choices_text) / len(choices_text)
     if scoring == "letter":
-        res = _result(task, "letter", "acc", acc, shots=shots)
+        res = _result(task, "letter", "acc", acc, chance=chance, shots=shots)
     else:
         res = _result(
-            task, "cloze", "acc_norm", acc_norm, shots=shots, acc=sum(acc) / len(acc), acc_stderr=mean_stderr(acc)
+            task,
+            "cloze",
+            "acc_norm",
+            acc_norm,
+            chance=chance,
+            shots=shots,
+            acc=sum(acc) / len(acc),
+            acc_stderr=mean_stderr(acc),
         )
     if len(by_subject) > 1:
         res["by_subject"] = {k: {"value": sum(v) / len(v), "n": len(v)} for k, v in sorted(by_subject.items())}
@@ -194,6 +210,7 @@ def run_gsm8k(task: Task, handle, cfg: EvalConfig) -> tuple[dict, list[dict]]:
         f"{shots}-shot cot",
         "exact_match",
         flex,
+        chance=0.0,
         shots=shots,
         extraction="last number in the completion (lm-eval flexible-extract)",
         exact_match_strict=sum(strict) / len(strict),
@@ -232,6 +249,7 @@ def run_math(task: Task, handle, cfg: EvalConfig) -> tuple[dict, list[dict]]:
         f"{shots}-shot",
         "acc",
         acc,
+        chance=0.0,
         shots=shots,
         by_type={k: {"value": sum(v) / len(v), "n": len(v)} for k, v in sorted(by_type.items())},
     )
@@ -242,8 +260,12 @@ def run_code(task: Task, handle, cfg: EvalConfig) -> tuple[dict, list[dict]]:
     docs = task.docs()
     idx = select_subset(len(docs), cfg.limit)
     humaneval = task.options["flavour"] == "humaneval"
+    instruct = bool(task.options.get("instruct"))
     shots = _shots(cfg, task)
-    if humaneval:
+    if instruct:
+        prompts = [humaneval_instruct_prompt(handle.tokenizer, docs[i]) for i in idx]
+        stop = end_of_turn_stops(handle.tokenizer)
+    elif humaneval:
         prompts, stop = [docs[i]["prompt"] for i in idx], HUMANEVAL_STOP
     else:
         picker = shot_picker(docs, "__none__", cfg.seed)
@@ -269,18 +291,22 @@ def run_code(task: Task, handle, cfg: EvalConfig) -> tuple[dict, list[dict]]:
         d = docs[i]
         statuses = []
         for comp in comps:
-            program = humaneval_program(d, comp) if humaneval else mbpp_program(d, comp)
+            program = _program(d, comp, humaneval, instruct)
             statuses.append(run_program(program, limits).status)
         c = statuses.count("passed")
         for k in ks:
             per_k[k].append(pass_at_k(n, c, k))
-        samples.append({"id": d["id"], "completions": comps, "statuses": statuses, "passed": c})
+        sample = {"id": d["id"], "completions": comps, "statuses": statuses, "passed": c}
+        if instruct:
+            sample["extracted"] = [extract_code(comp) for comp in comps]
+        samples.append(sample)
     variant = "greedy" if n == 1 else f"n={n}, T={temperature}"
     res = _result(
         task,
         variant,
         "pass@1",
         per_k[1],
+        chance=0.0,
         shots=shots,
         samples_per_problem=n,
         **{f"pass@{k}": sum(v) / len(v) for k, v in per_k.items() if k != 1},
@@ -288,41 +314,69 @@ def run_code(task: Task, handle, cfg: EvalConfig) -> tuple[dict, list[dict]]:
     return res, samples
 
 
-def run_nll(task: Task, handle, cfg: EvalConfig) -> tuple[dict, list[dict]]:
+def _program(doc: dict, completion: str, humaneval: bool, instruct: bool) -> str:
+    if instruct:
+        return humaneval_instruct_program(doc, completion)
+    return humaneval_program(doc, completion) if humaneval else mbpp_program(doc, completion)
+
+
+def run_nll(task: Task, handle, cfg: EvalConfig) -> list[tuple[dict, list[dict]]]:
+    """Two results of one scoring pass: the token-weighted NLL and top-1 accuracy of the response tokens.
+
+    The per-record samples (NLL and top-1 hits) go with the NLL result; the top-1 result has none of its own."""
     docs = task.docs()
     idx = select_subset(len(docs), cfg.limit)
     metrics, samples = domain_nll(
         handle.model, handle.tokenizer, [docs[i] for i in idx], batch_size=cfg.batch_size, desc=task.name
     )
-    res = {
-        "task": task.name,
+    common = {"task": task.name, "n": len(idx)}
+    nll = {
+        **common,
         "variant": "response tokens",
         "metric": "nll",
         "value": metrics["nll"],
         "stderr": metrics["nll_stderr"],
-        "n": len(idx),
         "perplexity": metrics["perplexity"],
         "tokens": metrics["tokens"],
     }
-    return res, samples
+    top1 = {
+        **common,
+        "variant": "response tokens (top-1)",
+        "metric": "top1",
+        "value": metrics["top1"],
+        "stderr": metrics["top1_stderr"],
+        "chance": 0.0,
+        "tokens": metrics["tokens"],
+        "definition": "fraction of response tokens that are the model's argmax next-token prediction",
+    }
+    return [(nll, samples), (top1, [])]
 
 
 def evaluate_task(task: Task, handle, cfg: EvalConfig) -> list[tuple[dict, list[dict]]]:
-    """Every result (one per scoring variant) of one task, each with its wall time."""
-    runs: list[Callable[[], tuple[dict, list[dict]]]]
+    """Every result (one per scoring variant and metric) of one task, each with the wall time of the pass that
+    computed it (the two results of an `nll:` task share one)."""
+    runs: list[Callable[[], list[tuple[dict, list[dict]]]]]
     if task.kind == "mc":
         variants = ["letter", "cloze"] if cfg.mmlu_scoring == "both" else [cfg.mmlu_scoring]
-        runs = [partial(run_mc, task, handle, cfg, v) for v in variants]
+        runs = [partial(_one, run_mc, task, handle, cfg, v) for v in variants]
+    elif task.kind == "nll":
+        runs = [partial(run_nll, task, handle, cfg)]
     else:
-        runner = {"gsm8k": run_gsm8k, "math": run_math, "code": run_code, "nll": run_nll}[task.kind]
-        runs = [lambda: runner(task, handle, cfg)]
+        runner = {"gsm8k": run_gsm8k, "math": run_math, "code": run_code}[task.kind]
+        runs = [partial(_one, runner, task, handle, cfg)]
     out = []
     for fn in runs:
         start = time.perf_counter()
-        res, samples = fn()
-        res["wall_s"] = round(time.perf_counter() - start, 2)
-        out.append((res, samples))
+        results = fn()
+        wall_s = round(time.perf_counter() - start, 2)
+        for res, samples in results:
+            res["wall_s"] = wall_s
+            out.append((res, samples))
     return out
+
+
+def _one(runner: Callable[..., tuple[dict, list[dict]]], *args) -> list[tuple[dict, list[dict]]]:
+    return [runner(*args)]
 
 
 # ================================================================================================ stage
@@ -385,7 +439,7 @@ def _evaluate_into(results_path: Path, samples_dir: Path, cfg: EvalConfig, tasks
         for res, samples in evaluate_task(task, handle, cfg):
             result = TaskResult.from_json(res, source=f"result of task {task.name}")
             results.append(result)
-            if cfg.write_samples:
+            if cfg.write_samples and samples:
                 storage.write_jsonl_atomic(samples_dir / f"{_safe(task.name)}-{_safe(result.variant)}.jsonl", samples)
     report = EvalResults(
         model=ModelIdentity(**model_identity(handle)),

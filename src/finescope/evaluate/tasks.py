@@ -5,7 +5,8 @@
 | `mmlu`, `mmlu:stem`, `mmlu:humanities`, `mmlu:social_sciences`, `mmlu:other`, `mmlu:<subject>` | packaged MMLU test (14,042 q.); scoring `letter` (lm-eval `mmlu`) or `cloze` (lm-eval `mmlu_continuation`, length-normalised) |
 | `gsm8k`                                | packaged GSM8K test (1,319); 8-shot chain-of-thought (Wei et al.) prompt, greedy, last-number exact match |
 | `humaneval`                            | packaged HumanEval (164); pass@1 (unbiased pass@k for k ≤ n samples); needs --allow-code-execution |
-| `nll:math`, `nll:code`, `nll:<file>`   | mean response-token NLL and perplexity (math = GSM8K test solutions given their questions; code = HumanEval canonical solutions) |
+| `humaneval:instruct`                   | the same problems asked in the chat template ("Complete the following Python function…"); the program is built from the reply's code block |
+| `nll:math`, `nll:code`, `nll:<file>`   | mean response-token NLL and perplexity, and top-1 accuracy of those tokens (math = GSM8K test solutions given their questions; code = HumanEval canonical solutions) |
 | `math:<file>[@type+type…]`             | a MATH jsonl (`problem`, `solution` with \\boxed answer, `type`, `level`); accuracy overall and per type |
 | `mbpp:<file>`                          | an MBPP jsonl (`text`, `code`, `test_list`); pass@1; needs --allow-code-execution |
 
@@ -25,6 +26,7 @@ import math
 import os
 import random
 import re
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,7 +259,89 @@ def load_humaneval(path: str | Path | None = None) -> list[dict]:
 
 
 def humaneval_program(doc: dict, completion: str) -> str:
-    return f"{doc['prompt']}{completion}\n\n{doc['test']}\n\ncheck({doc['entry_point']})\n"
+    """The program run for a raw completion: prompt + completion, then the problem's tests."""
+    return _with_tests(doc, doc["prompt"] + completion)
+
+
+def _with_tests(doc: dict, source: str) -> str:
+    return f"{source}\n\n{doc['test']}\n\ncheck({doc['entry_point']})\n"
+
+
+HUMANEVAL_INSTRUCT_MESSAGE = (
+    "Complete the following Python function. Reply with the full function in a ```python code block.\n\n{prompt}"
+)
+
+
+def humaneval_instruct_prompt(tokenizer, doc: dict) -> str:
+    """The HumanEval prompt as a user message in the model's chat template (Alpaca without one)."""
+    from ..data import format_prompt
+
+    return format_prompt(tokenizer, HUMANEVAL_INSTRUCT_MESSAGE.format(prompt=doc["prompt"].strip("\n")))
+
+
+def end_of_turn_stops(tokenizer) -> list[str]:
+    """Stop sequences of a chat reply: the template's end-of-turn text (found by rendering a conversation) and EOS.
+
+    Not HumanEval's raw stops (`\\ndef`, `\\n#`, …): a chat reply legitimately starts with prose, a fence or a
+    fresh `def`."""
+    from ..data import format_example
+
+    marker = "FINESCOPE_REPLY"
+    _, completion = format_example(tokenizer, {"instruction": "?", "response": marker})
+    stops = [completion.split(marker, 1)[-1].strip(), tokenizer.eos_token or ""]
+    return [s for i, s in enumerate(stops) if s and s not in stops[:i]]
+
+
+_PYTHON_TAGS = ("python", "python3", "py")
+
+
+def extract_code(reply: str) -> str:
+    """The code of a chat reply, by its fence lines (lines that start with ```):
+
+    1. the block after the first fence line tagged python (```python, ```py, ```python3), up to the next fence
+       line or, when the reply hit the token limit inside it, the end;
+    2. else the first non-empty block between fence lines taken in pairs (```bash…``` counts too);
+    3. a single untagged fence line closes a block the reply never opened (code, then ``` and prose): the text
+       before it, or the text after it when nothing comes before;
+    4. no fence at all: the whole reply."""
+    lines = reply.splitlines(keepends=True)
+    fences = [i for i, line in enumerate(lines) if line.lstrip().startswith("```")]
+
+    def block(i: int) -> str:
+        end = next((j for j in fences if j > i), len(lines))
+        return "".join(lines[i + 1 : end])
+
+    for i in fences:
+        if lines[i].strip()[3:].strip().lower() in _PYTHON_TAGS:
+            return block(i)
+    if len(fences) == 1 and not lines[fences[0]].strip()[3:].strip():
+        before = "".join(lines[: fences[0]])
+        return before if before.strip() else block(fences[0])
+    blocks = [block(i) for i in fences[::2]]
+    return next((b for b in blocks if b.strip()), blocks[0] if blocks else reply)
+
+
+def _defines(code: str, name: str) -> re.Match | None:
+    return re.search(rf"^(?:async[ \t]+)?def[ \t]+{re.escape(name)}[ \t]*\(", code, re.M)
+
+
+def humaneval_instruct_source(doc: dict, reply: str) -> str:
+    """The function source built from a chat reply's code (`extract_code`).
+
+    Code that defines the entry-point function at top level is used as it is, after the prompt's header (every
+    line before the prompt's `def`: imports and helper functions the function may call). Any other code is taken
+    as the function body: re-indented by four spaces and appended to the prompt."""
+    code = textwrap.dedent(extract_code(reply)).strip("\n")
+    prompt = doc["prompt"]
+    if _defines(code, doc["entry_point"]):
+        head = _defines(prompt, doc["entry_point"])
+        return (prompt[: head.start()] if head else prompt + "\n\n") + code + "\n"
+    return prompt + textwrap.indent(code, "    ") + "\n"
+
+
+def humaneval_instruct_program(doc: dict, reply: str) -> str:
+    """The program run for a chat reply: `humaneval_instruct_source`, then the problem's tests."""
+    return _with_tests(doc, humaneval_instruct_source(doc, reply))
 
 
 # ================================================================================================ user files
@@ -421,7 +505,7 @@ def known_task_names() -> list[str]:
         ["mmlu"]
         + [f"mmlu:{g}" for g in MMLU_GROUPS]
         + [f"mmlu:{s}" for s in sorted(MMLU_CATEGORIES)]
-        + ["gsm8k", "humaneval"]
+        + ["gsm8k", "humaneval", "humaneval:instruct"]
         + [f"nll:{p}" for p in NLL_PRESETS]
         + ["nll:<record file>", "math:<file>[@type+type]", "mbpp:<file>"]
     )
@@ -439,8 +523,9 @@ def resolve_task(name: str) -> Task:
         return _mmlu_task(name, {arg})
     if name == "gsm8k":
         return Task(name, "gsm8k", load_gsm8k)
-    if name == "humaneval":
-        return Task(name, "code", load_humaneval, {"flavour": "humaneval"}, needs_code_execution=True)
+    if name in ("humaneval", "humaneval:instruct"):
+        options = {"flavour": "humaneval", "instruct": name.endswith(":instruct")}
+        return Task(name, "code", load_humaneval, options, needs_code_execution=True)
     if prefix == "nll" and arg:
         if arg in NLL_PRESETS:
             return Task(name, "nll", lambda: _nll_preset(arg), {"preset": arg})
@@ -473,7 +558,7 @@ def resolve_task(name: str) -> Task:
     groups = ", ".join(["mmlu", *(f"mmlu:{g}" for g in MMLU_GROUPS)])
     raise TaskError(
         f"unknown task {name!r}{hint}; known: {groups}, mmlu:<subject> (e.g. mmlu:anatomy; "
-        f"57 subjects), gsm8k, humaneval, nll:math, nll:code, nll:<record file>, "
+        f"57 subjects), gsm8k, humaneval, humaneval:instruct, nll:math, nll:code, nll:<record file>, "
         "math:<file>[@type+type], mbpp:<file>"
     )
 

@@ -1,15 +1,17 @@
-"""LoRA fine-tuning with peft on (prompt, completion) pairs; loss on completion tokens only; merge and save.
+"""Fine-tuning (LoRA with peft, or every weight) on (prompt, completion) pairs; loss on completion tokens only;
+merge and save.
 
 Examples are templated with `data.format_example` (the tokenizer's chat template, or Alpaca without one); prompt
 and completion are tokenized separately and concatenated, so the model learns exactly the tokens it will later
 generate after the prompt. Labels are -100 on prompt and padding. Training is a plain loop: AdamW, linear warmup
 then cosine decay, gradient accumulation up to the effective batch, token-weighted loss, a held-out eval loss per
-epoch, fully determined by the seed.
+epoch, fully determined by the seed. With `kd.weight` > 0 the loss mixes in logit distillation from the teacher
+(`distill.py`): its top-k targets attached to each example (`Example.teacher`), or an `OnlineTeacher`.
 
-    from finescope.recover.finetune import LoraSettings, build_examples, train_lora, save_adapter_and_merged
+    from finescope.recover.finetune import TrainSettings, build_examples, fine_tune, save_trained
     train, skipped = build_examples(handle.tokenizer, records, max_length=256)
-    peft_model, history = train_lora(handle.model, train, [], LoraSettings(rank=8, lr=1e-4), pad_id=0)
-    save_adapter_and_merged(peft_model, handle.tokenizer, Path("out/adapter"), Path("out/model"))
+    model, history = fine_tune(handle.model, train, [], TrainSettings(rank=8, lr=1e-4), pad_id=0)
+    save_trained(model, handle.tokenizer, Path("out/adapter"), Path("out/model"))
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ..data import format_example
 from ..progress import progress
 from ..storage import atomic_dir
 from ..tokens import IGNORE_INDEX, encode_continuation, encode_prompt, next_token_nll, pad_batch
+from .distill import KdSettings, OnlineTeacher, TopK, kd_summed
 
 IGNORE = IGNORE_INDEX  # label of prompt and padding positions
 
@@ -37,7 +40,9 @@ class FinetuneError(FinescopeError):
 
 
 @dataclass
-class LoraSettings:
+class TrainSettings:
+    adapter: str = "lora"
+    """lora (peft adapters, merged at the end) | full (every weight trained)."""
     rank: int = 32
     alpha: float = 64
     dropout: float = 0.05
@@ -50,6 +55,7 @@ class LoraSettings:
     epochs: float = 2.0
     warmup_ratio: float = 0.03
     seed: int = 0
+    kd: KdSettings = field(default_factory=KdSettings)
 
 
 @dataclass
@@ -57,6 +63,8 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     id: str = ""
+    teacher: TopK | None = None
+    """The teacher's cached top-k distribution at the labelled positions (logit distillation)."""
 
     @property
     def targets(self) -> int:
@@ -147,14 +155,39 @@ def mean_loss(model, examples: list[Example], pad_id: int, micro_batch_size: int
     return total / max(count, 1)
 
 
-# ------------------------------------------------------------------------------------------------ LoRA
+def step_loss(
+    model, examples: list[Example], pad_id: int, kd: KdSettings, online: OnlineTeacher | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """A micro-batch's summed training loss α·KD + (1 − α)·CE, its summed KD term (None without KD), and the
+    labelled-token count. With α = 0 this is exactly `summed_loss` (the teacher is not consulted)."""
+    batch = collate(examples, pad_id)
+    if kd.weight == 0:
+        ce, n = summed_loss(model, batch)
+        return ce, None, n
+    device = next(model.parameters()).device
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    labels = batch["labels"].to(device)
+    ce, n = next_token_nll(logits, labels)
+    if online is not None:
+        teacher: torch.Tensor | TopK = online(batch)
+    else:
+        missing = [e.id for e in examples if e.teacher is None]
+        if missing:
+            raise FinetuneError(f"no teacher targets for examples {', '.join(missing[:3])} (kd weight > 0)")
+        teacher = TopK.cat([e.teacher for e in examples if e.teacher is not None])
+        teacher = TopK(teacher.ids.to(device), teacher.logp.to(device), teacher.log_rest.to(device))
+    kd_sum = kd_summed(logits, labels, teacher, kd)
+    return kd.weight * kd_sum + (1 - kd.weight) * ce, kd_sum.detach(), n
+
+
+# ------------------------------------------------------------------------------------------------ LoRA / full
 
 
 def linear_module_names(model) -> set[str]:
     return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
-def attach_lora(model, s: LoraSettings):
+def attach_lora(model, s: TrainSettings):
     """Wrap `model` in a peft LoRA model (seeded init); unknown target modules are an error naming them."""
     from peft import LoraConfig, get_peft_model
 
@@ -177,9 +210,37 @@ def attach_lora(model, s: LoraSettings):
     return get_peft_model(model, config)
 
 
+def full_tuning_bytes(model) -> int:
+    """Memory full fine-tuning needs beyond the loaded weights: gradients and AdamW's two moments, one copy of
+    every parameter each (activations not counted)."""
+    return sum(3 * p.numel() * p.element_size() for p in model.parameters())
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory where training runs: the CUDA device's, else the machine's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_full_tuning_fits(model) -> None:
+    """Refuse full fine-tuning, before any step, when its gradients and optimiser state cannot fit."""
+    device = next(model.parameters()).device
+    need, free = full_tuning_bytes(model), available_bytes(device)
+    if need > free:
+        n = sum(p.numel() for p in model.parameters())
+        raise FinetuneError(
+            f"full fine-tuning of {n / 1e6:,.1f}M parameters needs about {need / 2**30:.1f} GiB more memory on "
+            f"{device} (gradients and AdamW state, 3 copies of the weights, activations not counted) but "
+            f"{free / 2**30:.1f} GiB is free; use --adapter lora"
+        )
+
+
 @dataclass
 class _Trainer:
-    """A LoRA run's peft model, optimiser and schedule, and its batch arithmetic."""
+    """A run's trained model (peft-wrapped or plain), optimiser and schedule, and its batch arithmetic."""
 
     model: Any
     params: list[torch.nn.Parameter]
@@ -191,47 +252,71 @@ class _Trainer:
     effective: int
     steps_per_epoch: int
     total_steps: int
+    kd: KdSettings
+    online: OnlineTeacher | None
 
 
-def train_lora(
+def fine_tune(
     model,
     train: list[Example],
     held_out: list[Example],
-    s: LoraSettings,
+    s: TrainSettings,
     *,
     pad_id: int,
+    online_teacher=None,
 ) -> tuple[Any, dict[str, Any]]:
-    """Fine-tune LoRA adapters on `train`; returns the peft model and the history (losses, steps, timings)."""
+    """Fine-tune `model` (LoRA adapters or every weight) on `train`; returns the trained model (peft-wrapped for
+    LoRA) and the history (losses, steps, timings). `online_teacher`: a teacher model run on every batch for KD
+    instead of the examples' cached targets."""
     if not train:
         raise FinetuneError("no training examples left (every record's prompt fills max_length)")
-    t = _setup_training(model, len(train), s, pad_id)
+    online = OnlineTeacher(online_teacher) if online_teacher is not None and s.kd.weight > 0 else None
+    t = _setup_training(model, len(train), s, pad_id, online)
+    start = time.perf_counter()
     history = _initial_history(t, len(train), held_out)
     gen = torch.Generator().manual_seed(s.seed)
     torch.manual_seed(s.seed)  # dropout masks
     t.model.train()
-    start = time.perf_counter()
-    epochs_run = _train_epochs(t, train, held_out, s.epochs, gen, history)
+    epochs_run = _train_epochs(t, train, held_out, s.epochs, gen, history, start)
     seconds = time.perf_counter() - start
     history.update(seconds=round(seconds, 2), seconds_per_step=round(seconds / t.total_steps, 3), epochs_run=epochs_run)
     t.model.eval()
     return t.model, history
 
 
-def _setup_training(model, n_train: int, s: LoraSettings, pad_id: int) -> _Trainer:
-    """Attach LoRA; size micro-batches, accumulation and steps; AdamW with linear warmup then cosine decay."""
+def _setup_training(model, n_train: int, s: TrainSettings, pad_id: int, online: OnlineTeacher | None) -> _Trainer:
+    """Attach LoRA (or unfreeze every weight); size micro-batches, accumulation and steps; AdamW with linear
+    warmup then cosine decay."""
     from transformers import get_cosine_schedule_with_warmup
 
-    peft_model = attach_lora(model, s)
+    if s.adapter == "full":
+        check_full_tuning_fits(model)
+        trained = model
+        for p in trained.parameters():
+            p.requires_grad_(True)
+    else:
+        trained = attach_lora(model, s)
     micro = min(s.micro_batch_size, s.batch_size)
     accum = max(1, s.batch_size // micro)
     effective = micro * accum
     steps_per_epoch = math.ceil(n_train / effective)
     total_steps = max(1, math.ceil(s.epochs * steps_per_epoch))
-    params = [p for p in peft_model.parameters() if p.requires_grad]
+    params = [p for p in trained.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(round(s.warmup_ratio * total_steps)), total_steps)
     return _Trainer(
-        peft_model, params, optimizer, scheduler, pad_id, micro, accum, effective, steps_per_epoch, total_steps
+        trained,
+        params,
+        optimizer,
+        scheduler,
+        pad_id,
+        micro,
+        accum,
+        effective,
+        steps_per_epoch,
+        total_steps,
+        s.kd,
+        online,
     )
 
 
@@ -247,63 +332,79 @@ def _initial_history(t: _Trainer, n_train: int, held_out: list[Example]) -> dict
         "total_steps": t.total_steps,
         "trainable_parameters": sum(p.numel() for p in t.params),
         "train_loss": [],
-        "eval_loss": [{"epoch": 0, "loss": mean_loss(t.model, held_out, t.pad_id, t.micro)}],
+        "eval_loss": [{"epoch": 0, "loss": mean_loss(t.model, held_out, t.pad_id, t.micro), "seconds": 0.0}],
     }
 
 
 def _train_epochs(
-    t: _Trainer, train: list[Example], held_out: list[Example], epochs: float, gen: torch.Generator, history: dict
+    t: _Trainer,
+    train: list[Example],
+    held_out: list[Example],
+    epochs: float,
+    gen: torch.Generator,
+    history: dict,
+    start: float,
 ) -> int:
     """Seeded-shuffle epochs of optimiser steps up to `total_steps`, each ending in a held-out eval; epochs run."""
     step, epoch = 0, 0
-    bar = progress(total=t.total_steps, desc="lora", unit="step")
+    bar = progress(total=t.total_steps, desc="fine-tune", unit="step")
     while step < t.total_steps:
         epoch += 1
         order = torch.randperm(len(train), generator=gen).tolist()
         for g in range(0, len(order), t.effective):
             if step >= t.total_steps:
                 break
-            loss = _optimiser_step(t, [train[i] for i in order[g : g + t.effective]])
+            loss, kd = _optimiser_step(t, [train[i] for i in order[g : g + t.effective]])
             step += 1
-            history["train_loss"].append(
-                {"step": step, "epoch": epoch, "loss": loss, "lr": t.scheduler.get_last_lr()[0]}
-            )
+            point = {"step": step, "epoch": epoch, "loss": loss, "lr": t.scheduler.get_last_lr()[0]}
+            history["train_loss"].append(point if kd is None else {**point, "kd": kd})
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
         history["eval_loss"].append(
             {
                 "epoch": round(min(step / t.steps_per_epoch, epochs), 3),
                 "loss": mean_loss(t.model, held_out, t.pad_id, t.micro),
+                "seconds": round(time.perf_counter() - start, 2),
             }
         )
     bar.close()
     return epoch
 
 
-def _optimiser_step(t: _Trainer, group: list[Example]) -> float:
-    """One step on `group`, gradients accumulated over micro-batches; its token-weighted mean loss."""
+def _optimiser_step(t: _Trainer, group: list[Example]) -> tuple[float, float | None]:
+    """One step on `group`, gradients accumulated over micro-batches; its token-weighted mean loss and mean KD
+    term (None without KD)."""
     n_tokens = sum(e.targets for e in group)
-    total = 0.0
+    total, kd_total = 0.0, None
     for m in range(0, len(group), t.micro):
-        loss, _ = summed_loss(t.model, collate(group[m : m + t.micro], t.pad_id))
+        loss, kd, _ = step_loss(t.model, group[m : m + t.micro], t.pad_id, t.kd, t.online)
         (loss / max(n_tokens, 1)).backward()
         total += float(loss.detach())
+        if kd is not None:
+            kd_total = (kd_total or 0.0) + float(kd)
     torch.nn.utils.clip_grad_norm_(t.params, 1.0)
     t.optimizer.step()
     t.scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
-    return total / max(n_tokens, 1)
+    return total / max(n_tokens, 1), None if kd_total is None else kd_total / max(n_tokens, 1)
 
 
-def save_adapter_and_merged(peft_model, tokenizer, adapter_dir: Path, model_dir: Path):
-    """Save the LoRA adapter (peft layout) and the merged model (stock `from_pretrained`), each atomically.
+def save_trained(model, tokenizer, adapter_dir: Path | None, model_dir: Path):
+    """Save the trained model as a stock `from_pretrained` folder, atomically; a LoRA run also saves its adapter
+    (peft layout) to `adapter_dir` first and merges it.
 
-    Returns the merged plain model. The peft wrapper is consumed (its base weights now hold the merge)."""
-    with atomic_dir(adapter_dir) as tmp:
-        peft_model.save_pretrained(tmp)
-    merged = peft_model.merge_and_unload()
-    merged.eval()
+    Returns the plain (merged) model. A peft wrapper is consumed (its base weights now hold the merge)."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        if adapter_dir is not None:
+            with atomic_dir(adapter_dir) as tmp:
+                model.save_pretrained(str(tmp))
+        model = model.merge_and_unload()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
     with atomic_dir(model_dir) as tmp:
-        merged.save_pretrained(tmp)
+        model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    return merged
+    return model

@@ -1,11 +1,13 @@
-"""The recover stage: teacher rewrite → filters → LoRA fine-tuning of the pruned student → merge → save.
+"""The recover stage: teacher rewrite → filters → fine-tuning of the pruned student (LoRA or full, optionally
+with logit distillation from the teacher) → merge → save.
 
     finescope recover --student runs/demo/prune/model --data runs/demo/curate/selected.jsonl \\
-        --out runs/demo/recover --max-new-tokens 128 --batch-size 16 --lr 2e-4 --epochs 2
+        --out runs/demo/recover --max-new-tokens 128 --batch-size 16 --lr 2e-4 --epochs 2 --kd-weight 0.5
 
-Writes `distilled.jsonl` (original and rewrite, the text used and why), `adapter/` (peft), `model/` (merged,
-stock-loadable), `metrics.json` (rewrite statistics, filter counts, loss curves, wall times) and `DONE`.
-An interrupted rewrite resumes from `rewrites.partial.jsonl`. `--no-teacher` is plain SFT on the originals.
+Writes `distilled.jsonl` (original and rewrite, the text used and why), `adapter/` (peft; LoRA only), `model/`
+(merged, stock-loadable), `metrics.json` (data by source, rewrite statistics, filter counts, KD settings, loss
+curves, wall times) and `DONE`. An interrupted rewrite resumes from `rewrites.partial.jsonl`. `--no-teacher` is
+plain SFT on the originals; `--no-rewrite --kd-weight 1` distils the teacher's logits on the originals.
 """
 
 from __future__ import annotations
@@ -18,14 +20,25 @@ from pathlib import Path
 import torch
 
 from .. import FinescopeError, tokens
-from ..artifacts import FilterStats, RecoverMetrics, RewriteStats, TeacherRewriteStats, TrainHistory
+from ..artifacts import (
+    FilterStats,
+    KdStats,
+    RecoverMetrics,
+    RecoveryData,
+    RewriteStats,
+    TeacherRewriteStats,
+    TrainHistory,
+)
 from ..config import RecoverConfig
 from ..data import read_records
-from ..modeling import ModelError, load, resolve_model_path
+from ..modeling import ModelError, ModelHandle, load, resolve_model_path
 from ..storage import CONFIG, check_stage_folder, is_done, mark_done, read_json, stage_folder, write_jsonl_atomic
+from . import kd_cache
+from .distill import KdSettings
 from .filters import REASONS, apply_filters
-from .finetune import LoraSettings, build_examples, mean_loss, save_adapter_and_merged, split_records, train_lora
+from .finetune import Example, TrainSettings, build_examples, fine_tune, mean_loss, save_trained, split_records
 from .rewrite import rewrite_records
+from .sources import training_records
 
 PARTIAL = "rewrites.partial.jsonl"
 
@@ -63,6 +76,17 @@ def check_same_tokenizer(student_tok, teacher_tok, student: str, teacher: str) -
         )
 
 
+def check_same_vocabulary(student_model, teacher_model, student: str, teacher: str) -> None:
+    """Logit distillation compares the two output layers token by token: their sizes must match."""
+    ns = student_model.get_output_embeddings().weight.shape[0]
+    nt = teacher_model.get_output_embeddings().weight.shape[0]
+    if ns != nt:
+        raise RecoverError(
+            f"teacher {teacher} has {nt} output logits and student {student} {ns}: logit distillation "
+            "(--kd-weight > 0) needs the same vocabulary"
+        )
+
+
 def _free(*objs) -> None:
     del objs
     gc.collect()
@@ -70,68 +94,104 @@ def _free(*objs) -> None:
         torch.cuda.empty_cache()
 
 
-def run(cfg: RecoverConfig, out: Path) -> Path:
-    """Run the stage into the folder `out`; returns it (skips when it is already done with this config)."""
+def _check_settings(cfg: RecoverConfig) -> None:
     if not cfg.student:
         raise RecoverError("--student is required: the pruned model folder to fine-tune")
     if not cfg.data:
         raise RecoverError("--data is required: the curated records (e.g. curate/selected.jsonl)")
+    if cfg.no_teacher and cfg.kd_weight > 0:
+        raise RecoverError(
+            "--no-teacher with --kd-weight > 0: logit distillation needs the teacher; use --no-rewrite to "
+            "distil without teacher rewrites"
+        )
+
+
+def run(cfg: RecoverConfig, out: Path) -> Path:
+    """Run the stage into the folder `out`; returns it (skips when it is already done with this config)."""
+    _check_settings(cfg)
     if is_done(out, cfg):
         return Path(out)
     check_stage_folder(out, cfg, overwrite=cfg.overwrite)
     t0 = time.perf_counter()
     records = read_records(cfg.data, skip_bad_rows=cfg.skip_bad_rows)
-    n_instr = sum("instruction" in r for r in records)
     if not Path(cfg.student).expanduser().is_dir():
         raise ModelError(f"{cfg.student}: student must be a model folder (the prune stage's model/)")
     resolve_model_path(cfg.student)  # "not a model folder" before any work
-    teacher_spec = None if cfg.no_teacher or n_instr == 0 else (cfg.teacher or default_teacher(cfg.student))
+    rows, data_stats = training_records(cfg, list(records))
+    n_instr = sum("instruction" in r for r in rows)
+    rewrites = not (cfg.no_teacher or cfg.no_rewrite) and n_instr > 0
+    teacher_spec = (cfg.teacher or default_teacher(cfg.student)) if rewrites or cfg.kd_weight > 0 else None
     if teacher_spec is not None:
         resolve_model_path(teacher_spec)  # a missing teacher is refused before the folder is opened
 
     student = load(cfg.student)
     tok = student.tokenizer
     # Fail on an impossible max_length before spending minutes on the teacher (and before the folder is opened).
-    build_examples(tok, records[:1], cfg.max_length)
+    build_examples(tok, rows[:1], cfg.max_length)
     with stage_folder(out, cfg, overwrite=cfg.overwrite) as stage:
         if stage is None:
             return Path(out)
-        return _recover_into(stage, cfg, records, student, teacher_spec, t0)
+        return _recover_into(stage, cfg, records.skipped, rows, data_stats, student, teacher_spec, rewrites, t0)
 
 
-def _recover_into(stage: Path, cfg: RecoverConfig, records, student, teacher_spec: str | None, t0: float) -> Path:
+def _recover_into(
+    stage: Path,
+    cfg: RecoverConfig,
+    skipped: int,
+    records: list[dict],
+    data_stats: RecoveryData,
+    student: ModelHandle,
+    teacher_spec: str | None,
+    rewrite: bool,
+    t0: float,
+) -> Path:
     """Rewrite, filter, fine-tune, merge and save into the (locked) stage folder; DONE last."""
     times: dict[str, float] = {}
-    rewrite_stats, rewrites = _rewrite(stage, cfg, records, student.tokenizer, teacher_spec, times)
+    teacher = _load_teacher(cfg, student, teacher_spec) if teacher_spec is not None else None
+    rewrite_stats, rewrites = _rewrite(stage, cfg, records, teacher if rewrite else None, times)
     rows, filter_stats = _filter(stage, cfg, records, rewrites)
-    history, too_long = _finetune_and_save(stage, cfg, rows, student, times)
+    train_ex, eval_ex, too_long = _examples(student.tokenizer, cfg, rows)
+    kd_stats, online = _kd_targets(cfg, teacher, train_ex, tokens.pad_id(student.tokenizer), times)
+    if online is None:
+        teacher = None  # the last reference: the teacher's memory is free before the student trains
+        _free()
+    history = _finetune_and_save(stage, cfg, train_ex, eval_ex, student, online, times)
     if (stage / PARTIAL).exists():
         os.unlink(stage / PARTIAL)  # distilled.jsonl now holds every rewrite
     times["total"] = round(time.perf_counter() - t0, 2)
     metrics = RecoverMetrics(
         records=len(records),
-        skipped_rows=records.skipped,
+        skipped_rows=skipped,
         mode="sft" if rewrites is None else "tgd",
         rewrite=rewrite_stats,
         filters=filter_stats,
         too_long_skipped=too_long,
         train=history,
         seconds=times,
+        adapter=cfg.adapter,
+        kd=kd_stats,
+        data=data_stats,
     )
     mark_done(stage, cfg, metrics.to_json())
     return stage
 
 
+def _load_teacher(cfg: RecoverConfig, student: ModelHandle, spec: str) -> ModelHandle:
+    teacher = load(spec)
+    check_same_tokenizer(student.tokenizer, teacher.tokenizer, cfg.student, spec)
+    if cfg.kd_weight > 0:
+        check_same_vocabulary(student.model, teacher.model, cfg.student, spec)
+    return teacher
+
+
 def _rewrite(
-    stage: Path, cfg: RecoverConfig, records, tok, teacher_spec: str | None, times: dict[str, float]
+    stage: Path, cfg: RecoverConfig, records: list[dict], teacher: ModelHandle | None, times: dict[str, float]
 ) -> tuple[RewriteStats, dict | None]:
-    """The teacher's rewrites of the instruction records (resuming a partial file), or None without a teacher."""
+    """The teacher's rewrites of the instruction records (resuming a partial file), or None without rewrites."""
     n_instr = sum("instruction" in r for r in records)
-    if teacher_spec is None:
+    if teacher is None:
         return RewriteStats(instruction_records=n_instr, text_records=len(records) - n_instr), None
     t = time.perf_counter()
-    teacher = load(teacher_spec)
-    check_same_tokenizer(tok, teacher.tokenizer, cfg.student, teacher_spec)
     rewrites, stats = rewrite_records(
         teacher.model,
         teacher.tokenizer,
@@ -142,15 +202,12 @@ def _rewrite(
         seed=cfg.seed,
         partial_path=stage / PARTIAL,
     )
-    source = teacher.source
-    del teacher  # the last reference: the teacher's memory is free before the student trains
-    _free()
     times["rewrite"] = round(time.perf_counter() - t, 2)
     instruction_records = stats.pop("instruction_records")
     return RewriteStats(
         instruction_records=instruction_records,
         text_records=len(records) - n_instr,
-        teacher_run=TeacherRewriteStats(**stats, teacher=source),
+        teacher_run=TeacherRewriteStats(**stats, teacher=teacher.source),
     ), rewrites
 
 
@@ -163,16 +220,60 @@ def _filter(stage: Path, cfg: RecoverConfig, records, rewrites: dict | None) -> 
     return rows, FilterStats(counts=counts, acceptance_rate=rate)
 
 
-def _finetune_and_save(
-    stage: Path, cfg: RecoverConfig, rows: list[dict], student, times: dict[str, float]
-) -> tuple[TrainHistory, int]:
-    """LoRA-tune the student on `rows`, save adapter and merged model; the history and the too-long count."""
-    tok = student.tokenizer
-    t = time.perf_counter()
+def _examples(tok, cfg: RecoverConfig, rows: list[dict]) -> tuple[list[Example], list[Example], int]:
+    """Seeded train / held-out split, tokenized; and how many examples were too long to keep."""
     train_recs, eval_recs = split_records(rows, cfg.eval_fraction, cfg.seed)
     train_ex, too_long = build_examples(tok, train_recs, cfg.max_length)
     eval_ex, eval_too_long = build_examples(tok, eval_recs, cfg.max_length)
-    settings = LoraSettings(
+    return train_ex, eval_ex, len(too_long) + len(eval_too_long)
+
+
+def kd_settings(cfg: RecoverConfig) -> KdSettings:
+    return KdSettings(weight=cfg.kd_weight, temperature=cfg.kd_temperature, loss=cfg.kd_loss, top_k=cfg.kd_top_k)
+
+
+def _kd_targets(
+    cfg: RecoverConfig, teacher: ModelHandle | None, train_ex: list[Example], pad_id: int, times: dict[str, float]
+) -> tuple[KdStats | None, object | None]:
+    """Attach the teacher's cached top-k targets to the training examples (built or read back), or hand back the
+    teacher model to run online; the KD statistics. Nothing without KD."""
+    if cfg.kd_weight == 0 or teacher is None:
+        return None, None
+    s = kd_settings(cfg)
+    stats = KdStats(
+        weight=s.weight, temperature=s.temperature, loss=s.loss, targets="online", top_k=None, cache=None,
+        cache_hit=None, seconds=0.0,
+    )  # fmt: skip
+    if cfg.kd_cache == "off":
+        return stats, teacher.model
+    t = time.perf_counter()
+    key = kd_cache.cache_key(teacher.source, train_ex, s)
+    path = kd_cache.cache_path(cfg.kd_cache, key)
+    parts, hit = kd_cache.load_or_build(
+        path, key, lambda: kd_cache.teacher_top_k(teacher.model, train_ex, s, cfg.micro_batch_size, pad_id)
+    )
+    for ex, part in zip(train_ex, parts):
+        ex.teacher = part
+    times["kd_targets"] = round(time.perf_counter() - t, 2)
+    stats.targets, stats.top_k, stats.cache, stats.cache_hit = "top-k cache", s.top_k, str(path), hit
+    stats.seconds = 0.0 if hit else times["kd_targets"]
+    return stats, None
+
+
+def _finetune_and_save(
+    stage: Path,
+    cfg: RecoverConfig,
+    train_ex: list[Example],
+    eval_ex: list[Example],
+    student: ModelHandle,
+    online_teacher,
+    times: dict[str, float],
+) -> TrainHistory:
+    """Fine-tune the student (LoRA or full), save adapter and merged model; the training history."""
+    tok = student.tokenizer
+    t = time.perf_counter()
+    settings = TrainSettings(
+        adapter=cfg.adapter,
         rank=cfg.lora_rank,
         alpha=cfg.lora_alpha,
         dropout=cfg.lora_dropout,
@@ -183,14 +284,17 @@ def _finetune_and_save(
         epochs=cfg.epochs,
         warmup_ratio=cfg.warmup_ratio,
         seed=cfg.seed,
+        kd=kd_settings(cfg),
     )
     pad_id = tokens.pad_id(tok)
-    peft_model, raw_history = train_lora(student.model, train_ex, eval_ex, settings, pad_id=pad_id)
+    trained, raw_history = fine_tune(
+        student.model, train_ex, eval_ex, settings, pad_id=pad_id, online_teacher=online_teacher
+    )
     times["finetune"] = round(time.perf_counter() - t, 2)
 
     t = time.perf_counter()
-    merged = save_adapter_and_merged(peft_model, tok, stage / "adapter", stage / "model")
+    adapter = stage / "adapter" if cfg.adapter == "lora" else None
+    merged = save_trained(trained, tok, adapter, stage / "model")
     times["save"] = round(time.perf_counter() - t, 2)
     raw_history["eval_loss_merged"] = mean_loss(merged, eval_ex, pad_id, settings.micro_batch_size)
-    history = TrainHistory.from_json(raw_history, source="train_lora history", strict=True)
-    return history, len(too_long) + len(eval_too_long)
+    return TrainHistory.from_json(raw_history, source="fine-tuning history", strict=True)

@@ -47,8 +47,11 @@ def model_card(data: dict, variant: str, model_dir: Path) -> str:
     out += ["", "## Evaluation (whole run; this model is the row marked ★)", ""]
     header, body = tables.results_table(data)
     body = [[c + " ★" if i == 0 and row[0] == v.label else c for i, c in enumerate(row)] for row in body]
+    out.append(tables.markdown_table(header, body))
+    summary = tables.summary_note(data)
+    if summary:
+        out += [summary, ""]
     out += [
-        tables.markdown_table(header, body),
         "## Licences of the embedded assets",
         "",
         "| asset | package | licence |",

@@ -51,9 +51,11 @@ def _results_blocks(data: dict, plot_files: dict[str, bytes]) -> list[tuple]:
     ns = sorted(
         {f"{c.label.split(' ')[0]} n={r.n.get(c.key)}" for r in data["rows"] for c in data["columns"] if r.n.get(c.key)}
     )
+    summary = tables.summary_note(data)
     b: list[tuple] = [
         ("h2", "Results"),
         ("table", header, body),
+        *([("note", summary)] if summary else []),
         (
             "note",
             "Rows = variants, columns = metrics (↑ higher is better, ↓ lower is better). In "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ class Row:
     values: dict[str, float | None] = field(default_factory=dict)
     stderr: dict[str, float | None] = field(default_factory=dict)
     n: dict[str, int] = field(default_factory=dict)
+    chance: dict[str, float | None] = field(default_factory=dict)
+    """A random guess's value per column, from the results file (None: not recorded, or not an accuracy)."""
 
 
 def _stage_config(folder: Path) -> dict[str, Any]:
@@ -95,7 +98,7 @@ def collect(run_dir: Path) -> dict:
         for r in res.results if res else []:
             key = f"{r.task}|{r.variant}|{r.metric}"
             columns.setdefault(key, Column(key, f"{r.task} {r.metric}", r.metric not in LOWER_IS_BETTER))
-            row.values[key], row.stderr[key], row.n[key] = r.value, r.stderr, r.n
+            row.values[key], row.stderr[key], row.n[key], row.chance[key] = r.value, r.stderr, r.n, r.chance
         rows.append(row)
     # Two scoring variants of one task and metric: say which is which.
     labels = [c.label for c in columns.values()]
@@ -118,7 +121,10 @@ def _sweep_point(name: str, stages: dict[str, Path], res: EvalResults) -> dict:
     ratio = float(name.split("@", 1)[1])
     prune_metrics = PruneMetrics.read_if_exists(stages["prune"] / PruneMetrics.FILE) if "prune" in stages else None
     achieved = (prune_metrics.ratio_achieved if prune_metrics else ratio) if ratio else 0.0
-    return {"ratio": ratio, "achieved": achieved, "results": {r.task: r.value for r in res.results}}
+    results: dict[str, float | None] = {}
+    for r in res.results:
+        results.setdefault(r.task, r.value)  # a task's first result: the NLL of an nll: task, not its top-1
+    return {"ratio": ratio, "achieved": achieved, "results": results}
 
 
 def stage_summaries(run_dir: Path, manifest: PipelineManifest) -> list[dict]:
@@ -182,7 +188,8 @@ def relative(row: Row, dense: Row | None, col: Column) -> str:
 
 
 def mean_percent(row: Row, dense: Row | None, columns: list[Column]) -> float | None:
-    """Mean % of dense over the higher-is-better columns (None when there are none or dense is 0)."""
+    """Mean % of dense over the higher-is-better ones of `columns` (None when there are none or dense is 0); the
+    results table passes the columns of `summary_columns`."""
     if dense is None:
         return None
     vals = [
@@ -193,14 +200,75 @@ def mean_percent(row: Row, dense: Row | None, columns: list[Column]) -> float | 
     return sum(vals) / len(vals) if vals else None
 
 
+CHANCE_Z = 1.6449
+"""z of a one-sided 95 % interval."""
+SUMMARY_HEADER = "mean % of dense (↑ metrics above chance)"
+OLD_RESULTS = "results from an older finescope: delete that eval folder and rerun"
+
+
+def wilson_lower(p: float, n: int, z: float = CHANCE_Z) -> float:
+    """Lower end of the one-sided Wilson score interval of a proportion `p` observed over `n` trials."""
+    p = min(max(p, 0.0), 1.0)
+    z2 = z * z
+    centre = p + z2 / (2 * n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return (centre - half) / (1 + z2 / n)
+
+
+def summary_columns(data: dict) -> tuple[list[Column], list[tuple[Column, str]]]:
+    """The ↑ columns the "mean % of dense" summary averages, and those it leaves out with the reason.
+
+    A column counts when its *dense* value is distinguishable from its task's chance level (recorded in the
+    results file: 1/choices for multiple choice, 0 for generated answers, code and top-1): the lower end of the
+    one-sided 95 % Wilson interval of the dense value over its n questions lies above chance. A pass@1 averaged
+    over several samples per problem, and top-1 over tokens, are treated as n Bernoulli trials (n = problems,
+    documents: the conservative count). A results file without a chance level (written before finescope
+    recorded it) cannot be checked, so its columns are left out rather than trusted."""
+    dense = data["dense"]
+    used: list[Column] = []
+    left: list[tuple[Column, str]] = []
+    for c in data["columns"]:
+        if not c.higher_better or dense is None:
+            continue
+        v, n, chance = dense.values.get(c.key), dense.n.get(c.key), dense.chance.get(c.key)
+        if v is None or not n:
+            left.append((c, "no dense value"))
+        elif chance is None:
+            left.append((c, f"no chance level recorded ({OLD_RESULTS})"))
+        elif wilson_lower(v, n) > chance:
+            used.append(c)
+        else:
+            left.append((c, f"dense {fmt(v)} is not distinguishable from chance {chance:.3g} at n = {n}"))
+    return used, left
+
+
+def summary_note(data: dict) -> str | None:
+    """One sentence for under the results table: which metrics the mean % of dense averages and why the others
+    are left out (None when the table has no such column)."""
+    if data["dense"] is None or not any(c.higher_better for c in data["columns"]):
+        return None
+    used, left = summary_columns(data)
+    rule = (
+        "distinguishable from chance (the lower end of its one-sided 95 % Wilson interval lies above the task's "
+        "chance level)"
+    )
+    why = "; left out: " + "; ".join(f"{c.label} — {reason}" for c, reason in left) if left else ""
+    if not used:
+        return f"Mean % of dense: – for every variant, as no ↑ metric's dense value is {rule}{why}."
+    names = ", ".join(c.label for c in used)
+    return f"Mean % of dense: averaged over {names}, the ↑ metrics whose dense value is {rule}{why}."
+
+
 def results_table(data: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and body of the results table: Model | Pruned | Data | Recovery | Params | metrics (% of dense)."""
+    """Header and body of the results table: Model | Pruned | Data | Recovery | Params | metrics (% of dense) |
+    mean % of dense over the ↑ metrics whose dense value is above chance (`summary_columns`, `summary_note`)."""
     cols, dense = data["columns"], data["dense"]
     header = ["Variant", "Pruned", "Data", "Recovery", "Params (M)"]
     header += [c.label + (" ↑" if c.higher_better else " ↓") for c in cols]
     has_pct = dense is not None and any(c.higher_better for c in cols)
+    summary = summary_columns(data)[0] if has_pct else []
     if has_pct:
-        header.append("mean % of dense (↑ metrics)")
+        header.append(SUMMARY_HEADER)
     body = []
     for r in data["rows"]:
         line = [r.label, "✓" if r.pruned else "✗", r.data, r.recovery, f"{r.params / 1e6:.1f}" if r.params else "–"]
@@ -208,7 +276,7 @@ def results_table(data: dict) -> tuple[list[str], list[list[str]]]:
             rel = relative(r, dense, c)
             line.append(fmt(r.values.get(c.key)) + (f" ({rel})" if rel else ""))
         if has_pct:
-            mp = mean_percent(r, dense, cols)
+            mp = mean_percent(r, dense, summary)
             line.append("reference" if r is dense else (f"{mp:.0f}%" if mp is not None else "–"))
         body.append(line)
     return header, body

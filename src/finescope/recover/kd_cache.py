@@ -1,0 +1,110 @@
+"""The teacher's top-k next-token distribution of every training example, computed once and kept on disk.
+
+One safetensors file: `ids` (N, k) int32, `logp` (N, k) and `log_rest` (N,) float32 over the N labelled positions
+of all examples, and `offsets` (examples + 1) int64; its metadata holds the key it was built for. The key digests
+the teacher (`hashing.model_fingerprint`: path, config and weight files), the examples' token ids and labels, τ
+and k, so a file built from another teacher or other data is detected and rebuilt, never read.
+
+    targets = load_or_build(path, key, lambda: teacher_top_k(model, examples, settings, micro_batch_size=8))
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save
+
+from .. import assets, hashing
+from ..messages import one_line
+from ..progress import progress
+from ..storage import write_atomic
+from ..tokens import IGNORE_INDEX, pad_batch
+from .distill import KdSettings, TopK, labelled_logits, top_k_of
+
+VERSION = "1"
+FILE = "kd-targets.safetensors"
+
+
+def _say(msg: str) -> None:
+    print(f"recover: {msg}", file=sys.stderr, flush=True)
+
+
+def cache_key(teacher_source: str, examples, s: KdSettings) -> str:
+    """What the cached targets depend on: teacher, examples (ids and labels, in order), τ and k."""
+    data = hashing.digest_parts(*[(e.input_ids, e.labels) for e in examples], length=32)
+    return hashing.digest_parts(VERSION, hashing.model_fingerprint(teacher_source), data, s.temperature, s.top_k)
+
+
+def cache_path(setting: str, key: str) -> Path:
+    """`auto`: under `$FINESCOPE_HOME/cache/recover/`, one file per key; a folder: its kd-targets.safetensors."""
+    if setting == "auto":
+        return assets.home() / "cache" / "recover" / f"kd-{key}.safetensors"
+    return Path(setting).expanduser() / FILE
+
+
+@torch.no_grad()
+def teacher_top_k(model, examples, s: KdSettings, micro_batch_size: int, pad_id: int) -> list[TopK]:
+    """The teacher's top-k distribution at each example's labelled positions, one `TopK` per example."""
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[TopK] = []
+    bar = progress(total=len(examples), desc="teacher logits", unit="ex")
+    for start in range(0, len(examples), micro_batch_size):
+        chunk = examples[start : start + micro_batch_size]
+        batch = pad_batch([e.input_ids for e in chunk], pad_id, labels=[e.labels for e in chunk])
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        top = top_k_of(labelled_logits(logits.logits, batch["labels"].to(device)), s.temperature, s.top_k)
+        at = 0
+        for e in chunk:
+            n = sum(1 for t in e.labels[1:] if t != IGNORE_INDEX)
+            out.append(TopK(top.ids[at : at + n].cpu(), top.logp[at : at + n].cpu(), top.log_rest[at : at + n].cpu()))
+            at += n
+        bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+def write(path: Path, key: str, parts: list[TopK]) -> None:
+    whole = TopK.cat(parts)
+    offsets = torch.tensor([0] + [len(p.log_rest) for p in parts]).cumsum(0)
+    tensors = {
+        "ids": whole.ids.to(torch.int32).contiguous(),
+        "logp": whole.logp.contiguous(),
+        "log_rest": whole.log_rest.contiguous(),
+        "offsets": offsets,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, save(tensors, metadata={"key": key, "version": VERSION}))
+
+
+def read(path: Path, key: str) -> list[TopK] | None:
+    """The cached targets, or None when the file is missing, unreadable or built for another key."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            found = (f.metadata() or {}).get("key")
+        if found != key:
+            _say(f"{path}: KD targets of another teacher or other data (key {found}, want {key}); recomputing")
+            return None
+        t = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        _say(f"{path}: unreadable KD targets ({one_line(e, 200)}); recomputing")
+        return None
+    off = t["offsets"].tolist()
+    ids = t["ids"].long()
+    return [TopK(ids[a:b], t["logp"][a:b], t["log_rest"][a:b]) for a, b in zip(off, off[1:])]
+
+
+def load_or_build(path: Path, key: str, build: Callable[[], list[TopK]]) -> tuple[list[TopK], bool]:
+    """The targets from `path` when it holds this key, else built and written there; and whether it was a hit."""
+    cached = read(path, key)
+    if cached is not None:
+        return cached, True
+    parts = build()
+    write(path, key, parts)
+    return parts, False

@@ -1,0 +1,340 @@
+"""Recovery beyond the paper's recipe on tiny models: logit distillation (loss, cache, online), full fine-tuning,
+next-ranked and replay data with evaluation overlap removed, the pruned_kd variant."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import build_model
+from finescope import FinescopeError, decontam
+from finescope.config import ConfigError, PipelineConfig, RecoverConfig, apply_overrides
+from finescope.recover import kd_cache
+from finescope.recover.distill import KdSettings, kd_summed, kl_full, kl_top_k, top_k_of
+from finescope.recover.finetune import (
+    FinetuneError,
+    TrainSettings,
+    build_examples,
+    collate,
+    fine_tune,
+    save_trained,
+    step_loss,
+    summed_loss,
+)
+from finescope.recover.run import RecoverError, run
+from finescope.recover.sources import next_ranked, training_records
+from test_recover import RECORDS, _cfg, write_records
+
+# ================================================================================================ the loss
+
+
+def _hand_kl(s: torch.Tensor, t: torch.Tensor, tau: float, direction: str) -> torch.Tensor:
+    """KL per row by the definition, in float64, one element at a time."""
+    out = []
+    for srow, trow in zip(s.double(), t.double()):
+        q = torch.exp(srow / tau) / torch.exp(srow / tau).sum()
+        p = torch.exp(trow / tau) / torch.exp(trow / tau).sum()
+        a, b = (p, q) if direction == "forward" else (q, p)
+        out.append(sum(float(a[v]) * math.log(float(a[v]) / float(b[v])) for v in range(len(a))))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_kl_matches_the_definition(direction, tau):
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(5, 11, generator=g) * 3, torch.randn(5, 11, generator=g) * 3
+    torch.testing.assert_close(
+        kl_full(s, t, tau, direction).double(), _hand_kl(s, t, tau, direction), atol=1e-5, rtol=1e-5
+    )
+    assert kl_full(s, t, tau, "forward").sum() != pytest.approx(float(kl_full(s, t, tau, "reverse").sum()))
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_top_k_targets_equal_the_full_kl_when_k_covers_the_vocabulary_and_never_exceed_it(direction):
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(7, 13, generator=g) * 2, torch.randn(7, 13, generator=g) * 2
+    full = kl_full(s, t, 2.0, direction)
+    torch.testing.assert_close(kl_top_k(s, top_k_of(t, 2.0, 13), 2.0, direction), full, atol=1e-5, rtol=1e-5)
+    for k in (1, 4, 12):
+        binned = kl_top_k(s, top_k_of(t, 2.0, k), 2.0, direction)
+        assert (binned <= full + 1e-6).all() and (binned >= -1e-6).all()
+    assert float(kl_top_k(t, top_k_of(t, 1.0, 3), 1.0, direction).abs().max()) < 1e-5  # same distribution: 0
+
+
+def test_kd_loss_of_a_tiny_model_equals_a_hand_computation(chat_tokenizer):
+    student, teacher = (
+        build_model("llama", len(chat_tokenizer), seed=0),
+        build_model("llama", len(chat_tokenizer), seed=1),
+    )
+    examples, _ = build_examples(chat_tokenizer, RECORDS, max_length=128)
+    batch = collate(examples[:3], chat_tokenizer.pad_token_id)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        s_logits, t_logits = student(**inputs).logits, teacher(**inputs).logits
+    s = KdSettings(weight=1.0, temperature=2.0, loss="forward")
+    want, n = 0.0, 0
+    for row in range(3):  # every labelled position, one at a time
+        for pos in range(batch["labels"].shape[1] - 1):
+            if batch["labels"][row, pos + 1] == -100:
+                continue
+            n += 1
+            want += float(_hand_kl(s_logits[row, pos : pos + 1], t_logits[row, pos : pos + 1], 2.0, "forward")[0])
+    mask = batch["labels"][:, 1:] != -100
+    got = kd_summed(s_logits, batch["labels"], t_logits[:, :-1][mask], s)
+    assert n == int(mask.sum()) and n > 0
+    assert float(got) == pytest.approx(4.0 * want, rel=1e-4)  # τ² · Σ KL
+
+
+def test_alpha_zero_is_todays_cross_entropy_step_and_never_asks_the_teacher(chat_tokenizer):
+    model = build_model("llama", len(chat_tokenizer))
+    examples, _ = build_examples(chat_tokenizer, RECORDS, max_length=128)
+
+    class Boom:
+        def __call__(self, batch):
+            raise AssertionError("the teacher was consulted with α = 0")
+
+    loss, kd, n = step_loss(model, examples[:3], chat_tokenizer.pad_token_id, KdSettings(weight=0.0), Boom())
+    ref, n_ref = summed_loss(model, collate(examples[:3], chat_tokenizer.pad_token_id))
+    assert kd is None and n == n_ref and torch.equal(loss, ref)
+
+    s = TrainSettings(rank=4, alpha=8, dropout=0.0, lr=5e-3, batch_size=4, micro_batch_size=2, epochs=2.0, seed=0)
+    _, plain = fine_tune(build_model("llama", len(chat_tokenizer)), examples, examples[:2], s, pad_id=0)
+    _, with_teacher = fine_tune(
+        build_model("llama", len(chat_tokenizer)), examples, examples[:2], s, pad_id=0, online_teacher=model
+    )
+    assert [p["loss"] for p in plain["train_loss"]] == [p["loss"] for p in with_teacher["train_loss"]]
+    assert all("kd" not in p for p in plain["train_loss"])
+
+
+def test_alpha_mixes_kd_and_ce(chat_tokenizer):
+    student, teacher = (
+        build_model("llama", len(chat_tokenizer), seed=0),
+        build_model("llama", len(chat_tokenizer), seed=1),
+    )
+    examples, _ = build_examples(chat_tokenizer, RECORDS, max_length=128)
+    pad = chat_tokenizer.pad_token_id
+    from finescope.recover.distill import OnlineTeacher
+
+    ce, _ = summed_loss(student, collate(examples[:2], pad))
+    loss, kd, _ = step_loss(student, examples[:2], pad, KdSettings(weight=0.3, temperature=1.0), OnlineTeacher(teacher))
+    assert kd is not None and float(kd) > 0
+    assert float(loss.detach()) == pytest.approx(0.3 * float(kd) + 0.7 * float(ce.detach()), rel=1e-5)
+
+
+def test_cached_targets_with_the_whole_vocabulary_train_like_the_online_teacher(chat_tokenizer):
+    teacher = build_model("llama", len(chat_tokenizer), seed=1)
+    examples, _ = build_examples(chat_tokenizer, RECORDS, max_length=128)
+    kd = KdSettings(weight=0.5, temperature=2.0, loss="reverse", top_k=len(chat_tokenizer))
+    s = TrainSettings(rank=4, alpha=8, dropout=0.0, lr=5e-3, batch_size=4, micro_batch_size=2, epochs=2.0, kd=kd)
+    _, online = fine_tune(build_model("llama", len(chat_tokenizer)), examples, [], s, pad_id=0, online_teacher=teacher)
+    for ex, part in zip(examples, kd_cache.teacher_top_k(teacher, examples, kd, micro_batch_size=3, pad_id=0)):
+        ex.teacher = part
+    _, cached = fine_tune(build_model("llama", len(chat_tokenizer)), examples, [], s, pad_id=0)
+    a, b = [p["loss"] for p in online["train_loss"]], [p["loss"] for p in cached["train_loss"]]
+    assert a == pytest.approx(b, rel=1e-4) and all(p["kd"] > 0 for p in cached["train_loss"])
+
+
+def test_missing_cached_targets_are_an_error(chat_tokenizer):
+    examples, _ = build_examples(chat_tokenizer, RECORDS, max_length=128)
+    with pytest.raises(FinetuneError, match="no teacher targets"):
+        step_loss(build_model("llama", len(chat_tokenizer)), examples[:2], 0, KdSettings(weight=1.0))
+
+
+# ================================================================================================ the stage
+
+
+def test_stage_with_kd_caches_targets_and_reuses_them(tmp_path, tiny_model_dirs):
+    data = write_records(tmp_path / "data.jsonl")
+    teacher, other_teacher, student = (tiny_model_dirs[f] for f in ("llama", "mistral", "qwen2"))
+    cache = tmp_path / "kd"
+
+    def cfg(t):
+        return _cfg(t, student, data, kd_weight=0.5, kd_temperature=2.0, kd_cache=str(cache), kd_top_k=8)
+
+    first = json.loads((run(cfg(teacher), tmp_path / "a") / "metrics.json").read_text())
+    assert first["kd"]["targets"] == "top-k cache" and first["kd"]["cache_hit"] is False
+    assert first["kd"]["cache"] == str(cache / kd_cache.FILE) and first["seconds"]["kd_targets"] > 0
+    assert all(p["kd"] > 0 for p in first["train"]["train_loss"])
+    second = json.loads((run(cfg(teacher), tmp_path / "b") / "metrics.json").read_text())
+    assert second["kd"]["cache_hit"] is True
+    assert [p["loss"] for p in second["train"]["train_loss"]] == [p["loss"] for p in first["train"]["train_loss"]]
+    # The same cache folder with another teacher: detected, rebuilt, never read.
+    third = json.loads((run(cfg(other_teacher), tmp_path / "c") / "metrics.json").read_text())
+    assert third["kd"]["cache_hit"] is False
+    assert [p["kd"] for p in third["train"]["train_loss"]] != [p["kd"] for p in first["train"]["train_loss"]]
+
+
+def test_kd_cache_of_other_data_is_detected(tmp_path, chat_tokenizer, capsys):
+    teacher = build_model("llama", len(chat_tokenizer), seed=1)
+    examples, _ = build_examples(chat_tokenizer, RECORDS, max_length=128)
+    s = KdSettings(weight=1.0, top_k=4)
+    path = tmp_path / kd_cache.FILE
+    key_a = kd_cache.cache_key("teacher-a", examples, s)
+    parts, hit = kd_cache.load_or_build(path, key_a, lambda: kd_cache.teacher_top_k(teacher, examples, s, 2, 0))
+    assert not hit and len(parts) == len(examples)
+    again, hit = kd_cache.load_or_build(path, key_a, lambda: pytest.fail("rebuilt a valid cache"))
+    assert hit and all(torch.equal(a.ids, b.ids) and torch.equal(a.logp, b.logp) for a, b in zip(parts, again))
+    key_b = kd_cache.cache_key("teacher-a", examples[:-1], s)
+    assert key_b != key_a and key_a != kd_cache.cache_key("teacher-b", examples, s)
+    assert key_a != kd_cache.cache_key("teacher-a", examples, KdSettings(weight=1.0, top_k=4, temperature=2.0))
+    rebuilt, hit = kd_cache.load_or_build(path, key_b, lambda: parts[:-1])
+    assert not hit and "another teacher or other data" in capsys.readouterr().err
+    path.write_bytes(b"not safetensors")
+    _, hit = kd_cache.load_or_build(path, key_b, lambda: parts[:-1])
+    assert not hit and "unreadable KD targets" in capsys.readouterr().err
+
+
+def test_online_kd_keeps_no_cache(tmp_path, tiny_model_dirs):
+    data = write_records(tmp_path / "data.jsonl")
+    cfg = _cfg(tiny_model_dirs["llama"], tiny_model_dirs["llama"], data, kd_weight=1.0, kd_cache="off", no_rewrite=True)
+    m = json.loads((run(cfg, tmp_path / "o") / "metrics.json").read_text())
+    assert m["kd"]["targets"] == "online" and m["kd"]["cache"] is None
+    assert m["mode"] == "sft" and m["rewrite"].get("generated") is None  # --no-rewrite: originals, KD only
+    # Teacher == student at the start: the first step's KD term is 0 (identical distributions).
+    assert m["train"]["train_loss"][0]["kd"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_teacher_with_another_vocabulary_is_refused_with_both_sizes(tmp_path, chat_tokenizer):
+    data = write_records(tmp_path / "data.jsonl")
+    student, teacher = tmp_path / "student", tmp_path / "teacher"
+    build_model("llama", len(chat_tokenizer)).save_pretrained(student)
+    build_model("llama", len(chat_tokenizer) + 64).save_pretrained(teacher)
+    for d in (student, teacher):
+        chat_tokenizer.save_pretrained(d)
+    n = len(chat_tokenizer)
+    with pytest.raises(RecoverError, match=rf"{n + 64} output logits and student .* {n}: logit distillation"):
+        run(_cfg(teacher, student, data, kd_weight=0.5, kd_cache=str(tmp_path / "kd")), tmp_path / "out")
+    assert not (tmp_path / "out" / "DONE").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("recover.kd_weight=1.5", "kd_weight"),
+        ("recover.kd_weight=-0.1", "kd_weight"),
+        ("recover.kd_temperature=0", "kd_temperature"),
+        ("recover.kd_loss=sideways", "kd_loss"),
+        ("recover.adapter=dora", "adapter"),
+    ],
+)
+def test_bad_kd_settings_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(PipelineConfig(), [override])
+
+
+def test_no_teacher_with_kd_is_refused(tmp_path, tiny_model_dirs):
+    data = write_records(tmp_path / "data.jsonl")
+    with pytest.raises(RecoverError, match="--no-teacher with --kd-weight"):
+        run(_cfg("", tiny_model_dirs["llama"], data, no_teacher=True, kd_weight=0.5), tmp_path / "x")
+
+
+def test_pruned_kd_needs_a_kd_weight():
+    with pytest.raises(ConfigError, match="pruned_kd: recover.kd_weight is 0"):
+        PipelineConfig(variants=["dense", "pruned_kd"]).check()
+    PipelineConfig(variants=["dense", "pruned_kd"], recover=RecoverConfig(kd_weight=0.5)).check()
+
+
+# ================================================================================================ full fine-tuning
+
+
+def test_full_fine_tuning_trains_every_weight_and_saves_a_stock_model(tmp_path, chat_tokenizer, family):
+    from transformers import AutoModelForCausalLM
+
+    model = build_model(family, len(chat_tokenizer))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    examples, _ = build_examples(chat_tokenizer, RECORDS, max_length=128)
+    s = TrainSettings(adapter="full", lr=1e-3, batch_size=4, micro_batch_size=2, epochs=2.0)
+    trained, history = fine_tune(model, examples, examples[:2], s, pad_id=0)
+    assert history["trainable_parameters"] == sum(p.numel() for p in model.parameters())
+    assert history["eval_loss"][-1]["loss"] < history["eval_loss"][0]["loss"]
+    merged = save_trained(trained, chat_tokenizer, None, tmp_path / "model")
+    changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, before[k])]
+    assert any("mlp" in k for k in changed) and any("embed" in k for k in changed)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    batch = collate(examples[:2], 0)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, merged(**inputs).logits)
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_full_fine_tuning_that_cannot_fit_is_refused_before_starting(chat_tokenizer, monkeypatch):
+    from finescope.recover import finetune
+
+    monkeypatch.setattr(finetune, "available_bytes", lambda device: 1024**2)
+    model = build_model("llama", len(chat_tokenizer))
+    examples, _ = build_examples(chat_tokenizer, RECORDS, max_length=128)
+    need = 3 * sum(p.numel() * 4 for p in model.parameters()) / 2**30
+    with pytest.raises(FinetuneError, match=rf"needs about {need:.1f} GiB more .* 0.0 GiB is free; use --adapter lora"):
+        fine_tune(model, examples, [], TrainSettings(adapter="full"), pad_id=0)
+
+
+def test_stage_with_full_fine_tuning(tmp_path, tiny_model_dirs):
+    from transformers import AutoModelForCausalLM
+
+    data = write_records(tmp_path / "data.jsonl")
+    out = run(_cfg(tiny_model_dirs["llama"], tiny_model_dirs["llama"], data, adapter="full"), tmp_path / "full")
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["adapter"] == "full" and not (out / "adapter").exists()
+    AutoModelForCausalLM.from_pretrained(out / "model")
+
+
+# ================================================================================================ data
+
+
+GSM8K_QUESTION = (
+    "Janet’s ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins for her friends "
+    "every day with four. She sells the remainder at the farmers' market daily for $2 per fresh duck egg. How much "
+    "in dollars does she make every day at the farmers' market?"
+)
+
+
+@pytest.mark.slow  # reads the embedded benchmarks (fetched on first use)
+def test_replay_and_next_ranked_records_never_contain_evaluation_data(tmp_path, tiny_model_dirs):
+    assert decontam.overlaps(GSM8K_QUESTION, decontam.eval_ngrams())
+    assert decontam.overlaps("Prefix words. " + GSM8K_QUESTION[:120] + " and more", decontam.eval_ngrams())
+    clean = "The committee met on Tuesday to discuss the budget for the new library and the repairs to the roof."
+    assert not decontam.overlaps(clean, decontam.eval_ngrams())
+    replay = write_records(
+        tmp_path / "replay.jsonl", [{"text": clean}, {"text": GSM8K_QUESTION}, {"text": clean + " Again."}]
+    )
+    data = write_records(tmp_path / "data.jsonl")
+    cfg = _cfg("", tiny_model_dirs["llama"], data, no_teacher=True, replay=str(replay), replay_fraction=0.5)
+    rows, stats = training_records(cfg, RECORDS)
+    assert stats.replay == 2 and stats.dropped_eval_overlap == {"next_ranked": 0, "replay": 1}
+    assert GSM8K_QUESTION not in [r.get("text") for r in rows] and len(rows) == len(RECORDS) + 2
+    m = json.loads((run(cfg, tmp_path / "r") / "metrics.json").read_text())
+    assert m["data"] == {
+        "curated": 6,
+        "next_ranked": 0,
+        "replay": 2,
+        "dropped_eval_overlap": {"next_ranked": 0, "replay": 1},
+    }
+
+
+def _fake_curation(tmp_path, pool):
+    """A curate stage folder: config.json naming the pool, scores.parquet, selected.jsonl (the best two)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "curate"
+    folder.mkdir()
+    pool_file = write_records(tmp_path / "pool.jsonl", pool)
+    (folder / "config.json").write_text(json.dumps({"config": {"pool": str(pool_file)}}))
+    scores = [0.1 * i for i in range(len(pool))]
+    pq.write_table(pa.table({"id": [r["id"] for r in pool], "score": scores}), folder / "scores.parquet")
+    best = sorted(pool, key=lambda r: -scores[pool.index(r)])[:2]
+    return write_records(folder / "selected.jsonl", best)
+
+
+def test_recover_top_m_adds_the_next_ranked_pool_records(tmp_path):
+    pool = [{"id": f"p{i}", "instruction": f"Question {i}?", "response": f"Answer {i}."} for i in range(6)]
+    selected = _fake_curation(tmp_path, pool)
+    assert [r["id"] for r in next_ranked(str(selected), 4, {"p5", "p4"})] == ["p3", "p2"]
+    assert next_ranked(str(selected), 2, {"p5", "p4"}) == []
+    with pytest.raises(FinescopeError, match="needs --data from a curate stage folder"):
+        next_ranked(str(write_records(tmp_path / "loose.jsonl", pool)), 4, set())

@@ -135,6 +135,98 @@ def cli_prune(data: Path, out: Path, ratio: float) -> dict:
     return {"pruner": "finescope prune", "command": " ".join(cmd[2:]), **prune_summary(out)}
 
 
+# ------------------------------------------------------------------------------------------------ budgeted recipes
+
+# Relative cost per record-epoch against LoRA cross-entropy (the reference TGD run's measured seconds), used only
+# to size each recipe's epochs to the budget; the wall times printed are measured.
+COST = {"lora": 1.0, "lora+kd": 1.1, "full": 1.35, "full+kd": 1.45}
+TEACHER_PASS = 0.5  # one teacher forward per record (KD cache), in the same unit
+
+
+def budget_recipes(phase: int, best: dict | None) -> list[tuple[str, dict]]:
+    """(name, RecoverConfig overrides) of a sweep phase. Phase 0: SFT, TGD and the KD grid; phase 1: the grid's
+    best α/τ without rewrites, over every token, with full fine-tuning; phase 2: the best recipe so far with generic
+    replay and with more curated records."""
+    if phase == 0:
+        grid = [
+            (f"tgd+kd a{a:g} t{t:g}", {"rewrites": True, "kd_weight": a, "kd_temperature": t})
+            for a in (0.5, 1.0)
+            for t in (1.0, 2.0)
+        ]
+        return [("sft", {"rewrites": False, "no_teacher": True}), ("tgd", {"rewrites": True}), *grid]
+    assert best is not None
+    b = {k: v for k, v in best.items() if k != "row"}
+    if phase == 1:
+        kd = {"kd_weight": b["kd_weight"], "kd_temperature": b["kd_temperature"]}
+        return [
+            ("kd, no rewrites", {**kd, "rewrites": False}),
+            ("kd all tokens, no rewrites", {**kd, "rewrites": False, "kd_scope": "all"}),
+            ("tgd+kd all tokens", {**kd, "rewrites": True, "kd_scope": "all"}),
+            ("tgd+kd full", {**kd, "rewrites": True, "adapter": "full", "lr": 1e-4}),
+        ]
+    return [
+        (f"{best['row']} + replay 0.25", {**b, "replay_fraction": 0.25}),
+        (f"{best['row']}, top 300, no rewrites", {**b, "rewrites": False, "recover_top_m": 300}),
+    ]
+
+
+def run_budgeted(recipe, work: Path, reference: Path, data: Path, budget: float, nll_recs, dense: str) -> dict:
+    """Every recipe at the same wall-clock budget as the TGD reference x the budget factor; NLL of each."""
+    ref = json.loads((reference / "metrics.json").read_text())
+    n_train = ref["train"]["train_examples"]
+    rewrite_s = ref["seconds"]["rewrite"]
+    unit = ref["seconds"]["finetune"] / (n_train * ref["train"]["epochs_run"])  # s per record-epoch, LoRA CE
+    rows: dict[str, dict] = {}
+    settings: dict[str, dict] = {}
+    best: dict | None = None
+    picks = []
+    for phase in (0, 1, 2):
+        for name, over in budget_recipes(phase, best):
+            settings[name] = dict(over)
+            over = dict(over)
+            rewrites = over.pop("rewrites")
+            kd = over.get("kd_weight", 0) > 0
+            adapter = over.get("adapter", "lora")
+            n = n_train + (round(n_train * over.get("replay_fraction", 0)))
+            if over.get("recover_top_m"):
+                n = int(over["recover_top_m"] * 0.9)
+            fixed = (rewrite_s if rewrites else 0.0) + (TEACHER_PASS * unit * n if kd else 0.0)
+            per_epoch = unit * n * COST[adapter + ("+kd" if kd else "")]
+            epochs = max(1.0, round(2 * (budget - fixed - 5) / per_epoch) / 2)
+            if rewrites:  # train on the reference run's rewrites (what the TGD run used), charged its rewrite time
+                over.update(data=str(reference / "distilled.jsonl"), no_rewrite=True)
+            elif not over.get("no_teacher"):
+                over.update(no_rewrite=True)
+            if over.get("recover_top_m"):
+                over["data"] = str(data)  # next-ranked records need the curate folder beside --data
+            cfg = recipe(**over, epochs=epochs)
+            out = run(cfg, work / "".join(c if c.isalnum() or c in ".-" else "_" for c in name))
+            m = json.loads((out / "metrics.json").read_text())
+            charged = rewrite_s if rewrites and cfg.no_rewrite else 0.0
+            wall = m["seconds"]["total"] + charged
+            rows[name] = {
+                "epochs": epochs,
+                "train_records": m["train"]["train_examples"],
+                "wall_s": round(wall, 1),
+                "of_budget": round(wall / budget, 2),
+                "nll": domain_nll(str(out / "model"), nll_recs),
+                "heldout_vs_seconds": [(e["seconds"], e["loss"]) for e in m["train"]["eval_loss"]],
+                "kd_targets_s": m["seconds"].get("kd_targets"),
+                "finetune_s": m["seconds"]["finetune"],
+                "folder": str(out),
+            }
+            print(json.dumps({name: rows[name]}), flush=True)
+        if phase == 0:
+            grid = {k: v for k, v in rows.items() if k.startswith("tgd+kd")}
+            top = min(grid, key=lambda k: grid[k]["nll"])
+            best = {**settings[top], "row": top}
+        else:
+            top = min(rows, key=lambda k: rows[k]["nll"])
+            best = {**settings[top], "row": top}
+        picks.append(best)
+    return {"rows": rows, "best_after_each_phase": picks}
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -155,12 +247,21 @@ def main() -> None:
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--rewrite-batch-size", type=int, default=8)
     p.add_argument("--sweep-lrs", default="", help="extra learning rates for SFT and TGD (reuses the rewrites)")
     p.add_argument("--sweep-epochs", default="", help="extra epoch counts for SFT and TGD (reuses the rewrites)")
     p.add_argument(
         "--data",
         default="",
         help="the curated record file (e.g. a curate stage's selected.jsonl) instead of the fixed evals math set",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=0.0,
+        help="run the budgeted recipe sweep (TGD, TGD + KD grid, KD without rewrites, full fine-tuning, replay, "
+        "more records) with this wall-clock budget as a multiple of the reference TGD run's stage time (e.g. 1.5)",
     )
     p.add_argument(
         "--student",
@@ -199,12 +300,12 @@ def main() -> None:
             "student": str(pruned_dir),
             "data": str(data),
             "max_new_tokens": args.max_new_tokens,
-            "rewrite_batch_size": 8,
+            "rewrite_batch_size": args.rewrite_batch_size,
             "lora_rank": args.rank,
             "lora_alpha": 2 * args.rank,
             "lr": args.lr,
             "batch_size": args.batch_size,
-            "micro_batch_size": 4,
+            "micro_batch_size": args.micro_batch_size,
             "max_length": 256,
             "epochs": args.epochs,
             "eval_fraction": 0.1,
@@ -213,6 +314,33 @@ def main() -> None:
         return RecoverConfig(**base)
 
     tgd = run(recipe(), work / "tgd")
+    if args.budget:
+        nll_recs = gsm8k_nll_records(args.nll_records)
+        m_ref = json.loads((tgd / "metrics.json").read_text())
+        budget = args.budget * m_ref["seconds"]["total"]
+        nll = {"dense": domain_nll(dense, nll_recs), "pruned": domain_nll(str(pruned_dir), nll_recs)}
+        reference = {
+            "epochs": args.epochs,
+            "wall_s": m_ref["seconds"]["total"],
+            "nll": domain_nll(str(tgd / "model"), nll_recs),
+            "heldout_vs_seconds": [(e["seconds"], e["loss"]) for e in m_ref["train"]["eval_loss"]],
+        }
+        sweep = run_budgeted(recipe, work, tgd, Path(args.data or data), budget, nll_recs, dense)
+        result = {
+            "model": "SmolLM2-135M-Instruct (embedded default)",
+            "curated_set": curated_label,
+            "prune": {**prune_info, "label": "existing folder" if args.student else "finescope prune"},
+            "reference_tgd": reference,
+            "budget_s": round(budget, 1),
+            "budget_rule": f"{args.budget}x the reference TGD stage time; rewrites reused from it and charged",
+            "domain_nll": {"task": f"GSM8K test answers, first {len(nll_recs)}, completion-only", **nll},
+            **sweep,
+            "wall_seconds": round(time.perf_counter() - t0, 1),
+        }
+        text = json.dumps(result, indent=2, ensure_ascii=False)
+        (work / "recover_budget.json").write_text(text + "\n", encoding="utf-8")
+        print(text)
+        return
     sft = run(recipe(no_teacher=True), work / "sft")
     variants = {"tgd": tgd, "sft": sft}
     # Sweeps fine-tune on the same rewrites: TGD = plain fine-tuning on distilled.jsonl, whose `response` is the

@@ -13,13 +13,14 @@ from conftest import build_model
 from finescope import FinescopeError, decontam
 from finescope.config import ConfigError, PipelineConfig, RecoverConfig, apply_overrides
 from finescope.recover import kd_cache
-from finescope.recover.distill import KdSettings, kd_summed, kl_full, kl_top_k, top_k_of
+from finescope.recover.distill import KdSettings, OnlineTeacher, kd_summed, kl_full, kl_top_k, top_k_of
 from finescope.recover.finetune import (
     FinetuneError,
     TrainSettings,
     build_examples,
     collate,
     fine_tune,
+    mixed_loss,
     save_trained,
     step_loss,
     summed_loss,
@@ -97,9 +98,10 @@ def test_alpha_zero_is_todays_cross_entropy_step_and_never_asks_the_teacher(chat
         def __call__(self, batch):
             raise AssertionError("the teacher was consulted with α = 0")
 
-    loss, kd, n = step_loss(model, examples[:3], chat_tokenizer.pad_token_id, KdSettings(weight=0.0), Boom())
+    ce, kd = step_loss(model, examples[:3], chat_tokenizer.pad_token_id, KdSettings(weight=0.0), Boom())
     ref, n_ref = summed_loss(model, collate(examples[:3], chat_tokenizer.pad_token_id))
-    assert kd is None and n == n_ref and torch.equal(loss, ref)
+    assert kd is None and torch.equal(ce, ref)
+    assert torch.equal(mixed_loss(ce, kd, n_ref, 0, KdSettings(weight=0.0)), ref / n_ref)  # today's step loss
 
     s = TrainSettings(rank=4, alpha=8, dropout=0.0, lr=5e-3, batch_size=4, micro_batch_size=2, epochs=2.0, seed=0)
     _, plain = fine_tune(build_model("llama", len(chat_tokenizer)), examples, examples[:2], s, pad_id=0)
@@ -117,12 +119,39 @@ def test_alpha_mixes_kd_and_ce(chat_tokenizer):
     )
     examples, _ = build_examples(chat_tokenizer, RECORDS, max_length=128)
     pad = chat_tokenizer.pad_token_id
-    from finescope.recover.distill import OnlineTeacher
+    ref, n = summed_loss(student, collate(examples[:2], pad))
+    s = KdSettings(weight=0.3, temperature=1.0)
+    ce, kd = step_loss(student, examples[:2], pad, s, OnlineTeacher(teacher))
+    assert kd is not None and float(kd) > 0 and float(ce) == pytest.approx(float(ref), rel=1e-6)
+    loss = mixed_loss(ce, kd, n, n, s)
+    assert float(loss.detach()) == pytest.approx(0.3 * float(kd) / n + 0.7 * float(ce.detach()) / n, rel=1e-5)
 
-    ce, _ = summed_loss(student, collate(examples[:2], pad))
-    loss, kd, _ = step_loss(student, examples[:2], pad, KdSettings(weight=0.3, temperature=1.0), OnlineTeacher(teacher))
-    assert kd is not None and float(kd) > 0
-    assert float(loss.detach()) == pytest.approx(0.3 * float(kd) + 0.7 * float(ce.detach()), rel=1e-5)
+
+def test_kd_over_every_token_covers_the_instruction_too(chat_tokenizer):
+    student, teacher = (
+        build_model("llama", len(chat_tokenizer), seed=0),
+        build_model("llama", len(chat_tokenizer), seed=1),
+    )
+    examples, _ = build_examples(chat_tokenizer, RECORDS[:2], max_length=128)
+    for ex in examples:
+        ex.kd_labels = list(ex.input_ids)
+    assert all(ex.kd_targets == len(ex.input_ids) - 1 > ex.targets for ex in examples)
+    s = KdSettings(weight=1.0, top_k=len(chat_tokenizer))
+    _, online = step_loss(student, examples, 0, s, OnlineTeacher(teacher))
+    for ex, part in zip(examples, kd_cache.teacher_top_k(teacher, examples, s, micro_batch_size=1, pad_id=0)):
+        assert len(part.log_rest) == ex.kd_targets
+        ex.teacher = part
+    _, cached = step_loss(student, examples, 0, s)
+    assert float(cached) == pytest.approx(float(online), rel=1e-4)
+    batch = collate(examples, 0)
+    with torch.no_grad():
+        s_logits, t_logits = (
+            student(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits,
+            teacher(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits,
+        )
+    mask = batch["attention_mask"][:, 1:].bool()
+    want = kl_full(s_logits[:, :-1][mask], t_logits[:, :-1][mask], 1.0, "forward").sum()
+    assert float(online) == pytest.approx(float(want), rel=1e-4)
 
 
 def test_cached_targets_with_the_whole_vocabulary_train_like_the_online_teacher(chat_tokenizer):

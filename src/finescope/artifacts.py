@@ -607,6 +607,8 @@ class KdStats(Schema):
     temperature: float
     loss: str
     """forward | reverse KL."""
+    scope: str = "response"
+    """response | all (every token of the example)."""
     targets: str
     """top-k cache (one teacher pass, read back each epoch) | online (the teacher runs on every batch)."""
     top_k: int | None

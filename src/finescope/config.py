@@ -214,6 +214,8 @@ class RecoverConfig:
     """Softmax temperature τ of both distributions in the KD term (the term is scaled by τ²)."""
     kd_loss: Literal["forward", "reverse"] = "forward"
     """KL direction: forward KL(teacher ‖ student) (mean-seeking) or reverse KL(student ‖ teacher) (mode-seeking)."""
+    kd_scope: Literal["response", "all"] = "response"
+    """Tokens the KD term covers: the response (as the CE term), or every token, instruction text included (more teacher signal per record)."""
     kd_cache: str = "auto"
     """Teacher targets for KD: "auto" = its top-k distributions cached under $FINESCOPE_HOME/cache/recover (one teacher pass), a folder = cached there, "off" = the teacher runs on every batch (whole vocabulary, teacher kept in memory)."""
     kd_top_k: Annotated[int, Range(min=1)] = 64

@@ -117,4 +117,4 @@ class OnlineTeacher:
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         device = next(self.model.parameters()).device
         out = self.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-        return labelled_logits(out.logits, batch["labels"].to(device))
+        return labelled_logits(out.logits, batch.get("kd_labels", batch["labels"]).to(device))

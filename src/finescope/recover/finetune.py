@@ -63,12 +63,19 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     id: str = ""
+    kd_labels: list[int] | None = None
+    """Positions of the KD term when they differ from `labels` (kd_scope "all": every token), else None."""
     teacher: TopK | None = None
-    """The teacher's cached top-k distribution at the labelled positions (logit distillation)."""
+    """The teacher's cached top-k distribution at the KD positions (logit distillation)."""
 
     @property
     def targets(self) -> int:
         return sum(1 for t in self.labels if t != IGNORE)
+
+    @property
+    def kd_targets(self) -> int:
+        """Positions the KD term covers: labelled tokens after the first (which nothing predicts)."""
+        return sum(1 for t in (self.kd_labels or self.labels)[1:] if t != IGNORE)
 
 
 # ------------------------------------------------------------------------------------------------ examples
@@ -114,8 +121,18 @@ def build_examples(tokenizer, records: list[dict], max_length: int) -> tuple[lis
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask, labels (-100 on padding)."""
-    return pad_batch([e.input_ids for e in examples], pad_id, labels=[e.labels for e in examples])
+    """Right-padded batch: input_ids, attention_mask, labels (-100 on padding), and kd_labels when any example
+    has its own KD positions."""
+    batch = pad_batch([e.input_ids for e in examples], pad_id, labels=[e.labels for e in examples])
+    if any(e.kd_labels is not None for e in examples):
+        kd = pad_batch([e.input_ids for e in examples], pad_id, labels=[e.kd_labels or e.labels for e in examples])
+        batch["kd_labels"] = kd["labels"]
+    return batch
+
+
+def kd_positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The label tensor whose labelled positions the KD term covers."""
+    return batch.get("kd_labels", batch["labels"])
 
 
 def split_records(records: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -157,17 +174,15 @@ def mean_loss(model, examples: list[Example], pad_id: int, micro_batch_size: int
 
 def step_loss(
     model, examples: list[Example], pad_id: int, kd: KdSettings, online: OnlineTeacher | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """A micro-batch's summed training loss α·KD + (1 − α)·CE, its summed KD term (None without KD), and the
-    labelled-token count. With α = 0 this is exactly `summed_loss` (the teacher is not consulted)."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A micro-batch's summed CE over the labelled tokens and summed KD term over the KD positions (None with α = 0,
+    when this is exactly `summed_loss` and the teacher is not consulted)."""
     batch = collate(examples, pad_id)
     if kd.weight == 0:
-        ce, n = summed_loss(model, batch)
-        return ce, None, n
+        return summed_loss(model, batch)[0], None
     device = next(model.parameters()).device
     logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-    labels = batch["labels"].to(device)
-    ce, n = next_token_nll(logits, labels)
+    ce, _ = next_token_nll(logits, batch["labels"].to(device))
     if online is not None:
         teacher: torch.Tensor | TopK = online(batch)
     else:
@@ -176,8 +191,14 @@ def step_loss(
             raise FinetuneError(f"no teacher targets for examples {', '.join(missing[:3])} (kd weight > 0)")
         teacher = TopK.cat([e.teacher for e in examples if e.teacher is not None])
         teacher = TopK(teacher.ids.to(device), teacher.logp.to(device), teacher.log_rest.to(device))
-    kd_sum = kd_summed(logits, labels, teacher, kd)
-    return kd.weight * kd_sum + (1 - kd.weight) * ce, kd_sum.detach(), n
+    return ce, kd_summed(logits, kd_positions(batch).to(device), teacher, kd)
+
+
+def mixed_loss(ce: torch.Tensor, kd_sum: torch.Tensor | None, n_ce: int, n_kd: int, kd: KdSettings) -> torch.Tensor:
+    """The token-weighted training loss: CE / n_ce, or (1 − α)·CE / n_ce + α·KD / n_kd with distillation."""
+    if kd_sum is None:
+        return ce / max(n_ce, 1)
+    return (1 - kd.weight) * ce / max(n_ce, 1) + kd.weight * kd_sum / max(n_kd, 1)
 
 
 # ------------------------------------------------------------------------------------------------ LoRA / full
@@ -373,20 +394,24 @@ def _train_epochs(
 
 def _optimiser_step(t: _Trainer, group: list[Example]) -> tuple[float, float | None]:
     """One step on `group`, gradients accumulated over micro-batches; its token-weighted mean loss and mean KD
-    term (None without KD)."""
-    n_tokens = sum(e.targets for e in group)
-    total, kd_total = 0.0, None
+    term per KD position (None without KD)."""
+    n_ce = sum(e.targets for e in group)
+    n_kd = sum(e.kd_targets for e in group) if t.kd.weight > 0 else 0
+    ce_total, kd_total = 0.0, None
     for m in range(0, len(group), t.micro):
-        loss, kd, _ = step_loss(t.model, group[m : m + t.micro], t.pad_id, t.kd, t.online)
-        (loss / max(n_tokens, 1)).backward()
-        total += float(loss.detach())
+        ce, kd = step_loss(t.model, group[m : m + t.micro], t.pad_id, t.kd, t.online)
+        mixed_loss(ce, kd, n_ce, n_kd, t.kd).backward()
+        ce_total += float(ce.detach())
         if kd is not None:
-            kd_total = (kd_total or 0.0) + float(kd)
+            kd_total = (kd_total or 0.0) + float(kd.detach())
     torch.nn.utils.clip_grad_norm_(t.params, 1.0)
     t.optimizer.step()
     t.scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
-    return total / max(n_tokens, 1), None if kd_total is None else kd_total / max(n_tokens, 1)
+    if kd_total is None:
+        return ce_total / max(n_ce, 1), None
+    kd_mean = kd_total / max(n_kd, 1)
+    return (1 - t.kd.weight) * ce_total / max(n_ce, 1) + t.kd.weight * kd_mean, kd_mean
 
 
 def save_trained(model, tokenizer, adapter_dir: Path | None, model_dir: Path):

@@ -22,7 +22,7 @@ from .. import assets, hashing
 from ..messages import one_line
 from ..progress import progress
 from ..storage import write_atomic
-from ..tokens import IGNORE_INDEX, pad_batch
+from ..tokens import pad_batch
 from .distill import KdSettings, TopK, labelled_logits, top_k_of
 
 VERSION = "1"
@@ -34,8 +34,8 @@ def _say(msg: str) -> None:
 
 
 def cache_key(teacher_source: str, examples, s: KdSettings) -> str:
-    """What the cached targets depend on: teacher, examples (ids and labels, in order), τ and k."""
-    data = hashing.digest_parts(*[(e.input_ids, e.labels) for e in examples], length=32)
+    """What the cached targets depend on: teacher, examples (ids and KD positions, in order), τ and k."""
+    data = hashing.digest_parts(*[(e.input_ids, e.kd_labels or e.labels) for e in examples], length=32)
     return hashing.digest_parts(VERSION, hashing.model_fingerprint(teacher_source), data, s.temperature, s.top_k)
 
 
@@ -48,19 +48,19 @@ def cache_path(setting: str, key: str) -> Path:
 
 @torch.no_grad()
 def teacher_top_k(model, examples, s: KdSettings, micro_batch_size: int, pad_id: int) -> list[TopK]:
-    """The teacher's top-k distribution at each example's labelled positions, one `TopK` per example."""
+    """The teacher's top-k distribution at each example's KD positions, one `TopK` per example."""
     model.eval()
     device = next(model.parameters()).device
     out: list[TopK] = []
     bar = progress(total=len(examples), desc="teacher logits", unit="ex")
     for start in range(0, len(examples), micro_batch_size):
         chunk = examples[start : start + micro_batch_size]
-        batch = pad_batch([e.input_ids for e in chunk], pad_id, labels=[e.labels for e in chunk])
+        batch = pad_batch([e.input_ids for e in chunk], pad_id, labels=[e.kd_labels or e.labels for e in chunk])
         logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
         top = top_k_of(labelled_logits(logits.logits, batch["labels"].to(device)), s.temperature, s.top_k)
         at = 0
         for e in chunk:
-            n = sum(1 for t in e.labels[1:] if t != IGNORE_INDEX)
+            n = e.kd_targets
             out.append(TopK(top.ids[at : at + n].cpu(), top.logp[at : at + n].cpu(), top.log_rest[at : at + n].cpu()))
             at += n
         bar.update(len(chunk))

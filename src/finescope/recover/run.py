@@ -240,9 +240,12 @@ def _kd_targets(
     if cfg.kd_weight == 0 or teacher is None:
         return None, None
     s = kd_settings(cfg)
+    if cfg.kd_scope == "all":
+        for ex in train_ex:
+            ex.kd_labels = list(ex.input_ids)
     stats = KdStats(
-        weight=s.weight, temperature=s.temperature, loss=s.loss, targets="online", top_k=None, cache=None,
-        cache_hit=None, seconds=0.0,
+        weight=s.weight, temperature=s.temperature, loss=s.loss, scope=cfg.kd_scope, targets="online", top_k=None,
+        cache=None, cache_hit=None, seconds=0.0,
     )  # fmt: skip
     if cfg.kd_cache == "off":
         return stats, teacher.model

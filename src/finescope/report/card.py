@@ -107,11 +107,14 @@ def _recovery_section(recover: Path | None) -> list[str]:
         return ["- none"]
     r, mm = rs.recipe, rs.metrics
     teacher = f"; teacher `{r['teacher']}`, rewrite acceptance {mm.filters.acceptance_rate}" if mm.mode == "tgd" else ""
+    if mm.adapter == "full":
+        how = "full fine-tuning (every weight)"
+    else:
+        how = f"LoRA r={r['lora_rank']}, α={r['lora_alpha']}, dropout {r['lora_dropout']}"
     return [
-        f"- mode `{mm.mode}` on {mm.records} records" + teacher,
-        f"- LoRA r={r['lora_rank']}, α={r['lora_alpha']}, dropout {r['lora_dropout']}, lr {r['lr']}, batch "
-        f"{r['batch_size']} (micro {r['micro_batch_size']}), {r['epochs']} epochs, max_length {r['max_length']}; "
-        f"merged into the weights",
+        f"- `{tables.recovery_mode(mm)}` on {mm.records} records" + teacher,
+        f"- {how}, lr {r['lr']}, batch {r['batch_size']} (micro {r['micro_batch_size']}), {r['epochs']} epochs, "
+        f"max_length {r['max_length']}" + ("; merged into the weights" if mm.adapter != "full" else ""),
         f"- held-out loss {tables.fmt(rs.eval_loss_first)} → {tables.fmt(rs.eval_loss_last)}",
     ]
 

@@ -210,7 +210,7 @@ def _recovery_blocks(data: dict, plot_files: dict[str, bytes]) -> list[tuple]:
             [
                 [
                     k,
-                    r.metrics.mode,
+                    tables.recovery_mode(r.metrics),
                     r.metrics.records,
                     tables.fmt(r.metrics.filters.acceptance_rate),
                     ", ".join(f"{a} {n}" for a, n in r.metrics.filters.counts.items()),

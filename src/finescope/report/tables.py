@@ -423,7 +423,29 @@ RECIPE_KEYS = (
     "answer_check",
     "no_teacher",
     "teacher",
+    "adapter",
+    "no_rewrite",
+    "kd_weight",
+    "kd_temperature",
+    "kd_loss",
+    "kd_scope",
+    "recover_top_m",
+    "replay_fraction",
 )
+
+
+def recovery_mode(m: RecoverMetrics) -> str:
+    """What a recovery trained on and how: `tgd`, `sft`, plus KD (α, τ, direction, scope), full fine-tuning and
+    added data when used."""
+    parts = [m.mode]
+    if m.kd is not None:
+        scope = ", every token" if m.kd.scope == "all" else ""
+        parts.append(f"KD α={m.kd.weight:g} τ={m.kd.temperature:g} {m.kd.loss}{scope}")
+    if m.adapter != "lora":
+        parts.append(f"{m.adapter} fine-tuning")
+    if m.data is not None and (m.data.next_ranked or m.data.replay):
+        parts.append(f"+{m.data.next_ranked} next-ranked, +{m.data.replay} replay records")
+    return " + ".join(parts)
 
 
 def recovery(recover: Path) -> Recovery | None:

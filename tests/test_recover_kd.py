@@ -367,3 +367,22 @@ def test_recover_top_m_adds_the_next_ranked_pool_records(tmp_path):
     assert next_ranked(str(selected), 2, {"p5", "p4"}) == []
     with pytest.raises(FinescopeError, match="needs --data from a curate stage folder"):
         next_ranked(str(write_records(tmp_path / "loose.jsonl", pool)), 4, set())
+
+
+def test_pipeline_gives_the_kd_recipe_to_the_kd_variants_only(tmp_path):
+    from finescope import pipeline
+
+    cfg = PipelineConfig(
+        variants=["dense", "pruned_tgd", "pruned_kd", "pruned_sft", "random_kd"],
+        recover=RecoverConfig(kd_weight=0.5, kd_scope="all", no_rewrite=True, adapter="full"),
+    )
+    cfg.check()
+    _, chains = pipeline.plan(cfg, tmp_path)
+    kd, tgd, sft = (chains[v]["recover"].cfg for v in ("pruned_kd", "pruned_tgd", "pruned_sft"))
+    assert (kd.kd_weight, kd.kd_scope, kd.no_rewrite, kd.teacher) == (0.5, "all", True, cfg.model)
+    assert (tgd.kd_weight, tgd.kd_scope, tgd.no_rewrite, tgd.no_teacher) == (0.0, "response", False, False)
+    assert sft.no_teacher and sft.kd_weight == 0.0
+    assert kd.adapter == tgd.adapter == sft.adapter == "full"  # the rest of the recover section applies to all
+    assert chains["pruned_kd"]["prune"] is chains["pruned_tgd"]["prune"]
+    assert chains["random_kd"]["curate"].cfg.method == "random"
+    assert chains["random_kd"]["recover"].cfg.kd_weight == 0.5

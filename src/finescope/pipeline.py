@@ -27,7 +27,7 @@ from typing import TypeGuard
 
 from . import FinescopeError, __version__, storage
 from .artifacts import PipelineManifest, VariantEntry
-from .config import CurateConfig, CurateMethod, PipelineConfig, Selector, to_dict
+from .config import KD_SETTINGS, CurateConfig, CurateMethod, PipelineConfig, RecoverConfig, Selector, to_dict
 from .stages import STAGES
 from .variants import VARIANTS
 
@@ -134,10 +134,10 @@ class Planner:
             data=str(data),
             no_teacher=mode == "sft",
             teacher=self.cfg.model if mode in ("tgd", "kd") else "",
-            # recover.kd_weight and recover.no_rewrite are the recipe of the kd variants; the others stay TGD / SFT.
-            kd_weight=self.cfg.recover.kd_weight if mode == "kd" else 0.0,
-            no_rewrite=self.cfg.recover.no_rewrite if mode == "kd" else False,
         )
+        if mode != "kd":  # the KD settings are the kd variants' recipe; TGD / SFT recover without them
+            plain = RecoverConfig()
+            rc = replace(rc, **{k: getattr(plain, k) for k in KD_SETTINGS})
         return self._job("recover", f"{label}-{mode}", rc)
 
     def evaluate(self, model: str, label: str, tasks: list[str] | None = None) -> Job:

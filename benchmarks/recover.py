@@ -145,8 +145,8 @@ TEACHER_PASS = 0.5  # one teacher forward per record (KD cache), in the same uni
 
 def budget_recipes(phase: int, best: dict | None) -> list[tuple[str, dict]]:
     """(name, RecoverConfig overrides) of a sweep phase. Phase 0: SFT, TGD and the KD grid; phase 1: the grid's
-    best α/τ without rewrites, over every token, with full fine-tuning; phase 2: the best recipe so far with generic
-    replay and with more curated records."""
+    best α/τ over every token without rewrites, over every token with rewrites, with full fine-tuning; phase 2: the
+    best recipe so far with generic replay."""
     if phase == 0:
         grid = [
             (f"tgd+kd a{a:g} t{t:g}", {"rewrites": True, "kd_weight": a, "kd_temperature": t})
@@ -159,15 +159,11 @@ def budget_recipes(phase: int, best: dict | None) -> list[tuple[str, dict]]:
     if phase == 1:
         kd = {"kd_weight": b["kd_weight"], "kd_temperature": b["kd_temperature"]}
         return [
-            ("kd, no rewrites", {**kd, "rewrites": False}),
             ("kd all tokens, no rewrites", {**kd, "rewrites": False, "kd_scope": "all"}),
             ("tgd+kd all tokens", {**kd, "rewrites": True, "kd_scope": "all"}),
             ("tgd+kd full", {**kd, "rewrites": True, "adapter": "full", "lr": 1e-4}),
         ]
-    return [
-        (f"{best['row']} + replay 0.25", {**b, "replay_fraction": 0.25}),
-        (f"{best['row']}, top 300, no rewrites", {**b, "rewrites": False, "recover_top_m": 300}),
-    ]
+    return [(f"{best['row']} + replay 0.25", {**b, "replay_fraction": 0.25})]
 
 
 def run_budgeted(recipe, work: Path, reference: Path, data: Path, budget: float, nll_recs, dense: str) -> dict:

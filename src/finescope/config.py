@@ -199,7 +199,7 @@ class RecoverConfig:
     """Stage 3: teacher-guided distillation + LoRA fine-tuning of the pruned model (METHOD.md §4)."""
 
     teacher: str = ""
-    """Teacher that rewrites responses; empty = the model the student was pruned from (read from the prune stage's config.json)."""
+    """Teacher that rewrites responses (and gives the KD targets); empty = the model the student was pruned from (read from the prune stage's config.json)."""
     student: str = ""
     """Pruned model folder to fine-tune (e.g. prune/model)."""
     data: str = ""
@@ -209,7 +209,7 @@ class RecoverConfig:
     no_rewrite: bool = False
     """Train on the original responses, without teacher rewrites (with --kd-weight > 0: logit distillation alone)."""
     kd_weight: Annotated[float, Range(min=0, max=1)] = 0.0
-    """Logit distillation weight α: loss = α·KL(teacher, student) + (1 − α)·CE on the response tokens; 0 = none (TGD alone)."""
+    """Logit distillation weight α: loss = α·τ²·KL(teacher, student) + (1 − α)·CE, each per token of its positions (--kd-scope); 0 = none (TGD alone)."""
     kd_temperature: Annotated[float, Range(min=0, min_open=True)] = 1.0
     """Softmax temperature τ of both distributions in the KD term (the term is scaled by τ²)."""
     kd_loss: Literal["forward", "reverse"] = "forward"

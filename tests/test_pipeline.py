@@ -36,7 +36,16 @@ def tiny_run(tmp_path, tiny_model_dirs, monkeypatch):
         "name": "tiny",
         "runs_dir": str(tmp_path / "runs"),
         "model": model,
-        "variants": ["dense", "pruned", "pruned_tgd", "pruned_sft", "pruned_random", "pruned_generic", "dense_curated"],
+        "variants": [
+            "dense",
+            "pruned",
+            "pruned_tgd",
+            "pruned_kd",
+            "pruned_sft",
+            "pruned_random",
+            "pruned_generic",
+            "dense_curated",
+        ],
         "generic_calibration": str(tmp_path / "generic.jsonl"),
         "curate": {
             "pool": str(tmp_path / "pool.jsonl"),
@@ -61,6 +70,7 @@ def tiny_run(tmp_path, tiny_model_dirs, monkeypatch):
             "epochs": 1,
             "max_length": 200,
             "eval_fraction": 0.25,
+            "kd_weight": 0.5,
         },
         "eval": {"tasks": [f"nll:{FIX / 'nll_small.jsonl'}"], "batch_size": 4},
     }
@@ -111,7 +121,11 @@ def test_run_every_variant_shares_stages_and_rerun_skips(tiny_run, capsys, monke
     assert "prune" not in v["dense_curated"]["stages"] and "recover" in v["dense_curated"]["stages"]
     folders = [f for _, f in calls]
     assert len(folders) == len(set(folders))  # each shared stage ran once
-    assert sorted(s for s, _ in calls) == sorted(["curate"] * 2 + ["prune"] * 3 + ["recover"] * 4 + ["eval"] * 7)
+    assert sorted(s for s, _ in calls) == sorted(["curate"] * 2 + ["prune"] * 3 + ["recover"] * 5 + ["eval"] * 8)
+    assert v["pruned_kd"]["stages"]["prune"] == v["pruned_tgd"]["stages"]["prune"]
+    kd = json.loads((root / v["pruned_kd"]["stages"]["recover"] / "metrics.json").read_text())
+    tgd = json.loads((root / v["pruned_tgd"]["stages"]["recover"] / "metrics.json").read_text())
+    assert kd["kd"]["weight"] == 0.5 and kd["mode"] == "tgd" and tgd["kd"] is None
     # The stages were wired: prune calibrated on the curation's selection, recovery trained the pruned model.
     prune_cfg = json.loads((root / v["pruned_tgd"]["stages"]["prune"] / "config.json").read_text())["config"]
     assert prune_cfg["data"] == str(root / v["pruned_tgd"]["stages"]["curate"] / "selected.jsonl")
@@ -137,7 +151,7 @@ def test_run_every_variant_shares_stages_and_rerun_skips(tiny_run, capsys, monke
     # A recovery setting changes: only the recoveries and the evaluations of their models run again.
     calls_lr = _calls(monkeypatch)
     assert cli.main(["run", "--config", str(tiny_run), "recover.lr=1e-4"]) == 0
-    assert sorted(s for s, _ in calls_lr) == sorted(["recover"] * 4 + ["eval"] * 4)
+    assert sorted(s for s, _ in calls_lr) == sorted(["recover"] * 5 + ["eval"] * 5)
 
 
 def _stage_dirs(folder):

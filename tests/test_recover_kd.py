@@ -374,7 +374,8 @@ def test_pipeline_gives_the_kd_recipe_to_the_kd_variants_only(tmp_path):
 
     cfg = PipelineConfig(
         variants=["dense", "pruned_tgd", "pruned_kd", "pruned_sft", "random_kd"],
-        recover=RecoverConfig(kd_weight=0.5, kd_scope="all", no_rewrite=True, adapter="full"),
+        recover=RecoverConfig(kd_weight=0.5, kd_scope="all", no_rewrite=True, adapter="full", epochs=2),
+        kd_epochs=4.5,
     )
     cfg.check()
     _, chains = pipeline.plan(cfg, tmp_path)
@@ -383,6 +384,7 @@ def test_pipeline_gives_the_kd_recipe_to_the_kd_variants_only(tmp_path):
     assert (tgd.kd_weight, tgd.kd_scope, tgd.no_rewrite, tgd.no_teacher) == (0.0, "response", False, False)
     assert sft.no_teacher and sft.kd_weight == 0.0
     assert kd.adapter == tgd.adapter == sft.adapter == "full"  # the rest of the recover section applies to all
+    assert (kd.epochs, tgd.epochs, sft.epochs) == (4.5, 2, 2)
     assert chains["pruned_kd"]["prune"] is chains["pruned_tgd"]["prune"]
     assert chains["random_kd"]["curate"].cfg.method == "random"
     assert chains["random_kd"]["recover"].cfg.kd_weight == 0.5

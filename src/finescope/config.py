@@ -350,6 +350,8 @@ class PipelineConfig:
     """Generic calibration records of the *generic* variants: a record file, or "default" (Wikipedia, OpenWebText, BBC News snippets)."""
     sweep_ratios: list[Fraction] = field(default_factory=list)
     """Extra pruning ratios (curated calibration, no recovery) evaluated on the nll tasks, for an NLL-vs-ratio plot."""
+    kd_epochs: Annotated[float | None, Range(min=0, min_open=True)] = None
+    """Epochs of the kd variants' recoveries (none = recover.epochs): distillation without rewrites saves the rewrite's time, which the budgeted recipe spends on epochs."""
     report: bool = True
     """Write report.md, report.html and the final model's card after the stages."""
     curate: CurateConfig = field(default_factory=CurateConfig)

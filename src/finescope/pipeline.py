@@ -138,6 +138,8 @@ class Planner:
         if mode != "kd":  # the KD settings are the kd variants' recipe; TGD / SFT recover without them
             plain = RecoverConfig()
             rc = replace(rc, **{k: getattr(plain, k) for k in KD_SETTINGS})
+        elif self.cfg.kd_epochs is not None:
+            rc = replace(rc, epochs=self.cfg.kd_epochs)
         return self._job("recover", f"{label}-{mode}", rc)
 
     def evaluate(self, model: str, label: str, tasks: list[str] | None = None) -> Job:

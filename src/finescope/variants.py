@@ -21,7 +21,7 @@ class VariantSpec:
     prune: str | None
     """Calibration of pruning: "data" (the variant's data), "generic", or None (no pruning)."""
     recovery: str | None
-    """tgd (teacher rewrites) | kd (rewrites + logit distillation, recover.kd_weight) | sft | None."""
+    """tgd (teacher rewrites) | kd (logit distillation: recover.kd_*, with or without rewrites) | sft | None."""
     description: str
 
 
@@ -56,7 +56,7 @@ VARIANTS: dict[str, VariantSpec] = {
         "sae",
         "data",
         "kd",
-        "as FineScope, plus logit distillation from the dense teacher (recover.kd_weight)",
+        "curated data and calibration, recovered by logit distillation from the dense teacher (recover.kd_*)",
     ),
     "pruned_sft": VariantSpec(
         "pruned + SFT (w/o TGD)", "sae", "data", "sft", "as FineScope but plain SFT on the original responses"

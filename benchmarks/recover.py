@@ -196,7 +196,7 @@ def run_budgeted(recipe, work: Path, reference: Path, data: Path, budget: float,
             if over.get("recover_top_m"):
                 over["data"] = str(data)  # next-ranked records need the curate folder beside --data
             cfg = recipe(**over, epochs=epochs)
-            out = run(cfg, work / "".join(c if c.isalnum() or c in ".-" else "_" for c in name))
+            out = run(cfg, work / ("budget-" + "".join(c if c.isalnum() or c in ".-" else "_" for c in name)))
             m = json.loads((out / "metrics.json").read_text())
             charged = rewrite_s if rewrites and cfg.no_rewrite else 0.0
             wall = m["seconds"]["total"] + charged

@@ -255,6 +255,16 @@ def test_bad_kd_settings_are_refused(override, message):
         apply_overrides(PipelineConfig(), [override])
 
 
+def test_kd_cache_that_is_a_file_is_refused_before_any_work(tmp_path, tiny_model_dirs):
+    data = write_records(tmp_path / "data.jsonl")
+    not_a_folder = tmp_path / "cache.txt"
+    not_a_folder.write_text("mine")
+    cfg = _cfg(tiny_model_dirs["llama"], tiny_model_dirs["qwen2"], data, kd_weight=0.5, kd_cache=str(not_a_folder))
+    with pytest.raises(RecoverError, match="--kd-cache .*cache.txt: not a folder"):
+        run(cfg, tmp_path / "out")
+    assert not_a_folder.read_text() == "mine" and not (tmp_path / "out").exists()
+
+
 def test_no_teacher_with_kd_is_refused(tmp_path, tiny_model_dirs):
     data = write_records(tmp_path / "data.jsonl")
     with pytest.raises(RecoverError, match="--no-teacher with --kd-weight"):

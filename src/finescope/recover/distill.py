@@ -64,6 +64,11 @@ def labelled_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return logits[:, :-1][mask].float()
 
 
+def kd_positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The label tensor of a collated batch whose labelled positions the KD term covers."""
+    return batch.get("kd_labels", batch["labels"])
+
+
 def top_k_of(logits: torch.Tensor, temperature: float, k: int) -> TopK:
     """Top-k of a (N, vocab) distribution at temperature τ, with the log-mass of the rest."""
     logp = F.log_softmax(logits.float() / temperature, dim=-1)
@@ -117,4 +122,4 @@ class OnlineTeacher:
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         device = next(self.model.parameters()).device
         out = self.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-        return labelled_logits(out.logits, batch.get("kd_labels", batch["labels"]).to(device))
+        return labelled_logits(out.logits, kd_positions(batch).to(device))

@@ -30,7 +30,7 @@ from ..data import format_example
 from ..progress import progress
 from ..storage import atomic_dir
 from ..tokens import IGNORE_INDEX, encode_continuation, encode_prompt, next_token_nll, pad_batch
-from .distill import KdSettings, OnlineTeacher, TopK, kd_summed
+from .distill import KdSettings, OnlineTeacher, TopK, kd_positions, kd_summed
 
 IGNORE = IGNORE_INDEX  # label of prompt and padding positions
 
@@ -128,11 +128,6 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         kd = pad_batch([e.input_ids for e in examples], pad_id, labels=[e.kd_labels or e.labels for e in examples])
         batch["kd_labels"] = kd["labels"]
     return batch
-
-
-def kd_positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The label tensor whose labelled positions the KD term covers."""
-    return batch.get("kd_labels", batch["labels"])
 
 
 def split_records(records: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

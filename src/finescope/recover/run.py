@@ -104,6 +104,9 @@ def _check_settings(cfg: RecoverConfig) -> None:
             "--no-teacher with --kd-weight > 0: logit distillation needs the teacher; use --no-rewrite to "
             "distil without teacher rewrites"
         )
+    if cfg.kd_cache not in ("auto", "off") and Path(cfg.kd_cache).expanduser().exists():
+        if not Path(cfg.kd_cache).expanduser().is_dir():
+            raise RecoverError(f"--kd-cache {cfg.kd_cache}: not a folder (give a folder, 'auto' or 'off')")
 
 
 def run(cfg: RecoverConfig, out: Path) -> Path:

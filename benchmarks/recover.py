@@ -33,9 +33,10 @@ from pathlib import Path
 import torch
 
 from finescope import assets
-from finescope.config import PruneConfig, RecoverConfig
+from finescope.config import KD_SETTINGS, PipelineConfig, PruneConfig, RecoverConfig, load_config
 from finescope.data import read_records
 from finescope.modeling import load, resolve_model_path
+from finescope.pipeline import resolve_config
 from finescope.recover.finetune import build_examples, mean_loss
 from finescope.recover.run import run
 
@@ -223,6 +224,39 @@ def run_budgeted(recipe, work: Path, reference: Path, data: Path, budget: float,
     return {"rows": rows, "best_after_each_phase": picks}
 
 
+def run_data_sweep(recipe, work: Path, reference: Path, budget: float, nll_recs, sizes, weights) -> dict:
+    """The embedded default's kd recipe (configs/default.yaml) on the curation's top M records for each M, and with
+    each KD weight α (α < 1 adds cross-entropy on the original responses), epochs sized to the same budget: more
+    records for fewer epochs, or fewer records for more."""
+    kd = load_config(PipelineConfig, resolve_config("default"))
+    ref = json.loads((reference / "metrics.json").read_text())
+    n_train = ref["train"]["train_examples"]
+    unit = ref["seconds"]["finetune"] / (n_train * ref["train"]["epochs_run"])
+    over = {k: getattr(kd.recover, k) for k in KD_SETTINGS}
+    rows = {}
+    for m in sizes:
+        for alpha in weights or [over["kd_weight"]]:
+            n = int(m * 0.9)
+            fixed = TEACHER_PASS * unit * n
+            epochs = max(1.0, round(2 * (budget - fixed - 5) / (unit * n * COST["lora+kd"])) / 2)
+            cfg = recipe(**{**over, "kd_weight": alpha}, recover_top_m=m, epochs=epochs)
+            name = f"top {m}, a {alpha:g}"
+            out = run(cfg, work / f"data-top{m}-a{alpha:g}")
+            mt = json.loads((out / "metrics.json").read_text())
+            rows[name] = {
+                "epochs": epochs,
+                "train_records": mt["train"]["train_examples"],
+                "data": mt.get("data"),
+                "wall_s": round(mt["seconds"]["total"], 1),
+                "of_budget": round(mt["seconds"]["total"] / budget, 2),
+                "nll": domain_nll(str(out / "model"), nll_recs),
+                "heldout_vs_seconds": [(e["seconds"], e["loss"]) for e in mt["train"]["eval_loss"]],
+                "folder": str(out),
+            }
+            print(json.dumps({name: rows[name]}), flush=True)
+    return {"recipe": {k: str(v) for k, v in over.items()}, "rows": rows}
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -258,6 +292,15 @@ def main() -> None:
         default=0.0,
         help="run the budgeted recipe sweep (TGD, TGD + KD grid, KD without rewrites, full fine-tuning, replay, "
         "more records) with this wall-clock budget as a multiple of the reference TGD run's stage time (e.g. 1.5)",
+    )
+    p.add_argument(
+        "--data-sweep",
+        default="",
+        help="with --budget: instead of the recipe sweep, the default's kd recipe on the curation's top M records "
+        "for each M of this comma list (e.g. 100,200,300), each at the budget",
+    )
+    p.add_argument(
+        "--kd-weights", default="", help="with --data-sweep: each α of this comma list (default: the preset's)"
     )
     p.add_argument(
         "--student",
@@ -321,7 +364,12 @@ def main() -> None:
             "nll": domain_nll(str(tgd / "model"), nll_recs),
             "heldout_vs_seconds": [(e["seconds"], e["loss"]) for e in m_ref["train"]["eval_loss"]],
         }
-        sweep = run_budgeted(recipe, work, tgd, Path(args.data or data), budget, nll_recs, dense)
+        if args.data_sweep:
+            sizes = [int(x) for x in args.data_sweep.split(",") if x.strip()]
+            weights = [float(x) for x in args.kd_weights.split(",") if x.strip()]
+            sweep = run_data_sweep(recipe, work, tgd, budget, nll_recs, sizes, weights)
+        else:
+            sweep = run_budgeted(recipe, work, tgd, Path(args.data or data), budget, nll_recs, dense)
         result = {
             "model": "SmolLM2-135M-Instruct (embedded default)",
             "curated_set": curated_label,
@@ -334,7 +382,8 @@ def main() -> None:
             "wall_seconds": round(time.perf_counter() - t0, 1),
         }
         text = json.dumps(result, indent=2, ensure_ascii=False)
-        (work / "recover_budget.json").write_text(text + "\n", encoding="utf-8")
+        name = "recover_data_sweep.json" if args.data_sweep else "recover_budget.json"
+        (work / name).write_text(text + "\n", encoding="utf-8")
         print(text)
         return
     sft = run(recipe(no_teacher=True), work / "sft")

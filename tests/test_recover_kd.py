@@ -384,7 +384,9 @@ def test_pipeline_gives_the_kd_recipe_to_the_kd_variants_only(tmp_path):
 
     cfg = PipelineConfig(
         variants=["dense", "pruned_tgd", "pruned_kd", "pruned_sft", "random_kd"],
-        recover=RecoverConfig(kd_weight=0.5, kd_scope="all", no_rewrite=True, adapter="full", epochs=2),
+        recover=RecoverConfig(
+            kd_weight=0.5, kd_scope="all", no_rewrite=True, recover_top_m=200, adapter="full", epochs=2
+        ),
         kd_epochs=4.5,
     )
     cfg.check()
@@ -393,8 +395,10 @@ def test_pipeline_gives_the_kd_recipe_to_the_kd_variants_only(tmp_path):
     assert (kd.kd_weight, kd.kd_scope, kd.no_rewrite, kd.teacher) == (0.5, "all", True, cfg.model)
     assert (tgd.kd_weight, tgd.kd_scope, tgd.no_rewrite, tgd.no_teacher) == (0.0, "response", False, False)
     assert sft.no_teacher and sft.kd_weight == 0.0
+    assert (kd.recover_top_m, tgd.recover_top_m, sft.recover_top_m) == (200, 0, 0)  # more records: the kd recipe
     assert kd.adapter == tgd.adapter == sft.adapter == "full"  # the rest of the recover section applies to all
     assert (kd.epochs, tgd.epochs, sft.epochs) == (4.5, 2, 2)
     assert chains["pruned_kd"]["prune"] is chains["pruned_tgd"]["prune"]
     assert chains["random_kd"]["curate"].cfg.method == "random"
     assert chains["random_kd"]["recover"].cfg.kd_weight == 0.5
+    assert chains["random_kd"]["recover"].cfg.recover_top_m == 200  # as many random records

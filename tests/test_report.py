@@ -517,3 +517,19 @@ def test_old_results_without_chance_still_render(tmp_path):
     assert rows["pruned, no recovery"][tables.SUMMARY_HEADER] == "–"
     assert "mmlu:marketing acc_norm — no chance level recorded" in tables.summary_note(data)
     assert write_report(root).is_file()
+
+
+def test_the_card_goes_to_the_kd_recovery_when_the_run_has_one():
+    from types import SimpleNamespace
+
+    from finescope.report.run import final_variant
+
+    def run(*names):
+        stages = {"dense": {"eval": "e"}, **{n: {"prune": "p", "recover": f"r-{n}", "eval": "e"} for n in names}}
+        variants = {n: SimpleNamespace(stages=s) for n, s in stages.items()}
+        return {"manifest": SimpleNamespace(variants=variants)}
+
+    assert final_variant(run("pruned_tgd", "pruned_kd", "pruned_sft")) == "pruned_kd"
+    assert final_variant(run("pruned_tgd", "pruned_sft")) == "pruned_tgd"
+    assert final_variant(run("pruned_sft")) == "pruned_sft"
+    assert final_variant(run()) is None

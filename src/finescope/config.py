@@ -312,7 +312,16 @@ class EvalConfig:
 
 # Stage fields `finescope run` derives itself, from the top-level keys and each variant's recipe: a pipeline config
 # that sets them would be silently overwritten, so it is refused with the key that does what the user meant.
-KD_SETTINGS = ("kd_weight", "kd_temperature", "kd_loss", "kd_scope", "kd_cache", "kd_top_k", "no_rewrite")
+KD_SETTINGS = (
+    "kd_weight",
+    "kd_temperature",
+    "kd_loss",
+    "kd_scope",
+    "kd_cache",
+    "kd_top_k",
+    "no_rewrite",
+    "recover_top_m",
+)
 """RecoverConfig fields that are the recipe of the pipeline's kd variants only (TGD / SFT variants reset them)."""
 
 PIPELINE_SETS: dict[str, dict[str, str]] = {

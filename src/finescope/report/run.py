@@ -290,9 +290,10 @@ def render_html(blocks: list[tuple], plot_files: dict[str, bytes], title: str) -
 
 
 def final_variant(data: dict) -> str | None:
-    """The variant whose model gets the card: FineScope (pruned + TGD) first, else the last one with a model."""
+    """The variant whose model gets the card: FineScope + KD first (the default's best recovery), then FineScope
+    (pruned + TGD), else the last one with a model."""
     variants = data["manifest"].variants
-    for name in ("pruned_tgd", *reversed([n for n in variants if not n.startswith("sweep@")])):
+    for name in ("pruned_kd", "pruned_tgd", *reversed([n for n in variants if not n.startswith("sweep@")])):
         v = variants.get(name)
         if v and ("recover" in v.stages or "prune" in v.stages):
             return name

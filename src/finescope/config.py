@@ -79,7 +79,7 @@ Fraction = Annotated[float, Range(min=0, max=1, min_open=True, max_open=True)]
 # ================================================================================================ stage configs
 # Defaults are METHOD.md's faithful defaults where it gives one.
 
-CurateMethod = Literal["sae", "embedding", "random", "full"]
+CurateMethod = Literal["sae", "embedding", "dsir", "random", "full"]
 """Values of CurateConfig.method."""
 Selector = Literal["jacobian", "gradient", "magnitude", "variance", "pca", "random"]
 """Values of CurateConfig.selector."""
@@ -96,7 +96,7 @@ class CurateConfig:
     seeds: str = "preset:math"
     """Seed examples of the domain: a record file, or a built-in preset (preset:math|code|medicine|law)."""
     method: CurateMethod = "sae"
-    """Selection method: SAE codes (the paper's), sentence-embedding kNN, random subset, or the full pool."""
+    """Selection method: SAE codes (the paper's), sentence-embedding kNN, DSIR (hashed n-grams), random subset, or the full pool."""
     selector: Selector = "jacobian"
     """How the K activation coordinates read by the SAE are chosen (jacobian = v3, gradient = v1)."""
     layers: list[int] = field(default_factory=list)
@@ -127,10 +127,14 @@ class CurateConfig:
     """SAE optimisation steps."""
     sae_batch_size: Annotated[int, Range(min=1)] = 256
     """Token activations per SAE step."""
-    pooling: Literal["mean", "max"] = "mean"
-    """How per-token SAE codes are pooled into one vector per record (special tokens excluded)."""
-    encode_fields: Literal["instruction+response", "instruction"] = "instruction+response"
-    """Which part of an instruction record is encoded (text records are encoded whole)."""
+    pooling: Literal["mean", "max", "mean+max"] = "mean"
+    """How per-token SAE codes are pooled into one vector per record (special tokens excluded; mean+max: both, concatenated)."""
+    encode_fields: Literal["instruction+response", "instruction", "response"] = "instruction+response"
+    """Which part of an instruction record is encoded (text records are encoded whole; response falls back to the instruction when there is none)."""
+    latent_weighting: Literal["none", "center", "idf", "zscore"] = "none"
+    """SAE method: reweight pooled codes by pool statistics before the cosine (none = the paper; center: minus the pool mean; idf: × log inverse pool frequency; zscore)."""
+    seed_top_k: Annotated[int, Range(min=1)] = 1
+    """Score = mean of a record's top-k cosines over the seeds (1 = max over seeds, the paper)."""
     selection: Literal["global", "per_seed"] = "global"
     """global: top-M by max cosine over seeds; per_seed: top-M per seed, union de-duplicated."""
     top_m: Annotated[int, Range(min=1)] = 100

@@ -667,6 +667,8 @@ def record_text(rec: dict, fields: str = "instruction+response") -> str:
         return rec["text"]
     if fields == "instruction":
         return rec["instruction"]
+    if fields == "response":
+        return rec.get("response") or rec["instruction"]
     return f"{rec['instruction']}\n\n{rec['response']}" if rec.get("response") else rec["instruction"]
 
 

@@ -94,7 +94,7 @@ class Planner:
             selector = data.split(":", 1)[1]
             if _is_selector(selector):
                 return self._job("curate", f"sae-{selector}", replace(base, method="sae", selector=selector))
-        elif _is_method(data):  # "embedding", "random" or "full" ("sae" is handled above)
+        elif _is_method(data):  # "embedding", "dsir", "random" or "full" ("sae" is handled above)
             # Fields only the SAE method reads are reset, so e.g. changing sae_steps keeps the baselines. The random
             # subset has top_m records: the SAE selection's size under global selection (the paper's "same size").
             fresh = CurateConfig()

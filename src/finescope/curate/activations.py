@@ -133,7 +133,8 @@ def encode_pooled(
     desc: str = "encode",
 ) -> torch.Tensor:
     """One vector per text: `encode` (e.g. an SAE encoder) applied to each token's selected coordinates at
-    `layer`, pooled over non-special tokens (mean or max). Texts without any token get a zero vector."""
+    `layer`, pooled over non-special tokens (mean, max, or both concatenated). Texts without any token get a zero
+    vector."""
     dev = _device(handle)
     idx = coords.to(dev)
 
@@ -145,11 +146,10 @@ def encode_pooled(
         mask = batch["token_mask"].to(dev)
         codes = encode(hidden[..., idx].float())  # (B, T, d_code)
         m = mask.unsqueeze(-1).float()
-        if pooling == "max":
-            pooled = codes.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
-            pooled = torch.where(mask.any(1, keepdim=True), pooled, torch.zeros_like(pooled))
-        else:
-            pooled = (codes * m).sum(1) / m.sum(1).clamp_min(1.0)
+        mean = (codes * m).sum(1) / m.sum(1).clamp_min(1.0)
+        peak = codes.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
+        peak = torch.where(mask.any(1, keepdim=True), peak, torch.zeros_like(peak))
+        pooled = mean if pooling == "mean" else peak if pooling == "max" else torch.cat([mean, peak], -1)
         return {"pooled": pooled.cpu()}
 
     shards = sharded(cache_dir, len(batches), compute, desc=desc)

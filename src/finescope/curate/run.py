@@ -32,8 +32,9 @@ from ..modeling import load
 from .activations import TextBatches, encode_pooled, harvest_coords
 from .baselines import minilm_embeddings, random_scores
 from .coords import coordinate_scores, top_k_coords
+from .dsir import dsir_scores
 from .sae import evaluate_sae, load_sae, save_sae, train_sae
-from .select import max_cosine, select_global, select_per_seed
+from .select import max_cosine, seed_cosine, select_global, select_per_seed, weight_latents
 
 # Bump when the SAE's definition changes, so cached SAEs (and encodings made with them) are not reused.
 SAE_VERSION = 3  # 3: folder and encodings use the standardisation folded into the weights (SAELens layout)
@@ -365,6 +366,12 @@ def _score(
         timings["embed"] = time.perf_counter() - t
         scores, nearest, sims = max_cosine(vecs[:n], vecs[n:])
         return _Scored(scores, nearest, sims.unsqueeze(0))
+    if cfg.method == "dsir":
+        # Scored against the seeds' n-gram distribution, not against one seed: no nearest seed, no per-seed sims.
+        t = time.perf_counter()
+        scores = dsir_scores(pool_texts, seed_texts, per_ngram=True)
+        timings["dsir"] = time.perf_counter() - t
+        return _Scored(scores, torch.full((n,), -1))
     if cfg.method == "random":
         return _Scored(random_scores(n, cfg.seed), torch.full((n,), -1))
     if cfg.method == "full":
@@ -394,7 +401,8 @@ def _score_sae(
         pool_vecs = _sae_vectors(cfg, handle, state, layer, pool_texts, "pool")
         timings[f"encode_pool_layer{layer}"] = time.perf_counter() - t
         seed_vecs = _sae_vectors(cfg, handle, state, layer, seed_texts, "seeds")
-        scores, _, layer_sims = max_cosine(pool_vecs, seed_vecs)
+        weighted = weight_latents(pool_vecs, seed_vecs, cfg.latent_weighting)
+        scores, _, layer_sims = seed_cosine(*weighted, top_k=cfg.seed_top_k)
         per_layer_scores.append(scores)
         per_layer_sims.append(layer_sims)
         coords_out[f"layer{layer}.indices"] = state["indices"].contiguous()
@@ -411,7 +419,8 @@ def _score_sae(
             {**state["quality"], "curves": state["curves"], "cache": str(state["root"])}, source="SAE quality"
         )
         timings.update({f"{k}_layer{layer}": v for k, v in state["timings"].items()})
-        features[f"layer{layer}"] = (pool_vecs, seed_vecs)
+        width = state["sae"].d_sae
+        features[f"layer{layer}"] = (pool_vecs[:, :width], seed_vecs[:, :width])  # mean+max: the mean half
     storage.write_atomic(stage / "coords.safetensors", save(coords_out))
     scores = torch.stack(per_layer_scores).max(0).values
     best_layer = torch.stack(per_layer_scores).argmax(0)

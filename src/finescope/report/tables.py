@@ -59,7 +59,13 @@ def _stage_config(folder: Path) -> dict[str, Any]:
     return data.get("config", {}) if isinstance(data, dict) else {}
 
 
-DATA_NAMES = {"sae": "FineScope", "random": "Random", "full": "Full pool", "embedding": "embedding kNN"}
+DATA_NAMES = {
+    "sae": "FineScope",
+    "random": "Random",
+    "full": "Full pool",
+    "embedding": "embedding kNN",
+    "dsir": "DSIR (hashed n-grams)",
+}
 
 
 def _data_name(data: str | None, prune: str | None) -> str:

@@ -1,0 +1,123 @@
+"""Scoring levers of the SAE method: latent weighting, top-k seed score, pooling, encoded fields."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from finescope.config import CurateConfig
+from finescope.curate import run as curate_run
+from finescope.curate.activations import TextBatches, encode_pooled
+from finescope.curate.select import max_cosine, seed_cosine, weight_latents
+from finescope.data import record_text
+from finescope.modeling import load
+from test_curate import _cfg
+
+
+@pytest.fixture
+def cache_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("FINESCOPE_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def _codes():
+    # Latent 0 fires on every record (a "common" latent); latents 1 and 2 tell the two domains apart.
+    pool = torch.tensor(
+        [
+            [5.0, 1.0, 0.0],  # domain A
+            [5.0, 0.9, 0.0],  # domain A
+            [5.0, 0.0, 1.0],  # domain B
+            [5.0, 0.0, 1.1],  # domain B
+            [5.0, 0.0, 0.0],  # only the common latent
+        ]
+    )
+    seeds = torch.tensor([[5.0, 1.0, 0.0]])
+    return pool, seeds
+
+
+def test_common_latent_dominates_plain_cosine_and_weighting_removes_it():
+    pool, seeds = _codes()
+    plain, _, _ = max_cosine(pool, seeds)
+    # The common latent makes every record look alike: domain B is within 0.05 of domain A.
+    assert float(plain[0] - plain[2]) < 0.05
+    for weighting in ("center", "idf", "zscore"):
+        scores, _, _ = max_cosine(*weight_latents(pool, seeds, weighting))
+        assert scores[:2].min() > scores[2:].max() + 0.5, weighting
+
+
+def test_idf_zeroes_latents_that_fire_on_every_record():
+    pool, seeds = _codes()
+    p, s = weight_latents(pool, seeds, "idf")
+    assert torch.allclose(p[:, 0], torch.zeros(5))  # log((1 + 5) / (1 + 5)) = 0
+    # A latent firing on 2 of 5 records keeps weight log(6/3).
+    assert torch.allclose(p[0, 1], torch.tensor(1.0) * torch.log(torch.tensor(2.0)))
+    assert s.shape == seeds.shape
+
+
+def test_center_and_none():
+    pool, seeds = _codes()
+    p, s = weight_latents(pool, seeds, "center")
+    assert torch.allclose(p.mean(0), torch.zeros(3), atol=1e-6)
+    assert torch.allclose(s, seeds - pool.mean(0))
+    p, s = weight_latents(pool, seeds, "none")
+    assert torch.equal(p, pool) and torch.equal(s, seeds)
+    with pytest.raises(ValueError):
+        weight_latents(pool, seeds, "bogus")
+
+
+def test_seed_top_k_is_max_at_one_and_the_mean_of_the_best_k():
+    pool = torch.randn(7, 5, generator=torch.Generator().manual_seed(0))
+    seeds = torch.randn(4, 5, generator=torch.Generator().manual_seed(1))
+    s1, n1, sims = seed_cosine(pool, seeds, top_k=1)
+    m, nm, _ = max_cosine(pool, seeds)
+    assert torch.equal(s1, m) and torch.equal(n1, nm)
+    s3, _, _ = seed_cosine(pool, seeds, top_k=3)
+    expect = torch.sort(sims, dim=1, descending=True).values[:, :3].mean(1)
+    assert torch.allclose(s3, expect)
+    big, _, _ = seed_cosine(pool, seeds, top_k=99)  # capped at the number of seeds
+    assert torch.allclose(big, sims.mean(1))
+
+
+def test_mean_max_pooling_concatenates_mean_and_max(tiny_model_dirs, tmp_path):
+    h = load(tiny_model_dirs["llama"], device="cpu")
+    texts = ["Tom has 3 apples.", "Shares rose 4% on Monday after earnings.", ""]
+    batches = TextBatches(h.tokenizer, texts, max_length=16, batch_size=2)
+    coords = torch.arange(8)
+    enc = torch.nn.Linear(8, 6)
+    out = {}
+    for pooling in ("mean", "max", "mean+max"):
+        with torch.no_grad():
+            out[pooling] = encode_pooled(h, 1, coords, enc, batches, tmp_path / pooling, pooling)
+    assert out["mean+max"].shape == (3, 12)
+    assert torch.allclose(out["mean+max"], torch.cat([out["mean"], out["max"]], -1))
+    assert torch.equal(out["max"][2], torch.zeros(6))  # no token: zero vector, not -inf
+
+
+def test_response_field_falls_back_to_the_instruction():
+    assert record_text({"instruction": "Q", "response": "A"}, "response") == "A"
+    assert record_text({"instruction": "Q"}, "response") == "Q"
+    assert record_text({"text": "T"}, "response") == "T"
+
+
+def test_stage_runs_with_every_lever(tiny_model_dirs, tmp_path, cache_home):
+    cfg = _cfg(
+        tiny_model_dirs,
+        tmp_path,
+        latent_weighting="idf",
+        seed_top_k=2,
+        pooling="mean+max",
+        encode_fields="response",
+    )
+    out = curate_run.run(cfg, tmp_path / "curate")
+    selected = [json.loads(l) for l in (out / "selected.jsonl").read_text().splitlines()]
+    assert len(selected) == 10
+    width = cfg.sae_expansion * cfg.num_coords
+    feats = json.loads((out / "features.json").read_text())["layer1"]
+    assert all(0 <= f["latent"] < width for f in feats)
+
+
+def test_paper_scoring_is_the_default():
+    cfg = CurateConfig()
+    assert (cfg.latent_weighting, cfg.seed_top_k, cfg.pooling) == ("none", 1, "mean")

@@ -82,7 +82,11 @@ LEVERS: dict[str, dict] = {
     "center": {"latent_weighting": "center"},
     "idf": {"latent_weighting": "idf"},
     "zscore": {"latent_weighting": "zscore"},
+    "paper": {"latent_weighting": "none", "seed_top_k": 1},
+    "top1": {"seed_top_k": 1},
     "top3": {"seed_top_k": 3},
+    "top5": {"seed_top_k": 5},
+    "none": {"latent_weighting": "none"},
     "max": {"pooling": "max"},
     "mean+max": {"pooling": "mean+max"},
     "response": {"encode_fields": "response"},
@@ -277,6 +281,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench-curate")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pool-only", action="store_true", help="build the labelled pool, print its composition, stop")
+    ap.add_argument("--skip-throughput", action="store_true", help="do not measure pool-encoding throughput")
     args = ap.parse_args()
 
     scale = args.pool_size / NOMINAL_POOL if args.pool_size else 1.0
@@ -315,7 +320,7 @@ def main() -> None:
     result["time_s_total"] = round(sum(m["time_s"] for m in result["methods"].values()), 1)
 
     first_sae = next((n for n, o in chosen if o.get("method") == "sae"), None)
-    if first_sae is not None:
+    if first_sae is not None and not args.skip_throughput:
         from finescope.data import read_records, record_text
         from finescope.modeling import load
 
@@ -324,7 +329,7 @@ def main() -> None:
         texts = [record_text(r) for r in read_records(pool_path)][:200]
         result["throughput"] = throughput(handle, sae_dir, texts, args.max_length, 8)
     else:
-        result["throughput"] = "not measured: no SAE variant ran"
+        result["throughput"] = "not measured: no SAE variant ran, or --skip-throughput"
     print(json.dumps(result, indent=2))
 
 

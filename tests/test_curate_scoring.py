@@ -118,6 +118,11 @@ def test_stage_runs_with_every_lever(tiny_model_dirs, tmp_path, cache_home):
     assert all(0 <= f["latent"] < width for f in feats)
 
 
-def test_paper_scoring_is_the_default():
+def test_default_scoring_is_the_measured_best_and_the_paper_preset_keeps_the_papers():
+    from finescope.config import PipelineConfig, load_config
+    from finescope.pipeline import resolve_config
+
     cfg = CurateConfig()
-    assert (cfg.latent_weighting, cfg.seed_top_k, cfg.pooling) == ("none", 1, "mean")
+    assert (cfg.latent_weighting, cfg.seed_top_k, cfg.pooling) == ("zscore", 3, "mean")
+    paper = load_config(PipelineConfig, resolve_config("paper-ablations")).curate
+    assert (paper.latent_weighting, paper.seed_top_k, paper.pooling) == ("none", 1, "mean")

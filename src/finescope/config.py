@@ -131,10 +131,10 @@ class CurateConfig:
     """How per-token SAE codes are pooled into one vector per record (special tokens excluded; mean+max: both, concatenated)."""
     encode_fields: Literal["instruction+response", "instruction", "response"] = "instruction+response"
     """Which part of an instruction record is encoded (text records are encoded whole; response falls back to the instruction when there is none)."""
-    latent_weighting: Literal["none", "center", "idf", "zscore"] = "none"
-    """SAE method: reweight pooled codes by pool statistics before the cosine (none = the paper; center: minus the pool mean; idf: × log inverse pool frequency; zscore)."""
-    seed_top_k: Annotated[int, Range(min=1)] = 1
-    """Score = mean of a record's top-k cosines over the seeds (1 = max over seeds, the paper)."""
+    latent_weighting: Literal["none", "center", "idf", "zscore"] = "zscore"
+    """SAE method: reweight pooled codes by pool statistics before the cosine (zscore: each latent centred and scaled by its pool mean and std, the best measured; center; idf: × log inverse pool frequency; none = the paper)."""
+    seed_top_k: Annotated[int, Range(min=1)] = 3
+    """Score = mean of a record's top-k cosines over the seeds (3: the best measured; 1 = max over seeds, the paper)."""
     selection: Literal["global", "per_seed"] = "global"
     """global: top-M by max cosine over seeds; per_seed: top-M per seed, union de-duplicated."""
     top_m: Annotated[int, Range(min=1)] = 100

@@ -140,8 +140,9 @@ def test_run_every_variant_shares_stages_and_rerun_skips(tiny_run, capsys, monke
     for name in v:
         assert pipeline.VARIANTS[name].label in md
     assert "data:image/png;base64," in html.read_text() and "src='http" not in html.read_text()
-    card = (root / v["pruned_tgd"]["stages"]["recover"] / "model" / "README.md").read_text()
+    card = (root / v["pruned_kd"]["stages"]["recover"] / "model" / "README.md").read_text()  # FineScope + KD first
     assert "## Pruning" in card and "Apache-2.0" in card and "★" in card
+    assert not (root / v["pruned_tgd"]["stages"]["recover"] / "model" / "README.md").exists()
 
     # Rerun: everything is done, nothing runs.
     calls_again = _calls(monkeypatch, fail=True)

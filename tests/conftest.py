@@ -142,3 +142,10 @@ def hold_lock(path, ready):
         assert proc.poll() is None and time.monotonic() < deadline, "lock holder did not start"
         time.sleep(0.05)
     return proc
+
+
+@pytest.fixture
+def cache_home(tmp_path, monkeypatch):
+    """A private FINESCOPE_HOME (caches of curate, KD targets, models) for one test."""
+    monkeypatch.setenv("FINESCOPE_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"

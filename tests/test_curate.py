@@ -21,12 +21,6 @@ NEWS = [
 ]
 
 
-@pytest.fixture
-def cache_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("FINESCOPE_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
 @pytest.fixture(scope="module")
 def llama(tiny_model_dirs):
     return load(tiny_model_dirs["llama"], device="cpu")

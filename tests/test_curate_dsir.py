@@ -4,13 +4,13 @@ import json
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 import torch
 
 from finescope import storage
 from finescope.config import CurateConfig
 from finescope.curate import run as curate_run
 from finescope.curate.dsir import NUM_BUCKETS, bag_of_ngrams, dsir_scores, ngram_counts
+from test_curate import MATH, NEWS
 
 RAW = [
     "Tom has 3 apples and buys 5 more. How many apples does he have now? 8.",
@@ -75,18 +75,6 @@ def test_empty_and_whitespace_texts_score_zero_without_crashing():
     assert dsir_scores(["a b", "c"], ["  "]).isfinite().all()
     assert dsir_scores([], ["x"]).shape == (0,)
     assert bag_of_ngrams([]).shape == (NUM_BUCKETS,)
-
-
-MATH = [f"Tom has {i} apples and buys {i + 3} more. How many apples does he have now? {2 * i + 3}." for i in range(20)]
-NEWS = [
-    f"Shares of company {i} rose {i % 7}% on Monday after strong quarterly earnings were reported." for i in range(20)
-]
-
-
-@pytest.fixture
-def cache_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("FINESCOPE_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
 
 
 def _cfg(tmp_path, **kw) -> CurateConfig:

@@ -16,12 +16,6 @@ from finescope.modeling import load
 from test_curate import _cfg
 
 
-@pytest.fixture
-def cache_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("FINESCOPE_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
 def _codes():
     # Latent 0 fires on every record (a "common" latent); latents 1 and 2 tell the two domains apart.
     pool = torch.tensor(

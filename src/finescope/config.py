@@ -134,7 +134,7 @@ class CurateConfig:
     latent_weighting: Literal["none", "center", "idf", "zscore"] = "zscore"
     """SAE method: reweight pooled codes by pool statistics before the cosine (zscore: each latent centred and scaled by its pool mean and std, the best measured; center; idf: × log inverse pool frequency; none = the paper)."""
     seed_top_k: Annotated[int, Range(min=1)] = 3
-    """Score = mean of a record's top-k cosines over the seeds (3: the best measured; 1 = max over seeds, the paper)."""
+    """SAE method: score = mean of a record's top-k cosines over the seeds (3: the best measured; 1 = max over seeds, the paper)."""
     selection: Literal["global", "per_seed"] = "global"
     """global: top-M by max cosine over seeds; per_seed: top-M per seed, union de-duplicated."""
     top_m: Annotated[int, Range(min=1)] = 100

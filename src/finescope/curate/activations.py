@@ -146,11 +146,13 @@ def encode_pooled(
         mask = batch["token_mask"].to(dev)
         codes = encode(hidden[..., idx].float())  # (B, T, d_code)
         m = mask.unsqueeze(-1).float()
-        mean = (codes * m).sum(1) / m.sum(1).clamp_min(1.0)
-        peak = codes.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
-        peak = torch.where(mask.any(1, keepdim=True), peak, torch.zeros_like(peak))
-        pooled = mean if pooling == "mean" else peak if pooling == "max" else torch.cat([mean, peak], -1)
-        return {"pooled": pooled.cpu()}
+        parts = []
+        if pooling in ("mean", "mean+max"):
+            parts.append((codes * m).sum(1) / m.sum(1).clamp_min(1.0))
+        if pooling in ("max", "mean+max"):  # only when asked: the default mean pooling skips the extra pass
+            peak = codes.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
+            parts.append(torch.where(mask.any(1, keepdim=True), peak, torch.zeros_like(peak)))
+        return {"pooled": torch.cat(parts, -1).cpu()}
 
     shards = sharded(cache_dir, len(batches), compute, desc=desc)
     return torch.cat([s["pooled"] for s in shards])

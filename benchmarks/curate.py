@@ -94,6 +94,9 @@ LEVERS: dict[str, dict] = {
     "layer22": {"layers": [22]},
     "layers8,15,22": {"layers": [8, 15, 22]},
     "all-coords": {"num_coords": 576},
+    "pool-sae": {"sae_data": "pool+reference"},
+    "steps3000": {"sae_steps": 3000},
+    "steps6000": {"sae_steps": 6000},
 }
 
 
@@ -180,7 +183,7 @@ def run_variant(name: str, overrides: dict, args, pool_path: Path, stage_root: P
 
     cells, times = {}, {}
     for domain in DOMAINS:
-        cfg = CurateConfig(
+        settings = dict(
             model=args.model,
             pool=str(pool_path),
             seeds=f"preset:{domain}",
@@ -190,8 +193,8 @@ def run_variant(name: str, overrides: dict, args, pool_path: Path, stage_root: P
             max_length=args.max_length,
             sae_steps=args.sae_steps,
             seed=args.seed,
-            **overrides,
         )
+        cfg = CurateConfig(**{**settings, **overrides})  # a lever may override a flag (steps3000)
         if args.set:
             cfg = apply_overrides(cfg, args.set, where="--set")
         stage = stage_root / f"{name.replace(':', '-')}-{domain}"

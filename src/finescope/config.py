@@ -123,6 +123,8 @@ class CurateConfig:
     """AuxK loss weight α (topk SAE)."""
     sae_lr: Annotated[float, Range(min=0, min_open=True)] = 5e-4
     """SAE AdamW learning rate."""
+    sae_data: Literal["reference", "pool+reference"] = "reference"
+    """SAE training activations: the reference corpus only (the paper), or also every pool token, harvested once by the pool encoding's own forward (cached per pool and coordinates; the pool is then encoded from that cache, with no second forward)."""
     sae_steps: Annotated[int, Range(min=1)] = 2000
     """SAE optimisation steps."""
     sae_batch_size: Annotated[int, Range(min=1)] = 256

@@ -5,6 +5,8 @@ Padding and special tokens (BOS) are excluded from everything downstream through
 
     batches = TextBatches(tokenizer, texts, max_length=128, batch_size=8)
     acts = harvest_coords(handle, {15: idx}, batches, cache_dir)   # {layer: (tokens, K)} from shards on disk
+    pool = harvest_records(handle, 15, idx, batches, cache_dir)    # per-record token activations, kept in shards
+    vecs = pool_codes(pool, sae.encode, "mean")                    # pooled codes from the shards, no forward
 """
 
 from __future__ import annotations
@@ -119,6 +121,72 @@ def harvest_coords(
 
     shards = sharded(cache_dir, len(batches), compute, desc=f"harvest activations (layers {layers})")
     return {l: torch.cat([s[f"layer{l}"] for s in shards]) for l in layers}
+
+
+@dataclass
+class RecordActivations:
+    """Selected coordinates of every real token of every record, as the shards on disk hold them: per shard,
+    "acts" (tokens, K) float32 with each record's tokens contiguous and in order, and "lengths" (records,)."""
+
+    shards: list[dict[str, torch.Tensor]]
+
+    @property
+    def tokens(self) -> int:
+        return sum(int(s["acts"].shape[0]) for s in self.shards)
+
+    @property
+    def records(self) -> int:
+        return sum(int(s["lengths"].numel()) for s in self.shards)
+
+    def all_tokens(self) -> torch.Tensor:
+        return torch.cat([s["acts"] for s in self.shards])
+
+
+@torch.no_grad()
+def harvest_records(
+    handle, layer: int, coords: torch.Tensor, batches: TextBatches, cache_dir: Path, desc: str = "harvest"
+) -> RecordActivations:
+    """Each text's token activations at `layer` (selected coordinates), cached as shards that keep the record
+    boundaries, so pooled codes can be computed later from disk (`pool_codes`) without a second forward."""
+    dev = _device(handle)
+    idx = coords.to(dev)
+
+    def compute(b: int) -> dict[str, torch.Tensor]:
+        batch = batches.batch(b)
+        hidden = handle.adapter.hidden_after(
+            layer, input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)
+        )
+        mask = batch["token_mask"].to(dev)
+        return {"acts": hidden[mask][:, idx].float().cpu(), "lengths": mask.sum(1).cpu()}
+
+    return RecordActivations(sharded(cache_dir, len(batches), compute, desc=desc))
+
+
+def _pool_tokens(codes: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool per-token codes (tokens, d) into one row per record (records, d); records without tokens get zeros."""
+    n = lengths.numel()
+    owner = torch.repeat_interleave(torch.arange(n), lengths)
+    parts = []
+    if pooling in ("mean", "mean+max"):
+        total = torch.zeros(n, codes.shape[1]).index_add_(0, owner, codes)
+        parts.append(total / lengths.clamp_min(1).unsqueeze(1).to(codes.dtype))
+    if pooling in ("max", "mean+max"):
+        where = owner.unsqueeze(1).expand(-1, codes.shape[1])
+        parts.append(torch.zeros(n, codes.shape[1]).scatter_reduce_(0, where, codes, "amax", include_self=False))
+    return torch.cat(parts, -1)
+
+
+@torch.no_grad()
+def pool_codes(
+    acts: RecordActivations, encode: Callable[[torch.Tensor], torch.Tensor], pooling: str = "mean", chunk: int = 8192
+) -> torch.Tensor:
+    """One vector per record from cached token activations: `encode` per token, pooled as `encode_pooled` does."""
+    out = []
+    for shard in acts.shards:
+        tokens = shard["acts"].float()
+        codes = torch.cat([encode(tokens[i : i + chunk]).float().cpu() for i in range(0, tokens.shape[0], chunk)])
+        out.append(_pool_tokens(codes, shard["lengths"].long(), pooling))
+    return torch.cat(out)
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ from ..config import CurateConfig
 from ..corpora import default_reference_texts, resolve_records_path
 from ..data import read_records, record_text
 from ..modeling import load
-from .activations import TextBatches, encode_pooled, harvest_coords
+from .activations import RecordActivations, TextBatches, encode_pooled, harvest_coords, harvest_records, pool_codes
 from .baselines import minilm_embeddings, random_scores
 from .coords import coordinate_scores, top_k_coords
 from .dsir import dsir_scores
@@ -86,8 +86,10 @@ def _coords_key(cfg: CurateConfig, layer: int, coord_texts: list[str], model_fp:
     )
 
 
-def _sae_key(cfg: CurateConfig, coords_key: str, reference: list[str]) -> str:
-    """Cache key of a layer's SAE: its coordinates, the reference corpus and the SAE's training settings."""
+def _sae_key(cfg: CurateConfig, coords_key: str, reference: list[str], pool_acts_key: str | None = None) -> str:
+    """Cache key of a layer's SAE: its coordinates, the reference corpus, the pool activations it was also trained
+    on (sae_data = pool+reference) and the SAE's training settings."""
+    extra = () if pool_acts_key is None else ("pool", pool_acts_key)
     return hashing.digest_parts(
         "sae",
         SAE_VERSION,
@@ -101,19 +103,46 @@ def _sae_key(cfg: CurateConfig, coords_key: str, reference: list[str]) -> str:
         cfg.sae_lr,
         cfg.sae_steps,
         cfg.sae_batch_size,
+        *extra,
     )
 
 
-def _train_layer_sae(cfg: CurateConfig, handle, layer: int, reference: list[str], model_fp: str):
-    """Coordinates + SAE for one layer, from the cache when the same inputs were seen before."""
+def _pool_acts_key(cfg: CurateConfig, coords_key: str, layer: int, pool_texts: list[str]) -> str:
+    """Cache key of the pool's token activations: the coordinates (model and layer included), the texts and how
+    they are tokenised and batched."""
+    return hashing.digest_parts(
+        "pool-acts", coords_key, layer, cfg.max_length, cfg.batch_size, hashing.digest_texts(pool_texts)
+    )
+
+
+def _train_layer_sae(
+    cfg: CurateConfig, handle, layer: int, reference: list[str], model_fp: str, pool_texts: list[str]
+):
+    """Coordinates + SAE for one layer, from the cache when the same inputs were seen before.
+
+    sae_data = pool+reference: the pool's token activations are harvested first (one forward per pool record,
+    cached as shards), the SAE also trains on them, and the returned state carries them, so that the pool is
+    encoded from that cache."""
     coord_texts = reference[: cfg.coord_samples]
     coords_key = _coords_key(cfg, layer, coord_texts, model_fp)
-    key = _sae_key(cfg, coords_key, reference)
-    root = _cache_root() / f"sae-{key}"
-    root.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     scores, idx = _layer_coords(cfg, handle, layer, coord_texts, coords_key, timings)
-    sae, curves, quality = _layer_sae(cfg, handle, layer, reference, idx, root, timings)
+    pool_acts: RecordActivations | None = None
+    pool_key = None
+    if cfg.sae_data == "pool+reference":
+        pool_key = _pool_acts_key(cfg, coords_key, layer, pool_texts)
+        cache = _cache_root() / f"pool-acts-{pool_key}"
+        t = time.perf_counter()
+        batches = TextBatches(handle.tokenizer, pool_texts, cfg.max_length, cfg.batch_size)
+        pool_acts = harvest_records(handle, layer, idx, batches, cache, desc=f"harvest pool (layer {layer})")
+        storage.write_json_atomic(
+            cache / "info.json", {"texts": len(pool_texts), "layer": layer, "tokens": pool_acts.tokens}
+        )
+        timings["harvest_pool_s"] = time.perf_counter() - t
+    key = _sae_key(cfg, coords_key, reference, pool_key)
+    root = _cache_root() / f"sae-{key}"
+    root.mkdir(parents=True, exist_ok=True)
+    sae, curves, quality = _layer_sae(cfg, handle, layer, reference, idx, root, timings, pool_acts)
     return {
         "key": key,
         "root": root,
@@ -123,6 +152,7 @@ def _train_layer_sae(cfg: CurateConfig, handle, layer: int, reference: list[str]
         "curves": curves,
         "quality": quality,
         "timings": timings,
+        "pool_acts": pool_acts,
     }
 
 
@@ -158,8 +188,11 @@ def _layer_sae(
     idx: torch.Tensor,
     root: Path,
     timings: dict[str, float],
+    pool_acts: RecordActivations | None = None,
 ):
-    """(SAE, curves, quality) of one layer: loaded from root/sae/, else harvested, trained and saved there."""
+    """(SAE, curves, quality) of one layer: loaded from root/sae/, else harvested, trained and saved there.
+
+    With `pool_acts`, the SAE trains on the reference tokens and the pool's tokens together."""
     sae_dir = root / "sae"
     if (sae_dir / "cfg.json").is_file():
         sae, meta = load_sae(sae_dir)
@@ -172,8 +205,13 @@ def _layer_sae(
         root / "acts",
     )[layer]
     timings["harvest_s"] = time.perf_counter() - t
+    reference_tokens = int(acts.shape[0])
+    if pool_acts is not None:
+        acts = torch.cat([acts, pool_acts.all_tokens()])
     t = time.perf_counter()
     sae, curves, quality = _fit_sae(cfg, acts)
+    quality["reference_tokens"] = reference_tokens
+    quality["pool_tokens"] = int(acts.shape[0]) - reference_tokens
     timings["sae_train_s"] = time.perf_counter() - t
     save_sae(
         sae,
@@ -396,9 +434,12 @@ def _score_sae(
     model_fp = hashing.model_fingerprint(handle.source)
     coords_out, per_layer_scores, per_layer_sims, features, sae_metrics = {}, [], [], {}, {}
     for layer in layers:
-        state = _train_layer_sae(cfg, handle, layer, reference, model_fp)
+        state = _train_layer_sae(cfg, handle, layer, reference, model_fp, pool_texts)
         t = time.perf_counter()
-        pool_vecs = _sae_vectors(cfg, handle, state, layer, pool_texts, "pool")
+        if state["pool_acts"] is not None:  # encoded from the harvested activations: no second forward
+            pool_vecs = pool_codes(state["pool_acts"], state["sae"].encode, cfg.pooling)
+        else:
+            pool_vecs = _sae_vectors(cfg, handle, state, layer, pool_texts, "pool")
         timings[f"encode_pool_layer{layer}"] = time.perf_counter() - t
         seed_vecs = _sae_vectors(cfg, handle, state, layer, seed_texts, "seeds")
         weighted = weight_latents(pool_vecs, seed_vecs, cfg.latent_weighting)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
+from .. import distributed
 from ..progress import progress
 from ..storage import write_atomic
 from ..tokens import pad_batch, pad_id, pad_rows
@@ -77,18 +78,24 @@ def sharded(
 ) -> list[dict[str, torch.Tensor]]:
     """Run `compute(batch_index)` over all batches, `shard_batches` per safetensors shard in `cache_dir`.
 
-    Shards already on disk are loaded instead of recomputed, so a killed run resumes where it stopped.
+    Shards already on disk are loaded instead of recomputed, so a killed run resumes where it stopped. Launched
+    with several ranks, rank r computes the shards s ≡ r (mod world) and, after a barrier, every rank reads all
+    of them: a shard's content does not depend on the process count, so a resume may use another count.
     Returns the per-shard tensor dicts in order.
     """
     cache_dir.mkdir(parents=True, exist_ok=True)
     n_shards = (n_batches + shard_batches - 1) // shard_batches
-    out = []
-    bar = progress(total=n_batches, desc=desc, unit="batch")
-    for s in range(n_shards):
+    ranks = distributed.ranks()
+    mine = ranks.mine(n_shards)
+    done: dict[int, dict[str, torch.Tensor]] = {}
+    own_batches = sum(min(n_batches, (s + 1) * shard_batches) - s * shard_batches for s in mine)
+    where = f" [rank {ranks.rank}/{ranks.world}]" if ranks.world > 1 else ""
+    bar = progress(total=own_batches, desc=desc + where, unit="batch")
+    for s in mine:
         path = _shard_path(cache_dir, s)
         lo, hi = s * shard_batches, min(n_batches, (s + 1) * shard_batches)
         if path.is_file():
-            out.append(load_file(str(path)))
+            done[s] = load_file(str(path))
             bar.update(hi - lo)
             continue
         parts: dict[str, list[torch.Tensor]] = {}
@@ -98,9 +105,10 @@ def sharded(
             bar.update(1)
         shard = {k: torch.cat(v).contiguous() for k, v in parts.items()}
         write_atomic(path, save(shard))
-        out.append(shard)
+        done[s] = shard
     bar.close()
-    return out
+    distributed.barrier(f"{desc}: waiting for every rank's shards")
+    return [done[s] if s in done else load_file(str(_shard_path(cache_dir, s))) for s in range(n_shards)]
 
 
 @torch.no_grad()

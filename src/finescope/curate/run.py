@@ -14,6 +14,7 @@ metrics.json, config.json, DONE.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 import warnings
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from .. import FinescopeError, assets, hashing, storage
+from .. import FinescopeError, assets, distributed, hashing, storage
 from ..artifacts import CurateFeatures, CurateMetrics, PoolSnippet, SaeCurationMetrics, SaeLayerMetrics, SharedLatent
 from ..config import CurateConfig
 from ..corpora import default_reference_texts, resolve_records_path
@@ -115,9 +116,7 @@ def _pool_acts_key(cfg: CurateConfig, coords_key: str, layer: int, pool_texts: l
     )
 
 
-def _train_layer_sae(
-    cfg: CurateConfig, handle, layer: int, reference: list[str], model_fp: str, pool_texts: list[str]
-):
+def _train_layer_sae(cfg: CurateConfig, handle, layer: int, reference: list[str], model_fp: str, pool_texts: list[str]):
     """Coordinates + SAE for one layer, from the cache when the same inputs were seen before.
 
     sae_data = pool+reference: the pool's token activations are harvested first (one forward per pool record,
@@ -126,7 +125,10 @@ def _train_layer_sae(
     coord_texts = reference[: cfg.coord_samples]
     coords_key = _coords_key(cfg, layer, coord_texts, model_fp)
     timings: dict[str, float] = {}
-    scores, idx = _layer_coords(cfg, handle, layer, coord_texts, coords_key, timings)
+    scores, idx = distributed.main_first(
+        lambda: _layer_coords(cfg, handle, layer, coord_texts, coords_key, timings),
+        f"coordinate scores (layer {layer})",
+    )
     pool_acts: RecordActivations | None = None
     pool_key = None
     if cfg.sae_data == "pool+reference":
@@ -135,9 +137,10 @@ def _train_layer_sae(
         t = time.perf_counter()
         batches = TextBatches(handle.tokenizer, pool_texts, cfg.max_length, cfg.batch_size)
         pool_acts = harvest_records(handle, layer, idx, batches, cache, desc=f"harvest pool (layer {layer})")
-        storage.write_json_atomic(
-            cache / "info.json", {"texts": len(pool_texts), "layer": layer, "tokens": pool_acts.tokens}
-        )
+        if distributed.ranks().is_main:
+            storage.write_json_atomic(
+                cache / "info.json", {"texts": len(pool_texts), "layer": layer, "tokens": pool_acts.tokens}
+            )
         timings["harvest_pool_s"] = time.perf_counter() - t
     key = _sae_key(cfg, coords_key, reference, pool_key)
     root = _cache_root() / f"sae-{key}"
@@ -192,11 +195,16 @@ def _layer_sae(
 ):
     """(SAE, curves, quality) of one layer: loaded from root/sae/, else harvested, trained and saved there.
 
-    With `pool_acts`, the SAE trains on the reference tokens and the pool's tokens together."""
+    With `pool_acts`, the SAE trains on the reference tokens and the pool's tokens together. Several ranks: the
+    harvest is sharded over them, rank 0 trains and saves, the others then load what it saved."""
     sae_dir = root / "sae"
-    if (sae_dir / "cfg.json").is_file():
+
+    def cached():
         sae, meta = load_sae(sae_dir)
         return sae, meta["finescope_curves"], meta["finescope_metrics"]
+
+    if distributed.on_main(lambda: (sae_dir / "cfg.json").is_file(), f"SAE cache lookup (layer {layer})"):
+        return cached()
     t = time.perf_counter()
     acts = harvest_coords(
         handle,
@@ -205,23 +213,27 @@ def _layer_sae(
         root / "acts",
     )[layer]
     timings["harvest_s"] = time.perf_counter() - t
-    reference_tokens = int(acts.shape[0])
-    if pool_acts is not None:
-        acts = torch.cat([acts, pool_acts.all_tokens()])
-    t = time.perf_counter()
-    sae, curves, quality = _fit_sae(cfg, acts)
-    quality["reference_tokens"] = reference_tokens
-    quality["pool_tokens"] = int(acts.shape[0]) - reference_tokens
-    timings["sae_train_s"] = time.perf_counter() - t
-    save_sae(
-        sae,
-        sae_dir,
-        coords=idx,
-        layer=layer,
-        model=handle.source,
-        extra={"finescope_curves": curves, "finescope_metrics": quality, "finescope_selector": cfg.selector},
-    )
-    return sae, curves, quality
+
+    def fit():
+        if (sae_dir / "cfg.json").is_file():  # the other ranks, once rank 0 has saved it
+            return cached()
+        t = time.perf_counter()
+        train = acts if pool_acts is None else torch.cat([acts, pool_acts.all_tokens()])
+        sae, curves, quality = _fit_sae(cfg, train)
+        quality["reference_tokens"] = int(acts.shape[0])
+        quality["pool_tokens"] = int(train.shape[0]) - int(acts.shape[0])
+        timings["sae_train_s"] = time.perf_counter() - t
+        save_sae(
+            sae,
+            sae_dir,
+            coords=idx,
+            layer=layer,
+            model=handle.source,
+            extra={"finescope_curves": curves, "finescope_metrics": quality, "finescope_selector": cfg.selector},
+        )
+        return sae, curves, quality
+
+    return distributed.main_first(fit, f"SAE training (layer {layer})")
 
 
 def _fit_sae(cfg: CurateConfig, acts: torch.Tensor):
@@ -259,7 +271,8 @@ def _sae_vectors(cfg, handle, layer_state, layer: int, texts: list[str], tag: st
         cfg.pooling,
         desc=f"encode {tag} (layer {layer})",
     )
-    storage.write_json_atomic(cache / "info.json", {"texts": len(texts), "layer": layer, "tag": tag})
+    if distributed.ranks().is_main:
+        storage.write_json_atomic(cache / "info.json", {"texts": len(texts), "layer": layer, "tag": tag})
     return vecs
 
 
@@ -314,8 +327,8 @@ def run(cfg: CurateConfig, out: Path) -> Path:
     seeds = list(read_records(resolve_records_path(cfg.seeds, "seeds"), skip_bad_rows=cfg.skip_bad_rows))
     pool = _load_pool(cfg)
     handle = reference = None
-    if cfg.method == "sae":
-        handle = load(cfg.model)
+    if cfg.method == "sae":  # rank 0 first: a model converted into the asset cache is converted once
+        handle = distributed.main_first(lambda: load(cfg.model), f"loading {cfg.model}")
         n_layers = handle.adapter.num_layers
         for layer in cfg.layers:
             if not 0 <= layer < n_layers:
@@ -326,7 +339,11 @@ def run(cfg: CurateConfig, out: Path) -> Path:
                 f"{handle.adapter.hidden_size} of {handle.source}"
             )
         reference = _reference_texts(cfg)
-    with storage.stage_folder(out, cfg, overwrite=cfg.overwrite) as stage:
+    with contextlib.ExitStack() as held:  # rank 0 holds the stage lock; the other ranks write only cache shards
+        stage = distributed.on_main(
+            lambda: held.enter_context(storage.stage_folder(out, cfg, overwrite=cfg.overwrite)),
+            f"opening {out}",
+        )
         if stage is None:
             return out
         _curate_into(stage, cfg, seeds, pool, handle, reference, start)
@@ -342,15 +359,35 @@ def _curate_into(
     reference: list[str] | None,
     start: float,
 ) -> None:
-    """Score the pool and write the selection into the (locked) stage folder; DONE last."""
+    """Score the pool and write the selection into the (locked) stage folder; DONE last.
+
+    Several ranks: the SAE method's forwards are sharded over them (see `sharded`), every rank scores, rank 0
+    alone writes; the others return once rank 0 has marked the stage done (or raise its error)."""
     m = cfg.top_m
-    if m > len(pool) and cfg.method != "full":
+    if m > len(pool) and cfg.method != "full" and distributed.ranks().is_main:
         warnings.warn(f"top_m = {m} is larger than the pool ({len(pool)} records); keeping all of them", stacklevel=2)
         m = len(pool)
     pool_texts = [record_text(r, cfg.encode_fields) for r in pool]
     seed_texts = [record_text(r, cfg.encode_fields) for r in seeds]
     timings: dict[str, float] = {}
-    scored = _score(stage, cfg, handle, reference, pool_texts, seed_texts, timings)
+
+    def score() -> _Scored:
+        return _score(stage, cfg, handle, reference, pool_texts, seed_texts, timings)
+
+    if cfg.method == "sae":  # every rank takes part (sharded forwards), rank 0 writes
+        scored = score()
+        distributed.on_main(
+            lambda: _write_selection(stage, cfg, seeds, pool, pool_texts, scored, m, timings, start),
+            "writing the selection on rank 0",
+        )
+    else:  # the other methods run on rank 0 alone; the others wait for its outcome
+        distributed.on_main(
+            lambda: _write_selection(stage, cfg, seeds, pool, pool_texts, score(), m, timings, start),
+            f"{cfg.method} curation on rank 0",
+        )
+
+
+def _write_selection(stage, cfg, seeds, pool, pool_texts, scored, m, timings, start) -> None:
     chosen = _choose(cfg, scored, pool_texts, m)
     selection = _write_outputs(stage, pool, seeds, scored.scores, scored.nearest, chosen)
     if scored.features:
@@ -448,21 +485,23 @@ def _score_sae(
         per_layer_sims.append(layer_sims)
         coords_out[f"layer{layer}.indices"] = state["indices"].contiguous()
         coords_out[f"layer{layer}.scores"] = state["scores"].float().contiguous()
-        save_sae(
-            state["sae"],
-            stage / "sae" / f"layer{layer}",
-            coords=state["indices"],
-            layer=layer,
-            model=handle.source,
-            extra={"finescope_curves": state["curves"], "finescope_metrics": state["quality"]},
-        )
+        if distributed.ranks().is_main:
+            save_sae(
+                state["sae"],
+                stage / "sae" / f"layer{layer}",
+                coords=state["indices"],
+                layer=layer,
+                model=handle.source,
+                extra={"finescope_curves": state["curves"], "finescope_metrics": state["quality"]},
+            )
         sae_metrics[f"layer{layer}"] = SaeLayerMetrics.from_json(
             {**state["quality"], "curves": state["curves"], "cache": str(state["root"])}, source="SAE quality"
         )
         timings.update({f"{k}_layer{layer}": v for k, v in state["timings"].items()})
         width = state["sae"].d_sae
         features[f"layer{layer}"] = (pool_vecs[:, :width], seed_vecs[:, :width])  # mean+max: the mean half
-    storage.write_atomic(stage / "coords.safetensors", save(coords_out))
+    if distributed.ranks().is_main:
+        storage.write_atomic(stage / "coords.safetensors", save(coords_out))
     scores = torch.stack(per_layer_scores).max(0).values
     best_layer = torch.stack(per_layer_scores).argmax(0)
     sims = torch.stack(per_layer_sims)  # (layers, pool, seeds)

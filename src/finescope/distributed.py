@@ -1,0 +1,176 @@
+"""Data-parallel ranks: one code path for 1 process, N local processes and N GPUs on several nodes (DESIGN.md §5b).
+
+A stage launched by `torchrun` or `accelerate launch` (they set RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT)
+joins the process group on first use; launched plainly it is rank 0 of 1 and every collective below is a no-op,
+so the one-process path costs nothing.
+
+    r = distributed.ranks()                      # Ranks(rank=0, world=1) when not launched
+    for shard in r.mine(n_shards): ...           # shard s belongs to rank s % world
+    distributed.barrier("pool encoding")         # wait for every rank (with the collective timeout)
+    value = distributed.main_first(fn)           # rank 0 runs fn (say, fills a cache), then the others do
+    total = distributed.all_reduce_sum(tensor)
+
+Collectives time out after `$FINESCOPE_COLLECTIVE_TIMEOUT` seconds (default 1800): a rank that died makes the
+others exit with a one-line error rather than hang. Work shared between ranks goes through files, so every rank
+must see the same `$FINESCOPE_HOME` and run directory (one machine, or a shared filesystem across nodes).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+
+from . import FinescopeError
+
+T = TypeVar("T")
+DEFAULT_TIMEOUT_S = 1800
+
+
+class DistributedError(FinescopeError):
+    """A rank failed or a collective timed out."""
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def mine(self, n: int) -> range:
+        """Indices of the n work items this rank owns: i ≡ rank (mod world), a split that does not depend on
+        which items are already done, so a resumed run with another process count picks up exactly the rest."""
+        return range(self.rank, n, self.world)
+
+
+def timeout_s() -> float:
+    raw = os.environ.get("FINESCOPE_COLLECTIVE_TIMEOUT", "")
+    try:
+        value = float(raw) if raw.strip() else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise DistributedError(f"FINESCOPE_COLLECTIVE_TIMEOUT: {raw!r} is not a number of seconds") from None
+    if value <= 0:
+        raise DistributedError(f"FINESCOPE_COLLECTIVE_TIMEOUT: must be positive, got {raw!r}")
+    return value
+
+
+def _env_world() -> int:
+    raw = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(raw)
+    except ValueError:
+        raise DistributedError(f"WORLD_SIZE: {raw!r} is not an integer (set by torchrun / accelerate launch)") from None
+
+
+def ranks() -> Ranks:
+    """This process's rank and the world size, joining the process group when launched with several ranks."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return Ranks(dist.get_rank(), dist.get_world_size())
+    if _env_world() <= 1:
+        return Ranks()
+    _init()
+    return Ranks(dist.get_rank(), dist.get_world_size())
+
+
+def _init() -> None:
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise DistributedError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    try:
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s()))
+    except (RuntimeError, ValueError) as e:
+        raise DistributedError(f"could not join the process group ({backend}): {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
+
+
+def _collective(what: str, fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except RuntimeError as e:  # gloo/nccl timeouts and peers that went away surface as RuntimeError
+        r = ranks()
+        raise DistributedError(
+            f"rank {r.rank}/{r.world}: {what} failed after waiting up to {timeout_s():.0f} s "
+            f"(FINESCOPE_COLLECTIVE_TIMEOUT): another rank died or hangs; see its log ({_first_line(e)})"
+        ) from None
+
+
+def barrier(what: str = "barrier") -> None:
+    if ranks().world > 1:
+        import torch.distributed as dist
+
+        _collective(what, dist.barrier)
+
+
+def all_reduce_sum(t: torch.Tensor, what: str = "all-reduce") -> torch.Tensor:
+    """The elementwise sum of `t` over ranks (in place; returned for convenience)."""
+    if ranks().world > 1:
+        import torch.distributed as dist
+
+        _collective(what, lambda: dist.all_reduce(t, op=dist.ReduceOp.SUM))
+    return t
+
+
+def broadcast_object(obj: Any, what: str = "broadcast") -> Any:
+    """Rank 0's `obj` on every rank (picklable Python values: flags, messages, small lists)."""
+    if ranks().world <= 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    _collective(what, lambda: dist.broadcast_object_list(box, src=0))
+    return box[0]
+
+
+def on_main(fn: Callable[[], T], what: str) -> T:
+    """Run `fn` on rank 0 and give its result (picklable) to every rank; an error on rank 0 is raised on every
+    rank, so the others do not wait for a collective that rank 0 will never reach."""
+    return _main_then_share(fn, what, share=True)
+
+
+def main_first(fn: Callable[[], T], what: str) -> T:
+    """Rank 0 runs `fn` first (say, it fills a cache or converts a model), then the other ranks run it and find
+    the cache. An error on rank 0 is raised on every rank."""
+    r = ranks()
+    if r.world <= 1:
+        return fn()
+    if r.is_main:
+        return _main_then_share(fn, what, share=False)
+    _main_then_share(lambda: None, what, share=False)
+    return fn()
+
+
+def _main_then_share(fn: Callable[[], Any], what: str, *, share: bool) -> Any:
+    r = ranks()
+    if r.world <= 1:
+        return fn()
+    result = None
+    if r.is_main:
+        try:
+            result = fn()
+        except FinescopeError as e:
+            broadcast_object(("error", str(e)), what)
+            raise
+        except BaseException as e:
+            broadcast_object(("error", f"{type(e).__name__}: {_first_line(e)}"), what)
+            raise
+    outcome = broadcast_object(("ok", result if share else None) if r.is_main else None, what)
+    if outcome[0] == "error":
+        raise DistributedError(f"rank 0 failed during {what}: {outcome[1]}")
+    return result if r.is_main else outcome[1]

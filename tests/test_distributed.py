@@ -1,0 +1,144 @@
+"""Data-parallel ranks (torch.distributed, gloo on CPU): the one-process path, 2-process equivalence of the curate
+stage under `torchrun -m finescope`, a dying rank and an error on rank 0 (each a one-line error, no hang)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from finescope import distributed, storage
+from finescope.config import to_dict
+from finescope.curate import run as curate_run
+from test_curate import _cfg
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def _env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env.update({"FINESCOPE_HOME": str(home), "FINESCOPE_PROGRESS": "0", "HF_HUB_OFFLINE": "1", **extra})
+    return env
+
+
+def test_one_process_is_rank_zero_of_one_and_collectives_are_no_ops(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    r = distributed.ranks()
+    assert (r.rank, r.world, r.is_main) == (0, 1, True)
+    assert list(r.mine(3)) == [0, 1, 2]
+    distributed.barrier()
+    import torch
+
+    t = torch.ones(2)
+    assert distributed.all_reduce_sum(t) is t and t.tolist() == [1.0, 1.0]
+    assert distributed.on_main(lambda: 7, "x") == 7 and distributed.main_first(lambda: 8, "y") == 8
+
+
+def test_rank_split_is_modulo_world_and_covers_everything():
+    parts = [list(distributed.Ranks(r, 3).mine(8)) for r in range(3)]
+    assert parts == [[0, 3, 6], [1, 4, 7], [2, 5]]
+    assert list(distributed.Ranks(3, 4).mine(2)) == []  # more ranks than work: nothing, not an error
+
+
+def test_bad_timeout_and_world_size_are_one_line_errors(monkeypatch):
+    monkeypatch.setenv("FINESCOPE_COLLECTIVE_TIMEOUT", "soon")
+    with pytest.raises(distributed.DistributedError, match="FINESCOPE_COLLECTIVE_TIMEOUT: 'soon' is not a number"):
+        distributed.timeout_s()
+    monkeypatch.setenv("FINESCOPE_COLLECTIVE_TIMEOUT", "-1")
+    with pytest.raises(distributed.DistributedError, match="must be positive"):
+        distributed.timeout_s()
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(distributed.DistributedError, match="WORLD_SIZE: 'two' is not an integer"):
+        distributed.ranks()
+
+
+def test_curate_on_two_processes_selects_exactly_what_one_process_selects(tiny_model_dirs, tmp_path, cache_home):
+    cfg = _cfg(tiny_model_dirs, tmp_path, sae_data="pool+reference", batch_size=2)  # 21 batches: 2 shards
+    one = curate_run.run(cfg, tmp_path / "one")
+    config = tmp_path / "curate.yaml"
+    config.write_text(yaml.safe_dump(to_dict(cfg)))
+    two_home = tmp_path / "home-two"  # a cold cache: the 2-process run computes everything itself
+    proc = subprocess.run(
+        [*TORCHRUN, "-m", "finescope", "curate", "--config", str(config), "--out", str(tmp_path / "two")],
+        env=_env(two_home, FINESCOPE_PROGRESS="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "harvest pool (layer 1) [rank 1/2]" in proc.stderr  # rank 1 did its share of the forwards
+    two = tmp_path / "two"
+    assert storage.is_done(two, cfg)
+    assert (two / "selected.jsonl").read_text() == (one / "selected.jsonl").read_text()
+    assert pq.read_table(two / "scores.parquet").equals(pq.read_table(one / "scores.parquet"))
+    # Both ranks wrote pool shards into the shared cache; each shard once.
+    caches = list(two_home.glob("cache/curate/pool-acts-*"))
+    assert len(caches) == 1 and len(list(caches[0].glob("shard-*.safetensors"))) == 2
+    metrics = json.loads((two / "metrics.json").read_text())
+    assert (
+        metrics["sae"]["layer1"]["pool_tokens"]
+        == json.loads((one / "metrics.json").read_text())["sae"]["layer1"]["pool_tokens"]
+    )
+
+
+def _script(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "job.py"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def test_a_dead_rank_makes_the_others_exit_with_a_clear_error(tmp_path):
+    job = _script(
+        tmp_path,
+        """
+        import os, sys
+        from finescope import distributed
+        r = distributed.ranks()
+        if r.rank == 1:
+            os._exit(0)  # dies without a word before the collective
+        try:
+            distributed.barrier("pool encoding")
+        except distributed.DistributedError as e:
+            print("ERR", e, file=sys.stderr)
+            sys.exit(3)
+        """,
+    )
+    t = time.monotonic()
+    proc = subprocess.run(
+        [*TORCHRUN, str(job)], env=_env(tmp_path, FINESCOPE_COLLECTIVE_TIMEOUT="20"), capture_output=True, text=True
+    )
+    assert time.monotonic() - t < 120
+    assert proc.returncode != 0
+    assert "ERR rank 0/2: pool encoding failed" in proc.stderr and "another rank died or hangs" in proc.stderr
+
+
+def test_an_error_on_rank_zero_reaches_every_rank(tmp_path):
+    job = _script(
+        tmp_path,
+        """
+        import sys
+        from finescope import FinescopeError, distributed
+        r = distributed.ranks()
+        def open_stage():
+            raise FinescopeError("runs/x/curate: locked by another process")
+        try:
+            distributed.on_main(open_stage, "opening runs/x/curate")
+        except FinescopeError as e:
+            print(f"rank {r.rank}: {e}", file=sys.stderr)
+            sys.exit(2)
+        """,
+    )
+    proc = subprocess.run(
+        [*TORCHRUN, str(job)], env=_env(tmp_path, FINESCOPE_COLLECTIVE_TIMEOUT="60"), capture_output=True, text=True
+    )
+    assert proc.returncode != 0
+    assert "rank 0: runs/x/curate: locked by another process" in proc.stderr
+    assert "rank 1: rank 0 failed during opening runs/x/curate: runs/x/curate: locked" in proc.stderr

@@ -19,6 +19,7 @@ from finescope import distributed, storage
 from finescope.config import to_dict
 from finescope.curate import run as curate_run
 from test_curate import _cfg
+from test_prune import CORPUS
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
@@ -142,3 +143,54 @@ def test_an_error_on_rank_zero_reaches_every_rank(tmp_path):
     assert proc.returncode != 0
     assert "rank 0: runs/x/curate: locked by another process" in proc.stderr
     assert "rank 1: rank 0 failed during opening runs/x/curate: runs/x/curate: locked" in proc.stderr
+
+
+@pytest.mark.parametrize("importance,depth_importance", [("taylor_mix", "taylor_block"), ("flap", "block_influence")])
+def test_prune_on_two_processes_scores_like_one_process_and_makes_the_same_plan(
+    importance,
+    depth_importance,
+    tiny_model_dirs,
+    tmp_path,
+):
+    from finescope.config import PruneConfig
+    from finescope.prune.run import run as prune_run
+
+    calib_file = tmp_path / "calib.jsonl"
+    calib_file.write_text(
+        "".join(json.dumps({"instruction": f"Item {i}?", "response": t}) + "\n" for i, t in enumerate(CORPUS))
+    )
+    cfg = PruneConfig(
+        model=str(tiny_model_dirs["llama"]),
+        data=str(calib_file),
+        ratio=0.4,
+        depth=1,
+        importance=importance,
+        depth_importance=depth_importance,
+        batch_size=2,  # several batches, split over the ranks
+    )
+    one = prune_run(cfg, tmp_path / "one")
+    config = tmp_path / "prune.yaml"
+    config.write_text(yaml.safe_dump(to_dict(cfg)))
+    proc = subprocess.run(
+        [*TORCHRUN, "-m", "finescope", "prune", "--config", str(config), "--out", str(tmp_path / "two")],
+        env=_env(tmp_path / "home", FINESCOPE_PROGRESS="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"importance ({importance}) [rank 1/2]" in proc.stderr
+    a = json.loads((one / "report.json").read_text())
+    b = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert a["kept"] == b["kept"] and a["dropped_blocks"] == b["dropped_blocks"]  # the same plan
+    if a["calibration_loss"] is None:  # activation importances take no loss
+        assert b["calibration_loss"] is None
+    else:
+        assert b["calibration_loss"] == pytest.approx(a["calibration_loss"], rel=1e-5)
+    for la, lb in zip(
+        a["importance_summary"], b["importance_summary"]
+    ):  # per-layer score summaries equal within float tolerance
+        for key, value in la.items():
+            if isinstance(value, float):
+                assert lb[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (la["layer"], key)
+    assert b["verification"]["logits_match"]

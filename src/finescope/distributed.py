@@ -119,11 +119,16 @@ def barrier(what: str = "barrier") -> None:
 
 
 def all_reduce_sum(t: torch.Tensor, what: str = "all-reduce") -> torch.Tensor:
-    """The elementwise sum of `t` over ranks (in place; returned for convenience)."""
+    """The elementwise sum of `t` over ranks (in place; returned for convenience). A tensor on another device
+    than the backend's (a CPU tensor under nccl, a CUDA one under gloo) travels through a copy."""
     if ranks().world > 1:
         import torch.distributed as dist
 
-        _collective(what, lambda: dist.all_reduce(t, op=dist.ReduceOp.SUM))
+        on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        buf = t if t.device == on else t.to(on)
+        _collective(what, lambda: dist.all_reduce(buf, op=dist.ReduceOp.SUM))
+        if buf is not t:
+            t.copy_(buf)
     return t
 
 

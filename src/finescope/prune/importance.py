@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .. import FinescopeError
+from .. import FinescopeError, distributed
 from ..data import format_example, record_text
 from ..modeling import ArchAdapter
 from ..progress import progress
@@ -187,6 +187,7 @@ class _Stats:
 
     def __init__(self, adapter: ArchAdapter, activations: bool, blocks: bool):
         self.adapter = adapter
+        self.moments = activations
         self.mask: torch.Tensor | None = None
         """attention_mask of the batch being forwarded (set by the calibration pass before each forward)."""
         L = adapter.num_layers
@@ -304,6 +305,10 @@ def _calibration_pass(
     stats = gathered.stats
     device = next(model.parameters()).device
     total_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    ranks = distributed.ranks()
+    mine = [batches[i] for i in ranks.mine(len(batches))]  # several ranks: each its share, summed below
+    if ranks.world > 1:
+        desc += f" [rank {ranks.rank}/{ranks.world}]"
     saved_flags = {p: p.requires_grad for p in model.parameters()}
     try:
         for p in model.parameters():
@@ -311,7 +316,7 @@ def _calibration_pass(
         if need_grad:
             for param in params:
                 param.requires_grad_(True)
-        for batch in progress(batches, desc=desc, unit="batch"):
+        for batch in progress(mine, desc=desc, unit="batch"):
             batch = {k: v.to(device) for k, v in batch.items()}
             if stats is not None:
                 stats.mask = batch["attention_mask"]
@@ -330,6 +335,37 @@ def _calibration_pass(
             p.requires_grad_(flag)
         if stats is not None:
             stats.close()
+    if ranks.world > 1:
+        _sum_over_ranks(adapter, gathered, params, need_grad=need_grad, fisher=fisher)
+
+
+def _sum_over_ranks(
+    adapter: ArchAdapter, gathered: _Gathered, params: list[torch.Tensor], *, need_grad: bool, fisher: bool
+) -> None:
+    """All-reduce what each rank gathered over its batches: gradient sums, Fisher terms, activation moments,
+    block cosines, loss. A rank without batches (more ranks than batches) contributes zeros."""
+    what = "pruning importance (sum over ranks)"
+    totals = distributed.all_reduce_sum(torch.tensor([gathered.loss_sum, float(gathered.loss_tokens)]), what)
+    gathered.loss_sum, gathered.loss_tokens = float(totals[0]), int(totals[1])
+    if need_grad:
+        for p in params:
+            gathered.grads[p] = distributed.all_reduce_sum(gathered.grads.get(p, torch.zeros_like(p)), what)
+            if fisher:
+                zero = torch.zeros_like(p, dtype=torch.float32)
+                gathered.fisher[p] = distributed.all_reduce_sum(gathered.fisher.get(p, zero), what)
+    stats = gathered.stats
+    if stats is None:
+        return
+    counts = distributed.all_reduce_sum(torch.tensor([float(stats.count)]), what)
+    stats.count = int(counts[0])
+    stats.cos = distributed.all_reduce_sum(stats.cos, what)
+    if stats.moments:
+        dev = next(adapter.model.parameters()).device
+        for i in range(adapter.num_layers):
+            for name, lin in (("o", adapter.attention(i).o_proj), ("down", adapter.mlp(i).down_proj)):
+                zero = torch.zeros(lin.in_features, dtype=torch.float64, device=dev)
+                stats.sum[(i, name)] = distributed.all_reduce_sum(stats.sum.get((i, name), zero.clone()), what)
+                stats.sq[(i, name)] = distributed.all_reduce_sum(stats.sq.get((i, name), zero.clone()), what)
 
 
 def _accumulate_gradients(

@@ -11,6 +11,7 @@ and greedy generation must give the same tokens with and without the KV cache.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .. import FinescopeError, storage
+from .. import FinescopeError, distributed, storage
 from ..artifacts import (
     Calibration,
     KeptLayer,
@@ -182,7 +183,7 @@ def run(cfg: PruneConfig, out: Path) -> Path:
         raise PruneError("data: calibration records are required (--data FILE, e.g. runs/<name>/curate/selected.jsonl)")
     storage.check_stage_folder(out, cfg, overwrite=cfg.overwrite)
     records = read_records(cfg.data)
-    handle = load(cfg.model, dtype=cfg.dtype)
+    handle = distributed.main_first(lambda: load(cfg.model, dtype=cfg.dtype), f"loading {cfg.model}")
     before = model_info(handle)
     shapes = model_shapes(handle.adapter, handle.model)
     plan = solve(
@@ -205,25 +206,33 @@ def run(cfg: PruneConfig, out: Path) -> Path:
         loss_on=cfg.calib_loss,
     )
     target = f"{plan.ratio_target:.4f}" if plan.ratio_target is not None else "(explicit shapes)"
-    _log(
-        f"target {target}, achieved {plan.ratio_achieved:.4f} of total parameters "
-        f"({plan.non_embedding_ratio:.4f} of non-embedding); granule {plan.granule:.4f}"
-    )
-    _log(
-        f"shapes: layers {shapes.layers}→{plan.layers}, heads {shapes.heads}→{plan.heads}, "
-        f"KV heads {shapes.kv_heads}→{plan.kv_heads}, head_dim {plan.head_dim}, "
-        f"MLP {shapes.intermediate}→{plan.intermediate}"
-    )
-    with storage.stage_folder(out, cfg, overwrite=cfg.overwrite) as stage:
+    if distributed.ranks().is_main:
+        _log(
+            f"target {target}, achieved {plan.ratio_achieved:.4f} of total parameters "
+            f"({plan.non_embedding_ratio:.4f} of non-embedding); granule {plan.granule:.4f}"
+        )
+        _log(
+            f"shapes: layers {shapes.layers}→{plan.layers}, heads {shapes.heads}→{plan.heads}, "
+            f"KV heads {shapes.kv_heads}→{plan.kv_heads}, head_dim {plan.head_dim}, "
+            f"MLP {shapes.intermediate}→{plan.intermediate}"
+        )
+    with contextlib.ExitStack() as held:  # rank 0 holds the stage lock and writes; the other ranks score
+        stage = distributed.on_main(
+            lambda: held.enter_context(storage.stage_folder(out, cfg, overwrite=cfg.overwrite)), f"opening {out}"
+        )
         if stage is None:
             return out
-        return _prune_into(stage, cfg, handle, plan, batches, calib, before, start)
+        _prune_into(stage, cfg, handle, plan, batches, calib, before, start)
+        return stage
 
 
 def _prune_into(
     stage: Path, cfg: PruneConfig, handle, plan: PrunePlan, batches, calib: dict, before: dict, start: float
-) -> Path:
-    """Score, slice, save and verify into the (locked) stage folder; DONE last."""
+) -> None:
+    """Score, slice, save and verify into the (locked) stage folder; DONE last.
+
+    Several ranks: each scores its share of the calibration batches and the sums are all-reduced, so every rank
+    holds the same scores; rank 0 alone slices, saves and verifies, the others wait for its outcome."""
     t0 = time.perf_counter()
     scores = compute_scores(
         handle.adapter,
@@ -234,6 +243,15 @@ def _prune_into(
         desc=f"importance ({cfg.importance})",
     )
     t_scores = time.perf_counter() - t0
+    distributed.on_main(
+        lambda: _slice_save_verify(stage, cfg, handle, plan, batches, calib, before, start, scores, t_scores),
+        "slicing, saving and verifying on rank 0",
+    )
+
+
+def _slice_save_verify(
+    stage: Path, cfg: PruneConfig, handle, plan: PrunePlan, batches, calib: dict, before: dict, start, scores, t_scores
+) -> None:
     t0 = time.perf_counter()
     sliced = _slice_and_probe(handle, scores, plan, cfg.head_mode, batches)
     t_slice = time.perf_counter() - t0
@@ -259,7 +277,6 @@ def _prune_into(
     report = _report(cfg, plan, calib, before, sliced, scores, timings, peak, verification)
     report.write(stage / PruneReport.FILE)
     storage.mark_done(stage, cfg, _metrics(report).to_json())
-    return stage
 
 
 @dataclass

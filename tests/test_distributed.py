@@ -194,3 +194,49 @@ def test_prune_on_two_processes_scores_like_one_process_and_makes_the_same_plan(
             if isinstance(value, float):
                 assert lb[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (la["layer"], key)
     assert b["verification"]["logits_match"]
+
+
+def test_eval_on_two_processes_gives_the_results_of_one_process(tiny_model_dirs, tmp_path):
+    from finescope.config import EvalConfig
+    from finescope.evaluate.run import run as eval_run
+
+    fix = Path(__file__).parent / "fixtures" / "eval"
+    cfg = EvalConfig(
+        model=str(tiny_model_dirs["llama"]),
+        tasks=[
+            f"nll:{fix / 'nll_small.jsonl'}",
+            f"math:{fix / 'math_small.jsonl'}",
+            f"mbpp:{fix / 'mbpp_small.jsonl'}",
+        ],
+        allow_code_execution=True,
+        max_new_tokens=8,
+        batch_size=2,  # 2-3 batches per task, split over the ranks
+        write_samples=True,
+        device="cpu",
+    )
+    one = eval_run(cfg, tmp_path / "one").parent
+    config = tmp_path / "eval.yaml"
+    config.write_text(yaml.safe_dump(to_dict(cfg)))
+    proc = subprocess.run(
+        [*TORCHRUN, "-m", "finescope", "eval", "--config", str(config), "--out", str(tmp_path / "two")],
+        env=_env(tmp_path / "home", FINESCOPE_PROGRESS="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[rank 1/2]" in proc.stderr
+    two = tmp_path / "two"
+    assert storage.is_done(two, cfg)
+
+    def results(folder: Path) -> list[dict]:
+        return [
+            {k: v for k, v in r.items() if k != "wall_s"}
+            for r in json.loads((folder / "results.json").read_text())["results"]
+        ]
+
+    assert results(two) == results(one)
+    names = sorted(p.name for p in (one / "samples").glob("*.jsonl"))
+    assert names and names == sorted(p.name for p in (two / "samples").glob("*.jsonl"))
+    for name in names:
+        assert (two / "samples" / name).read_text() == (one / "samples" / name).read_text(), name

@@ -179,3 +179,35 @@ def _main_then_share(fn: Callable[[], Any], what: str, *, share: bool) -> Any:
     if outcome[0] == "error":
         raise DistributedError(f"rank 0 failed during {what}: {outcome[1]}")
     return result if r.is_main else outcome[1]
+
+
+def all_gather_object(obj: Any, what: str = "gather") -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order, on every rank."""
+    r = ranks()
+    if r.world <= 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * r.world
+    _collective(what, lambda: dist.all_gather_object(out, obj))
+    return out
+
+
+def merge_indexed(local: dict[int, T], n: int, what: str = "gather") -> list[T]:
+    """The list of n results that the ranks computed between them, each rank holding {index: result} of its
+    share; every index must be computed by exactly one rank."""
+    merged: dict[int, T] = {}
+    for part in all_gather_object(local, what):
+        merged.update(part)
+    missing = [i for i in range(n) if i not in merged]
+    if missing:
+        raise DistributedError(f"{what}: no rank computed items {missing[:5]} of {n}")
+    return [merged[i] for i in range(n)]
+
+
+def map_sharded(items: list, fn: Callable[[Any], T], what: str = "map") -> list[T]:
+    """[fn(x) for x in items], item i computed by rank i mod world and gathered in order on every rank."""
+    r = ranks()
+    if r.world <= 1:
+        return [fn(x) for x in items]
+    return merge_indexed({i: fn(items[i]) for i in r.mine(len(items))}, len(items), what)

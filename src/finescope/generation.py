@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .progress import progress
 from .tokens import encode_prompt, pad_batch, pad_id
 
@@ -83,6 +84,7 @@ def generate(
     seed: int = 0,
     desc: str = "generate",
     on_batch: Callable[[list[int], list[list[dict[str, Any]]]], None] | None = None,
+    sharded: bool = False,
 ) -> list[list[dict[str, Any]]]:
     """`num_samples` completions per prompt, in prompt order: `{"text", "new_tokens", "cut_off"}` each.
 
@@ -90,6 +92,9 @@ def generate(
     `batch_size`). `text` is the completion decoded without special tokens and cut at the first stop sequence,
     not stripped (leading whitespace matters for code). `on_batch(prompt_indices, completions)` is called after
     every batch, e.g. to append finished rows to a resumable file.
+
+    sharded: split the batches over the ranks (batch b on rank b mod world; batches and sampling seeds as in one
+    process) and gather the completions on every rank; `on_batch` then sees this rank's batches only.
     """
     stop = [s for s in (stop or []) if s]
     stops = stop_token_ids(model, tokenizer)
@@ -101,9 +106,13 @@ def generate(
     results: list[list[dict[str, Any]]] = [[] for _ in prompts]
     was_training = model.training
     model.eval()
-    bar = progress(total=len(prompts), desc=desc, unit="prompt")
+    ranks = distributed.ranks() if sharded else distributed.Ranks()
+    all_starts = range(0, len(order), batch_size)
+    starts = [all_starts[b] for b in ranks.mine(len(all_starts))]
+    where = f" [rank {ranks.rank}/{ranks.world}]" if ranks.world > 1 else ""
+    bar = progress(total=sum(len(order[s : s + batch_size]) for s in starts), desc=desc + where, unit="prompt")
     try:
-        for start in range(0, len(order), batch_size):
+        for start in starts:
             idx = order[start : start + batch_size]
             if temperature > 0:
                 torch.manual_seed(seed + start)
@@ -117,6 +126,9 @@ def generate(
     finally:
         bar.close()
         model.train(was_training)
+    if ranks.world > 1:
+        mine = {i: r for i, r in enumerate(results) if r}
+        return distributed.merge_indexed(mine, len(prompts), f"{desc}: gathering completions")
     return results
 
 

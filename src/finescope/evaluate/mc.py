@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import distributed
 from ..progress import progress
 from ..tokens import encode_prompt, pad_batch, pad_id, pad_rows  # encode_prompt = lm-eval's rule: never a 2nd BOS
 
@@ -102,8 +103,12 @@ def score_requests(
     batch_size: int = 8,
     max_length: int | None = None,
     desc: str = "loglikelihood",
+    sharded: bool = False,
 ) -> list[list[Score]]:
-    """Log-likelihood of every continuation of every request; batched, one context forward per question."""
+    """Log-likelihood of every continuation of every request; batched, one context forward per question.
+
+    sharded: split the batches over the ranks (batch b on rank b mod world, batches made as in one process, so
+    every question is scored with the same neighbours) and gather the scores on every rank."""
     if not requests:
         return []
     max_len = max_length or max_model_length(model)
@@ -113,13 +118,19 @@ def score_requests(
     results: list[list[Score] | None] = [None] * len(requests)
     device = next(model.parameters()).device
     pad = pad_id(tokenizer)
-    bar = progress(total=len(requests), desc=desc, unit="q")
-    for start in range(0, len(order), batch_size):
+    ranks = distributed.ranks() if sharded else distributed.Ranks()
+    starts = [range(0, len(order), batch_size)[b] for b in ranks.mine(len(range(0, len(order), batch_size)))]
+    where = f" [rank {ranks.rank}/{ranks.world}]" if ranks.world > 1 else ""
+    bar = progress(total=sum(len(order[s : s + batch_size]) for s in starts), desc=desc + where, unit="q")
+    for start in starts:
         batch = order[start : start + batch_size]
         for enc, scores in zip(batch, _score_batch(model, batch, pad, device)):
             results[enc.index] = scores
         bar.update(len(batch))
     bar.close()
+    if ranks.world > 1:
+        mine = {i: r for i, r in enumerate(results) if r is not None}
+        return distributed.merge_indexed(mine, len(requests), f"{desc}: gathering scores")
     return results  # type: ignore[return-value]
 
 

@@ -36,11 +36,13 @@ def ratio_stderr(sums: list[float], counts: list[int]) -> float:
 
 
 def domain_nll(
-    model, tokenizer, records: list[dict], *, batch_size: int = 8, desc: str = "nll"
+    model, tokenizer, records: list[dict], *, batch_size: int = 8, desc: str = "nll", sharded: bool = False
 ) -> tuple[dict, list[dict]]:
-    """(metrics, per-record samples) of the response-token NLL and top-1 accuracy over `records`."""
+    """(metrics, per-record samples) of the response-token NLL and top-1 accuracy over `records` (sharded: the
+    scoring split over the ranks, see `score_requests`)."""
     pairs = [pair_of(tokenizer, r) for r in records]
-    scores = score_requests(model, tokenizer, [Request(c, [x]) for c, x in pairs], batch_size=batch_size, desc=desc)
+    requests = [Request(c, [x]) for c, x in pairs]
+    scores = score_requests(model, tokenizer, requests, batch_size=batch_size, desc=desc, sharded=sharded)
     nll = [-s[0].logprob for s in scores]
     tokens = [s[0].tokens for s in scores]
     hits = [s[0].top1 for s in scores]

@@ -16,13 +16,14 @@ files' names and sizes.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from .. import hashing, storage
+from .. import distributed, hashing, storage
 from ..artifacts import EvalMetrics, EvalResults, ModelIdentity, TaskResult
 from ..config import EvalConfig
 from ..generation import generate
@@ -126,7 +127,7 @@ def run_mc(task: Task, handle, cfg: EvalConfig, scoring: str) -> tuple[dict, lis
             reqs.append(Request(mmlu_cloze_prompt(d, ex), [f" {c}" for c in d["choices"]]))
             choices_text.append(d["choices"])
     scores = score_requests(
-        handle.model, handle.tokenizer, reqs, batch_size=cfg.batch_size, desc=f"{task.name} [{scoring}]"
+        handle.model, handle.tokenizer, reqs, batch_size=cfg.batch_size, desc=f"{task.name} [{scoring}]", sharded=True
     )
     acc, acc_norm, samples = [], [], []
     by_subject: dict[str, list[float]] = {}
@@ -178,6 +179,7 @@ def _completions(handle, cfg: EvalConfig, prompts: list[str], stop, desc: str, *
         stop=stop,
         batch_size=cfg.batch_size,
         desc=desc,
+        sharded=True,
         **sampling,
     )
     return [[c["text"] for c in comps] for comps in outs]
@@ -287,12 +289,20 @@ def run_code(task: Task, handle, cfg: EvalConfig) -> tuple[dict, list[dict]]:
     ks = [k for k in (1, 10, 100) if k <= n]
     per_k: dict[int, list[float]] = {k: [] for k in ks}
     samples = []
-    for i, comps in progress(list(zip(idx, outs)), desc=f"{task.name} execute", unit="problem"):
+    ranks = distributed.ranks()
+    where = f" [rank {ranks.rank}/{ranks.world}]" if ranks.world > 1 else ""
+    bar = progress(total=len(ranks.mine(len(idx))), desc=f"{task.name} execute{where}", unit="problem")
+
+    def execute(problem: tuple[int, list[str]]) -> list[str]:
+        i, comps = problem
+        statuses = [run_program(_program(docs[i], comp, humaneval, instruct), limits).status for comp in comps]
+        bar.update(1)
+        return statuses
+
+    all_statuses = distributed.map_sharded(list(zip(idx, outs)), execute, f"{task.name}: gathering executions")
+    bar.close()
+    for i, comps, statuses in zip(idx, outs, all_statuses):
         d = docs[i]
-        statuses = []
-        for comp in comps:
-            program = _program(d, comp, humaneval, instruct)
-            statuses.append(run_program(program, limits).status)
         c = statuses.count("passed")
         for k in ks:
             per_k[k].append(pass_at_k(n, c, k))
@@ -327,7 +337,7 @@ def run_nll(task: Task, handle, cfg: EvalConfig) -> list[tuple[dict, list[dict]]
     docs = task.docs()
     idx = select_subset(len(docs), cfg.limit)
     metrics, samples = domain_nll(
-        handle.model, handle.tokenizer, [docs[i] for i in idx], batch_size=cfg.batch_size, desc=task.name
+        handle.model, handle.tokenizer, [docs[i] for i in idx], batch_size=cfg.batch_size, desc=task.name, sharded=True
     )
     common = {"task": task.name, "n": len(idx)}
     nll = {
@@ -415,32 +425,46 @@ def run(cfg: EvalConfig, out: Path) -> Path:
             return out / EvalResults.FILE
         storage.check_stage_folder(out, cfg, overwrite=cfg.overwrite)
     tasks = prepare_tasks(cfg)
-    handle = load(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    handle = distributed.main_first(lambda: load(cfg.model, dtype=cfg.dtype, device=cfg.device), f"loading {cfg.model}")
+    # Several ranks (torchrun / accelerate launch): every rank scores or generates its share of each task's
+    # questions (see score_requests, generate), rank 0 holds the lock and writes.
     if out.suffix == ".json":
-        with storage.exclusive(out, "results file"):
-            if _results_hash(out) == storage.config_hash(cfg):
-                return out
-            _check_results_file(out, cfg)
-            _set_aside(out)
-            _evaluate_into(out, out.with_name(out.stem + ".samples"), cfg, tasks, handle)
+        with contextlib.ExitStack() as held:
+
+            def open_results_file() -> bool:
+                held.enter_context(storage.exclusive(out, "results file"))
+                if _results_hash(out) == storage.config_hash(cfg):
+                    return False
+                _check_results_file(out, cfg)
+                _set_aside(out)
+                return True
+
+            if distributed.on_main(open_results_file, f"opening {out}"):
+                _evaluate_into(out, out.with_name(out.stem + ".samples"), cfg, tasks, handle)
         return out
-    with storage.stage_folder(out, cfg, overwrite=cfg.overwrite) as stage:
+    with contextlib.ExitStack() as held:
+        stage = distributed.on_main(
+            lambda: held.enter_context(storage.stage_folder(out, cfg, overwrite=cfg.overwrite)), f"opening {out}"
+        )
         if stage is None:
             return out / EvalResults.FILE
-        report = _evaluate_into(stage / EvalResults.FILE, stage / "samples", cfg, tasks, handle)
-        storage.mark_done(stage, cfg, EvalMetrics.of(report.results).to_json())
+        _evaluate_into(stage / EvalResults.FILE, stage / "samples", cfg, tasks, handle, done=stage)
     return out / EvalResults.FILE
 
 
-def _evaluate_into(results_path: Path, samples_dir: Path, cfg: EvalConfig, tasks: list[Task], handle) -> EvalResults:
+def _evaluate_into(
+    results_path: Path, samples_dir: Path, cfg: EvalConfig, tasks: list[Task], handle, done: Path | None = None
+) -> None:
+    """Evaluate every task and write the results (and samples); with `done`, mark that stage folder done.
+    Several ranks: all evaluate, rank 0 writes, the others wait for it."""
     start = time.perf_counter()
-    results = []
+    results, written = [], []
     for task in tasks:
         for res, samples in evaluate_task(task, handle, cfg):
             result = TaskResult.from_json(res, source=f"result of task {task.name}")
             results.append(result)
             if cfg.write_samples and samples:
-                storage.write_jsonl_atomic(samples_dir / f"{_safe(task.name)}-{_safe(result.variant)}.jsonl", samples)
+                written.append((samples_dir / f"{_safe(task.name)}-{_safe(result.variant)}.jsonl", samples))
     report = EvalResults(
         model=ModelIdentity(**model_identity(handle)),
         eval_config_hash=storage.config_hash(cfg),
@@ -448,8 +472,15 @@ def _evaluate_into(results_path: Path, samples_dir: Path, cfg: EvalConfig, tasks
         results=results,
         wall_s=round(time.perf_counter() - start, 2),
     )
-    report.write(results_path)
-    return report
+
+    def write() -> None:
+        for path, samples in written:
+            storage.write_jsonl_atomic(path, samples)
+        report.write(results_path)
+        if done is not None:
+            storage.mark_done(done, cfg, EvalMetrics.of(report.results).to_json())
+
+    distributed.on_main(write, f"writing {results_path} on rank 0")
 
 
 # A results file is recognised by its own keys; anything else at --out is a user's file and is never replaced.

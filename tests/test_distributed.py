@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
 from finescope import distributed, storage
@@ -36,8 +37,6 @@ def test_one_process_is_rank_zero_of_one_and_collectives_are_no_ops(monkeypatch)
     assert (r.rank, r.world, r.is_main) == (0, 1, True)
     assert list(r.mine(3)) == [0, 1, 2]
     distributed.barrier()
-    import torch
-
     t = torch.ones(2)
     assert distributed.all_reduce_sum(t) is t and t.tolist() == [1.0, 1.0]
     assert distributed.on_main(lambda: 7, "x") == 7 and distributed.main_first(lambda: 8, "y") == 8
@@ -240,3 +239,53 @@ def test_eval_on_two_processes_gives_the_results_of_one_process(tiny_model_dirs,
     assert names and names == sorted(p.name for p in (two / "samples").glob("*.jsonl"))
     for name in names:
         assert (two / "samples" / name).read_text() == (one / "samples" / name).read_text(), name
+
+
+def test_recover_on_two_processes_rewrites_like_one_process(tiny_model_dirs, tmp_path):
+    from safetensors.torch import load_file
+
+    from finescope.recover.run import PARTIAL
+    from finescope.recover.run import run as recover_run
+    from test_recover import RECORDS, write_records
+    from test_recover import _cfg as recover_cfg
+
+    again = [
+        {**r, "id": r["id"] + "b", "instruction": r["instruction"] + " Again."} for r in RECORDS if "instruction" in r
+    ]
+    data = write_records(tmp_path / "data.jsonl", RECORDS + again)  # 10 to rewrite: 3 batches of 4
+    cfg = recover_cfg(tiny_model_dirs["llama"], tiny_model_dirs["llama"], data, lora_alpha=8.0)  # as YAML reads it
+    one = recover_run(cfg, tmp_path / "one")
+    config = tmp_path / "recover.yaml"
+    config.write_text(yaml.safe_dump(to_dict(cfg)))
+    proc = subprocess.run(
+        [*TORCHRUN, "-m", "finescope", "recover", "--config", str(config), "--out", str(tmp_path / "two")],
+        env=_env(tmp_path / "home", FINESCOPE_PROGRESS="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "teacher rewrite [rank 1/2]" in proc.stderr
+    two = tmp_path / "two"
+    assert storage.is_done(two, cfg)
+    assert (two / "distilled.jsonl").read_text() == (one / "distilled.jsonl").read_text()
+    assert not list(two.glob(PARTIAL.replace(".jsonl", "*")))  # rank files removed once distilled.jsonl is written
+    a, b = load_file(str(one / "model" / "model.safetensors")), load_file(str(two / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_rewrites_of_a_killed_two_rank_run_resume_in_one_process(tmp_path, chat_tokenizer):
+    from finescope.recover.rewrite import read_partial, rewrite_records
+    from test_recover import RECORDS, build_model
+
+    model = build_model("llama", len(chat_tokenizer))
+    fresh, _ = rewrite_records(model, chat_tokenizer, RECORDS, max_new_tokens=4, batch_size=2)
+    partial = tmp_path / "rewrites.partial.jsonl"
+    # What two ranks left behind: rank 0 finished r1, rank 1 finished r2 and was killed while writing r4.
+    (tmp_path / "rewrites.partial.rank0.jsonl").write_text(json.dumps(fresh["r1"]) + "\n")
+    (tmp_path / "rewrites.partial.rank1.jsonl").write_text(json.dumps(fresh["r2"]) + '\n{"id": "r4", "rew')
+    assert set(read_partial(partial)) == {"r1", "r2"}
+    rows, stats = rewrite_records(model, chat_tokenizer, RECORDS, max_new_tokens=4, batch_size=2, partial_path=partial)
+    assert stats["resumed"] == 2 and stats["generated"] == 3
+    assert {k: v["rewrite"] for k, v in rows.items()} == {k: v["rewrite"] for k, v in fresh.items()}
+    assert set(read_partial(partial)) == set(fresh)

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from .. import distributed
 from ..data import format_prompt
 from ..generation import generate
 from ..hashing import sha256_hex
@@ -57,19 +58,26 @@ def prompt_hash(prompt: str) -> str:
     return sha256_hex(prompt, 16)
 
 
+def rank_partials(path: Path) -> list[Path]:
+    """The per-rank partial files of a sharded rewrite beside `path` (`<stem>.rank<r>.jsonl`)."""
+    return sorted(path.parent.glob(f"{path.stem}.rank*{path.suffix}"))
+
+
 def read_partial(path: Path) -> dict[str, dict]:
-    """Rows of an interrupted rewrite, by record id; a torn last line (killed mid-write) is ignored."""
+    """Rows of an interrupted rewrite, by record id, from `path` and the per-rank files beside it (a resume may
+    use another process count); a torn line (killed mid-write) is ignored."""
     rows: dict[str, dict] = {}
-    if not path.is_file():
-        return rows
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and "id" in row and "rewrite" in row:
-                rows[row["id"]] = row
+    for part in [path, *rank_partials(path)]:
+        if not part.is_file():
+            continue
+        with open(part, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict) and "id" in row and "rewrite" in row:
+                    rows[row["id"]] = row
     return rows
 
 
@@ -83,23 +91,35 @@ def rewrite_records(
     temperature: float = 0.0,
     seed: int = 0,
     partial_path: Path | None = None,
+    sharded: bool = False,
 ) -> tuple[dict[str, dict], dict[str, Any]]:
     """Teacher rewrites of the instruction records: `({id: row}, stats)`.
 
     Rows already in `partial_path` whose prompt hash still matches are reused (resume); new rows are appended
     to it after every batch, flushed and fsynced, so a killed run loses at most one batch.
+
+    sharded (launched with several ranks): the pending records' batches are split over the ranks, each rank
+    appends to its own `<partial stem>.rank<r>.jsonl`, and every rank returns all rows.
     """
+    ranks = distributed.ranks() if sharded else distributed.Ranks()
     todo = [r for r in records if "instruction" in r]
     prompts = {r["id"]: rewrite_prompt(tokenizer, r) for r in todo}
     done = _resumable_rows(partial_path, prompts)
+    if ranks.world > 1:
+        distributed.barrier("reading the partial rewrites")  # every rank reads before any rank appends
     pending = [r for r in todo if r["id"] not in done]
     stats: dict[str, Any] = {"instruction_records": len(todo), "resumed": len(done), "generated": len(pending)}
-    handle = _reopen_partial(partial_path, done) if partial_path is not None else None
+    handle = None
+    if partial_path is not None:
+        if ranks.world > 1:
+            handle = _append_rank_partial(partial_path.with_name(f"{partial_path.stem}.rank{ranks.rank}.jsonl"))
+        else:
+            handle = _reopen_partial(partial_path, done)
     start = time.perf_counter()
     try:
         if pending:
             sink = _BatchSink([r["id"] for r in pending], prompts, done, handle)
-            generate(
+            outs = generate(
                 model,
                 tokenizer,
                 [prompts[r["id"]] for r in pending],
@@ -109,7 +129,10 @@ def rewrite_records(
                 seed=seed,
                 desc="teacher rewrite",
                 on_batch=sink.save,
+                sharded=ranks.world > 1,
             )
+            for r, res in zip(pending, outs):  # the other ranks' batches
+                done.setdefault(r["id"], sink.row(r["id"], res[0]))
     finally:
         if handle is not None:
             handle.close()
@@ -131,6 +154,20 @@ def _reopen_partial(partial_path: Path, done: dict[str, dict]) -> TextIO:
     elif partial_path.exists():
         partial_path.unlink()
     return open(partial_path, "a", encoding="utf-8")
+
+
+def _append_rank_partial(path: Path) -> TextIO:
+    """Open one rank's partial file for appending, after a newline if a killed run left a torn last line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torn = False
+    if path.is_file() and path.stat().st_size > 0:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+    handle = open(path, "a", encoding="utf-8")
+    if torn:
+        handle.write("\n")
+    return handle
 
 
 class _BatchSink:

@@ -12,6 +12,7 @@ plain SFT on the originals; `--no-rewrite --kd-weight 1` distils the teacher's l
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .. import FinescopeError, tokens
+from .. import FinescopeError, distributed, tokens
 from ..artifacts import (
     FilterStats,
     KdStats,
@@ -37,7 +38,7 @@ from . import kd_cache
 from .distill import KdSettings
 from .filters import REASONS, apply_filters
 from .finetune import Example, TrainSettings, build_examples, fine_tune, mean_loss, save_trained, split_records
-from .rewrite import rewrite_records
+from .rewrite import rank_partials, rewrite_records
 from .sources import training_records
 
 PARTIAL = "rewrites.partial.jsonl"
@@ -127,14 +128,18 @@ def run(cfg: RecoverConfig, out: Path) -> Path:
     if teacher_spec is not None:
         resolve_model_path(teacher_spec)  # a missing teacher is refused before the folder is opened
 
-    student = load(cfg.student)
+    student = distributed.main_first(lambda: load(cfg.student), f"loading {cfg.student}")
     tok = student.tokenizer
     # Fail on an impossible max_length before spending minutes on the teacher (and before the folder is opened).
     build_examples(tok, rows[:1], cfg.max_length)
-    with stage_folder(out, cfg, overwrite=cfg.overwrite) as stage:
+    with contextlib.ExitStack() as held:  # rank 0 holds the lock and writes; the others write their rewrite shards
+        stage = distributed.on_main(
+            lambda: held.enter_context(stage_folder(out, cfg, overwrite=cfg.overwrite)), f"opening {out}"
+        )
         if stage is None:
             return Path(out)
-        return _recover_into(stage, cfg, records.skipped, rows, data_stats, student, teacher_spec, rewrites, t0)
+        _recover_into(stage, cfg, records.skipped, rows, data_stats, student, teacher_spec, rewrites, t0)
+        return stage
 
 
 def _recover_into(
@@ -147,11 +152,46 @@ def _recover_into(
     teacher_spec: str | None,
     rewrite: bool,
     t0: float,
-) -> Path:
-    """Rewrite, filter, fine-tune, merge and save into the (locked) stage folder; DONE last."""
+) -> None:
+    """Rewrite, filter, fine-tune, merge and save into the (locked) stage folder; DONE last.
+
+    Several ranks: the teacher rewrites are split over them; the rest (filters, KD targets, fine-tuning, save)
+    runs on rank 0 while the others wait: training is not data-parallel yet."""
     times: dict[str, float] = {}
-    teacher = _load_teacher(cfg, student, teacher_spec) if teacher_spec is not None else None
+    ranks = distributed.ranks()
+    needs_teacher = teacher_spec is not None and (ranks.is_main or rewrite)
+    teacher = (
+        distributed.main_first(lambda: _load_teacher(cfg, student, teacher_spec), f"loading teacher {teacher_spec}")
+        if needs_teacher and teacher_spec is not None
+        else None
+    )
     rewrite_stats, rewrites = _rewrite(stage, cfg, records, teacher if rewrite else None, times)
+    # The teacher travels in a box so that _train_into can drop the last reference before the student trains.
+    box = [teacher] if ranks.is_main else []
+    teacher = None
+    if not ranks.is_main:
+        _free()
+    distributed.on_main(
+        lambda: _train_into(stage, cfg, skipped, records, data_stats, student, box, rewrite_stats, rewrites, times, t0),
+        "recovery on rank 0",
+    )
+
+
+def _train_into(
+    stage: Path,
+    cfg: RecoverConfig,
+    skipped: int,
+    records: list[dict],
+    data_stats: RecoveryData,
+    student: ModelHandle,
+    teacher_box: list[ModelHandle | None],
+    rewrite_stats: RewriteStats,
+    rewrites: dict | None,
+    times: dict[str, float],
+    t0: float,
+) -> None:
+    """Filter, fine-tune, merge and save; DONE last."""
+    teacher = teacher_box.pop()
     rows, filter_stats = _filter(stage, cfg, records, rewrites)
     train_ex, eval_ex, too_long = _examples(student.tokenizer, cfg, rows)
     kd_stats, online = _kd_targets(cfg, teacher, train_ex, tokens.pad_id(student.tokenizer), times)
@@ -159,8 +199,9 @@ def _recover_into(
         teacher = None  # the last reference: the teacher's memory is free before the student trains
         _free()
     history = _finetune_and_save(stage, cfg, train_ex, eval_ex, student, online, times)
-    if (stage / PARTIAL).exists():
-        os.unlink(stage / PARTIAL)  # distilled.jsonl now holds every rewrite
+    for partial in [stage / PARTIAL, *rank_partials(stage / PARTIAL)]:
+        if partial.exists():
+            os.unlink(partial)  # distilled.jsonl now holds every rewrite
     times["total"] = round(time.perf_counter() - t0, 2)
     metrics = RecoverMetrics(
         records=len(records),
@@ -176,7 +217,6 @@ def _recover_into(
         data=data_stats,
     )
     mark_done(stage, cfg, metrics.to_json())
-    return stage
 
 
 def _load_teacher(cfg: RecoverConfig, student: ModelHandle, spec: str) -> ModelHandle:
@@ -204,6 +244,7 @@ def _rewrite(
         temperature=cfg.temperature,
         seed=cfg.seed,
         partial_path=stage / PARTIAL,
+        sharded=True,
     )
     times["rewrite"] = round(time.perf_counter() - t, 2)
     instruction_records = stats.pop("instruction_records")

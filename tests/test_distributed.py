@@ -20,6 +20,7 @@ from finescope import distributed, storage
 from finescope.config import to_dict
 from finescope.curate import run as curate_run
 from test_curate import _cfg
+from test_pipeline import tiny_run  # noqa: F401  (a fixture, used by name)
 from test_prune import CORPUS
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -289,3 +290,46 @@ def test_rewrites_of_a_killed_two_rank_run_resume_in_one_process(tmp_path, chat_
     assert stats["resumed"] == 2 and stats["generated"] == 3
     assert {k: v["rewrite"] for k, v in rows.items()} == {k: v["rewrite"] for k, v in fresh.items()}
     assert set(read_partial(partial)) == set(fresh)
+
+
+def test_finescope_run_with_two_processes_equals_one_process(tiny_run, tmp_path):  # noqa: F811
+    """`finescope run --num-processes 2` relaunches itself under torchrun; the run equals the one-process run."""
+    cfg = yaml.safe_load(tiny_run.read_text())
+    cfg["variants"] = ["dense", "pruned", "pruned_tgd"]
+    cfg["report"] = False
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = _env(tmp_path / "home", FINESCOPE_PROGRESS="1")
+    runs = {}
+    for n in (1, 2):
+        run_dir = tmp_path / f"run{n}"
+        cmd = [sys.executable, "-m", "finescope", "run", "--config", str(path), "--run-dir", str(run_dir)]
+        proc = subprocess.run([*cmd, "--num-processes", str(n)], env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[n] = run_dir
+    assert "[rank 1/2]" in proc.stderr and "launching 2 processes" in proc.stderr
+    one, two = runs[1], runs[2]
+
+    def pairs(pattern: str) -> list[tuple[Path, Path]]:
+        """Matching files of the two runs; stage folders are <label>-<config hash> and the hash holds the run's
+        own paths, so they pair by label."""
+
+        def by_label(root: Path) -> dict[str, Path]:
+            return {p.parent.name.rsplit("-", 1)[0] + "/" + p.name: p for p in root.glob(pattern)}
+
+        a, b = by_label(one), by_label(two)
+        assert a and a.keys() == b.keys(), (sorted(a), sorted(b))
+        return [(a[k], b[k]) for k in sorted(a)]
+
+    for a, b in pairs("curate/*/selected.jsonl"):
+        assert a.read_text() == b.read_text()
+    for a, b in pairs("prune/*/report.json"):
+        assert json.loads(a.read_text())["kept"] == json.loads(b.read_text())["kept"]
+    for a, b in pairs("recover/*/distilled.jsonl"):
+        assert a.read_text() == b.read_text()
+    evals = pairs("eval/*/results.json")
+    assert len(evals) == 3
+    for a, b in evals:
+        va, vb = ([r["value"] for r in json.loads(x.read_text())["results"]] for x in (a, b))
+        assert va == pytest.approx(vb, rel=1e-5), a
+    assert json.loads((two / "pipeline.json").read_text())["config"]["num_processes"] == 2

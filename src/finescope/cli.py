@@ -18,7 +18,7 @@ import warnings
 from functools import partial
 from pathlib import Path
 
-from . import FinescopeError, __version__
+from . import FinescopeError, __version__, distributed
 from .assets import PACKAGES
 from .config import add_config_arguments, config_from_args, load_config
 from .messages import one_line
@@ -33,7 +33,8 @@ def _run_stage(stage: Stage, args: argparse.Namespace) -> int:
     base = load_config(stage.config, args.config) if args.config else None
     cfg = config_from_args(stage.config, args, base)
     out = stage.entry()(cfg, Path(args.out))
-    print(out)
+    if distributed.ranks().is_main:  # one line, not one per rank
+        print(out)
     return 0
 
 
@@ -65,10 +66,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from . import pipeline
     from .config import PipelineConfig
 
-    cfg = load_config(PipelineConfig, pipeline.resolve_config(args.config), args.overrides)
+    overrides = list(args.overrides)
+    if args.num_processes is not None:
+        overrides.append(f"num_processes={args.num_processes}")
+    cfg = load_config(PipelineConfig, pipeline.resolve_config(args.config), overrides)
     root = pipeline.run(cfg, args.run_dir)
     report = root / "report" / "report.html"
-    print(report if report.is_file() and cfg.report else root)
+    if distributed.ranks().is_main:
+        print(report if report.is_file() and cfg.report else root)
     return 0
 
 
@@ -147,6 +152,13 @@ def _add_run(sub) -> None:
         "law, paper-ablations, llama31-8b-mmlu, qwen25-7b-mmlu [default: default]",
     )
     p.add_argument("--run-dir", metavar="DIR", default=None, help="run directory [default: <runs_dir>/<name>]")
+    p.add_argument(
+        "--num-processes",
+        type=int,
+        metavar="N",
+        default=None,
+        help="data-parallel processes: relaunch the run under torchrun with N ranks (config num_processes)",
+    )
     p.add_argument(
         "overrides",
         nargs="*",

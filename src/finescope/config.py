@@ -367,6 +367,8 @@ class PipelineConfig:
     """Extra pruning ratios (curated calibration, no recovery) evaluated on the nll tasks, for an NLL-vs-ratio plot."""
     kd_epochs: Annotated[float | None, Range(min=0, min_open=True)] = None
     """Epochs of the kd variants' recoveries (none = recover.epochs): distillation without rewrites saves the rewrite's time, which the budgeted recipe spends on epochs."""
+    num_processes: Annotated[int, Range(min=1)] = 1
+    """Data-parallel processes on this machine (>1: `finescope run` relaunches itself under torchrun, one rank per process; on GPUs, one per GPU). Several nodes: launch `torchrun … -m finescope run` on each (README → Scaling out)."""
     report: bool = True
     """Write report.md, report.html and the final model's card after the stages."""
     curate: CurateConfig = field(default_factory=CurateConfig)

@@ -17,15 +17,17 @@ through files only.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sys
 import time
 import typing
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import TypeGuard
 
-from . import FinescopeError, __version__, storage
+from . import FinescopeError, __version__, distributed, storage
 from .artifacts import PipelineManifest, VariantEntry
 from .config import KD_SETTINGS, CurateConfig, CurateMethod, PipelineConfig, RecoverConfig, Selector, to_dict
 from .stages import STAGES
@@ -66,7 +68,8 @@ def run_dir_of(cfg: PipelineConfig, run_dir: str | Path | None = None) -> Path:
 
 
 def _log(msg: str) -> None:
-    print(f"run: {msg}", file=sys.stderr, flush=True)
+    if distributed.ranks().is_main:
+        print(f"run: {msg}", file=sys.stderr, flush=True)
 
 
 # ================================================================================================ planning
@@ -244,19 +247,55 @@ def check_run_dir(root: Path) -> None:
 def run(cfg: PipelineConfig, run_dir: str | Path | None = None) -> Path:
     """Run every variant's stages into the run directory; write pipeline.json and the report; return the run dir.
 
-    The run directory is locked for the whole run: a second `finescope run` on it is refused."""
+    The run directory is locked for the whole run: a second `finescope run` on it is refused.
+
+    Launched with several ranks (torchrun / accelerate launch), every rank walks the same plan and takes part in
+    each stage; rank 0 holds the lock and writes the run directory's own files. `num_processes` > 1 without a
+    launcher: relaunch this run under torchrun (`launch`)."""
     root = run_dir_of(cfg, run_dir)
     check_run_dir(root)
     _, chains = plan(cfg, root)
-    with storage.exclusive(root, "run directory"):
-        check_run_dir(root)
-        root.mkdir(parents=True, exist_ok=True)
-        storage.write_json_atomic(root / RUN_MARKER, {"finescope": __version__})
+    if cfg.num_processes > 1 and distributed.ranks().world == 1:
+        return launch(cfg, root)
+    with contextlib.ExitStack() as held:
+
+        def lock() -> None:
+            held.enter_context(storage.exclusive(root, "run directory"))
+            check_run_dir(root)
+            root.mkdir(parents=True, exist_ok=True)
+            storage.write_json_atomic(root / RUN_MARKER, {"finescope": __version__})
+
+        distributed.on_main(lock, f"locking {root}")
         return _run_locked(cfg, root, chains)
 
 
+def launch(cfg: PipelineConfig, root: Path) -> Path:
+    """Run this pipeline as `cfg.num_processes` ranks on this machine: `python -m torch.distributed.run
+    --standalone --nproc-per-node N -m finescope run` with the same config (written to a temporary file).
+    The ranks' output goes to this process's stderr; a failed rank is a PipelineError naming the exit status."""
+    import subprocess
+    import tempfile
+
+    from .child_process import die_with_parent
+    from .config import to_yaml
+
+    n = cfg.num_processes
+    with tempfile.TemporaryDirectory(prefix="finescope-launch-") as tmp:
+        config = Path(tmp) / "pipeline.yaml"
+        config.write_text(to_yaml(cfg), encoding="utf-8")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
+        cmd += ["-m", "finescope", "run", "--config", str(config), "--run-dir", str(root)]
+        _log(f"launching {n} processes: torchrun --standalone --nproc-per-node={n} -m finescope run …")
+        code = subprocess.run(die_with_parent(cmd)).returncode
+    if code != 0:
+        raise PipelineError(f"the {n}-process run of {root} failed (exit status {code}); the ranks' errors are above")
+    return root
+
+
 def _run_locked(cfg: PipelineConfig, root: Path, chains: dict[str, dict]) -> Path:
-    storage.write_atomic(root / "pipeline.yaml", _yaml(cfg))
+    main = distributed.ranks().is_main
+    if main:
+        storage.write_atomic(root / "pipeline.yaml", _yaml(cfg))
     manifest_path = root / "pipeline.json"
     seconds = dict(PipelineManifest.read(manifest_path).stage_seconds) if manifest_path.is_file() else {}
     status: dict[str, str] = {}
@@ -270,14 +309,18 @@ def _run_locked(cfg: PipelineConfig, root: Path, chains: dict[str, dict]) -> Pat
             _log(f"[{i}/{len(order)}] {key}: done, skipped")
             continue
         if job.stage == "prune" and Path(job.cfg.data).parent == root / "data":
-            _write_generic(Path(job.cfg.data), cfg.prune.seed)
+            data = Path(job.cfg.data)
+            distributed.on_main(partial(_write_generic, data, cfg.prune.seed), f"writing {data}")
         _log(f"[{i}/{len(order)}] {key}: running {job.stage}")
         t = time.perf_counter()
         _stage_fn(job.stage)(job.cfg, job.folder)
         seconds[key] = round(time.perf_counter() - t, 2)
         status[key] = "ran"
         _log(f"[{i}/{len(order)}] {key}: finished in {seconds[key]:.0f} s")
-        _write_manifest(manifest_path, cfg, root, chains, seconds, status, time.perf_counter() - started)
+        if main:
+            _write_manifest(manifest_path, cfg, root, chains, seconds, status, time.perf_counter() - started)
+    if not main:
+        return root
     _write_manifest(manifest_path, cfg, root, chains, seconds, status, time.perf_counter() - started)
     if cfg.report:
         from .report.run import write_report

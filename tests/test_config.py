@@ -168,3 +168,19 @@ def test_variants_validated_against_the_variant_table(tmp_path):
         ConfigError, match=r"p\.yaml: variants\[1\] = 'nope_nothing_like_it': unknown variant \(known: dense,"
     ):
         load_config(PipelineConfig, path)
+
+
+def test_fields_added_at_their_old_behaviour_leave_the_hash_alone():
+    """HASH_OMIT_AT: a field added later, at the value that reproduces the earlier behaviour, is not hashed, so
+    finished stages of an earlier version stay valid; any other value is hashed."""
+    from finescope.config import CurateConfig, RecoverConfig
+    from finescope.storage import config_hash, to_jsonable
+
+    for cfg in (CurateConfig(), RecoverConfig()):
+        data = to_jsonable(cfg)
+        for name in (*cfg.HASH_EXCLUDE, *cfg.HASH_OMIT_AT):
+            data.pop(name)
+        assert config_hash(cfg) == config_hash(data)  # exactly the hash of the config without those fields
+    assert config_hash(CurateConfig(sae_data="pool+reference")) != config_hash(CurateConfig())
+    assert config_hash(CurateConfig(dtype="bfloat16")) != config_hash(CurateConfig())
+    assert config_hash(CurateConfig(device="cpu")) == config_hash(CurateConfig())  # device is never hashed

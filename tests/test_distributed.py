@@ -333,3 +333,21 @@ def test_finescope_run_with_two_processes_equals_one_process(tiny_run, tmp_path)
         va, vb = ([r["value"] for r in json.loads(x.read_text())["results"]] for x in (a, b))
         assert va == pytest.approx(vb, rel=1e-5), a
     assert json.loads((two / "pipeline.json").read_text())["config"]["num_processes"] == 2
+
+
+def test_device_auto_is_refused_under_several_ranks_and_for_training(tiny_model_dirs, tmp_path, monkeypatch):
+    from finescope.config import RecoverConfig
+    from finescope.modeling import ModelError, load
+    from finescope.recover.run import RecoverError
+    from finescope.recover.run import run as recover_run
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(
+        ModelError, match="device 'auto' spreads one model over every GPU, but this process is one of 2"
+    ):
+        load(tiny_model_dirs["llama"], device="auto")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    cfg = RecoverConfig(student=str(tiny_model_dirs["llama"]), data=str(tmp_path / "x.jsonl"), device="auto")
+    with pytest.raises(RecoverError, match="--device auto: the student trains"):
+        recover_run(cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

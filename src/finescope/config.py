@@ -151,10 +151,15 @@ class CurateConfig:
     """Random seed (sampling, probes, SAE init)."""
     skip_bad_rows: bool = False
     """Skip malformed input rows (and count them) instead of stopping at the first one."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """SAE method: the model's dtype for its forwards (auto = fp32 on CPU, bf16 on GPU); SAEs train in fp32."""
+    device: str | None = None
+    """SAE method: cpu, cuda, cuda:1, or auto (one model spread over the GPUs, forwards only); none = cuda if available (under several ranks: each rank's own GPU)."""
     overwrite: bool = False
     """Replace an existing output folder that is not a previous curate output (it is kept aside, never deleted)."""
 
-    HASH_EXCLUDE = ("overwrite",)
+    HASH_EXCLUDE = ("device", "overwrite")
+    HASH_OMIT_AT = {"sae_data": "reference", "dtype": "auto"}
 
 
 @dataclass
@@ -270,10 +275,15 @@ class RecoverConfig:
     """Random seed (split, LoRA init, dropout, data order, sampling)."""
     skip_bad_rows: bool = False
     """Skip malformed input rows (and count them) instead of stopping at the first one."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Student and teacher dtype (auto = fp32 on CPU, bf16 on GPU)."""
+    device: str | None = None
+    """Student and teacher device: cpu, cuda, cuda:1; none = cuda if available (under several ranks: each rank's own GPU). Not auto: the student trains, its weights stay on one device."""
     overwrite: bool = False
     """Replace an existing output folder that is not a previous recover output."""
 
-    HASH_EXCLUDE = ("overwrite",)
+    HASH_EXCLUDE = ("device", "overwrite")
+    HASH_OMIT_AT = {"dtype": "auto"}
 
 
 @dataclass

@@ -131,11 +131,16 @@ def config_hash(cfg: Any) -> str:
     """Stable short hash of a config (dataclass or dict): canonical JSON, sorted keys, sha256.
 
     Fields listed in the dataclass's `HASH_EXCLUDE` (e.g. progress-bar switches) do not change results and are
-    left out, so toggling them does not invalidate finished stages.
+    left out, so toggling them does not invalidate finished stages. `HASH_OMIT_AT` maps fields added after a
+    release to the value that reproduces the earlier behaviour: at that value they are left out too, so adding
+    them keeps every finished stage of an earlier version valid.
     """
     data = to_jsonable(cfg)
     for name in getattr(cfg, "HASH_EXCLUDE", ()):
         data.pop(name, None)
+    for name, value in getattr(cfg, "HASH_OMIT_AT", {}).items():
+        if name in data and data[name] == value:
+            data.pop(name)
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashing.sha256_hex(blob, 16)
 

@@ -328,7 +328,9 @@ def run(cfg: CurateConfig, out: Path) -> Path:
     pool = _load_pool(cfg)
     handle = reference = None
     if cfg.method == "sae":  # rank 0 first: a model converted into the asset cache is converted once
-        handle = distributed.main_first(lambda: load(cfg.model), f"loading {cfg.model}")
+        handle = distributed.main_first(
+            lambda: load(cfg.model, dtype=cfg.dtype, device=cfg.device), f"loading {cfg.model}"
+        )
         n_layers = handle.adapter.num_layers
         for layer in cfg.layers:
             if not 0 <= layer < n_layers:

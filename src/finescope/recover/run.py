@@ -105,6 +105,11 @@ def _check_settings(cfg: RecoverConfig) -> None:
             "--no-teacher with --kd-weight > 0: logit distillation needs the teacher; use --no-rewrite to "
             "distil without teacher rewrites"
         )
+    if cfg.device == "auto":
+        raise RecoverError(
+            "--device auto: the student trains, so its weights stay on one device; use cuda, cuda:N or cpu "
+            "(several GPUs: several processes, README → Scaling out)"
+        )
     if cfg.kd_cache not in ("auto", "off") and Path(cfg.kd_cache).expanduser().exists():
         if not Path(cfg.kd_cache).expanduser().is_dir():
             raise RecoverError(f"--kd-cache {cfg.kd_cache}: not a folder (give a folder, 'auto' or 'off')")
@@ -128,7 +133,9 @@ def run(cfg: RecoverConfig, out: Path) -> Path:
     if teacher_spec is not None:
         resolve_model_path(teacher_spec)  # a missing teacher is refused before the folder is opened
 
-    student = distributed.main_first(lambda: load(cfg.student), f"loading {cfg.student}")
+    student = distributed.main_first(
+        lambda: load(cfg.student, dtype=cfg.dtype, device=cfg.device), f"loading {cfg.student}"
+    )
     tok = student.tokenizer
     # Fail on an impossible max_length before spending minutes on the teacher (and before the folder is opened).
     build_examples(tok, rows[:1], cfg.max_length)
@@ -220,7 +227,7 @@ def _train_into(
 
 
 def _load_teacher(cfg: RecoverConfig, student: ModelHandle, spec: str) -> ModelHandle:
-    teacher = load(spec)
+    teacher = load(spec, dtype=cfg.dtype, device=cfg.device)
     check_same_tokenizer(student.tokenizer, teacher.tokenizer, cfg.student, spec)
     if cfg.kd_weight > 0:
         check_same_vocabulary(student.model, teacher.model, cfg.student, spec)

@@ -210,9 +210,23 @@ def test_run_end_to_end_outputs_and_cache(tiny_model_dirs, tmp_path, cache_home,
         return real_encode(handle, layer, coords, encode, batches, cache_dir, *a, **k)
 
     monkeypatch.setattr(curate_run, "encode_pooled", counting)
+    streamed = []
+    real_stream = curate_run.encode_pooled_stream
+
+    def counting_stream(handle, layer, coords, encode, chunks, cache_dir, **k):
+        streamed.append(any(cache_dir.glob("shard-*")))
+        real_forward = handle.adapter.hidden_after
+        handle.adapter.hidden_after = forbidden  # no forward over the pool
+        try:
+            return real_stream(handle, layer, coords, encode, chunks, cache_dir, **k)
+        finally:
+            handle.adapter.hidden_after = real_forward
+
+    monkeypatch.setattr(curate_run, "encode_pooled_stream", counting_stream)
     cfg2 = _cfg(tiny_model_dirs, tmp_path, top_m=5, selection="per_seed")
     out2 = curate_run.run(cfg2, tmp_path / "curate2")
-    assert calls[0] == (41, True)  # pool encodings were on disk
+    assert streamed == [True]  # pool encodings were on disk and read from there
+    assert calls == [(3, True)]  # the seeds' too
     assert len((out2 / "selected.jsonl").read_text().splitlines()) >= 5
 
 

@@ -21,7 +21,7 @@ def test_codes_from_the_cache_equal_codes_from_a_forward(tiny_model_dirs, tmp_pa
     texts = ["Tom has 3 apples and buys 4 more.", "Shares rose 4% on Monday.", "", "x " * 40, "A cat."]
     idx = torch.tensor([0, 3, 5, 7, 11, 2])
     batches = TextBatches(h.tokenizer, texts, max_length=16, batch_size=2)
-    acts = harvest_records(h, 1, idx, batches, tmp_path / "acts")
+    acts = harvest_records(h, 1, idx, [texts], tmp_path / "acts", max_length=16, batch_size=2)
     assert acts.records == len(texts)
     assert [int(x) for s in acts.shards for x in s["lengths"]][2] == 0  # the empty text keeps its row
     sae, _ = train_sae(acts.all_tokens(), d_sae=24, k=4, steps=20, batch_size=16)
@@ -90,10 +90,10 @@ def test_pool_activation_cache_is_invalidated_by_what_it_depends_on(tiny_model_d
 def test_a_killed_pool_harvest_resumes_at_shard_granularity(tiny_model_dirs, tmp_path, monkeypatch):
     h = load(tiny_model_dirs["llama"], device="cpu")
     texts = [f"record {i} has {i * 3} apples" for i in range(40)]
-    batches = TextBatches(h.tokenizer, texts, max_length=16, batch_size=2)  # 20 batches: shards of 16 and 4
     idx = torch.arange(6)
-    full = harvest_records(h, 1, idx, batches, tmp_path / "acts")
-    assert len(full.shards) == 2
+    chunks = [texts[:32], texts[32:]]  # one per shard: SHARD_BATCHES (16) batches of 2
+    full = harvest_records(h, 1, idx, chunks, tmp_path / "acts", max_length=16, batch_size=2)
+    assert len(full.paths) == 2
     (tmp_path / "acts" / "shard-00001.safetensors").unlink()  # as if killed before the last shard was written
     calls = []
     real = h.adapter.hidden_after
@@ -103,7 +103,7 @@ def test_a_killed_pool_harvest_resumes_at_shard_granularity(tiny_model_dirs, tmp
         return real(*a, **k)
 
     monkeypatch.setattr(h.adapter, "hidden_after", counting)
-    again = harvest_records(h, 1, idx, batches, tmp_path / "acts")
+    again = harvest_records(h, 1, idx, chunks, tmp_path / "acts", max_length=16, batch_size=2)
     assert len(calls) == 4  # only the missing shard's batches
     assert torch.equal(again.all_tokens(), full.all_tokens())
     assert not list((tmp_path / "acts").glob("*.tmp*"))

@@ -24,6 +24,7 @@ import bz2
 import csv
 import errno
 import gzip
+import hashlib
 import io
 import json
 import lzma
@@ -622,42 +623,77 @@ BadRow = _Bad
 # ================================================================================================ public API
 
 
+class RecordStream:
+    """The normalised records of a file, read row by row and never held whole: iterate it (again and again, each
+    time from the file). Ids are unique within the file; what `read_records` checks, this checks while reading,
+    keeping a 12-byte digest per id rather than the ids. After a full pass, `count`, `skipped` and
+    `skipped_reasons` describe that pass.
+
+        stream = RecordStream("pool.jsonl.gz")
+        for rec in stream: ...
+    """
+
+    def __init__(self, path: str | os.PathLike, *, skip_bad_rows: bool = False, limit: int | None = None):
+        self.path = Path(path)
+        self.skip_bad_rows = skip_bad_rows
+        self.limit = limit
+        self.count = 0
+        self.skipped = 0
+        self.skipped_reasons: list[str] = []
+
+    def __iter__(self) -> Iterator[dict]:
+        path = self.path
+        self.count, self.skipped, self.skipped_reasons = 0, 0, []
+        seen: dict[bytes, str] = {}
+
+        def key(rid: str) -> bytes:
+            return hashlib.blake2b(rid.encode("utf-8", "surrogatepass"), digest_size=12).digest()
+
+        for where, raw in _row_source(path):
+            try:
+                if isinstance(raw, _Bad):
+                    raise ValueError(raw.reason)
+                rec = normalise_record(raw)
+                explicit = "id" in rec
+                rid = rec["id"] if explicit else content_id(rec)
+                if key(rid) in seen:
+                    if explicit:
+                        raise ValueError(f"duplicate id {quote(rid)} (first seen at {seen[key(rid)]})")
+                    n = 2
+                    while key(f"{rid}-{n}") in seen:
+                        n += 1
+                    rid = f"{rid}-{n}"
+                seen[key(rid)] = where
+                out = {"id": rid, **{k: v for k, v in rec.items() if k != "id"}}
+            except (ValueError, RecursionError) as e:
+                reason = one_line(e, 400) if isinstance(e, ValueError) else "nested too deeply to read"
+                if not self.skip_bad_rows:
+                    raise RecordError(f"{path}: {where}: {reason}") from None
+                self.skipped += 1
+                if len(self.skipped_reasons) < 1000:
+                    self.skipped_reasons.append(f"{where}: {reason}")
+                continue
+            self.count += 1
+            yield out
+            if self.limit is not None and self.count >= self.limit:
+                break
+        if not self.count:
+            detail = (
+                f" ({self.skipped} malformed rows skipped; first: {self.skipped_reasons[0]})" if self.skipped else ""
+            )
+            raise RecordError(f"{path}: no usable records{detail}")
+
+
 def read_records(path: str | os.PathLike, *, skip_bad_rows: bool = False, limit: int | None = None) -> Records:
     """Read and normalise every record of `path`; ids are unique within the file.
 
     A malformed row raises RecordError naming the file and line (or is skipped and counted when
-    `skip_bad_rows`). A file with no usable record raises RecordError.
+    `skip_bad_rows`). A file with no usable record raises RecordError. (`RecordStream` reads without holding
+    the records.)
     """
-    path = Path(path)
-    out = Records(source=str(path))
-    seen: dict[str, str] = {}
-    for where, raw in _row_source(path):
-        try:
-            if isinstance(raw, _Bad):
-                raise ValueError(raw.reason)
-            rec = normalise_record(raw)
-            explicit = "id" in rec
-            rid = rec["id"] if explicit else content_id(rec)
-            if rid in seen:
-                if explicit:
-                    raise ValueError(f"duplicate id {quote(rid)} (first seen at {seen[rid]})")
-                n = 2
-                while f"{rid}-{n}" in seen:
-                    n += 1
-                rid = f"{rid}-{n}"
-            seen[rid] = where
-            out.append({"id": rid, **{k: v for k, v in rec.items() if k != "id"}})
-        except (ValueError, RecursionError) as e:
-            reason = one_line(e, 400) if isinstance(e, ValueError) else "nested too deeply to read"
-            if not skip_bad_rows:
-                raise RecordError(f"{path}: {where}: {reason}") from None
-            out.skipped += 1
-            out.skipped_reasons.append(f"{where}: {reason}")
-        if limit is not None and len(out) >= limit:
-            break
-    if not out:
-        detail = f" ({out.skipped} malformed rows skipped; first: {out.skipped_reasons[0]})" if out.skipped else ""
-        raise RecordError(f"{path}: no usable records{detail}")
+    stream = RecordStream(path, skip_bad_rows=skip_bad_rows, limit=limit)
+    out = Records(stream, source=str(Path(path)))
+    out.skipped, out.skipped_reasons = stream.skipped, stream.skipped_reasons
     return out
 
 

@@ -136,13 +136,17 @@ def config_hash(cfg: Any) -> str:
     them keeps every finished stage of an earlier version valid.
     """
     data = to_jsonable(cfg)
-    for name in getattr(cfg, "HASH_EXCLUDE", ()):
+    for name in hash_excluded(cfg):
         data.pop(name, None)
-    for name, value in getattr(cfg, "HASH_OMIT_AT", {}).items():
-        if name in data and data[name] == value:
-            data.pop(name)
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashing.sha256_hex(blob, 16)
+
+
+def hash_excluded(cfg: Any) -> list[str]:
+    """The fields `config_hash` leaves out of this config: HASH_EXCLUDE, and HASH_OMIT_AT fields at their value."""
+    data = to_jsonable(cfg) if not isinstance(cfg, dict) else cfg
+    omitted = [k for k, v in getattr(cfg, "HASH_OMIT_AT", {}).items() if k in data and data[k] == v]
+    return [*getattr(cfg, "HASH_EXCLUDE", ()), *omitted]
 
 
 # ---------------------------------------------------------------------------------------------- stage folders
@@ -260,7 +264,7 @@ def open_stage(path: str | os.PathLike, cfg: Any, *, overwrite: bool = False) ->
         {
             "config_hash": want,
             "stage": stage_kind(cfg),
-            "hash_exclude": list(getattr(cfg, "HASH_EXCLUDE", ())),
+            "hash_exclude": hash_excluded(cfg),
             "config": cfg,
         },
     )

@@ -11,7 +11,7 @@ Padding and special tokens (BOS) are excluded from everything downstream through
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,12 +69,16 @@ def _shard_path(cache_dir: Path, i: int) -> Path:
     return cache_dir / f"shard-{i:05d}.safetensors"
 
 
+SHARD_BATCHES = 16
+"""Batches per cache shard."""
+
+
 def sharded(
     cache_dir: Path,
     n_batches: int,
     compute: Callable[[int], dict[str, torch.Tensor]],
     desc: str,
-    shard_batches: int = 16,
+    shard_batches: int = SHARD_BATCHES,
 ) -> list[dict[str, torch.Tensor]]:
     """Run `compute(batch_index)` over all batches, `shard_batches` per safetensors shard in `cache_dir`.
 
@@ -131,12 +135,44 @@ def harvest_coords(
     return {l: torch.cat([s[f"layer{l}"] for s in shards]) for l in layers}
 
 
+def sharded_stream(
+    cache_dir: Path,
+    chunks: Iterable[list[str]],
+    compute: Callable[[list[str]], dict[str, torch.Tensor]],
+    desc: str,
+    total: int | None = None,
+) -> list[Path]:
+    """Like `sharded`, over texts that arrive as a stream of per-shard chunks (`Pool.text_chunks(shard texts)`):
+    shard s is computed from chunk s unless on disk, by rank s mod world, and nothing is kept in memory. Returns
+    the shard paths, in order, once every rank has written its shards (read them one at a time)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    ranks = distributed.ranks()
+    where = f" [rank {ranks.rank}/{ranks.world}]" if ranks.world > 1 else ""
+    bar = progress(total=total, desc=desc + where, unit="text")
+    paths = []
+    for s, texts in enumerate(chunks):
+        path = _shard_path(cache_dir, s)
+        paths.append(path)
+        if s % ranks.world == ranks.rank:
+            if not path.is_file():
+                write_atomic(path, save({k: v.contiguous() for k, v in compute(texts).items()}))
+            bar.update(len(texts))
+    bar.close()
+    distributed.barrier(f"{desc}: waiting for every rank's shards")
+    return paths
+
+
 @dataclass
 class RecordActivations:
     """Selected coordinates of every real token of every record, as the shards on disk hold them: per shard,
     "acts" (tokens, K) float32 with each record's tokens contiguous and in order, and "lengths" (records,)."""
 
-    shards: list[dict[str, torch.Tensor]]
+    paths: list[Path]
+
+    @property
+    def shards(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The shards, read one at a time."""
+        return (load_file(str(p)) for p in self.paths)
 
     @property
     def tokens(self) -> int:
@@ -152,22 +188,35 @@ class RecordActivations:
 
 @torch.no_grad()
 def harvest_records(
-    handle, layer: int, coords: torch.Tensor, batches: TextBatches, cache_dir: Path, desc: str = "harvest"
+    handle,
+    layer: int,
+    coords: torch.Tensor,
+    chunks: Iterable[list[str]],
+    cache_dir: Path,
+    *,
+    max_length: int,
+    batch_size: int,
+    desc: str = "harvest",
+    total: int | None = None,
 ) -> RecordActivations:
     """Each text's token activations at `layer` (selected coordinates), cached as shards that keep the record
-    boundaries, so pooled codes can be computed later from disk (`pool_codes`) without a second forward."""
+    boundaries, so pooled codes can be computed later from disk (`pool_codes`) without a second forward.
+    `chunks`: the texts, one list per shard (SHARD_BATCHES × batch_size texts)."""
     dev = _device(handle)
     idx = coords.to(dev)
 
-    def compute(b: int) -> dict[str, torch.Tensor]:
-        batch = batches.batch(b)
-        hidden = handle.adapter.hidden_after(
-            layer, input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)
-        )
-        mask = batch["token_mask"].to(dev)
-        return {"acts": hidden[mask][:, idx].float().cpu(), "lengths": mask.sum(1).cpu()}
+    def compute(texts: list[str]) -> dict[str, torch.Tensor]:
+        acts, lengths = [], []
+        for batch in TextBatches(handle.tokenizer, texts, max_length, batch_size):
+            hidden = handle.adapter.hidden_after(
+                layer, input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)
+            )
+            mask = batch["token_mask"].to(dev)
+            acts.append(hidden[mask][:, idx].float().cpu())
+            lengths.append(mask.sum(1).cpu())
+        return {"acts": torch.cat(acts), "lengths": torch.cat(lengths)}
 
-    return RecordActivations(sharded(cache_dir, len(batches), compute, desc=desc))
+    return RecordActivations(sharded_stream(cache_dir, chunks, compute, desc, total))
 
 
 def _pool_tokens(codes: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -189,12 +238,19 @@ def pool_codes(
     acts: RecordActivations, encode: Callable[[torch.Tensor], torch.Tensor], pooling: str = "mean", chunk: int = 8192
 ) -> torch.Tensor:
     """One vector per record from cached token activations: `encode` per token, pooled as `encode_pooled` does."""
-    out = []
+    return torch.cat(list(pool_codes_by_shard(acts, encode, pooling, chunk)))
+
+
+@torch.no_grad()
+def pool_codes_by_shard(
+    acts: RecordActivations, encode: Callable[[torch.Tensor], torch.Tensor], pooling: str = "mean", chunk: int = 8192
+) -> Iterator[torch.Tensor]:
+    """`pool_codes`, one shard's records at a time."""
     for shard in acts.shards:
         tokens = shard["acts"].float()
-        codes = torch.cat([encode(tokens[i : i + chunk]).float().cpu() for i in range(0, tokens.shape[0], chunk)])
-        out.append(_pool_tokens(codes, shard["lengths"].long(), pooling))
-    return torch.cat(out)
+        codes = [encode(tokens[i : i + chunk]).float().cpu() for i in range(0, tokens.shape[0], chunk)]
+        flat = torch.cat(codes) if codes else encode(tokens[:0]).float().cpu()  # a shard of empty texts
+        yield _pool_tokens(flat, shard["lengths"].long(), pooling)
 
 
 @torch.no_grad()
@@ -211,24 +267,52 @@ def encode_pooled(
     """One vector per text: `encode` (e.g. an SAE encoder) applied to each token's selected coordinates at
     `layer`, pooled over non-special tokens (mean, max, or both concatenated). Texts without any token get a zero
     vector."""
-    dev = _device(handle)
-    idx = coords.to(dev)
-
-    def compute(b: int) -> dict[str, torch.Tensor]:
-        batch = batches.batch(b)
-        hidden = handle.adapter.hidden_after(
-            layer, input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)
-        )
-        mask = batch["token_mask"].to(dev)
-        codes = encode(hidden[..., idx].float())  # (B, T, d_code)
-        m = mask.unsqueeze(-1).float()
-        parts = []
-        if pooling in ("mean", "mean+max"):
-            parts.append((codes * m).sum(1) / m.sum(1).clamp_min(1.0))
-        if pooling in ("max", "mean+max"):  # only when asked: the default mean pooling skips the extra pass
-            peak = codes.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
-            parts.append(torch.where(mask.any(1, keepdim=True), peak, torch.zeros_like(peak)))
-        return {"pooled": torch.cat(parts, -1).cpu()}
-
-    shards = sharded(cache_dir, len(batches), compute, desc=desc)
+    shards = sharded(
+        cache_dir, len(batches), lambda b: _pooled_batch(handle, layer, coords, encode, batches.batch(b), pooling), desc
+    )
     return torch.cat([s["pooled"] for s in shards])
+
+
+@torch.no_grad()
+def encode_pooled_stream(
+    handle,
+    layer: int,
+    coords: torch.Tensor,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    chunks: Iterable[list[str]],
+    cache_dir: Path,
+    *,
+    max_length: int,
+    batch_size: int,
+    pooling: str = "mean",
+    desc: str = "encode",
+    total: int | None = None,
+) -> list[Path]:
+    """`encode_pooled` over a stream of per-shard text chunks (SHARD_BATCHES × batch_size texts each, the same
+    shards `encode_pooled` writes): the shard files ("pooled": (texts, d_code)), read them one at a time."""
+
+    def compute(texts: list[str]) -> dict[str, torch.Tensor]:
+        parts = [
+            _pooled_batch(handle, layer, coords, encode, b, pooling)["pooled"]
+            for b in TextBatches(handle.tokenizer, texts, max_length, batch_size)
+        ]
+        return {"pooled": torch.cat(parts)}
+
+    return sharded_stream(cache_dir, chunks, compute, desc, total)
+
+
+def _pooled_batch(handle, layer: int, coords: torch.Tensor, encode, batch: dict, pooling: str) -> dict:
+    dev = _device(handle)
+    hidden = handle.adapter.hidden_after(
+        layer, input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)
+    )
+    mask = batch["token_mask"].to(dev)
+    codes = encode(hidden[..., coords.to(dev)].float())  # (B, T, d_code)
+    m = mask.unsqueeze(-1).float()
+    parts = []
+    if pooling in ("mean", "mean+max"):
+        parts.append((codes * m).sum(1) / m.sum(1).clamp_min(1.0))
+    if pooling in ("max", "mean+max"):  # only when asked: the default mean pooling skips the extra pass
+        peak = codes.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
+        parts.append(torch.where(mask.any(1, keepdim=True), peak, torch.zeros_like(peak)))
+    return {"pooled": torch.cat(parts, -1).cpu()}

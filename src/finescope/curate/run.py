@@ -18,6 +18,7 @@ import contextlib
 import random
 import time
 import warnings
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,12 +31,22 @@ from ..config import CurateConfig
 from ..corpora import default_reference_texts, resolve_records_path
 from ..data import read_records, record_text
 from ..modeling import load
-from .activations import RecordActivations, TextBatches, encode_pooled, harvest_coords, harvest_records, pool_codes
+from .activations import (
+    SHARD_BATCHES,
+    RecordActivations,
+    TextBatches,
+    encode_pooled,
+    encode_pooled_stream,
+    harvest_coords,
+    harvest_records,
+    pool_codes_by_shard,
+)
 from .baselines import minilm_embeddings, random_scores
 from .coords import coordinate_scores, top_k_coords
 from .dsir import dsir_scores
+from .pool import Pool
 from .sae import evaluate_sae, load_sae, save_sae, train_sae
-from .select import max_cosine, seed_cosine, select_global, select_per_seed, weight_latents
+from .select import LatentStats, dedupe_key, max_cosine, seed_cosine, select_global, select_per_seed
 
 # Bump when the SAE's definition changes, so cached SAEs (and encodings made with them) are not reused.
 SAE_VERSION = 3  # 3: folder and encodings use the standardisation folded into the weights (SAELens layout)
@@ -52,11 +63,20 @@ def _cache_root() -> Path:
     return assets.home() / "cache" / "curate"
 
 
-def _load_pool(cfg: CurateConfig) -> list[dict]:
-    records = list(read_records(resolve_records_path(cfg.pool, "pool"), skip_bad_rows=cfg.skip_bad_rows))
-    if cfg.pool_sample and cfg.pool_sample < len(records):
-        records = random.Random(cfg.seed).sample(records, cfg.pool_sample)
-    return records
+def _open_pool(cfg: CurateConfig) -> Pool:
+    """The pool (validated in one streaming pass; sampled when pool_sample is set), never held whole."""
+    return Pool.open(
+        resolve_records_path(cfg.pool, "pool"),
+        fields=cfg.encode_fields,
+        sample=cfg.pool_sample,
+        seed=cfg.seed,
+        skip_bad_rows=cfg.skip_bad_rows,
+    )
+
+
+def _shard_texts(cfg: CurateConfig) -> int:
+    """Texts per cache shard of the pool (the shards `encode_pooled` writes for a text list)."""
+    return SHARD_BATCHES * cfg.batch_size
 
 
 def _reference_texts(cfg: CurateConfig) -> list[str]:
@@ -108,15 +128,13 @@ def _sae_key(cfg: CurateConfig, coords_key: str, reference: list[str], pool_acts
     )
 
 
-def _pool_acts_key(cfg: CurateConfig, coords_key: str, layer: int, pool_texts: list[str]) -> str:
+def _pool_acts_key(cfg: CurateConfig, coords_key: str, layer: int, pool: Pool) -> str:
     """Cache key of the pool's token activations: the coordinates (model and layer included), the texts and how
     they are tokenised and batched."""
-    return hashing.digest_parts(
-        "pool-acts", coords_key, layer, cfg.max_length, cfg.batch_size, hashing.digest_texts(pool_texts)
-    )
+    return hashing.digest_parts("pool-acts", coords_key, layer, cfg.max_length, cfg.batch_size, pool.digest)
 
 
-def _train_layer_sae(cfg: CurateConfig, handle, layer: int, reference: list[str], model_fp: str, pool_texts: list[str]):
+def _train_layer_sae(cfg: CurateConfig, handle, layer: int, reference: list[str], model_fp: str, pool: Pool):
     """Coordinates + SAE for one layer, from the cache when the same inputs were seen before.
 
     sae_data = pool+reference: the pool's token activations are harvested first (one forward per pool record,
@@ -132,14 +150,23 @@ def _train_layer_sae(cfg: CurateConfig, handle, layer: int, reference: list[str]
     pool_acts: RecordActivations | None = None
     pool_key = None
     if cfg.sae_data == "pool+reference":
-        pool_key = _pool_acts_key(cfg, coords_key, layer, pool_texts)
+        pool_key = _pool_acts_key(cfg, coords_key, layer, pool)
         cache = _cache_root() / f"pool-acts-{pool_key}"
         t = time.perf_counter()
-        batches = TextBatches(handle.tokenizer, pool_texts, cfg.max_length, cfg.batch_size)
-        pool_acts = harvest_records(handle, layer, idx, batches, cache, desc=f"harvest pool (layer {layer})")
+        pool_acts = harvest_records(
+            handle,
+            layer,
+            idx,
+            pool.text_chunks(_shard_texts(cfg)),
+            cache,
+            max_length=cfg.max_length,
+            batch_size=cfg.batch_size,
+            desc=f"harvest pool (layer {layer})",
+            total=len(pool),
+        )
         if distributed.ranks().is_main:
             storage.write_json_atomic(
-                cache / "info.json", {"texts": len(pool_texts), "layer": layer, "tokens": pool_acts.tokens}
+                cache / "info.json", {"texts": len(pool), "layer": layer, "tokens": pool_acts.tokens}
             )
         timings["harvest_pool_s"] = time.perf_counter() - t
     key = _sae_key(cfg, coords_key, reference, pool_key)
@@ -276,23 +303,84 @@ def _sae_vectors(cfg, handle, layer_state, layer: int, texts: list[str], tag: st
     return vecs
 
 
+def _pool_code_shards(cfg: CurateConfig, handle, state, layer: int, pool: Pool) -> Callable[[], Iterator[torch.Tensor]]:
+    """The pool's pooled SAE codes, one shard at a time (a function that starts a new pass): encoded from the
+    harvested activations (sae_data = pool+reference) or by a forward per record, cached as shards."""
+    acts = state["pool_acts"]
+    if acts is not None:  # no second forward
+        return lambda: pool_codes_by_shard(acts, state["sae"].encode, cfg.pooling)
+    # The key `_sae_vectors` gives the same texts: caches written by either are shared.
+    key = hashing.digest_parts("enc", state["key"], layer, cfg.pooling, cfg.max_length, cfg.batch_size, pool.digest)
+    cache = _cache_root() / f"enc-{key}"
+    paths = encode_pooled_stream(
+        handle,
+        layer,
+        state["indices"],
+        state["sae"].encode,
+        pool.text_chunks(_shard_texts(cfg)),
+        cache,
+        max_length=cfg.max_length,
+        batch_size=cfg.batch_size,
+        pooling=cfg.pooling,
+        desc=f"encode pool (layer {layer})",
+        total=len(pool),
+    )
+    if distributed.ranks().is_main:
+        storage.write_json_atomic(cache / "info.json", {"texts": len(pool), "layer": layer, "tag": "pool"})
+    return lambda: (load_file(str(p))["pooled"] for p in paths)
+
+
+@dataclass
+class _LayerCodes:
+    """What features.json needs of one layer: a pass over the pool's codes, their statistics, the seeds' codes."""
+
+    shards: Callable[[], Iterator[torch.Tensor]]
+    stats: LatentStats
+    seeds: torch.Tensor
+    width: int
+    """Latents of the SAE (mean+max pooling: the mean half is read)."""
+
+
 def _features(
-    pool_vecs, seed_vecs, selected: list[int], pool: list[dict], texts: list[str], top: int = 20, snippets: int = 5
+    codes: _LayerCodes, selected: list[int], pool: Pool, top: int = 20, snippets: int = 5
 ) -> list[SharedLatent]:
     """SAE latents most shared by the seeds and the selection, with their top-activating pool snippets.
 
     A latent counts by how much more it fires on both the seeds and the selection than on the pool at large
-    (min(seed mean, selected mean) − pool mean): latents that fire on everything explain nothing.
+    (min(seed mean, selected mean) − pool mean): latents that fire on everything explain nothing. Two passes
+    over the pool's code shards (selection mean, then each top latent's best records), one over the pool for the
+    snippets' texts.
     """
-    seed_mean = seed_vecs.mean(0)
-    sel_mean = pool_vecs[selected].mean(0) if selected else torch.zeros_like(seed_mean)
-    pool_mean = pool_vecs.mean(0)
+    w = codes.width
+    assert codes.stats.total is not None, "the pool has records"
+    seed_mean = codes.seeds[:, :w].float().mean(0)
+    pool_mean = (codes.stats.total[:w] / max(codes.stats.n, 1)).float()
+    chosen = set(selected)
+    sel_sum, offset = torch.zeros(w, dtype=torch.float64), 0
+    for shard in codes.shards():
+        rows = [i - offset for i in range(offset, offset + shard.shape[0]) if i in chosen]
+        if rows:
+            sel_sum += shard[rows, :w].double().sum(0)
+        offset += shard.shape[0]
+    sel_mean = (sel_sum / len(selected)).float() if selected else torch.zeros_like(seed_mean)
     shared = torch.minimum(seed_mean, sel_mean) - pool_mean
+    latents = [j for j in torch.argsort(shared, descending=True)[:top].tolist() if float(shared[j]) > 0]
+    if not latents:
+        return []
+    best_vals = torch.full((snippets, len(latents)), float("-inf"))
+    best_idx = torch.full((snippets, len(latents)), -1, dtype=torch.long)
+    offset = 0
+    for shard in codes.shards():  # running top-`snippets` records of each latent (earlier records win ties)
+        vals = torch.cat([best_vals, shard[:, latents].float()])
+        positions = torch.arange(offset, offset + shard.shape[0]).unsqueeze(1).expand(-1, len(latents))
+        idx = torch.cat([best_idx, positions])
+        order = torch.sort(vals, dim=0, descending=True, stable=True).indices[:snippets]
+        best_vals, best_idx = vals.gather(0, order), idx.gather(0, order)
+        offset += shard.shape[0]
+    records = pool.pick({int(i) for i in best_idx.flatten() if i >= 0})
     out = []
-    for latent in torch.argsort(shared, descending=True)[:top].tolist():
-        if float(shared[latent]) <= 0:
-            break
-        best = torch.argsort(pool_vecs[:, latent], descending=True)[:snippets].tolist()
+    for col, latent in enumerate(latents):
+        picks = [(int(best_idx[r, col]), float(best_vals[r, col])) for r in range(snippets) if best_idx[r, col] >= 0]
         out.append(
             SharedLatent(
                 latent=latent,
@@ -302,12 +390,12 @@ def _features(
                 pool_mean_activation=float(pool_mean[latent]),
                 top_pool_snippets=[
                     PoolSnippet(
-                        id=pool[i]["id"],
-                        source=pool[i].get("source"),
-                        activation=float(pool_vecs[i, latent]),
-                        text=texts[i][:240],
+                        id=records[i]["id"],
+                        source=records[i].get("source"),
+                        activation=value,
+                        text=record_text(records[i], pool.fields)[:240],
                     )
-                    for i in best
+                    for i, value in picks
                 ],
             )
         )
@@ -325,7 +413,7 @@ def run(cfg: CurateConfig, out: Path) -> Path:
     storage.check_stage_folder(out, cfg, overwrite=cfg.overwrite)
     start = time.perf_counter()
     seeds = list(read_records(resolve_records_path(cfg.seeds, "seeds"), skip_bad_rows=cfg.skip_bad_rows))
-    pool = _load_pool(cfg)
+    pool = _open_pool(cfg)
     handle = reference = None
     if cfg.method == "sae":  # rank 0 first: a model converted into the asset cache is converted once
         handle = distributed.main_first(
@@ -356,45 +444,48 @@ def _curate_into(
     stage: Path,
     cfg: CurateConfig,
     seeds: list[dict],
-    pool: list[dict],
+    pool: Pool,
     handle,
     reference: list[str] | None,
     start: float,
 ) -> None:
     """Score the pool and write the selection into the (locked) stage folder; DONE last.
 
-    Several ranks: the SAE method's forwards are sharded over them (see `sharded`), every rank scores, rank 0
-    alone writes; the others return once rank 0 has marked the stage done (or raise its error)."""
+    The SAE method streams the pool (shards of codes on disk, a few bytes per record in memory); the baselines
+    read it whole. Several ranks: the SAE method's forwards are sharded over them (see `sharded_stream`), every
+    rank scores, rank 0 alone writes; the others return once rank 0 has marked the stage done (or raise its
+    error)."""
     m = cfg.top_m
     if m > len(pool) and cfg.method != "full" and distributed.ranks().is_main:
         warnings.warn(f"top_m = {m} is larger than the pool ({len(pool)} records); keeping all of them", stacklevel=2)
         m = len(pool)
-    pool_texts = [record_text(r, cfg.encode_fields) for r in pool]
+    m = min(m, len(pool))
     seed_texts = [record_text(r, cfg.encode_fields) for r in seeds]
     timings: dict[str, float] = {}
 
-    def score() -> _Scored:
-        return _score(stage, cfg, handle, reference, pool_texts, seed_texts, timings)
-
     if cfg.method == "sae":  # every rank takes part (sharded forwards), rank 0 writes
-        scored = score()
+        assert reference is not None, "the sae method reads the reference corpus before scoring"
+        scored = _score_sae(stage, cfg, handle, reference, pool, seed_texts, timings)
         distributed.on_main(
-            lambda: _write_selection(stage, cfg, seeds, pool, pool_texts, scored, m, timings, start),
+            lambda: _write_selection(stage, cfg, seeds, pool, scored, m, timings, start),
             "writing the selection on rank 0",
         )
     else:  # the other methods run on rank 0 alone; the others wait for its outcome
-        distributed.on_main(
-            lambda: _write_selection(stage, cfg, seeds, pool, pool_texts, score(), m, timings, start),
-            f"{cfg.method} curation on rank 0",
-        )
+
+        def score_and_write() -> None:
+            texts = list(pool.texts())
+            scored = _score(cfg, texts, seed_texts, timings)
+            _write_selection(stage, cfg, seeds, pool, scored, m, timings, start)
+
+        distributed.on_main(score_and_write, f"{cfg.method} curation on rank 0")
 
 
-def _write_selection(stage, cfg, seeds, pool, pool_texts, scored, m, timings, start) -> None:
-    chosen = _choose(cfg, scored, pool_texts, m)
+def _write_selection(stage, cfg, seeds, pool: Pool, scored: _Scored, m: int, timings, start) -> None:
+    chosen = _choose(cfg, scored, m)
     selection = _write_outputs(stage, pool, seeds, scored.scores, scored.nearest, chosen)
     if scored.features:
         CurateFeatures(
-            layers={layer: _features(pv, sv, chosen, pool, pool_texts) for layer, (pv, sv) in scored.features.items()}
+            layers={layer: _features(codes, chosen, pool) for layer, codes in scored.features.items()}
         ).write(stage / CurateFeatures.FILE)
     timings["total"] = time.perf_counter() - start
     metrics = CurateMetrics(
@@ -416,43 +507,34 @@ class _Scored:
 
     scores: torch.Tensor
     nearest: torch.Tensor
+    keys: Sequence[Hashable]
+    """Per record, what makes it an exact duplicate of another (its text, or `dedupe_key` of it)."""
     sims: torch.Tensor | None = None
     """(layers, pool, seeds) cosine similarities, for per-seed and per-layer selection."""
-    features: dict[str, tuple] = field(default_factory=dict)
-    """Per layer: pooled SAE codes of the pool and of the seeds (for features.json)."""
+    features: dict[str, _LayerCodes] = field(default_factory=dict)
+    """Per layer: what features.json reads (a pass over the pool's codes, their statistics, the seeds' codes)."""
     sae: SaeCurationMetrics | None = None
 
 
-def _score(
-    stage: Path,
-    cfg: CurateConfig,
-    handle,
-    reference: list[str] | None,
-    pool_texts: list[str],
-    seed_texts: list[str],
-    timings: dict[str, float],
-) -> _Scored:
-    """Score every pool record by the configured method."""
+def _score(cfg: CurateConfig, pool_texts: list[str], seed_texts: list[str], timings: dict[str, float]) -> _Scored:
+    """Score every pool record by a baseline method (the pool in memory)."""
     n = len(pool_texts)
-    if cfg.method == "sae":
-        assert reference is not None, "the sae method reads the reference corpus before scoring"
-        return _score_sae(stage, cfg, handle, reference, pool_texts, seed_texts, timings)
     if cfg.method == "embedding":
         t = time.perf_counter()
         vecs = minilm_embeddings(pool_texts + seed_texts)
         timings["embed"] = time.perf_counter() - t
         scores, nearest, sims = max_cosine(vecs[:n], vecs[n:])
-        return _Scored(scores, nearest, sims.unsqueeze(0))
+        return _Scored(scores, nearest, pool_texts, sims.unsqueeze(0))
     if cfg.method == "dsir":
         # Scored against the seeds' n-gram distribution, not against one seed: no nearest seed, no per-seed sims.
         t = time.perf_counter()
         scores = dsir_scores(pool_texts, seed_texts, per_ngram=True)
         timings["dsir"] = time.perf_counter() - t
-        return _Scored(scores, torch.full((n,), -1))
+        return _Scored(scores, torch.full((n,), -1), pool_texts)
     if cfg.method == "random":
-        return _Scored(random_scores(n, cfg.seed), torch.full((n,), -1))
+        return _Scored(random_scores(n, cfg.seed), torch.full((n,), -1), pool_texts)
     if cfg.method == "full":
-        return _Scored(torch.ones(n), torch.full((n,), -1))
+        return _Scored(torch.ones(n), torch.full((n,), -1), pool_texts)
     raise CurateError(f"unknown method {cfg.method!r}")
 
 
@@ -461,11 +543,12 @@ def _score_sae(
     cfg: CurateConfig,
     handle,
     reference: list[str],
-    pool_texts: list[str],
+    pool: Pool,
     seed_texts: list[str],
     timings: dict[str, float],
 ) -> _Scored:
-    """Per hook layer: coordinates and SAE (cached), pooled codes of pool and seeds, max cosine to the seeds.
+    """Per hook layer: coordinates and SAE (cached), pooled codes of pool (shards on disk) and seeds, latent
+    statistics over the pool, then each shard's top-k seed cosine.
 
     Writes the SAEs (sae/layer<ℓ>/) and coords.safetensors. Several layers: a record's score is its best layer's
     score (selection lists are merged by union in `_choose`)."""
@@ -473,18 +556,20 @@ def _score_sae(
     model_fp = hashing.model_fingerprint(handle.source)
     coords_out, per_layer_scores, per_layer_sims, features, sae_metrics = {}, [], [], {}, {}
     for layer in layers:
-        state = _train_layer_sae(cfg, handle, layer, reference, model_fp, pool_texts)
+        state = _train_layer_sae(cfg, handle, layer, reference, model_fp, pool)
         t = time.perf_counter()
-        if state["pool_acts"] is not None:  # encoded from the harvested activations: no second forward
-            pool_vecs = pool_codes(state["pool_acts"], state["sae"].encode, cfg.pooling)
-        else:
-            pool_vecs = _sae_vectors(cfg, handle, state, layer, pool_texts, "pool")
+        shards = _pool_code_shards(cfg, handle, state, layer, pool)
+        stats = LatentStats()
+        for codes in shards():
+            stats.add(codes)
         timings[f"encode_pool_layer{layer}"] = time.perf_counter() - t
         seed_vecs = _sae_vectors(cfg, handle, state, layer, seed_texts, "seeds")
-        weighted = weight_latents(pool_vecs, seed_vecs, cfg.latent_weighting)
-        scores, _, layer_sims = seed_cosine(*weighted, top_k=cfg.seed_top_k)
-        per_layer_scores.append(scores)
-        per_layer_sims.append(layer_sims)
+        seeds_w = stats.transform(seed_vecs, cfg.latent_weighting)
+        parts = [
+            seed_cosine(stats.transform(codes, cfg.latent_weighting), seeds_w, cfg.seed_top_k) for codes in shards()
+        ]
+        per_layer_scores.append(torch.cat([p[0] for p in parts]))
+        per_layer_sims.append(torch.cat([p[2] for p in parts]))
         coords_out[f"layer{layer}.indices"] = state["indices"].contiguous()
         coords_out[f"layer{layer}.scores"] = state["scores"].float().contiguous()
         if distributed.ranks().is_main:
@@ -500,15 +585,16 @@ def _score_sae(
             {**state["quality"], "curves": state["curves"], "cache": str(state["root"])}, source="SAE quality"
         )
         timings.update({f"{k}_layer{layer}": v for k, v in state["timings"].items()})
-        width = state["sae"].d_sae
-        features[f"layer{layer}"] = (pool_vecs[:, :width], seed_vecs[:, :width])  # mean+max: the mean half
+        features[f"layer{layer}"] = _LayerCodes(shards, stats, seed_vecs, state["sae"].d_sae)
     if distributed.ranks().is_main:
         storage.write_atomic(stage / "coords.safetensors", save(coords_out))
     scores = torch.stack(per_layer_scores).max(0).values
     best_layer = torch.stack(per_layer_scores).argmax(0)
     sims = torch.stack(per_layer_sims)  # (layers, pool, seeds)
-    nearest = sims[best_layer, torch.arange(len(pool_texts))].argmax(-1)
-    truncated = TextBatches(handle.tokenizer, pool_texts, cfg.max_length).count_truncated()
+    nearest = sims[best_layer, torch.arange(len(pool))].argmax(-1)
+    truncated = sum(
+        TextBatches(handle.tokenizer, texts, cfg.max_length).count_truncated() for texts in pool.text_chunks(4096)
+    )
     info = SaeCurationMetrics(
         layers=layers,
         reference_texts=len(reference),
@@ -516,29 +602,31 @@ def _score_sae(
         max_length=cfg.max_length,
         sae=sae_metrics,
     )
-    return _Scored(scores, nearest, sims, features, info)
+    keys = [dedupe_key(t) for t in pool.texts()]
+    return _Scored(scores, nearest, keys, sims, features, info)
 
 
-def _choose(cfg: CurateConfig, scored: _Scored, pool_texts: list[str], m: int) -> list[int]:
+def _choose(cfg: CurateConfig, scored: _Scored, m: int) -> list[int]:
     """Indices of the selected records, best first: global top-M, per seed, or the union over layers."""
-    scores, sims = scored.scores, scored.sims
+    scores, sims, keys = scored.scores, scored.sims, scored.keys
     if cfg.method == "full":
-        return select_global(scores, pool_texts, len(pool_texts))
+        return select_global(scores, keys, len(keys))
     if cfg.selection == "per_seed" and sims is not None:
         return sorted(
-            {i for layer_sims in sims for i in select_per_seed(layer_sims, scores, pool_texts, m)},
+            {i for layer_sims in sims for i in select_per_seed(layer_sims, scores, keys, m)},
             key=lambda i: (-float(scores[i]), i),
         )
     if sims is not None and sims.shape[0] > 1:
         return sorted(
-            {i for s in sims for i in select_global(s.max(-1).values, pool_texts, m)},
+            {i for s in sims for i in select_global(s.max(-1).values, keys, m)},
             key=lambda i: (-float(scores[i]), i),
         )
-    return select_global(scores, pool_texts, m)
+    return select_global(scores, keys, m)
 
 
-def _write_outputs(stage: Path, pool, seeds, scores, nearest, chosen) -> dict:
-    """Write selected.jsonl and scores.parquet; return the selection statistics of metrics.json."""
+def _write_outputs(stage: Path, pool: Pool, seeds, scores, nearest, chosen) -> dict:
+    """Write selected.jsonl and scores.parquet (in chunks, from a pass over the pool); return the selection
+    statistics of metrics.json."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -549,22 +637,40 @@ def _write_outputs(stage: Path, pool, seeds, scores, nearest, chosen) -> dict:
         j = int(nearest[i])
         return seed_ids[j] if j >= 0 else None
 
+    picked = pool.pick(rank)
     storage.write_jsonl_atomic(
         stage / "selected.jsonl",
-        ({**pool[i], "score": float(scores[i]), "rank": rank[i], "nearest_seed": seed_of(i)} for i in chosen),
+        ({**picked[i], "score": float(scores[i]), "rank": rank[i], "nearest_seed": seed_of(i)} for i in chosen),
     )
-    table = pa.table(
-        {
-            "id": [r["id"] for r in pool],
-            "source": [r.get("source") for r in pool],
-            "score": [float(s) for s in scores],
-            "nearest_seed": [seed_of(i) for i in range(len(pool))],
-            "selected": [i in rank for i in range(len(pool))],
-            "rank": [rank.get(i) for i in range(len(pool))],
-        }
+    schema = pa.schema(
+        [
+            ("id", pa.string()),
+            ("source", pa.string()),
+            ("score", pa.float64()),
+            ("nearest_seed", pa.string()),
+            ("selected", pa.bool_()),
+            ("rank", pa.int64()),
+        ]
     )
     tmp = stage / ".scores.parquet.tmp"
-    pq.write_table(table, tmp)
+    offset = 0
+    with pq.ParquetWriter(tmp, schema) as writer:
+        for chunk in pool.chunks(65536):
+            idx = range(offset, offset + len(chunk))
+            writer.write_table(
+                pa.table(
+                    {
+                        "id": [r["id"] for r in chunk],
+                        "source": [_source(r) for r in chunk],
+                        "score": [float(scores[i]) for i in idx],
+                        "nearest_seed": [seed_of(i) for i in idx],
+                        "selected": [i in rank for i in idx],
+                        "rank": [rank.get(i) for i in idx],
+                    },
+                    schema=schema,
+                )
+            )
+            offset += len(chunk)
     tmp.replace(stage / "scores.parquet")
     sel = torch.tensor([float(scores[i]) for i in chosen]) if chosen else torch.zeros(0)
     q = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])
@@ -573,8 +679,13 @@ def _write_outputs(stage: Path, pool, seeds, scores, nearest, chosen) -> dict:
         "selected": len(chosen),
         "score_quantiles_pool": dict(zip(names, torch.quantile(scores.float(), q).tolist())),
         "score_quantiles_selected": dict(zip(names, torch.quantile(sel, q).tolist())) if len(sel) else {},
-        "selected_sources": _count(pool[i].get("source") for i in chosen),
+        "selected_sources": _count(picked[i].get("source") for i in chosen),
     }
+
+
+def _source(rec: dict) -> str | None:
+    source = rec.get("source")
+    return None if source is None else str(source)
 
 
 def _count(values) -> dict:

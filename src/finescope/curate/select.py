@@ -11,6 +11,9 @@ Exact duplicate texts are removed in both modes (the best-scoring copy stays).
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
 import torch
 
 
@@ -23,10 +26,19 @@ def max_cosine(pool: torch.Tensor, seeds: torch.Tensor) -> tuple[torch.Tensor, t
     return scores, nearest, sims
 
 
-def _dedupe(order: list[int], texts: list[str], limit: int | None = None) -> list[int]:
+def dedupe_key(text: str) -> bytes:
+    """What makes two texts the same record for de-duplication: equal after stripping (a 16-byte digest)."""
+    import hashlib
+
+    return hashlib.blake2b(text.strip().encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def _dedupe(order: list[int], texts: Sequence[str] | Sequence[Hashable], limit: int | None = None) -> list[int]:
+    """`order` without exact duplicates: `texts` are the texts, or their `dedupe_key`s."""
     seen, out = set(), []
     for i in order:
-        key = texts[i].strip()
+        t = texts[i]
+        key = t.strip() if isinstance(t, str) else t
         if key in seen:
             continue
         seen.add(key)
@@ -36,13 +48,15 @@ def _dedupe(order: list[int], texts: list[str], limit: int | None = None) -> lis
     return out
 
 
-def select_global(scores: torch.Tensor, texts: list[str], m: int) -> list[int]:
+def select_global(scores: torch.Tensor, texts: Sequence[str] | Sequence[Hashable], m: int) -> list[int]:
     """Indices of the top-m distinct texts by score, best first."""
     order = torch.argsort(scores, descending=True, stable=True).tolist()
     return _dedupe(order, texts, m)
 
 
-def select_per_seed(sims: torch.Tensor, scores: torch.Tensor, texts: list[str], m: int) -> list[int]:
+def select_per_seed(
+    sims: torch.Tensor, scores: torch.Tensor, texts: Sequence[str] | Sequence[Hashable], m: int
+) -> list[int]:
     """Union over seeds of each seed's top-m distinct texts, ranked by the max-over-seeds score."""
     chosen: set[int] = set()
     for j in range(sims.shape[1]):
@@ -50,6 +64,49 @@ def select_per_seed(sims: torch.Tensor, scores: torch.Tensor, texts: list[str], 
         chosen.update(_dedupe(order, texts, m))
     ranked = sorted(chosen, key=lambda i: (-float(scores[i]), i))
     return _dedupe(ranked, texts)
+
+
+@dataclass
+class LatentStats:
+    """Pool statistics of pooled codes for the latent weighting, accumulated chunk by chunk (float64 sums), so a
+    pool too large for memory is weighted from its shards on disk."""
+
+    n: int = 0
+    total: torch.Tensor | None = None
+    squares: torch.Tensor | None = None
+    fires: torch.Tensor | None = None
+
+    def add(self, codes: torch.Tensor) -> LatentStats:
+        x = codes.double()
+        if self.total is None:
+            d = x.shape[1]
+            self.total, self.squares, self.fires = (
+                torch.zeros(d, dtype=torch.float64),
+                torch.zeros(d, dtype=torch.float64),
+                torch.zeros(d, dtype=torch.float64),
+            )
+        assert self.squares is not None and self.fires is not None
+        self.n += x.shape[0]
+        self.total += x.sum(0)
+        self.squares += x.pow(2).sum(0)
+        self.fires += (x > 0).sum(0)
+        return self
+
+    def transform(self, codes: torch.Tensor, weighting: str) -> torch.Tensor:
+        """The codes reweighted (see `weight_latents`)."""
+        x = codes.float()
+        if weighting == "none":
+            return x
+        assert self.total is not None and self.squares is not None and self.fires is not None, "stats of no codes"
+        mean = (self.total / max(self.n, 1)).float()
+        if weighting == "center":
+            return x - mean
+        if weighting == "idf":
+            return x * torch.log((1 + self.n) / (1 + self.fires)).float()
+        if weighting == "zscore":
+            var = (self.squares / max(self.n, 1) - (self.total / max(self.n, 1)).pow(2)).clamp_min(0)
+            return (x - mean) / var.sqrt().float().clamp_min(1e-6)
+        raise ValueError(f"unknown latent weighting {weighting!r}")
 
 
 def weight_latents(pool: torch.Tensor, seeds: torch.Tensor, weighting: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,20 +118,10 @@ def weight_latents(pool: torch.Tensor, seeds: torch.Tensor, weighting: str) -> t
       frequency: a latent active on most of the pool carries no domain signal);
     - `zscore`: centred and divided by the pool's standard deviation per latent.
     """
-    pool, seeds = pool.float(), seeds.float()
-    if weighting == "none":
-        return pool, seeds
-    mean = pool.mean(0)
-    if weighting == "center":
-        return pool - mean, seeds - mean
-    if weighting == "idf":
-        fires = (pool > 0).sum(0).float()
-        idf = torch.log((1 + pool.shape[0]) / (1 + fires))
-        return pool * idf, seeds * idf
-    if weighting == "zscore":
-        std = pool.std(0, unbiased=False).clamp_min(1e-6)
-        return (pool - mean) / std, (seeds - mean) / std
-    raise ValueError(f"unknown latent weighting {weighting!r}")
+    if weighting not in ("none", "center", "idf", "zscore"):
+        raise ValueError(f"unknown latent weighting {weighting!r}")
+    stats = LatentStats().add(pool) if weighting != "none" else LatentStats()
+    return stats.transform(pool, weighting), stats.transform(seeds, weighting)
 
 
 def seed_cosine(

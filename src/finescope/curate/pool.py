@@ -1,0 +1,84 @@
+"""The curate stage's pool, read in order as often as needed and never held whole.
+
+    pool = Pool.open(cfg)                    # one validating pass: count, text digest (nothing kept)
+    for chunk in pool.chunks(1024): ...      # lists of records, in pool order
+    texts = pool.texts(cfg.encode_fields)    # an iterator over the records' texts
+
+With `pool_sample` = k, the pool is the k records `random.Random(seed).sample(...)` picks, in that order (the
+sample of indices is drawn over the record count, which picks what sampling the list of records picks), held in
+memory: k is the size the user asked to work on. Without it, every pass streams the file.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Container, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import hashing
+from ..data import RecordStream, record_text
+
+
+@dataclass
+class Pool:
+    path: Path
+    size: int
+    """Records in the pool (after sampling)."""
+    digest: str
+    """Digest of the encoded texts in pool order (cache key of everything computed from them)."""
+    fields: str
+    skip_bad_rows: bool = False
+    sampled: list[dict] | None = None
+    """The sampled records (pool_sample), in sample order; None = the whole file, streamed."""
+    skipped: int = 0
+
+    @classmethod
+    def open(cls, path: Path, *, fields: str, sample: int = 0, seed: int = 0, skip_bad_rows: bool = False) -> Pool:
+        stream = RecordStream(path, skip_bad_rows=skip_bad_rows)
+        total = sum(1 for _ in stream)
+        skipped = stream.skipped
+        sampled = None
+        if sample and sample < total:
+            wanted = random.Random(seed).sample(range(total), sample)
+            slot = {j: k for k, j in enumerate(wanted)}
+            picked: list[dict | None] = [None] * sample
+            for j, rec in enumerate(RecordStream(path, skip_bad_rows=skip_bad_rows)):
+                if j in slot:
+                    picked[slot[j]] = rec
+            sampled = [r for r in picked if r is not None]
+        pool = cls(path, total if sampled is None else len(sampled), "", fields, skip_bad_rows, sampled, skipped)
+        pool.digest = hashing.digest_texts(pool.texts())  # as the caches keyed by a text list have it
+        return pool
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.sampled is not None:
+            return iter(self.sampled)
+        return iter(RecordStream(self.path, skip_bad_rows=self.skip_bad_rows))
+
+    def chunks(self, size: int) -> Iterator[list[dict]]:
+        chunk: list[dict] = []
+        for rec in self:
+            chunk.append(rec)
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    def texts(self) -> Iterator[str]:
+        return (record_text(r, self.fields) for r in self)
+
+    def text_chunks(self, size: int) -> Iterator[list[str]]:
+        return ([record_text(r, self.fields) for r in chunk] for chunk in self.chunks(size))
+
+    def pick(self, indices: Container[int]) -> dict[int, dict]:
+        """The records at `indices` (one pass)."""
+        return {i: rec for i, rec in enumerate(self) if i in indices}
+
+    def materialise(self) -> list[dict]:
+        """Every record as a list (the baseline methods, which need the whole pool at once)."""
+        return list(self)

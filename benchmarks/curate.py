@@ -20,7 +20,8 @@ JSON's "pool" block gives the counts of the pool actually built (per domain, kin
 Seeds: the presets `preset:math|law|medicine|code` (src/finescope/seeds/, written by us, never evaluation data).
 
 Methods: one list of (name, CurateConfig overrides), `method_variants`: SAE with each --selectors coordinate
-selector (default jacobian, the paper's), MiniLM embedding kNN, random, and DSIR when the installed finescope
+selector (default jacobian, the paper's), MiniLM embedding kNN, random, hybrid (reciprocal-rank fusion of the first SAE
+variant and embedding kNN) and DSIR when the installed finescope
 has it (`"dsir" in typing.get_args(CurateMethod)`; otherwise it is skipped with a note in the JSON). --methods
 picks by name ("sae" = every SAE variant); --set KEY=VALUE applies a CurateConfig override to every variant.
 
@@ -124,6 +125,8 @@ def method_variants(
         base = variants[0][1]
         variants += [(f"sae:{selectors[0]}+{spec}", {**base, **lever_overrides(spec)}) for spec in levers]
     variants += [("embedding", {"method": "embedding"}), ("random", {"method": "random"})]
+    if "hybrid" in typing.get_args(CurateMethod):
+        variants.append(("hybrid", {"method": "hybrid", "selector": selectors[0] if selectors else "jacobian"}))
     skipped = {}
     if "dsir" in typing.get_args(CurateMethod):
         variants.append(("dsir", {"method": "dsir"}))

@@ -79,7 +79,7 @@ Fraction = Annotated[float, Range(min=0, max=1, min_open=True, max_open=True)]
 # ================================================================================================ stage configs
 # Defaults are METHOD.md's faithful defaults where it gives one.
 
-CurateMethod = Literal["sae", "embedding", "dsir", "random", "full"]
+CurateMethod = Literal["sae", "embedding", "dsir", "random", "full", "hybrid"]
 """Values of CurateConfig.method."""
 Selector = Literal["jacobian", "gradient", "magnitude", "variance", "pca", "random"]
 """Values of CurateConfig.selector."""

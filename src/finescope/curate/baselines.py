@@ -32,5 +32,17 @@ def minilm_embeddings(
     return torch.cat(out)
 
 
+def reciprocal_rank_fusion(*scores: torch.Tensor, k: int = 60) -> torch.Tensor:
+    """Σ_m 1 / (k + rank_m) over the rankings (rank 1 = the best score of method m; ties by record order), the
+    fusion of Cormack et al. (2009) with their k = 60."""
+    fused = torch.zeros(scores[0].numel(), dtype=torch.float64)
+    for s in scores:
+        order = torch.argsort(s, descending=True, stable=True)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(1, order.numel() + 1)
+        fused += 1.0 / (k + rank.double())
+    return fused.float()
+
+
 def random_scores(n: int, seed: int) -> torch.Tensor:
     return torch.rand(n, generator=torch.Generator().manual_seed(seed))

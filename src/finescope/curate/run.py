@@ -41,7 +41,7 @@ from .activations import (
     harvest_records,
     pool_codes_by_shard,
 )
-from .baselines import minilm_embeddings, random_scores
+from .baselines import minilm_embeddings, random_scores, reciprocal_rank_fusion
 from .coords import coordinate_scores, top_k_coords
 from .dsir import dsir_scores
 from .pool import Pool
@@ -415,7 +415,7 @@ def run(cfg: CurateConfig, out: Path) -> Path:
     seeds = list(read_records(resolve_records_path(cfg.seeds, "seeds"), skip_bad_rows=cfg.skip_bad_rows))
     pool = _open_pool(cfg)
     handle = reference = None
-    if cfg.method == "sae":  # rank 0 first: a model converted into the asset cache is converted once
+    if cfg.method in ("sae", "hybrid"):  # rank 0 first: a model converted into the asset cache is converted once
         handle = distributed.main_first(
             lambda: load(cfg.model, dtype=cfg.dtype, device=cfg.device), f"loading {cfg.model}"
         )
@@ -463,13 +463,15 @@ def _curate_into(
     seed_texts = [record_text(r, cfg.encode_fields) for r in seeds]
     timings: dict[str, float] = {}
 
-    if cfg.method == "sae":  # every rank takes part (sharded forwards), rank 0 writes
+    if cfg.method in ("sae", "hybrid"):  # every rank takes part (sharded forwards), rank 0 writes
         assert reference is not None, "the sae method reads the reference corpus before scoring"
         scored = _score_sae(stage, cfg, handle, reference, pool, seed_texts, timings)
-        distributed.on_main(
-            lambda: _write_selection(stage, cfg, seeds, pool, scored, m, timings, start),
-            "writing the selection on rank 0",
-        )
+
+        def write() -> None:
+            final = _fuse_with_embedding(scored, pool, seed_texts, timings) if cfg.method == "hybrid" else scored
+            _write_selection(stage, cfg, seeds, pool, final, m, timings, start)
+
+        distributed.on_main(write, "writing the selection on rank 0")
     else:  # the other methods run on rank 0 alone; the others wait for its outcome
 
         def score_and_write() -> None:
@@ -536,6 +538,18 @@ def _score(cfg: CurateConfig, pool_texts: list[str], seed_texts: list[str], timi
     if cfg.method == "full":
         return _Scored(torch.ones(n), torch.full((n,), -1), pool_texts)
     raise CurateError(f"unknown method {cfg.method!r}")
+
+
+def _fuse_with_embedding(scored: _Scored, pool: Pool, seed_texts: list[str], timings: dict[str, float]) -> _Scored:
+    """`--method hybrid`: reciprocal-rank fusion of the SAE ranking and the embedding-kNN ranking (the pool's texts
+    are embedded in memory, as the embedding method does)."""
+    texts = list(pool.texts())
+    t = time.perf_counter()
+    vecs = minilm_embeddings(texts + seed_texts)
+    timings["embed"] = time.perf_counter() - t
+    emb_scores, _, _ = max_cosine(vecs[: len(texts)], vecs[len(texts) :])
+    fused = reciprocal_rank_fusion(scored.scores, emb_scores)
+    return _Scored(fused, scored.nearest, scored.keys, None, scored.features, scored.sae)
 
 
 def _score_sae(

@@ -38,13 +38,26 @@ def digest_parts(*parts: Any, length: int = 16) -> str:
     return h.hexdigest()[:length]
 
 
+class TextsDigest:
+    """`digest_texts` fed one text at a time."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+
+    def update(self, text: str) -> None:
+        self._h.update(text.encode("utf-8"))
+        self._h.update(b"\0")
+
+    def hexdigest(self, length: int = 16) -> str:
+        return self._h.hexdigest()[:length]
+
+
 def digest_texts(texts: Iterable[str], length: int = 16) -> str:
     """Short digest of a sequence of texts (UTF-8, each followed by a NUL byte): order and boundaries count."""
-    h = hashlib.sha256()
+    h = TextsDigest()
     for t in texts:
-        h.update(t.encode("utf-8"))
-        h.update(b"\0")
-    return h.hexdigest()[:length]
+        h.update(t)
+    return h.hexdigest(length)
 
 
 def sha256_stream(chunks: Iterable[bytes], *sinks: Callable[[bytes], Any]) -> str:

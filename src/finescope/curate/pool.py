@@ -26,7 +26,8 @@ class Pool:
     size: int
     """Records in the pool (after sampling)."""
     digest: str
-    """Digest of the encoded texts in pool order (cache key of everything computed from them)."""
+    """Digest of the encoded texts in pool order (`hashing.digest_texts`, the cache key of everything computed
+    from them)."""
     fields: str
     skip_bad_rows: bool = False
     sampled: list[dict] | None = None
@@ -36,7 +37,11 @@ class Pool:
     @classmethod
     def open(cls, path: Path, *, fields: str, sample: int = 0, seed: int = 0, skip_bad_rows: bool = False) -> Pool:
         stream = RecordStream(path, skip_bad_rows=skip_bad_rows)
-        total = sum(1 for _ in stream)
+        digest = hashing.TextsDigest()
+        total = 0
+        for rec in stream:  # one pass: validation, count, and the digest of the whole pool's texts
+            digest.update(record_text(rec, fields))
+            total += 1
         skipped = stream.skipped
         sampled = None
         if sample and sample < total:
@@ -47,8 +52,17 @@ class Pool:
                 if j in slot:
                     picked[slot[j]] = rec
             sampled = [r for r in picked if r is not None]
-        pool = cls(path, total if sampled is None else len(sampled), "", fields, skip_bad_rows, sampled, skipped)
-        pool.digest = hashing.digest_texts(pool.texts())  # as the caches keyed by a text list have it
+        pool = cls(
+            path,
+            total if sampled is None else len(sampled),
+            digest.hexdigest(),
+            fields,
+            skip_bad_rows,
+            sampled,
+            skipped,
+        )
+        if sampled is not None:
+            pool.digest = hashing.digest_texts(pool.texts())
         return pool
 
     def __len__(self) -> int:

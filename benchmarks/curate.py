@@ -97,6 +97,8 @@ LEVERS: dict[str, dict] = {
     "layers15,22": {"layers": [15, 22]},
     "layer19": {"layers": [19]},
     "layer26": {"layers": [26]},
+    "len64": {"max_length": 64},
+    "len128": {"max_length": 128},
     "all-coords": {"num_coords": 576},
     "pool-sae": {"sae_data": "pool+reference"},
     "steps3000": {"sae_steps": 3000},

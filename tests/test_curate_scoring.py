@@ -154,3 +154,14 @@ def test_hybrid_fuses_the_sae_and_embedding_rankings(
     sae_rank = {json.loads(l)["id"]: json.loads(l)["rank"] for l in (sae / "selected.jsonl").read_text().splitlines()}
     assert rows[0]["id"] in sae_rank  # the fused best is a record the SAE ranked
     assert json.loads((out / "metrics.json").read_text())["method"] == "hybrid"
+
+
+def test_layer_depth_picks_the_hook_block_when_layers_is_empty(tiny_model_dirs, tmp_path, cache_home):
+    from finescope.curate.run import hook_layer
+
+    assert [hook_layer(0.5, n) for n in (30, 31, 28)] == [15, 15, 14]  # the middle block, as before
+    assert hook_layer(0.87, 30) == 26 and hook_layer(0.87, 32) == 27 and hook_layer(0.99, 3) == 2
+    out = curate_run.run(_cfg(tiny_model_dirs, tmp_path, layer_depth=0.9), tmp_path / "deep")
+    assert json.loads((out / "metrics.json").read_text())["layers"] == [2]  # 3 blocks: int(0.9 × 3)
+    explicit = curate_run.run(_cfg(tiny_model_dirs, tmp_path, layer_depth=0.9, layers=[0]), tmp_path / "explicit")
+    assert json.loads((explicit / "metrics.json").read_text())["layers"] == [0]  # layers wins

@@ -100,7 +100,9 @@ class CurateConfig:
     selector: Selector = "jacobian"
     """How the K activation coordinates read by the SAE are chosen (jacobian = v3, gradient = v1)."""
     layers: list[int] = field(default_factory=list)
-    """Hook layers ℓ (0-based block index; the hidden state after block ℓ); empty = the middle block."""
+    """Hook layers ℓ (0-based block index; the hidden state after block ℓ); empty = the block at `layer_depth`."""
+    layer_depth: Annotated[float, Range(min=0, max=1, max_open=True)] = 0.5
+    """Hook layer when `layers` is empty, as a fraction of the model's depth: block int(depth × blocks) (0.5 = the middle block, the paper's choice)."""
     num_coords: Annotated[int, Range(min=1)] = 128
     """K: number of activation coordinates the SAE reads at each hook layer."""
     probes: Annotated[int, Range(min=1, max=64)] = 2
@@ -159,7 +161,7 @@ class CurateConfig:
     """Replace an existing output folder that is not a previous curate output (it is kept aside, never deleted)."""
 
     HASH_EXCLUDE = ("device", "overwrite")
-    HASH_OMIT_AT = {"sae_data": "reference", "dtype": "auto"}
+    HASH_OMIT_AT = {"sae_data": "reference", "dtype": "auto", "layer_depth": 0.5}
 
 
 @dataclass

@@ -552,6 +552,11 @@ def _fuse_with_embedding(scored: _Scored, pool: Pool, seed_texts: list[str], tim
     return _Scored(fused, scored.nearest, scored.keys, None, scored.features, scored.sae)
 
 
+def hook_layer(depth: float, blocks: int) -> int:
+    """The block at `depth` (a fraction of `blocks`): int(depth × blocks), within 0..blocks-1 (0.5: blocks // 2)."""
+    return min(blocks - 1, max(0, int(depth * blocks + 1e-9)))
+
+
 def _score_sae(
     stage: Path,
     cfg: CurateConfig,
@@ -566,7 +571,7 @@ def _score_sae(
 
     Writes the SAEs (sae/layer<ℓ>/) and coords.safetensors. Several layers: a record's score is its best layer's
     score (selection lists are merged by union in `_choose`)."""
-    layers = cfg.layers or [handle.adapter.num_layers // 2]
+    layers = cfg.layers or [hook_layer(cfg.layer_depth, handle.adapter.num_layers)]
     model_fp = hashing.model_fingerprint(handle.source)
     coords_out, per_layer_scores, per_layer_sims, features, sae_metrics = {}, [], [], {}, {}
     for layer in layers:

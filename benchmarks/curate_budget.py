@@ -1,0 +1,85 @@
+"""Curate-stage wall time of the default run's curation under candidate settings, side by side, cold caches.
+Prints one JSON object (progress goes to stderr).
+
+    .venv/bin/python benchmarks/curate_budget.py --candidates "layers=26;layers=26,max_length=64"
+
+The base is the `curate` section of `configs/default.yaml` (the embedded default: a 2,000-record pool sample,
+max_length 128, the middle block), run as `finescope curate` in a fresh process with its own curate cache (a
+FINESCOPE_HOME that links the shared model and data assets but not cache/), so every run computes coordinates,
+SAE and pool encoding. Runs alternate base, candidate 1, …, for `--reps` rounds; the JSON gives each setting's
+median stage time (metrics.json "total") and its ratio to the base's, with a plain forward's tokens/s measured
+in this process as the machine's reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ranks import cold_home, reference_throughput  # noqa: E402
+
+
+def parse(spec: str) -> dict:
+    """ "layers=26,max_length=64" → {"layers": [26], "max_length": 64}."""
+    out: dict = {}
+    for part in [p for p in spec.split(",") if p.strip()]:
+        key, value = part.split("=", 1)
+        out[key.strip()] = [int(value)] if key.strip() == "layers" else yaml.safe_load(value)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--candidates", default="layers=26;layers=26,max_length=64")
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--out", default="runs/bench-curate-budget")
+    args = ap.parse_args()
+    root = Path(args.out).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="work-", dir=root))
+    preset = Path(__file__).resolve().parents[1] / "src" / "finescope" / "configs" / "default.yaml"
+    base = yaml.safe_load(preset.read_text())["curate"]
+    settings = {"base": {}} | {spec: parse(spec) for spec in args.candidates.split(";") if spec.strip()}
+    times: dict[str, list[float]] = {name: [] for name in settings}
+    for rep in range(args.reps):
+        for name, overrides in settings.items():
+            cfg = {**base, **overrides}
+            config = work / f"curate-{len(times[name])}-{abs(hash(name))}.yaml"
+            config.write_text(yaml.safe_dump(cfg))
+            out = work / config.stem
+            env = {**os.environ, "FINESCOPE_HOME": str(cold_home(work)), "FINESCOPE_PROGRESS": "0"}
+            print(f"[budget] round {rep + 1}: {name}", file=sys.stderr, flush=True)
+            cmd = [sys.executable, "-m", "finescope", "curate", "--config", str(config), "--out", str(out)]
+            subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+            metrics = json.loads((out / "metrics.json").read_text())
+            times[name].append(round(metrics["timings_s"]["total"], 1))
+    base_s = statistics.median(times["base"])
+    print(
+        json.dumps(
+            {
+                "base": base,
+                "reference_forward_tok_s": reference_throughput(),
+                "stage_s": times,
+                "median_s": {k: statistics.median(v) for k, v in times.items()},
+                "ratio_to_base": {k: round(statistics.median(v) / base_s, 3) for k, v in times.items()},
+                "finished": time.strftime("%Y-%m-%d %H:%M"),
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -49,7 +49,7 @@ from .sae import evaluate_sae, load_sae, save_sae, train_sae
 from .select import LatentStats, dedupe_key, max_cosine, seed_cosine, select_global, select_per_seed
 
 # Bump when the SAE's definition changes, so cached SAEs (and encodings made with them) are not reused.
-SAE_VERSION = 3  # 3: folder and encodings use the standardisation folded into the weights (SAELens layout)
+SAE_VERSION = 4  # 3: standardisation folded into the weights (SAELens layout); 4: reference rows batched by length
 # Per selector, bumped when its score definition changes, so cached coordinates are not reused
 # (gradient 2: Hutchinson estimate, root-mean-square over texts, instead of the exact per-coordinate backward).
 COORDS_VERSION = {"gradient": 2}
@@ -131,7 +131,7 @@ def _sae_key(cfg: CurateConfig, coords_key: str, reference: list[str], pool_acts
 def _pool_acts_key(cfg: CurateConfig, coords_key: str, layer: int, pool: Pool) -> str:
     """Cache key of the pool's token activations: the coordinates (model and layer included), the texts and how
     they are tokenised and batched."""
-    return hashing.digest_parts("pool-acts", coords_key, layer, cfg.max_length, cfg.batch_size, pool.digest)
+    return hashing.digest_parts("pool-acts", "bylen", coords_key, layer, cfg.max_length, cfg.batch_size, pool.digest)
 
 
 def _train_layer_sae(cfg: CurateConfig, handle, layer: int, reference: list[str], model_fp: str, pool: Pool):
@@ -309,8 +309,9 @@ def _pool_code_shards(cfg: CurateConfig, handle, state, layer: int, pool: Pool) 
     acts = state["pool_acts"]
     if acts is not None:  # no second forward
         return lambda: pool_codes_by_shard(acts, state["sae"].encode, cfg.pooling)
-    # The key `_sae_vectors` gives the same texts: caches written by either are shared.
-    key = hashing.digest_parts("enc", state["key"], layer, cfg.pooling, cfg.max_length, cfg.batch_size, pool.digest)
+    key = hashing.digest_parts(
+        "enc", "bylen", state["key"], layer, cfg.pooling, cfg.max_length, cfg.batch_size, pool.digest
+    )
     cache = _cache_root() / f"enc-{key}"
     paths = encode_pooled_stream(
         handle,

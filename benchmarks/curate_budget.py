@@ -1,7 +1,8 @@
 """Curate-stage wall time of the default run's curation under candidate settings, side by side, cold caches.
 Prints one JSON object (progress goes to stderr).
 
-    .venv/bin/python benchmarks/curate_budget.py --candidates "layers=26;layers=26,max_length=64"
+    .venv/bin/python benchmarks/curate_budget.py --candidates "layer_depth=0.87;layer_depth=0.5" \
+        --base-src /tmp/finescope-base        # a worktree of the commit the budget is measured against
 
 The base is the `curate` section of `configs/default.yaml` (the embedded default: a 2,000-record pool sample,
 max_length 128, the middle block), run as `finescope curate` in a fresh process with its own curate cache (a
@@ -42,8 +43,14 @@ def parse(spec: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--candidates", default="layers=26;layers=26,max_length=64")
+    ap.add_argument("--candidates", default="layer_depth=0.87;layer_depth=0.5")
     ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument(
+        "--base-src",
+        default=None,
+        help="run the base with the finescope of this checkout (its src/ first on PYTHONPATH), e.g. a git worktree "
+        "of the commit whose curate stage is the budget; candidates run with this checkout",
+    )
     ap.add_argument("--out", default="runs/bench-curate-budget")
     args = ap.parse_args()
     root = Path(args.out).resolve()
@@ -60,8 +67,10 @@ def main() -> None:
             config.write_text(yaml.safe_dump(cfg))
             out = work / config.stem
             env = {**os.environ, "FINESCOPE_HOME": str(cold_home(work)), "FINESCOPE_PROGRESS": "0"}
+            if name == "base" and args.base_src:
+                env["PYTHONPATH"] = str(Path(args.base_src).resolve() / "src")
             print(f"[budget] round {rep + 1}: {name}", file=sys.stderr, flush=True)
-            cmd = [sys.executable, "-m", "finescope", "curate", "--config", str(config), "--out", str(out)]
+            cmd = [sys.executable, "-m", "finescope.cli", "curate", "--config", str(config), "--out", str(out)]
             subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
             metrics = json.loads((out / "metrics.json").read_text())
             times[name].append(round(metrics["timings_s"]["total"], 1))
@@ -70,6 +79,7 @@ def main() -> None:
         json.dumps(
             {
                 "base": base,
+                "base_src": args.base_src or "this checkout",
                 "reference_forward_tok_s": reference_throughput(),
                 "stage_s": times,
                 "median_s": {k: statistics.median(v) for k, v in times.items()},

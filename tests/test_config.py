@@ -176,11 +176,12 @@ def test_fields_added_at_their_old_behaviour_leave_the_hash_alone():
     from finescope.config import CurateConfig, RecoverConfig
     from finescope.storage import config_hash, to_jsonable
 
-    for cfg in (CurateConfig(), RecoverConfig()):
+    for cfg in (CurateConfig(layer_depth=0.5), RecoverConfig()):  # every added field at its old behaviour
         data = to_jsonable(cfg)
         for name in (*cfg.HASH_EXCLUDE, *cfg.HASH_OMIT_AT):
             data.pop(name)
         assert config_hash(cfg) == config_hash(data)  # exactly the hash of the config without those fields
+    assert config_hash(CurateConfig(layer_depth=0.87)) != config_hash(CurateConfig(layer_depth=0.5))
     assert config_hash(CurateConfig(sae_data="pool+reference")) != config_hash(CurateConfig())
     assert config_hash(CurateConfig(dtype="bfloat16")) != config_hash(CurateConfig())
     assert config_hash(CurateConfig(device="cpu")) == config_hash(CurateConfig())  # device is never hashed

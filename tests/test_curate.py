@@ -188,11 +188,11 @@ def test_run_end_to_end_outputs_and_cache(tiny_model_dirs, tmp_path, cache_home,
     table = pq.read_table(out / "scores.parquet").to_pylist()
     assert len(table) == 41 and sum(r["selected"] for r in table) == 10
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["layers"] == [1] and metrics["sae"]["layer1"]["curves"]["fvu"]
-    assert 0 <= metrics["sae"]["layer1"]["dead_fraction"] <= 1
-    feats = json.loads((out / "features.json").read_text())["layer1"]
+    assert metrics["layers"] == [2] and metrics["sae"]["layer2"]["curves"]["fvu"]
+    assert 0 <= metrics["sae"]["layer2"]["dead_fraction"] <= 1
+    feats = json.loads((out / "features.json").read_text())["layer2"]
     assert feats and feats[0]["top_pool_snippets"]
-    sae, meta = load_sae(out / "sae" / "layer1")
+    sae, meta = load_sae(out / "sae" / "layer2")
     assert meta["coords"].shape == (16,)
 
     # New M and seeds: coordinates, activations, SAE and pool encodings all come from the cache.

@@ -36,10 +36,10 @@ def test_pool_sae_trains_on_pool_tokens_and_reuses_the_cache(tiny_model_dirs, tm
     cfg = _cfg(tiny_model_dirs, tmp_path, sae_data="pool+reference")
     out = curate_run.run(cfg, tmp_path / "curate")
     metrics = json.loads((out / "metrics.json").read_text())
-    sae = metrics["sae"]["layer1"]
+    sae = metrics["sae"]["layer2"]
     assert sae["pool_tokens"] > 0 and sae["reference_tokens"] > 0
     assert sae["tokens"] == sae["pool_tokens"] + sae["reference_tokens"]
-    assert "harvest_pool_s_layer1" in metrics["timings_s"]
+    assert "harvest_pool_s_layer2" in metrics["timings_s"]
     caches = sorted(cache_home.glob("cache/curate/pool-acts-*"))
     assert len(caches) == 1
     info = json.loads((caches[0] / "info.json").read_text())
@@ -47,7 +47,7 @@ def test_pool_sae_trains_on_pool_tokens_and_reuses_the_cache(tiny_model_dirs, tm
 
     # The reference-only SAE is another SAE (its cache key differs) and selects from the same stage contract.
     ref = curate_run.run(_cfg(tiny_model_dirs, tmp_path), tmp_path / "curate-ref")
-    ref_sae = json.loads((ref / "metrics.json").read_text())["sae"]["layer1"]
+    ref_sae = json.loads((ref / "metrics.json").read_text())["sae"]["layer2"]
     assert ref_sae["cache"] != sae["cache"] and ref_sae["pool_tokens"] == 0
 
     # New seeds and M: no forward over the pool, no harvest, no SAE training; the pool codes come from the cache.

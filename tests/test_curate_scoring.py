@@ -108,7 +108,7 @@ def test_stage_runs_with_every_lever(tiny_model_dirs, tmp_path, cache_home):
     selected = [json.loads(l) for l in (out / "selected.jsonl").read_text().splitlines()]
     assert len(selected) == 10
     width = cfg.sae_expansion * cfg.num_coords
-    feats = json.loads((out / "features.json").read_text())["layer1"]
+    feats = json.loads((out / "features.json").read_text())["layer2"]
     assert all(0 <= f["latent"] < width for f in feats)
 
 
@@ -117,9 +117,9 @@ def test_default_scoring_is_the_measured_best_and_the_paper_preset_keeps_the_pap
     from finescope.pipeline import resolve_config
 
     cfg = CurateConfig()
-    assert (cfg.latent_weighting, cfg.seed_top_k, cfg.pooling) == ("zscore", 3, "mean")
+    assert (cfg.latent_weighting, cfg.seed_top_k, cfg.pooling, cfg.layer_depth) == ("zscore", 5, "mean", 0.87)
     paper = load_config(PipelineConfig, resolve_config("paper-ablations")).curate
-    assert (paper.latent_weighting, paper.seed_top_k, paper.pooling) == ("none", 1, "mean")
+    assert (paper.latent_weighting, paper.seed_top_k, paper.pooling, paper.layer_depth) == ("none", 1, "mean", 0.5)
 
 
 def test_reciprocal_rank_fusion_ranks_by_summed_reciprocal_ranks():

@@ -85,8 +85,8 @@ def test_curate_on_two_processes_selects_exactly_what_one_process_selects(tiny_m
     assert len(caches) == 1 and len(list(caches[0].glob("shard-*.safetensors"))) == 2
     metrics = json.loads((two / "metrics.json").read_text())
     assert (
-        metrics["sae"]["layer1"]["pool_tokens"]
-        == json.loads((one / "metrics.json").read_text())["sae"]["layer1"]["pool_tokens"]
+        metrics["sae"]["layer2"]["pool_tokens"]
+        == json.loads((one / "metrics.json").read_text())["sae"]["layer2"]["pool_tokens"]
     )
 
 

@@ -627,7 +627,7 @@ def test_curate_killed_then_rerun_equals_uninterrupted(
     assert (out / "selected.jsonl").read_bytes() == (curate_reference / "selected.jsonl").read_bytes()
     assert pq.read_table(out / "scores.parquet").equals(pq.read_table(curate_reference / "scores.parquet"))
     assert (out / "coords.safetensors").read_bytes() == (curate_reference / "coords.safetensors").read_bytes()
-    assert_same_weights(out / "sae" / "layer1", curate_reference / "sae" / "layer1")
+    assert_same_weights(out / "sae" / "layer2", curate_reference / "sae" / "layer2")
     cache_temps = [p for p in (tmp_path / "home").rglob("*") if p.name.endswith(".tmp")]
     assert not cache_temps, f"temp files of the killed run left in the curate cache: {cache_temps}"
 

@@ -101,8 +101,8 @@ class CurateConfig:
     """How the K activation coordinates read by the SAE are chosen (jacobian = v3, gradient = v1)."""
     layers: list[int] = field(default_factory=list)
     """Hook layers ℓ (0-based block index; the hidden state after block ℓ); empty = the block at `layer_depth`."""
-    layer_depth: Annotated[float, Range(min=0, max=1, max_open=True)] = 0.5
-    """Hook layer when `layers` is empty, as a fraction of the model's depth: block int(depth × blocks) (0.5 = the middle block, the paper's choice)."""
+    layer_depth: Annotated[float, Range(min=0, max=1, max_open=True)] = 0.87
+    """Hook layer when `layers` is empty, as a fraction of the model's depth: block int(depth × blocks) (0.87 = block 26 of SmolLM2's 30, the best measured; 0.5 = the middle block, the paper's choice)."""
     num_coords: Annotated[int, Range(min=1)] = 128
     """K: number of activation coordinates the SAE reads at each hook layer."""
     probes: Annotated[int, Range(min=1, max=64)] = 2
@@ -137,8 +137,8 @@ class CurateConfig:
     """Which part of an instruction record is encoded (text records are encoded whole; response falls back to the instruction when there is none)."""
     latent_weighting: Literal["none", "center", "idf", "zscore"] = "zscore"
     """SAE method: reweight pooled codes by pool statistics before the cosine (zscore: each latent centred and scaled by its pool mean and std, the best measured; center; idf: × log inverse pool frequency; none = the paper)."""
-    seed_top_k: Annotated[int, Range(min=1)] = 3
-    """SAE method: score = mean of a record's top-k cosines over the seeds (3: the best measured; 1 = max over seeds, the paper)."""
+    seed_top_k: Annotated[int, Range(min=1)] = 5
+    """SAE method: score = mean of a record's top-k cosines over the seeds (5: the best measured; 1 = max over seeds, the paper)."""
     selection: Literal["global", "per_seed"] = "global"
     """global: top-M by max cosine over seeds; per_seed: top-M per seed, union de-duplicated."""
     top_m: Annotated[int, Range(min=1)] = 100

@@ -23,7 +23,8 @@ Methods: one list of (name, CurateConfig overrides), `method_variants`: SAE with
 selector (default jacobian, the paper's), MiniLM embedding kNN, random, hybrid (reciprocal-rank fusion of the first SAE
 variant and embedding kNN) and DSIR when the installed finescope
 has it (`"dsir" in typing.get_args(CurateMethod)`; otherwise it is skipped with a note in the JSON). --methods
-picks by name ("sae" = every SAE variant); --set KEY=VALUE applies a CurateConfig override to every variant.
+picks by name ("sae" = every SAE variant); --set KEY=VALUE applies a CurateConfig override to every variant (a variant's own
+settings, such as a lever's, win over it).
 
 Metrics per method × domain, from one ranking (each curate run keeps max(M, R) records; selection is a stable
 top-k, so the top M is a prefix of the top R):
@@ -55,6 +56,7 @@ variant ran.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -202,9 +204,10 @@ def run_variant(name: str, overrides: dict, args, pool_path: Path, stage_root: P
             sae_steps=args.sae_steps,
             seed=args.seed,
         )
-        cfg = CurateConfig(**{**settings, **overrides})  # a lever may override a flag (steps3000)
+        cfg = CurateConfig(**settings)
         if args.set:
             cfg = apply_overrides(cfg, args.set, where="--set")
+        cfg = dataclasses.replace(cfg, **overrides)  # the variant's own settings win (a lever over --set or a flag)
         stage = stage_root / f"{name.replace(':', '-')}-{domain}"
         reused = storage.is_done(stage, cfg)
         t = time.perf_counter()
@@ -284,7 +287,13 @@ def main() -> None:
         help="SAE scoring levers to add as variants, separated by ';' (combine with '&'), e.g. 'center;idf;idf&top3'; "
         f"known: {', '.join(LEVERS)}",
     )
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="CurateConfig override, all")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="CurateConfig override of every variant (a variant's own settings win)",
+    )
     ap.add_argument("--reference-samples", type=int, default=400)
     ap.add_argument("--coord-samples", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=96)

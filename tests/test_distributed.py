@@ -32,6 +32,23 @@ def _env(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def _torchrun_stage(stage: str, cfg, out: Path, home: Path, rank_marker: str) -> subprocess.CompletedProcess:
+    """`finescope <stage>` with `cfg` (as a YAML file beside `out`) on 2 ranks; asserts it succeeded and that rank 1
+    did its share (its progress line `rank_marker … [rank 1/2]`)."""
+    config = out.with_suffix(".yaml")
+    config.write_text(yaml.safe_dump(to_dict(cfg)))
+    proc = subprocess.run(
+        [*TORCHRUN, "-m", "finescope", stage, "--config", str(config), "--out", str(out)],
+        env=_env(home, FINESCOPE_PROGRESS="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{rank_marker} [rank 1/2]" in proc.stderr
+    return proc
+
+
 def test_one_process_is_rank_zero_of_one_and_collectives_are_no_ops(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     r = distributed.ranks()
@@ -64,18 +81,8 @@ def test_bad_timeout_and_world_size_are_one_line_errors(monkeypatch):
 def test_curate_on_two_processes_selects_exactly_what_one_process_selects(tiny_model_dirs, tmp_path, cache_home):
     cfg = _cfg(tiny_model_dirs, tmp_path, sae_data="pool+reference", batch_size=2)  # 21 batches: 2 shards
     one = curate_run.run(cfg, tmp_path / "one")
-    config = tmp_path / "curate.yaml"
-    config.write_text(yaml.safe_dump(to_dict(cfg)))
     two_home = tmp_path / "home-two"  # a cold cache: the 2-process run computes everything itself
-    proc = subprocess.run(
-        [*TORCHRUN, "-m", "finescope", "curate", "--config", str(config), "--out", str(tmp_path / "two")],
-        env=_env(two_home, FINESCOPE_PROGRESS="1"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "harvest pool (layer 1) [rank 1/2]" in proc.stderr  # rank 1 did its share of the forwards
+    _torchrun_stage("curate", cfg, tmp_path / "two", two_home, "harvest pool (layer 2)")
     two = tmp_path / "two"
     assert storage.is_done(two, cfg)
     assert (two / "selected.jsonl").read_text() == (one / "selected.jsonl").read_text()
@@ -169,17 +176,7 @@ def test_prune_on_two_processes_scores_like_one_process_and_makes_the_same_plan(
         batch_size=2,  # several batches, split over the ranks
     )
     one = prune_run(cfg, tmp_path / "one")
-    config = tmp_path / "prune.yaml"
-    config.write_text(yaml.safe_dump(to_dict(cfg)))
-    proc = subprocess.run(
-        [*TORCHRUN, "-m", "finescope", "prune", "--config", str(config), "--out", str(tmp_path / "two")],
-        env=_env(tmp_path / "home", FINESCOPE_PROGRESS="1"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"importance ({importance}) [rank 1/2]" in proc.stderr
+    _torchrun_stage("prune", cfg, tmp_path / "two", tmp_path / "home", f"importance ({importance})")
     a = json.loads((one / "report.json").read_text())
     b = json.loads((tmp_path / "two" / "report.json").read_text())
     assert a["kept"] == b["kept"] and a["dropped_blocks"] == b["dropped_blocks"]  # the same plan
@@ -215,17 +212,7 @@ def test_eval_on_two_processes_gives_the_results_of_one_process(tiny_model_dirs,
         device="cpu",
     )
     one = eval_run(cfg, tmp_path / "one").parent
-    config = tmp_path / "eval.yaml"
-    config.write_text(yaml.safe_dump(to_dict(cfg)))
-    proc = subprocess.run(
-        [*TORCHRUN, "-m", "finescope", "eval", "--config", str(config), "--out", str(tmp_path / "two")],
-        env=_env(tmp_path / "home", FINESCOPE_PROGRESS="1"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "[rank 1/2]" in proc.stderr
+    _torchrun_stage("eval", cfg, tmp_path / "two", tmp_path / "home", "")
     two = tmp_path / "two"
     assert storage.is_done(two, cfg)
 
@@ -256,17 +243,7 @@ def test_recover_on_two_processes_rewrites_like_one_process(tiny_model_dirs, tmp
     data = write_records(tmp_path / "data.jsonl", RECORDS + again)  # 10 to rewrite: 3 batches of 4
     cfg = recover_cfg(tiny_model_dirs["llama"], tiny_model_dirs["llama"], data, lora_alpha=8.0)  # as YAML reads it
     one = recover_run(cfg, tmp_path / "one")
-    config = tmp_path / "recover.yaml"
-    config.write_text(yaml.safe_dump(to_dict(cfg)))
-    proc = subprocess.run(
-        [*TORCHRUN, "-m", "finescope", "recover", "--config", str(config), "--out", str(tmp_path / "two")],
-        env=_env(tmp_path / "home", FINESCOPE_PROGRESS="1"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "teacher rewrite [rank 1/2]" in proc.stderr
+    _torchrun_stage("recover", cfg, tmp_path / "two", tmp_path / "home", "teacher rewrite")
     two = tmp_path / "two"
     assert storage.is_done(two, cfg)
     assert (two / "distilled.jsonl").read_text() == (one / "distilled.jsonl").read_text()

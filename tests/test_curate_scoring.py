@@ -165,3 +165,17 @@ def test_layer_depth_picks_the_hook_block_when_layers_is_empty(tiny_model_dirs, 
     assert json.loads((out / "metrics.json").read_text())["layers"] == [2]  # 3 blocks: int(0.9 × 3)
     explicit = curate_run.run(_cfg(tiny_model_dirs, tmp_path, layer_depth=0.9, layers=[0]), tmp_path / "explicit")
     assert json.loads((explicit / "metrics.json").read_text())["layers"] == [0]  # layers wins
+
+
+def test_dtype_and_device_reach_the_model_load(tiny_model_dirs, tmp_path, cache_home, monkeypatch):
+    seen = []
+    real = curate_run.load
+
+    def spy(spec, **kw):
+        seen.append(kw)
+        return real(spec, **kw)
+
+    monkeypatch.setattr(curate_run, "load", spy)
+    out = curate_run.run(_cfg(tiny_model_dirs, tmp_path, dtype="bfloat16", device="cpu"), tmp_path / "bf16")
+    assert seen == [{"dtype": "bfloat16", "device": "cpu"}]
+    assert len((out / "selected.jsonl").read_text().splitlines()) == 10

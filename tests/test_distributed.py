@@ -328,3 +328,28 @@ def test_device_auto_is_refused_under_several_ranks_and_for_training(tiny_model_
     with pytest.raises(RecoverError, match="--device auto: the student trains"):
         recover_run(cfg, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_recover_loads_student_and_teacher_with_its_dtype_and_device(tiny_model_dirs, tmp_path, monkeypatch):
+    from finescope.recover import run as recover_mod
+    from test_recover import RECORDS, write_records
+    from test_recover import _cfg as recover_cfg
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(spec, **kw):
+        seen.append(kw)
+        if len(seen) == 2:  # student, then teacher: enough
+            raise Stop
+        return real(spec, **kw)
+
+    real = recover_mod.load
+    monkeypatch.setattr(recover_mod, "load", spy)
+    data = write_records(tmp_path / "data.jsonl", RECORDS)
+    cfg = recover_cfg(tiny_model_dirs["llama"], tiny_model_dirs["llama"], data, dtype="float32", device="cpu")
+    with pytest.raises(Stop):
+        recover_mod.run(cfg, tmp_path / "out")
+    assert seen == [{"dtype": "float32", "device": "cpu"}] * 2

@@ -38,7 +38,7 @@ def test_curate_small_real_pool(tmp_path, monkeypatch):
     out = run(cfg, tmp_path / "curate")
     selected = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert len(selected) == 6 and metrics["layers"] == [15]
+    assert len(selected) == 6 and metrics["layers"] == [26]
     assert metrics["sae"]["layer26"]["fvu"] < 0.9
     math_hits = sum(r["source"] == "bigbench/elementary_math_qa" for r in selected)
     assert math_hits >= 5, [r["source"] for r in selected]

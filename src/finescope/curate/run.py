@@ -612,9 +612,10 @@ def _score_sae(
     best_layer = torch.stack(per_layer_scores).argmax(0)
     sims = torch.stack(per_layer_sims)  # (layers, pool, seeds)
     nearest = sims[best_layer, torch.arange(len(pool))].argmax(-1)
-    truncated = sum(
-        TextBatches(handle.tokenizer, texts, cfg.max_length).count_truncated() for texts in pool.text_chunks(4096)
-    )
+    truncated, keys = 0, []
+    for texts in pool.text_chunks(4096):  # one more pass over the pool: truncation count and dedupe digests
+        truncated += TextBatches(handle.tokenizer, texts, cfg.max_length).count_truncated()
+        keys += [dedupe_key(t) for t in texts]
     info = SaeCurationMetrics(
         layers=layers,
         reference_texts=len(reference),
@@ -622,7 +623,6 @@ def _score_sae(
         max_length=cfg.max_length,
         sae=sae_metrics,
     )
-    keys = [dedupe_key(t) for t in pool.texts()]
     return _Scored(scores, nearest, keys, sims, features, info)
 
 

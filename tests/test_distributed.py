@@ -229,7 +229,11 @@ def test_eval_on_two_processes_gives_the_results_of_one_process(tiny_model_dirs,
         assert (two / "samples" / name).read_text() == (one / "samples" / name).read_text(), name
 
 
-def test_recover_on_two_processes_rewrites_like_one_process(tiny_model_dirs, tmp_path):
+def test_recover_on_two_processes_rewrites_and_trains_like_one_process(tiny_model_dirs, tmp_path):
+    """Rewrites split over 2 ranks, LoRA trained data-parallel (Trainer, DDP on gloo) with the same global batch:
+    the same distilled.jsonl, and — with 8 training examples in 2 global batches of 4 and no dropout, so that
+    both runs see the same examples in each step — the same per-step losses, held-out losses and merged weights
+    up to float summation order."""
     from safetensors.torch import load_file
 
     from finescope.recover.run import PARTIAL
@@ -241,15 +245,32 @@ def test_recover_on_two_processes_rewrites_like_one_process(tiny_model_dirs, tmp
         {**r, "id": r["id"] + "b", "instruction": r["instruction"] + " Again."} for r in RECORDS if "instruction" in r
     ]
     data = write_records(tmp_path / "data.jsonl", RECORDS + again)  # 10 to rewrite: 3 batches of 4
-    cfg = recover_cfg(tiny_model_dirs["llama"], tiny_model_dirs["llama"], data, lora_alpha=8.0)  # as YAML reads it
+    cfg = recover_cfg(
+        tiny_model_dirs["llama"],
+        tiny_model_dirs["llama"],
+        data,
+        lora_alpha=8.0,  # as YAML reads it
+        lora_dropout=0.0,
+        eval_fraction=0.28,  # 3 of 11 held out: 8 to train
+        epochs=2.0,
+    )
     one = recover_run(cfg, tmp_path / "one")
     _torchrun_stage("recover", cfg, tmp_path / "two", tmp_path / "home", "teacher rewrite")
     two = tmp_path / "two"
     assert storage.is_done(two, cfg)
     assert (two / "distilled.jsonl").read_text() == (one / "distilled.jsonl").read_text()
     assert not list(two.glob(PARTIAL.replace(".jsonl", "*")))  # rank files removed once distilled.jsonl is written
+    h1, h2 = (storage.read_json(d / "metrics.json")["train"] for d in (one, two))
+    assert h1["train_examples"] == 8 and h1["effective_batch"] == h2["effective_batch"] == 4
+    assert (h1["micro_batch_size"], h1["grad_accumulation"]) == (2, 2)
+    assert (h2["micro_batch_size"], h2["grad_accumulation"]) == (2, 1)  # per rank: 2 ranks x 1 x 2 = 4
+    assert [p["step"] for p in h2["train_loss"]] == [1, 2, 3, 4]
+    for p, q in zip(h1["train_loss"], h2["train_loss"]):
+        assert p["loss"] == pytest.approx(q["loss"], rel=1e-5) and p["lr"] == pytest.approx(q["lr"])
+    for p, q in zip(h1["eval_loss"], h2["eval_loss"], strict=True):
+        assert p["loss"] == pytest.approx(q["loss"], rel=1e-5)
     a, b = load_file(str(one / "model" / "model.safetensors")), load_file(str(two / "model" / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
 def test_rewrites_of_a_killed_two_rank_run_resume_in_one_process(tmp_path, chat_tokenizer):

@@ -23,7 +23,6 @@ from finescope.recover.finetune import (
     TrainSettings,
     build_examples,
     collate,
-    fine_tune,
     save_trained,
     split_records,
     summed_loss,
@@ -31,6 +30,8 @@ from finescope.recover.finetune import (
 )
 from finescope.recover.rewrite import DISTILL_SYSTEM, read_partial, rewrite_prompt, rewrite_records
 from finescope.recover.run import PARTIAL, RecoverError, run
+from finescope.recover.trainer import fine_tune
+from finescope.storage import is_done, read_json
 
 RECORDS = [
     {"id": "r1", "instruction": "What is 12 times 7?", "response": "12 * 7 = 84.\n#### 84"},
@@ -445,3 +446,56 @@ def test_cli_recover_and_one_line_errors(tmp_path, tiny_model_dirs, capsys):
 
 def test_errors_are_finescope_errors():
     assert issubclass(RecoverError, FinescopeError) and issubclass(FinetuneError, FinescopeError)
+
+
+def test_killed_fine_tuning_resumes_from_its_trainer_checkpoint(tmp_path, chat_tokenizer):
+    """Checkpoints every step; a run killed after step 2 resumes at step 3 and ends where an uninterrupted run
+    ends (optimiser, schedule and data order restored)."""
+    from transformers import TrainerCallback
+
+    class Killed(Exception):
+        pass
+
+    class KillAtStep3(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == 2:
+                raise Killed
+
+    train, _ = build_examples(chat_tokenizer, RECORDS, max_length=128)  # 6 examples: 3 steps of 2 per epoch
+    pad = chat_tokenizer.pad_token_id
+
+    def settings(folder):
+        return TrainSettings(
+            rank=4, alpha=8, dropout=0.0, lr=5e-3, batch_size=2, micro_batch_size=1, epochs=2.0, seed=0,
+            checkpoint_dir=folder, checkpoint_steps=1,
+        )  # fmt: skip
+
+    whole, h_whole = fine_tune(build_model("llama", len(chat_tokenizer)), train, train[:2], settings(None), pad_id=pad)
+    ckpt = tmp_path / "checkpoints"
+    with pytest.raises(Killed):
+        fine_tune(
+            build_model("llama", len(chat_tokenizer)), train, [], settings(ckpt), pad_id=pad, callbacks=[KillAtStep3()]
+        )
+    assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoint-2"]  # the newest only
+    resumed, h = fine_tune(build_model("llama", len(chat_tokenizer)), train, train[:2], settings(ckpt), pad_id=pad)
+    assert h["resumed_from_step"] == 2 and [p["step"] for p in h["train_loss"]] == [3, 4, 5, 6]
+    assert [p["loss"] for p in h["train_loss"]] == pytest.approx([p["loss"] for p in h_whole["train_loss"][2:]])
+    assert h["eval_loss"][-1]["loss"] == pytest.approx(h_whole["eval_loss"][-1]["loss"], rel=1e-5)
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert any("lora" in k for k in a) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a if "lora" in k)
+
+
+def test_stage_with_checkpoints_and_gradient_checkpointing(tmp_path, tiny_model_dirs):
+    """Both are operational settings: the stage's hash ignores them, the result matches the plain run, and the
+    Trainer checkpoints are gone once the stage is done."""
+    data = write_records(tmp_path / "data.jsonl")
+    plain = _cfg(tiny_model_dirs["llama"], tiny_model_dirs["llama"], data, lora_dropout=0.0)
+    cfg = _cfg(
+        tiny_model_dirs["llama"], tiny_model_dirs["llama"], data, lora_dropout=0.0, checkpoint_steps=1,
+        gradient_checkpointing=True,
+    )  # fmt: skip
+    out = run(cfg, tmp_path / "ckpt")
+    assert is_done(out, plain) and not (out / "checkpoints").exists()
+    ref = run(plain, tmp_path / "plain")
+    h, h_ref = (read_json(d / "metrics.json")["train"] for d in (out, ref))
+    assert [p["loss"] for p in h["train_loss"]] == pytest.approx([p["loss"] for p in h_ref["train_loss"]], rel=1e-5)

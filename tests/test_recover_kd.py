@@ -19,7 +19,6 @@ from finescope.recover.finetune import (
     TrainSettings,
     build_examples,
     collate,
-    fine_tune,
     mixed_loss,
     save_trained,
     step_loss,
@@ -27,6 +26,7 @@ from finescope.recover.finetune import (
 )
 from finescope.recover.run import RecoverError, run
 from finescope.recover.sources import next_ranked, training_records
+from finescope.recover.trainer import fine_tune
 from test_recover import RECORDS, _cfg, write_records
 
 # ================================================================================================ the loss

@@ -596,6 +596,8 @@ class TrainHistory(Schema):
     epochs_run: int
     eval_loss_merged: float | None
     """Held-out loss of the merged model (equals the last eval_loss up to float error)."""
+    resumed_from_step: int | None = None
+    """The Trainer checkpoint this run resumed from (train_loss then lists the steps after it only)."""
 
 
 @dataclass(kw_only=True)

@@ -281,10 +281,15 @@ class RecoverConfig:
     """Student and teacher dtype (auto = fp32 on CPU, bf16 on GPU)."""
     device: str | None = None
     """Student and teacher device: cpu, cuda, cuda:1; none = cuda if available (under several ranks: each rank's own GPU). Not auto: the student trains, its weights stay on one device."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory for large models and long examples, more time."""
+    checkpoint_steps: Annotated[int, Range(min=0)] = 0
+    """Save a Trainer checkpoint every N optimiser steps into <out>/checkpoints; a rerun resumes from the newest
+    (0 = none). Removed when the stage is done."""
     overwrite: bool = False
     """Replace an existing output folder that is not a previous recover output."""
 
-    HASH_EXCLUDE = ("device", "overwrite")
+    HASH_EXCLUDE = ("device", "overwrite", "gradient_checkpointing", "checkpoint_steps")
     HASH_OMIT_AT = {"dtype": "auto"}
 
 

@@ -3,12 +3,14 @@ merge and save.
 
 Examples are templated with `data.format_example` (the tokenizer's chat template, or Alpaca without one); prompt
 and completion are tokenized separately and concatenated, so the model learns exactly the tokens it will later
-generate after the prompt. Labels are -100 on prompt and padding. Training is a plain loop: AdamW, linear warmup
-then cosine decay, gradient accumulation up to the effective batch, token-weighted loss, a held-out eval loss per
-epoch, fully determined by the seed. With `kd.weight` > 0 the loss mixes in logit distillation from the teacher
-(`distill.py`): its top-k targets attached to each example (`Example.teacher`), or an `OnlineTeacher`.
+generate after the prompt. Labels are -100 on prompt and padding. The training itself runs on
+`transformers.Trainer` (`trainer.py`): AdamW, linear warmup then cosine decay, gradient accumulation up to the
+effective batch, token-weighted loss, a held-out eval loss per epoch, fully determined by the seed. With
+`kd.weight` > 0 the loss mixes in logit distillation from the teacher (`distill.py`): its top-k targets attached to
+each example (`Example.teacher`), or an `OnlineTeacher`.
 
-    from finescope.recover.finetune import TrainSettings, build_examples, fine_tune, save_trained
+    from finescope.recover.finetune import TrainSettings, build_examples, save_trained
+    from finescope.recover.trainer import fine_tune
     train, skipped = build_examples(handle.tokenizer, records, max_length=256)
     model, history = fine_tune(handle.model, train, [], TrainSettings(rank=8, lr=1e-4), pad_id=0)
     save_trained(model, handle.tokenizer, Path("out/adapter"), Path("out/model"))
@@ -16,18 +18,14 @@ epoch, fully determined by the seed. With `kd.weight` > 0 the loss mixes in logi
 
 from __future__ import annotations
 
-import math
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from .. import FinescopeError
 from ..data import format_example
-from ..progress import progress
 from ..storage import atomic_dir
 from ..tokens import IGNORE_INDEX, encode_continuation, encode_prompt, next_token_nll, pad_batch
 from .distill import KdSettings, OnlineTeacher, TopK, kd_positions, kd_summed
@@ -56,6 +54,14 @@ class TrainSettings:
     warmup_ratio: float = 0.03
     seed: int = 0
     kd: KdSettings = field(default_factory=KdSettings)
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, ~30 % more time)."""
+    bf16: bool | None = None
+    """bf16 mixed precision; None = when the model is bf16 on a CUDA device that supports it."""
+    checkpoint_dir: Path | None = None
+    """Where Trainer checkpoints go (and the newest is resumed from); None = no checkpoints."""
+    checkpoint_steps: int = 0
+    """Save a checkpoint every N optimiser steps (0 = never)."""
 
 
 @dataclass
@@ -167,29 +173,47 @@ def mean_loss(model, examples: list[Example], pad_id: int, micro_batch_size: int
     return total / max(count, 1)
 
 
-def step_loss(
-    model, examples: list[Example], pad_id: int, kd: KdSettings, online: OnlineTeacher | None = None
+def teacher_targets(examples: list[Example]) -> TopK:
+    """The examples' cached teacher top-k, concatenated over their KD positions in batch order."""
+    missing = [e.id for e in examples if e.teacher is None]
+    if missing:
+        raise FinetuneError(f"no teacher targets for examples {', '.join(missing[:3])} (kd weight > 0)")
+    return TopK.cat([e.teacher for e in examples if e.teacher is not None])
+
+
+def batch_loss(
+    model,
+    batch: dict[str, torch.Tensor],
+    kd: KdSettings,
+    teacher: TopK | None = None,
+    online: OnlineTeacher | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A micro-batch's summed CE over the labelled tokens and summed KD term over the KD positions (None with α = 0,
-    when this is exactly `summed_loss` and the teacher is not consulted)."""
-    batch = collate(examples, pad_id)
+    """A collated micro-batch's summed CE over the labelled tokens and summed KD term over the KD positions, against
+    the cached `teacher` targets or the `online` teacher (None with α = 0, when this is exactly `summed_loss` and the
+    teacher is not consulted)."""
     if kd.weight == 0:
         return summed_loss(model, batch)[0], None
     device = next(model.parameters()).device
     logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
     ce, _ = next_token_nll(logits, batch["labels"].to(device))
     if online is not None:
-        teacher: torch.Tensor | TopK = online(batch)
+        target: torch.Tensor | TopK = online(batch)
+    elif teacher is not None:
+        target = TopK(teacher.ids.to(device), teacher.logp.to(device), teacher.log_rest.to(device))
     else:
-        missing = [e.id for e in examples if e.teacher is None]
-        if missing:
-            raise FinetuneError(f"no teacher targets for examples {', '.join(missing[:3])} (kd weight > 0)")
-        teacher = TopK.cat([e.teacher for e in examples if e.teacher is not None])
-        teacher = TopK(teacher.ids.to(device), teacher.logp.to(device), teacher.log_rest.to(device))
-    return ce, kd_summed(logits, kd_positions(batch).to(device), teacher, kd)
+        raise FinetuneError("kd weight > 0 but the batch has no teacher targets and no online teacher")
+    return ce, kd_summed(logits, kd_positions(batch).to(device), target, kd)
 
 
-def mixed_loss(ce: torch.Tensor, kd_sum: torch.Tensor | None, n_ce: int, n_kd: int, kd: KdSettings) -> torch.Tensor:
+def step_loss(
+    model, examples: list[Example], pad_id: int, kd: KdSettings, online: OnlineTeacher | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`batch_loss` of a list of examples (their cached teacher targets unless `online`)."""
+    teacher = teacher_targets(examples) if kd.weight > 0 and online is None else None
+    return batch_loss(model, collate(examples, pad_id), kd, teacher, online)
+
+
+def mixed_loss(ce: torch.Tensor, kd_sum: torch.Tensor | None, n_ce: float, n_kd: float, kd: KdSettings) -> torch.Tensor:
     """The token-weighted training loss: CE / n_ce, or (1 − α)·CE / n_ce + α·KD / n_kd with distillation."""
     if kd_sum is None:
         return ce / max(n_ce, 1)
@@ -252,161 +276,6 @@ def check_full_tuning_fits(model) -> None:
             f"{device} (gradients and AdamW state, 3 copies of the weights, activations not counted) but "
             f"{free / 2**30:.1f} GiB is free; use --adapter lora"
         )
-
-
-@dataclass
-class _Trainer:
-    """A run's trained model (peft-wrapped or plain), optimiser and schedule, and its batch arithmetic."""
-
-    model: Any
-    params: list[torch.nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    pad_id: int
-    micro: int
-    accum: int
-    effective: int
-    steps_per_epoch: int
-    total_steps: int
-    kd: KdSettings
-    online: OnlineTeacher | None
-
-
-def fine_tune(
-    model,
-    train: list[Example],
-    held_out: list[Example],
-    s: TrainSettings,
-    *,
-    pad_id: int,
-    online_teacher=None,
-) -> tuple[Any, dict[str, Any]]:
-    """Fine-tune `model` (LoRA adapters or every weight) on `train`; returns the trained model (peft-wrapped for
-    LoRA) and the history (losses, steps, timings). `online_teacher`: a teacher model run on every batch for KD
-    instead of the examples' cached targets."""
-    if not train:
-        raise FinetuneError("no training examples left (every record's prompt fills max_length)")
-    online = OnlineTeacher(online_teacher) if online_teacher is not None and s.kd.weight > 0 else None
-    t = _setup_training(model, len(train), s, pad_id, online)
-    start = time.perf_counter()
-    history = _initial_history(t, len(train), held_out)
-    gen = torch.Generator().manual_seed(s.seed)
-    torch.manual_seed(s.seed)  # dropout masks
-    t.model.train()
-    epochs_run = _train_epochs(t, train, held_out, s.epochs, gen, history, start)
-    seconds = time.perf_counter() - start
-    history.update(seconds=round(seconds, 2), seconds_per_step=round(seconds / t.total_steps, 3), epochs_run=epochs_run)
-    t.model.eval()
-    return t.model, history
-
-
-def _setup_training(model, n_train: int, s: TrainSettings, pad_id: int, online: OnlineTeacher | None) -> _Trainer:
-    """Attach LoRA (or unfreeze every weight); size micro-batches, accumulation and steps; AdamW with linear
-    warmup then cosine decay."""
-    from transformers import get_cosine_schedule_with_warmup
-
-    if s.adapter == "full":
-        check_full_tuning_fits(model)
-        trained = model
-        for p in trained.parameters():
-            p.requires_grad_(True)
-    else:
-        trained = attach_lora(model, s)
-    micro = min(s.micro_batch_size, s.batch_size)
-    accum = max(1, s.batch_size // micro)
-    effective = micro * accum
-    steps_per_epoch = math.ceil(n_train / effective)
-    total_steps = max(1, math.ceil(s.epochs * steps_per_epoch))
-    params = [p for p in trained.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(round(s.warmup_ratio * total_steps)), total_steps)
-    return _Trainer(
-        trained,
-        params,
-        optimizer,
-        scheduler,
-        pad_id,
-        micro,
-        accum,
-        effective,
-        steps_per_epoch,
-        total_steps,
-        s.kd,
-        online,
-    )
-
-
-def _initial_history(t: _Trainer, n_train: int, held_out: list[Example]) -> dict[str, Any]:
-    """The run's sizes and the held-out loss before training (epoch 0)."""
-    return {
-        "train_examples": n_train,
-        "eval_examples": len(held_out),
-        "micro_batch_size": t.micro,
-        "grad_accumulation": t.accum,
-        "effective_batch": t.effective,
-        "steps_per_epoch": t.steps_per_epoch,
-        "total_steps": t.total_steps,
-        "trainable_parameters": sum(p.numel() for p in t.params),
-        "train_loss": [],
-        "eval_loss": [{"epoch": 0, "loss": mean_loss(t.model, held_out, t.pad_id, t.micro), "seconds": 0.0}],
-    }
-
-
-def _train_epochs(
-    t: _Trainer,
-    train: list[Example],
-    held_out: list[Example],
-    epochs: float,
-    gen: torch.Generator,
-    history: dict,
-    start: float,
-) -> int:
-    """Seeded-shuffle epochs of optimiser steps up to `total_steps`, each ending in a held-out eval; epochs run."""
-    step, epoch = 0, 0
-    bar = progress(total=t.total_steps, desc="fine-tune", unit="step")
-    while step < t.total_steps:
-        epoch += 1
-        order = torch.randperm(len(train), generator=gen).tolist()
-        for g in range(0, len(order), t.effective):
-            if step >= t.total_steps:
-                break
-            loss, kd = _optimiser_step(t, [train[i] for i in order[g : g + t.effective]])
-            step += 1
-            point = {"step": step, "epoch": epoch, "loss": loss, "lr": t.scheduler.get_last_lr()[0]}
-            history["train_loss"].append(point if kd is None else {**point, "kd": kd})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
-        history["eval_loss"].append(
-            {
-                "epoch": round(min(step / t.steps_per_epoch, epochs), 3),
-                "loss": mean_loss(t.model, held_out, t.pad_id, t.micro),
-                "seconds": round(time.perf_counter() - start, 2),
-            }
-        )
-    bar.close()
-    return epoch
-
-
-def _optimiser_step(t: _Trainer, group: list[Example]) -> tuple[float, float | None]:
-    """One step on `group`, gradients accumulated over micro-batches; its token-weighted mean loss and mean KD
-    term per KD position (None without KD)."""
-    n_ce = sum(e.targets for e in group)
-    n_kd = sum(e.kd_targets for e in group) if t.kd.weight > 0 else 0
-    ce_total, kd_total = 0.0, None
-    for m in range(0, len(group), t.micro):
-        ce, kd = step_loss(t.model, group[m : m + t.micro], t.pad_id, t.kd, t.online)
-        mixed_loss(ce, kd, n_ce, n_kd, t.kd).backward()
-        ce_total += float(ce.detach())
-        if kd is not None:
-            kd_total = (kd_total or 0.0) + float(kd.detach())
-    torch.nn.utils.clip_grad_norm_(t.params, 1.0)
-    t.optimizer.step()
-    t.scheduler.step()
-    t.optimizer.zero_grad(set_to_none=True)
-    if kd_total is None:
-        return ce_total / max(n_ce, 1), None
-    kd_mean = kd_total / max(n_kd, 1)
-    return (1 - t.kd.weight) * ce_total / max(n_ce, 1) + t.kd.weight * kd_mean, kd_mean
 
 
 def save_trained(model, tokenizer, adapter_dir: Path | None, model_dir: Path):

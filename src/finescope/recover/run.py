@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -37,11 +38,13 @@ from ..storage import CONFIG, check_stage_folder, is_done, mark_done, read_json,
 from . import kd_cache
 from .distill import KdSettings
 from .filters import REASONS, apply_filters
-from .finetune import Example, TrainSettings, build_examples, fine_tune, mean_loss, save_trained, split_records
+from .finetune import Example, TrainSettings, build_examples, mean_loss, save_trained, split_records
 from .rewrite import rank_partials, rewrite_records
 from .sources import training_records
+from .trainer import fine_tune
 
 PARTIAL = "rewrites.partial.jsonl"
+CHECKPOINTS = "checkpoints"  # Trainer checkpoints of an unfinished fine-tuning (removed when the stage is done)
 
 
 class RecoverError(FinescopeError):
@@ -162,68 +165,48 @@ def _recover_into(
 ) -> None:
     """Rewrite, filter, fine-tune, merge and save into the (locked) stage folder; DONE last.
 
-    Several ranks: the teacher rewrites are split over them; the rest (filters, KD targets, fine-tuning, save)
-    runs on rank 0 while the others wait: training is not data-parallel yet."""
+    Several ranks: the teacher rewrites are split over them and every rank gets them all back; each rank filters
+    and tokenizes the same rows, the KD cache is built on rank 0 and read by the others, and the fine-tuning is
+    data-parallel (`transformers.Trainer`, DDP). Rank 0 writes distilled.jsonl, merges, saves and marks DONE."""
     times: dict[str, float] = {}
     ranks = distributed.ranks()
-    needs_teacher = teacher_spec is not None and (ranks.is_main or rewrite)
     teacher = (
         distributed.main_first(lambda: _load_teacher(cfg, student, teacher_spec), f"loading teacher {teacher_spec}")
-        if needs_teacher and teacher_spec is not None
+        if teacher_spec is not None
         else None
     )
     rewrite_stats, rewrites = _rewrite(stage, cfg, records, teacher if rewrite else None, times)
-    # The teacher travels in a box so that _train_into can drop the last reference before the student trains.
-    box = [teacher] if ranks.is_main else []
-    teacher = None
-    if not ranks.is_main:
-        _free()
-    distributed.on_main(
-        lambda: _train_into(stage, cfg, skipped, records, data_stats, student, box, rewrite_stats, rewrites, times, t0),
-        "recovery on rank 0",
-    )
-
-
-def _train_into(
-    stage: Path,
-    cfg: RecoverConfig,
-    skipped: int,
-    records: list[dict],
-    data_stats: RecoveryData,
-    student: ModelHandle,
-    teacher_box: list[ModelHandle | None],
-    rewrite_stats: RewriteStats,
-    rewrites: dict | None,
-    times: dict[str, float],
-    t0: float,
-) -> None:
-    """Filter, fine-tune, merge and save; DONE last."""
-    teacher = teacher_box.pop()
-    rows, filter_stats = _filter(stage, cfg, records, rewrites)
+    rows, filter_stats = _filter(stage if ranks.is_main else None, cfg, records, rewrites)
     train_ex, eval_ex, too_long = _examples(student.tokenizer, cfg, rows)
     kd_stats, online = _kd_targets(cfg, teacher, train_ex, tokens.pad_id(student.tokenizer), times)
-    if online is None:
-        teacher = None  # the last reference: the teacher's memory is free before the student trains
-        _free()
-    history = _finetune_and_save(stage, cfg, train_ex, eval_ex, student, online, times)
-    for partial in [stage / PARTIAL, *rank_partials(stage / PARTIAL)]:
-        if partial.exists():
-            os.unlink(partial)  # distilled.jsonl now holds every rewrite
-    times["total"] = round(time.perf_counter() - t0, 2)
-    metrics = RecoverMetrics(
-        records=len(records),
-        skipped_rows=skipped,
-        mode="sft" if rewrites is None else "tgd",
-        rewrite=rewrite_stats,
-        filters=filter_stats,
-        too_long_skipped=too_long,
-        train=history,
-        seconds=times,
-        adapter=cfg.adapter,
-        kd=kd_stats,
-        data=data_stats,
-    )
-    mark_done(stage, cfg, metrics.to_json())
+    teacher = None  # the last reference unless KD runs online: the teacher's memory is free before the student trains
+    _free()
+    trained, history = _finetune(stage, cfg, train_ex, eval_ex, student, online, times)
+    online = None
+
+    def save() -> None:
+        train = _save(stage, cfg, trained, eval_ex, student, history, times)
+        for leftover in [stage / PARTIAL, *rank_partials(stage / PARTIAL)]:
+            if leftover.exists():
+                os.unlink(leftover)  # distilled.jsonl now holds every rewrite
+        shutil.rmtree(stage / CHECKPOINTS, ignore_errors=True)
+        times["total"] = round(time.perf_counter() - t0, 2)
+        metrics = RecoverMetrics(
+            records=len(records),
+            skipped_rows=skipped,
+            mode="sft" if rewrites is None else "tgd",
+            rewrite=rewrite_stats,
+            filters=filter_stats,
+            too_long_skipped=too_long,
+            train=train,
+            seconds=times,
+            adapter=cfg.adapter,
+            kd=kd_stats,
+            data=data_stats,
+        )
+        mark_done(stage, cfg, metrics.to_json())
+
+    distributed.on_main(save, "saving the recovered model on rank 0")
 
 
 def _load_teacher(cfg: RecoverConfig, student: ModelHandle, spec: str) -> ModelHandle:
@@ -262,10 +245,12 @@ def _rewrite(
     ), rewrites
 
 
-def _filter(stage: Path, cfg: RecoverConfig, records, rewrites: dict | None) -> tuple[list[dict], FilterStats]:
-    """Keep or reject each rewrite (falling back to the original response); write distilled.jsonl."""
+def _filter(stage: Path | None, cfg: RecoverConfig, records, rewrites: dict | None) -> tuple[list[dict], FilterStats]:
+    """Keep or reject each rewrite (falling back to the original response); write distilled.jsonl (into `stage`,
+    None on the ranks that do not write)."""
     rows, counts = apply_filters(records, rewrites, answer_check=cfg.answer_check)
-    write_jsonl_atomic(stage / "distilled.jsonl", rows)
+    if stage is not None:
+        write_jsonl_atomic(stage / "distilled.jsonl", rows)
     judged = sum(counts.get(r, 0) for r in REASONS)
     rate = round(counts.get("accepted", 0) / judged, 4) if rewrites is not None and judged else None
     return rows, FilterStats(counts=counts, acceptance_rate=rate)
@@ -303,8 +288,11 @@ def _kd_targets(
     t = time.perf_counter()
     key = kd_cache.cache_key(teacher.source, train_ex, s)
     path = kd_cache.cache_path(cfg.kd_cache, key)
-    parts, hit = kd_cache.load_or_build(
-        path, key, lambda: kd_cache.teacher_top_k(teacher.model, train_ex, s, cfg.micro_batch_size, pad_id)
+    parts, hit = distributed.main_first(  # rank 0 builds the cache, the other ranks read it
+        lambda: kd_cache.load_or_build(
+            path, key, lambda: kd_cache.teacher_top_k(teacher.model, train_ex, s, cfg.micro_batch_size, pad_id)
+        ),
+        "building the KD cache",
     )
     for ex, part in zip(train_ex, parts):
         ex.teacher = part
@@ -314,7 +302,7 @@ def _kd_targets(
     return stats, None
 
 
-def _finetune_and_save(
+def _finetune(
     stage: Path,
     cfg: RecoverConfig,
     train_ex: list[Example],
@@ -322,9 +310,8 @@ def _finetune_and_save(
     student: ModelHandle,
     online_teacher,
     times: dict[str, float],
-) -> TrainHistory:
-    """Fine-tune the student (LoRA or full), save adapter and merged model; the training history."""
-    tok = student.tokenizer
+):
+    """Fine-tune the student (LoRA or full) on every rank; the trained model and the raw history."""
     t = time.perf_counter()
     settings = TrainSettings(
         adapter=cfg.adapter,
@@ -339,16 +326,33 @@ def _finetune_and_save(
         warmup_ratio=cfg.warmup_ratio,
         seed=cfg.seed,
         kd=kd_settings(cfg),
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        checkpoint_dir=stage / CHECKPOINTS if cfg.checkpoint_steps > 0 else None,
+        checkpoint_steps=cfg.checkpoint_steps,
     )
-    pad_id = tokens.pad_id(tok)
-    trained, raw_history = fine_tune(
+    pad_id = tokens.pad_id(student.tokenizer)
+    trained, history = fine_tune(
         student.model, train_ex, eval_ex, settings, pad_id=pad_id, online_teacher=online_teacher
     )
     times["finetune"] = round(time.perf_counter() - t, 2)
+    return trained, history
 
+
+def _save(
+    stage: Path,
+    cfg: RecoverConfig,
+    trained,
+    eval_ex: list[Example],
+    student: ModelHandle,
+    raw_history: dict,
+    times: dict[str, float],
+) -> TrainHistory:
+    """Save the adapter (LoRA) and the merged model; the training history with the merged model's held-out loss."""
     t = time.perf_counter()
     adapter = stage / "adapter" if cfg.adapter == "lora" else None
-    merged = save_trained(trained, tok, adapter, stage / "model")
+    merged = save_trained(trained, student.tokenizer, adapter, stage / "model")
     times["save"] = round(time.perf_counter() - t, 2)
-    raw_history["eval_loss_merged"] = mean_loss(merged, eval_ex, pad_id, settings.micro_batch_size)
+    raw_history["eval_loss_merged"] = mean_loss(
+        merged, eval_ex, tokens.pad_id(student.tokenizer), raw_history["micro_batch_size"]
+    )
     return TrainHistory.from_json(raw_history, source="fine-tuning history", strict=True)

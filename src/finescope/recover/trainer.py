@@ -1,0 +1,308 @@
+"""Fine-tuning on `transformers.Trainer`: LoRA (peft) or every weight, completion-only labels, token-weighted loss
+(optionally mixed with logit distillation), a held-out loss before training and after every epoch.
+
+The Trainer brings the engines: one process, DDP over the ranks of `torchrun` / `accelerate launch` (gloo on CPU,
+NCCL on GPUs), bf16 on GPUs, gradient checkpointing, checkpoints to resume from. What stays ours:
+
+- the loss: the summed CE over labelled tokens divided by the labelled-token count of the whole optimiser step,
+  counted across every micro-batch *and every rank* (`num_items_in_batch`), so a step's gradient is the same
+  token-weighted mean whatever the process count or accumulation (× world size, because DDP averages gradients);
+  with KD, (1 − α)·CE / n_ce + α·KD / n_kd, both counts global;
+- the batch arithmetic: `batch_size` is the global batch; each rank accumulates batch_size / (micro × world)
+  micro-batches;
+- the history (`TrainHistory`): per-step loss and learning rate, held-out loss per epoch, timings.
+
+    from finescope.recover.trainer import fine_tune
+    model, history = fine_tune(handle.model, train, held_out, TrainSettings(rank=8, lr=1e-4), pad_id=0)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import distributed
+from ..progress import progress
+from ..tokens import IGNORE_INDEX
+from .distill import OnlineTeacher, TopK, kd_positions
+from .finetune import (
+    Example,
+    FinetuneError,
+    TrainSettings,
+    attach_lora,
+    batch_loss,
+    check_full_tuning_fits,
+    collate,
+    mean_loss,
+    mixed_loss,
+    teacher_targets,
+)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+class _Examples(torch.utils.data.Dataset):
+    """The training examples as the map-style dataset the Trainer's sampler shuffles."""
+
+    def __init__(self, examples: list[Example]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> Example:
+        return self.examples[i]
+
+
+class _Collator:
+    """Right-padded batch (`collate`), plus the examples' cached teacher top-k concatenated over KD positions."""
+
+    def __init__(self, pad_id: int, with_teacher: bool):
+        self.pad_id, self.with_teacher = pad_id, with_teacher
+
+    def __call__(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        batch = collate(examples, self.pad_id)
+        if self.with_teacher:
+            top = teacher_targets(examples)
+            batch.update(teacher_ids=top.ids, teacher_logp=top.logp, teacher_log_rest=top.log_rest)
+        return batch
+
+
+def batch_shape(s: TrainSettings, world: int) -> tuple[int, int, int]:
+    """(micro-batch per rank, accumulation steps per rank, effective global batch) for the global `batch_size`."""
+    micro = max(1, min(s.micro_batch_size, s.batch_size // world))
+    accum = max(1, s.batch_size // (micro * world))
+    return micro, accum, micro * accum * world
+
+
+def _trainer_class():
+    """`CompletionTrainer`, built on first use (importing transformers' Trainer costs seconds)."""
+    from transformers import Trainer
+
+    class CompletionTrainer(Trainer):
+        """Trainer whose loss is ours: token-weighted over the global step, CE on completions, optional KD."""
+
+        loss_is_scaled_for_ga = True  # normalised by the step's global token count already
+
+        def __init__(self, *args, kd, online: OnlineTeacher | None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.kd, self.online = kd, online
+            self.step_sums = torch.zeros(2, dtype=torch.float64)  # this rank's CE and KD sums in the current step
+            self.step_counts = torch.zeros(2, dtype=torch.float64)  # the step's global CE and KD token counts
+
+        def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
+            """Labelled tokens (CE) and KD positions of the whole optimiser step, summed over every rank."""
+            counts = _counts(batch_samples).to(device)
+            if self.accelerator.num_processes > 1:
+                counts = self.accelerator.reduce(counts, reduction="sum")
+            return counts
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            teacher = _pop_teacher(inputs)
+            ce, kd_sum = batch_loss(model, inputs, self.kd, teacher, self.online)
+            if num_items_in_batch is None:  # outside a training step: this batch's own counts
+                num_items_in_batch = _counts([inputs])
+            n_ce, n_kd = num_items_in_batch.tolist()
+            self.step_counts = num_items_in_batch.detach().double().cpu()
+            self.step_sums[0] += float(ce.detach())
+            if kd_sum is not None:
+                self.step_sums[1] += float(kd_sum.detach())
+            # DDP (and DeepSpeed) average gradients over ranks; each rank's share of the global mean is summed.
+            loss = mixed_loss(ce, kd_sum, n_ce, n_kd, self.kd) * self.accelerator.num_processes
+            return (loss, None) if return_outputs else loss
+
+        def take_step_means(self) -> tuple[float, float | None]:
+            """The finished step's token-weighted mean loss and mean KD term (None without KD), over every rank."""
+            sums = self.step_sums.to(self.args.device)
+            if self.accelerator.num_processes > 1:
+                sums = self.accelerator.reduce(sums, reduction="sum")
+            ce_sum, kd_sum = (float(x) for x in sums.cpu().tolist())
+            n_ce, n_kd = (max(float(x), 1.0) for x in self.step_counts.tolist())
+            self.step_sums = torch.zeros(2, dtype=torch.float64)
+            if self.kd.weight == 0:
+                return ce_sum / n_ce, None
+            kd_mean = kd_sum / n_kd
+            return (1 - self.kd.weight) * ce_sum / n_ce + self.kd.weight * kd_mean, kd_mean
+
+        def forward_model(self):
+            """The model to run held-out forwards with: the engine's wrapper where it shards parameters."""
+            if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+                return self.model_wrapped
+            return self.model
+
+    return CompletionTrainer
+
+
+def _counts(batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Labelled tokens (the CE normaliser, as `Example.targets`) and KD positions (`Example.kd_targets`)."""
+    n_ce = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+    n_kd = sum(int((kd_positions(b)[:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    return torch.tensor([n_ce, n_kd], dtype=torch.float64)
+
+
+def _pop_teacher(inputs: dict[str, Any]) -> TopK | None:
+    if "teacher_ids" not in inputs:
+        return None
+    return TopK(inputs.pop("teacher_ids"), inputs.pop("teacher_logp"), inputs.pop("teacher_log_rest"))
+
+
+def _history_callback(trainer, held_out: list[Example], pad_id: int, micro: int, history: dict, start: float):
+    from transformers import TrainerCallback
+
+    class History(TrainerCallback):
+        """Per-step loss and learning rate, held-out loss after each epoch, a progress bar."""
+
+        def __init__(self):
+            self.bar = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.bar = progress(total=state.max_steps, initial=state.global_step, desc="fine-tune", unit="step")
+
+        def on_step_end(self, args, state, control, **kw):
+            loss, kd = trainer.take_step_means()
+            point = {
+                "step": state.global_step,
+                "epoch": max(1, math.ceil(state.epoch - 1e-9)),
+                "loss": loss,
+                "lr": kw["lr_scheduler"].get_last_lr()[0],
+            }
+            history["train_loss"].append(point if kd is None else {**point, "kd": kd})
+            if self.bar is not None:
+                self.bar.update(1)
+                self.bar.set_postfix(loss=f"{loss:.3f}")
+
+        def on_epoch_end(self, args, state, control, **kw):
+            history["eval_loss"].append(
+                {
+                    "epoch": round(min(state.global_step / history["steps_per_epoch"], args.num_train_epochs), 3),
+                    "loss": mean_loss(trainer.forward_model(), held_out, pad_id, micro),
+                    "seconds": round(time.perf_counter() - start, 2),
+                }
+            )
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.close()
+
+    return History()
+
+
+def latest_checkpoint(folder: Path | None) -> Path | None:
+    """The newest complete Trainer checkpoint in `folder` (one holding trainer_state.json), or None."""
+    if folder is None or not folder.is_dir():
+        return None
+    done = [p for p in folder.glob(CHECKPOINT_PREFIX + "*") if (p / "trainer_state.json").is_file()]
+    steps = [(int(p.name[len(CHECKPOINT_PREFIX) :]), p) for p in done if p.name[len(CHECKPOINT_PREFIX) :].isdigit()]
+    return max(steps)[1] if steps else None
+
+
+def _use_bf16(model, s: TrainSettings) -> bool:
+    """bf16 mixed precision: asked for, or (auto) a bf16 model on a CUDA device that supports it."""
+    if s.bf16 is not None:
+        return s.bf16
+    p = next(model.parameters())
+    return p.device.type == "cuda" and p.dtype == torch.bfloat16 and torch.cuda.is_bf16_supported()
+
+
+def fine_tune(
+    model,
+    train: list[Example],
+    held_out: list[Example],
+    s: TrainSettings,
+    *,
+    pad_id: int,
+    online_teacher=None,
+    callbacks: list | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """Fine-tune `model` (LoRA adapters or every weight) on `train` with `transformers.Trainer`; returns the trained
+    model (peft-wrapped for LoRA) and the history (losses, steps, timings). Under several ranks every rank calls
+    this with the same examples (the Trainer's sampler splits them). `online_teacher`: a teacher model run on every
+    batch for KD instead of the examples' cached targets; `callbacks`: more `TrainerCallback`s. With `s.checkpoint_dir`, Trainer checkpoints are written
+    there every `s.checkpoint_steps` steps and the newest one found is resumed."""
+    from transformers import PrinterCallback, TrainingArguments
+
+    if not train:
+        raise FinetuneError("no training examples left (every record's prompt fills max_length)")
+    world = distributed.ranks().world
+    online = OnlineTeacher(online_teacher) if online_teacher is not None and s.kd.weight > 0 else None
+    if s.adapter == "full":
+        check_full_tuning_fits(model)
+        trained = model
+        for p in trained.parameters():
+            p.requires_grad_(True)
+    else:
+        trained = attach_lora(model, s)
+    micro, accum, effective = batch_shape(s, world)
+    steps_per_epoch = math.ceil(len(train) / effective)
+    total_steps = max(1, math.ceil(s.epochs * steps_per_epoch))
+    device = next(model.parameters()).device
+    resume = latest_checkpoint(s.checkpoint_dir)
+    args = TrainingArguments(
+        output_dir=str(s.checkpoint_dir or Path("finescope-trainer-unused")),
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accum,
+        max_steps=total_steps,
+        num_train_epochs=s.epochs,
+        learning_rate=s.lr,
+        weight_decay=0.0,
+        lr_scheduler_type="cosine",
+        warmup_steps=int(round(s.warmup_ratio * total_steps)),
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        seed=s.seed,
+        data_seed=s.seed,
+        bf16=_use_bf16(model, s),
+        activation_checkpointing=s.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if s.gradient_checkpointing else None,
+        save_strategy="steps" if s.checkpoint_dir is not None and s.checkpoint_steps > 0 else "no",
+        save_steps=max(1, s.checkpoint_steps),
+        save_total_limit=1,
+        logging_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_pin_memory=device.type == "cuda",
+        use_cpu=device.type == "cpu",
+        ddp_find_unused_parameters=False,
+    )
+    history: dict[str, Any] = {
+        "train_examples": len(train),
+        "eval_examples": len(held_out),
+        "micro_batch_size": micro,
+        "grad_accumulation": accum,
+        "effective_batch": effective,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "trainable_parameters": sum(p.numel() for p in trained.parameters() if p.requires_grad),
+        "train_loss": [],
+        "eval_loss": [{"epoch": 0, "loss": mean_loss(trained, held_out, pad_id, micro), "seconds": 0.0}],
+    }
+    torch.manual_seed(s.seed)  # dropout masks
+    trainer = _trainer_class()(
+        model=trained,
+        args=args,
+        train_dataset=_Examples(train),
+        data_collator=_Collator(pad_id, s.kd.weight > 0 and online is None),
+        kd=s.kd,
+        online=online,
+    )
+    trainer.remove_callback(PrinterCallback)
+    start = time.perf_counter()
+    trainer.add_callback(_history_callback(trainer, held_out, pad_id, micro, history, start))
+    for cb in callbacks or []:
+        trainer.add_callback(cb)
+    if resume is not None:
+        history["resumed_from_step"] = int(resume.name[len(CHECKPOINT_PREFIX) :])
+    trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    seconds = time.perf_counter() - start
+    steps_run = max(1, total_steps - history.get("resumed_from_step", 0))
+    epochs_run = math.ceil(trainer.state.epoch - 1e-9)
+    history.update(seconds=round(seconds, 2), seconds_per_step=round(seconds / steps_run, 3), epochs_run=epochs_run)
+    out = trainer.accelerator.unwrap_model(trainer.model)
+    out.eval()
+    return out, history

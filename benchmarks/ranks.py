@@ -9,12 +9,15 @@ Every stage runs on the same inputs twice, each time with a cold stage cache (it
 links the shared model and data assets but not cache/), so neither run reuses the other's work:
 - curate: SAE curation of a `--pool`-record sample of the embedded pool (sharded: pool harvest/encoding);
 - prune: taylor importance over the curation's selection (sharded: calibration batches, all-reduced);
-- recover: teacher rewrites of the selection + LoRA (sharded: rewrites; the fine-tuning runs on rank 0);
+- recover: teacher rewrites of the selection + LoRA (sharded: rewrites; the fine-tuning is data-parallel on
+  transformers.Trainer, DDP, with the same global batch);
 - eval: nll:math and gsm8k on `--questions` questions (sharded: question batches, gathered).
 The 1-process output of curate and prune feeds both runs of the next stage, so the stages are compared on
 identical inputs. "same_output" says whether the N-process output equals the 1-process one (the selected records
 and their order, the prune plan, distilled.jsonl, eval values within 1e-5 relative): one process computes with two
-BLAS threads and each of two ranks with one, so float sums differ in their last digits.
+BLAS threads and each of two ranks with one, so float sums differ in their last digits. For recover the JSON also
+gives both runs' held-out loss after training (`held_out_loss`): with LoRA dropout, each rank draws its own masks
+and the last, uneven step of an epoch is padded by accelerate, so the two differ by more than float noise.
 
 Reference: tokens/s of a plain forward of the model in this process (`reference_forward_tok_s`): machines differ
 ~3x, so read the ratios, not the seconds. On a 2-core machine N processes share the same two cores: the ratio
@@ -178,6 +181,13 @@ def main() -> None:
             "throughput_ratio": round(runs[1]["wall_s"] / runs[n]["wall_s"], 3),
             "same_output": same_output(stage, root / f"{stage}-1", root / f"{stage}-{n}"),
         }
+        if stage == "recover":
+            losses = [
+                json.loads((root / f"recover-{k}" / "metrics.json").read_text())["train"]["eval_loss"][-1]["loss"]
+                for k in (1, n)
+            ]
+            result["stages"][stage]["held_out_loss"] = {"one_process": losses[0], f"{n}_processes": losses[1]}
+            result["stages"][stage]["held_out_loss_rel_diff"] = round(abs(losses[1] - losses[0]) / losses[0], 5)
         print(f"[ranks] {stage}: {json.dumps(result['stages'][stage])}", file=sys.stderr, flush=True)
     print(json.dumps(result, indent=2))
 

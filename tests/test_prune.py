@@ -324,6 +324,7 @@ def test_bad_inputs_are_clear_errors_and_write_nothing(tiny_model_dirs, calib_fi
     cases = [
         (PruneConfig(model=model, data=str(calib_file), ratio=0.95), SolverError, "nearest reachable"),
         (PruneConfig(model=model, data=""), PruneError, "data: calibration records are required"),
+        (PruneConfig(model=model, data=str(calib_file), device="auto"), PruneError, "--device auto: importance"),
         (PruneConfig(model=model, data=str(tmp_path / "none.jsonl")), Exception, "no such file"),
         (
             PruneConfig(model=model, data=str(long_prompts), calib_length=8, calib_loss="response"),

@@ -199,12 +199,15 @@ class PruneConfig:
     """Calibration records per forward/backward pass."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights dtype while pruning and of the saved model (auto: fp32 on CPU, bf16 on GPU)."""
+    device: str | None = None
+    """Device: cpu, cuda, cuda:1; none = cuda if available (under several ranks: each rank's own GPU). Not auto:
+    importance takes gradients of, and slicing rewrites, every weight on one device."""
     seed: int = 0
     """Random seed (record sampling, random importance)."""
     overwrite: bool = False
     """Replace an existing output folder that is not a previous prune output."""
 
-    HASH_EXCLUDE = ("overwrite",)
+    HASH_EXCLUDE = ("overwrite", "device")
 
 
 @dataclass
@@ -283,6 +286,8 @@ class RecoverConfig:
     """Student and teacher device: cpu, cuda, cuda:1; none = cuda if available (under several ranks: each rank's own GPU). Not auto: the student trains, its weights stay on one device."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory for large models and long examples, more time."""
+    generation_backend: Literal["transformers", "vllm"] = "transformers"
+    """Teacher rewrites through transformers' generate or vLLM (needs the vllm package and a CUDA GPU)."""
     checkpoint_steps: Annotated[int, Range(min=0)] = 0
     """Save a Trainer checkpoint every N optimiser steps into <out>/checkpoints; a rerun resumes from the newest
     (0 = none). Removed when the stage is done."""
@@ -290,7 +295,7 @@ class RecoverConfig:
     """Replace an existing output folder that is not a previous recover output."""
 
     HASH_EXCLUDE = ("device", "overwrite", "gradient_checkpointing", "checkpoint_steps")
-    HASH_OMIT_AT = {"dtype": "auto"}
+    HASH_OMIT_AT = {"dtype": "auto", "generation_backend": "transformers"}
 
 
 @dataclass
@@ -330,7 +335,11 @@ class EvalConfig:
     overwrite: bool = False
     """Replace an existing --out (folder or .json file) that is not a previous eval output (kept aside, never deleted)."""
 
+    generation_backend: Literal["transformers", "vllm"] = "transformers"
+    """Generative tasks through transformers' generate or vLLM (needs the vllm package and a CUDA GPU)."""
+
     HASH_EXCLUDE = ("device", "overwrite")
+    HASH_OMIT_AT = {"generation_backend": "transformers"}
 
 
 # Stage fields `finescope run` derives itself, from the top-level keys and each variant's recipe: a pipeline config

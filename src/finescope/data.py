@@ -38,6 +38,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from . import FinescopeError
+from .digest_set import DigestSet
 from .hashing import sha256_hex
 from .messages import flat, one_line, quote
 
@@ -626,7 +627,7 @@ BadRow = _Bad
 class RecordStream:
     """The normalised records of a file, read row by row and never held whole: iterate it (again and again, each
     time from the file). Ids are unique within the file; what `read_records` checks, this checks while reading,
-    keeping a 12-byte digest per id rather than the ids. After a full pass, `count`, `skipped` and
+    keeping a 16-byte digest per id (`DigestSet`, ~30 bytes each) rather than the ids. After a full pass, `count`, `skipped` and
     `skipped_reasons` describe that pass.
 
         stream = RecordStream("pool.jsonl.gz")
@@ -644,10 +645,10 @@ class RecordStream:
     def __iter__(self) -> Iterator[dict]:
         path = self.path
         self.count, self.skipped, self.skipped_reasons = 0, 0, []
-        seen: dict[bytes, str] = {}
+        seen = DigestSet()
 
         def key(rid: str) -> bytes:
-            return hashlib.blake2b(rid.encode("utf-8", "surrogatepass"), digest_size=12).digest()
+            return hashlib.blake2b(rid.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
         for where, raw in _row_source(path):
             try:
@@ -656,14 +657,14 @@ class RecordStream:
                 rec = normalise_record(raw)
                 explicit = "id" in rec
                 rid = rec["id"] if explicit else content_id(rec)
-                if key(rid) in seen:
+                if not seen.add(key(rid)):
                     if explicit:
-                        raise ValueError(f"duplicate id {quote(rid)} (first seen at {seen[key(rid)]})")
+                        first = "earlier" if self.skip_bad_rows else f"at {_first_row_with_id(path, rid)}"
+                        raise ValueError(f"duplicate id {quote(rid)} (first seen {first})")
                     n = 2
-                    while key(f"{rid}-{n}") in seen:
+                    while not seen.add(key(f"{rid}-{n}")):
                         n += 1
                     rid = f"{rid}-{n}"
-                seen[key(rid)] = where
                 out = {"id": rid, **{k: v for k, v in rec.items() if k != "id"}}
             except (ValueError, RecursionError) as e:
                 reason = one_line(e, 400) if isinstance(e, ValueError) else "nested too deeply to read"
@@ -682,6 +683,20 @@ class RecordStream:
                 f" ({self.skipped} malformed rows skipped; first: {self.skipped_reasons[0]})" if self.skipped else ""
             )
             raise RecordError(f"{path}: no usable records{detail}")
+
+
+def _first_row_with_id(path: Path, rid: str) -> str:
+    """Where the first row with the explicit id `rid` is (one more pass, on the error path only: the stream keeps
+    digests, not locations)."""
+    for where, raw in _row_source(path):
+        if isinstance(raw, _Bad):
+            continue
+        try:
+            if normalise_record(raw).get("id") == rid:
+                return where
+        except (ValueError, RecursionError):
+            continue
+    return "earlier"
 
 
 def read_records(path: str | os.PathLike, *, skip_bad_rows: bool = False, limit: int | None = None) -> Records:

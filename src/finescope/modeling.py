@@ -212,6 +212,8 @@ class ModelHandle:
     adapter: ArchAdapter
     source: str
     """The folder the weights were loaded from (or the Hub id)."""
+    generator: Any = None
+    """An engine that generates instead of `model.generate` (a `vllm_backend.VllmEngine`), or None."""
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

@@ -18,10 +18,11 @@ import contextlib
 import random
 import time
 import warnings
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
@@ -46,7 +47,7 @@ from .coords import coordinate_scores, top_k_coords
 from .dsir import dsir_scores
 from .pool import Pool
 from .sae import evaluate_sae, load_sae, save_sae, train_sae
-from .select import LatentStats, dedupe_key, max_cosine, seed_cosine, select_global, select_per_seed
+from .select import Keys, LatentStats, dedupe_key, max_cosine, seed_cosine, select_global, select_per_seed
 
 # Bump when the SAE's definition changes, so cached SAEs (and encodings made with them) are not reused.
 SAE_VERSION = 4  # 3: standardisation folded into the weights (SAELens layout); 4: reference rows batched by length
@@ -510,8 +511,8 @@ class _Scored:
 
     scores: torch.Tensor
     nearest: torch.Tensor
-    keys: Sequence[Hashable]
-    """Per record, what makes it an exact duplicate of another (its text, or `dedupe_key` of it)."""
+    keys: Keys
+    """Per record, what makes it an exact duplicate of another (its text, or `dedupe_key` of it: an S16 array)."""
     sims: torch.Tensor | None = None
     """(layers, pool, seeds) cosine similarities, for per-seed and per-layer selection."""
     features: dict[str, _LayerCodes] = field(default_factory=dict)
@@ -608,14 +609,20 @@ def _score_sae(
         features[f"layer{layer}"] = _LayerCodes(shards, stats, seed_vecs, state["sae"].d_sae)
     if distributed.ranks().is_main:
         storage.write_atomic(stage / "coords.safetensors", save(coords_out))
-    scores = torch.stack(per_layer_scores).max(0).values
-    best_layer = torch.stack(per_layer_scores).argmax(0)
-    sims = torch.stack(per_layer_sims)  # (layers, pool, seeds)
+    if len(per_layer_scores) == 1:  # no stacked copies of the (pool, seeds) similarities
+        scores, best_layer = per_layer_scores[0], torch.zeros(len(pool), dtype=torch.long)
+        sims = per_layer_sims.pop().unsqueeze(0)
+    else:
+        scores = torch.stack(per_layer_scores).max(0).values
+        best_layer = torch.stack(per_layer_scores).argmax(0)
+        sims = torch.stack(per_layer_sims)  # (layers, pool, seeds)
+    del per_layer_sims
     nearest = sims[best_layer, torch.arange(len(pool))].argmax(-1)
-    truncated, keys = 0, []
+    truncated, key_chunks = 0, []
     for texts in pool.text_chunks(4096):  # one more pass over the pool: truncation count and dedupe digests
         truncated += TextBatches(handle.tokenizer, texts, cfg.max_length).count_truncated()
-        keys += [dedupe_key(t) for t in texts]
+        key_chunks.append(np.array([dedupe_key(t) for t in texts], dtype="S16"))
+    keys = np.concatenate(key_chunks)  # 16 bytes per record (a list of bytes objects: ~60)
     info = SaeCurationMetrics(
         layers=layers,
         reference_texts=len(reference),

@@ -11,10 +11,14 @@ Exact duplicate texts are removed in both modes (the best-scoring copy stays).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+Keys = Sequence[str] | Sequence[Hashable] | np.ndarray
+"""Per record, what makes it a duplicate: its text, or its `dedupe_key` (a list, or an S16 array)."""
 
 
 def max_cosine(pool: torch.Tensor, seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -33,7 +37,15 @@ def dedupe_key(text: str) -> bytes:
     return hashlib.blake2b(text.strip().encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
-def _dedupe(order: list[int], texts: Sequence[str] | Sequence[Hashable], limit: int | None = None) -> list[int]:
+def ranked(values: torch.Tensor, chunk: int = 1 << 16) -> Iterator[int]:
+    """Indices of `values` from the highest (stable for ties), produced chunk by chunk rather than as one list of
+    Python ints (~36 bytes per pool record)."""
+    order = torch.argsort(values, descending=True, stable=True)
+    for start in range(0, len(order), chunk):
+        yield from order[start : start + chunk].tolist()
+
+
+def _dedupe(order: Iterable[int], texts: Keys, limit: int | None = None) -> list[int]:
     """`order` without exact duplicates: `texts` are the texts, or their `dedupe_key`s."""
     seen, out = set(), []
     for i in order:
@@ -48,22 +60,18 @@ def _dedupe(order: list[int], texts: Sequence[str] | Sequence[Hashable], limit: 
     return out
 
 
-def select_global(scores: torch.Tensor, texts: Sequence[str] | Sequence[Hashable], m: int) -> list[int]:
+def select_global(scores: torch.Tensor, texts: Keys, m: int) -> list[int]:
     """Indices of the top-m distinct texts by score, best first."""
-    order = torch.argsort(scores, descending=True, stable=True).tolist()
-    return _dedupe(order, texts, m)
+    return _dedupe(ranked(scores), texts, m)
 
 
-def select_per_seed(
-    sims: torch.Tensor, scores: torch.Tensor, texts: Sequence[str] | Sequence[Hashable], m: int
-) -> list[int]:
+def select_per_seed(sims: torch.Tensor, scores: torch.Tensor, texts: Keys, m: int) -> list[int]:
     """Union over seeds of each seed's top-m distinct texts, ranked by the max-over-seeds score."""
     chosen: set[int] = set()
     for j in range(sims.shape[1]):
-        order = torch.argsort(sims[:, j], descending=True, stable=True).tolist()
-        chosen.update(_dedupe(order, texts, m))
-    ranked = sorted(chosen, key=lambda i: (-float(scores[i]), i))
-    return _dedupe(ranked, texts)
+        chosen.update(_dedupe(ranked(sims[:, j]), texts, m))
+    best_first = sorted(chosen, key=lambda i: (-float(scores[i]), i))
+    return _dedupe(best_first, texts)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from .. import distributed, hashing, storage
+from .. import distributed, hashing, storage, vllm_backend
 from ..artifacts import EvalMetrics, EvalResults, ModelIdentity, TaskResult
 from ..config import EvalConfig
 from ..generation import generate
@@ -172,7 +172,7 @@ def run_mc(task: Task, handle, cfg: EvalConfig, scoring: str) -> tuple[dict, lis
 def _completions(handle, cfg: EvalConfig, prompts: list[str], stop, desc: str, **sampling) -> list[list[str]]:
     """Each prompt's completion texts (one, or `num_samples` when sampling), generated with the eval settings."""
     outs = generate(
-        handle.model,
+        handle.generator or handle.model,
         handle.tokenizer,
         prompts,
         max_new_tokens=cfg.max_new_tokens,
@@ -412,7 +412,7 @@ def run(cfg: EvalConfig, out: Path) -> Path:
 
     The output is checked, the tasks resolved and the model loaded before anything is written; the output is
     locked for the whole evaluation."""
-    from ..modeling import load
+    from ..modeling import load, resolve_model_path
 
     storage.check_output_target(out)
     out = Path(out)
@@ -425,7 +425,11 @@ def run(cfg: EvalConfig, out: Path) -> Path:
             return out / EvalResults.FILE
         storage.check_stage_folder(out, cfg, overwrite=cfg.overwrite)
     tasks = prepare_tasks(cfg)
+    if cfg.generation_backend == "vllm":
+        vllm_backend.check_available()
     handle = distributed.main_first(lambda: load(cfg.model, dtype=cfg.dtype, device=cfg.device), f"loading {cfg.model}")
+    if cfg.generation_backend == "vllm" and any(t.generative for t in tasks):
+        handle.generator = vllm_backend.VllmEngine(resolve_model_path(cfg.model), dtype=cfg.dtype, seed=cfg.seed)
     # Several ranks (torchrun / accelerate launch): every rank scores or generates its share of each task's
     # questions (see score_requests, generate), rank 0 holds the lock and writes.
     if out.suffix == ".json":

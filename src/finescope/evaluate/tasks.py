@@ -486,6 +486,11 @@ class Task:
     needs_code_execution: bool = False
     _docs: list | None = field(default=None, repr=False)
 
+    @property
+    def generative(self) -> bool:
+        """Scored on generated text (gsm8k, code, math), not on log-likelihoods."""
+        return self.kind in ("gsm8k", "code", "math")
+
     def docs(self) -> list[dict]:
         if self._docs is None:
             self._docs = self.loader()

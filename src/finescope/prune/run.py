@@ -181,9 +181,14 @@ def run(cfg: PruneConfig, out: Path) -> Path:
         return out
     if not cfg.data:
         raise PruneError("data: calibration records are required (--data FILE, e.g. runs/<name>/curate/selected.jsonl)")
+    if cfg.device == "auto":
+        raise PruneError(
+            "--device auto: importance takes gradients of every weight and slicing rewrites them, so the model "
+            "stays on one device; use cuda, cuda:N or cpu"
+        )
     storage.check_stage_folder(out, cfg, overwrite=cfg.overwrite)
     records = read_records(cfg.data)
-    handle = distributed.main_first(lambda: load(cfg.model, dtype=cfg.dtype), f"loading {cfg.model}")
+    handle = distributed.main_first(lambda: load(cfg.model, dtype=cfg.dtype, device=cfg.device), f"loading {cfg.model}")
     before = model_info(handle)
     shapes = model_shapes(handle.adapter, handle.model)
     plan = solve(

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .. import FinescopeError, distributed, tokens
+from .. import FinescopeError, distributed, tokens, vllm_backend
 from ..artifacts import (
     FilterStats,
     KdStats,
@@ -108,6 +108,8 @@ def _check_settings(cfg: RecoverConfig) -> None:
             "--no-teacher with --kd-weight > 0: logit distillation needs the teacher; use --no-rewrite to "
             "distil without teacher rewrites"
         )
+    if cfg.generation_backend == "vllm":
+        vllm_backend.check_available()
     if cfg.device == "auto":
         raise RecoverError(
             "--device auto: the student trains, so its weights stay on one device; use cuda, cuda:N or cpu "
@@ -175,7 +177,12 @@ def _recover_into(
         if teacher_spec is not None
         else None
     )
+    if rewrite and teacher is not None and cfg.generation_backend == "vllm":
+        teacher.generator = vllm_backend.VllmEngine(resolve_model_path(teacher.source), dtype=cfg.dtype, seed=cfg.seed)
     rewrite_stats, rewrites = _rewrite(stage, cfg, records, teacher if rewrite else None, times)
+    if teacher is not None and teacher.generator is not None:
+        teacher.generator.close()  # its GPU memory goes back before the student trains
+        teacher.generator = None
     rows, filter_stats = _filter(stage if ranks.is_main else None, cfg, records, rewrites)
     train_ex, eval_ex, too_long = _examples(student.tokenizer, cfg, rows)
     kd_stats, online = _kd_targets(cfg, teacher, train_ex, tokens.pad_id(student.tokenizer), times)
@@ -226,7 +233,7 @@ def _rewrite(
         return RewriteStats(instruction_records=n_instr, text_records=len(records) - n_instr), None
     t = time.perf_counter()
     rewrites, stats = rewrite_records(
-        teacher.model,
+        teacher.generator or teacher.model,
         teacher.tokenizer,
         records,
         max_new_tokens=cfg.max_new_tokens,

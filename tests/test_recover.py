@@ -499,3 +499,23 @@ def test_stage_with_checkpoints_and_gradient_checkpointing(tmp_path, tiny_model_
     ref = run(plain, tmp_path / "plain")
     h, h_ref = (read_json(d / "metrics.json")["train"] for d in (out, ref))
     assert [p["loss"] for p in h["train_loss"]] == pytest.approx([p["loss"] for p in h_ref["train_loss"]], rel=1e-5)
+
+
+def test_weight_sharding_engines_are_refused():
+    """FSDP / ZeRO-3 (from an accelerate config) would hand rank 0 a shard to merge: refused in one line."""
+    from types import SimpleNamespace
+
+    from finescope.recover.trainer import _check_engine
+
+    def trainer(fsdp=False, deepspeed=False, stage=0):
+        state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage) if deepspeed else None)
+        return SimpleNamespace(
+            is_fsdp_enabled=fsdp, is_deepspeed_enabled=deepspeed, accelerator=SimpleNamespace(state=state)
+        )
+
+    with pytest.raises(FinetuneError, match="FSDP shards the weights"):
+        _check_engine(trainer(fsdp=True))
+    with pytest.raises(FinetuneError, match="DeepSpeed ZeRO-3 shards the weights"):
+        _check_engine(trainer(deepspeed=True, stage=3))
+    _check_engine(trainer(deepspeed=True, stage=2))
+    _check_engine(trainer())

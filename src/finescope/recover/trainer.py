@@ -128,12 +128,6 @@ def _trainer_class():
             kd_mean = kd_sum / n_kd
             return (1 - self.kd.weight) * ce_sum / n_ce + self.kd.weight * kd_mean, kd_mean
 
-        def forward_model(self):
-            """The model to run held-out forwards with: the engine's wrapper where it shards parameters."""
-            if self.is_fsdp_enabled or self.is_deepspeed_enabled:
-                return self.model_wrapped
-            return self.model
-
     return CompletionTrainer
 
 
@@ -179,7 +173,7 @@ def _history_callback(trainer, held_out: list[Example], pad_id: int, micro: int,
             history["eval_loss"].append(
                 {
                     "epoch": round(min(state.global_step / history["steps_per_epoch"], args.num_train_epochs), 3),
-                    "loss": mean_loss(trainer.forward_model(), held_out, pad_id, micro),
+                    "loss": mean_loss(trainer.model, held_out, pad_id, micro),
                     "seconds": round(time.perf_counter() - start, 2),
                 }
             )
@@ -189,6 +183,19 @@ def _history_callback(trainer, held_out: list[Example], pad_id: int, micro: int,
                 self.bar.close()
 
     return History()
+
+
+def _check_engine(trainer) -> None:
+    """Refuse the engines that shard the weights over ranks: held-out losses, the merge and the save read them
+    whole on each rank (DDP and DeepSpeed ZeRO-1/2 keep a full copy per rank)."""
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    zero3 = trainer.is_deepspeed_enabled and plugin is not None and getattr(plugin, "zero_stage", 0) == 3
+    if trainer.is_fsdp_enabled or zero3:
+        engine = "FSDP" if trainer.is_fsdp_enabled else "DeepSpeed ZeRO-3"
+        raise FinetuneError(
+            f"{engine} shards the weights over the ranks, and the LoRA merge and save need them whole: not "
+            "supported yet; use DDP (accelerate's default multi-GPU setting) or DeepSpeed ZeRO-1/2"
+        )
 
 
 def latest_checkpoint(folder: Path | None) -> Path | None:
@@ -292,6 +299,7 @@ def fine_tune(
         online=online,
     )
     trainer.remove_callback(PrinterCallback)
+    _check_engine(trainer)
     start = time.perf_counter()
     trainer.add_callback(_history_callback(trainer, held_out, pad_id, micro, history, start))
     for cb in callbacks or []:

@@ -137,3 +137,11 @@ def test_per_ngram_scores_are_the_weights_divided_by_the_ngram_count():
     s = dsir_scores([short, long, "Shares rose on Monday."], TARGET, per_ngram=True)
     r = dsir_scores([short, long, "Shares rose on Monday."], TARGET)
     assert abs(float(s[0] - s[1])) < abs(float(r[0] - r[1])) / 4
+
+
+def test_streamed_pool_scores_equal_the_in_memory_ones():
+    """A pool given as a function (read twice: fit, then score) scores exactly as the list does."""
+    texts = RAW + ["", "What is 2 + 2? 4."]
+    for per_ngram in (False, True):
+        streamed = dsir_scores(lambda: iter(texts), TARGET, per_ngram=per_ngram)
+        assert torch.equal(streamed, dsir_scores(texts, TARGET, per_ngram=per_ngram))

@@ -17,9 +17,10 @@ Where we differ from `HashedNgramDSIR`, on purpose:
   math seeds, 61 per n-gram; with the package's 100-word filter 4, with a 30-word one 76). `dsir_scores(...,
   per_ngram=False)` gives the package's weights exactly (tested against it).
 - the raw distribution is fitted on the whole pool (the package stops after 100k × num_buckets tokens).
-- the pool is featurised once: its counts are accumulated record by record into the raw bag of n-grams, and each
-  record keeps only its own sparse counts (bucket ids and counts, never a records × buckets matrix), from which
-  its score is computed once the fit is done.
+- a pool in memory is featurised once: its counts are accumulated record by record into the raw bag of n-grams,
+  and each record keeps only its own sparse counts (bucket ids and counts, never a records × buckets matrix),
+  from which its score is computed once the fit is done. A streamed pool (the curate stage) is featurised twice
+  instead, fit then score, so that memory does not grow with it.
 
     from finescope.curate.dsir import dsir_scores
     scores = dsir_scores(["2 + 3 = 5", "Shares rose on Monday"], ["What is 4 + 4?"])   # CPU, float64
@@ -85,15 +86,26 @@ def log_importance_diff(target_counts: np.ndarray, raw_counts: np.ndarray) -> np
 
 
 def dsir_scores(
-    pool_texts: Iterable[str],
+    pool_texts: Iterable[str] | Callable[[], Iterable[str]],
     seed_texts: Iterable[str],
     n: int = NGRAMS,
     num_buckets: int = NUM_BUCKETS,
     per_ngram: bool = False,
 ) -> torch.Tensor:
     """Log importance weight of every pool text (float64, pool order): raw distribution fitted on the pool,
-    target distribution on the seeds; `per_ngram`: divided by the text's n-gram count (0 for an empty text)."""
+    target distribution on the seeds; `per_ngram`: divided by the text's n-gram count (0 for an empty text).
+
+    `pool_texts` is the texts, or a function that gives them afresh (a streamed pool): then the pool is read
+    twice, once to fit the raw distribution and once to score, and nothing per record is kept but its score."""
     featurizer = _featurizer()
+    if callable(pool_texts):
+        raw = bag_of_ngrams(pool_texts(), n, num_buckets, desc="dsir: n-grams of the pool")
+        log_diff = log_importance_diff(bag_of_ngrams(seed_texts, n, num_buckets, "dsir: n-grams of the seeds"), raw)
+        out = []
+        for text in progress(pool_texts(), desc="dsir: scoring the pool", unit="record"):
+            ids, counts = ngram_counts(text, n, num_buckets, featurizer)
+            out.append(_score(log_diff, ids, counts, per_ngram))
+        return torch.tensor(out, dtype=torch.float64)
     raw = np.zeros(num_buckets, dtype=np.int64)
     per_record: list[tuple[np.ndarray, np.ndarray]] = []
     for text in progress(pool_texts, desc="dsir: n-grams of the pool", unit="record"):
@@ -102,7 +114,9 @@ def dsir_scores(
         per_record.append((ids, counts))
     target = bag_of_ngrams(seed_texts, n, num_buckets, desc="dsir: n-grams of the seeds")
     log_diff = log_importance_diff(target, raw)
-    scores = np.array([float(log_diff[ids] @ counts) for ids, counts in per_record], dtype=np.float64)
-    if per_ngram:
-        scores /= np.maximum(1, np.array([counts.sum() for _, counts in per_record], dtype=np.float64))
-    return torch.from_numpy(scores)
+    return torch.tensor([_score(log_diff, ids, counts, per_ngram) for ids, counts in per_record], dtype=torch.float64)
+
+
+def _score(log_diff: np.ndarray, ids: np.ndarray, counts: np.ndarray, per_ngram: bool) -> float:
+    score = float(log_diff[ids] @ counts)
+    return score / max(1, int(counts.sum())) if per_ngram else score

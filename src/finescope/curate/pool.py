@@ -92,7 +92,3 @@ class Pool:
     def pick(self, indices: Container[int]) -> dict[int, dict]:
         """The records at `indices` (one pass)."""
         return {i: rec for i, rec in enumerate(self) if i in indices}
-
-    def materialise(self) -> list[dict]:
-        """Every record as a list (the baseline methods, which need the whole pool at once)."""
-        return list(self)

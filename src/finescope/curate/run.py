@@ -477,8 +477,7 @@ def _curate_into(
     else:  # the other methods run on rank 0 alone; the others wait for its outcome
 
         def score_and_write() -> None:
-            texts = list(pool.texts())
-            scored = _score(cfg, texts, seed_texts, timings)
+            scored = _score(cfg, pool, seed_texts, timings)
             _write_selection(stage, cfg, seeds, pool, scored, m, timings, start)
 
         distributed.on_main(score_and_write, f"{cfg.method} curation on rank 0")
@@ -520,36 +519,46 @@ class _Scored:
     sae: SaeCurationMetrics | None = None
 
 
-def _score(cfg: CurateConfig, pool_texts: list[str], seed_texts: list[str], timings: dict[str, float]) -> _Scored:
-    """Score every pool record by a baseline method (the pool in memory)."""
-    n = len(pool_texts)
+def _score(cfg: CurateConfig, pool: Pool, seed_texts: list[str], timings: dict[str, float]) -> _Scored:
+    """Score every pool record by a baseline method, streaming the pool (chunks of texts, never all of them)."""
+    n = len(pool)
     if cfg.method == "embedding":
         t = time.perf_counter()
-        vecs = minilm_embeddings(pool_texts + seed_texts)
+        scores, nearest, sims = _embedding_scores(pool, seed_texts)
         timings["embed"] = time.perf_counter() - t
-        scores, nearest, sims = max_cosine(vecs[:n], vecs[n:])
-        return _Scored(scores, nearest, pool_texts, sims.unsqueeze(0))
+        return _Scored(scores, nearest, pool_keys(pool), sims.unsqueeze(0))
     if cfg.method == "dsir":
         # Scored against the seeds' n-gram distribution, not against one seed: no nearest seed, no per-seed sims.
         t = time.perf_counter()
-        scores = dsir_scores(pool_texts, seed_texts, per_ngram=True)
+        scores = dsir_scores(pool.texts, seed_texts, per_ngram=True)  # two passes: fit, then score
         timings["dsir"] = time.perf_counter() - t
-        return _Scored(scores, torch.full((n,), -1), pool_texts)
+        return _Scored(scores, torch.full((n,), -1), pool_keys(pool))
     if cfg.method == "random":
-        return _Scored(random_scores(n, cfg.seed), torch.full((n,), -1), pool_texts)
+        return _Scored(random_scores(n, cfg.seed), torch.full((n,), -1), pool_keys(pool))
     if cfg.method == "full":
-        return _Scored(torch.ones(n), torch.full((n,), -1), pool_texts)
+        return _Scored(torch.ones(n), torch.full((n,), -1), pool_keys(pool))
     raise CurateError(f"unknown method {cfg.method!r}")
 
 
+def pool_keys(pool: Pool) -> np.ndarray:
+    """Every record's `dedupe_key`, in pool order: an S16 array (16 bytes per record), from one pass."""
+    chunks = [np.array([dedupe_key(t) for t in texts], dtype="S16") for texts in pool.text_chunks(4096)]
+    return np.concatenate(chunks) if chunks else np.array([], dtype="S16")
+
+
+def _embedding_scores(pool: Pool, seed_texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`max_cosine` of the pool's all-MiniLM-L6-v2 embeddings against the seeds', embedded 4,096 records at a
+    time (the vectors of a chunk are dropped once its similarities are taken)."""
+    seed_vecs = minilm_embeddings(seed_texts)
+    parts = [max_cosine(minilm_embeddings(texts), seed_vecs) for texts in pool.text_chunks(4096)]
+    return tuple(torch.cat([p[k] for p in parts]) for k in range(3))  # type: ignore[return-value]
+
+
 def _fuse_with_embedding(scored: _Scored, pool: Pool, seed_texts: list[str], timings: dict[str, float]) -> _Scored:
-    """`--method hybrid`: reciprocal-rank fusion of the SAE ranking and the embedding-kNN ranking (the pool's texts
-    are embedded in memory, as the embedding method does)."""
-    texts = list(pool.texts())
+    """`--method hybrid`: reciprocal-rank fusion of the SAE ranking and the embedding-kNN ranking."""
     t = time.perf_counter()
-    vecs = minilm_embeddings(texts + seed_texts)
+    emb_scores = _embedding_scores(pool, seed_texts)[0]
     timings["embed"] = time.perf_counter() - t
-    emb_scores, _, _ = max_cosine(vecs[: len(texts)], vecs[len(texts) :])
     fused = reciprocal_rank_fusion(scored.scores, emb_scores)
     return _Scored(fused, scored.nearest, scored.keys, None, scored.features, scored.sae)
 
@@ -622,7 +631,7 @@ def _score_sae(
     for texts in pool.text_chunks(4096):  # one more pass over the pool: truncation count and dedupe digests
         truncated += TextBatches(handle.tokenizer, texts, cfg.max_length).count_truncated()
         key_chunks.append(np.array([dedupe_key(t) for t in texts], dtype="S16"))
-    keys = np.concatenate(key_chunks)  # 16 bytes per record (a list of bytes objects: ~60)
+    keys = np.concatenate(key_chunks)  # 16 bytes per record (a list of bytes objects: ~60), as `pool_keys`
     info = SaeCurationMetrics(
         layers=layers,
         reference_texts=len(reference),

@@ -626,7 +626,7 @@ def _score_sae(
         best_layer = torch.stack(per_layer_scores).argmax(0)
         sims = torch.stack(per_layer_sims)  # (layers, pool, seeds)
     del per_layer_sims
-    nearest = sims[best_layer, torch.arange(len(pool))].argmax(-1)
+    nearest = sims[0].argmax(-1) if len(sims) == 1 else sims[best_layer, torch.arange(len(pool))].argmax(-1)
     truncated, key_chunks = 0, []
     for texts in pool.text_chunks(4096):  # one more pass over the pool: truncation count and dedupe digests
         truncated += TextBatches(handle.tokenizer, texts, cfg.max_length).count_truncated()
@@ -691,15 +691,16 @@ def _write_outputs(stage: Path, pool: Pool, seeds, scores, nearest, chosen) -> d
     tmp = stage / ".scores.parquet.tmp"
     offset = 0
     with pq.ParquetWriter(tmp, schema) as writer:
-        for chunk in pool.chunks(65536):
+        for chunk in pool.chunks(8192):  # records with their texts: a chunk's worth in memory at a time
             idx = range(offset, offset + len(chunk))
+            near = nearest[offset : offset + len(chunk)].tolist()
             writer.write_table(
                 pa.table(
                     {
                         "id": [r["id"] for r in chunk],
                         "source": [_source(r) for r in chunk],
-                        "score": [float(scores[i]) for i in idx],
-                        "nearest_seed": [seed_of(i) for i in idx],
+                        "score": scores[offset : offset + len(chunk)].double().tolist(),
+                        "nearest_seed": [seed_ids[j] if j >= 0 else None for j in near],
                         "selected": [i in rank for i in idx],
                         "rank": [rank.get(i) for i in idx],
                     },

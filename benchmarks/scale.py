@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -122,6 +123,7 @@ def curate_cmd(work: Path, model: Path, pool: Path, out: Path) -> tuple[list[str
 def run_size(work: Path, model: Path, n: int) -> dict:
     pool = write_pool(work / f"pool-{n}.jsonl", n)
     out = work / f"curate-{n}"
+    shutil.rmtree(out, ignore_errors=True)  # a previous benchmark's finished stage would be skipped at once
     home = Path(tempfile.mkdtemp(prefix="home-", dir=work))
     cmd, _ = curate_cmd(work, model, pool, out)
     rss_file = work / f"rss-{n}.json"
@@ -146,6 +148,7 @@ def run_size(work: Path, model: Path, n: int) -> dict:
 def kill_and_resume(work: Path, model: Path, n: int) -> dict:
     pool = write_pool(work / f"pool-{n}.jsonl", n)
     out = work / f"curate-kill-{n}"
+    shutil.rmtree(out, ignore_errors=True)  # a previous benchmark's finished stage would be skipped at once
     home = Path(tempfile.mkdtemp(prefix="home-", dir=work))
     cmd, _ = curate_cmd(work, model, pool, out)
     env = {
@@ -163,7 +166,8 @@ def kill_and_resume(work: Path, model: Path, n: int) -> dict:
 
     while len(enc_shards()) < target and proc.poll() is None:
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     before = {p: p.stat().st_mtime_ns for p in enc_shards()}
     print(f"[scale] killed with {len(before)}/{shards_total} shards on disk; rerunning", file=sys.stderr, flush=True)

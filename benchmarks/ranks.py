@@ -42,13 +42,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 RSS_WRAPPER = """
 import json, os, resource, sys
+
+def peak_rss_mib():
+    # VmHWM: this process's own peak since exec. ru_maxrss would start from the parent's RSS at fork (Linux
+    # carries it over), so a benchmark parent holding torch would set a floor under every child.
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
 from finescope.cli import main
 code = 1
 try:
     code = main(sys.argv[1:])
 finally:
     rank = os.environ.get("RANK", "0")
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss = peak_rss_mib()
     with open(os.path.join(os.environ["RSS_DIR"], f"rank{rank}.json"), "w") as f:
         json.dump({"rank": int(rank), "peak_rss_mib": round(rss, 1)}, f)
 sys.exit(code)

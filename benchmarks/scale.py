@@ -7,7 +7,7 @@ Prints one JSON object (progress goes to stderr).
 A tiny random Llama (2 blocks, hidden 64, SmolLM2's tokenizer) encodes synthetic short records (one sentence of
 random words, 12-30 tokens): the model is small so that what grows with the pool (reading, tokenising, shards,
 scores, selection, scores.parquet) is what the figures show, not the forward. Each size runs `finescope curate`
-in a fresh process with a cold stage cache, and that process reports its own peak RSS (ru_maxrss). Goal: peak
+in a fresh process with a cold stage cache, and that process reports its own peak RSS (VmHWM). Goal: peak
 RSS at the largest size ≤ 1.2 × at the smallest.
 
 Kill and resume: the curate of `--kill-size` records is killed (SIGKILL) once about a third of its pool-encoding
@@ -42,10 +42,22 @@ WORDS = (
 
 WRAPPER = """
 import json, os, resource, sys
+
+def peak_rss_mib():
+    # VmHWM: this process's own peak since exec. ru_maxrss would start from the parent's RSS at fork (Linux
+    # carries it over), so a benchmark parent holding torch would set a floor under every child.
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
 from finescope.cli import main
 code = main(sys.argv[1:])
 with open(os.environ["RSS_FILE"], "w") as f:
-    json.dump({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, f)
+    json.dump({"peak_rss_mib": peak_rss_mib()}, f)
 sys.exit(code)
 """
 
@@ -120,15 +132,18 @@ def curate_cmd(work: Path, model: Path, pool: Path, out: Path) -> tuple[list[str
     return [sys.executable, str(wrapper), *args], wrapper
 
 
-def run_size(work: Path, model: Path, n: int) -> dict:
+def run_size(work: Path, model: Path, n: int, src: str | None = None) -> dict:
+    """`finescope curate` on n records in a fresh process (with the code at `src`/src when given)."""
     pool = write_pool(work / f"pool-{n}.jsonl", n)
-    out = work / f"curate-{n}"
+    out = work / (f"curate-{n}" if src is None else f"curate-{n}-base")
     shutil.rmtree(out, ignore_errors=True)  # a previous benchmark's finished stage would be skipped at once
     home = Path(tempfile.mkdtemp(prefix="home-", dir=work))
     cmd, _ = curate_cmd(work, model, pool, out)
     rss_file = work / f"rss-{n}.json"
     env = {**os.environ, "FINESCOPE_HOME": str(home), "RSS_FILE": str(rss_file), "FINESCOPE_PROGRESS": "0"}
-    print(f"[scale] curate {n:,} records", file=sys.stderr, flush=True)
+    if src is not None:
+        env["PYTHONPATH"] = str(Path(src) / "src")
+    print(f"[scale] curate {n:,} records{' (base)' if src else ''}", file=sys.stderr, flush=True)
     t = time.perf_counter()
     subprocess.run(cmd, env=env, check=True)
     wall = time.perf_counter() - t
@@ -187,11 +202,36 @@ def kill_and_resume(work: Path, model: Path, n: int) -> dict:
     }
 
 
+def versus_base(work: Path, model: Path, sizes: list[int], base: str, rounds: int) -> dict:
+    """Stage seconds and peak RSS of the base code and this code, alternated per size; medians and ratios."""
+    out: dict = {"base_src": base}
+    for n in sizes:
+        runs: dict[str, list[dict]] = {"base": [], "new": []}
+        for _ in range(rounds):
+            runs["base"].append(run_size(work, model, n, src=base))
+            runs["new"].append(run_size(work, model, n))
+        med = {k: statistics.median(r["stage_s"] for r in v) for k, v in runs.items()}
+        rss = {k: statistics.median(r["peak_rss_mib"] for r in v) for k, v in runs.items()}
+        out[str(n)] = {
+            "stage_s_median": med,
+            "stage_time_ratio_new_over_base": round(med["new"] / med["base"], 3),
+            "peak_rss_mib_median": rss,
+            "stage_s_rounds": {k: [r["stage_s"] for r in v] for k, v in runs.items()},
+        }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="20000,200000")
     ap.add_argument("--kill-size", type=int, default=20000)
     ap.add_argument("--out", default="runs/bench-scale")
+    ap.add_argument(
+        "--base-src",
+        help="a checkout of earlier code (git worktree): each size runs with it too, alternated, and the JSON "
+        "gives the stage-time ratio new / base (medians of --rounds)",
+    )
+    ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     work = Path(args.out).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -205,6 +245,8 @@ def main() -> None:
         "peak_rss_ratio_largest_to_smallest": round(runs[-1]["peak_rss_mib"] / runs[0]["peak_rss_mib"], 3),
         "goal_peak_rss_ratio": 1.2,
     }
+    if args.base_src:
+        result["versus_base"] = versus_base(work, model, sizes, args.base_src, args.rounds)
     if args.kill_size:
         result["kill_and_resume"] = kill_and_resume(work, model, args.kill_size)
     print(json.dumps(result, indent=2))

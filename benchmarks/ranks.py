@@ -40,31 +40,7 @@ import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-RSS_WRAPPER = """
-import json, os, resource, sys
-
-def peak_rss_mib():
-    # VmHWM: this process's own peak since exec. ru_maxrss would start from the parent's RSS at fork (Linux
-    # carries it over), so a benchmark parent holding torch would set a floor under every child.
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-from finescope.cli import main
-code = 1
-try:
-    code = main(sys.argv[1:])
-finally:
-    rank = os.environ.get("RANK", "0")
-    rss = peak_rss_mib()
-    with open(os.path.join(os.environ["RSS_DIR"], f"rank{rank}.json"), "w") as f:
-        json.dump({"rank": int(rank), "peak_rss_mib": round(rss, 1)}, f)
-sys.exit(code)
-"""
+RSS_WRAPPER = Path(__file__).resolve().parent / "rss_wrapper.py"
 
 
 def reference_throughput() -> float:
@@ -102,8 +78,7 @@ def run_stage(stage: str, cfg: dict, out: Path, processes: int, work: Path) -> d
     config = work / f"{out.name}.yaml"
     config.write_text(yaml.safe_dump(cfg))
     rss_dir = Path(tempfile.mkdtemp(prefix="rss-", dir=work))
-    wrapper = work / "rss_wrapper.py"
-    wrapper.write_text(RSS_WRAPPER)
+    wrapper = RSS_WRAPPER
     launcher = [sys.executable]
     if processes > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]

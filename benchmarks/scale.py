@@ -40,26 +40,7 @@ WORDS = (
     "village protein contract circuit harvest lecture planet ticket voltage recipe museum verdict tariff"
 ).split()
 
-WRAPPER = """
-import json, os, resource, sys
-
-def peak_rss_mib():
-    # VmHWM: this process's own peak since exec. ru_maxrss would start from the parent's RSS at fork (Linux
-    # carries it over), so a benchmark parent holding torch would set a floor under every child.
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-from finescope.cli import main
-code = main(sys.argv[1:])
-with open(os.environ["RSS_FILE"], "w") as f:
-    json.dump({"peak_rss_mib": peak_rss_mib()}, f)
-sys.exit(code)
-"""
+WRAPPER = Path(__file__).resolve().parent / "rss_wrapper.py"
 
 
 def tiny_model(folder: Path) -> Path:
@@ -117,8 +98,7 @@ def reference_throughput(model: Path) -> float:
 
 
 def curate_cmd(work: Path, model: Path, pool: Path, out: Path) -> tuple[list[str], Path]:
-    wrapper = work / "wrapper.py"
-    wrapper.write_text(WRAPPER)
+    wrapper = WRAPPER
     reference = write_pool(work / "reference.jsonl", 400, seed=1)
     seeds = work / "seeds.jsonl"
     seeds.write_text(json.dumps({"text": "The court heard the contract verdict."}) + "\n")

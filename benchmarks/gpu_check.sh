@@ -103,7 +103,9 @@ report = {
     "launch": {"one_process": one, "all_gpus": many, "agree_1e-3": agree},
     "ranks": json.loads((out / "ranks.json").read_text()) if (out / "ranks.json").is_file() else None,
     "full_eval": results("eval-full"),
-    "ok": all(c["exit"] == 0 for c in checks.values()) and agree is not False,
+    # SMOKE=1 on a machine without CUDA: the env check fails by design, the rest must pass
+    "ok": all(c["exit"] == 0 for k, c in checks.items() if not (k == "env" and os.environ.get("SMOKE") == "1"))
+    and agree is not False,
 }
 print(json.dumps(report, indent=2))
 EOF

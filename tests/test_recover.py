@@ -244,8 +244,10 @@ def _train(tok, seed=0, lr=5e-3, steps_epochs=3.0, family="llama"):
     return model, train, fine_tune(model, train, train[:2], s, pad_id=tok.pad_token_id)
 
 
-def test_lora_is_deterministic_and_learns(chat_tokenizer):
+def test_lora_is_deterministic_and_learns(chat_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     _, _, (_, h1) = _train(chat_tokenizer, seed=0)
+    assert not list(tmp_path.iterdir())  # the Trainer's output folder is a temporary one, not in the cwd
     _, _, (_, h2) = _train(chat_tokenizer, seed=0)
     _, _, (_, h3) = _train(chat_tokenizer, seed=1)
     losses = [r["loss"] for r in h1["train_loss"]]

@@ -18,7 +18,9 @@ NCCL on GPUs), bf16 on GPUs, gradient checkpointing, checkpoints to resume from.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -228,10 +230,9 @@ def fine_tune(
     """Fine-tune `model` (LoRA adapters or every weight) on `train` with `transformers.Trainer`; returns the trained
     model (peft-wrapped for LoRA) and the history (losses, steps, timings). Under several ranks every rank calls
     this with the same examples (the Trainer's sampler splits them). `online_teacher`: a teacher model run on every
-    batch for KD instead of the examples' cached targets; `callbacks`: more `TrainerCallback`s. With `s.checkpoint_dir`, Trainer checkpoints are written
-    there every `s.checkpoint_steps` steps and the newest one found is resumed."""
-    from transformers import PrinterCallback, TrainingArguments
-
+    batch for KD instead of the examples' cached targets; `callbacks`: more `TrainerCallback`s. With
+    `s.checkpoint_dir`, Trainer checkpoints are written there every `s.checkpoint_steps` steps and the newest one
+    found is resumed; without it nothing is written outside a temporary folder."""
     if not train:
         raise FinetuneError("no training examples left (every record's prompt fills max_length)")
     world = distributed.ranks().world
@@ -243,13 +244,25 @@ def fine_tune(
             p.requires_grad_(True)
     else:
         trained = attach_lora(model, s)
+    with contextlib.ExitStack() as stack:
+        # The Trainer wants an output folder even when it saves nothing: a temporary one then, never the cwd.
+        out_dir = s.checkpoint_dir or Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="finescope-trainer-"))
+        )
+        return _fine_tune(trained, model, train, held_out, s, pad_id, online, callbacks, world, out_dir)
+
+
+def _fine_tune(trained, model, train, held_out, s, pad_id, online, callbacks, world, out_dir: Path):
+    """`fine_tune` once the trained model (`trained`: peft-wrapped or `model` itself) and the folder are set."""
+    from transformers import PrinterCallback, TrainingArguments
+
     micro, accum, effective = batch_shape(s, world)
     steps_per_epoch = math.ceil(len(train) / effective)
     total_steps = max(1, math.ceil(s.epochs * steps_per_epoch))
     device = next(model.parameters()).device
     resume = latest_checkpoint(s.checkpoint_dir)
     args = TrainingArguments(
-        output_dir=str(s.checkpoint_dir or Path("finescope-trainer-unused")),
+        output_dir=str(out_dir),
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=accum,
         max_steps=total_steps,

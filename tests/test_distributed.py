@@ -374,3 +374,63 @@ def test_recover_loads_student_and_teacher_with_its_dtype_and_device(tiny_model_
     with pytest.raises(Stop):
         recover_mod.run(cfg, tmp_path / "out")
     assert seen == [{"dtype": "float32", "device": "cpu"}] * 2
+
+
+KILL_AT_STEP = """
+import sys
+from transformers import TrainerCallback
+import finescope.recover.run as recover_run
+
+class KillAtStep(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kw):
+        if state.global_step == {step}:
+            raise SystemExit(9)  # killed between optimiser steps, after checkpoint-{step} was written
+
+plain = recover_run.fine_tune
+recover_run.fine_tune = lambda *a, **kw: plain(*a, **kw, callbacks=[KillAtStep()])
+from finescope.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("killed_on,resumed_on", [(2, 1), (1, 2)])
+def test_fine_tuning_killed_on_one_process_count_resumes_on_another(tiny_model_dirs, tmp_path, killed_on, resumed_on):
+    """Trainer checkpoints count steps of the global batch, which does not depend on the process count: a
+    recover stage killed after step 2 of 4 on N ranks resumes on M ranks at step 3 and ends with the losses and
+    merged weights of an uninterrupted one-process run (no dropout, so no per-rank random state matters)."""
+    from safetensors.torch import load_file
+
+    from finescope.recover.run import CHECKPOINTS
+    from finescope.recover.run import run as recover_run
+    from test_recover import RECORDS, write_records
+    from test_recover import _cfg as recover_cfg
+
+    again = [
+        {**r, "id": r["id"] + "b", "instruction": r["instruction"] + " Again."} for r in RECORDS if "instruction" in r
+    ]
+    data = write_records(tmp_path / "data.jsonl", RECORDS + again)
+    base = dict(lora_alpha=8.0, lora_dropout=0.0, eval_fraction=0.28, epochs=2.0, no_rewrite=True)
+    cfg = recover_cfg(tiny_model_dirs["llama"], tiny_model_dirs["llama"], data, **base, checkpoint_steps=1)
+    whole = recover_run(recover_cfg(tiny_model_dirs["llama"], tiny_model_dirs["llama"], data, **base), tmp_path / "a")
+    out = tmp_path / "b"
+    config = out.with_suffix(".yaml")
+    config.write_text(yaml.safe_dump(to_dict(cfg)))
+    job = _script(tmp_path, KILL_AT_STEP.format(step=2))
+    launch = [*TORCHRUN[:-1], str(killed_on)]
+    killed = subprocess.run(
+        [*launch, str(job), "recover", "--config", str(config), "--out", str(out)],
+        env=_env(tmp_path / "home"), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert killed.returncode != 0 and not storage.is_done(out, cfg)
+    assert sorted(p.name for p in (out / CHECKPOINTS).iterdir()) == ["checkpoint-2"]
+    if resumed_on == 1:
+        recover_run(cfg, out)
+    else:
+        _torchrun_stage("recover", cfg, out, tmp_path / "home", "fine-tune")
+    assert storage.is_done(out, cfg) and not (out / CHECKPOINTS).exists()
+    h1, h2 = (storage.read_json(d / "metrics.json")["train"] for d in (whole, out))
+    assert h2["resumed_from_step"] == 2 and [p["step"] for p in h2["train_loss"]] == [3, 4]
+    assert [p["loss"] for p in h2["train_loss"]] == pytest.approx([p["loss"] for p in h1["train_loss"][2:]], rel=1e-5)
+    assert h2["eval_loss"][-1]["loss"] == pytest.approx(h1["eval_loss"][-1]["loss"], rel=1e-5)
+    a, b = load_file(str(whole / "model" / "model.safetensors")), load_file(str(out / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

@@ -183,6 +183,18 @@ def test_interrupted_stage_restarts_and_finished_stages_are_skipped(tiny_run, mo
     assert (recover_dir / "DONE").is_file() and (recover_dir / "model" / "config.json").is_file()
 
 
+def test_fsdp_in_the_launch_environment_is_refused_before_any_stage_runs(tiny_run, monkeypatch):
+    from finescope.recover.finetune import FinetuneError
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    calls = _calls(monkeypatch)
+    with pytest.raises(FinetuneError, match="^FSDP .*use DDP"):
+        pipeline.run(load_config(PipelineConfig, tiny_run, ["variants=dense,pruned_tgd"]))
+    assert calls == [] and not pipeline.run_dir_of(load_config(PipelineConfig, tiny_run)).exists()
+    pipeline.run(load_config(PipelineConfig, tiny_run, ["variants=dense"]))  # nothing to fine-tune: runs
+    assert [s for s, _ in calls] == ["eval"]
+
+
 def test_ablation_matrix_plan_shares_outputs(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -504,10 +504,11 @@ def test_stage_with_checkpoints_and_gradient_checkpointing(tmp_path, tiny_model_
 
 
 def test_weight_sharding_engines_are_refused():
-    """FSDP / ZeRO-3 (from an accelerate config) would hand rank 0 a shard to merge: refused in one line."""
+    """FSDP / ZeRO-3 (from an accelerate config) would hand rank 0 a shard to merge: refused in one line, from the
+    Trainer's state and, before any work, from the launcher's environment."""
     from types import SimpleNamespace
 
-    from finescope.recover.trainer import _check_engine
+    from finescope.recover.trainer import _check_engine, check_launch_engine
 
     def trainer(fsdp=False, deepspeed=False, stage=0):
         state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage) if deepspeed else None)
@@ -515,9 +516,43 @@ def test_weight_sharding_engines_are_refused():
             is_fsdp_enabled=fsdp, is_deepspeed_enabled=deepspeed, accelerator=SimpleNamespace(state=state)
         )
 
-    with pytest.raises(FinetuneError, match="FSDP shards the weights"):
+    with pytest.raises(FinetuneError, match="FSDP .from the accelerate config. shards the weights"):
         _check_engine(trainer(fsdp=True))
-    with pytest.raises(FinetuneError, match="DeepSpeed ZeRO-3 shards the weights"):
+    with pytest.raises(FinetuneError, match="DeepSpeed ZeRO-3 .* shards the weights"):
         _check_engine(trainer(deepspeed=True, stage=3))
     _check_engine(trainer(deepspeed=True, stage=2))
     _check_engine(trainer())
+
+    with pytest.raises(FinetuneError, match="^FSDP .*use DDP"):
+        check_launch_engine({"ACCELERATE_USE_FSDP": "true"})
+    ds = {"ACCELERATE_USE_DEEPSPEED": "true"}
+    with pytest.raises(FinetuneError, match="^DeepSpeed ZeRO-3"):
+        check_launch_engine({**ds, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
+    check_launch_engine({**ds, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"})
+    check_launch_engine(ds)  # accelerate's default stage: 2
+    check_launch_engine({"ACCELERATE_USE_FSDP": "false", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})  # no DeepSpeed
+
+
+def test_zero_3_in_a_deepspeed_config_file_is_refused_before_anything_is_written(
+    tmp_path, tiny_model_dirs, monkeypatch
+):
+    from finescope.recover.trainer import check_launch_engine
+
+    ds = tmp_path / "ds.json"
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds))
+    for stage, refused in [(3, True), ("3", True), (2, False), (None, False)]:
+        ds.write_text(json.dumps({"zero_optimization": {} if stage is None else {"stage": stage}}))
+        if refused:
+            with pytest.raises(FinetuneError, match="ZeRO-3"):
+                check_launch_engine()
+        else:
+            check_launch_engine()
+    ds.write_text("{not json")
+    check_launch_engine()  # DeepSpeed itself reports an unreadable config
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    data = write_records(tmp_path / "data.jsonl")
+    cfg = _cfg(tiny_model_dirs["llama"], tiny_model_dirs["llama"], data)
+    with pytest.raises(FinetuneError, match="ZeRO-3"):
+        run(cfg, tmp_path / "recover")
+    assert not (tmp_path / "recover").exists()

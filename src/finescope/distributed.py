@@ -44,6 +44,11 @@ class Ranks:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def tag(self) -> str:
+        """ " [rank r/w]" for progress lines and messages under several ranks; empty for one process."""
+        return f" [rank {self.rank}/{self.world}]" if self.world > 1 else ""
+
     def mine(self, n: int) -> range:
         """Indices of the n work items this rank owns: i ≡ rank (mod world), a split that does not depend on
         which items are already done, so a resumed run with another process count picks up exactly the rest."""

@@ -110,8 +110,7 @@ def generate(
     ranks = distributed.ranks() if sharded else distributed.Ranks()
     all_starts = range(0, len(order), batch_size)
     starts = [all_starts[b] for b in ranks.mine(len(all_starts))]
-    where = f" [rank {ranks.rank}/{ranks.world}]" if ranks.world > 1 else ""
-    bar = progress(total=sum(len(order[s : s + batch_size]) for s in starts), desc=desc + where, unit="prompt")
+    bar = progress(total=sum(len(order[s : s + batch_size]) for s in starts), desc=desc + ranks.tag, unit="prompt")
     try:
         for group in _groups(starts, batch_size, engine):
             done = (

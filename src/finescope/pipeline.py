@@ -255,6 +255,10 @@ def run(cfg: PipelineConfig, run_dir: str | Path | None = None) -> Path:
     root = run_dir_of(cfg, run_dir)
     check_run_dir(root)
     _, chains = plan(cfg, root)
+    if any("recover" in chain for chain in chains.values()):
+        from .recover.trainer import check_launch_engine
+
+        check_launch_engine()  # FSDP / ZeRO-3 refused now, not after hours of curate, prune and rewrites
     if cfg.num_processes > 1 and distributed.ranks().world == 1:
         return launch(cfg, root)
     with contextlib.ExitStack() as held:

@@ -93,8 +93,7 @@ def sharded(
     mine = ranks.mine(n_shards)
     done: dict[int, dict[str, torch.Tensor]] = {}
     own_batches = sum(min(n_batches, (s + 1) * shard_batches) - s * shard_batches for s in mine)
-    where = f" [rank {ranks.rank}/{ranks.world}]" if ranks.world > 1 else ""
-    bar = progress(total=own_batches, desc=desc + where, unit="batch")
+    bar = progress(total=own_batches, desc=desc + ranks.tag, unit="batch")
     for s in mine:
         path = _shard_path(cache_dir, s)
         lo, hi = s * shard_batches, min(n_batches, (s + 1) * shard_batches)
@@ -170,8 +169,7 @@ def sharded_stream(
     the shard paths, in order, once every rank has written its shards (read them one at a time)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     ranks = distributed.ranks()
-    where = f" [rank {ranks.rank}/{ranks.world}]" if ranks.world > 1 else ""
-    bar = progress(total=total, desc=desc + where, unit="text")
+    bar = progress(total=total, desc=desc + ranks.tag, unit="text")
     paths = []
     for s, texts in enumerate(chunks):
         path = _shard_path(cache_dir, s)

@@ -120,8 +120,7 @@ def score_requests(
     pad = pad_id(tokenizer)
     ranks = distributed.ranks() if sharded else distributed.Ranks()
     starts = [range(0, len(order), batch_size)[b] for b in ranks.mine(len(range(0, len(order), batch_size)))]
-    where = f" [rank {ranks.rank}/{ranks.world}]" if ranks.world > 1 else ""
-    bar = progress(total=sum(len(order[s : s + batch_size]) for s in starts), desc=desc + where, unit="q")
+    bar = progress(total=sum(len(order[s : s + batch_size]) for s in starts), desc=desc + ranks.tag, unit="q")
     for start in starts:
         batch = order[start : start + batch_size]
         for enc, scores in zip(batch, _score_batch(model, batch, pad, device)):

@@ -290,8 +290,7 @@ def run_code(task: Task, handle, cfg: EvalConfig) -> tuple[dict, list[dict]]:
     per_k: dict[int, list[float]] = {k: [] for k in ks}
     samples = []
     ranks = distributed.ranks()
-    where = f" [rank {ranks.rank}/{ranks.world}]" if ranks.world > 1 else ""
-    bar = progress(total=len(ranks.mine(len(idx))), desc=f"{task.name} execute{where}", unit="problem")
+    bar = progress(total=len(ranks.mine(len(idx))), desc=f"{task.name} execute{ranks.tag}", unit="problem")
 
     def execute(problem: tuple[int, list[str]]) -> list[str]:
         i, comps = problem

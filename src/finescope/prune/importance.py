@@ -307,8 +307,7 @@ def _calibration_pass(
     total_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
     ranks = distributed.ranks()
     mine = [batches[i] for i in ranks.mine(len(batches))]  # several ranks: each its share, summed below
-    if ranks.world > 1:
-        desc += f" [rank {ranks.rank}/{ranks.world}]"
+    desc += ranks.tag
     saved_flags = {p: p.requires_grad for p in model.parameters()}
     try:
         for p in model.parameters():

@@ -41,7 +41,7 @@ from .filters import REASONS, apply_filters
 from .finetune import Example, TrainSettings, build_examples, mean_loss, save_trained, split_records
 from .rewrite import rank_partials, rewrite_records
 from .sources import training_records
-from .trainer import fine_tune
+from .trainer import check_launch_engine, fine_tune
 
 PARTIAL = "rewrites.partial.jsonl"
 CHECKPOINTS = "checkpoints"  # Trainer checkpoints of an unfinished fine-tuning (removed when the stage is done)
@@ -110,6 +110,7 @@ def _check_settings(cfg: RecoverConfig) -> None:
         )
     if cfg.generation_backend == "vllm":
         vllm_backend.check_available()
+    check_launch_engine()
     if cfg.device == "auto":
         raise RecoverError(
             "--device auto: the student trains, so its weights stay on one device; use cuda, cuda:N or cpu "

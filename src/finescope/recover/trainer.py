@@ -19,9 +19,12 @@ NCCL on GPUs), bf16 on GPUs, gradient checkpointing, checkpoints to resume from.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -156,7 +159,8 @@ def _history_callback(trainer, held_out: list[Example], pad_id: int, micro: int,
             self.bar = None
 
         def on_train_begin(self, args, state, control, **kw):
-            self.bar = progress(total=state.max_steps, initial=state.global_step, desc="fine-tune", unit="step")
+            desc = "fine-tune" + distributed.ranks().tag
+            self.bar = progress(total=state.max_steps, initial=state.global_step, desc=desc, unit="step")
 
         def on_step_end(self, args, state, control, **kw):
             loss, kd = trainer.take_step_means()
@@ -187,17 +191,44 @@ def _history_callback(trainer, held_out: list[Example], pad_id: int, micro: int,
     return History()
 
 
+def _refuse_weight_sharding(engine: str) -> FinetuneError:
+    return FinetuneError(
+        f"{engine} (from the accelerate config) shards the weights over the ranks, and the LoRA merge and save "
+        "need them whole: not supported yet; use DDP (accelerate's default multi-GPU setting) or DeepSpeed ZeRO-1/2"
+    )
+
+
+def check_launch_engine(environ: Mapping[str, str] | None = None) -> None:
+    """Refuse FSDP and DeepSpeed ZeRO-3 as `accelerate launch` asks for them (its environment variables), before
+    a stage spends hours on teacher rewrites. On CPU accelerate would quietly run DDP instead; refused there too,
+    since it is not what the config says."""
+    env = os.environ if environ is None else environ
+    if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise _refuse_weight_sharding("FSDP")
+    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and _zero_stage(env) == 3:
+        raise _refuse_weight_sharding("DeepSpeed ZeRO-3")
+
+
+def _zero_stage(env: Mapping[str, str]) -> int | None:
+    """The ZeRO stage of a DeepSpeed launch: from its config file when one is given (unreadable: None, DeepSpeed
+    reports it), else accelerate's --zero_stage (default 2)."""
+    config = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if config != "none":
+        try:
+            stage = json.loads(Path(config).read_text()).get("zero_optimization", {}).get("stage")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return int(stage) if isinstance(stage, int | str) and str(stage).isdigit() else None
+    raw = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    return int(raw) if raw.isdigit() else None
+
+
 def _check_engine(trainer) -> None:
-    """Refuse the engines that shard the weights over ranks: held-out losses, the merge and the save read them
-    whole on each rank (DDP and DeepSpeed ZeRO-1/2 keep a full copy per rank)."""
+    """The same refusal from the Trainer's accelerator state (DDP and ZeRO-1/2 keep a full copy per rank)."""
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
     zero3 = trainer.is_deepspeed_enabled and plugin is not None and getattr(plugin, "zero_stage", 0) == 3
     if trainer.is_fsdp_enabled or zero3:
-        engine = "FSDP" if trainer.is_fsdp_enabled else "DeepSpeed ZeRO-3"
-        raise FinetuneError(
-            f"{engine} shards the weights over the ranks, and the LoRA merge and save need them whole: not "
-            "supported yet; use DDP (accelerate's default multi-GPU setting) or DeepSpeed ZeRO-1/2"
-        )
+        raise _refuse_weight_sharding("FSDP" if trainer.is_fsdp_enabled else "DeepSpeed ZeRO-3")
 
 
 def latest_checkpoint(folder: Path | None) -> Path | None:

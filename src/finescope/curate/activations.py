@@ -4,7 +4,7 @@ Every forward stops after the hook block (`ArchAdapter.hidden_states_at`): the b
 Padding and special tokens (BOS) are excluded from everything downstream through a token mask.
 
     batches = TextBatches(tokenizer, texts, max_length=128, batch_size=8)
-    acts = harvest_coords(handle, {15: idx}, batches, cache_dir)   # {layer: (tokens, K)} from shards on disk
+    acts = harvest_coords(handle, {15: idx}, batches, cache_dir).layer(15)  # (tokens, K) from shards on disk
     pool = harvest_records(handle, 15, idx, batches, cache_dir)    # per-record token activations, kept in shards
     vecs = pool_codes(pool, sae.encode, "mean")                    # pooled codes from the shards, no forward
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from .. import distributed
@@ -129,10 +130,9 @@ def _sorted_batches(handle, texts: list[str], max_length: int, batch_size: int) 
 
 
 @torch.no_grad()
-def harvest_coords(
-    handle, coords: dict[int, torch.Tensor], batches: TextBatches, cache_dir: Path
-) -> dict[int, torch.Tensor]:
-    """Selected coordinates of every non-special token at each hook layer: {layer: (tokens, K)} (float32).
+def harvest_coords(handle, coords: dict[int, torch.Tensor], batches: TextBatches, cache_dir: Path) -> CoordShards:
+    """Selected coordinates of every non-special token at each hook layer, written to shards (`.layer(l)` reads
+    them back: (tokens, K) float32).
 
     The texts of each cache shard are batched by length; the rows come in that order (an SAE samples them)."""
     layers = sorted(coords)
@@ -152,9 +152,23 @@ def harvest_coords(
         return {k: torch.cat(v) for k, v in parts.items()}
 
     chunks = (texts[i : i + size] for i in range(0, len(texts), size))
-    paths = sharded_stream(cache_dir, chunks, compute, f"harvest activations (layers {layers})", len(texts))
-    shards = [load_file(str(p)) for p in paths]
-    return {l: torch.cat([s[f"layer{l}"] for s in shards]) for l in layers}
+    return CoordShards(sharded_stream(cache_dir, chunks, compute, f"harvest activations (layers {layers})", len(texts)))
+
+
+@dataclass
+class CoordShards:
+    """`harvest_coords`' shards on disk, read only by whoever needs them (under several ranks, the rank that trains
+    the SAE): per shard, "layer{l}" (tokens, K) float32."""
+
+    paths: list[Path]
+
+    def layer(self, layer: int) -> torch.Tensor:
+        """Every harvested token's selected coordinates at `layer`, (tokens, K)."""
+        parts = []
+        for path in self.paths:
+            with safe_open(str(path), framework="pt") as f:
+                parts.append(f.get_tensor(f"layer{layer}"))
+        return torch.cat(parts)
 
 
 def sharded_stream(

@@ -234,17 +234,18 @@ def _layer_sae(
     if distributed.on_main(lambda: (sae_dir / "cfg.json").is_file(), f"SAE cache lookup (layer {layer})"):
         return cached()
     t = time.perf_counter()
-    acts = harvest_coords(
+    harvest = harvest_coords(
         handle,
         {layer: idx},
         TextBatches(handle.tokenizer, reference, cfg.max_length, cfg.batch_size),
         root / "acts",
-    )[layer]
+    )
     timings["harvest_s"] = time.perf_counter() - t
 
     def fit():
         if (sae_dir / "cfg.json").is_file():  # the other ranks, once rank 0 has saved it
             return cached()
+        acts = harvest.layer(layer)  # read on the training rank only
         t = time.perf_counter()
         train = acts if pool_acts is None else torch.cat([acts, pool_acts.all_tokens()])
         sae, curves, quality = _fit_sae(cfg, train)

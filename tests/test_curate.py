@@ -288,3 +288,36 @@ def test_seed_presets_are_valid_records():
     for name in PRESETS:
         recs = read_records(seed_preset_path(name))
         assert 8 <= len(recs) <= 15 and all(r["instruction"] and r["response"] for r in recs)
+
+
+@pytest.mark.parametrize("sae_data", ["reference", "pool+reference"])
+def test_truncation_count_comes_from_the_pool_shards_and_from_older_shards_too(
+    tiny_model_dirs, tmp_path, cache_home, sae_data
+):
+    """The pool's truncation count is what the encoding shards recorded as they tokenised their texts (no extra
+    tokenising pass); shards of an older cache, which did not record it, are counted by tokenising them again."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file, save_file
+
+    from finescope.curate.activations import count_truncated
+    from finescope.data import read_records, record_text
+
+    cfg = _cfg(tiny_model_dirs, tmp_path, sae_data=sae_data, max_length=45, batch_size=2)  # shards of 32 texts
+    texts = [record_text(r) for r in read_records(cfg.pool)]
+    expected = count_truncated(load(cfg.model).tokenizer, texts, 45)
+    assert 0 < expected < len(texts) == 41
+    out = curate_run.run(cfg, tmp_path / "curate")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["pool_truncated"] == expected
+    shards = sorted(cache_home.glob("cache/curate/**/shard-*.safetensors"))
+    stripped = 0
+    for path in shards:
+        tensors = load_file(str(path))
+        if "truncated" in tensors:
+            save_file({k: v for k, v in tensors.items() if k != "truncated"}, str(path))
+            stripped += 1
+    assert stripped == 2  # 41 texts in shards of 32: the pool's two shards recorded the count
+    again = curate_run.run(replace(cfg, top_m=9), tmp_path / "again")
+    assert json.loads((again / "metrics.json").read_text())["pool_truncated"] == expected
+    assert not any("truncated" in load_file(str(p)) for p in shards)  # the rerun read the older shards

@@ -26,6 +26,16 @@ from ..storage import write_atomic
 from ..tokens import pad_batch, pad_id, pad_rows
 
 
+def _padded(ids: list[list[int]], special: list[list[int]], max_length: int, pad: int) -> dict[str, torch.Tensor]:
+    """A right-padded batch of token ids cut at `max_length`, with the mask of real, non-special tokens."""
+    ids = [x[:max_length] for x in ids]
+    special = [x[:max_length] for x in special]
+    batch = pad_batch(ids, pad, min_width=1)
+    # Padding counts as special: the token mask keeps real, non-special tokens only.
+    batch["token_mask"] = pad_rows(special, 1, batch["input_ids"].shape[1]) == 0
+    return batch
+
+
 @dataclass
 class TextBatches:
     """Texts tokenised in fixed batches: right padding, truncation at `max_length`, a mask of real tokens."""
@@ -38,28 +48,59 @@ class TextBatches:
     def __len__(self) -> int:
         return (len(self.texts) + self.batch_size - 1) // self.batch_size
 
-    def _encode(self, texts: list[str]) -> dict[str, list[list[int]]]:
-        return self.tokenizer(texts, add_special_tokens=True, truncation=False, return_special_tokens_mask=True)
-
-    def count_truncated(self) -> int:
-        """How many texts are longer than `max_length` tokens (they are cut, not dropped)."""
-        n = 0
-        for i in range(0, len(self.texts), 256):
-            n += sum(len(ids) > self.max_length for ids in self._encode(self.texts[i : i + 256])["input_ids"])
-        return n
-
     def batch(self, i: int) -> dict[str, torch.Tensor]:
-        enc = self._encode(self.texts[i * self.batch_size : (i + 1) * self.batch_size])
-        ids = [x[: self.max_length] for x in enc["input_ids"]]
-        special = [x[: self.max_length] for x in enc["special_tokens_mask"]]
-        batch = pad_batch(ids, pad_id(self.tokenizer), min_width=1)
-        # Padding counts as special: the token mask keeps real, non-special tokens only.
-        batch["token_mask"] = pad_rows(special, 1, batch["input_ids"].shape[1]) == 0
-        return batch
+        enc = _encode(self.tokenizer, self.texts[i * self.batch_size : (i + 1) * self.batch_size])
+        return _padded(enc["input_ids"], enc["special_tokens_mask"], self.max_length, pad_id(self.tokenizer))
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for i in range(len(self)):
             yield self.batch(i)
+
+
+def _encode(tokenizer, texts: list[str]) -> dict[str, list[list[int]]]:
+    return tokenizer(texts, add_special_tokens=True, truncation=False, return_special_tokens_mask=True)
+
+
+def count_truncated(tokenizer, texts: list[str], max_length: int) -> int:
+    """How many texts are longer than `max_length` tokens (they are cut, not dropped)."""
+    n = 0
+    for i in range(0, len(texts), 256):
+        n += sum(len(ids) > max_length for ids in _encode(tokenizer, texts[i : i + 256])["input_ids"])
+    return n
+
+
+@dataclass
+class LengthSortedBatches:
+    """One shard's texts, tokenised once, in batches of neighbours by token count (`by_length`): `order[j]` is the
+    text of the j-th row over the batches; `truncated` counts the texts cut at `max_length`."""
+
+    ids: list[list[int]]
+    special: list[list[int]]
+    order: list[int]
+    truncated: int
+    max_length: int
+    batch_size: int
+    pad: int
+
+    @classmethod
+    def of(cls, tokenizer, texts: list[str], max_length: int, batch_size: int) -> LengthSortedBatches:
+        enc = _encode(tokenizer, texts)
+        lengths = [len(x) for x in enc["input_ids"]]
+        order = by_length(lengths, max_length)
+        return cls(
+            ids=[enc["input_ids"][i] for i in order],
+            special=[enc["special_tokens_mask"][i] for i in order],
+            order=order,
+            truncated=sum(n > max_length for n in lengths),
+            max_length=max_length,
+            batch_size=batch_size,
+            pad=pad_id(tokenizer),
+        )
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for s in range(0, len(self.ids), self.batch_size):
+            e = s + self.batch_size
+            yield _padded(self.ids[s:e], self.special[s:e], self.max_length, self.pad)
 
 
 def _device(handle) -> torch.device:
@@ -115,18 +156,22 @@ def sharded(
     return [done[s] if s in done else load_file(str(_shard_path(cache_dir, s))) for s in range(n_shards)]
 
 
-@torch.no_grad()
-def by_length(tokenizer, texts: list[str], max_length: int) -> list[int]:
-    """Indices of `texts` by token count (truncated at `max_length`), shortest first, ties in order: batches of
-    neighbours in this order pad little (on the default pool sample, 96 % of the padded tokens are real, against
-    62 % in pool order)."""
-    lengths = [min(len(ids), max_length) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
-    return sorted(range(len(texts)), key=lambda i: lengths[i])
+def by_length(lengths: list[int], max_length: int) -> list[int]:
+    """Indices of texts of these token counts by length (truncated at `max_length`), shortest first, ties in
+    order: batches of neighbours in this order pad little (on the default pool sample, 96 % of the padded tokens
+    are real, against 62 % in pool order)."""
+    return sorted(range(len(lengths)), key=lambda i: min(lengths[i], max_length))
 
 
-def _sorted_batches(handle, texts: list[str], max_length: int, batch_size: int) -> tuple[list[int], TextBatches]:
-    order = by_length(handle.tokenizer, texts, max_length)
-    return order, TextBatches(handle.tokenizer, [texts[i] for i in order], max_length, batch_size)
+def _truncated(n: int) -> torch.Tensor:
+    """A shard's count of texts cut at max_length, stored beside its tensors (read by `shard_truncated`)."""
+    return torch.tensor([n], dtype=torch.long)
+
+
+def shard_truncated(path: Path) -> int | None:
+    """The count of truncated texts a pool shard recorded; None for a shard written before shards recorded it."""
+    with safe_open(str(path), framework="pt") as f:
+        return int(f.get_tensor("truncated")[0]) if "truncated" in f.keys() else None
 
 
 @torch.no_grad()
@@ -140,7 +185,7 @@ def harvest_coords(handle, coords: dict[int, torch.Tensor], batches: TextBatches
     texts, size = batches.texts, SHARD_BATCHES * batches.batch_size
 
     def compute(chunk: list[str]) -> dict[str, torch.Tensor]:
-        _, sorted_batches = _sorted_batches(handle, chunk, batches.max_length, batches.batch_size)
+        sorted_batches = LengthSortedBatches.of(handle.tokenizer, chunk, batches.max_length, batches.batch_size)
         parts: dict[str, list[torch.Tensor]] = {f"layer{l}": [] for l in layers}
         for batch in sorted_batches:
             hidden = handle.adapter.hidden_states_at(
@@ -241,7 +286,7 @@ def harvest_records(
     idx = coords.to(dev)
 
     def compute(texts: list[str]) -> dict[str, torch.Tensor]:
-        order, batches = _sorted_batches(handle, texts, max_length, batch_size)
+        batches = LengthSortedBatches.of(handle.tokenizer, texts, max_length, batch_size)
         per_record: list[torch.Tensor] = []
         for batch in batches:
             hidden = handle.adapter.hidden_after(
@@ -250,10 +295,10 @@ def harvest_records(
             mask = batch["token_mask"].to(dev)
             per_record += [hidden[r][mask[r]][:, idx].float().cpu() for r in range(mask.shape[0])]
         in_order: list[torch.Tensor] = [torch.empty(0)] * len(texts)
-        for slot, rows in zip(order, per_record):
+        for slot, rows in zip(batches.order, per_record):
             in_order[slot] = rows
         lengths = torch.tensor([rows.shape[0] for rows in in_order], dtype=torch.long)
-        return {"acts": torch.cat(in_order), "lengths": lengths}
+        return {"acts": torch.cat(in_order), "lengths": lengths, "truncated": _truncated(batches.truncated)}
 
     return RecordActivations(sharded_stream(cache_dir, chunks, compute, desc, total))
 
@@ -333,11 +378,11 @@ def encode_pooled_stream(
     positions of pool order."""
 
     def compute(texts: list[str]) -> dict[str, torch.Tensor]:
-        order, batches = _sorted_batches(handle, texts, max_length, batch_size)
+        batches = LengthSortedBatches.of(handle.tokenizer, texts, max_length, batch_size)
         pooled = torch.cat([_pooled_batch(handle, layer, coords, encode, b, pooling)["pooled"] for b in batches])
         out = torch.empty_like(pooled)
-        out[torch.tensor(order, dtype=torch.long)] = pooled  # back to the texts' order
-        return {"pooled": out}
+        out[torch.tensor(batches.order, dtype=torch.long)] = pooled  # back to the texts' order
+        return {"pooled": out, "truncated": _truncated(batches.truncated)}
 
     return sharded_stream(cache_dir, chunks, compute, desc, total)
 

@@ -36,11 +36,13 @@ from .activations import (
     SHARD_BATCHES,
     RecordActivations,
     TextBatches,
+    count_truncated,
     encode_pooled,
     encode_pooled_stream,
     harvest_coords,
     harvest_records,
     pool_codes_by_shard,
+    shard_truncated,
 )
 from .baselines import minilm_embeddings, random_scores, reciprocal_rank_fusion
 from .coords import coordinate_scores, top_k_coords
@@ -305,12 +307,15 @@ def _sae_vectors(cfg, handle, layer_state, layer: int, texts: list[str], tag: st
     return vecs
 
 
-def _pool_code_shards(cfg: CurateConfig, handle, state, layer: int, pool: Pool) -> Callable[[], Iterator[torch.Tensor]]:
+def _pool_code_shards(
+    cfg: CurateConfig, handle, state, layer: int, pool: Pool
+) -> tuple[Callable[[], Iterator[torch.Tensor]], list[Path]]:
     """The pool's pooled SAE codes, one shard at a time (a function that starts a new pass): encoded from the
-    harvested activations (sae_data = pool+reference) or by a forward per record, cached as shards."""
+    harvested activations (sae_data = pool+reference) or by a forward per record, cached as shards. Also the
+    shard files, one per `_shard_texts` chunk of the pool (they record its truncation count)."""
     acts = state["pool_acts"]
     if acts is not None:  # no second forward
-        return lambda: pool_codes_by_shard(acts, state["sae"].encode, cfg.pooling)
+        return lambda: pool_codes_by_shard(acts, state["sae"].encode, cfg.pooling), acts.paths
     key = hashing.digest_parts(
         "enc", "bylen", state["key"], layer, cfg.pooling, cfg.max_length, cfg.batch_size, pool.digest
     )
@@ -330,7 +335,7 @@ def _pool_code_shards(cfg: CurateConfig, handle, state, layer: int, pool: Pool) 
     )
     if distributed.ranks().is_main:
         storage.write_json_atomic(cache / "info.json", {"texts": len(pool), "layer": layer, "tag": "pool"})
-    return lambda: (load_file(str(p))["pooled"] for p in paths)
+    return lambda: (load_file(str(p))["pooled"] for p in paths), paths
 
 
 @dataclass
@@ -589,7 +594,7 @@ def _score_sae(
     for layer in layers:
         state = _train_layer_sae(cfg, handle, layer, reference, model_fp, pool)
         t = time.perf_counter()
-        shards = _pool_code_shards(cfg, handle, state, layer, pool)
+        shards, shard_paths = _pool_code_shards(cfg, handle, state, layer, pool)
         stats = LatentStats()
         for codes in shards():
             stats.add(codes)
@@ -629,10 +634,13 @@ def _score_sae(
     del per_layer_sims
     nearest = sims[0].argmax(-1) if len(sims) == 1 else sims[best_layer, torch.arange(len(pool))].argmax(-1)
     truncated, key_chunks = 0, []
-    for texts in pool.text_chunks(4096):  # one more pass over the pool: truncation count and dedupe digests
-        truncated += TextBatches(handle.tokenizer, texts, cfg.max_length).count_truncated()
+    # One more pass over the pool for the dedupe digests; the truncation count is what the (last layer's) shards
+    # recorded when they tokenised their texts: only shards of an older cache, without it, are tokenised again.
+    for path, texts in zip(shard_paths, pool.text_chunks(_shard_texts(cfg)), strict=True):
+        recorded = shard_truncated(path)
+        truncated += recorded if recorded is not None else count_truncated(handle.tokenizer, texts, cfg.max_length)
         key_chunks.append(np.array([dedupe_key(t) for t in texts], dtype="S16"))
-    keys = np.concatenate(key_chunks)  # 16 bytes per record (a list of bytes objects: ~60), as `pool_keys`
+    keys = np.concatenate(key_chunks) if key_chunks else np.array([], dtype="S16")  # 16 B per record, as `pool_keys`
     info = SaeCurationMetrics(
         layers=layers,
         reference_texts=len(reference),

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -321,3 +322,64 @@ def test_truncation_count_comes_from_the_pool_shards_and_from_older_shards_too(
     again = curate_run.run(replace(cfg, top_m=9), tmp_path / "again")
     assert json.loads((again / "metrics.json").read_text())["pool_truncated"] == expected
     assert not any("truncated" in load_file(str(p)) for p in shards)  # the rerun read the older shards
+
+
+def tiny_sentence_encoder(folder: Path, tokenizer) -> Path:
+    """A 1-layer random BERT with the chat tokenizer, standing in for all-MiniLM-L6-v2."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    BertModel(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_embedding_method_embeds_the_pool_once_into_cached_shards(
+    tiny_model_dirs, tmp_path, cache_home, chat_tokenizer, monkeypatch
+):
+    """The encoder is loaded once per stage (not per chunk); the pool's vectors are cache shards of 4,096 texts
+    that a second selection over the same pool (other seeds count, other M) reuses without a forward; the scores
+    are the cosines of the encoder's own vectors."""
+    from dataclasses import replace
+
+    from finescope.curate.baselines import MiniLM, minilm_embeddings
+    from finescope.data import read_records, record_text
+
+    enc = tiny_sentence_encoder(tmp_path / "enc", chat_tokenizer)
+    loads = []
+
+    def counted(*a, **kw):
+        loads.append(1)
+        return MiniLM(str(enc), *a, **kw)
+
+    monkeypatch.setattr(curate_run, "MiniLM", counted)
+    monkeypatch.setattr(curate_run, "EMBED_SHARD_TEXTS", 16)  # 41 records: 3 shards
+    cfg = _cfg(tiny_model_dirs, tmp_path, method="embedding", top_m=5)
+    out = curate_run.run(cfg, tmp_path / "emb")
+    assert loads == [1]
+    rows = [json.loads(l) for l in (out / "selected.jsonl").read_text().splitlines()]
+    texts = [record_text(r) for r in read_records(cfg.pool)]
+    seeds = [record_text(r) for r in read_records(cfg.seeds)]
+    expected = (minilm_embeddings(texts, model_dir=str(enc)) @ minilm_embeddings(seeds, model_dir=str(enc)).T).max(1)
+    best = torch.argsort(expected.values, descending=True, stable=True)[:5].tolist()
+    assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["score"] for r in rows] == pytest.approx(expected.values[best].tolist(), abs=1e-5)
+    shards = sorted(cache_home.glob("cache/curate/emb-*/shard-*.safetensors"))
+    assert len(shards) == 3
+    stamps = [p.stat().st_mtime_ns for p in shards]
+
+    calls: list[int] = []
+    embed = MiniLM.embed
+
+    def spy(self, texts, *a, **k):
+        calls.append(len(texts))
+        return embed(self, texts, *a, **k)
+
+    monkeypatch.setattr(MiniLM, "embed", spy)
+    again = curate_run.run(replace(cfg, top_m=3), tmp_path / "again")
+    assert calls == [3]  # the 3 seeds only: the pool's vectors came from the cache
+    assert [p.stat().st_mtime_ns for p in shards] == stamps
+    assert (again / "selected.jsonl").read_text().splitlines() == (out / "selected.jsonl").read_text().splitlines()[:3]

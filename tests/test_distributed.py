@@ -97,6 +97,51 @@ def test_curate_on_two_processes_selects_exactly_what_one_process_selects(tiny_m
     )
 
 
+TINY_ENCODER = """
+import sys
+from functools import partial
+import finescope.curate.run as curate_run
+from finescope.curate.baselines import MiniLM
+
+curate_run.MiniLM = partial(MiniLM, {encoder!r})
+curate_run.EMBED_SHARD_TEXTS = 16
+from finescope.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("method", ["embedding", "hybrid"])
+def test_sentence_embeddings_are_sharded_over_two_processes_and_select_the_same(
+    tiny_model_dirs, tmp_path, cache_home, chat_tokenizer, monkeypatch, method
+):
+    """The embedding baseline (and hybrid's embedding half) used to run on rank 0 alone: now each rank embeds
+    its cache shards (16 texts each here: 3 shards), and the selection is the one-process selection."""
+    from functools import partial
+
+    from finescope.curate.baselines import MiniLM
+    from test_curate import tiny_sentence_encoder
+
+    enc = tiny_sentence_encoder(tmp_path / "enc", chat_tokenizer)
+    monkeypatch.setattr(curate_run, "MiniLM", partial(MiniLM, str(enc)))
+    monkeypatch.setattr(curate_run, "EMBED_SHARD_TEXTS", 16)
+    cfg = _cfg(tiny_model_dirs, tmp_path, method=method, top_m=6)
+    one = curate_run.run(cfg, tmp_path / "one")
+    home, two = tmp_path / "home-two", tmp_path / "two"
+    config = two.with_suffix(".yaml")
+    config.write_text(yaml.safe_dump(to_dict(cfg)))
+    job = _script(tmp_path, TINY_ENCODER.format(encoder=str(enc)))
+    proc = subprocess.run(
+        [*TORCHRUN, str(job), "curate", "--config", str(config), "--out", str(two)],
+        env=_env(home, FINESCOPE_PROGRESS="1"), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "embed pool (all-MiniLM-L6-v2) [rank 1/2]" in proc.stderr
+    assert (two / "selected.jsonl").read_text() == (one / "selected.jsonl").read_text()
+    assert pq.read_table(two / "scores.parquet").equals(pq.read_table(one / "scores.parquet"))
+    caches = list(home.glob("cache/curate/emb-*"))
+    assert len(caches) == 1 and len(list(caches[0].glob("shard-*.safetensors"))) == 3
+
+
 def _script(tmp_path: Path, body: str) -> Path:
     path = tmp_path / "job.py"
     path.write_text(textwrap.dedent(body))

@@ -156,7 +156,7 @@ class CurateConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """SAE method: the model's dtype for its forwards (auto = fp32 on CPU, bf16 on GPU); SAEs train in fp32."""
     device: str | None = None
-    """SAE method: cpu, cuda, cuda:1, or auto (one model spread over the GPUs, forwards only); none = cuda if available (under several ranks: each rank's own GPU)."""
+    """SAE method: cpu, cuda, cuda:1, or auto (one model spread over the GPUs, forwards only); none = cuda if available (under several ranks: each rank's own GPU). The sentence encoder (embedding, hybrid) runs there too (auto: this rank's GPU if any)."""
     overwrite: bool = False
     """Replace an existing output folder that is not a previous curate output (it is kept aside, never deleted)."""
 

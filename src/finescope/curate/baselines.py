@@ -9,27 +9,40 @@ from __future__ import annotations
 import torch
 
 from .. import assets
-from ..progress import progress
 
 
-@torch.no_grad()
+class MiniLM:
+    """all-MiniLM-L6-v2 (or the sentence encoder in `model_dir`), loaded once: mean-pooled, L2-normalised
+    embeddings, computed on `device` in float32 and handed back on the CPU."""
+
+    def __init__(self, model_dir: str | None = None, device: str = "cpu"):
+        from transformers import AutoModel, AutoTokenizer
+
+        path = str(model_dir or assets.data_path("minilm"))
+        self.path, self.device = path, torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32).to(self.device).eval()
+
+    @torch.no_grad()
+    def embed(self, texts: list[str], batch_size: int = 32, max_length: int = 256) -> torch.Tensor:
+        """(len(texts), hidden) unit vectors (384 for all-MiniLM-L6-v2)."""
+        out = []
+        for i in range(0, len(texts), batch_size):
+            enc = self.tokenizer(
+                texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            ).to(self.device)
+            hidden = self.model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.model.config.hidden_size)
+
+
 def minilm_embeddings(
     texts: list[str], batch_size: int = 32, max_length: int = 256, model_dir: str | None = None
 ) -> torch.Tensor:
-    """(len(texts), 384) unit vectors from all-MiniLM-L6-v2."""
-    from transformers import AutoModel, AutoTokenizer
-
-    path = str(model_dir or assets.data_path("minilm"))
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
-    out = []
-    for i in progress(range(0, len(texts), batch_size), desc="embed (all-MiniLM-L6-v2)", unit="batch"):
-        enc = tok(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        hidden = model(**enc).last_hidden_state
-        mask = enc["attention_mask"].unsqueeze(-1).float()
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-        out.append(torch.nn.functional.normalize(pooled, dim=-1))
-    return torch.cat(out)
+    """(len(texts), 384) unit vectors from all-MiniLM-L6-v2 (loads it: for many calls, keep a `MiniLM`)."""
+    return MiniLM(model_dir).embed(texts, batch_size, max_length)
 
 
 def reciprocal_rank_fusion(*scores: torch.Tensor, k: int = 60) -> torch.Tensor:

@@ -43,8 +43,9 @@ from .activations import (
     harvest_records,
     pool_codes_by_shard,
     shard_truncated,
+    sharded_stream,
 )
-from .baselines import minilm_embeddings, random_scores, reciprocal_rank_fusion
+from .baselines import MiniLM, random_scores, reciprocal_rank_fusion
 from .coords import coordinate_scores, top_k_coords
 from .dsir import dsir_scores
 from .pool import Pool
@@ -459,10 +460,10 @@ def _curate_into(
 ) -> None:
     """Score the pool and write the selection into the (locked) stage folder; DONE last.
 
-    The SAE method streams the pool (shards of codes on disk, a few bytes per record in memory); the baselines
-    read it whole. Several ranks: the SAE method's forwards are sharded over them (see `sharded_stream`), every
-    rank scores, rank 0 alone writes; the others return once rank 0 has marked the stage done (or raise its
-    error)."""
+    Every method streams the pool (shards of codes or embeddings on disk, a few bytes per record in memory).
+    Several ranks: the SAE method's forwards and the sentence embeddings are sharded over them (see
+    `sharded_stream`), the SAE method scores on every rank, rank 0 alone writes; the others return once rank 0 has
+    marked the stage done (or raise its error)."""
     m = cfg.top_m
     if m > len(pool) and cfg.method != "full" and distributed.ranks().is_main:
         warnings.warn(f"top_m = {m} is larger than the pool ({len(pool)} records); keeping all of them", stacklevel=2)
@@ -471,19 +472,21 @@ def _curate_into(
     seed_texts = [record_text(r, cfg.encode_fields) for r in seeds]
     timings: dict[str, float] = {}
 
+    # The sentence embeddings (embedding, hybrid) are sharded over every rank like the SAE method's forwards.
+    embedded = _embed_pool(cfg, pool, seed_texts, timings) if cfg.method in ("embedding", "hybrid") else None
     if cfg.method in ("sae", "hybrid"):  # every rank takes part (sharded forwards), rank 0 writes
         assert reference is not None, "the sae method reads the reference corpus before scoring"
         scored = _score_sae(stage, cfg, handle, reference, pool, seed_texts, timings)
 
         def write() -> None:
-            final = _fuse_with_embedding(scored, pool, seed_texts, timings) if cfg.method == "hybrid" else scored
+            final = _fuse_with_embedding(scored, embedded) if embedded is not None else scored
             _write_selection(stage, cfg, seeds, pool, final, m, timings, start)
 
         distributed.on_main(write, "writing the selection on rank 0")
-    else:  # the other methods run on rank 0 alone; the others wait for its outcome
+    else:  # scoring (and the other methods whole) on rank 0; the others wait for its outcome
 
         def score_and_write() -> None:
-            scored = _score(cfg, pool, seed_texts, timings)
+            scored = _score(cfg, pool, seed_texts, timings, embedded)
             _write_selection(stage, cfg, seeds, pool, scored, m, timings, start)
 
         distributed.on_main(score_and_write, f"{cfg.method} curation on rank 0")
@@ -525,13 +528,19 @@ class _Scored:
     sae: SaeCurationMetrics | None = None
 
 
-def _score(cfg: CurateConfig, pool: Pool, seed_texts: list[str], timings: dict[str, float]) -> _Scored:
-    """Score every pool record by a baseline method, streaming the pool (chunks of texts, never all of them)."""
+def _score(
+    cfg: CurateConfig,
+    pool: Pool,
+    seed_texts: list[str],
+    timings: dict[str, float],
+    embedded: _PoolEmbeddings | None = None,
+) -> _Scored:
+    """Score every pool record by a baseline method, streaming the pool (chunks of texts, never all of them);
+    `embedded`: the embedding method's vectors, computed beforehand by every rank."""
     n = len(pool)
     if cfg.method == "embedding":
-        t = time.perf_counter()
-        scores, nearest, sims = _embedding_scores(pool, seed_texts)
-        timings["embed"] = time.perf_counter() - t
+        assert embedded is not None, "the embedding method's vectors are computed before scoring (_embed_pool)"
+        scores, nearest, sims = embedded.scores()
         return _Scored(scores, nearest, pool_keys(pool), sims.unsqueeze(0))
     if cfg.method == "dsir":
         # Scored against the seeds' n-gram distribution, not against one seed: no nearest seed, no per-seed sims.
@@ -552,20 +561,57 @@ def pool_keys(pool: Pool) -> np.ndarray:
     return np.concatenate(chunks) if chunks else np.array([], dtype="S16")
 
 
-def _embedding_scores(pool: Pool, seed_texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`max_cosine` of the pool's all-MiniLM-L6-v2 embeddings against the seeds', embedded 4,096 records at a
-    time (the vectors of a chunk are dropped once its similarities are taken)."""
-    seed_vecs = minilm_embeddings(seed_texts)
-    parts = [max_cosine(minilm_embeddings(texts), seed_vecs) for texts in pool.text_chunks(4096)]
-    return tuple(torch.cat([p[k] for p in parts]) for k in range(3))  # type: ignore[return-value]
+EMBED_SHARD_TEXTS = 4096
+"""Pool texts per cache shard of the embedding baseline's vectors."""
 
 
-def _fuse_with_embedding(scored: _Scored, pool: Pool, seed_texts: list[str], timings: dict[str, float]) -> _Scored:
-    """`--method hybrid`: reciprocal-rank fusion of the SAE ranking and the embedding-kNN ranking."""
+@dataclass
+class _PoolEmbeddings:
+    """The pool's sentence embeddings as shards on disk ("emb": (texts, 384) float32, in pool order) and the
+    seeds' embeddings."""
+
+    paths: list[Path]
+    seeds: torch.Tensor
+
+    def scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`max_cosine` of the pool against the seeds (best cosine, its seed, every seed's), a shard at a time."""
+        parts = [max_cosine(load_file(str(p))["emb"], self.seeds) for p in self.paths]
+        if not parts:
+            return torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0, len(self.seeds))
+        return tuple(torch.cat([p[k] for p in parts]) for k in range(3))  # type: ignore[return-value]
+
+
+def _embed_device(cfg: CurateConfig) -> str:
+    """The sentence encoder's device: --device, or (unset / auto, since it is small) this rank's GPU if any."""
+    if cfg.device not in (None, "auto"):
+        return cfg.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _embed_pool(cfg: CurateConfig, pool: Pool, seed_texts: list[str], timings: dict[str, float]) -> _PoolEmbeddings:
+    """all-MiniLM-L6-v2 embeddings of the pool, loaded once, shard s (4,096 texts) on rank s mod N, cached (a
+    killed run, or another seed set over the same pool, reuses finished shards); and of the seeds."""
     t = time.perf_counter()
-    emb_scores = _embedding_scores(pool, seed_texts)[0]
+    encoder = distributed.main_first(lambda: MiniLM(device=_embed_device(cfg)), "loading all-MiniLM-L6-v2")
+    key = hashing.digest_parts("minilm", hashing.model_fingerprint(encoder.path), 256, pool.digest)
+    cache = _cache_root() / f"emb-{key}"
+    paths = sharded_stream(
+        cache,
+        pool.text_chunks(EMBED_SHARD_TEXTS),
+        lambda texts: {"emb": encoder.embed(texts)},
+        "embed pool (all-MiniLM-L6-v2)",
+        len(pool),
+    )
+    if distributed.ranks().is_main:
+        storage.write_json_atomic(cache / "info.json", {"texts": len(pool), "model": encoder.path, "tag": "minilm"})
+    embedded = _PoolEmbeddings(paths, encoder.embed(seed_texts))
     timings["embed"] = time.perf_counter() - t
-    fused = reciprocal_rank_fusion(scored.scores, emb_scores)
+    return embedded
+
+
+def _fuse_with_embedding(scored: _Scored, embedded: _PoolEmbeddings) -> _Scored:
+    """`--method hybrid`: reciprocal-rank fusion of the SAE ranking and the embedding-kNN ranking."""
+    fused = reciprocal_rank_fusion(scored.scores, embedded.scores()[0])
     return _Scored(fused, scored.nearest, scored.keys, None, scored.features, scored.sae)
 
 

@@ -294,6 +294,23 @@ def test_run_every_family_saves_a_stock_loadable_verified_model(family, tiny_mod
     assert run(cfg, out) == out and (out / "DONE").stat().st_mtime_ns == mtime  # done → skipped
 
 
+def test_bf16_prune_saves_bf16_and_passes_the_reload_checks(family, tiny_model_dirs, calib_file, tmp_path):
+    """bf16 (the default on GPUs), on the CPU, every family: the saved weights are bf16, the reloaded logits
+    match in bf16, the KV-cache check passes (it runs in float32; the case it failed in bf16 is in
+    test_prune_real.py)."""
+    from safetensors import safe_open
+
+    cfg = PruneConfig(
+        model=str(tiny_model_dirs[family]), data=str(calib_file), ratio=0.4, importance="taylor", batch_size=8,
+        dtype="bfloat16", device="cpu",
+    )  # fmt: skip
+    out = run(cfg, tmp_path / "prune")
+    v = json.loads((out / "report.json").read_text())["verification"]
+    assert v["logits_match"] and v["cache_matches_no_cache"] and v["new_tokens"] == 8
+    with safe_open(str(out / "model" / "model.safetensors"), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+
+
 @pytest.mark.parametrize("importance", WIDTH_IMPORTANCE)
 def test_each_importance_prunes_saves_and_reloads_stock(importance, chat_tokenizer, tmp_path):
     """Every importance on every family: prune → save_pretrained → stock from_pretrained → equal logits."""

@@ -74,6 +74,14 @@ def _env_world() -> int:
         raise DistributedError(f"WORLD_SIZE: {raw!r} is not an integer (set by torchrun / accelerate launch)") from None
 
 
+def _local_rank() -> int:
+    raw = os.environ.get("LOCAL_RANK", "0")
+    try:
+        return int(raw)
+    except ValueError:
+        raise DistributedError(f"LOCAL_RANK: {raw!r} is not an integer (set by torchrun / accelerate launch)") from None
+
+
 def ranks() -> Ranks:
     """This process's rank and the world size, joining the process group when launched with several ranks."""
     import torch.distributed as dist
@@ -93,7 +101,8 @@ def _init() -> None:
         raise DistributedError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # One GPU per rank; a launcher that shows each process only its own GPU (CUDA_VISIBLE_DEVICES) has one.
+        torch.cuda.set_device(_local_rank() % torch.cuda.device_count())
     try:
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s()))
     except (RuntimeError, ValueError) as e:

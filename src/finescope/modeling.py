@@ -168,7 +168,8 @@ class ArchAdapter:
         **_: Any,
     ) -> dict[int, torch.Tensor]:
         """Residual-stream hidden states after each block in `layers` (0-based), from one forward that stops
-        at the highest of them: blocks above it, the final norm and the LM head are never computed."""
+        at the highest of them: blocks above it, the final norm and the LM head are never computed. They come
+        back on the inputs' device."""
         if not layers:
             raise ValueError("layers must not be empty")
         for layer in layers:
@@ -195,7 +196,10 @@ class ArchAdapter:
         finally:
             for h in handles:
                 h.remove()
-        return {i: captured[i] for i in layers}
+        # Spread over GPUs (device_map="auto"), a block's output stays on that block's GPU: hand every hidden state
+        # back where the inputs are, as the model's own output would be.
+        given = input_ids if input_ids is not None else inputs_embeds
+        return {i: captured[i] if given is None else captured[i].to(given.device) for i in layers}
 
     def hidden_after(self, layer: int, input_ids=None, attention_mask=None, inputs_embeds=None, **kw) -> torch.Tensor:
         """Hidden state after block `layer` (0-based), computing no block above it."""
@@ -220,10 +224,11 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 def default_dtype(device: str | torch.device | None = None) -> torch.dtype:
-    """fp32 on CPU; bf16 on GPUs that support it (fp16 otherwise)."""
+    """bf16 on GPUs that support it; fp32 elsewhere: on the CPU, and on GPUs without bf16 (V100, T4), where fp16
+    would overflow in some families (Gemma 3) and train without a loss scaler."""
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dev.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dev.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
     return torch.float32
 
 

@@ -170,3 +170,13 @@ def test_saved_folder_reloads_identically(tiny_model_dirs, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(h.model(**ids).logits, again.model(**ids).logits)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "mistral"
+
+
+def test_auto_dtype_is_bf16_only_where_the_gpu_supports_it(monkeypatch):
+    from finescope.modeling import default_dtype
+
+    assert default_dtype("cpu") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert default_dtype("cuda") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert default_dtype("cuda") == torch.float32  # V100 / T4: not fp16 (overflow, no loss scaler)

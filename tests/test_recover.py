@@ -556,3 +556,15 @@ def test_zero_3_in_a_deepspeed_config_file_is_refused_before_anything_is_written
     with pytest.raises(FinetuneError, match="ZeRO-3"):
         run(cfg, tmp_path / "recover")
     assert not (tmp_path / "recover").exists()
+
+
+def test_a_gpu_the_trainer_would_not_train_on_is_refused_before_any_work(tmp_path, tiny_model_dirs, monkeypatch):
+    """The Trainer trains on cuda:0 in one process and on cuda:LOCAL_RANK under ranks, wherever the model was
+    loaded: --device cuda:1 (one process) and an indexed GPU under several ranks are refused up front."""
+    data = write_records(tmp_path / "data.jsonl")
+    with pytest.raises(RecoverError, match=r"--device cuda:1: .* CUDA_VISIBLE_DEVICES=1 and --device cuda"):
+        run(_cfg(tiny_model_dirs["llama"], tiny_model_dirs["llama"], data, device="cuda:1"), tmp_path / "a")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RecoverError, match=r"--device cuda:0: under several ranks each rank trains on its own GPU"):
+        run(_cfg(tiny_model_dirs["llama"], tiny_model_dirs["llama"], data, device="cuda:0"), tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

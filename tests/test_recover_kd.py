@@ -301,6 +301,32 @@ def test_full_fine_tuning_trains_every_weight_and_saves_a_stock_model(tmp_path, 
     assert not (tmp_path / "adapter").exists()
 
 
+def test_full_fine_tuning_of_a_bf16_model_trains_float32_weights_and_gives_back_bf16(chat_tokenizer):
+    """AdamW on bf16 weights rounds updates below bf16's step away: a half-precision model is trained as float32
+    master weights (bf16 autocast on GPUs) and handed back in its own dtype; the memory check counts the copy."""
+    from transformers import TrainerCallback
+
+    from finescope.recover.finetune import full_tuning_bytes
+
+    model = build_model("llama", len(chat_tokenizer)).to(torch.bfloat16)
+    n = sum(p.numel() for p in model.parameters())
+    assert full_tuning_bytes(model) == 14 * n  # fp32 weights (+2 B), gradients and two moments (4 B each)
+    before = {k: v.float().clone() for k, v in model.state_dict().items()}
+    seen: set[torch.dtype] = set()
+
+    class Dtypes(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            seen.update(p.dtype for p in model.parameters())
+
+    examples, _ = build_examples(chat_tokenizer, RECORDS, max_length=128)
+    s = TrainSettings(adapter="full", lr=1e-4, batch_size=4, micro_batch_size=2, epochs=2.0)
+    trained, history = fine_tune(model, examples, examples[:2], s, pad_id=0, callbacks=[Dtypes()])
+    assert seen == {torch.float32}
+    assert {p.dtype for p in trained.parameters()} == {torch.bfloat16}
+    assert history["eval_loss"][-1]["loss"] < history["eval_loss"][0]["loss"]
+    assert any(not torch.equal(v.float(), before[k]) for k, v in trained.state_dict().items())
+
+
 def test_full_fine_tuning_that_cannot_fit_is_refused_before_starting(chat_tokenizer, monkeypatch):
     from finescope.recover import finetune
 

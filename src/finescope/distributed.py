@@ -66,7 +66,8 @@ def timeout_s() -> float:
     return value
 
 
-def _env_world() -> int:
+def launched_world() -> int:
+    """WORLD_SIZE as torchrun / accelerate launch set it (1 when not launched), without joining the group."""
     raw = os.environ.get("WORLD_SIZE", "1")
     try:
         return int(raw)
@@ -88,7 +89,7 @@ def ranks() -> Ranks:
 
     if dist.is_available() and dist.is_initialized():
         return Ranks(dist.get_rank(), dist.get_world_size())
-    if _env_world() <= 1:
+    if launched_world() <= 1:
         return Ranks()
     _init()
     return Ranks(dist.get_rank(), dist.get_world_size())

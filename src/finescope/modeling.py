@@ -26,7 +26,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from . import FinescopeError, assets
+from . import FinescopeError, assets, distributed
 from .data import check_input_path
 from .hashing import sha256_hex
 from .messages import flat, one_line, quote
@@ -291,20 +291,12 @@ def _check_gguf_magic(path: Path) -> None:
         )
 
 
-def _launched_ranks() -> int:
-    """WORLD_SIZE as torchrun / accelerate launch set it (1 when not launched or unreadable)."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
-
-
 def _check_device(spec: Any, device: str | None) -> None:
     """Refuse a device that does not exist here before anything is loaded."""
-    if device == "auto" and _launched_ranks() > 1:
+    if device == "auto" and distributed.launched_world() > 1:
         raise ModelError(
             f"{os.fspath(spec)}: device 'auto' spreads one model over every GPU, but this process is one of "
-            f"{_launched_ranks()} ranks, each with its own GPU; leave --device unset (or run one process)"
+            f"{distributed.launched_world()} ranks, each with its own GPU; leave --device unset (or run one process)"
         )
     if device in (None, "auto"):
         return

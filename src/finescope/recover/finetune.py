@@ -251,9 +251,10 @@ def attach_lora(model, s: TrainSettings):
 
 
 def full_tuning_bytes(model) -> int:
-    """Memory full fine-tuning needs beyond the loaded weights: gradients and AdamW's two moments, one copy of
-    every parameter each (activations not counted)."""
-    return sum(3 * p.numel() * p.element_size() for p in model.parameters())
+    """Memory full fine-tuning needs beyond the loaded weights: it trains float32 weights (a half-precision model
+    is upcast: AdamW on bf16 weights rounds small updates away), their gradients and AdamW's two moments, 4 bytes
+    each per parameter (activations not counted)."""
+    return sum(p.numel() * (3 * 4 + max(0, 4 - p.element_size())) for p in model.parameters())
 
 
 def available_bytes(device: torch.device) -> int:
@@ -273,7 +274,7 @@ def check_full_tuning_fits(model) -> None:
         n = sum(p.numel() for p in model.parameters())
         raise FinetuneError(
             f"full fine-tuning of {n / 1e6:,.1f}M parameters needs about {need / 2**30:.1f} GiB more memory on "
-            f"{device} (gradients and AdamW state, 3 copies of the weights, activations not counted) but "
+            f"{device} (float32 weights, gradients and AdamW state, activations not counted) but "
             f"{free / 2**30:.1f} GiB is free; use --adapter lora"
         )
 

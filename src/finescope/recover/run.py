@@ -111,6 +111,7 @@ def _check_settings(cfg: RecoverConfig) -> None:
     if cfg.generation_backend == "vllm":
         vllm_backend.check_available()
     check_launch_engine()
+    _check_training_device(cfg.device)
     if cfg.device == "auto":
         raise RecoverError(
             "--device auto: the student trains, so its weights stay on one device; use cuda, cuda:N or cpu "
@@ -119,6 +120,27 @@ def _check_settings(cfg: RecoverConfig) -> None:
     if cfg.kd_cache not in ("auto", "off") and Path(cfg.kd_cache).expanduser().exists():
         if not Path(cfg.kd_cache).expanduser().is_dir():
             raise RecoverError(f"--kd-cache {cfg.kd_cache}: not a folder (give a folder, 'auto' or 'off')")
+
+
+def _check_training_device(device: str | None) -> None:
+    """transformers.Trainer trains on cuda:0 in one process (the first visible GPU) and on cuda:LOCAL_RANK under
+    several ranks, whatever the model was loaded on: an explicit GPU index elsewhere is refused before any work."""
+    try:
+        dev = torch.device(device) if device not in (None, "auto") else None
+    except (RuntimeError, TypeError, ValueError):
+        return  # not a device name: `load` says so in one line
+    if dev is None or dev.type != "cuda" or dev.index is None:
+        return
+    if distributed.launched_world() > 1:
+        raise RecoverError(
+            f"--device {device}: under several ranks each rank trains on its own GPU (LOCAL_RANK); leave --device "
+            "unset or give cuda"
+        )
+    if dev.index != 0:
+        raise RecoverError(
+            f"--device {device}: the fine-tuning (transformers.Trainer) runs on the first visible GPU; to use GPU "
+            f"{dev.index}, run with CUDA_VISIBLE_DEVICES={dev.index} and --device cuda"
+        )
 
 
 def run(cfg: RecoverConfig, out: Path) -> Path:

@@ -19,6 +19,7 @@ NCCL on GPUs), bf16 on GPUs, gradient checkpointing, checkpoints to resume from.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -268,19 +269,25 @@ def fine_tune(
         raise FinetuneError("no training examples left (every record's prompt fills max_length)")
     world = distributed.ranks().world
     online = OnlineTeacher(online_teacher) if online_teacher is not None and s.kd.weight > 0 else None
+    s = dataclasses.replace(s, bf16=_use_bf16(model, s))  # decided on the loaded dtype, before any upcast
+    load_dtype = next(model.parameters()).dtype
     if s.adapter == "full":
         check_full_tuning_fits(model)
-        trained = model
+        # float32 master weights (bf16 autocast still computes in bf16 on GPUs); saved back in the loaded dtype.
+        trained = model.float()
         for p in trained.parameters():
             p.requires_grad_(True)
     else:
-        trained = attach_lora(model, s)
+        trained = attach_lora(model, s)  # peft keeps the adapters in float32
     with contextlib.ExitStack() as stack:
         # The Trainer wants an output folder even when it saves nothing: a temporary one then, never the cwd.
         out_dir = s.checkpoint_dir or Path(
             stack.enter_context(tempfile.TemporaryDirectory(prefix="finescope-trainer-"))
         )
-        return _fine_tune(trained, model, train, held_out, s, pad_id, online, callbacks, world, out_dir)
+        out, history = _fine_tune(trained, model, train, held_out, s, pad_id, online, callbacks, world, out_dir)
+    if s.adapter == "full" and load_dtype != torch.float32:
+        out = out.to(load_dtype)
+    return out, history
 
 
 def _fine_tune(trained, model, train, held_out, s, pad_id, online, callbacks, world, out_dir: Path):
@@ -306,7 +313,7 @@ def _fine_tune(trained, model, train, held_out, s, pad_id, online, callbacks, wo
         optim="adamw_torch",
         seed=s.seed,
         data_seed=s.seed,
-        bf16=_use_bf16(model, s),
+        bf16=bool(s.bf16),
         activation_checkpointing=s.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if s.gradient_checkpointing else None,
         save_strategy="steps" if s.checkpoint_dir is not None and s.checkpoint_steps > 0 else "no",
@@ -321,6 +328,10 @@ def _fine_tune(trained, model, train, held_out, s, pad_id, online, callbacks, wo
         use_cpu=device.type == "cpu",
         ddp_find_unused_parameters=False,
     )
+    if world == 1 and args.n_gpu > 1:
+        # One process on a machine with several GPUs: the Trainer would wrap the model in nn.DataParallel and read
+        # n_gpu × micro-batches per step; train on one GPU (several: launch one rank per GPU).
+        args._n_gpu = 1
     history: dict[str, Any] = {
         "train_examples": len(train),
         "eval_examples": len(held_out),

@@ -429,3 +429,17 @@ def test_cli_prune(tiny_model_dirs, calib_file, tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "ratio" in err and not (tmp_path / "x").exists()
+
+
+def test_gradient_sums_of_a_bf16_model_are_kept_in_float32():
+    """Many small bf16 gradients summed in bf16 lose their tails; the importance sums are float32."""
+    from finescope.prune.importance import _accumulate_gradients, _Gathered
+
+    p = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    gathered = _Gathered()
+    for _ in range(300):
+        p.grad = torch.full((4,), 1e-3, dtype=torch.bfloat16)  # bf16(1e-3) ≈ 1.0004e-3
+        _accumulate_gradients([p], gathered, n=1, total_tokens=1, fisher=False)
+    total = gathered.grads[p]
+    assert total.dtype == torch.float32 and p.grad is None
+    assert torch.allclose(total, torch.full((4,), 300 * float(torch.tensor(1e-3, dtype=torch.bfloat16))))

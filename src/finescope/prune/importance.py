@@ -348,7 +348,8 @@ def _sum_over_ranks(
     gathered.loss_sum, gathered.loss_tokens = float(totals[0]), int(totals[1])
     if need_grad:
         for p in params:
-            gathered.grads[p] = distributed.all_reduce_sum(gathered.grads.get(p, torch.zeros_like(p)), what)
+            zero_grad = torch.zeros_like(p, dtype=torch.float32)
+            gathered.grads[p] = distributed.all_reduce_sum(gathered.grads.get(p, zero_grad), what)
             if fisher:
                 zero = torch.zeros_like(p, dtype=torch.float32)
                 gathered.fisher[p] = distributed.all_reduce_sum(gathered.fisher.get(p, zero), what)
@@ -374,7 +375,8 @@ def _accumulate_gradients(
     for p in params:
         g = p.grad
         assert g is not None, "every scored projection takes part in the forward, so backward gave it a gradient"
-        gathered.grads[p] = g.detach().clone() if p not in gathered.grads else gathered.grads[p].add_(g)
+        # Summed in float32: over many batches, bf16 sums (a bf16 model's gradients) lose percent-level precision.
+        gathered.grads[p] = g.detach().float() if p not in gathered.grads else gathered.grads[p].add_(g)
         if fisher:
             # Empirical Fisher over mini-batches: per-batch mean-loss gradient, squared, weighted.
             gb = g.float() * (total_tokens / max(n, 1))

@@ -110,6 +110,23 @@ def _init() -> None:
         raise DistributedError(f"could not join the process group ({backend}): {_first_line(e)}") from None
 
 
+_OBJECT_GROUP: Any = None
+
+
+def _object_group() -> Any:
+    """The gloo group that barriers and pickled-object collectives use, created on first use (every rank makes
+    these calls in the same order, as `new_group` needs). Under NCCL, a rank waiting for rank 0 to finish a long
+    phase (SAE training, the KD cache, slicing and verifying) waits in gloo on the CPU: no GPU memory for pickles,
+    and a timeout is a Python error that `_collective` turns into one line, where NCCL's watchdog would abort the
+    process. Under gloo it is a second gloo group: the same code path on CPU and GPU."""
+    global _OBJECT_GROUP
+    if _OBJECT_GROUP is None:
+        import torch.distributed as dist
+
+        _OBJECT_GROUP = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s()))
+    return _OBJECT_GROUP
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0][:300] if text else type(e).__name__
@@ -130,7 +147,7 @@ def barrier(what: str = "barrier") -> None:
     if ranks().world > 1:
         import torch.distributed as dist
 
-        _collective(what, dist.barrier)
+        _collective(what, lambda: dist.barrier(group=_object_group()))
 
 
 def all_reduce_sum(t: torch.Tensor, what: str = "all-reduce") -> torch.Tensor:
@@ -154,7 +171,7 @@ def broadcast_object(obj: Any, what: str = "broadcast") -> Any:
     import torch.distributed as dist
 
     box = [obj]
-    _collective(what, lambda: dist.broadcast_object_list(box, src=0))
+    _collective(what, lambda: dist.broadcast_object_list(box, src=0, group=_object_group()))
     return box[0]
 
 
@@ -204,7 +221,7 @@ def all_gather_object(obj: Any, what: str = "gather") -> list[Any]:
     import torch.distributed as dist
 
     out: list[Any] = [None] * r.world
-    _collective(what, lambda: dist.all_gather_object(out, obj))
+    _collective(what, lambda: dist.all_gather_object(out, obj, group=_object_group()))
     return out
 
 

@@ -195,6 +195,14 @@ def test_fsdp_in_the_launch_environment_is_refused_before_any_stage_runs(tiny_ru
     assert [s for s, _ in calls] == ["eval"]
 
 
+def test_vllm_with_several_processes_is_refused_before_any_stage_runs(tiny_run, monkeypatch):
+    calls = _calls(monkeypatch)
+    cfg = load_config(PipelineConfig, tiny_run, ["variants=dense", "num_processes=2", "eval.generation_backend=vllm"])
+    with pytest.raises(pipeline.PipelineError, match="vllm with several processes"):
+        pipeline.run(cfg)
+    assert calls == []
+
+
 def test_ablation_matrix_plan_shares_outputs(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -37,6 +37,13 @@ def test_refused_without_vllm(tmp_path, tiny_model_dirs):
     assert not (tmp_path / "eval").exists() and not (tmp_path / "recover").exists()
 
 
+def test_refused_under_several_ranks_before_anything_else(monkeypatch):
+    """vLLM's offline engine cannot live inside a rank of a torch.distributed world (it builds its own)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(vllm_backend.VllmUnavailable, match="cannot run inside a torchrun / accelerate launch rank"):
+        vllm_backend.check_available()
+
+
 class _Params:
     def __init__(self, **kw):
         self.__dict__.update(kw)
@@ -82,6 +89,7 @@ def test_engine_rows_match_transformers(tiny_model_dirs, chat_tokenizer, monkeyp
     calls: list = []
     monkeypatch.setitem(sys.modules, "vllm", _fake_vllm(calls))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     monkeypatch.setenv("FINESCOPE_VLLM_GPU_MEMORY", "0.3")
     monkeypatch.setattr(vllm_backend, "CHUNK", 4)  # 7 prompts in batches of 2: two engine calls
     folder = str(tiny_model_dirs["llama"])

@@ -259,6 +259,12 @@ def run(cfg: PipelineConfig, run_dir: str | Path | None = None) -> Path:
         from .recover.trainer import check_launch_engine
 
         check_launch_engine()  # FSDP / ZeRO-3 refused now, not after hours of curate, prune and rewrites
+    several = cfg.num_processes > 1 or distributed.launched_world() > 1
+    if several and "vllm" in (cfg.recover.generation_backend, cfg.eval.generation_backend):
+        raise PipelineError(
+            "generation_backend vllm with several processes: vLLM's engine cannot run inside a torchrun / "
+            "accelerate launch rank; run with one process (vLLM batches on the GPU itself) or use transformers"
+        )
     if cfg.num_processes > 1 and distributed.ranks().world == 1:
         return launch(cfg, root)
     with contextlib.ExitStack() as held:

@@ -38,6 +38,15 @@ def check_available() -> None:
     """Refuse the vLLM backend, in one line, where it cannot run."""
     import torch
 
+    from . import distributed
+
+    if distributed.launched_world() > 1:
+        # vLLM's offline engine sets up its own process group: inside a rank of a larger torch.distributed world it
+        # stops at "world_size (N) is not equal to tensor_model_parallel_size (1) x ..." (vllm-project/vllm#9875).
+        raise VllmUnavailable(
+            "--generation-backend vllm: vLLM's engine cannot run inside a torchrun / accelerate launch rank; run "
+            "this stage as one process (vLLM batches on the GPU itself) or with --generation-backend transformers"
+        )
     if importlib.util.find_spec("vllm") is None:
         raise VllmUnavailable(
             "--generation-backend vllm: the vllm package is not installed (pip install vllm, on a CUDA machine); "
@@ -61,6 +70,16 @@ def gpu_memory_fraction() -> float:
     return value
 
 
+def _engine_dtype(dtype: str) -> str:
+    """Our "auto" as the transformers path reads it on a GPU (`modeling.default_dtype`): bf16 where the GPU has
+    it, float32 elsewhere."""
+    if dtype != "auto":
+        return dtype
+    from .modeling import default_dtype
+
+    return str(default_dtype("cuda")).replace("torch.", "")
+
+
 class VllmEngine:
     """A `vllm.LLM` over a local model folder, usable wherever `generation.generate` takes a model."""
 
@@ -77,7 +96,7 @@ class VllmEngine:
             torch.cuda.set_device(local_rank)  # one engine per rank, on the rank's own GPU
         self.llm = vllm.LLM(
             model=source,
-            dtype="bfloat16" if dtype == "auto" else dtype,
+            dtype=_engine_dtype(dtype),
             seed=seed,
             gpu_memory_utilization=gpu_memory_fraction(),
         )

@@ -66,21 +66,21 @@ def timeout_s() -> float:
     return value
 
 
-def launched_world() -> int:
-    """WORLD_SIZE as torchrun / accelerate launch set it (1 when not launched), without joining the group."""
-    raw = os.environ.get("WORLD_SIZE", "1")
+def _launcher_int(name: str, default: str) -> int:
+    raw = os.environ.get(name, default)
     try:
         return int(raw)
     except ValueError:
-        raise DistributedError(f"WORLD_SIZE: {raw!r} is not an integer (set by torchrun / accelerate launch)") from None
+        raise DistributedError(f"{name}: {raw!r} is not an integer (set by torchrun / accelerate launch)") from None
+
+
+def launched_world() -> int:
+    """WORLD_SIZE as torchrun / accelerate launch set it (1 when not launched), without joining the group."""
+    return _launcher_int("WORLD_SIZE", "1")
 
 
 def _local_rank() -> int:
-    raw = os.environ.get("LOCAL_RANK", "0")
-    try:
-        return int(raw)
-    except ValueError:
-        raise DistributedError(f"LOCAL_RANK: {raw!r} is not an integer (set by torchrun / accelerate launch)") from None
+    return _launcher_int("LOCAL_RANK", "0")
 
 
 def ranks() -> Ranks:

@@ -265,7 +265,7 @@ def test_top_m_larger_than_pool_warns_and_caps(tiny_model_dirs, tmp_path, cache_
 def test_embedding_baseline_with_a_tiny_encoder(tmp_path, chat_tokenizer):
     from transformers import BertConfig, BertModel
 
-    from finescope.curate.baselines import minilm_embeddings
+    from finescope.curate.baselines import MiniLM
 
     BertModel(
         BertConfig(
@@ -277,7 +277,7 @@ def test_embedding_baseline_with_a_tiny_encoder(tmp_path, chat_tokenizer):
         )
     ).save_pretrained(tmp_path / "enc")
     chat_tokenizer.save_pretrained(tmp_path / "enc")
-    vecs = minilm_embeddings(MATH[:3] + NEWS[:2], model_dir=str(tmp_path / "enc"), batch_size=2)
+    vecs = MiniLM(str(tmp_path / "enc")).embed(MATH[:3] + NEWS[:2], batch_size=2)
     assert vecs.shape == (5, 32)
     torch.testing.assert_close(vecs.norm(dim=1), torch.ones(5))
 
@@ -345,7 +345,7 @@ def test_embedding_method_embeds_the_pool_once_into_cached_shards(
     are the cosines of the encoder's own vectors."""
     from dataclasses import replace
 
-    from finescope.curate.baselines import MiniLM, minilm_embeddings
+    from finescope.curate.baselines import MiniLM
     from finescope.data import read_records, record_text
 
     enc = tiny_sentence_encoder(tmp_path / "enc", chat_tokenizer)
@@ -363,7 +363,8 @@ def test_embedding_method_embeds_the_pool_once_into_cached_shards(
     rows = [json.loads(l) for l in (out / "selected.jsonl").read_text().splitlines()]
     texts = [record_text(r) for r in read_records(cfg.pool)]
     seeds = [record_text(r) for r in read_records(cfg.seeds)]
-    expected = (minilm_embeddings(texts, model_dir=str(enc)) @ minilm_embeddings(seeds, model_dir=str(enc)).T).max(1)
+    encoder = MiniLM(str(enc))
+    expected = (encoder.embed(texts) @ encoder.embed(seeds).T).max(1)
     best = torch.argsort(expected.values, descending=True, stable=True)[:5].tolist()
     assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5]
     assert [r["score"] for r in rows] == pytest.approx(expected.values[best].tolist(), abs=1e-5)

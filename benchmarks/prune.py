@@ -5,10 +5,11 @@ wall time and peak RSS, dense-vs-pruned forward latency, parameter ratio. Prints
     .venv/bin/python benchmarks/prune.py --importance taylor,magnitude --calib-samples 16 --nll-samples 32
 
 Calibration sources (same record count each):
-  curated  — a fixed math set, not a curation (pass --curated for a curate stage's selected.jsonl): BIG-bench
-             elementary_math_qa questions with their correct option as the response (instruction records);
+  curated  — a fixed math set, not a curation (pass --curated for a curate stage's selected.jsonl): the default
+             pool's maths records (every row of the evals registry's maths sets, `corpora.MATH_SETS`; until pool
+             v1 these were BIG-bench elementary_math_qa problems, which the package index no longer serves);
   generic  — BBC news articles + Wikipedia snippets (text records);
-  random   — a uniform sample of a mixed pool (elementary_math_qa, Wikipedia, OpenWebText, BBC news).
+  random   — a uniform sample of a mixed pool (those maths records, Wikipedia, OpenWebText, BBC news).
 Domain NLL: token-mean NLL of GSM8K *test* solutions given their question (chat template), on the response
 tokens. GSM8K test serves only as held-out text for NLL here, never as calibration data.
 """
@@ -32,6 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from finescope import assets  # noqa: E402
+from finescope.corpora import MATH_SETS, default_pool_path  # noqa: E402
 from finescope.data import read_records  # noqa: E402
 from finescope.modeling import load  # noqa: E402
 from finescope.prune.importance import calibration_batches, compute_scores  # noqa: E402
@@ -39,18 +41,16 @@ from finescope.prune.run import prune_model  # noqa: E402
 from finescope.prune.solver import solve  # noqa: E402
 from finescope.prune.structure import model_shapes  # noqa: E402
 
-MATH_TASK = "bigbench/benchmark_tasks/elementary_math_qa/question_only/task.json"
-
 
 def math_records(n: int, seed: int, skip: int = 0) -> list[dict]:
-    task = json.loads(assets.package_file("bigbench", MATH_TASK).read_text())
-    rows = []
-    for i, ex in enumerate(task["examples"]):
-        answer = next((k for k, v in ex["target_scores"].items() if v == 1), None)
-        if answer is not None:
-            rows.append({"id": f"emqa-{i}", "instruction": ex["input"], "response": answer})
+    """`n` of the default pool's maths records (instruction → answer), after the first `skip` in pool order."""
+    rows = [
+        {"id": r["id"], "instruction": r["instruction"], "response": r["response"]}
+        for r in read_records(default_pool_path())
+        if r.get("source", "").removeprefix("evals/") in MATH_SETS
+    ]
     rows = rows[skip:]
-    return random.Random(seed).sample(rows, n)
+    return random.Random(seed).sample(rows, min(n, len(rows)))
 
 
 def text_records(name: str, n: int, seed: int) -> list[dict]:
@@ -192,10 +192,10 @@ def main() -> None:
             "curated": (
                 f"curate stage output {args.curated}"
                 if args.curated
-                else "fixed math set, not a curation: BIG-bench elementary_math_qa question + correct option"
+                else "fixed math set, not a curation: the default pool's maths records (evals maths sets)"
             ),
             "generic": "BBC news articles + Wikipedia snippets",
-            "random": "uniform sample of a mixed pool: elementary_math_qa 1500, Wikipedia 1000, OpenWebText 1000, BBC 2000",
+            "random": "uniform sample of a mixed pool: pool maths records 1500, Wikipedia 1000, OpenWebText 1000, BBC 2000",
         },
         "domain_nll_data": f"GSM8K test solutions given the question, first {args.nll_samples}, response tokens",
         "dense_domain_nll": nll(dense, nll_batches),

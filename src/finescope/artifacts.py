@@ -444,6 +444,21 @@ class PruneTimings(Schema):
     save_s: float
     verify_s: float
     total_s: float
+    compensate_s: float = 0.0
+    """Compensation's statistics pass and solve (0 without compensation)."""
+
+
+@dataclass(kw_only=True)
+class PruneCompensation(Schema):
+    """What compensation at prune time did (prune/compensate.py)."""
+
+    mode: str
+    """bias, refit or bias_refit."""
+    ridge: float
+    tokens: int
+    """Calibration tokens the statistics were gathered on."""
+    added_parameters: int
+    """Bias parameters the compensation added (zero for refit)."""
 
 
 @dataclass(kw_only=True)
@@ -500,6 +515,8 @@ class PruneReport(Schema):
     peak_memory_mib: PeakMemory
     verification: Verification
     notes: list[str]
+    compensation: PruneCompensation | None = None
+    """Compensation at prune time (None: none)."""
 
 
 @dataclass(kw_only=True)

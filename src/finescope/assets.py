@@ -249,7 +249,9 @@ def _owner(pin: Pin) -> Package:
 
 
 def _mib(size: int | None) -> str:
-    return "size unknown" if size is None else f"{size / 2**20:,.1f} MiB"
+    if size is None:
+        return "size unknown"
+    return f"{size / 2**10:,.0f} KiB" if size < 2**20 else f"{size / 2**20:,.1f} MiB"
 
 
 _verified: set[tuple[str, int, int]] = set()

@@ -204,10 +204,17 @@ class PruneConfig:
     importance takes gradients of, and slicing rewrites, every weight on one device."""
     seed: int = 0
     """Random seed (record sampling, random importance)."""
+    compensation: Literal["none", "bias", "refit", "bias_refit"] = "none"
+    """Compensation at prune time, on the calibration data, before any training (prune/compensate.py): `bias` puts
+    the removed heads' / channels' mean contribution into o_proj / down_proj biases (FLAP; Llama family only),
+    `refit` re-fits the kept columns by least squares to the dense layer's output (SlimGPT), `bias_refit` both."""
+    refit_ridge: Annotated[float, Range(min=0)] = 0.01
+    """Ridge of the re-fit, relative to the mean diagonal of the kept inputs' second moment."""
     overwrite: bool = False
     """Replace an existing output folder that is not a previous prune output."""
 
     HASH_EXCLUDE = ("overwrite", "device")
+    HASH_OMIT_AT = {"compensation": "none", "refit_ridge": 0.01}
 
 
 @dataclass

@@ -177,7 +177,13 @@ def default_pool_path() -> Path:
     """The embedded mixed-domain pool (jsonl), built on first use."""
     path = assets.home() / "pools" / f"default-{POOL_VERSION}.jsonl"
     if not path.is_file():
-        build_default_pool(path)
+        try:
+            build_default_pool(path)
+        except OSError as e:
+            raise FinescopeError(
+                f"{e.filename or path}: cannot write the default pool ({e.strerror or e}); set FINESCOPE_HOME to a "
+                "writable folder with ~300 MiB free"
+            ) from None
     return path
 
 

@@ -33,6 +33,7 @@ from ..artifacts import (
     ModelShapes,
     ParameterCounts,
     PeakMemory,
+    PruneCompensation,
     PruneMetrics,
     PrunePlan,
     PruneReport,
@@ -42,6 +43,7 @@ from ..artifacts import (
 from ..config import PruneConfig
 from ..data import read_records
 from ..modeling import load, model_info
+from . import compensate
 from .importance import calibration_batches, compute_scores, select_attention, select_blocks, select_channels
 from .solver import solve
 from .structure import drop_blocks, model_shapes, prune_attention, prune_mlp, rewrite_config
@@ -59,23 +61,45 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def prune_model(handle, scores, plan: PrunePlan, head_mode: str) -> dict:
-    """Drop blocks and slice every layer to the plan's shapes in place; return the kept indices per layer."""
-    adapter = handle.adapter
+def plan_kept(adapter, scores, plan: PrunePlan, head_mode: str) -> dict:
+    """Which blocks go and, per kept block (original numbering), which heads, KV heads and channels stay."""
     dropped = select_blocks(scores, plan.depth)
-    kept_layers = [i for i in range(adapter.num_layers) if i not in set(dropped)]
-    drop_blocks(adapter, dropped)
     layers = []
-    for new_idx, orig in enumerate(kept_layers):
+    for orig in [i for i in range(adapter.num_layers) if i not in set(dropped)]:
         heads, kv = select_attention(
             scores.heads[orig], scores.kv[orig], heads=plan.heads, kv_heads=plan.kv_heads, mode=head_mode
         )
         channels = select_channels(scores.channels[orig], plan.intermediate)
-        prune_attention(adapter, new_idx, heads, kv)
-        prune_mlp(adapter, new_idx, channels)
         layers.append({"layer": orig, "heads": heads, "kv_heads": kv, "channels": channels})
-    rewrite_config(adapter)
     return {"dropped_blocks": dropped, "layers": layers}
+
+
+@dataclass
+class Compensation:
+    """Compensation at prune time: its mode and ridge, and the dense model's calibration statistics."""
+
+    mode: str
+    ridge: float
+    stats: compensate.Stats
+
+
+def prune_model(handle, scores, plan: PrunePlan, head_mode: str, compensation: Compensation | None = None) -> dict:
+    """Drop blocks and slice every layer to the plan's shapes in place (compensating the kept o_proj / down_proj
+    when asked); return the kept indices per layer and the parameters compensation added."""
+    adapter = handle.adapter
+    kept = plan_kept(adapter, scores, plan, head_mode)
+    updates = None
+    if compensation is not None:  # on the dense weights, before slicing
+        updates = compensate.solve(adapter, kept, compensation.stats, compensation.mode, compensation.ridge)
+    drop_blocks(adapter, kept["dropped_blocks"])
+    for new_idx, row in enumerate(kept["layers"]):
+        prune_attention(adapter, new_idx, row["heads"], row["kv_heads"])
+        prune_mlp(adapter, new_idx, row["channels"])
+    added = 0
+    if compensation is not None and updates is not None:
+        added = compensate.apply(adapter, kept, updates, compensation.mode)
+    rewrite_config(adapter)
+    return {**kept, "added_parameters": added}
 
 
 def _summaries(scores, kept: dict) -> list[LayerImportance]:
@@ -206,6 +230,7 @@ def run(cfg: PruneConfig, out: Path) -> Path:
         mlp_multiple=cfg.mlp_multiple,
         depth=cfg.depth,
     )
+    compensate.check_supported(handle.model.config, cfg.compensation)
     batches, calib = calibration_batches(
         handle.tokenizer,
         records,
@@ -216,6 +241,13 @@ def run(cfg: PruneConfig, out: Path) -> Path:
         source=str(cfg.data),
         loss_on=cfg.calib_loss,
     )
+    need = compensate.min_tokens_for(plan.intermediate, plan.heads * plan.head_dim, cfg.compensation)
+    if calib["tokens"] < need:
+        raise PruneError(
+            f"compensation={cfg.compensation}: the re-fit needs at least {need:,} calibration tokens (the widest kept "
+            f"input, MLP {plan.intermediate} / attention {plan.heads * plan.head_dim}); {cfg.data} gives "
+            f"{calib['tokens']:,} within calib_samples={cfg.calib_samples}, calib_length={cfg.calib_length}"
+        )
     target = f"{plan.ratio_target:.4f}" if plan.ratio_target is not None else "(explicit shapes)"
     if distributed.ranks().is_main:
         _log(
@@ -254,17 +286,39 @@ def _prune_into(
         desc=f"importance ({cfg.importance})",
     )
     t_scores = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    comp = None
+    if cfg.compensation != "none":  # every rank gathers over its share; rank 0 solves while slicing
+        kept = plan_kept(handle.adapter, scores, plan, cfg.head_mode)
+        stats = compensate.gather(
+            handle.adapter, batches, kept, cfg.compensation, desc=f"compensation ({cfg.compensation})"
+        )
+        comp = Compensation(cfg.compensation, cfg.refit_ridge, stats)
+    t_comp = time.perf_counter() - t0
     distributed.on_main(
-        lambda: _slice_save_verify(stage, cfg, handle, plan, batches, calib, before, start, scores, t_scores),
+        lambda: _slice_save_verify(
+            stage, cfg, handle, plan, batches, calib, before, start, scores, (t_scores, t_comp), comp
+        ),
         "slicing, saving and verifying on rank 0",
     )
 
 
 def _slice_save_verify(
-    stage: Path, cfg: PruneConfig, handle, plan: PrunePlan, batches, calib: dict, before: dict, start, scores, t_scores
+    stage: Path,
+    cfg: PruneConfig,
+    handle,
+    plan: PrunePlan,
+    batches,
+    calib: dict,
+    before: dict,
+    start,
+    scores,
+    times: tuple[float, float],
+    comp: Compensation | None,
 ) -> None:
+    t_scores, t_comp = times
     t0 = time.perf_counter()
-    sliced = _slice_and_probe(handle, scores, plan, cfg.head_mode, batches)
+    sliced = _slice_and_probe(handle, scores, plan, cfg.head_mode, batches, comp)
     t_slice = time.perf_counter() - t0
     t0 = time.perf_counter()
     _save_model(handle, stage / "model")
@@ -283,9 +337,18 @@ def _slice_save_verify(
         f"generate works with and without cache"
     )
     timings = PruneTimings(
-        importance_s=t_scores, slice_s=t_slice, save_s=t_save, verify_s=t_verify, total_s=time.perf_counter() - start
+        importance_s=t_scores,
+        slice_s=t_slice,
+        save_s=t_save,
+        verify_s=t_verify,
+        total_s=time.perf_counter() - start,
+        compensate_s=t_comp,
     )
     report = _report(cfg, plan, calib, before, sliced, scores, timings, peak, verification)
+    if comp is not None:
+        report.compensation = PruneCompensation(
+            mode=comp.mode, ridge=comp.ridge, tokens=comp.stats.count, added_parameters=sliced.kept["added_parameters"]
+        )
     report.write(stage / PruneReport.FILE)
     storage.mark_done(stage, cfg, _metrics(report).to_json())
 
@@ -302,13 +365,16 @@ class _Sliced:
     dtype: torch.dtype
 
 
-def _slice_and_probe(handle, scores, plan: PrunePlan, head_mode: str, batches) -> _Sliced:
+def _slice_and_probe(
+    handle, scores, plan: PrunePlan, head_mode: str, batches, comp: Compensation | None = None
+) -> _Sliced:
     """Prune in place, check the parameter count against the plan, and record the probe logits."""
-    kept = prune_model(handle, scores, plan, head_mode)
+    kept = prune_model(handle, scores, plan, head_mode, comp)
     after = model_info(handle)
-    if after["parameters"] != plan.params_after:
+    if after["parameters"] != plan.params_after + kept["added_parameters"]:
         raise PruneError(
             f"internal: pruned model has {after['parameters']} parameters, the plan said {plan.params_after}"
+            f" + {kept['added_parameters']} compensation biases"
         )
     model = handle.model
     device = str(next(model.parameters()).device)

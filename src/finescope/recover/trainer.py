@@ -172,9 +172,9 @@ def _history_callback(trainer, held_out: list[Example], pad_id: int, micro: int,
                 "lr": kw["lr_scheduler"].get_last_lr()[0],
             }
             history["train_loss"].append(point if kd is None else {**point, "kd": kd})
-            if self.bar is not None:
+            if self.bar is not None:  # postfix first, without a redraw: in a log, update() draws at most every 30 s
+                self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
                 self.bar.update(1)
-                self.bar.set_postfix(loss=f"{loss:.3f}")
 
         def on_epoch_end(self, args, state, control, **kw):
             history["eval_loss"].append(

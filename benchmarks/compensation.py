@@ -1,0 +1,155 @@
+"""Compensation at prune time (prune/compensate.py) on the embedded SmolLM2-135M-Instruct: domain NLL of the pruned
+model before any training, per importance × compensation mode (× ridge). Prints one JSON object.
+
+    .venv/bin/python benchmarks/compensation.py --data runs/default/curate/selected.jsonl        # ~10 min on CPU
+    .venv/bin/python benchmarks/compensation.py --importance taylor --modes none,refit --ridges 0.001,0.01,0.1
+
+Two disjoint GSM8K test subsets, so that a lever is chosen on one and reported on the other:
+  tune   — 64 test solutions that are not among the eval's `nll:math` questions (rows 661…, skipping those);
+  report — exactly the eval's `nll:math --limit 60` questions (`select_subset(1319, 60)`).
+NLL: token-mean NLL of the solution given its question (chat template), on the response tokens.
+Calibration: the default preset's settings (64 records × 128 tokens) on --data (default: 64 of the default
+pool's maths records, a fixed set, not a curation). The machine's reference throughput (plain forward) is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import statistics
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from finescope import assets  # noqa: E402
+from finescope.corpora import MATH_SETS, default_pool_path  # noqa: E402
+from finescope.data import read_records  # noqa: E402
+from finescope.evaluate.tasks import select_subset  # noqa: E402
+from finescope.modeling import load  # noqa: E402
+from finescope.prune import compensate  # noqa: E402
+from finescope.prune.importance import calibration_batches, compute_scores  # noqa: E402
+from finescope.prune.run import Compensation, plan_kept, prune_model  # noqa: E402
+from finescope.prune.solver import solve  # noqa: E402
+from finescope.prune.structure import model_shapes  # noqa: E402
+
+
+def gsm8k_subsets(tune_n: int, report_n: int) -> dict[str, list[dict]]:
+    rows = [json.loads(line) for line in assets.data_path("gsm8k").read_text().splitlines() if line.strip()]
+    report_idx = select_subset(len(rows), report_n)
+    taken = set(report_idx)
+    tune_idx = [i for i in range(len(rows) // 2 + 1, len(rows)) if i not in taken][:tune_n]
+    recs = [{"id": str(i), "instruction": r["question"], "response": r["answer"]} for i, r in enumerate(rows)]
+    return {"tune": [recs[i] for i in tune_idx], "report": [recs[i] for i in report_idx]}
+
+
+@torch.no_grad()
+def nll(model, batches) -> float:
+    total, count = 0.0, 0
+    for b in batches:
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
+        labels = b["labels"][:, 1:]
+        total += float(
+            torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+        )
+        count += int((labels != -100).sum())
+    return total / count
+
+
+@torch.no_grad()
+def reference_throughput(model) -> float:
+    """Tokens/s of a plain forward (batch 8 × 128 tokens), median of 3."""
+    ids = torch.randint(100, 20000, (8, 128), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids[:2, :16])
+    rates = []
+    for _ in range(3):
+        t = time.perf_counter()
+        model(input_ids=ids)
+        rates.append(ids.numel() / (time.perf_counter() - t))
+    return round(statistics.median(rates), 1)
+
+
+def calibration_records(path: str | None, n: int, seed: int) -> tuple[list[dict], str]:
+    if path:
+        return list(read_records(path)), f"{path}"
+    rows = [r for r in read_records(default_pool_path()) if r.get("source", "").removeprefix("evals/") in MATH_SETS]
+    return random.Random(seed).sample(rows, n), f"{n} of the default pool's maths records (seed {seed})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=None, help="calibration records (default: a fixed set of pool maths records)")
+    ap.add_argument("--ratio", type=float, default=0.35)
+    ap.add_argument("--importance", default="taylor,wanda_sp,flap")
+    ap.add_argument("--modes", default="none,bias,refit,bias_refit")
+    ap.add_argument("--ridges", default="0.01", help="refit ridges to try (comma-separated)")
+    ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--calib-length", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save", default=None, help="folder: save each pruned model there (for recovery runs)")
+    args = ap.parse_args()
+
+    handle = load("default", device="cpu")
+    dense, tok = handle.model, handle.tokenizer
+    plan = solve(model_shapes(handle.adapter, dense), args.ratio)
+    subsets = gsm8k_subsets(64, 60)
+    evals = {
+        name: calibration_batches(tok, recs, samples=len(recs), length=256, batch_size=8, seed=0, loss_on="response")[0]
+        for name, recs in subsets.items()
+    }
+    records, source = calibration_records(args.data, args.calib_samples, args.seed)
+    batches, info = calibration_batches(
+        tok, records, samples=args.calib_samples, length=args.calib_length, batch_size=8, seed=args.seed
+    )
+    result: dict = {
+        "model": "SmolLM2-135M-Instruct (embedded default)",
+        "reference_forward_tok_s": reference_throughput(dense),
+        "threads": torch.get_num_threads(),
+        "ratio_target": args.ratio,
+        "params_after": plan.params_after,
+        "calibration": {"source": source, **info},
+        "nll_data": "GSM8K test solutions given their questions, response tokens; tune: 64 rows outside the eval's "
+        "subset; report: the eval's nll:math --limit 60 rows",
+        "dense": {name: nll(dense, b) for name, b in evals.items()},
+        "pruned": [],
+    }
+    print(f"dense {result['dense']}", file=sys.stderr, flush=True)
+    for importance in args.importance.split(","):
+        scores = compute_scores(handle.adapter, batches, importance, seed=args.seed, desc=importance)
+        kept = plan_kept(handle.adapter, scores, plan, "query")
+        stats = None  # gathered once (with the second moments, which every mode can read) per importance
+        for mode in args.modes.split(","):
+            ridges = [float(r) for r in args.ridges.split(",")] if compensate.needs_gram(mode) else [0.0]
+            for ridge in ridges:
+                model = copy.deepcopy(dense)
+                h = type("Handle", (), {})()
+                h.model, h.adapter = model, type(handle.adapter)(model)
+                t0 = time.perf_counter()
+                comp = None
+                if mode != "none":
+                    if stats is None:
+                        stats = compensate.gather(handle.adapter, batches, kept, "bias_refit", desc="statistics")
+                    comp = Compensation(mode, ridge, stats)
+                prune_model(h, scores, plan, "query", comp)
+                seconds = time.perf_counter() - t0
+                row = {"importance": importance, "mode": mode, "ridge": ridge, "seconds": round(seconds, 1)}
+                row.update({name: nll(model, b) for name, b in evals.items()})
+                result["pruned"].append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+                if args.save:
+                    out = os.path.join(args.save, f"{importance}-{mode}-{ridge:g}")
+                    model.save_pretrained(out)
+                    tok.save_pretrained(out)
+                del model
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

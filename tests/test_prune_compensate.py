@@ -1,0 +1,206 @@
+"""Compensation at prune time (prune/compensate.py) on tiny random models: exactness with nothing removed, the
+re-fit's reconstruction error, stock reload of a compensated model, and the refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import CORPUS, build_model
+from finescope.config import PruneConfig
+from finescope.modeling import ArchAdapter
+from finescope.prune import compensate
+from finescope.prune.compensate import CompensationError
+from finescope.prune.importance import calibration_batches, compute_scores
+from finescope.prune.run import Compensation, PruneError, plan_kept, prune_model, run
+from finescope.prune.solver import solve
+from finescope.prune.structure import model_shapes
+
+
+def _batches(tokenizer, n=24, length=64, batch_size=4):
+    recs = [{"id": str(i), "instruction": f"Tell me {i}.", "response": t} for i, t in enumerate(CORPUS[:n])]
+    return calibration_batches(tokenizer, recs, samples=n, length=length, batch_size=batch_size, seed=0)[0]
+
+
+class _Handle:
+    def __init__(self, model):
+        self.model, self.adapter = model, ArchAdapter(model)
+
+
+def _all_kept(adapter: ArchAdapter) -> dict:
+    return {
+        "dropped_blocks": [],
+        "layers": [
+            {
+                "layer": i,
+                "heads": list(range(adapter.num_heads)),
+                "kv_heads": list(range(adapter.num_kv_heads)),
+                "channels": list(range(adapter.intermediate_size)),
+            }
+            for i in range(adapter.num_layers)
+        ],
+    }
+
+
+@pytest.mark.parametrize("mode", ["bias", "refit", "bias_refit"])
+def test_compensation_with_nothing_removed_leaves_the_logits_unchanged(chat_tokenizer, mode):
+    model = build_model("llama", len(chat_tokenizer))
+    h = _Handle(model)
+    batches = _batches(chat_tokenizer)
+    ids = batches[0]["input_ids"]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    kept = _all_kept(h.adapter)
+    stats = compensate.gather(h.adapter, batches, kept, mode)
+    updates = compensate.solve(h.adapter, kept, stats, mode, ridge=0.5)  # a large ridge changes nothing either
+    added = compensate.apply(h.adapter, kept, updates, mode)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)
+    cfg, a = model.config, h.adapter
+    expected = (
+        0
+        if mode == "refit"
+        else cfg.num_hidden_layers
+        * (
+            2 * a.intermediate_size
+            + cfg.hidden_size
+            + a.num_heads * a.head_dim
+            + 2 * a.num_kv_heads * a.head_dim
+            + cfg.hidden_size
+        )
+    )
+    assert added == expected and (cfg.mlp_bias and cfg.attention_bias) == (mode != "refit")
+
+
+def _layer_inputs(model, batches, layer: int) -> torch.Tensor:
+    """Real-token inputs of one down_proj over the calibration batches."""
+    xs = []
+    lin = ArchAdapter(model).mlp(layer).down_proj
+
+    def hook(_m, args, mask):
+        xs.append(args[0].detach()[mask.bool()])
+
+    for b in batches:
+        handle = lin.register_forward_pre_hook(lambda m, args, mask=b["attention_mask"]: hook(m, args, mask))
+        with torch.no_grad():
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        handle.remove()
+    return torch.cat(xs).double()
+
+
+def test_the_refit_reduces_the_layers_reconstruction_error_on_its_calibration_data(chat_tokenizer):
+    model = build_model("llama", len(chat_tokenizer))
+    a = ArchAdapter(model)
+    batches = _batches(chat_tokenizer)
+    kept = _all_kept(a)
+    half = sorted(torch.randperm(a.intermediate_size, generator=torch.Generator().manual_seed(0))[:48].tolist())
+    for row in kept["layers"]:
+        row["channels"] = half
+    x = _layer_inputs(model, batches, 1)
+    lin = a.mlp(1).down_proj
+    w = lin.weight.detach().double()
+    dense = x @ w.T
+    k = torch.tensor(half)
+
+    def error(mode: str) -> float:
+        stats = compensate.gather(a, batches, kept, mode) if mode != "none" else None
+        if stats is None:
+            return float(((dense - x[:, k] @ w[:, k].T) ** 2).mean())
+        upd = compensate.solve(a, kept, stats, mode, ridge=1e-6)[(1, "down")]
+        out = x[:, k] @ upd.weight.T + (upd.bias if upd.bias is not None else 0)
+        return float(((dense - out) ** 2).mean())
+
+    plain, bias, refit, both = (error(m) for m in ("none", "bias", "refit", "bias_refit"))
+    assert refit < 0.7 * plain and both < 0.7 * plain
+    assert bias < plain  # the mean alone already helps
+    assert both <= refit * 1.0001  # the intercept can only help the fit on its own data
+    assert both <= bias
+
+
+def test_a_compensated_model_reloads_in_stock_transformers_with_identical_logits(
+    tiny_model_dirs, chat_tokenizer, tmp_path
+):
+    """The stage's own verification reloads the saved folder in a fresh process and compares logits; here it
+    is checked again in this process, with the bias fields the config now carries."""
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text(
+        "".join(json.dumps({"instruction": f"Item {i}.", "response": t}) + "\n" for i, t in enumerate(CORPUS))
+    )
+    out = tmp_path / "prune"
+    cfg = PruneConfig(
+        model=str(tiny_model_dirs["llama"]), data=str(calib), ratio=0.4, compensation="bias_refit", batch_size=8
+    )
+    assert run(cfg, out) == out
+    report = json.loads((out / "report.json").read_text())
+    assert report["verification"]["logits_match"] and report["verification"]["cache_matches_no_cache"]
+    assert report["compensation"]["mode"] == "bias_refit" and report["compensation"]["added_parameters"] > 0
+    model = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    assert model.config.mlp_bias and model.config.attention_bias
+    assert sum(p.numel() for p in model.parameters()) == report["parameters"]["after"]
+    assert float(model.model.layers[0].mlp.down_proj.bias.abs().sum()) > 0
+    assert float(model.model.layers[0].mlp.gate_proj.bias.abs().sum()) == 0
+
+
+def test_compensation_lowers_the_pruned_models_calibration_loss(chat_tokenizer):
+    """On a model trained a few steps on the corpus (so its activations have structure), every compensation
+    mode gives a lower calibration loss than plain slicing."""
+    batches = _batches(chat_tokenizer)
+    base = build_model("llama", len(chat_tokenizer))
+    opt = torch.optim.Adam(base.parameters(), lr=3e-3)
+    for _ in range(30):
+        for b in batches:
+            loss = base(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    losses = {}
+    for mode in ("none", "bias", "refit", "bias_refit"):
+        model = build_model("llama", len(chat_tokenizer))
+        model.load_state_dict(state)
+        h = _Handle(model)
+        plan = solve(model_shapes(h.adapter, model), 0.4, head_mode="query", mlp_multiple=8)
+        scores = compute_scores(h.adapter, batches, "magnitude")
+        comp = None
+        if mode != "none":
+            stats = compensate.gather(h.adapter, batches, plan_kept(h.adapter, scores, plan, "query"), mode)
+            comp = Compensation(mode, 0.01, stats)
+        prune_model(h, scores, plan, "query", comp)
+        with torch.no_grad():
+            losses[mode] = sum(
+                float(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss)
+                for b in batches
+            )
+    assert all(losses[m] < losses["none"] for m in ("bias", "refit", "bias_refit")), losses
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "gemma3"])
+def test_a_family_without_a_bias_field_is_refused_for_bias_modes_and_refits(family, tiny_model_dirs, tmp_path, capsys):
+    from finescope.cli import main
+
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"text": t}) + "\n" for t in CORPUS))
+    args = ["prune", "--model", str(tiny_model_dirs[family]), "--data", str(calib), "--ratio", "0.3"]
+    assert main([*args, "--compensation", "bias", "--out", str(tmp_path / "p1")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "has no mlp_bias" in err and "use compensation=refit" in err
+    assert not (tmp_path / "p1").exists()
+    with pytest.raises(CompensationError):
+        compensate.check_supported(AutoModelForCausalLM.from_pretrained(tiny_model_dirs[family]).config, "bias_refit")
+    cfg = PruneConfig(
+        model=str(tiny_model_dirs[family]), data=str(calib), ratio=0.3, compensation="refit", batch_size=8
+    )
+    out = run(cfg, tmp_path / "p2")
+    assert json.loads((out / "report.json").read_text())["verification"]["logits_match"]
+
+
+def test_a_calibration_set_too_small_for_the_refit_is_refused_with_the_minimum(tiny_model_dirs, tmp_path):
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text(json.dumps({"text": "a short text"}) + "\n")
+    cfg = PruneConfig(model=str(tiny_model_dirs["llama"]), data=str(calib), ratio=0.3, compensation="refit")
+    with pytest.raises(PruneError, match=r"the re-fit needs at least \d+ calibration tokens .* gives \d+"):
+        run(cfg, tmp_path / "p")
+    assert not (tmp_path / "p").exists()

@@ -455,6 +455,8 @@ class PruneCompensation(Schema):
     mode: str
     """bias, refit or bias_refit."""
     ridge: float
+    inputs: str = "dense"
+    """What the fit reads: the dense model's inputs (one shot) or the pruned model's own (block by block)."""
     tokens: int
     """Calibration tokens the statistics were gathered on."""
     added_parameters: int

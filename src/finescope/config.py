@@ -210,11 +210,15 @@ class PruneConfig:
     `refit` re-fits the kept columns by least squares to the dense layer's output (SlimGPT), `bias_refit` both."""
     refit_ridge: Annotated[float, Range(min=0)] = 0.01
     """Ridge of the re-fit, relative to the mean diagonal of the kept inputs' second moment."""
+    compensation_inputs: Literal["dense", "pruned"] = "dense"
+    """What the compensation fits on: the dense model's inputs, one statistics pass (`dense`), or block by block
+    the inputs the already-pruned earlier blocks give (`pruned`: also corrects the error carried in; ~4 forwards
+    of the calibration data, rank 0 only)."""
     overwrite: bool = False
     """Replace an existing output folder that is not a previous prune output."""
 
     HASH_EXCLUDE = ("overwrite", "device")
-    HASH_OMIT_AT = {"compensation": "none", "refit_ridge": 0.01}
+    HASH_OMIT_AT = {"compensation": "none", "refit_ridge": 0.01, "compensation_inputs": "dense"}
 
 
 @dataclass

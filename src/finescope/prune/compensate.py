@@ -167,34 +167,39 @@ def solve_layer(
     count: int,
     mode: str,
     ridge: float,
+    *,
+    pruned_total: torch.Tensor | None = None,
+    pruned_gram: torch.Tensor | None = None,
 ) -> Update:
-    """The compensated kept weights and bias of one projection (see the module's table), in float64."""
-    n = weight.shape[1]
-    kept_set = set(kept_cols)
-    removed = [j for j in range(n) if j not in kept_set]
-    w = weight.detach().double().cpu()
+    """The compensated kept weights and bias of one projection, in float64.
+
+    The target is the dense output W x + b on the dense inputs x; the fit reads the pruned model's kept inputs
+    p (x_K itself when `pruned_*` are None: the one-shot form of the module's table). `total` = Σ x (n),
+    `cross` = Σ x pᵀ (n × K), `pruned_total` = Σ p (K), `pruned_gram` = Σ p pᵀ (K × K). With S = E[p pᵀ] and
+    D = E[x pᵀ] (centred for an intercept), W'_K = W_K + (W D − W_K S)(S + λI)⁻¹: the least-squares fit, written
+    as a correction of W_K so that it vanishes when nothing is removed and p = x_K."""
     k = torch.tensor(kept_cols, dtype=torch.long)
-    r = torch.tensor(removed, dtype=torch.long)
-    w_k, w_r = w.index_select(1, k), w.index_select(1, r)
+    w = weight.detach().double().cpu()
+    w_k = w.index_select(1, k)
     b = bias.detach().double().cpu() if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-    mu = total.double().cpu() / max(count, 1)
-    mu_k, mu_r = mu.index_select(0, k), mu.index_select(0, r)
+    n = max(count, 1)
+    mu = total.double().cpu() / n
+    mu_p = pruned_total.double().cpu() / n if pruned_total is not None else mu.index_select(0, k)
+    nothing_removed = len(kept_cols) == w.shape[1] and pruned_total is None
     new_w, new_b = w_k, b
-    if removed and needs_gram(mode):
+    if not nothing_removed and needs_gram(mode):
         assert cross is not None
-        g = cross.double().cpu() / max(count, 1)  # E[x x_Kᵀ], all rows × kept
-        g_kk, g_rk = g.index_select(0, k), g.index_select(0, r)
-        if needs_bias(mode):  # covariance: the intercept takes the means
-            g_kk = g_kk - torch.outer(mu_k, mu_k)
-            g_rk = g_rk - torch.outer(mu_r, mu_k)
-        lam = ridge * float(torch.diagonal(g_kk).mean().clamp_min(1e-12))
-        a = g_kk + lam * torch.eye(len(kept_cols), dtype=torch.float64)
-        m = torch.linalg.solve(a, g_rk.T).T  # R × K: C_RK (C_KK + λI)⁻¹
-        new_w = w_k + w_r @ m
-        if needs_bias(mode):
-            new_b = b + w_r @ (mu_r - m @ mu_k)
-    elif removed and needs_bias(mode):
-        new_b = b + w_r @ mu_r
+        d = cross.double().cpu() / n  # E[x pᵀ], n × K
+        s = pruned_gram.double().cpu() / n if pruned_gram is not None else d.index_select(0, k)
+        if needs_bias(mode):  # centred: the intercept takes the means
+            d = d - torch.outer(mu, mu_p)
+            s = s - torch.outer(mu_p, mu_p)
+        lam = ridge * float(torch.diagonal(s).mean().clamp_min(1e-12))
+        a = s + lam * torch.eye(len(kept_cols), dtype=torch.float64)
+        rhs = w @ d - w_k @ s  # out × K
+        new_w = w_k + torch.linalg.solve(a, rhs.T).T  # a is symmetric
+    if not nothing_removed and needs_bias(mode):
+        new_b = b + w @ mu - new_w @ mu_p  # the dense output's mean, matched
     return Update(weight=new_w, bias=new_b if (needs_bias(mode) or bias is not None) else None)
 
 
@@ -216,10 +221,8 @@ def _zero_bias(lin: nn.Linear) -> None:
         lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device))
 
 
-def apply(adapter: ArchAdapter, kept: dict, updates: dict[tuple[int, str], Update], mode: str) -> int:
-    """Write the updates into the sliced model (layers renumbered after dropped blocks); with a bias mode, turn on
-    the config's bias fields and give every projection they govern a bias. Returns the parameters added."""
-    before = sum(p.numel() for p in adapter.model.parameters())
+def apply(adapter: ArchAdapter, kept: dict, updates: dict[tuple[int, str], Update], mode: str) -> None:
+    """Write the updates into the sliced model (layers renumbered after dropped blocks), then `finish`."""
     for new_idx, row in enumerate(kept["layers"]):
         for name in ("o", "down"):
             lin = _linear(adapter, new_idx, name)
@@ -228,12 +231,190 @@ def apply(adapter: ArchAdapter, kept: dict, updates: dict[tuple[int, str], Updat
             if upd.bias is not None:
                 _zero_bias(lin)
                 lin.bias.data.copy_(upd.bias.to(lin.bias.dtype))
-        if needs_bias(mode):
-            attn, mlp = adapter.attention(new_idx), adapter.mlp(new_idx)
-            for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
-                _zero_bias(lin)
-    if needs_bias(mode):
-        for cfg in {id(c): c for c in (adapter.config, adapter.hf.config.get_text_config())}.values():
-            cfg.mlp_bias = True
-            cfg.attention_bias = True
-    return sum(p.numel() for p in adapter.model.parameters()) - before
+    finish(adapter, mode)
+
+
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _projections(adapter: ArchAdapter, i: int) -> dict[str, nn.Linear]:
+    attn, mlp = adapter.attention(i), adapter.mlp(i)
+    return {n: getattr(attn if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else mlp, n) for n in _PROJECTIONS}
+
+
+def biased(adapter: ArchAdapter) -> set[str]:
+    """The projections of block 0 that have a bias (read on the dense model, before compensation)."""
+    return {n for n, lin in _projections(adapter, 0).items() if lin.bias is not None}
+
+
+def added_parameters(adapter: ArchAdapter, had_bias: set[str]) -> int:
+    """Bias parameters compensation added: those of projections that had none in the dense model."""
+    return sum(
+        lin.bias.numel()
+        for i in range(adapter.num_layers)
+        for n, lin in _projections(adapter, i).items()
+        if n not in had_bias and lin.bias is not None
+    )
+
+
+# ================================================================================================ sequential
+
+
+def _real(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return x.detach()[mask.to(x.device).bool()].float()  # (real tokens, features)
+
+
+def _block_inputs(adapter: ArchAdapter, batches: list[dict]) -> tuple[list[torch.Tensor], list[list[tuple]]]:
+    """Per batch: the hidden states entering block 0, and every block's call (args, kwargs) of one dense forward
+    (positions, masks, rotary tables: they do not depend on the weights, so the pruned blocks reuse them)."""
+    model = adapter.model
+    device = next(model.parameters()).device
+    calls: list[list[tuple]] = []
+    first: list[torch.Tensor] = []
+    current: dict[int, tuple] = {}
+
+    def hook(i: int):
+        def fn(_m, args, kwargs):
+            current[i] = (args, dict(kwargs))
+
+        return fn
+
+    handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(adapter.layers)]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                current.clear()
+                model(
+                    input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), use_cache=False
+                )
+                args0, kwargs0 = current[0]
+                first.append((args0[0] if args0 else kwargs0["hidden_states"]).detach())
+                calls.append([current[i] for i in range(len(adapter.layers))])
+    finally:
+        for h in handles:
+            h.remove()
+    return first, calls
+
+
+def _run_block(block: nn.Module, hidden: torch.Tensor, call: tuple) -> torch.Tensor:
+    args, kwargs = call
+    if args:
+        out = block(hidden, *args[1:], **kwargs)
+    else:
+        out = block(**{**kwargs, "hidden_states": hidden})
+    return out[0] if isinstance(out, tuple) else out
+
+
+class _Capture:
+    """The inputs of one Linear over the real tokens of the batch being run."""
+
+    def __init__(self, lin: nn.Linear):
+        self.x: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
+        self.handle = lin.register_forward_pre_hook(self._hook)
+
+    def _hook(self, _m, args):
+        assert self.mask is not None
+        self.x = _real(args[0], self.mask)
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+def sequential(
+    adapter: ArchAdapter, batches: list[dict], kept: dict, mode: str, ridge: float, slice_layer, *, desc: str
+) -> None:
+    """Slice and compensate block by block, fitting each kept o_proj / down_proj on the inputs the pruned model
+    itself gives it (earlier blocks already pruned and compensated) against the dense block's output on the dense
+    stream: the fit also takes back the error carried in from earlier blocks (SlimGPT's layer-wise order).
+
+    Per block: one dense forward of the block and three of the pruned one (o_proj's inputs, then down_proj's after
+    o_proj is compensated, then the block's output), over all calibration batches: about four model forwards in
+    all. One extra block is held in memory (the dense copy of the block being cut). Blocks in
+    `kept["dropped_blocks"]` advance the dense stream only; `slice_layer(layer, row)` cuts block `layer` in place
+    (original numbering: blocks are dropped after this)."""
+    import copy
+
+    d = adapter.head_dim
+    masks = [b["attention_mask"] for b in batches]
+    dense_h, calls = _block_inputs(adapter, batches)
+    pruned_h = [h.clone() for h in dense_h]
+    rows = {row["layer"]: row for row in kept["layers"]}
+    with torch.no_grad():
+        for i in progress(range(len(adapter.layers)), desc=desc, unit="block"):
+            block = adapter.layers[i]
+            if i not in rows:  # a dropped block: the dense stream goes through it, the pruned one skips it
+                dense_h = [_run_block(block, h, c[i]) for h, c in zip(dense_h, calls)]
+                continue
+            dense_block = copy.deepcopy(block)
+            slice_layer(i, rows[i])
+            cols = _kept_columns(rows[i], d)
+            names = {"o": ("self_attn", "o_proj"), "down": ("mlp", "down_proj")}
+            dense_in: dict[str, list[torch.Tensor]] = {"o": [], "down": []}
+            caps = {n: _Capture(getattr(getattr(dense_block, a), p)) for n, (a, p) in names.items()}
+            next_dense = []
+            for h, c, m in zip(dense_h, calls, masks):
+                for cap in caps.values():
+                    cap.mask = m
+                next_dense.append(_run_block(dense_block, h, c[i]))
+                for n, cap in caps.items():
+                    assert cap.x is not None
+                    dense_in[n].append(cap.x)
+            for cap in caps.values():
+                cap.close()
+            for n in ("o", "down"):
+                lin = _linear(adapter, i, n)
+                dense_lin = _linear_of(dense_block, n)
+                cap = _Capture(lin)
+                total = cross = p_total = p_gram = None
+                count = 0
+                for h, c, m, x in zip(pruned_h, calls, masks, dense_in[n]):
+                    cap.mask = m
+                    _run_block(block, h, c[i])
+                    assert cap.x is not None
+                    p = cap.x.double()
+                    xd = x.double()
+                    total = xd.sum(0) if total is None else total + xd.sum(0)
+                    p_total = p.sum(0) if p_total is None else p_total + p.sum(0)
+                    if needs_gram(mode):
+                        cross = xd.T @ p if cross is None else cross + xd.T @ p
+                        p_gram = p.T @ p if p_gram is None else p_gram + p.T @ p
+                    count += p.shape[0]
+                cap.close()
+                assert total is not None and p_total is not None
+                upd = solve_layer(
+                    dense_lin.weight,
+                    dense_lin.bias,
+                    cols[n],
+                    total,
+                    cross,
+                    count,
+                    mode,
+                    ridge,
+                    pruned_total=p_total,
+                    pruned_gram=p_gram,
+                )
+                lin.weight.data.copy_(upd.weight.to(lin.weight.dtype))
+                if upd.bias is not None:
+                    _zero_bias(lin)
+                    lin.bias.data.copy_(upd.bias.to(lin.bias.dtype))
+            pruned_h = [_run_block(block, h, c[i]) for h, c in zip(pruned_h, calls)]
+            dense_h = next_dense
+            del dense_block, dense_in
+
+
+def _linear_of(block: nn.Module, name: str) -> nn.Linear:
+    return block.self_attn.o_proj if name == "o" else block.mlp.down_proj  # type: ignore[union-attr,return-value]
+
+
+def finish(adapter: ArchAdapter, mode: str) -> None:
+    """After compensation: with a bias mode, every projection the config's bias fields govern gets a bias (zero
+    where compensation set none) and the fields are turned on, so stock transformers loads the biases."""
+    if not needs_bias(mode):
+        return
+    for i in range(adapter.num_layers):
+        for lin in _projections(adapter, i).values():
+            _zero_bias(lin)
+    for cfg in {id(c): c for c in (adapter.config, adapter.hf.config.get_text_config())}.values():
+        cfg.mlp_bias = True
+        cfg.attention_bias = True

@@ -76,11 +76,15 @@ def plan_kept(adapter, scores, plan: PrunePlan, head_mode: str) -> dict:
 
 @dataclass
 class Compensation:
-    """Compensation at prune time: its mode and ridge, and the dense model's calibration statistics."""
+    """Compensation at prune time: its mode, ridge and inputs, and what the fit reads — the dense model's
+    calibration statistics (inputs "dense") or the calibration batches themselves (inputs "pruned", block by
+    block)."""
 
     mode: str
     ridge: float
-    stats: compensate.Stats
+    stats: compensate.Stats | None = None
+    inputs: str = "dense"
+    batches: list[dict] | None = None
 
 
 def prune_model(handle, scores, plan: PrunePlan, head_mode: str, compensation: Compensation | None = None) -> dict:
@@ -88,18 +92,37 @@ def prune_model(handle, scores, plan: PrunePlan, head_mode: str, compensation: C
     when asked); return the kept indices per layer and the parameters compensation added."""
     adapter = handle.adapter
     kept = plan_kept(adapter, scores, plan, head_mode)
-    updates = None
-    if compensation is not None:  # on the dense weights, before slicing
-        updates = compensate.solve(adapter, kept, compensation.stats, compensation.mode, compensation.ridge)
-    drop_blocks(adapter, kept["dropped_blocks"])
-    for new_idx, row in enumerate(kept["layers"]):
-        prune_attention(adapter, new_idx, row["heads"], row["kv_heads"])
-        prune_mlp(adapter, new_idx, row["channels"])
-    added = 0
-    if compensation is not None and updates is not None:
-        added = compensate.apply(adapter, kept, updates, compensation.mode)
+    had_bias = compensate.biased(adapter)
+
+    def slice_layer(i: int, row: dict) -> None:
+        prune_attention(adapter, i, row["heads"], row["kv_heads"])
+        prune_mlp(adapter, i, row["channels"])
+
+    if compensation is not None and compensation.inputs == "pruned":
+        assert compensation.batches is not None
+        compensate.sequential(
+            adapter,
+            compensation.batches,
+            kept,
+            compensation.mode,
+            compensation.ridge,
+            slice_layer,
+            desc=f"compensation ({compensation.mode}, block by block)",
+        )
+        drop_blocks(adapter, kept["dropped_blocks"])
+        compensate.finish(adapter, compensation.mode)
+    else:
+        updates = None
+        if compensation is not None:  # on the dense weights, before slicing
+            assert compensation.stats is not None
+            updates = compensate.solve(adapter, kept, compensation.stats, compensation.mode, compensation.ridge)
+        drop_blocks(adapter, kept["dropped_blocks"])
+        for new_idx, row in enumerate(kept["layers"]):
+            slice_layer(new_idx, row)
+        if compensation is not None and updates is not None:
+            compensate.apply(adapter, kept, updates, compensation.mode)
     rewrite_config(adapter)
-    return {**kept, "added_parameters": added}
+    return {**kept, "added_parameters": compensate.added_parameters(adapter, had_bias)}
 
 
 def _summaries(scores, kept: dict) -> list[LayerImportance]:
@@ -288,7 +311,9 @@ def _prune_into(
     t_scores = time.perf_counter() - t0
     t0 = time.perf_counter()
     comp = None
-    if cfg.compensation != "none":  # every rank gathers over its share; rank 0 solves while slicing
+    if cfg.compensation != "none" and cfg.compensation_inputs == "pruned":  # rank 0 alone, block by block
+        comp = Compensation(cfg.compensation, cfg.refit_ridge, inputs="pruned", batches=batches)
+    elif cfg.compensation != "none":  # every rank gathers over its share; rank 0 solves while slicing
         kept = plan_kept(handle.adapter, scores, plan, cfg.head_mode)
         stats = compensate.gather(
             handle.adapter, batches, kept, cfg.compensation, desc=f"compensation ({cfg.compensation})"
@@ -347,7 +372,11 @@ def _slice_save_verify(
     report = _report(cfg, plan, calib, before, sliced, scores, timings, peak, verification)
     if comp is not None:
         report.compensation = PruneCompensation(
-            mode=comp.mode, ridge=comp.ridge, tokens=comp.stats.count, added_parameters=sliced.kept["added_parameters"]
+            mode=comp.mode,
+            ridge=comp.ridge,
+            inputs=comp.inputs,
+            tokens=calib["tokens"],
+            added_parameters=sliced.kept["added_parameters"],
         )
     report.write(stage / PruneReport.FILE)
     storage.mark_done(stage, cfg, _metrics(report).to_json())

@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--importance", default="taylor,wanda_sp,flap")
     ap.add_argument("--modes", default="none,bias,refit,bias_refit")
     ap.add_argument("--ridges", default="0.01", help="refit ridges to try (comma-separated)")
+    ap.add_argument("--inputs", default="dense", help="dense (one shot), pruned (block by block), or both")
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--calib-length", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
@@ -127,27 +128,30 @@ def main() -> None:
         stats = None  # gathered once (with the second moments, which every mode can read) per importance
         for mode in args.modes.split(","):
             ridges = [float(r) for r in args.ridges.split(",")] if compensate.needs_gram(mode) else [0.0]
-            for ridge in ridges:
-                model = copy.deepcopy(dense)
-                h = type("Handle", (), {})()
-                h.model, h.adapter = model, type(handle.adapter)(model)
-                t0 = time.perf_counter()
-                comp = None
-                if mode != "none":
-                    if stats is None:
-                        stats = compensate.gather(handle.adapter, batches, kept, "bias_refit", desc="statistics")
-                    comp = Compensation(mode, ridge, stats)
-                prune_model(h, scores, plan, "query", comp)
-                seconds = time.perf_counter() - t0
-                row = {"importance": importance, "mode": mode, "ridge": ridge, "seconds": round(seconds, 1)}
-                row.update({name: nll(model, b) for name, b in evals.items()})
-                result["pruned"].append(row)
-                print(json.dumps(row), file=sys.stderr, flush=True)
-                if args.save:
-                    out = os.path.join(args.save, f"{importance}-{mode}-{ridge:g}")
-                    model.save_pretrained(out)
-                    tok.save_pretrained(out)
-                del model
+            for inputs in args.inputs.split(",") if mode != "none" else ["dense"]:
+                for ridge in ridges:
+                    model = copy.deepcopy(dense)
+                    h = type("Handle", (), {})()
+                    h.model, h.adapter = model, type(handle.adapter)(model)
+                    t0 = time.perf_counter()
+                    comp = None
+                    if mode != "none" and inputs == "pruned":
+                        comp = Compensation(mode, ridge, inputs="pruned", batches=batches)
+                    elif mode != "none":
+                        if stats is None:
+                            stats = compensate.gather(handle.adapter, batches, kept, "bias_refit", desc="statistics")
+                        comp = Compensation(mode, ridge, stats)
+                    prune_model(h, scores, plan, "query", comp)
+                    seconds = time.perf_counter() - t0
+                    row = {"importance": importance, "mode": mode, "inputs": inputs, "ridge": ridge}
+                    row.update({"seconds": round(seconds, 1), **{name: nll(model, b) for name, b in evals.items()}})
+                    result["pruned"].append(row)
+                    print(json.dumps(row), file=sys.stderr, flush=True)
+                    if args.save:
+                        out = os.path.join(args.save, f"{importance}-{mode}-{inputs}-{ridge:g}")
+                        model.save_pretrained(out)
+                        tok.save_pretrained(out)
+                    del model
     print(json.dumps(result, indent=2))
 
 

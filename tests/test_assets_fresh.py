@@ -34,6 +34,7 @@ def test_every_default_asset_fetches_from_nothing_and_builds_the_default_pool(tm
     )
     fetched_s = time.perf_counter() - start
     assert fetch.returncode == 0, fetch.stderr.strip().splitlines()[-1:]
+    assert not (tmp_path / "home" / "models").exists()  # --no-convert: nothing converted
     for key in assets.default_keys():
         name, version = assets.PACKAGES[key].requirements[0].split("==")
         complete = json.loads((tmp_path / "home" / "packages" / f"{name}-{version}" / ".complete").read_text())

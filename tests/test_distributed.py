@@ -197,10 +197,14 @@ def test_an_error_on_rank_zero_reaches_every_rank(tmp_path):
     assert "rank 1: rank 0 failed during opening runs/x/curate: runs/x/curate: locked" in proc.stderr
 
 
-@pytest.mark.parametrize("importance,depth_importance", [("taylor_mix", "taylor_block"), ("flap", "block_influence")])
+@pytest.mark.parametrize(
+    "importance,depth_importance,compensation",
+    [("taylor_mix", "taylor_block", "none"), ("flap", "block_influence", "bias_refit")],
+)
 def test_prune_on_two_processes_scores_like_one_process_and_makes_the_same_plan(
     importance,
     depth_importance,
+    compensation,
     tiny_model_dirs,
     tmp_path,
 ):
@@ -218,6 +222,7 @@ def test_prune_on_two_processes_scores_like_one_process_and_makes_the_same_plan(
         depth=1,
         importance=importance,
         depth_importance=depth_importance,
+        compensation=compensation,  # its statistics are gathered per rank and summed
         batch_size=2,  # several batches, split over the ranks
     )
     one = prune_run(cfg, tmp_path / "one")
@@ -236,6 +241,16 @@ def test_prune_on_two_processes_scores_like_one_process_and_makes_the_same_plan(
             if isinstance(value, float):
                 assert lb[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (la["layer"], key)
     assert b["verification"]["logits_match"]
+    if compensation != "none":  # the compensated weights and biases agree too
+        from safetensors.torch import load_file
+
+        wa, wb = (
+            load_file(one / "model" / "model.safetensors"),
+            load_file(tmp_path / "two" / "model" / "model.safetensors"),
+        )
+        assert wa.keys() == wb.keys() and any(k.endswith("down_proj.bias") for k in wa)
+        for key in wa:
+            torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-5)
 
 
 def test_eval_on_two_processes_gives_the_results_of_one_process(tiny_model_dirs, tmp_path):

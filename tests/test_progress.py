@@ -41,3 +41,21 @@ def test_the_fine_tune_bar_writes_no_line_per_step_to_a_log(monkeypatch, capsys)
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("fine-tune")]
     assert len(lines) <= 3, lines  # the opening line, the closing line (and at most one timed line)
     assert "50/50" in lines[-1] and "loss=1.250" in lines[-1] and len(history["train_loss"]) == 50
+
+
+def test_the_gguf_loaders_own_bar_is_silent_in_a_log(monkeypatch, capsys):
+    """transformers dequantizes a GGUF under a plain tqdm bar (cursor codes, a line per redraw in a log); the
+    conversion disables it off a terminal. If transformers renames that attribute, this test says so."""
+    import sys
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from finescope.modeling import _quiet_gguf_bar
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    original = gguf_utils.tqdm
+    with _quiet_gguf_bar():
+        for _ in gguf_utils.tqdm(range(50), desc="Converting and de-quantizing GGUF tensors..."):
+            pass
+    assert gguf_utils.tqdm is original
+    assert "Converting" not in capsys.readouterr().err

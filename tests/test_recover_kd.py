@@ -98,10 +98,10 @@ def test_alpha_zero_is_todays_cross_entropy_step_and_never_asks_the_teacher(chat
         def __call__(self, batch):
             raise AssertionError("the teacher was consulted with α = 0")
 
-    ce, kd = step_loss(model, examples[:3], chat_tokenizer.pad_token_id, KdSettings(weight=0.0), Boom())
+    terms = step_loss(model, examples[:3], chat_tokenizer.pad_token_id, KdSettings(weight=0.0), Boom())
     ref, n_ref = summed_loss(model, collate(examples[:3], chat_tokenizer.pad_token_id))
-    assert kd is None and torch.equal(ce, ref)
-    assert torch.equal(mixed_loss(ce, kd, n_ref, 0, KdSettings(weight=0.0)), ref / n_ref)  # today's step loss
+    assert terms.kd is None and terms.hidden is None and torch.equal(terms.ce, ref)
+    assert torch.equal(mixed_loss(terms, n_ref, 0, KdSettings(weight=0.0)), ref / n_ref)  # today's step loss
 
     s = TrainSettings(rank=4, alpha=8, dropout=0.0, lr=5e-3, batch_size=4, micro_batch_size=2, epochs=2.0, seed=0)
     _, plain = fine_tune(build_model("llama", len(chat_tokenizer)), examples, examples[:2], s, pad_id=0)
@@ -121,9 +121,10 @@ def test_alpha_mixes_kd_and_ce(chat_tokenizer):
     pad = chat_tokenizer.pad_token_id
     ref, n = summed_loss(student, collate(examples[:2], pad))
     s = KdSettings(weight=0.3, temperature=1.0)
-    ce, kd = step_loss(student, examples[:2], pad, s, OnlineTeacher(teacher))
+    terms = step_loss(student, examples[:2], pad, s, OnlineTeacher(teacher))
+    ce, kd = terms.ce, terms.kd
     assert kd is not None and float(kd) > 0 and float(ce) == pytest.approx(float(ref), rel=1e-6)
-    loss = mixed_loss(ce, kd, n, n, s)
+    loss = mixed_loss(terms, n, n, s)
     assert float(loss.detach()) == pytest.approx(0.3 * float(kd) / n + 0.7 * float(ce.detach()) / n, rel=1e-5)
 
 
@@ -137,11 +138,11 @@ def test_kd_over_every_token_covers_the_instruction_too(chat_tokenizer):
         ex.kd_labels = list(ex.input_ids)
     assert all(ex.kd_targets == len(ex.input_ids) - 1 > ex.targets for ex in examples)
     s = KdSettings(weight=1.0, top_k=len(chat_tokenizer))
-    _, online = step_loss(student, examples, 0, s, OnlineTeacher(teacher))
+    online = step_loss(student, examples, 0, s, OnlineTeacher(teacher)).kd
     for ex, part in zip(examples, kd_cache.teacher_top_k(teacher, examples, s, micro_batch_size=1, pad_id=0)):
         assert len(part.log_rest) == ex.kd_targets
         ex.teacher = part
-    _, cached = step_loss(student, examples, 0, s)
+    cached = step_loss(student, examples, 0, s).kd
     assert float(cached) == pytest.approx(float(online), rel=1e-4)
     batch = collate(examples, 0)
     with torch.no_grad():

@@ -584,6 +584,8 @@ class TrainLossPoint(Schema):
     lr: float
     kd: float | None = None
     """The step's mean KD term (τ²·KL per token); None without logit distillation."""
+    hidden: float | None = None
+    """The step's mean hidden-state term (per KD position, averaged over the matched blocks); None without it."""
 
 
 @dataclass(kw_only=True)
@@ -621,7 +623,7 @@ class TrainHistory(Schema):
 
 @dataclass(kw_only=True)
 class KdStats(Schema):
-    """Logit distillation from the teacher (kd_weight > 0 only)."""
+    """Distillation from the teacher: logits (kd_weight > 0) and / or hidden states (hidden_weight > 0)."""
 
     weight: float
     """α: loss = α·KD + (1 − α)·CE."""
@@ -639,6 +641,12 @@ class KdStats(Schema):
     """The targets were read from an existing cache built for the same teacher, examples, τ and k."""
     seconds: float
     """Teacher pass that built the cache (0 on a hit or online)."""
+    hidden_weight: float = 0.0
+    """β of the hidden-state term (0 = none; > 0 runs the teacher online)."""
+    hidden_loss: str | None = None
+    """nmse | cosine (hidden-state distillation only)."""
+    hidden_layers: list[int] | None = None
+    """Student blocks matched (0-based); empty = every block."""
 
 
 @dataclass(kw_only=True)

@@ -247,6 +247,12 @@ class RecoverConfig:
     """Teacher targets for KD: "auto" = its top-k distributions cached under $FINESCOPE_HOME/cache/recover (one teacher pass), a folder = cached there, "off" = the teacher runs on every batch (whole vocabulary, teacher kept in memory)."""
     kd_top_k: Annotated[int, Range(min=1)] = 64
     """Teacher tokens kept per position in the KD cache (the rest of the vocabulary is one bin)."""
+    hidden_weight: Annotated[float, Range(min=0)] = 0.0
+    """Hidden-state distillation weight β: adds β × the per-token loss between the student's and the teacher's residual stream after each matched block (--hidden-layers); 0 = none. The teacher then runs on every batch (online)."""
+    hidden_loss: Literal["nmse", "cosine"] = "nmse"
+    """Hidden-state loss per token: nmse = ‖h_s − h_t‖² / ‖h_t‖², cosine = 1 − cos(h_s, h_t)."""
+    hidden_layers: list[int] = field(default_factory=list)
+    """Student blocks (0-based) whose outputs are matched; empty = every block (a deeper teacher: block i ↔ round((i+1)·L_t/L_s) − 1)."""
     adapter: Literal["lora", "full"] = "lora"
     """lora = LoRA adapters merged at the end (paper); full = every weight trained (small models; memory checked first)."""
     recover_top_m: Annotated[int, Range(min=0)] = 0
@@ -306,7 +312,13 @@ class RecoverConfig:
     """Replace an existing output folder that is not a previous recover output."""
 
     HASH_EXCLUDE = ("device", "overwrite", "gradient_checkpointing", "checkpoint_steps")
-    HASH_OMIT_AT = {"dtype": "auto", "generation_backend": "transformers"}
+    HASH_OMIT_AT = {
+        "dtype": "auto",
+        "generation_backend": "transformers",
+        "hidden_weight": 0.0,
+        "hidden_loss": "nmse",
+        "hidden_layers": [],
+    }
 
 
 @dataclass
@@ -362,6 +374,9 @@ KD_SETTINGS = (
     "kd_scope",
     "kd_cache",
     "kd_top_k",
+    "hidden_weight",
+    "hidden_loss",
+    "hidden_layers",
     "no_rewrite",
     "recover_top_m",
 )

@@ -14,6 +14,12 @@ token (`TopK`: one teacher pass over the examples instead of one per epoch; the 
 With top-k targets the KL is taken over k + 1 bins: the k teacher tokens and one bin holding the rest of the
 vocabulary on each side. That is exact bookkeeping of the probability mass, equals the full KL when k covers the
 vocabulary, and never exceeds it (grouping outcomes can only lower a KL divergence).
+
+Hidden-state distillation (β > 0) adds a term on the residual stream: FineScope never cuts the hidden size, so the
+student's output of block i is directly comparable with the teacher's (Minitron, TinyBERT). Per position the term
+is the normalised squared error ‖h_s − h_t‖² / ‖h_t‖² (`nmse`) or 1 − cos(h_s, h_t) (`cosine`), averaged over the
+chosen blocks, summed over the KD positions and divided by their count like the KD term; the step's loss is then
+(1 − α)·CE + α·KD + β·H. Its targets are the teacher's hidden states of the same batch, so the teacher runs online.
 """
 
 from __future__ import annotations
@@ -24,20 +30,48 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from .. import FinescopeError
+from ..config import RecoverConfig
 from ..tokens import IGNORE_INDEX
 
 Direction = Literal["forward", "reverse"]
+HiddenLoss = Literal["nmse", "cosine"]
 _LOG_FLOOR = -100.0  # log-mass of an empty bin: exp() is ~4e-44, so its terms vanish without 0·(−inf) = nan
+_R = RecoverConfig()  # the defaults are declared once, on the config
 
 
 @dataclass
 class KdSettings:
-    weight: float = 0.0
+    """The distillation terms of the training loss (`RecoverConfig`'s kd_* and hidden_* fields)."""
+
+    weight: float = _R.kd_weight
     """α: 0 = plain cross-entropy on the targets (today's TGD), 1 = KD only."""
-    temperature: float = 1.0
-    loss: Direction = "forward"
-    top_k: int = 64
+    temperature: float = _R.kd_temperature
+    loss: Direction = _R.kd_loss
+    top_k: int = _R.kd_top_k
     """Teacher tokens kept per position when the targets are cached."""
+    hidden_weight: float = _R.hidden_weight
+    """β of the hidden-state term; 0 = none."""
+    hidden_loss: HiddenLoss = _R.hidden_loss
+    hidden_layers: tuple[int, ...] = tuple(_R.hidden_layers)
+    """Student blocks (0-based) whose outputs are matched; () = every block."""
+
+    @classmethod
+    def from_config(cls, cfg: RecoverConfig) -> KdSettings:
+        return cls(
+            weight=cfg.kd_weight,
+            temperature=cfg.kd_temperature,
+            loss=cfg.kd_loss,
+            top_k=cfg.kd_top_k,
+            hidden_weight=cfg.hidden_weight,
+            hidden_loss=cfg.hidden_loss,
+            hidden_layers=tuple(cfg.hidden_layers),
+        )
+
+    @property
+    def needs_teacher(self) -> bool:
+        """A term of the loss reads the teacher (logit or hidden-state distillation)."""
+        return self.weight > 0 or self.hidden_weight > 0
 
 
 @dataclass
@@ -112,14 +146,82 @@ def kd_summed(
     return per_token.sum() * s.temperature**2
 
 
+class HiddenStateError(FinescopeError):
+    """The hidden-state loss cannot pair this student with this teacher."""
+
+
+def layer_pairs(student_layers: int, teacher_layers: int, chosen: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(student, teacher) indices into `output_hidden_states` for the matched blocks: the student's block i (0-based)
+    against the teacher's block round((i + 1)·L_t / L_s) − 1, the uniform map of TinyBERT (i against i at equal
+    depth). Index 0 of `hidden_states` is the embeddings, so block i's output is index i + 1."""
+    blocks = list(chosen) if chosen else list(range(student_layers))
+    bad = [i for i in blocks if not 0 <= i < student_layers]
+    if bad:
+        raise HiddenStateError(
+            f"hidden_layers {', '.join(map(str, bad))}: the student has blocks 0-{student_layers - 1}"
+        )
+    return [(i + 1, max(1, round((i + 1) * teacher_layers / student_layers))) for i in dict.fromkeys(blocks)]
+
+
+def check_hidden_fit(student_config, teacher_config, chosen: tuple[int, ...], student: str, teacher: str) -> None:
+    """Refuse, before any work, a teacher whose residual stream cannot be compared with the student's."""
+    hs, ht = student_config.hidden_size, teacher_config.hidden_size
+    if hs != ht:
+        raise HiddenStateError(
+            f"{teacher}: hidden size {ht}, the student {student} has {hs}; the hidden-state loss (--hidden-weight "
+            f"> 0) compares residual streams of the same width (use --hidden-weight 0 for this teacher)"
+        )
+    ls, lt = student_config.num_hidden_layers, teacher_config.num_hidden_layers
+    if lt < ls:
+        raise HiddenStateError(
+            f"{teacher}: {lt} blocks, fewer than the student's {ls} ({student}); the hidden-state loss maps each "
+            f"student block to a teacher block and needs a teacher at least as deep"
+        )
+    layer_pairs(ls, lt, chosen)
+
+
+def hidden_summed(
+    student_hidden: tuple[torch.Tensor, ...],
+    teacher_hidden: tuple[torch.Tensor, ...],
+    labels: torch.Tensor,
+    s: KdSettings,
+) -> torch.Tensor:
+    """Σ over the KD positions of the per-position hidden-state loss averaged over the matched blocks. Positions
+    are those of the KD term: each one that predicts a labelled token (`labelled_logits`)."""
+    mask = labels[:, 1:] != IGNORE_INDEX
+    pairs = layer_pairs(len(student_hidden) - 1, len(teacher_hidden) - 1, s.hidden_layers)
+    total = torch.zeros((), device=student_hidden[0].device, dtype=torch.float32)
+    for si, ti in pairs:
+        h_s = student_hidden[si][:, :-1][mask].float()
+        h_t = teacher_hidden[ti][:, :-1][mask].float().to(h_s.device)
+        if s.hidden_loss == "cosine":
+            per_position = 1 - F.cosine_similarity(h_s, h_t, dim=-1, eps=1e-8)
+        else:
+            per_position = (h_s - h_t).pow(2).sum(-1) / h_t.pow(2).sum(-1).clamp(min=1e-8)
+        total = total + per_position.sum()
+    return total / len(pairs)
+
+
 class OnlineTeacher:
-    """Teacher logits computed on each training batch (exact; keeps the teacher in memory)."""
+    """Teacher logits (and hidden states) computed on each training batch (exact; keeps the teacher in memory)."""
 
     def __init__(self, model):
         self.model = model.eval()
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.states(batch, hidden=False)[0]
+
+    @torch.no_grad()
+    def states(
+        self, batch: dict[str, torch.Tensor], *, hidden: bool
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """The labelled positions' logits (N, vocab), and every block's output when `hidden`."""
         device = next(self.model.parameters()).device
-        out = self.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-        return labelled_logits(out.logits, kd_positions(batch).to(device))
+        out = self.model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            output_hidden_states=hidden,
+        )
+        logits = labelled_logits(out.logits, kd_positions(batch).to(device))
+        return logits, (tuple(out.hidden_states) if hidden else None)

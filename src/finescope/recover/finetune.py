@@ -21,14 +21,16 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from .. import FinescopeError
+from ..config import RecoverConfig
 from ..data import format_example
 from ..storage import atomic_dir
 from ..tokens import IGNORE_INDEX, encode_continuation, encode_prompt, next_token_nll, pad_batch
-from .distill import KdSettings, OnlineTeacher, TopK, kd_positions, kd_summed
+from .distill import KdSettings, OnlineTeacher, TopK, hidden_summed, kd_positions, kd_summed
 
 IGNORE = IGNORE_INDEX  # label of prompt and padding positions
 
@@ -37,31 +39,54 @@ class FinetuneError(FinescopeError):
     """Training data or LoRA settings cannot be used with this model."""
 
 
+_R = RecoverConfig()  # the defaults are declared once, on the config
+
+
 @dataclass
 class TrainSettings:
-    adapter: str = "lora"
+    """The fine-tuning of `RecoverConfig` (its LoRA / schedule fields) plus where checkpoints go."""
+
+    adapter: str = _R.adapter
     """lora (peft adapters, merged at the end) | full (every weight trained)."""
-    rank: int = 32
-    alpha: float = 64
-    dropout: float = 0.05
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
-    lr: float = 5e-5
-    batch_size: int = 128
-    micro_batch_size: int = 8
-    epochs: float = 2.0
-    warmup_ratio: float = 0.03
-    seed: int = 0
+    rank: int = _R.lora_rank
+    alpha: float = _R.lora_alpha
+    dropout: float = _R.lora_dropout
+    target_modules: list[str] = field(default_factory=lambda: list(_R.target_modules))
+    lr: float = _R.lr
+    batch_size: int = _R.batch_size
+    micro_batch_size: int = _R.micro_batch_size
+    epochs: float = _R.epochs
+    warmup_ratio: float = _R.warmup_ratio
+    seed: int = _R.seed
     kd: KdSettings = field(default_factory=KdSettings)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = _R.gradient_checkpointing
     """Recompute activations in the backward pass (less memory, ~30 % more time)."""
     bf16: bool | None = None
     """bf16 mixed precision; None = when the model is bf16 on a CUDA device that supports it."""
     checkpoint_dir: Path | None = None
     """Where Trainer checkpoints go (and the newest is resumed from); None = no checkpoints."""
-    checkpoint_steps: int = 0
+    checkpoint_steps: int = _R.checkpoint_steps
     """Save a checkpoint every N optimiser steps (0 = never)."""
+
+    @classmethod
+    def from_config(cls, cfg: RecoverConfig, checkpoint_dir: Path | None = None) -> TrainSettings:
+        return cls(
+            adapter=cfg.adapter,
+            rank=cfg.lora_rank,
+            alpha=cfg.lora_alpha,
+            dropout=cfg.lora_dropout,
+            target_modules=list(cfg.target_modules),
+            lr=cfg.lr,
+            batch_size=cfg.batch_size,
+            micro_batch_size=cfg.micro_batch_size,
+            epochs=cfg.epochs,
+            warmup_ratio=cfg.warmup_ratio,
+            seed=cfg.seed,
+            kd=KdSettings.from_config(cfg),
+            gradient_checkpointing=cfg.gradient_checkpointing,
+            checkpoint_dir=checkpoint_dir if cfg.checkpoint_steps > 0 else None,
+            checkpoint_steps=cfg.checkpoint_steps,
+        )
 
 
 @dataclass
@@ -181,43 +206,68 @@ def teacher_targets(examples: list[Example]) -> TopK:
     return TopK.cat([e.teacher for e in examples if e.teacher is not None])
 
 
+class Terms(NamedTuple):
+    """A micro-batch's summed loss terms: CE over the labelled tokens; KD (α > 0) and hidden-state (β > 0) terms
+    over the KD positions; None for a term that is off."""
+
+    ce: torch.Tensor
+    kd: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+
+
 def batch_loss(
     model,
     batch: dict[str, torch.Tensor],
     kd: KdSettings,
     teacher: TopK | None = None,
     online: OnlineTeacher | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A collated micro-batch's summed CE over the labelled tokens and summed KD term over the KD positions, against
-    the cached `teacher` targets or the `online` teacher (None with α = 0, when this is exactly `summed_loss` and the
-    teacher is not consulted)."""
-    if kd.weight == 0:
-        return summed_loss(model, batch)[0], None
+) -> Terms:
+    """A collated micro-batch's summed loss terms against the cached `teacher` targets or the `online` teacher
+    (CE alone without distillation, when this is exactly `summed_loss` and the teacher is not consulted). The
+    hidden-state term needs the online teacher."""
+    if not kd.needs_teacher:
+        return Terms(summed_loss(model, batch)[0])
     device = next(model.parameters()).device
-    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-    ce, _ = next_token_nll(logits, batch["labels"].to(device))
+    hidden = kd.hidden_weight > 0
+    out = model(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        output_hidden_states=hidden,
+    )
+    ce, _ = next_token_nll(out.logits, batch["labels"].to(device))
+    positions = kd_positions(batch).to(device)
+    target: torch.Tensor | TopK
+    teacher_hidden = None
     if online is not None:
-        target: torch.Tensor | TopK = online(batch)
-    elif teacher is not None:
+        target, teacher_hidden = online.states(batch, hidden=hidden)
+    elif teacher is not None and not hidden:
         target = TopK(teacher.ids.to(device), teacher.logp.to(device), teacher.log_rest.to(device))
+    elif hidden:
+        raise FinetuneError("hidden-state distillation (hidden weight > 0) needs the online teacher")
     else:
         raise FinetuneError("kd weight > 0 but the batch has no teacher targets and no online teacher")
-    return ce, kd_summed(logits, kd_positions(batch).to(device), target, kd)
+    kd_sum = kd_summed(out.logits, positions, target, kd) if kd.weight > 0 else None
+    hidden_sum = hidden_summed(out.hidden_states, teacher_hidden, positions, kd) if teacher_hidden else None
+    return Terms(ce, kd_sum, hidden_sum)
 
 
 def step_loss(
     model, examples: list[Example], pad_id: int, kd: KdSettings, online: OnlineTeacher | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> Terms:
     """`batch_loss` of a list of examples (their cached teacher targets unless `online`)."""
     teacher = teacher_targets(examples) if kd.weight > 0 and online is None else None
     return batch_loss(model, collate(examples, pad_id), kd, teacher, online)
 
 
-def mixed_loss(ce: torch.Tensor, kd_sum: torch.Tensor | None, n_ce: float, n_kd: float, kd: KdSettings) -> torch.Tensor:
-    """The token-weighted training loss: CE / n_ce, or (1 − α)·CE / n_ce + α·KD / n_kd with distillation."""
-    if kd_sum is None:
-        return ce / max(n_ce, 1)
-    return (1 - kd.weight) * ce / max(n_ce, 1) + kd.weight * kd_sum / max(n_kd, 1)
+def mixed_loss(terms: Terms, n_ce: float, n_kd: float, kd: KdSettings) -> torch.Tensor:
+    """The token-weighted training loss: (1 − α)·CE / n_ce + α·KD / n_kd + β·H / n_kd (CE / n_ce alone without
+    distillation)."""
+    loss = (1 - kd.weight) * terms.ce / max(n_ce, 1) if terms.kd is not None else terms.ce / max(n_ce, 1)
+    if terms.kd is not None:
+        loss = loss + kd.weight * terms.kd / max(n_kd, 1)
+    if terms.hidden is not None:
+        loss = loss + kd.hidden_weight * terms.hidden / max(n_kd, 1)
+    return loss
 
 
 # ------------------------------------------------------------------------------------------------ LoRA / full

@@ -36,7 +36,7 @@ from ..data import read_records
 from ..modeling import ModelError, ModelHandle, load, resolve_model_path
 from ..storage import CONFIG, check_stage_folder, is_done, mark_done, read_json, stage_folder, write_jsonl_atomic
 from . import kd_cache
-from .distill import KdSettings
+from .distill import KdSettings, check_hidden_fit
 from .filters import REASONS, apply_filters
 from .finetune import Example, TrainSettings, build_examples, mean_loss, save_trained, split_records
 from .rewrite import rank_partials, rewrite_records
@@ -108,6 +108,11 @@ def _check_settings(cfg: RecoverConfig) -> None:
             "--no-teacher with --kd-weight > 0: logit distillation needs the teacher; use --no-rewrite to "
             "distil without teacher rewrites"
         )
+    if cfg.no_teacher and cfg.hidden_weight > 0:
+        raise RecoverError(
+            "--no-teacher with --hidden-weight > 0: hidden-state distillation needs the teacher; use --no-rewrite "
+            "to distil without teacher rewrites"
+        )
     if cfg.generation_backend == "vllm":
         vllm_backend.check_available()
     check_launch_engine()
@@ -157,7 +162,8 @@ def run(cfg: RecoverConfig, out: Path) -> Path:
     rows, data_stats = training_records(cfg, list(records))
     n_instr = sum("instruction" in r for r in rows)
     rewrites = not (cfg.no_teacher or cfg.no_rewrite) and n_instr > 0
-    teacher_spec = (cfg.teacher or default_teacher(cfg.student)) if rewrites or cfg.kd_weight > 0 else None
+    distil = KdSettings.from_config(cfg).needs_teacher
+    teacher_spec = (cfg.teacher or default_teacher(cfg.student)) if rewrites or distil else None
     if teacher_spec is not None:
         resolve_model_path(teacher_spec)  # a missing teacher is refused before the folder is opened
 
@@ -244,6 +250,8 @@ def _load_teacher(cfg: RecoverConfig, student: ModelHandle, spec: str) -> ModelH
     check_same_tokenizer(student.tokenizer, teacher.tokenizer, cfg.student, spec)
     if cfg.kd_weight > 0:
         check_same_vocabulary(student.model, teacher.model, cfg.student, spec)
+    if cfg.hidden_weight > 0:
+        check_hidden_fit(student.model.config, teacher.model.config, tuple(cfg.hidden_layers), cfg.student, spec)
     return teacher
 
 
@@ -294,18 +302,14 @@ def _examples(tok, cfg: RecoverConfig, rows: list[dict]) -> tuple[list[Example],
     return train_ex, eval_ex, len(too_long) + len(eval_too_long)
 
 
-def kd_settings(cfg: RecoverConfig) -> KdSettings:
-    return KdSettings(weight=cfg.kd_weight, temperature=cfg.kd_temperature, loss=cfg.kd_loss, top_k=cfg.kd_top_k)
-
-
 def _kd_targets(
     cfg: RecoverConfig, teacher: ModelHandle | None, train_ex: list[Example], pad_id: int, times: dict[str, float]
 ) -> tuple[KdStats | None, object | None]:
     """Attach the teacher's cached top-k targets to the training examples (built or read back), or hand back the
     teacher model to run online; the KD statistics. Nothing without KD."""
-    if cfg.kd_weight == 0 or teacher is None:
+    s = KdSettings.from_config(cfg)
+    if not s.needs_teacher or teacher is None:
         return None, None
-    s = kd_settings(cfg)
     if cfg.kd_scope == "all":
         for ex in train_ex:
             ex.kd_labels = list(ex.input_ids)
@@ -313,7 +317,10 @@ def _kd_targets(
         weight=s.weight, temperature=s.temperature, loss=s.loss, scope=cfg.kd_scope, targets="online", top_k=None,
         cache=None, cache_hit=None, seconds=0.0,
     )  # fmt: skip
-    if cfg.kd_cache == "off":
+    if s.hidden_weight > 0:
+        stats.hidden_weight, stats.hidden_loss = s.hidden_weight, s.hidden_loss
+        stats.hidden_layers = list(s.hidden_layers)
+    if cfg.kd_cache == "off" or s.hidden_weight > 0:  # hidden states are the batch's own: the teacher runs online
         return stats, teacher.model
     t = time.perf_counter()
     key = kd_cache.cache_key(teacher.source, train_ex, s)
@@ -343,23 +350,7 @@ def _finetune(
 ):
     """Fine-tune the student (LoRA or full) on every rank; the trained model and the raw history."""
     t = time.perf_counter()
-    settings = TrainSettings(
-        adapter=cfg.adapter,
-        rank=cfg.lora_rank,
-        alpha=cfg.lora_alpha,
-        dropout=cfg.lora_dropout,
-        target_modules=list(cfg.target_modules),
-        lr=cfg.lr,
-        batch_size=cfg.batch_size,
-        micro_batch_size=cfg.micro_batch_size,
-        epochs=cfg.epochs,
-        warmup_ratio=cfg.warmup_ratio,
-        seed=cfg.seed,
-        kd=kd_settings(cfg),
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        checkpoint_dir=stage / CHECKPOINTS if cfg.checkpoint_steps > 0 else None,
-        checkpoint_steps=cfg.checkpoint_steps,
-    )
+    settings = TrainSettings.from_config(cfg, checkpoint_dir=stage / CHECKPOINTS)
     pad_id = tokens.pad_id(student.tokenizer)
     trained, history = fine_tune(
         student.model, train_ex, eval_ex, settings, pad_id=pad_id, online_teacher=online_teacher

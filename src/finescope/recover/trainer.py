@@ -97,7 +97,7 @@ def _trainer_class():
         def __init__(self, *args, kd, online: OnlineTeacher | None, **kwargs):
             super().__init__(*args, **kwargs)
             self.kd, self.online = kd, online
-            self.step_sums = torch.zeros(2, dtype=torch.float64)  # this rank's CE and KD sums in the current step
+            self.step_sums = torch.zeros(3, dtype=torch.float64)  # this rank's CE, KD, hidden sums in the step
             self.step_counts = torch.zeros(2, dtype=torch.float64)  # the step's global CE and KD token counts
 
         def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
@@ -109,30 +109,32 @@ def _trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             teacher = _pop_teacher(inputs)
-            ce, kd_sum = batch_loss(model, inputs, self.kd, teacher, self.online)
+            terms = batch_loss(model, inputs, self.kd, teacher, self.online)
             if num_items_in_batch is None:  # outside a training step: this batch's own counts
                 num_items_in_batch = _counts([inputs])
             n_ce, n_kd = num_items_in_batch.tolist()
             self.step_counts = num_items_in_batch.detach().double().cpu()
-            self.step_sums[0] += float(ce.detach())
-            if kd_sum is not None:
-                self.step_sums[1] += float(kd_sum.detach())
+            for i, term in enumerate(terms):
+                if term is not None:
+                    self.step_sums[i] += float(term.detach())
             # DDP (and DeepSpeed) average gradients over ranks; each rank's share of the global mean is summed.
-            loss = mixed_loss(ce, kd_sum, n_ce, n_kd, self.kd) * self.accelerator.num_processes
+            loss = mixed_loss(terms, n_ce, n_kd, self.kd) * self.accelerator.num_processes
             return (loss, None) if return_outputs else loss
 
-        def take_step_means(self) -> tuple[float, float | None]:
-            """The finished step's token-weighted mean loss and mean KD term (None without KD), over every rank."""
+        def take_step_means(self) -> tuple[float, float | None, float | None]:
+            """The finished step's token-weighted mean loss, mean KD term and mean hidden-state term (None when
+            off), over every rank."""
             sums = self.step_sums.to(self.args.device)
             if self.accelerator.num_processes > 1:
                 sums = self.accelerator.reduce(sums, reduction="sum")
-            ce_sum, kd_sum = (float(x) for x in sums.cpu().tolist())
+            ce_sum, kd_sum, hidden_sum = (float(x) for x in sums.cpu().tolist())
             n_ce, n_kd = (max(float(x), 1.0) for x in self.step_counts.tolist())
-            self.step_sums = torch.zeros(2, dtype=torch.float64)
-            if self.kd.weight == 0:
-                return ce_sum / n_ce, None
-            kd_mean = kd_sum / n_kd
-            return (1 - self.kd.weight) * ce_sum / n_ce + self.kd.weight * kd_mean, kd_mean
+            self.step_sums = torch.zeros(3, dtype=torch.float64)
+            kd_mean = kd_sum / n_kd if self.kd.weight > 0 else None
+            hidden_mean = hidden_sum / n_kd if self.kd.hidden_weight > 0 else None
+            loss = (1 - self.kd.weight) * ce_sum / n_ce if kd_mean is not None else ce_sum / n_ce
+            loss += self.kd.weight * (kd_mean or 0.0) + self.kd.hidden_weight * (hidden_mean or 0.0)
+            return loss, kd_mean, hidden_mean
 
     return CompletionTrainer
 
@@ -164,14 +166,18 @@ def _history_callback(trainer, held_out: list[Example], pad_id: int, micro: int,
             self.bar = progress(total=state.max_steps, initial=state.global_step, desc=desc, unit="step")
 
         def on_step_end(self, args, state, control, **kw):
-            loss, kd = trainer.take_step_means()
+            loss, kd, hidden = trainer.take_step_means()
             point = {
                 "step": state.global_step,
                 "epoch": max(1, math.ceil(state.epoch - 1e-9)),
                 "loss": loss,
                 "lr": kw["lr_scheduler"].get_last_lr()[0],
             }
-            history["train_loss"].append(point if kd is None else {**point, "kd": kd})
+            if kd is not None:
+                point["kd"] = kd
+            if hidden is not None:
+                point["hidden"] = hidden
+            history["train_loss"].append(point)
             if self.bar is not None:  # postfix first, without a redraw: in a log, update() draws at most every 30 s
                 self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
                 self.bar.update(1)
@@ -268,7 +274,7 @@ def fine_tune(
     if not train:
         raise FinetuneError("no training examples left (every record's prompt fills max_length)")
     world = distributed.ranks().world
-    online = OnlineTeacher(online_teacher) if online_teacher is not None and s.kd.weight > 0 else None
+    online = OnlineTeacher(online_teacher) if online_teacher is not None and s.kd.needs_teacher else None
     s = dataclasses.replace(s, bf16=_use_bf16(model, s))  # decided on the loaded dtype, before any upcast
     load_dtype = next(model.parameters()).dtype
     if s.adapter == "full":

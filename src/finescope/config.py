@@ -77,7 +77,7 @@ Fraction = Annotated[float, Range(min=0, max=1, min_open=True, max_open=True)]
 
 
 # ================================================================================================ stage configs
-# Defaults are METHOD.md's faithful defaults where it gives one.
+# Defaults are the paper's where it gives one (docs/method.md §7 lists where they depart from it).
 
 CurateMethod = Literal["sae", "embedding", "dsir", "random", "full", "hybrid"]
 """Values of CurateConfig.method."""
@@ -87,7 +87,7 @@ Selector = Literal["jacobian", "gradient", "magnitude", "variance", "pca", "rand
 
 @dataclass
 class CurateConfig:
-    """Stage 1: SAE-guided selection of domain records from a pool (METHOD.md §2)."""
+    """Stage 1: SAE-guided selection of domain records from a pool (docs/method.md §2)."""
 
     model: str = "default"
     """Model: "default" (embedded SmolLM2-135M-Instruct), a local HF folder, a hub id, or a .gguf file."""
@@ -166,7 +166,7 @@ class CurateConfig:
 
 @dataclass
 class PruneConfig:
-    """Stage 2: domain-calibrated structured pruning to a stock-loadable model (METHOD.md §3)."""
+    """Stage 2: domain-calibrated structured pruning to a stock-loadable model (docs/method.md §3)."""
 
     model: str = "default"
     """Model to prune: "default", a local HF folder, a hub id, or a .gguf file."""
@@ -223,7 +223,7 @@ class PruneConfig:
 
 @dataclass
 class RecoverConfig:
-    """Stage 3: teacher-guided distillation + LoRA fine-tuning of the pruned model (METHOD.md §4)."""
+    """Stage 3: teacher-guided distillation + LoRA fine-tuning of the pruned model (docs/method.md §4)."""
 
     teacher: str = ""
     """Teacher that rewrites responses (and gives the KD targets); empty = the model the student was pruned from (read from the prune stage's config.json)."""

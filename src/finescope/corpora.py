@@ -1,4 +1,4 @@
-"""Embedded corpora built from the packaged assets (DESIGN.md §6): the default pool, the generic reference corpus,
+"""Embedded corpora built from the packaged assets (docs/design.md §7): the default pool, the generic reference corpus,
 and the seed presets. Stages and the pipeline read them from here; this module knows no stage.
 
 Default pool (`default_pool_path()`, built once into `$FINESCOPE_HOME/pools/`), every record tagged with a

@@ -1,4 +1,4 @@
-"""Read records from every supported format and normalise them to the Record contract (DESIGN.md §4).
+"""Read records from every supported format and normalise them to the Record contract (docs/design.md §8).
 
 A record is `{"id", "instruction", "response"}` (instruction data) or `{"id", "text"}` (plain text), plus any
 extra fields carried through untouched. Accepted aliases: Alpaca `instruction`/`input`/`output`,

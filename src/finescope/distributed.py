@@ -1,4 +1,4 @@
-"""Data-parallel ranks: one code path for 1 process, N local processes and N GPUs on several nodes (DESIGN.md §5b).
+"""Data-parallel ranks: one code path for 1 process, N local processes and N GPUs on several nodes (docs/design.md §6).
 
 A stage launched by `torchrun` or `accelerate launch` (they set RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT)
 joins the process group on first use; launched plainly it is rank 0 of 1 and every collective below is a no-op,

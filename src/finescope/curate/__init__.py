@@ -1,4 +1,4 @@
-"""Stage 1, curate: SAE-guided selection of a domain's records from a pool (METHOD.md §2).
+"""Stage 1, curate: SAE-guided selection of a domain's records from a pool (docs/method.md §2).
 
     finescope curate --model default --pool default --seeds preset:math --out runs/demo/curate --top-m 100
 

@@ -1,4 +1,4 @@
-"""Choose the K activation coordinates at hook layer ℓ that the SAE reads (METHOD.md §2.2).
+"""Choose the K activation coordinates at hook layer ℓ that the SAE reads (docs/method.md §2.2).
 
 Selectors (per-coordinate score over reference texts; the top K are kept):
 - `jacobian` (v3, default): ‖∂a_j/∂e(x)‖ estimated with R Rademacher probes pushed through Jacobian-vector

@@ -1,4 +1,4 @@
-"""`finescope curate`: select a domain's records from a pool with SAE codes (stage 1, METHOD.md §2).
+"""`finescope curate`: select a domain's records from a pool with SAE codes (stage 1, docs/method.md §2).
 
     finescope curate --model default --pool default --seeds preset:math --out runs/demo/curate --top-m 100
 

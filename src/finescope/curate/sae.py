@@ -1,4 +1,4 @@
-"""A small sparse autoencoder over K selected activation coordinates (METHOD.md §2.3), saved in SAELens layout.
+"""A small sparse autoencoder over K selected activation coordinates (docs/method.md §2.3), saved in SAELens layout.
 
 Two variants: `topk` (TopK activation, AuxK dead-latent loss; v3, the default) and `relu` (ReLU + L1; v1).
 Decoder rows are unit-norm (renormalised after every step, gradient parallel to them removed); the decoder bias

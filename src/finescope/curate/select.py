@@ -1,4 +1,4 @@
-"""Score pool records against seeds and pick the selection (METHOD.md §2.5).
+"""Score pool records against seeds and pick the selection (docs/method.md §2.5).
 
 Score = max cosine similarity over seeds (multi-prototype rule). Modes:
 - `global`: the top-M records by score;

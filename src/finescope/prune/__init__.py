@@ -1,4 +1,4 @@
-"""Stage 2, prune: domain-calibrated structured pruning to a stock-loadable model (METHOD.md §3).
+"""Stage 2, prune: domain-calibrated structured pruning to a stock-loadable model (docs/method.md §3).
 
     finescope prune --model default --data runs/demo/curate/selected.jsonl --ratio 0.35 --out runs/demo/prune
 

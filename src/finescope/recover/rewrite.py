@@ -24,7 +24,7 @@ from ..generation import generate
 from ..hashing import sha256_hex
 from ..storage import write_atomic
 
-# SDFT's `alpaca_distill_using` template (Yang et al., 2024), the faithful default (METHOD.md §8 item 9).
+# SDFT's `alpaca_distill_using` template (Yang et al., 2024), the faithful default (docs/method.md §4.1).
 DISTILL_SYSTEM = (
     "Below are an instruction that describes a task along with a reference answer. "
     "Using the reference answer as a guide, write your own response."

@@ -40,6 +40,7 @@ def pytest_collection_modifyitems(config, items):
             raise pytest.UsageError(f"{rel}::{item.name}: marked slow but not in tests/slow (the folder is the tier)")
         item.add_marker(getattr(pytest.mark, tier))
 
+
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma3")
 
 CORPUS = [
@@ -173,6 +174,19 @@ def hold_lock(path, ready):
         assert proc.poll() is None and time.monotonic() < deadline, "lock holder did not start"
         time.sleep(0.05)
     return proc
+
+
+def sandbox_capabilities() -> dict:
+    """What this machine lets the code sandbox enforce (what the sandbox tests may expect): Landlock ABI (0 = none)
+    and whether we can drop to an unprivileged user."""
+    import ctypes
+
+    abi = 0
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        abi = max(0, int(libc.syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))))
+    return {"landlock_abi": abi, "drops_privileges": os.geteuid() == 0}
 
 
 @pytest.fixture

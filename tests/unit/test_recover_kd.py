@@ -17,12 +17,13 @@ from finescope.recover.distill import KdSettings, OnlineTeacher, kd_summed, kl_f
 from finescope.recover.finetune import (
     FinetuneError,
     TrainSettings,
+    batch_loss,
     build_examples,
     collate,
     mixed_loss,
     save_trained,
-    step_loss,
     summed_loss,
+    teacher_targets,
 )
 from finescope.recover.run import RecoverError, run
 from finescope.recover.sources import next_ranked
@@ -30,6 +31,12 @@ from finescope.recover.trainer import fine_tune
 from test_recover import RECORDS, _cfg, write_records
 
 # ================================================================================================ the loss
+
+
+def step_loss(model, examples, pad_id: int, kd: KdSettings, online: OnlineTeacher | None = None):
+    """The trainer's `batch_loss` of a list of examples (their cached teacher targets unless `online`)."""
+    teacher = teacher_targets(examples) if kd.weight > 0 and online is None else None
+    return batch_loss(model, collate(examples, pad_id), kd, teacher, online)
 
 
 def _hand_kl(s: torch.Tensor, t: torch.Tensor, tau: float, direction: str) -> torch.Tensor:

@@ -205,14 +205,6 @@ def batch_loss(
     return ce, kd_summed(logits, kd_positions(batch).to(device), target, kd)
 
 
-def step_loss(
-    model, examples: list[Example], pad_id: int, kd: KdSettings, online: OnlineTeacher | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`batch_loss` of a list of examples (their cached teacher targets unless `online`)."""
-    teacher = teacher_targets(examples) if kd.weight > 0 and online is None else None
-    return batch_loss(model, collate(examples, pad_id), kd, teacher, online)
-
-
 def mixed_loss(ce: torch.Tensor, kd_sum: torch.Tensor | None, n_ce: float, n_kd: float, kd: KdSettings) -> torch.Tensor:
     """The token-weighted training loss: CE / n_ce, or (1 − α)·CE / n_ce + α·KD / n_kd with distillation."""
     if kd_sum is None:

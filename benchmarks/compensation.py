@@ -22,6 +22,7 @@ import random
 import statistics
 import sys
 import time
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -116,7 +117,7 @@ def main() -> None:
             ridges = [float(r) for r in args.ridges.split(",")] if compensate.needs_gram(mode) else [0.0]
             for inputs in args.inputs.split(",") if mode != "none" else ["dense"]:
                 for ridge in ridges:
-                    model = copy.deepcopy(dense)
+                    model: Any = copy.deepcopy(dense)  # a transformers model (save_pretrained), not a bare Module
                     h = type("Handle", (), {})()
                     h.model, h.adapter = model, type(handle.adapter)(model)
                     t0 = time.perf_counter()

@@ -21,6 +21,7 @@ import contextlib
 import json
 import statistics
 import time
+from typing import cast
 
 import torch
 
@@ -109,7 +110,7 @@ def time_criteria(tok, texts, stop, new_tokens, repeats=50) -> dict:
     torch.manual_seed(0)
     rows = [encode_prompt(tok, t) for t in texts]
     batch = pad_batch(rows, pad_id(tok), side="left")["input_ids"]
-    ids = torch.cat([batch, torch.randint(0, len(tok), (batch.shape[0], new_tokens))], dim=1)
+    ids = cast(torch.LongTensor, torch.cat([batch, torch.randint(0, len(tok), (batch.shape[0], new_tokens))], dim=1))
     ours = generation._StopOnSequences(tok, batch.shape[1], stop)
     theirs = StopStringCriteria(tok, stop)
     out = {}

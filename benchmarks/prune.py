@@ -102,7 +102,7 @@ def nll(model, batches) -> float:
 @torch.no_grad()
 def latency_ratio(dense, pruned, tokens: int = 256, batch: int = 4, repeats: int = 5) -> dict:
     ids = torch.randint(100, 20000, (batch, tokens), generator=torch.Generator().manual_seed(0))
-    times = {"dense": [], "pruned": []}
+    times: dict[str, list[float]] = {"dense": [], "pruned": []}
     for m in (dense, pruned):
         m(input_ids=ids)  # warm-up
     for _ in range(repeats):  # alternate, so load from other processes hits both alike

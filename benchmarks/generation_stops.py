@@ -176,7 +176,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-real", action="store_true", help="only the tiny random model")
+    ap.add_argument(
+        "--smoke", action="store_true", help="the cheapest mode (the test suite's): --skip-real, 1 repeat, 4 tokens"
+    )
     args = ap.parse_args()
+    if args.smoke:
+        args.skip_real, args.repeats, args.new_tokens = True, 1, 4
     from transformers import LlamaConfig, LlamaForCausalLM
 
     real = load("default")

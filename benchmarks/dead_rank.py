@@ -9,7 +9,7 @@ Each round runs the job twice in fresh processes: once with rank 1 exiting befor
 both ranks reaching it (`healthy`, the launcher's own start and stop cost). The JSON gives each round's wall time,
 the medians, whether the survivors exited non-zero with finescope's one-line message, and `dead_minus_healthy_s`:
 the part of the wait the timeout accounts for (expected: about the timeout, far below 2x). This figure used to be
-asserted in tests/test_distributed.py (< 120 s); a wall time is a benchmark's figure, not a test's.
+asserted in tests/integration/test_distributed.py (< 120 s); a wall time is a benchmark's figure, not a test's.
 """
 
 from __future__ import annotations

@@ -29,8 +29,9 @@ run: setup
 test: setup lint
 	$(BIN)/python -m pytest --durations=15
 
+# tests/unit only: in-process tests on tiny models (tests/integration and tests/slow are `make test`'s too).
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest tests/unit
 
 lint: setup
 	$(BIN)/ruff format --check src tests benchmarks

@@ -22,6 +22,7 @@ import random
 import statistics
 import sys
 import time
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -50,9 +51,16 @@ def gsm8k_subsets(tune_n: int, report_n: int) -> dict[str, list[dict]]:
 
 
 @torch.no_grad()
+def token_ids(model, shape: tuple[int, ...]) -> torch.Tensor:
+    """Random token ids for a timing forward: ids 100…20,000 of a real vocabulary (any id of a tiny test model's)."""
+    vocab = model.config.vocab_size
+    low, high = (100, 20000) if vocab >= 20000 else (0, vocab)
+    return torch.randint(low, high, shape, generator=torch.Generator().manual_seed(0))
+
+
 def reference_throughput(model) -> float:
     """Tokens/s of a plain forward (batch 8 × 128 tokens), median of 3."""
-    ids = torch.randint(100, 20000, (8, 128), generator=torch.Generator().manual_seed(0))
+    ids = token_ids(model, (8, 128))
     model(input_ids=ids[:2, :16])
     rates = []
     for _ in range(3):
@@ -81,9 +89,18 @@ def main() -> None:
     ap.add_argument("--calib-length", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save", default=None, help="folder: save each pruned model there (for recovery runs)")
+    ap.add_argument("--model", default="default", help="the model to prune (default: the embedded SmolLM2)")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the cheapest mode (the test suite runs it on a tiny model): wanda_sp importance, modes none and "
+        "refit, 4 calibration records of 32 tokens",
+    )
     args = ap.parse_args()
 
-    handle = load("default", device="cpu")
+    if args.smoke:
+        args.importance, args.modes, args.calib_samples, args.calib_length = "wanda_sp", "none,refit", 4, 32
+    handle = load(args.model, device="cpu")
     dense, tok = handle.model, handle.tokenizer
     plan = solve(model_shapes(handle.adapter, dense), args.ratio)
     subsets = gsm8k_subsets(64, 60)
@@ -96,7 +113,7 @@ def main() -> None:
         tok, records, samples=args.calib_samples, length=args.calib_length, batch_size=8, seed=args.seed
     )
     result: dict = {
-        "model": "SmolLM2-135M-Instruct (embedded default)",
+        "model": "SmolLM2-135M-Instruct (embedded default)" if args.model == "default" else args.model,
         "reference_forward_tok_s": reference_throughput(dense),
         "threads": torch.get_num_threads(),
         "ratio_target": args.ratio,
@@ -116,7 +133,7 @@ def main() -> None:
             ridges = [float(r) for r in args.ridges.split(",")] if compensate.needs_gram(mode) else [0.0]
             for inputs in args.inputs.split(",") if mode != "none" else ["dense"]:
                 for ridge in ridges:
-                    model = copy.deepcopy(dense)
+                    model: Any = copy.deepcopy(dense)  # a transformers model (save_pretrained), not a bare Module
                     h = type("Handle", (), {})()
                     h.model, h.adapter = model, type(handle.adapter)(model)
                     t0 = time.perf_counter()

@@ -16,6 +16,7 @@ import os
 import platform
 import sys
 import time
+from typing import Literal
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -45,6 +46,7 @@ def main() -> int:
 
     start = time.perf_counter()
     handle = load(args.model)
+    plan: list[tuple[str, int, Literal["letter", "cloze", "both"]]]
     plan = [(f"mmlu:{g}", args.mmlu, "both") for g in ("stem", "humanities", "social_sciences", "other")]
     plan += [("gsm8k", args.gsm8k, "cloze"), ("humaneval", args.humaneval, "cloze"), ("nll:math", args.nll, "cloze")]
     plan = [p for p in plan if p[0].split(":")[0] in only]

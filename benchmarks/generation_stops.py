@@ -21,6 +21,7 @@ import contextlib
 import json
 import statistics
 import time
+from typing import cast
 
 import torch
 
@@ -109,7 +110,7 @@ def time_criteria(tok, texts, stop, new_tokens, repeats=50) -> dict:
     torch.manual_seed(0)
     rows = [encode_prompt(tok, t) for t in texts]
     batch = pad_batch(rows, pad_id(tok), side="left")["input_ids"]
-    ids = torch.cat([batch, torch.randint(0, len(tok), (batch.shape[0], new_tokens))], dim=1)
+    ids = cast(torch.LongTensor, torch.cat([batch, torch.randint(0, len(tok), (batch.shape[0], new_tokens))], dim=1))
     ours = generation._StopOnSequences(tok, batch.shape[1], stop)
     theirs = StopStringCriteria(tok, stop)
     out = {}
@@ -175,7 +176,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-real", action="store_true", help="only the tiny random model")
+    ap.add_argument(
+        "--smoke", action="store_true", help="the cheapest mode (the test suite's): --skip-real, 1 repeat, 4 tokens"
+    )
     args = ap.parse_args()
+    if args.smoke:
+        args.skip_real, args.repeats, args.new_tokens = True, 1, 4
     from transformers import LlamaConfig, LlamaForCausalLM
 
     real = load("default")

@@ -11,7 +11,7 @@
 #   launch_all  one stage (eval nll:math + gsm8k on 64 questions) under `accelerate launch` with every GPU, and
 #               the same in one process: values must agree (1e-3 relative: bf16 sums in another batch order)
 #   ranks       with ≥ 2 GPUs: benchmarks/ranks.py with N = GPU count (1 vs N per stage, same_output per stage);
-#               with 1 GPU: the CPU equivalence tests (tests/test_distributed.py, gloo, CUDA hidden)
+#               with 1 GPU: the CPU equivalence tests (tests/integration/test_distributed.py, gloo, CUDA hidden)
 #   full_eval   the dense default on the whole of MMLU (cloze), GSM8K (8-shot CoT) and HumanEval (pass@1, code
 #               execution on): the figures README → Evaluation quotes from CPU subsets
 # Nothing here is faked on CPU: without CUDA the script stops after `env` with "no CUDA". SMOKE=1 runs every
@@ -67,7 +67,7 @@ if [ "$SMOKE" = 1 ]; then
 elif [ "$NGPU" -ge 2 ]; then
   step ranks bash -c "'$PY' benchmarks/ranks.py --processes $NGPU --out '$OUT/ranks' > '$OUT/ranks.json'"
 else
-  step ranks env CUDA_VISIBLE_DEVICES= "$PY" -m pytest -q -p no:warnings tests/test_distributed.py
+  step ranks env CUDA_VISIBLE_DEVICES= "$PY" -m pytest -q -p no:warnings tests/integration/test_distributed.py
 fi
 
 step full_eval "$PY" -m finescope eval --model default --tasks mmlu,gsm8k,humaneval --limit "$FULL_LIMIT" --batch-size 64 \

@@ -255,14 +255,14 @@ def build_labelled_pool(scale: float = 1.0, seed: int = 0) -> tuple[list[dict], 
             claim(rng.sample(recs, min(scaled(n), len(recs))), domain, scaled(n), src)
     for kind, parts, ranking in DISTRACTORS:
         for names, n in parts:
-            sources = _matching(available, names)
+            matched = _matching(available, names)
             if ranking is not None:
                 claim(
-                    _rank([r for s in sources for r in available[s]], ranking, rng)[: scaled(n)], kind, scaled(n), names
+                    _rank([r for s in matched for r in available[s]], ranking, rng)[: scaled(n)], kind, scaled(n), names
                 )
                 continue
-            for src in sources:
-                want = scaled(n // len(sources))
+            for src in matched:
+                want = scaled(n // len(matched))
                 claim(rng.sample(available[src], min(want, len(available[src]))), kind, want, src)
     rng.shuffle(pool)
     return pool, _composition(pool, dropped, shortfall, scale)

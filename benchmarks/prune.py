@@ -99,10 +99,17 @@ def nll(model, batches) -> float:
     return total / count
 
 
+def token_ids(model, shape: tuple[int, ...]) -> torch.Tensor:
+    """Random token ids for a timing forward: ids 100…20,000 of a real vocabulary (any id of a tiny test model's)."""
+    vocab = model.config.vocab_size
+    low, high = (100, 20000) if vocab >= 20000 else (0, vocab)
+    return torch.randint(low, high, shape, generator=torch.Generator().manual_seed(0))
+
+
 @torch.no_grad()
 def latency_ratio(dense, pruned, tokens: int = 256, batch: int = 4, repeats: int = 5) -> dict:
-    ids = torch.randint(100, 20000, (batch, tokens), generator=torch.Generator().manual_seed(0))
-    times = {"dense": [], "pruned": []}
+    ids = token_ids(dense, (batch, tokens))
+    times: dict[str, list[float]] = {"dense": [], "pruned": []}
     for m in (dense, pruned):
         m(input_ids=ids)  # warm-up
     for _ in range(repeats):  # alternate, so load from other processes hits both alike
@@ -166,10 +173,20 @@ def main() -> None:
         "--curated", default=None, help="a curate stage's selected.jsonl (default: a fixed math set, not a curation)"
     )
     ap.add_argument("--skip-stage-run", action="store_true")
+    ap.add_argument("--model", default="default", help="the model to prune (default: the embedded SmolLM2)")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the cheapest mode (the test suite runs it on a tiny model): magnitude importance, 4 calibration "
+        "records of 32 tokens, 4 NLL samples, no stage run",
+    )
     args = ap.parse_args()
+    if args.smoke:
+        args.importance, args.calib_samples, args.calib_length, args.nll_samples = "magnitude", 4, 32, 4
+        args.skip_stage_run = True
     torch.manual_seed(args.seed)
 
-    handle = load("default", device="cpu")
+    handle = load(args.model, device="cpu")
     dense, tok = handle.model, handle.tokenizer
     shapes = model_shapes(handle.adapter, dense)
     plan = solve(shapes, args.ratio)
@@ -182,7 +199,7 @@ def main() -> None:
         for name, recs in sources.items()
     }
     result = {
-        "model": "SmolLM2-135M-Instruct (embedded default)",
+        "model": "SmolLM2-135M-Instruct (embedded default)" if args.model == "default" else args.model,
         "device": "cpu",
         "threads": torch.get_num_threads(),
         "ratio_target": args.ratio,

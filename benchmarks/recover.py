@@ -76,7 +76,10 @@ def gsm8k_nll_records(n: int) -> list[dict]:
 def domain_nll(model_dir: str, records: list[dict]) -> float:
     h = load(model_dir, device="cpu")
     examples, _ = build_examples(h.tokenizer, records, max_length=512)
-    return round(mean_loss(h.model, examples, h.tokenizer.pad_token_id, micro_batch_size=8), 4)
+    loss = mean_loss(h.model, examples, h.tokenizer.pad_token_id, micro_batch_size=8)
+    if loss is None:
+        raise SystemExit(f"{model_dir}: no NLL record fits 512 tokens")
+    return round(loss, 4)
 
 
 # ------------------------------------------------------------------------------------------------ pruning

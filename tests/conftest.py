@@ -1,13 +1,45 @@
-"""Tiny random models of every supported family and a tiny tokenizer, built in-process in seconds."""
+"""Shared by every tier: tiny random models of every supported family and a tiny tokenizer, built in-process in
+seconds; the tier marks.
+
+Tiers are folders, and the folder decides a test's mark (`pytest_collection_modifyitems` below):
+- tests/unit: in-process, tiny models, seconds each (`make test-fast` runs only these);
+- tests/integration: subprocesses, torchrun, kill/resume, the CLI end to end on tiny models;
+- tests/slow: the real embedded SmolLM2 model, fresh assets, anything beyond ~20 s.
+Tests of one tier import helpers from test modules of another (`from test_curate import _cfg`), so every tier
+folder is on sys.path; test file names are unique across tiers.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub
 
 import pytest
 import torch
+
+TIERS = ("unit", "integration", "slow")
+_HERE = Path(__file__).resolve().parent
+for _tier in TIERS:
+    if str(_HERE / _tier) not in sys.path:
+        sys.path.insert(0, str(_HERE / _tier))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark each test with its folder's tier (`-m "not slow"` / `-m unit` select by folder); a test outside the
+    tier folders, or one marked `slow` outside tests/slow, is an error: the folder is the one declaration."""
+    for item in items:
+        path = Path(str(item.fspath)).resolve()
+        rel = path.relative_to(_HERE) if path.is_relative_to(_HERE) else path
+        tier = rel.parts[0] if path.is_relative_to(_HERE) and len(rel.parts) > 1 else None
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{rel}: a test file must live in one of tests/{{{','.join(TIERS)}}}")
+        if tier != "slow" and item.get_closest_marker("slow") is not None:
+            raise pytest.UsageError(f"{rel}::{item.name}: marked slow but not in tests/slow (the folder is the tier)")
+        item.add_marker(getattr(pytest.mark, tier))
+
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma3")
 
@@ -142,6 +174,19 @@ def hold_lock(path, ready):
         assert proc.poll() is None and time.monotonic() < deadline, "lock holder did not start"
         time.sleep(0.05)
     return proc
+
+
+def sandbox_capabilities() -> dict:
+    """What this machine lets the code sandbox enforce (what the sandbox tests may expect): Landlock ABI (0 = none)
+    and whether we can drop to an unprivileged user."""
+    import ctypes
+
+    abi = 0
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        abi = max(0, int(libc.syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))))
+    return {"landlock_abi": abi, "drops_privileges": os.geteuid() == 0}
 
 
 @pytest.fixture

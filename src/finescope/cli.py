@@ -20,11 +20,13 @@ from pathlib import Path
 
 from . import FinescopeError, __version__, distributed
 from .assets import PACKAGES
-from .config import add_config_arguments, config_from_args, load_config
+from .config import add_config_arguments, config_from_args, load_config, to_dict
 from .messages import one_line
 from .stages import STAGES, Stage
 
 PACKAGE_KEYS = tuple(PACKAGES)
+# The preset `finescope run` takes without --config; a stage's --help names where its values differ.
+RUN_PRESET = "default"
 
 
 def _run_stage(stage: Stage, args: argparse.Namespace) -> int:
@@ -211,12 +213,42 @@ def _add_report(sub) -> None:
     p.set_defaults(func=_cmd_report)
 
 
+def _preset_section(name: str) -> dict:
+    """The `name` section of the packaged preset `finescope run` uses by default (configs/<RUN_PRESET>.yaml)."""
+    import yaml
+
+    data = yaml.safe_load((Path(__file__).parent / "configs" / f"{RUN_PRESET}.yaml").read_text(encoding="utf-8"))
+    section = (data or {}).get(name)
+    return section if isinstance(section, dict) else {}
+
+
+def _shown(value) -> str:
+    return "none" if value is None else ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def _add_stage(sub, stage: Stage) -> None:
-    """`finescope <stage>`: --out, --config, and one flag per field of the stage's config."""
-    p = sub.add_parser(stage.name, help=stage.help, description=(stage.config.__doc__ or stage.help).strip())
+    """`finescope <stage>`: --out, --config, and one flag per field of the stage's config. A stage run by hand starts
+    from the config class's defaults (the method's own sizes); `finescope run` from a preset's section: each flag's
+    help names the preset's value where the two differ (read from the preset, declared nowhere else)."""
+    preset = f"configs/{RUN_PRESET}.yaml"
+    p = sub.add_parser(
+        stage.name,
+        help=stage.help,
+        description=(stage.config.__doc__ or stage.help).strip(),
+        epilog=f"Defaults: a stage run by hand takes the {stage.config.__name__} defaults shown as [default: …] (the "
+        f"method's own sizes). `finescope run` takes the `{stage.name}:` section of its preset instead "
+        f"({preset}, the embedded default, unless --config names another); where that preset sets another value, "
+        f"the flag's help says so (each variant of the run then sets its own switches: the kd fields reach the kd "
+        "variants only). Pass those values as flags (or --config YAML) to run by hand what the pipeline runs.",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder of the stage")
     p.add_argument("--config", metavar="YAML", help="YAML file with this stage's fields (flags override it)")
     add_config_arguments(p, stage.config)
+    defaults, in_preset = to_dict(stage.config()), _preset_section(stage.name)
+    for action in p._actions:
+        if action.dest in in_preset and in_preset[action.dest] != defaults.get(action.dest) and action.help:
+            shown = _shown(in_preset[action.dest]).replace("%", "%%")  # argparse %-formats help strings
+            action.help = f"{action.help[:-1]}; `finescope run` ({preset}): {shown}]"
     p.set_defaults(func=partial(_run_stage, stage))
 
 

@@ -35,7 +35,6 @@ from .storage import write_json_atomic, write_jsonl_atomic
 
 POOL_VERSION = "v2"
 EVALS_PER_SET = 20
-MATHQA_SAMPLES = 1500
 # The English maths sets of the evals registry whose every row enters the default pool (the others give 20 each):
 # word problems, equations, probability, counting, series and JEE questions. Not here: sets of bare formulas
 # (count_intersections_polynomial), number words in other languages, and the sets named after an eval benchmark.
@@ -105,18 +104,6 @@ def _evals_record(line: str) -> dict | None:
     if not isinstance(prompt, str) or not isinstance(ideal, str) or not prompt.strip() or not ideal.strip():
         return None
     return {"instruction": prompt.strip(), "response": ideal.strip()}
-
-
-def mathqa_rows(rng: random.Random) -> list[dict]:
-    """1,500 BIG-bench MathQA problems (the optional `bigbench` asset: its archive must be at hand)."""
-    path = assets.package_file("bigbench", "bigbench/benchmark_tasks/elementary_math_qa/question_only/task.json")
-    examples = json.loads(path.read_text(encoding="utf-8"))["examples"]
-    rows = []
-    for ex in rng.sample(examples, min(MATHQA_SAMPLES, len(examples))):
-        answer = next((k for k, v in ex["target_scores"].items() if v == 1), None)
-        if answer is not None:
-            rows.append({"instruction": ex["input"], "response": answer, "source": "bigbench/elementary_math_qa"})
-    return rows
 
 
 def _text_rows() -> list[dict]:

@@ -2,7 +2,7 @@
 
 Every cache key, content id and config hash of FineScope is made here, so each recipe exists once. The values
 are stored on disk (record ids, DONE markers, cache folder names): a recipe never changes silently, and
-tests/test_tokens.py pins known values. A lower layer: standard library only.
+tests/unit/test_tokens.py pins known values. A lower layer: standard library only.
 
     from finescope import hashing
     hashing.sha256_hex("text", 16)                   # first 16 hex digits of sha256("text")

@@ -55,9 +55,6 @@ class Job:
     folder: Path
     label: str
 
-    def as_dict(self) -> dict:
-        return {"stage": self.stage, "folder": str(self.folder), "config_hash": storage.config_hash(self.cfg)}
-
 
 def _folder(run_dir: Path, stage: str, label: str, cfg) -> Path:
     return run_dir / stage / f"{label}-{storage.config_hash(cfg)[:8]}"

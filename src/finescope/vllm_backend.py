@@ -14,7 +14,7 @@ same stage (log-likelihood tasks, the student). Prompts go to vLLM in chunks of 
 caller (`on_batch`, the teacher's partial file) loses at most one chunk when killed.
 
 Never run on a real GPU by the session that wrote it (none was lent): tested against a stand-in of the `vllm`
-API (tests/test_vllm_backend.py); `benchmarks/gpu_check.sh` exercises it where vLLM is installed.
+API (tests/unit/test_vllm_backend.py); `benchmarks/gpu_check.sh` exercises it where vLLM is installed.
 """
 
 from __future__ import annotations

@@ -101,7 +101,14 @@ class LatentStats:
         return self
 
     def transform(self, codes: torch.Tensor, weighting: str) -> torch.Tensor:
-        """The codes reweighted (see `weight_latents`)."""
+        """The pooled SAE codes reweighted from the pool statistics gathered by `add` (seeds get the same transform):
+
+        - `none`: the codes as they are (the paper);
+        - `center`: minus the pool's mean code, so latents that fire on every record stop dominating the cosine;
+        - `idf`: each latent times log((1 + N) / (1 + n_j)), n_j = pool records on which it fires (inverse document
+          frequency: a latent active on most of the pool carries no domain signal);
+        - `zscore`: centred and divided by the pool's standard deviation per latent.
+        """
         x = codes.float()
         if weighting == "none":
             return x
@@ -115,21 +122,6 @@ class LatentStats:
             var = (self.squares / max(self.n, 1) - (self.total / max(self.n, 1)).pow(2)).clamp_min(0)
             return (x - mean) / var.sqrt().float().clamp_min(1e-6)
         raise ValueError(f"unknown latent weighting {weighting!r}")
-
-
-def weight_latents(pool: torch.Tensor, seeds: torch.Tensor, weighting: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reweight pooled SAE codes before the cosine, from pool statistics (the seeds get the same transform).
-
-    - `none`: the codes as they are (the paper);
-    - `center`: minus the pool's mean code, so latents that fire on every record stop dominating the cosine;
-    - `idf`: each latent times log((1 + N) / (1 + n_j)), n_j = pool records on which it fires (inverse document
-      frequency: a latent active on most of the pool carries no domain signal);
-    - `zscore`: centred and divided by the pool's standard deviation per latent.
-    """
-    if weighting not in ("none", "center", "idf", "zscore"):
-        raise ValueError(f"unknown latent weighting {weighting!r}")
-    stats = LatentStats().add(pool) if weighting != "none" else LatentStats()
-    return stats.transform(pool, weighting), stats.transform(seeds, weighting)
 
 
 def seed_cosine(

@@ -343,18 +343,6 @@ def _user_process_count() -> int:
     return n
 
 
-def sandbox_capabilities() -> dict:
-    """What this machine can enforce: Landlock ABI (0 = none) and whether we can drop to an unprivileged user."""
-    import ctypes
-
-    abi = 0
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.syscall.restype = ctypes.c_long
-        abi = max(0, int(libc.syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))))
-    return {"landlock_abi": abi, "drops_privileges": os.geteuid() == 0}
-
-
 # ================================================================================================ pass@k
 
 

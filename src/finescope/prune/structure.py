@@ -59,9 +59,6 @@ class Shapes:
     def non_embedding(self) -> int:
         return self.total - self.embedding
 
-    def as_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
 
 def _numel(module: nn.Module | None) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())

@@ -251,14 +251,6 @@ def batch_loss(
     return Terms(ce, kd_sum, hidden_sum)
 
 
-def step_loss(
-    model, examples: list[Example], pad_id: int, kd: KdSettings, online: OnlineTeacher | None = None
-) -> Terms:
-    """`batch_loss` of a list of examples (their cached teacher targets unless `online`)."""
-    teacher = teacher_targets(examples) if kd.weight > 0 and online is None else None
-    return batch_loss(model, collate(examples, pad_id), kd, teacher, online)
-
-
 def mixed_loss(terms: Terms, n_ce: float, n_kd: float, kd: KdSettings) -> torch.Tensor:
     """The token-weighted training loss: (1 − α)·CE / n_ce + α·KD / n_kd + β·H / n_kd (CE / n_ce alone without
     distillation)."""

@@ -20,7 +20,6 @@ from finescope.evaluate.tasks import (
 TASK_DIR = Path(finescope.evaluate.__file__).parent / "lm_eval_tasks"
 
 
-@pytest.mark.slow
 def test_lm_eval_agrees_with_our_scorer(tmp_path, chat_tokenizer):
     pytest.importorskip("lm_eval")
     import torch

@@ -18,7 +18,7 @@ from finescope import storage
 from finescope.cli import STAGES, build_parser, main
 from finescope.config import CurateConfig, PruneConfig, _fields, _hints, _spec, config_from_args
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def _records(path: Path, n: int = 12) -> Path:

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -164,11 +163,14 @@ def test_a_dead_rank_makes_the_others_exit_with_a_clear_error(tmp_path):
             sys.exit(3)
         """,
     )
-    t = time.monotonic()
+    # How long the survivors take to give up is benchmarks/dead_rank.py's figure; a hang fails here by the timeout.
     proc = subprocess.run(
-        [*TORCHRUN, str(job)], env=_env(tmp_path, FINESCOPE_COLLECTIVE_TIMEOUT="20"), capture_output=True, text=True
+        [*TORCHRUN, str(job)],
+        env=_env(tmp_path, FINESCOPE_COLLECTIVE_TIMEOUT="20"),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
-    assert time.monotonic() - t < 120
     assert proc.returncode != 0
     assert "ERR rank 0/2: pool encoding failed" in proc.stderr and "another rank died or hangs" in proc.stderr
 
@@ -257,7 +259,7 @@ def test_eval_on_two_processes_gives_the_results_of_one_process(tiny_model_dirs,
     from finescope.config import EvalConfig
     from finescope.evaluate.run import run as eval_run
 
-    fix = Path(__file__).parent / "fixtures" / "eval"
+    fix = Path(__file__).parents[1] / "fixtures" / "eval"
     cfg = EvalConfig(
         model=str(tiny_model_dirs["llama"]),
         tasks=[

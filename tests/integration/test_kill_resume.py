@@ -45,7 +45,7 @@ import pytest
 
 from conftest import CORPUS
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 ATTEMPTS = 4  # tries to land a kill inside a narrow window (e.g. a 15 ms model save)
 RUN_TIMEOUT = 600  # generous: a loaded 2-core machine
 GONE_DEADLINE = 60  # seconds for the kernel to end the killed run's children

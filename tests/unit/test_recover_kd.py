@@ -10,26 +10,33 @@ import pytest
 import torch
 
 from conftest import build_model
-from finescope import FinescopeError, decontam
+from finescope import FinescopeError
 from finescope.config import ConfigError, PipelineConfig, RecoverConfig, apply_overrides
 from finescope.recover import kd_cache
 from finescope.recover.distill import KdSettings, OnlineTeacher, kd_summed, kl_full, kl_top_k, top_k_of
 from finescope.recover.finetune import (
     FinetuneError,
     TrainSettings,
+    batch_loss,
     build_examples,
     collate,
     mixed_loss,
     save_trained,
-    step_loss,
     summed_loss,
+    teacher_targets,
 )
 from finescope.recover.run import RecoverError, run
-from finescope.recover.sources import next_ranked, training_records
+from finescope.recover.sources import next_ranked
 from finescope.recover.trainer import fine_tune
 from test_recover import RECORDS, _cfg, write_records
 
 # ================================================================================================ the loss
+
+
+def step_loss(model, examples, pad_id: int, kd: KdSettings, online: OnlineTeacher | None = None):
+    """The trainer's `batch_loss` of a list of examples (their cached teacher targets unless `online`)."""
+    teacher = teacher_targets(examples) if kd.weight > 0 and online is None else None
+    return batch_loss(model, collate(examples, pad_id), kd, teacher, online)
 
 
 def _hand_kl(s: torch.Tensor, t: torch.Tensor, tau: float, direction: str) -> torch.Tensor:
@@ -350,36 +357,6 @@ def test_stage_with_full_fine_tuning(tmp_path, tiny_model_dirs):
 
 
 # ================================================================================================ data
-
-
-GSM8K_QUESTION = (
-    "Janet’s ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins for her friends "
-    "every day with four. She sells the remainder at the farmers' market daily for $2 per fresh duck egg. How much "
-    "in dollars does she make every day at the farmers' market?"
-)
-
-
-@pytest.mark.slow  # reads the embedded benchmarks (fetched on first use)
-def test_replay_and_next_ranked_records_never_contain_evaluation_data(tmp_path, tiny_model_dirs):
-    assert decontam.overlaps(GSM8K_QUESTION, decontam.eval_ngrams())
-    assert decontam.overlaps("Prefix words. " + GSM8K_QUESTION[:120] + " and more", decontam.eval_ngrams())
-    clean = "The committee met on Tuesday to discuss the budget for the new library and the repairs to the roof."
-    assert not decontam.overlaps(clean, decontam.eval_ngrams())
-    replay = write_records(
-        tmp_path / "replay.jsonl", [{"text": clean}, {"text": GSM8K_QUESTION}, {"text": clean + " Again."}]
-    )
-    data = write_records(tmp_path / "data.jsonl")
-    cfg = _cfg("", tiny_model_dirs["llama"], data, no_teacher=True, replay=str(replay), replay_fraction=0.5)
-    rows, stats = training_records(cfg, RECORDS)
-    assert stats.replay == 2 and stats.dropped_eval_overlap == {"next_ranked": 0, "replay": 1}
-    assert GSM8K_QUESTION not in [r.get("text") for r in rows] and len(rows) == len(RECORDS) + 2
-    m = json.loads((run(cfg, tmp_path / "r") / "metrics.json").read_text())
-    assert m["data"] == {
-        "curated": 6,
-        "next_ranked": 0,
-        "replay": 2,
-        "dropped_eval_overlap": {"next_ranked": 0, "replay": 1},
-    }
 
 
 def _fake_curation(tmp_path, pool):

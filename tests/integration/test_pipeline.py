@@ -11,7 +11,7 @@ import pytest
 from finescope import cli, pipeline, storage
 from finescope.config import PipelineConfig, load_config
 
-FIX = Path(__file__).parent / "fixtures" / "eval"
+FIX = Path(__file__).parents[1] / "fixtures" / "eval"
 CONFIGS = Path(pipeline.__file__).parent / "configs"
 
 MATH = [f"Tom has {i} apples and buys {i + 3} more. How many apples does he have now?" for i in range(16)]

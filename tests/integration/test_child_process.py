@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import sandbox_capabilities
 from finescope import child_process
 from finescope.child_process import die_with_parent, owned_prefix, remove_stale
-from finescope.evaluate.code_exec import _CGROUP_BASES, sandbox_capabilities
+from finescope.evaluate.code_exec import _CGROUP_BASES
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="death signals and /proc are Linux-only")
 

@@ -24,7 +24,7 @@ from finescope.evaluate.tasks import (
     resolve_task,
 )
 
-FIX = Path(__file__).parent / "fixtures" / "eval"
+FIX = Path(__file__).parents[1] / "fixtures" / "eval"
 BODY = "    balance = 0\n    for op in operations:\n        balance += op\n        if balance < 0:\n            return True\n    return False\n"
 FUNCTION = "def below_zero(operations):\n" + BODY
 

@@ -8,13 +8,8 @@ import time
 
 import pytest
 
-from finescope.evaluate.code_exec import (
-    CodeExecutionError,
-    Limits,
-    live_group_members,
-    run_program,
-    sandbox_capabilities,
-)
+from conftest import sandbox_capabilities
+from finescope.evaluate.code_exec import CodeExecutionError, Limits, live_group_members, run_program
 
 CAPS = sandbox_capabilities()
 FAST = Limits(timeout_s=3, cpu_s=2, memory_mb=512)

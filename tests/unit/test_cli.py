@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 
-from finescope.cli import build_parser, main
+from finescope import pipeline
+from finescope.cli import RUN_PRESET, _shown, build_parser, main
+from finescope.config import to_dict
+from finescope.stages import STAGES
 
 
 def _subcommands() -> dict[str, argparse.ArgumentParser]:
@@ -34,6 +39,28 @@ def test_every_subcommand_help_exits_0_and_prints_its_description(command, capsy
     out = capsys.readouterr().out
     assert out.startswith(f"usage: finescope {command}")
     assert _squeeze(description) in _squeeze(out)
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_stage_help_names_the_run_presets_value_wherever_it_differs_from_the_hand_run_default(stage, capsys):
+    """A stage run by hand takes its config class's defaults, `finescope run` the preset's section: --help shows
+    both where they differ (e.g. curate --sae-steps), and only there, so nobody mistakes one for the other."""
+    preset = yaml.safe_load((Path(pipeline.__file__).parent / "configs" / f"{RUN_PRESET}.yaml").read_text())
+    section, defaults = preset.get(stage) or {}, to_dict(STAGES[stage].config())
+    differ = {k: v for k, v in section.items() if v != defaults[k]}
+    assert differ, f"the {RUN_PRESET} preset sets no {stage} field away from its default?"
+    noted = f"; `finescope run` (configs/{RUN_PRESET}.yaml): "
+    helps = {a.dest: a.help or "" for a in _subcommands()[stage]._actions}
+    for key in defaults:
+        if key not in helps:  # nested settings have no flag
+            continue
+        if key in differ:
+            assert helps[key].endswith(noted + _shown(differ[key]).replace("%", "%%") + "]"), (stage, key, helps[key])
+        else:
+            assert noted not in helps[key], (stage, key)
+    with pytest.raises(SystemExit):
+        main([stage, "--help"])
+    assert _squeeze(f"takes the `{stage}:` section of its preset") in _squeeze(capsys.readouterr().out)
 
 
 def test_top_level_help_lists_every_subcommand():

@@ -19,12 +19,13 @@ from finescope.recover.distill import (
     hidden_summed,
     layer_pairs,
 )
-from finescope.recover.finetune import TrainSettings, build_examples, collate, mixed_loss, step_loss, summed_loss
+from finescope.recover.finetune import TrainSettings, build_examples, collate, mixed_loss, summed_loss
 from finescope.recover.run import RecoverError, run
 from finescope.recover.trainer import fine_tune
 from finescope.storage import config_hash, hash_excluded, to_jsonable
 from finescope.tokens import IGNORE_INDEX
 from test_recover import RECORDS, _cfg, write_records
+from test_recover_kd import step_loss
 
 
 def _hand_hidden(student, teacher, batch, blocks, loss: str) -> float:

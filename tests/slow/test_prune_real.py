@@ -42,7 +42,7 @@ def test_bf16_prune_of_the_quick_preset_passes_its_reload_check(tmp_path):
     """The quick preset's curated records (from the embedded default pool) and prune settings in bf16: the
     verification's KV-cache check used to run in bf16, where greedy tokens with and without the cache part on this
     model ("generation after reload is broken" on a correct model); it runs in float32 now."""
-    data = Path(__file__).parent / "fixtures" / "quick_calibration.jsonl"
+    data = Path(__file__).parents[1] / "fixtures" / "quick_calibration.jsonl"
     cfg = PruneConfig(
         model="default", data=str(data), ratio=0.35, calib_samples=16, calib_length=64, batch_size=8, dtype="bfloat16"
     )
@@ -61,7 +61,7 @@ def test_the_refit_recovers_much_of_pruning_damage_on_smollm2_before_any_trainin
     from finescope.modeling import load
     from finescope.prune.importance import calibration_batches
 
-    data = Path(__file__).parent / "fixtures" / "quick_calibration.jsonl"
+    data = Path(__file__).parents[1] / "fixtures" / "quick_calibration.jsonl"
     rows = [json.loads(line) for line in assets.data_path("gsm8k").read_text().splitlines()[:24]]
     tok = load("default", device="cpu").tokenizer
     recs = [{"id": str(i), "instruction": r["question"], "response": r["answer"]} for i, r in enumerate(rows)]

@@ -29,7 +29,7 @@ from finescope.evaluate.tasks import (
     select_subset,
 )
 
-FIX = Path(__file__).parent / "fixtures" / "eval"
+FIX = Path(__file__).parents[1] / "fixtures" / "eval"
 
 REQUESTS = [
     Request("What is 12 times 7? The answer is", [" 84.", " 12", " the court held that"]),

@@ -10,7 +10,7 @@ import torch
 from finescope.config import CurateConfig
 from finescope.curate import run as curate_run
 from finescope.curate.activations import TextBatches, encode_pooled
-from finescope.curate.select import max_cosine, seed_cosine, weight_latents
+from finescope.curate.select import LatentStats, max_cosine, seed_cosine
 from finescope.data import record_text
 from finescope.modeling import load
 from test_curate import _cfg
@@ -29,6 +29,12 @@ def _codes():
     )
     seeds = torch.tensor([[5.0, 1.0, 0.0]])
     return pool, seeds
+
+
+def weight_latents(pool: torch.Tensor, seeds: torch.Tensor, weighting: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the curate stage does with the pool's codes (one shard here): gather the pool's stats, transform both."""
+    stats = LatentStats().add(pool)
+    return stats.transform(pool, weighting), stats.transform(seeds, weighting)
 
 
 def test_common_latent_dominates_plain_cosine_and_weighting_removes_it():

@@ -13,10 +13,12 @@ plain SFT on the originals; `--no-rewrite --kd-weight 1` distils the teacher's l
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -294,6 +296,13 @@ def _examples(tok, cfg: RecoverConfig, rows: list[dict]) -> tuple[list[Example],
     return train_ex, eval_ex, len(too_long) + len(eval_too_long)
 
 
+def _vocab_size(model) -> int | None:
+    """Rows of the model's output layer (its vocabulary), None when it has no single one."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    return int(weight.shape[0]) if weight is not None else None
+
+
 def kd_settings(cfg: RecoverConfig) -> KdSettings:
     return KdSettings(weight=cfg.kd_weight, temperature=cfg.kd_temperature, loss=cfg.kd_loss, top_k=cfg.kd_top_k)
 
@@ -306,6 +315,14 @@ def _kd_targets(
     if cfg.kd_weight == 0 or teacher is None:
         return None, None
     s = kd_settings(cfg)
+    vocab = _vocab_size(teacher.model)
+    if vocab and s.top_k is not None and s.top_k > vocab:
+        warnings.warn(
+            f"--kd-top-k {s.top_k} is more than the teacher's vocabulary ({vocab} tokens): capped at {vocab} (the "
+            "whole distribution)",
+            stacklevel=2,
+        )
+        s = dataclasses.replace(s, top_k=vocab)
     if cfg.kd_scope == "all":
         for ex in train_ex:
             ex.kd_labels = list(ex.input_ids)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -230,6 +231,8 @@ def test_curate_cache_holds_every_kind_of_entry_with_a_checksum(curated):
 def test_a_bad_curate_cache_entry_is_reported_and_recomputed(kind, corruption, curated, tmp_path, capsys):
     cfg, intact, files = curated
     CORRUPTIONS[corruption](files[kind])
+    if kind == "harvest":  # read only to train the SAE: without the trained SAE, the rerun needs it
+        shutil.rmtree(files["sae weights"].parent)
     cache_entry._verified.clear()  # the rerun is a new process
     capsys.readouterr()
     out = curate_run.run(cfg, tmp_path / "again")

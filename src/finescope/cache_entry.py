@@ -72,7 +72,7 @@ def dump(tensors: dict, key: str, metadata: dict[str, str] | None = None) -> byt
     header["__metadata__"] = {**(header.get("__metadata__") or {}), CHECKSUM: digest(data), KEY: key}
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)  # safetensors aligns the data section to 8 bytes
-    return struct.pack("<Q", len(text)) + text + bytes(data)
+    return b"".join([struct.pack("<Q", len(text)), text, data])  # one copy of the tensor bytes
 
 
 def check(path: str | os.PathLike, key: str) -> tuple[dict[str, Any], bytes]:

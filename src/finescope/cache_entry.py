@@ -49,7 +49,7 @@ def _split(blob: bytes | memoryview) -> tuple[dict[str, Any], memoryview]:
         raise ValueError(f"{len(view)} bytes, not a safetensors file (empty or truncated)")
     (n,) = struct.unpack("<Q", view[:8])
     if n > len(view) - 8:
-        raise ValueError("truncated (its header runs past the end of the file)")
+        raise ValueError("truncated or not a safetensors file (its header would run past the end of the file)")
     try:
         header = json.loads(bytes(view[8 : 8 + n]).decode("utf-8"))
     except (UnicodeDecodeError, ValueError):

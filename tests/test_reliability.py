@@ -639,3 +639,34 @@ def test_unknown_variant_in_pipeline_json_warns(tmp_path):
     )
     with pytest.warns(UserWarning, match=r"unknown variant\(s\) 'pruned_magic'"):
         collect(run_dir)
+
+
+def test_a_failed_rank_error_is_the_launchers_last_line(tmp_path, capsys, monkeypatch):
+    """torchrun ends a failed run with its own traceback; the launcher repeats the rank's one error line after it."""
+    import subprocess as sp
+
+    from finescope import pipeline
+
+    def fake_torchrun(cmd, env=None, **kw):
+        assert env[pipeline.RANK_ERRORS_ENV] and env["FINESCOPE_LAUNCHER_PID"] == str(os.getpid())
+        Path(env[pipeline.RANK_ERRORS_ENV]).write_text(
+            "rank 0 failed during opening x: pool.jsonl: line 3: invalid JSON\npool.jsonl: line 3: invalid JSON\n"
+        )
+        print("torch.distributed.elastic.multiprocessing.errors.ChildFailedError:", file=sys.stderr)
+        return sp.CompletedProcess(cmd, 1)
+
+    import tempfile
+
+    monkeypatch.setattr(sp, "run", fake_torchrun)
+    monkeypatch.setattr(pipeline, "check_run_dir", lambda root: None)
+    monkeypatch.setattr(pipeline, "torch_cuda_count", lambda: 0)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    from finescope.child_process import _pid_namespace
+
+    (tmp_path / f"finescope-launch-999999999-{_pid_namespace()}-x").mkdir()  # left by a killed launcher
+    assert main(["run", "--config", "quick", "--run-dir", str(tmp_path / "run"), "--num-processes", "2"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("finescope run: error: the 2-process run of") and last.endswith(
+        "failed (exit status 1): pool.jsonl: line 3: invalid JSON"
+    )
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(pipeline.LAUNCH_DIR)]  # its own, and none stale

@@ -11,7 +11,7 @@ for readers that cannot recompute (a shard verified moments ago by its writer ra
 
 The checksum is sha256 over the bytes after the header (hashlib's sha256 is the fastest of the standard
 library's digests on x86; see benchmarks/cache_integrity.py for its throughput). A file verified once in this
-process is not hashed again while its inode, size and mtime are unchanged: a shard checked when a stage decides to
+process is not hashed again while its inode, size, mtime and ctime are unchanged: a shard checked when a stage decides to
 reuse it is read later without a second hash. The files stay plain safetensors (SAELens and `safe_open` read them).
 """
 
@@ -30,16 +30,16 @@ from . import FinescopeError
 
 CHECKSUM = "finescope_sha256"
 KEY = "finescope_cache_key"
-_verified: dict[str, tuple[int, int, int]] = {}
+_verified: dict[str, tuple[int, int, int, int]] = {}
 
 
 class BadCacheEntry(FinescopeError):
     """A cache file that fails its check; the message is one line naming the file and what is wrong."""
 
 
-def _stamp(path: Path) -> tuple[int, int, int]:
+def _stamp(path: Path) -> tuple[int, int, int, int]:
     st = path.stat()
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _split(blob: bytes | memoryview) -> tuple[dict[str, Any], memoryview]:
@@ -147,7 +147,6 @@ def _tensors(path: Path, key: str, names: list[str] | None = None) -> tuple[dict
     except Exception as e:  # the checksum matched yet safetensors refuses it: a file we did not write
         raise BadCacheEntry(f"{path}: cache entry not loadable ({' '.join(str(e).split())[:200]})") from None
     _verified[str(path)] = stamp
-    names = None if names is None else set(names)
     return {k: v for k, v in tensors.items() if names is None or k in names}, meta
 
 

@@ -314,3 +314,37 @@ def test_a_bad_kd_cache_is_recomputed_and_trains_like_the_intact_one(damage, tmp
     assert again["metrics"]["train"]["train_loss"] == intact["metrics"]["train"]["train_loss"]
     assert intact["weights"] and again["weights"] == intact["weights"]
     assert len(_bad_lines(capsys.readouterr().err, path)) == 1
+
+
+# ================================================================================================ the default pool
+
+
+def test_the_default_pool_is_checked_and_built_again_when_altered(cache_home, monkeypatch, capsys):
+    from finescope import corpora, hashing
+
+    builds: list[Path] = []
+    text = '{"text": "a", "source": "x"}\n{"text": "b", "source": "y"}\n'
+
+    def build(path: Path) -> Path:
+        builds.append(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        corpora.manifest_path(path).write_text(json.dumps({"sha256": hashing.sha256_hex(text)}))
+        path.write_text(text)
+        return path
+
+    monkeypatch.setattr(corpora, "build_default_pool", build)
+    path = corpora.default_pool_path()
+    assert len(builds) == 1 and corpora.default_pool_path() == path and len(builds) == 1  # intact: reused
+    for damage in ("flip", "truncate", "no checksum"):
+        if damage == "flip":
+            path.write_text(text.replace("a", "z"))
+        elif damage == "truncate":
+            _truncate(path)
+        else:
+            corpora.manifest_path(path).write_text("{}")
+        corpora._checked_pools.clear()  # a new process
+        capsys.readouterr()
+        assert corpora.default_pool_path() == path and path.read_text() == text
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "building the default pool again" in err[0], (damage, err)
+    assert len(builds) == 4

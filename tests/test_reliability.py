@@ -670,3 +670,20 @@ def test_a_failed_rank_error_is_the_launchers_last_line(tmp_path, capsys, monkey
         "failed (exit status 1): pool.jsonl: line 3: invalid JSON"
     )
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(pipeline.LAUNCH_DIR)]  # its own, and none stale
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ulimit -f of bash")
+def test_ulimit_f_during_prunes_model_save_is_one_line_naming_the_model_folder(tmp_path, tiny_model_dirs):
+    """safetensors' own writer fails (its error names no file): the line names the folder being saved."""
+    data = _records(tmp_path / "calib.jsonl")
+    out = tmp_path / "prune"
+    env = {**os.environ, "FINESCOPE_HOME": str(tmp_path / "home"), "FINESCOPE_PROGRESS": "0"}
+    args = f"--model {tiny_model_dirs['llama']} --data {data} --ratio 0.3 --calib-samples 4 --calib-length 32"
+    script = f"ulimit -f 100; exec {sys.executable} -m finescope prune {args} --out {out}"
+    proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == f"finescope prune: error: {out / 'model'}: cannot be written (File too large)"
+    )
+    assert not (out / "DONE").exists() and not (out / "model").exists()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 import time
 import warnings
@@ -250,8 +251,6 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def _error(command: str, message: str) -> int:
     """Print the one error line; a rank of `finescope run --num-processes N` also hands it to its launcher, which
     repeats it after torchrun's own report (so it is the last line the user reads). Exit status 2."""
-    import os
-
     print(f"finescope {command}: error: {message}", file=sys.stderr)
     target = os.environ.get("FINESCOPE_RANK_ERRORS")
     if target and os.environ.get("WORLD_SIZE", "1") != "1":
@@ -275,13 +274,16 @@ def main(argv: list[str] | None = None) -> int:
             return args.func(args)
     except FinescopeError as e:
         return _error(args.command, one_line(e, 1000))
-    except OSError as e:
-        from .storage import WRITE_ERRNOS, write_error_line
+    except Exception as e:
+        from .storage import WRITE_ERRNOS, os_errno, write_error_line
 
-        if e.errno not in WRITE_ERRNOS and e.errno != errno.ENAMETOOLONG:
+        code = os_errno(e)
+        if code not in WRITE_ERRNOS and code != errno.ENAMETOOLONG:
             raise
         # A write that failed mid-way (disk full, file too large, read-only, permission): what was written goes
         # through temporary names and the DONE marker comes last, so nothing half-written looks finished.
+        if not isinstance(e, OSError):  # a library's writer (safetensors) that names no file
+            e = OSError(code, os.strerror(code or 0))
         return _error(args.command, one_line(write_error_line(e), 1000))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -81,6 +81,32 @@ class WriteError(FinescopeError, OSError):
         return f"{self.filename}: cannot be written ({self.strerror})"
 
 
+def os_errno(e: BaseException) -> int | None:
+    """The OS error number of an exception: an OSError's, or the `os error N` a library (safetensors' Rust
+    writer) put into its message."""
+    if isinstance(e, OSError):
+        return e.errno
+    import re
+
+    m = re.search(r"\(os error (\d+)\)", str(e))
+    return int(m.group(1)) if m else None
+
+
+def as_write_error(e: BaseException, target: Path, tmp: Path | None = None) -> WriteError | None:
+    """A WriteError for a failed write under `target` (built in `tmp`), naming the file (its final name) and the
+    OS reason; None when `e` is no such failure."""
+    if isinstance(e, WriteError):
+        return None
+    code = os_errno(e)
+    if code not in WRITE_ERRNOS:
+        return None
+    name = getattr(e, "filename", None)
+    where = os.fspath(target)
+    if isinstance(name, str) and tmp is not None and Path(name).is_relative_to(tmp):
+        where = os.fspath(target / Path(name).relative_to(tmp))
+    return WriteError(code, os.strerror(code), where)
+
+
 def write_error_line(e: OSError) -> str:
     """One line for an OSError of a failed write: the file (when the OS named it) and the reason."""
     where = e.filename if e.filename is not None else "an output file"
@@ -140,8 +166,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        failed = as_write_error(e, path, tmp)
+        if failed is not None:
+            raise failed from None
         raise
 
 

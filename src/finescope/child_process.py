@@ -55,6 +55,38 @@ def die_with_parent(cmd: list[str]) -> list[str]:
     return [sys.executable, "-I", "-S", os.path.abspath(__file__), str(os.getpid()), *cmd]
 
 
+LAUNCHER_ENV = "FINESCOPE_LAUNCHER_PID"
+
+
+def watch_launcher(interval_s: float = 0.5) -> bool:
+    """In a rank that `finescope run --num-processes N` started (through torchrun): die when the launcher dies.
+
+    The launcher's own child (torchrun) already gets SIGKILL when the launcher dies (`die_with_parent`), but
+    torchrun's ranks would be left running with PPID 1. So each rank sets its own death signal on torchrun, and a
+    daemon thread kills the rank when its parent changes (torchrun gone) or the launcher named by
+    $FINESCOPE_LAUNCHER_PID is gone: either alone would do, together they cover a death signal lost to the
+    spawning thread's exit. Returns False (nothing done) outside such a rank."""
+    import threading
+    import time
+
+    raw = os.environ.get(LAUNCHER_ENV, "")
+    if not raw.isdigit():
+        return False
+    launcher, parent = int(raw), os.getppid()
+    if parent == 1 or not pid_alive(launcher):
+        os.kill(os.getpid(), signal.SIGKILL)
+    set_death_signal(parent)
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent or not pid_alive(launcher):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="finescope-launcher-watch", daemon=True).start()
+    return True
+
+
 # ================================================================================== stale-leftover cleanup
 
 

@@ -11,7 +11,9 @@ Errors a user can fix (bad file, bad field, unsupported model) print one line an
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 import time
 import warnings
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from . import FinescopeError, __version__, distributed
 from .assets import PACKAGES
+from .child_process import watch_launcher
 from .config import add_config_arguments, config_from_args, load_config, to_dict
 from .messages import one_line
 from .stages import STAGES, Stage
@@ -91,7 +94,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.num_processes is not None:
         overrides.append(f"num_processes={args.num_processes}")
     cfg = load_config(PipelineConfig, pipeline.resolve_config(args.config), overrides)
-    root = pipeline.run(cfg, args.run_dir)
+    root = pipeline.run(cfg, args.run_dir, oversubscribe=args.oversubscribe)
     report = root / "report" / "report.html"
     if distributed.ranks().is_main:
         print(report if report.is_file() and cfg.report else root)
@@ -101,11 +104,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from .pipeline import load_manifest
     from .report.run import write_report
-    from .storage import exclusive
+    from .storage import exclusive, lock_file
 
-    load_manifest(args.run_dir)
-    with exclusive(Path(args.run_dir), "run directory"):  # never beside a `finescope run` still writing it
-        print(write_report(args.run_dir))
+    run_dir = Path(args.run_dir)
+    if not lock_file(run_dir).exists():  # no run ever locked it: refuse a non-run folder, creating nothing
+        load_manifest(run_dir)
+    with exclusive(run_dir, "run directory"):  # never beside a `finescope run` still writing it (names its PID)
+        load_manifest(run_dir)
+        print(write_report(run_dir))
     return 0
 
 
@@ -191,7 +197,13 @@ def _add_run(sub) -> None:
         type=int,
         metavar="N",
         default=None,
-        help="data-parallel processes: relaunch the run under torchrun with N ranks (config num_processes)",
+        help="data-parallel processes: relaunch the run under torchrun with N ranks (config num_processes); "
+        "at most the visible GPUs (GPU machine) or CPU cores",
+    )
+    p.add_argument(
+        "--oversubscribe",
+        action="store_true",
+        help="allow --num-processes above the machine's GPUs / CPU cores (each rank holds its own model copy)",
     )
     p.add_argument(
         "overrides",
@@ -268,9 +280,24 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"{prefix} {one_line(message, 500)}", file=file or sys.stderr)
 
 
+def _error(command: str, message: str) -> int:
+    """Print the one error line; a rank of `finescope run --num-processes N` also hands it to its launcher, which
+    repeats it after torchrun's own report (so it is the last line the user reads). Exit status 2."""
+    print(f"finescope {command}: error: {message}", file=sys.stderr)
+    target = os.environ.get("FINESCOPE_RANK_ERRORS")
+    if target and os.environ.get("WORLD_SIZE", "1") != "1":
+        try:
+            with open(target, "a", encoding="utf-8") as f:
+                f.write(message + "\n")
+        except OSError:
+            pass
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    watch_launcher()  # a rank of `finescope run --num-processes N` dies with its launcher (no-op otherwise)
     if not sys.stderr.isatty():
         _quiet_library_progress_bars()
     try:
@@ -278,8 +305,18 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = _show_warning
             return args.func(args)
     except FinescopeError as e:
-        print(f"finescope {args.command}: error: {one_line(e, 1000)}", file=sys.stderr)
-        return 2
+        return _error(args.command, one_line(e, 1000))
+    except Exception as e:
+        from .storage import WRITE_ERRNOS, os_errno, write_error_line
+
+        code = os_errno(e)
+        if code not in WRITE_ERRNOS and code != errno.ENAMETOOLONG:
+            raise
+        # A write that failed mid-way (disk full, file too large, read-only, permission): what was written goes
+        # through temporary names and the DONE marker comes last, so nothing half-written looks finished.
+        if not isinstance(e, OSError):  # a library's writer (safetensors) that names no file
+            e = OSError(code, os.strerror(code or 0))
+        return _error(args.command, one_line(write_error_line(e), 1000))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import zipfile
 from pathlib import Path
 
-from . import FinescopeError, assets, decontam
+from . import FinescopeError, assets, decontam, hashing
 from .data import read_records
+from .messages import one_line
 from .progress import progress
-from .storage import write_json_atomic, write_jsonl_atomic
+from .storage import write_atomic, write_json_atomic
 
 POOL_VERSION = "v2"
 EVALS_PER_SET = 20
@@ -152,8 +154,10 @@ def build_default_pool(path: Path, seed: int = 0) -> Path:
         "eval_overlap_test": f"a shared word {decontam.N}-gram with {', '.join(decontam.BENCHMARKS)} (decontam.py)",
         "sources": dict(sorted(sources.items())),
     }
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in unique)
+    manifest["sha256"] = hashing.sha256_hex(text)  # checked before every use (`default_pool_path`)
     write_json_atomic(manifest_path(path), manifest)
-    return write_jsonl_atomic(path, unique)
+    return write_atomic(path, text)
 
 
 def manifest_path(pool: Path) -> Path:
@@ -163,7 +167,7 @@ def manifest_path(pool: Path) -> Path:
 def default_pool_path() -> Path:
     """The embedded mixed-domain pool (jsonl), built on first use."""
     path = assets.home() / "pools" / f"default-{POOL_VERSION}.jsonl"
-    if not path.is_file():
+    if not _pool_intact(path):
         try:
             build_default_pool(path)
         except OSError as e:
@@ -172,6 +176,36 @@ def default_pool_path() -> Path:
                 "writable folder with ~300 MiB free"
             ) from None
     return path
+
+
+_checked_pools: dict[str, tuple[int, int, int, int]] = {}
+
+
+def _pool_intact(path: Path) -> bool:
+    """The built default pool matches the sha256 its manifest recorded (checked once per process while the file is
+    unchanged). A missing pool is False; a bad one (altered, truncated, unreadable, no checksum record) is said in
+    one line and False, so it is built again."""
+    if not path.is_file():
+        return False
+    try:
+        st = path.stat()
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if _checked_pools.get(str(path)) == stamp:
+            return True
+        want = json.loads(manifest_path(path).read_text(encoding="utf-8")).get("sha256")
+        if not isinstance(want, str):
+            problem = f"{manifest_path(path)} records no checksum (built by an older finescope)"
+        elif hashing.file_sha256(path) != want:
+            problem = f"{path}: content does not match the checksum its manifest records (altered or truncated)"
+        else:
+            _checked_pools[str(path)] = stamp
+            return True
+    except (OSError, ValueError, AttributeError) as e:
+        problem = (
+            f"{path}: default pool or its manifest unreadable ({getattr(e, 'strerror', None) or one_line(e, 120)})"
+        )
+    print(f"finescope: {problem}; building the default pool again", file=sys.stderr, flush=True)
+    return False
 
 
 def default_reference_texts() -> list[str]:

@@ -511,8 +511,32 @@ def _rows_txt_dir(path: Path) -> Iterator[RawRow]:
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
-            text = data.decode("latin-1")
+            text = data.decode("latin-1")  # legacy 8-bit text; binary data is refused below
+        why = _binary(text)
+        if why:
+            raise RecordError(
+                f"{p}: binary data, not text ({why}); remove it from the folder (a .txt name does not make an "
+                "image, PDF or archive text)"
+            )
         yield f"file {rel}", {"id": rel, "text": text, "source_file": rel}
+
+
+BINARY_CONTROL_SHARE = 0.05
+"""Share of control characters (other than tab, line and page breaks) above which a .txt file is binary data:
+real text, legacy 8-bit text included, has next to none; random bytes decoded as latin-1 have about 13 %."""
+_NOT_CP1252 = "\x7f\x81\x8d\x8f\x90\x9d"
+"""DEL and the bytes 0x80–0x9f that are not even Windows-1252 text (whose quotes and dashes live in that range)."""
+
+
+def _binary(text: str) -> str | None:
+    """Why a decoded .txt file is binary data (a NUL byte, or mostly control characters), or None for text."""
+    if "\0" in text:
+        return "it holds NUL bytes"
+    sample = text[: 1 << 20]
+    control = sum(1 for c in sample if (c < " " and c not in "\t\n\r\f\v") or c in _NOT_CP1252)
+    if sample and control > BINARY_CONTROL_SHARE * len(sample):
+        return f"{control / len(sample):.0%} control characters"
+    return None
 
 
 class _Bad:

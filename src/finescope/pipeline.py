@@ -241,7 +241,42 @@ def check_run_dir(root: Path) -> None:
         )
 
 
-def run(cfg: PipelineConfig, run_dir: str | Path | None = None) -> Path:
+def process_limit(cfg: PipelineConfig) -> tuple[int, str]:
+    """How many ranks this machine holds, and what of: the visible GPUs on a GPU machine (unless the stages are
+    put on the CPU), else the CPU cores this process may run on (`os.sched_getaffinity`, which a container's or
+    taskset's limit narrows)."""
+    import os
+
+    devices = {getattr(getattr(cfg, s), "device", None) for s in ("curate", "prune", "recover", "eval")}
+    if torch_cuda_count() > 0 and devices != {"cpu"}:
+        return torch_cuda_count(), "visible GPUs"
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return cores, "CPU cores"
+
+
+def torch_cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_num_processes(cfg: PipelineConfig, oversubscribe: bool = False) -> None:
+    """Refuse, before anything starts, more ranks than the machine holds (each rank loads its own model copy: 999
+    ranks on 2 cores exhaust memory and take the machine down) unless `oversubscribe` (--oversubscribe)."""
+    if cfg.num_processes <= 1 or oversubscribe or distributed.launched_world() > 1:
+        return
+    limit, what = process_limit(cfg)
+    if cfg.num_processes > limit:
+        raise PipelineError(
+            f"num_processes (--num-processes) = {cfg.num_processes}: this machine has {limit} {what} for the ranks; "
+            f"give at most {limit}, or pass --oversubscribe to start them anyway"
+        )
+
+
+def run(cfg: PipelineConfig, run_dir: str | Path | None = None, *, oversubscribe: bool = False) -> Path:
     """Run every variant's stages into the run directory; write pipeline.json and the report; return the run dir.
 
     The run directory is locked for the whole run: a second `finescope run` on it is refused.
@@ -250,6 +285,7 @@ def run(cfg: PipelineConfig, run_dir: str | Path | None = None) -> Path:
     each stage; rank 0 holds the lock and writes the run directory's own files. `num_processes` > 1 without a
     launcher: relaunch this run under torchrun (`launch`)."""
     root = run_dir_of(cfg, run_dir)
+    check_num_processes(cfg, oversubscribe)
     check_run_dir(root)
     _, chains = plan(cfg, root)
     if any("recover" in chain for chain in chains.values()):
@@ -276,26 +312,42 @@ def run(cfg: PipelineConfig, run_dir: str | Path | None = None) -> Path:
         return _run_locked(cfg, root, chains)
 
 
+RANK_ERRORS_ENV = "FINESCOPE_RANK_ERRORS"
+"""File where each rank of `launch` appends its one-line error, for the launcher's own last line."""
+LAUNCH_DIR = "finescope-launch"
+"""Prefix of the launcher's temporary folder (`/tmp/finescope-launch-<pid>-<pidns>-…`)."""
+
+
 def launch(cfg: PipelineConfig, root: Path) -> Path:
     """Run this pipeline as `cfg.num_processes` ranks on this machine: `python -m torch.distributed.run
     --standalone --nproc-per-node N -m finescope run` with the same config (written to a temporary file).
-    The ranks' output goes to this process's stderr; a failed rank is a PipelineError naming the exit status."""
+    The ranks' output goes to this process's stderr; a failed rank is a PipelineError naming the exit status and
+    the ranks' first error line. The ranks die with this process, even killed with SIGKILL (`watch_launcher`),
+    and a launch folder that a killed launcher left in the temp dir is removed by the next launch."""
+    import os
     import subprocess
     import tempfile
 
-    from .child_process import die_with_parent
+    from .child_process import LAUNCHER_ENV, die_with_parent, owned_prefix, remove_stale
     from .config import to_yaml
 
     n = cfg.num_processes
-    with tempfile.TemporaryDirectory(prefix="finescope-launch-") as tmp:
+    remove_stale(LAUNCH_DIR)  # the launch folders of launchers killed earlier (kill -9 runs no cleanup)
+    with tempfile.TemporaryDirectory(prefix=owned_prefix(LAUNCH_DIR)) as tmp:
         config = Path(tmp) / "pipeline.yaml"
         config.write_text(to_yaml(cfg), encoding="utf-8")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
         cmd += ["-m", "finescope", "run", "--config", str(config), "--run-dir", str(root)]
         _log(f"launching {n} processes: torchrun --standalone --nproc-per-node={n} -m finescope run …")
-        code = subprocess.run(die_with_parent(cmd)).returncode
+        errors_file = Path(tmp) / "errors.txt"  # each failing rank appends its one error line (cli.main)
+        env = {**os.environ, LAUNCHER_ENV: str(os.getpid()), RANK_ERRORS_ENV: str(errors_file)}
+        code = subprocess.run(die_with_parent(cmd), env=env).returncode  # ranks die with us (watch_launcher)
+        errors = errors_file.read_text(encoding="utf-8", errors="replace").splitlines() if errors_file.is_file() else []
     if code != 0:
-        raise PipelineError(f"the {n}-process run of {root} failed (exit status {code}); the ranks' errors are above")
+        # torchrun ends with its own traceback: our error comes after it, the last thing the user reads.
+        errors = [e for e in errors if not e.startswith("rank ")] or errors  # the cause before its echoes
+        cause = f": {errors[0]}" if errors else "; the ranks' errors are above"
+        raise PipelineError(f"the {n}-process run of {root} failed (exit status {code}){cause}")
     return root
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -59,11 +60,57 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, WriteError) and e.errno in WRITE_ERRNOS:
+            raise WriteError(e.errno, e.strerror, os.fspath(path)) from None
         raise
     return path
+
+
+WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EIO}
+"""The OS errors of a write that failed for a reason the user can fix (disk full, file too large, read-only,
+permission, quota, I/O error): `cli.main` turns them into one line naming the file, exit status 2."""
+
+
+class WriteError(FinescopeError, OSError):
+    """A file that could not be written: one line naming it and the OS reason (still an OSError, errno kept)."""
+
+    def __str__(self) -> str:
+        return f"{self.filename}: cannot be written ({self.strerror})"
+
+
+def os_errno(e: BaseException) -> int | None:
+    """The OS error number of an exception: an OSError's, or the `os error N` a library (safetensors' Rust
+    writer) put into its message."""
+    if isinstance(e, OSError):
+        return e.errno
+    import re
+
+    m = re.search(r"\(os error (\d+)\)", str(e))
+    return int(m.group(1)) if m else None
+
+
+def as_write_error(e: BaseException, target: Path, tmp: Path | None = None) -> WriteError | None:
+    """A WriteError for a failed write under `target` (built in `tmp`), naming the file (its final name) and the
+    OS reason; None when `e` is no such failure."""
+    if isinstance(e, WriteError):
+        return None
+    code = os_errno(e)
+    if code not in WRITE_ERRNOS:
+        return None
+    name = getattr(e, "filename", None)
+    where = os.fspath(target)
+    if isinstance(name, str) and tmp is not None and Path(name).is_relative_to(tmp):
+        where = os.fspath(target / Path(name).relative_to(tmp))
+    return WriteError(code, os.strerror(code), where)
+
+
+def write_error_line(e: OSError) -> str:
+    """One line for an OSError of a failed write: the file (when the OS named it) and the reason."""
+    where = e.filename if e.filename is not None else "an output file"
+    return f"{where}: cannot be written ({e.strerror or e})"
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -119,8 +166,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        failed = as_write_error(e, path, tmp)
+        if failed is not None:
+            raise failed from None
         raise
 
 
@@ -212,6 +262,16 @@ def check_output_target(path: str | os.PathLike, *, what: str = "--out") -> Path
             raise StageError(f"{path}: cannot be created: {parent} is a file, not a folder")
     if probe is not None and probe.is_dir() and not os.access(probe, os.W_OK | os.X_OK):
         raise StageError(f"{path}: {probe} is not writable")
+    if probe is not None and probe.is_dir():
+        # access() says yes to root everywhere, and nothing of a read-only mount or a pseudo filesystem (/proc,
+        # /sys): create and remove a hidden file there, so such an output is refused before any model work.
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".finescope-probe-", dir=probe)
+        except OSError as e:
+            raise StageError(f"{path}: {probe} is not writable ({e.strerror or e})") from None
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
     return path
 
 

@@ -148,14 +148,23 @@ def _script(tmp_path: Path, body: str) -> Path:
 
 
 def test_a_dead_rank_makes_the_others_exit_with_a_clear_error(tmp_path):
+    """Deterministic on a loaded machine: both ranks first join and pass a barrier (a generous timeout covers
+    slow starts), rank 1 dies only once rank 0 has left that barrier (a file says so), and rank 0's next barrier
+    then fails on the closed connection, not on a timer."""
+    passed = tmp_path / "rank0-passed"
     job = _script(
         tmp_path,
-        """
-        import os, sys
+        f"""
+        import os, sys, time
+        from pathlib import Path
         from finescope import distributed
         r = distributed.ranks()
+        distributed.barrier("start")
         if r.rank == 1:
+            while not Path({str(passed)!r}).exists():
+                time.sleep(0.05)
             os._exit(0)  # dies without a word before the collective
+        Path({str(passed)!r}).write_text("yes")
         try:
             distributed.barrier("pool encoding")
         except distributed.DistributedError as e:
@@ -166,10 +175,10 @@ def test_a_dead_rank_makes_the_others_exit_with_a_clear_error(tmp_path):
     # How long the survivors take to give up is benchmarks/dead_rank.py's figure; a hang fails here by the timeout.
     proc = subprocess.run(
         [*TORCHRUN, str(job)],
-        env=_env(tmp_path, FINESCOPE_COLLECTIVE_TIMEOUT="20"),
+        env=_env(tmp_path, FINESCOPE_COLLECTIVE_TIMEOUT="900"),
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1200,
     )
     assert proc.returncode != 0
     assert "ERR rank 0/2: pool encoding failed" in proc.stderr and "another rank died or hangs" in proc.stderr

@@ -4,6 +4,7 @@ do what they say. Hostile inputs as a table live in test_hostile_inputs.py."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ from conftest import CORPUS, hold_lock
 from finescope import storage
 from finescope.cli import STAGES, build_parser, main
 from finescope.config import CurateConfig, PruneConfig, _fields, _hints, _spec, config_from_args
+from test_pipeline import tiny_run  # noqa: F401  (a fixture, used by name)
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -421,3 +423,267 @@ def test_atomic_dir_removes_half_built_folders_of_dead_builders_only(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+# ================================================================================================ issue 28
+
+
+def test_report_on_a_run_directory_being_worked_on_names_the_holders_pid(tmp_path, capsys):
+    """`finescope run` holds the run directory before it wrote pipeline.json: the refusal names its PID, not a
+    missing pipeline.json."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = hold_lock(run_dir, tmp_path / "ready")
+    try:
+        assert main(["report", str(run_dir)]) == 2
+        err = _err_line(capsys)
+        assert f"PID {holder.pid}" in err and "pipeline.json" not in err
+    finally:
+        _stop(holder)
+    assert main(["report", str(run_dir)]) == 2  # no holder: the folder is no run directory
+    assert "no pipeline.json" in _err_line(capsys)
+
+
+def test_num_processes_above_the_machine_is_refused_in_one_line_unless_oversubscribed(tmp_path, capsys, monkeypatch):
+    from finescope import pipeline
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(pipeline, "torch_cuda_count", lambda: 0)
+    run_dir = tmp_path / "run"
+    assert main(["run", "--config", "quick", "--run-dir", str(run_dir), "--num-processes", "999"]) == 2
+    err = _err_line(capsys)
+    assert f"999: this machine has {cores} CPU cores" in err and "--oversubscribe" in err
+    assert not run_dir.exists()
+    # with --oversubscribe the bound is not applied: the launch itself is reached (stubbed here)
+    monkeypatch.setattr(pipeline, "launch", lambda cfg, root: root)
+    monkeypatch.setattr(pipeline, "check_run_dir", lambda root: None)
+    assert (
+        main(["run", "--config", "quick", "--run-dir", str(run_dir), "--num-processes", "999", "--oversubscribe"]) == 0
+    )
+    # on a GPU machine the bound is the visible GPUs
+    monkeypatch.setattr(pipeline, "torch_cuda_count", lambda: 1)
+    assert main(["run", "--config", "quick", "--run-dir", str(run_dir), "--num-processes", "2"]) == 2
+    assert "2: this machine has 1 visible GPUs" in _err_line(capsys)
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (children, their children, …), from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry.name))
+    out, todo = set(), [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (field 22 of /proc/PID/stat), None once it is gone: a reused pid differs."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] == "Z" else fields[19]
+
+
+def _is_rank(pid: int) -> bool:
+    try:
+        return b"LOCAL_RANK=" in Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG are Linux's")
+def test_killing_the_launcher_kills_its_ranks_and_the_next_launch_cleans_its_folder(tiny_run, tmp_path):  # noqa: F811
+    """`finescope run --num-processes 2`, kill -9 of the launcher while its ranks work: no process of the run is
+    left 10 s later, and its launch folder in the temp dir is removed by the next launch."""
+    import time
+
+    from finescope import pipeline
+    from finescope.child_process import remove_stale
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env.update(FINESCOPE_HOME=str(tmp_path / "home"), FINESCOPE_PROGRESS="0", HF_HUB_OFFLINE="1", TMPDIR=str(temp))
+    cmd = [sys.executable, "-m", "finescope", "run", "--config", str(tiny_run), "--run-dir", str(tmp_path / "run")]
+    launcher = subprocess.Popen([*cmd, "--num-processes", "2"], env=env, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600  # two ranks importing torch on a busy 2-core machine: be patient
+        tree: set[int] = set()
+        while time.monotonic() < deadline and sum(map(_is_rank, tree)) < 2:
+            assert launcher.poll() is None, "the launcher ended before its ranks started"
+            time.sleep(0.2)
+            tree = _descendants(launcher.pid)
+        assert sum(map(_is_rank, tree)) == 2, tree
+        time.sleep(1.0)  # the ranks are inside finescope now (importing, or at work)
+        tree = _descendants(launcher.pid)
+        started = {pid: _start_time(pid) for pid in tree}
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+        deadline = time.monotonic() + 10
+        alive = set(started)
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.2)
+            alive = {pid for pid in alive if _start_time(pid) is not None and _start_time(pid) == started[pid]}
+        assert not alive, f"processes of the run still alive 10 s after kill -9 of the launcher: {sorted(alive)}"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    left = [p for p in temp.iterdir() if p.name.startswith(pipeline.LAUNCH_DIR + "-")]
+    assert len(left) == 1  # kill -9 runs no cleanup …
+    assert remove_stale(pipeline.LAUNCH_DIR, temp) == left  # … and the next launch removes it (launch() calls this)
+
+
+def _failing_writes(monkeypatch, name: str, err: int) -> None:
+    """Make every write of the file called `name` fail with `err` (as a full disk, `ulimit -f`, a read-only mount
+    or a lost permission would) while other files are written as usual."""
+    real = os.fdopen
+
+    class Failing:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(err, os.strerror(err))
+
+        def __getattr__(self, attr):
+            return getattr(self.f, attr)
+
+    def fdopen(fd, mode="r", *a, **kw):
+        target = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        f = real(fd, mode, *a, **kw)
+        return Failing(f) if target.startswith(f".{name}-") and "w" in mode else f
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EACCES])
+def test_a_write_that_fails_is_one_line_naming_the_file_and_leaves_nothing_finished(err, tmp_path, capsys, monkeypatch):
+    data = str(_records(tmp_path / "calib.jsonl"))
+    out = tmp_path / "curate"
+    pool = str(_records(tmp_path / "pool.jsonl", 20))
+    monkeypatch.setenv("FINESCOPE_HOME", str(tmp_path / "home"))
+    _failing_writes(monkeypatch, "selected.jsonl", err)
+    rc = main(["curate", "--method", "random", "--pool", pool, "--seeds", data, "--top-m", "5", "--out", str(out)])
+    assert rc == 2
+    line = _err_line(capsys)
+    assert f"{out / 'selected.jsonl'}: cannot be written ({os.strerror(err)})" in line
+    assert not (out / "DONE").exists() and not (out / "selected.jsonl").exists()
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ulimit -f of bash")
+def test_ulimit_f_is_one_line_exit_2(tmp_path):
+    data, pool = _records(tmp_path / "calib.jsonl"), _records(tmp_path / "pool.jsonl", 400)
+    out = tmp_path / "curate"
+    env = {**os.environ, "FINESCOPE_HOME": str(tmp_path / "home"), "FINESCOPE_PROGRESS": "0"}
+    script = f"ulimit -f 8; exec {sys.executable} -m finescope curate --method random --pool {pool} --seeds {data} --top-m 400 --out {out}"
+    proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "cannot be written (File too large)" in proc.stderr.strip().splitlines()[-1]
+    assert not (out / "DONE").exists()
+
+
+def test_prune_out_in_proc_is_refused_before_model_work(tmp_path, capsys, monkeypatch):
+    import finescope.prune.run as prune_run
+
+    monkeypatch.setattr(prune_run, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    data = str(_records(tmp_path / "calib.jsonl"))
+    assert main(["prune", "--model", "default", "--data", data, "--out", "/proc/finescope-x"]) == 2
+    assert "/proc/finescope-x: /proc is not writable" in _err_line(capsys)
+
+
+def test_kd_top_k_beyond_the_vocabulary_is_capped_with_a_warning(tmp_path, tiny_model_dirs, capsys):
+    from finescope.recover.run import run
+    from test_recover import _cfg, write_records
+
+    data = write_records(tmp_path / "data.jsonl")
+    teacher, student = tiny_model_dirs["llama"], tiny_model_dirs["qwen2"]
+    cfg = _cfg(teacher, student, data, kd_weight=0.5, kd_cache=str(tmp_path / "kd"), kd_top_k=10**9)
+    with pytest.warns(UserWarning, match=r"--kd-top-k 1000000000 is more than the teacher's vocabulary"):
+        out = run(cfg, tmp_path / "out")
+    metrics = json.loads((out / "metrics.json").read_text())
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "kd" / "kd-targets.safetensors"), framework="pt") as f:
+        k = f.get_slice("ids").get_shape()[1]
+    assert metrics["kd"]["top_k"] == k < 10**9
+
+
+def test_unknown_variant_in_pipeline_json_warns(tmp_path):
+    from finescope.report.tables import collect
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "pipeline.json").write_text(
+        json.dumps({"variants": {n: {"label": n, "description": "", "stages": {}} for n in ("pruned_magic", "dense")}})
+    )
+    with pytest.warns(UserWarning, match=r"unknown variant\(s\) 'pruned_magic'"):
+        collect(run_dir)
+
+
+def test_a_failed_rank_error_is_the_launchers_last_line(tmp_path, capsys, monkeypatch):
+    """torchrun ends a failed run with its own traceback; the launcher repeats the rank's one error line after it."""
+    import subprocess as sp
+
+    from finescope import pipeline
+
+    def fake_torchrun(cmd, env=None, **kw):
+        assert env[pipeline.RANK_ERRORS_ENV] and env["FINESCOPE_LAUNCHER_PID"] == str(os.getpid())
+        Path(env[pipeline.RANK_ERRORS_ENV]).write_text(
+            "rank 0 failed during opening x: pool.jsonl: line 3: invalid JSON\npool.jsonl: line 3: invalid JSON\n"
+        )
+        print("torch.distributed.elastic.multiprocessing.errors.ChildFailedError:", file=sys.stderr)
+        return sp.CompletedProcess(cmd, 1)
+
+    import tempfile
+
+    monkeypatch.setattr(sp, "run", fake_torchrun)
+    monkeypatch.setattr(pipeline, "check_run_dir", lambda root: None)
+    monkeypatch.setattr(pipeline, "torch_cuda_count", lambda: 0)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    from finescope.child_process import _pid_namespace
+
+    (tmp_path / f"finescope-launch-999999999-{_pid_namespace()}-x").mkdir()  # left by a killed launcher
+    assert main(["run", "--config", "quick", "--run-dir", str(tmp_path / "run"), "--num-processes", "2"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("finescope run: error: the 2-process run of") and last.endswith(
+        "failed (exit status 1): pool.jsonl: line 3: invalid JSON"
+    )
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(pipeline.LAUNCH_DIR)]  # its own, and none stale
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ulimit -f of bash")
+def test_ulimit_f_during_prunes_model_save_is_one_line_naming_the_model_folder(tmp_path, tiny_model_dirs):
+    """safetensors' own writer fails (its error names no file): the line names the folder being saved."""
+    data = _records(tmp_path / "calib.jsonl")
+    out = tmp_path / "prune"
+    env = {**os.environ, "FINESCOPE_HOME": str(tmp_path / "home"), "FINESCOPE_PROGRESS": "0"}
+    args = f"--model {tiny_model_dirs['llama']} --data {data} --ratio 0.3 --calib-samples 4 --calib-length 32"
+    script = f"ulimit -f 100; exec {sys.executable} -m finescope prune {args} --out {out}"
+    proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == f"finescope prune: error: {out / 'model'}: cannot be written (File too large)"
+    )
+    assert not (out / "DONE").exists() and not (out / "model").exists()

@@ -299,8 +299,9 @@ def test_truncation_count_comes_from_the_pool_shards_and_from_older_shards_too(
     tokenising pass); shards of an older cache, which did not record it, are counted by tokenising them again."""
     from dataclasses import replace
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
+    from finescope import cache_entry
     from finescope.curate.activations import count_truncated
     from finescope.data import read_records, record_text
 
@@ -316,7 +317,8 @@ def test_truncation_count_comes_from_the_pool_shards_and_from_older_shards_too(
     for path in shards:
         tensors = load_file(str(path))
         if "truncated" in tensors:
-            save_file({k: v for k, v in tensors.items() if k != "truncated"}, str(path))
+            kept = {k: v for k, v in tensors.items() if k != "truncated"}  # a shard that did not record it
+            path.write_bytes(cache_entry.dump(kept, cache_entry.shard_key(path)))  # (checksummed, or recomputed)
             stripped += 1
     assert stripped == 2  # 41 texts in shards of 32: the pool's two shards recorded the count
     again = curate_run.run(replace(cfg, top_m=9), tmp_path / "again")

@@ -204,8 +204,37 @@ def text_named_parquet(d):
     return _write(d / "text.parquet", _jsonl(GOOD_ROWS)), "not a readable parquet file"
 
 
+def _txt_folder(d: Path, name: str, data: bytes) -> Path:
+    _write(d / "texts" / "good.txt", b"Natalia sold 48 clips in April and half as many in May.")
+    _write(d / "texts" / name, data)
+    return d / "texts"
+
+
+def binary_txt_random(d):  # random bytes named .txt: the latin-1 fallback decodes anything, so it is checked
+    rng = __import__("random").Random(0)
+    data = bytes(rng.randrange(256) for _ in range(8192)).replace(b"\0", b"\1")
+    return _txt_folder(d, "notes.txt", data), "notes.txt: binary data, not text"
+
+
+def binary_txt_image(d):  # a PNG renamed .txt (NUL bytes in its header)
+    data = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" + bytes(range(256)) * 8
+    return _txt_folder(d, "photo.txt", data), "photo.txt: binary data, not text (it holds NUL bytes)"
+
+
+def binary_txt_pdf(d):  # a PDF renamed .txt: a text header, then a compressed stream
+    import zlib
+
+    rng = __import__("random").Random(1)
+    stream = zlib.compress(bytes(rng.randrange(256) for _ in range(6000)), 9).replace(b"\0", b"\2")
+    data = b"%PDF-1.7\n1 0 obj << /Length 6000 /Filter /FlateDecode >> stream\n" + stream + b"\nendstream\n"
+    return _txt_folder(d, "paper.txt", data), "paper.txt: binary data, not text"
+
+
 # (case, builder, command): the command routes the file to one reader; together they cover every one.
 RECORD_CASES = [
+    ("binary-txt-random-pool", binary_txt_random, "curate-pool"),
+    ("binary-txt-image-seeds", binary_txt_image, "curate-seeds"),
+    ("binary-txt-pdf-seeds", binary_txt_pdf, "curate-seeds"),
     ("latin1-row", latin1_row, "prune"),
     ("latin1-row-pool", latin1_row, "curate-pool"),
     ("utf16-bom", utf16_bom, "curate-pool"),
@@ -579,3 +608,17 @@ def test_huge_line_is_reported_in_a_short_message(tmp_path):
     message = str(e.value)
     assert expected in message and len(message) < 500 and "x" * 500 not in message
     assert sys.getrecursionlimit() < DEEP
+
+
+def test_legacy_8_bit_text_files_are_still_read(tmp_path):
+    """The binary check keeps the latin-1 fallback for real legacy text: accents and cp1252 quotes pass."""
+    from finescope.data import read_records
+
+    folder = tmp_path / "legacy"
+    _write(
+        folder / "a.txt",
+        "Caf\u00e9 cr\u00e8me, na\u00efve r\u00e9sum\u00e9 \u2014 \u201cquoted\u201d.\n".encode("cp1252"),
+    )
+    _write(folder / "b.txt", ("Zo\u00eb's \u00bd price.\t" * 50).encode("latin-1"))
+    rows = read_records(folder)
+    assert [r["id"] for r in rows] == ["a.txt", "b.txt"] and rows[0]["text"].startswith("Café crème")

@@ -17,10 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save
 
-from .. import distributed
+from .. import cache_entry, distributed
 from ..progress import progress
 from ..storage import write_atomic
 from ..tokens import pad_batch, pad_id, pad_rows
@@ -139,8 +137,9 @@ def sharded(
     for s in mine:
         path = _shard_path(cache_dir, s)
         lo, hi = s * shard_batches, min(n_batches, (s + 1) * shard_batches)
-        if path.is_file():
-            done[s] = load_file(str(path))
+        cached = cache_entry.load(path, cache_entry.shard_key(path))
+        if cached is not None:
+            done[s] = cached
             bar.update(hi - lo)
             continue
         parts: dict[str, list[torch.Tensor]] = {}
@@ -149,11 +148,16 @@ def sharded(
                 parts.setdefault(k, []).append(v)
             bar.update(1)
         shard = {k: torch.cat(v).contiguous() for k, v in parts.items()}
-        write_atomic(path, save(shard))
+        write_atomic(path, cache_entry.dump(shard, cache_entry.shard_key(path)))
         done[s] = shard
     bar.close()
     distributed.barrier(f"{desc}: waiting for every rank's shards")
-    return [done[s] if s in done else load_file(str(_shard_path(cache_dir, s))) for s in range(n_shards)]
+    return [done[s] if s in done else _read(_shard_path(cache_dir, s)) for s in range(n_shards)]
+
+
+def _read(path: Path, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """A shard another rank (or this one) wrote or verified in this run: checked, never silently wrong."""
+    return cache_entry.load_or_raise(path, cache_entry.shard_key(path), names)
 
 
 def by_length(lengths: list[int], max_length: int) -> list[int]:
@@ -170,8 +174,8 @@ def _truncated(n: int) -> torch.Tensor:
 
 def shard_truncated(path: Path) -> int | None:
     """The count of truncated texts a pool shard recorded; None for a shard written before shards recorded it."""
-    with safe_open(str(path), framework="pt") as f:
-        return int(f.get_tensor("truncated")[0]) if "truncated" in f.keys() else None
+    shard = _read(path, ["truncated"])
+    return int(shard["truncated"][0]) if "truncated" in shard else None
 
 
 @torch.no_grad()
@@ -211,8 +215,7 @@ class CoordShards:
         """Every harvested token's selected coordinates at `layer`, (tokens, K)."""
         parts = []
         for path in self.paths:
-            with safe_open(str(path), framework="pt") as f:
-                parts.append(f.get_tensor(f"layer{layer}"))
+            parts.append(_read(path, [f"layer{layer}"])[f"layer{layer}"])
         return torch.cat(parts)
 
 
@@ -234,8 +237,9 @@ def sharded_stream(
         path = _shard_path(cache_dir, s)
         paths.append(path)
         if s % ranks.world == ranks.rank:
-            if not path.is_file():
-                write_atomic(path, save({k: v.contiguous() for k, v in compute(texts).items()}))
+            if not cache_entry.verify(path, cache_entry.shard_key(path)):
+                shard = {k: v.contiguous() for k, v in compute(texts).items()}
+                write_atomic(path, cache_entry.dump(shard, cache_entry.shard_key(path)))
             bar.update(len(texts))
     bar.close()
     distributed.barrier(f"{desc}: waiting for every rank's shards")
@@ -252,7 +256,7 @@ class RecordActivations:
     @property
     def shards(self) -> Iterator[dict[str, torch.Tensor]]:
         """The shards, read one at a time."""
-        return (load_file(str(p)) for p in self.paths)
+        return (_read(p) for p in self.paths)
 
     @property
     def tokens(self) -> int:

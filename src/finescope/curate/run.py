@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
-from .. import FinescopeError, assets, distributed, hashing, storage
+from .. import FinescopeError, assets, cache_entry, distributed, hashing, storage
 from ..artifacts import CurateFeatures, CurateMetrics, PoolSnippet, SaeCurationMetrics, SaeLayerMetrics, SharedLatent
 from ..config import CurateConfig
 from ..corpora import default_reference_texts, resolve_records_path
@@ -49,7 +49,7 @@ from .baselines import MiniLM, random_scores, reciprocal_rank_fusion
 from .coords import coordinate_scores, top_k_coords
 from .dsir import dsir_scores
 from .pool import Pool
-from .sae import evaluate_sae, load_sae, save_sae, train_sae
+from .sae import check_sae, evaluate_sae, load_sae, save_sae, train_sae
 from .select import Keys, LatentStats, dedupe_key, max_cosine, seed_cosine, select_global, select_per_seed
 
 # Bump when the SAE's definition changes, so cached SAEs (and encodings made with them) are not reused.
@@ -65,6 +65,11 @@ class CurateError(FinescopeError):
 
 def _cache_root() -> Path:
     return assets.home() / "cache" / "curate"
+
+
+def _checked(path: Path) -> dict[str, torch.Tensor]:
+    """A cache shard verified when this run decided to reuse or wrote it (`cache_entry`)."""
+    return cache_entry.load_or_raise(path, cache_entry.shard_key(path))
 
 
 def _open_pool(cfg: CurateConfig) -> Pool:
@@ -195,8 +200,8 @@ def _layer_coords(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Coordinate scores and the top-K indices of one layer, cached in coords-<key>.safetensors."""
     coords_file = _cache_root() / f"coords-{coords_key}.safetensors"
-    if coords_file.is_file():
-        saved = load_file(str(coords_file))
+    saved = cache_entry.load(coords_file, cache_entry.shard_key(coords_file))
+    if saved is not None:
         return saved["scores"], saved["indices"]
     t = time.perf_counter()
     scores = coordinate_scores(
@@ -209,7 +214,8 @@ def _layer_coords(
         k=cfg.num_coords,
     )
     idx = top_k_coords(scores, cfg.num_coords)
-    storage.write_atomic(coords_file, save({"scores": scores.float().contiguous(), "indices": idx.contiguous()}))
+    saved = {"scores": scores.float().contiguous(), "indices": idx.contiguous()}
+    storage.write_atomic(coords_file, cache_entry.dump(saved, cache_entry.shard_key(coords_file)))
     timings["coords_s"] = time.perf_counter() - t
     return scores, idx
 
@@ -231,10 +237,10 @@ def _layer_sae(
     sae_dir = root / "sae"
 
     def cached():
-        sae, meta = load_sae(sae_dir)
+        sae, meta = load_sae(sae_dir, checked=True)
         return sae, meta["finescope_curves"], meta["finescope_metrics"]
 
-    if distributed.on_main(lambda: (sae_dir / "cfg.json").is_file(), f"SAE cache lookup (layer {layer})"):
+    if distributed.on_main(lambda: check_sae(sae_dir), f"SAE cache lookup (layer {layer})"):
         return cached()
     t = time.perf_counter()
     harvest = harvest_coords(
@@ -262,6 +268,7 @@ def _layer_sae(
             layer=layer,
             model=handle.source,
             extra={"finescope_curves": curves, "finescope_metrics": quality, "finescope_selector": cfg.selector},
+            checked=True,
         )
         return sae, curves, quality
 
@@ -336,7 +343,7 @@ def _pool_code_shards(
     )
     if distributed.ranks().is_main:
         storage.write_json_atomic(cache / "info.json", {"texts": len(pool), "layer": layer, "tag": "pool"})
-    return lambda: (load_file(str(p))["pooled"] for p in paths), paths
+    return lambda: (_checked(p)["pooled"] for p in paths), paths
 
 
 @dataclass
@@ -575,7 +582,7 @@ class _PoolEmbeddings:
 
     def scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`max_cosine` of the pool against the seeds (best cosine, its seed, every seed's), a shard at a time."""
-        parts = [max_cosine(load_file(str(p))["emb"], self.seeds) for p in self.paths]
+        parts = [max_cosine(_checked(p)["emb"], self.seeds) for p in self.paths]
         if not parts:
             return torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0, len(self.seeds))
         return tuple(torch.cat([p[k] for p in parts]) for k in range(3))  # type: ignore[return-value]

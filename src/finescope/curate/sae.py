@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .. import cache_entry
 from ..progress import progress
 from ..storage import atomic_dir
 
@@ -267,9 +270,13 @@ def save_sae(
     layer: int,
     model: str,
     extra: dict[str, Any] | None = None,
+    checked: bool = False,
 ) -> Path:
     """SAELens layout: cfg.json + sae_weights.safetensors (the folded W_enc, b_enc, W_dec, b_dec only, see
-    `SparseAutoencoder.folded`), plus coords.safetensors, the residual coordinates the SAE reads (its d_in inputs)."""
+    `SparseAutoencoder.folded`), plus coords.safetensors, the residual coordinates the SAE reads (its d_in inputs).
+
+    `checked` (a cache entry): both safetensors files carry a checksum and their key (`cache_entry`), and the
+    weights' metadata the sha256 of cfg.json, so `load_sae(path, checked=True)` trusts nothing altered."""
     topk = sae.kind == "topk"
     cfg = {
         "architecture": "topk" if topk else "standard",
@@ -291,12 +298,51 @@ def save_sae(
         "finescope_coords_file": "coords.safetensors",
         **(extra or {}),
     }
+    text = json.dumps(cfg, indent=2) + "\n"
+    weights = {n: t.contiguous() for n, t in sae.folded().items()}
+    indices = {"indices": coords.long().contiguous()}
     with atomic_dir(path) as tmp:
-        (tmp / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        weights = {n: t.contiguous() for n, t in sae.folded().items()}
-        save_file(weights, str(tmp / "sae_weights.safetensors"))
-        save_file({"indices": coords.long().contiguous()}, str(tmp / "coords.safetensors"))
+        (tmp / "cfg.json").write_text(text)
+        if checked:
+            final = Path(path)
+            meta = {CFG_SHA256: cache_entry.digest(text.encode("utf-8"))}
+            blob = cache_entry.dump(weights, cache_entry.shard_key(final / WEIGHTS), meta)
+            (tmp / WEIGHTS).write_bytes(blob)
+            (tmp / COORDS).write_bytes(cache_entry.dump(indices, cache_entry.shard_key(final / COORDS)))
+        else:
+            save_file(weights, str(tmp / WEIGHTS))
+            save_file(indices, str(tmp / COORDS))
     return Path(path)
+
+
+WEIGHTS, COORDS, CFG_SHA256 = "sae_weights.safetensors", "coords.safetensors", "finescope_cfg_sha256"
+
+
+def check_sae(path: str | Path) -> bool:
+    """True when the SAE cache folder `path` (saved `checked`) is intact; a bad one is reported in one line and
+    removed (so it is trained again), a missing one is False."""
+    path = Path(path)
+    if not (path / "cfg.json").is_file():
+        return False
+    try:
+        _checked_parts(path)
+        return True
+    except (cache_entry.BadCacheEntry, OSError) as e:
+        msg = str(e) if isinstance(e, cache_entry.BadCacheEntry) else f"{path}: unreadable ({e.strerror or e})"
+        print(f"finescope: {msg}; recomputing it", file=sys.stderr, flush=True)
+        shutil.rmtree(path, ignore_errors=True)
+        return False
+
+
+def _checked_parts(path: Path) -> tuple[str, dict[str, torch.Tensor], torch.Tensor]:
+    """(cfg.json's text, the weights, the coordinates) of a checked SAE folder; BadCacheEntry when altered."""
+    text = (path / "cfg.json").read_bytes()
+    got = cache_entry.load_with_metadata_or_raise(path / WEIGHTS, cache_entry.shard_key(path / WEIGHTS))
+    state, meta = got
+    if meta.get(CFG_SHA256) != cache_entry.digest(text):
+        raise cache_entry.BadCacheEntry(f"{path / 'cfg.json'}: does not match the checksum its SAE weights record")
+    coords = cache_entry.load_or_raise(path / COORDS, cache_entry.shard_key(path / COORDS))["indices"]
+    return text.decode("utf-8"), state, coords
 
 
 def _kind(cfg: dict[str, Any]) -> str:
@@ -317,18 +363,24 @@ def _kind(cfg: dict[str, Any]) -> str:
     return "topk" if arch == "topk" else "relu"
 
 
-def load_sae(path: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
+def load_sae(path: str | Path, *, checked: bool = False) -> tuple[SparseAutoencoder, dict[str, Any]]:
     """Load an SAE folder written by `save_sae`; returns the SAE and its cfg (with `coords`, a LongTensor).
 
     The folder's weights are already in raw units, so the SAE keeps mean 0, std 1 and encodes exactly as the SAE
-    that was saved. Older folders that also hold input_mean / input_std (unfolded) load too."""
+    that was saved. Older folders that also hold input_mean / input_std (unfolded) load too. `checked`: a cache
+    folder saved `checked`, verified first (BadCacheEntry when altered)."""
     path = Path(path)
-    cfg = json.loads((path / "cfg.json").read_text())
+    if checked:
+        text, state, coords = _checked_parts(path)
+        cfg = json.loads(text)
+    else:
+        cfg = json.loads((path / "cfg.json").read_text())
+        state = load_file(str(path / WEIGHTS))
+        coords = load_file(str(path / cfg.get("finescope_coords_file", COORDS)))["indices"]
     k = cfg.get("k", cfg.get("activation_fn_kwargs", {}).get("k", 32))
     sae = SparseAutoencoder(cfg["d_in"], cfg["d_sae"], _kind(cfg), k)
-    state = load_file(str(path / "sae_weights.safetensors"))
     with torch.no_grad():
         for name, tensor in state.items():
             getattr(sae, name).copy_(tensor)
-    cfg["coords"] = load_file(str(path / cfg.get("finescope_coords_file", "coords.safetensors")))["indices"]
+    cfg["coords"] = coords
     return sae.eval(), cfg

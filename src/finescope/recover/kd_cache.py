@@ -10,16 +10,15 @@ and k, so a file built from another teacher or other data is detected and rebuil
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save
 
-from .. import assets, hashing
-from ..messages import one_line
+from .. import assets, cache_entry, hashing
 from ..progress import progress
 from ..storage import write_atomic
 from ..tokens import pad_batch
@@ -78,26 +77,47 @@ def write(path: Path, key: str, parts: list[TopK]) -> None:
         "offsets": offsets,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, save(tensors, metadata={"key": key, "version": VERSION}))
+    write_atomic(path, cache_entry.dump(tensors, key, metadata={"key": key, "version": VERSION}))
 
 
 def read(path: Path, key: str) -> list[TopK] | None:
-    """The cached targets, or None when the file is missing, unreadable or built for another key."""
+    """The cached targets, or None when the file is missing, unreadable, altered (its checksum, `cache_entry`) or
+    built for another key: said in one line, and the caller rebuilds it."""
     if not path.is_file():
         return None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            found = (f.metadata() or {}).get("key")
-        if found != key:
-            _say(f"{path}: KD targets of another teacher or other data (key {found}, want {key}); recomputing")
-            return None
-        t = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        _say(f"{path}: unreadable KD targets ({one_line(e, 200)}); recomputing")
+    found = None
+    with contextlib.suppress(SafetensorError, OSError, ValueError), safe_open(str(path), framework="pt") as f:
+        found = (f.metadata() or {}).get("key")
+    if found is not None and found != key:
+        _say(f"{path}: KD targets of another teacher or other data (key {found}, want {key}); recomputing")
+        return None
+    t = cache_entry.load(path, key)
+    if t is None:
+        return None
+    problem = _inconsistent(t)
+    if problem:
+        _say(f"{path}: KD targets {problem}; recomputing")
+        cache_entry.discard(path)
         return None
     off = t["offsets"].tolist()
     ids = t["ids"].long()
     return [TopK(ids[a:b], t["logp"][a:b], t["log_rest"][a:b]) for a, b in zip(off, off[1:])]
+
+
+def _inconsistent(t: dict[str, torch.Tensor]) -> str | None:
+    """What is wrong with the tensors of a KD targets file, or None: shapes and offsets agree, ids are token ids."""
+    names = {"ids", "logp", "log_rest", "offsets"}
+    if set(t) != names:
+        return f"hold tensors {sorted(t)}, not {sorted(names)}"
+    ids, logp, rest, off = t["ids"], t["logp"], t["log_rest"], t["offsets"]
+    n = int(rest.shape[0]) if rest.dim() == 1 else -1
+    if ids.dim() != 2 or ids.shape != logp.shape or ids.shape[0] != n or off.dim() != 1 or off.numel() < 1:
+        return "have inconsistent shapes"
+    if int(off[0]) != 0 or int(off[-1]) != n or bool((off[1:] < off[:-1]).any()):
+        return "have inconsistent offsets"
+    if ids.numel() and int(ids.min()) < 0:
+        return "hold negative token ids"
+    return None
 
 
 def load_or_build(path: Path, key: str, build: Callable[[], list[TopK]]) -> tuple[list[TopK], bool]:

@@ -13,10 +13,12 @@ plain SFT on the originals; `--no-rewrite --kd-weight 1` distils the teacher's l
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -302,6 +304,13 @@ def _examples(tok, cfg: RecoverConfig, rows: list[dict]) -> tuple[list[Example],
     return train_ex, eval_ex, len(too_long) + len(eval_too_long)
 
 
+def _vocab_size(model) -> int | None:
+    """Rows of the model's output layer (its vocabulary), None when it has no single one."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    return int(weight.shape[0]) if weight is not None else None
+
+
 def _kd_targets(
     cfg: RecoverConfig, teacher: ModelHandle | None, train_ex: list[Example], pad_id: int, times: dict[str, float]
 ) -> tuple[KdStats | None, object | None]:
@@ -310,6 +319,14 @@ def _kd_targets(
     s = KdSettings.from_config(cfg)
     if not s.needs_teacher or teacher is None:
         return None, None
+    vocab = _vocab_size(teacher.model)
+    if vocab and s.top_k is not None and s.top_k > vocab:
+        warnings.warn(
+            f"--kd-top-k {s.top_k} is more than the teacher's vocabulary ({vocab} tokens): capped at {vocab} (the "
+            "whole distribution)",
+            stacklevel=2,
+        )
+        s = dataclasses.replace(s, top_k=vocab)
     if cfg.kd_scope == "all":
         for ex in train_ex:
             ex.kd_labels = list(ex.input_ids)

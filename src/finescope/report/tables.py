@@ -9,6 +9,7 @@ import dataclasses
 import html
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,20 @@ def results_of(folder: Path) -> EvalResults | None:
     return EvalResults.read_if_exists(folder / EvalResults.FILE)
 
 
+def _warn_unknown_variants(run_dir: Path, variants: dict) -> None:
+    """A pipeline.json variant that finescope does not define (edited by hand, or from another version) is
+    reported as written, with a warning naming it."""
+    from ..variants import VARIANTS
+
+    unknown = [n for n in variants if n not in VARIANTS and not n.startswith("sweep@")]
+    if unknown:
+        warnings.warn(
+            f"{run_dir / PipelineManifest.FILE}: unknown variant(s) {', '.join(map(repr, unknown[:5]))} (finescope "
+            f"defines {', '.join(VARIANTS)}); reported as written, without their description",
+            stacklevel=2,
+        )
+
+
 def collect(run_dir: Path) -> dict:
     """Everything the report shows, from files only."""
     run_dir = Path(run_dir)
@@ -86,6 +101,7 @@ def collect(run_dir: Path) -> dict:
     columns: dict[str, Column] = {}
     rows: list[Row] = []
     sweep: list[dict] = []
+    _warn_unknown_variants(run_dir, manifest.variants)
     for name, v in manifest.variants.items():
         stages = {s: run_dir / p for s, p in v.stages.items()}
         res = results_of(stages["eval"]) if "eval" in stages else None

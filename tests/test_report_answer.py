@@ -131,7 +131,9 @@ def test_the_answer_picks_the_best_compact_variant_on_the_domain_task(tmp_path):
     assert "**Take `FineScope + KD`** (variant `pruned_kd`): 87.2M parameters (65% of dense 134.5M)" in first
     assert f"`{root / 'recover/kd/model'}`" in first
     assert "Domain (nll:math nll): 2.181 against dense 1.353 — 1.61× dense (+0.83; perplexity 2.29× dense)" in first
-    assert "Off-domain (nll:code nll): 3.841 against dense 0.980 — 3.92× dense (+2.86; perplexity 17.48× dense)" in first
+    assert (
+        "Off-domain (nll:code nll): 3.841 against dense 0.980 — 3.92× dense (+2.86; perplexity 17.48× dense)" in first
+    )
     assert html.index("<strong>Take <code>FineScope + KD</code></strong>") < html.index("<h2>Results</h2>")
     # The card goes with the model the answer names.
     assert (root / "recover/kd/model/README.md").is_file() and not (root / "recover/tgd/model/README.md").exists()

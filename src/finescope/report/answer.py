@@ -84,7 +84,9 @@ def pick(data: dict) -> Answer | None:
 
     def key(item: tuple[int, Row]) -> tuple:
         i, r = item
-        return (sign * r.values[head.key], r.params or 0, i)
+        value = r.values[head.key]
+        assert value is not None  # candidates have one
+        return (sign * value, r.params or 0, i)
 
     row = min(candidates, key=key)[1]
     return Answer(row, model_dir(data, row.name), _columns_of(data, domain), _columns_of(data, off), head)

@@ -50,7 +50,7 @@ def used_assets(manifest) -> dict[str, list[str]]:
         use("bbc", "generic replay text")
     for task in (cfg.get("eval") or {}).get("tasks") or []:
         name = str(task)
-        key = (
+        asset = (
             "mmlu"
             if name.startswith("mmlu")
             else "gsm8k"
@@ -59,8 +59,8 @@ def used_assets(manifest) -> dict[str, list[str]]:
             if name.startswith("humaneval") or name == "nll:code"
             else None
         )
-        if key:
-            use(key, f"eval task {name}")
+        if asset:
+            use(asset, f"eval task {name}")
     return {k: used[k] for k in PACKAGES if k in used}
 
 

@@ -150,6 +150,8 @@ def main() -> None:
         }
         result["points"].append(point)
         print(json.dumps(point), file=sys.stderr, flush=True)
+        if args.out:  # the points so far, so that a run cut short still leaves a readable frontier
+            storage.write_atomic(Path(args.out), json.dumps(result, indent=2) + "\n")
         del model
     result["scores_seconds"] = round(scores_s, 1)
     result["wall_s"] = round(time.perf_counter() - t_start, 1)

@@ -339,6 +339,7 @@ def test_a_frontier_file_that_is_not_json_or_absent_is_refused(tmp_path, capsys)
 
 def test_the_committed_frontier_is_a_valid_frontier_file():
     f = frontier.read(ROOT / "benchmarks/results/frontier.json")
-    assert f.domain_task == "nll:math" and [p.ratio for p in f.points] == [0.1, 0.2, 0.35, 0.5]
+    ratios = [p.ratio for p in f.points]  # largest model first
+    assert f.domain_task == "nll:math" and ratios == sorted(ratios) and len(set(ratios)) == len(ratios) >= 2
     assert all(p.parameters < f.dense.parameters for p in f.points)
     assert len(frontier.sentences(f)) == len(f.points)

@@ -111,7 +111,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         load_manifest(run_dir)
     with exclusive(run_dir, "run directory"):  # never beside a `finescope run` still writing it (names its PID)
         load_manifest(run_dir)
-        print(write_report(run_dir))
+        print(write_report(run_dir, args.frontier))
     return 0
 
 
@@ -222,6 +222,12 @@ def _add_report(sub) -> None:
         "model card README.md of the final model. Prints the path of report.html.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `finescope run`")
+    p.add_argument(
+        "--frontier",
+        metavar="FILE",
+        default=None,
+        help="a size/quality frontier (benchmarks/frontier.py --out) to draw; default: RUN_DIR/frontier.json if any",
+    )
     p.set_defaults(func=_cmd_report)
 
 

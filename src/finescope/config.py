@@ -329,6 +329,8 @@ class EvalConfig:
     """Model to evaluate: "default", a local HF folder, a hub id, or a .gguf file."""
     tasks: list[str] = field(default_factory=lambda: ["nll:math", "gsm8k", "mmlu:stem"])
     """Tasks, comma-separated: mmlu[:stem|humanities|social_sciences|other|<subject>], gsm8k, humaneval[:instruct], nll:<math|code|file>, math:<file>[@type+type], mbpp:<file>."""
+    off_domain: list[str] = field(default_factory=list)
+    """Tasks of `tasks` that measure off-domain quality (what a domain model may lose, e.g. nll:code for a maths run); every other task is domain. Read by the report only (its answer section); results do not depend on it."""
     shots: Annotated[int | None, Range(min=0)] = None
     """Few-shot examples per question; none = each task's default (mmlu 0, gsm8k 8 CoT exemplars, others 0)."""
     limit: Annotated[int, Range(min=0)] = 0
@@ -361,7 +363,7 @@ class EvalConfig:
     generation_backend: Literal["transformers", "vllm"] = "transformers"
     """Generative tasks through transformers' generate or vLLM (needs the vllm package and a CUDA GPU)."""
 
-    HASH_EXCLUDE = ("device", "overwrite")
+    HASH_EXCLUDE = ("device", "overwrite", "off_domain")
     HASH_OMIT_AT = {"generation_backend": "transformers"}
 
 
@@ -441,6 +443,11 @@ class PipelineConfig:
             raise ConfigError(
                 f"variants {', '.join(kd)}: recover.kd_weight is 0; set it (0 < α ≤ 1) for their logit distillation"
             )
+        for i, task in enumerate(self.eval.off_domain):
+            if task not in self.eval.tasks:
+                raise ConfigError(
+                    f"eval.off_domain[{i}] = {quote(task)}: not one of eval.tasks ({', '.join(self.eval.tasks)})"
+                )
         for section, fields in PIPELINE_SETS.items():
             cfg = getattr(self, section)
             default = type(cfg)()

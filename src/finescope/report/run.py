@@ -2,17 +2,23 @@
 plus the model card `README.md` in the final model folder.
 
     finescope report runs/default
+    finescope report runs/default --frontier benchmarks/results/frontier.json   # also draw the size/quality frontier
+
+The report opens with the answer (answer.py): the compact model to take, its folder, size and domain / off-domain
+quality against dense. A frontier file (frontier.py; `<run>/frontier.json` when no --frontier is given) adds the
+size/quality frontier plot and one sentence per ratio.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import re
 import time
 from pathlib import Path
 
 from .. import storage
-from . import card, plots, tables
+from . import answer, card, frontier, plots, tables
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:13px}th,td{border:1px solid #ccc;padding:3px 7px;
@@ -25,7 +31,9 @@ def _blocks(data: dict, plot_files: dict[str, bytes]) -> list[tuple]:
     """The report as a list of blocks (heading, paragraph, note, table, image), rendered to Markdown and HTML."""
     return [
         *_header_blocks(data),
+        *answer.blocks(data),
         *_results_blocks(data, plot_files),
+        *_frontier_blocks(data, plot_files),
         *_variants_blocks(data),
         *_selection_blocks(data, plot_files),
         *_pruning_blocks(data, plot_files),
@@ -59,7 +67,8 @@ def _results_blocks(data: dict, plot_files: dict[str, bytes]) -> list[tuple]:
         (
             "note",
             "Rows = variants, columns = metrics (↑ higher is better, ↓ lower is better). In "
-            "brackets: % of the dense model's value for ↑ metrics, the difference to dense for NLL. "
+            "brackets: % of the dense model's value for ↑ metrics (none where the dense value is at chance), "
+            "the difference to dense for NLL. "
             "Questions per task: " + ", ".join(ns) + ". Small n means wide error bars (see the "
             "plot's whiskers).",
         ),
@@ -69,6 +78,37 @@ def _results_blocks(data: dict, plot_files: dict[str, bytes]) -> list[tuple]:
     if "sweep" in plot_files:
         b.append(("img", "sweep", "NLL vs pruning ratio"))
     return b
+
+
+def _frontier_blocks(data: dict, plot_files: dict[str, bytes]) -> list[tuple]:
+    f: frontier.Frontier | None = data.get("frontier")
+    if f is None:
+        return []
+    what = "pruned with compensation, no recovery" if f.recovery == "none" else f"pruned, then {f.recovery}"
+    tput = f" Measuring machine: {f.throughput:,.0f} tok/s plain forward." if f.throughput else ""
+    b: list[tuple] = [
+        ("h2", "Size / quality frontier"),
+        (
+            "p",
+            f"From `{f.path}` ({what}; dense {f.dense.parameters / 1e6:.1f}M parameters, {f.domain_task} NLL "
+            f"{f.dense.domain.nll:.3f}).{tput}",
+        ),
+        *[("p", s) for s in frontier.sentences(f)],
+    ]
+    if "frontier" in plot_files:
+        b.append(("img", "frontier", "domain NLL against parameters (dashed: dense; stars: this run)"))
+    return b
+
+
+def _frontier_marks(data: dict, f: frontier.Frontier) -> list[tuple[str, int, float]]:
+    """The run's own variants on the frontier's axes: the pick, and the pruned model before recovery."""
+    col = next((c for c in data["columns"] if c.key.startswith(f.domain_task + "|") and c.key.endswith("|nll")), None)
+    ans = answer.pick(data)
+    rows = [ans.row] if ans else []
+    rows += [r for r in data["rows"] if r.name == "pruned" and r not in rows]
+    if col is None:
+        return []
+    return [(r.label, r.params, v) for r in rows if r.params and (v := r.values.get(col.key)) is not None]
 
 
 def _variants_blocks(data: dict) -> list[tuple]:
@@ -260,8 +300,12 @@ def render_markdown(blocks: list[tuple]) -> str:
 
 
 def _inline_code(text: str) -> str:
-    parts = html.escape(text).split("`")
+    """Escaped HTML of a Markdown line with its `code` and **bold** spans."""
+    parts = _BOLD.sub(r"<strong>\1</strong>", html.escape(text)).split("`")
     return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+_BOLD = re.compile(r"\*\*(.+?)\*\*")
 
 
 def render_html(blocks: list[tuple], plot_files: dict[str, bytes], title: str) -> str:
@@ -290,7 +334,7 @@ def render_html(blocks: list[tuple], plot_files: dict[str, bytes], title: str) -
 
 
 def final_variant(data: dict) -> str | None:
-    """The variant whose model gets the card: FineScope + KD first (the default's best recovery), then FineScope
+    """The variant whose model gets the card when the answer (answer.pick) has none: FineScope + KD first (the default's best recovery), then FineScope
     (pruned + TGD), else the last one with a model."""
     variants = data["manifest"].variants
     for name in ("pruned_kd", "pruned_tgd", *reversed([n for n in variants if not n.startswith("sweep@")])):
@@ -300,16 +344,19 @@ def final_variant(data: dict) -> str | None:
     return None
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """(Re)write the report of a run directory from its files; return the path of report.html."""
+def write_report(run_dir: str | Path, frontier_file: str | Path | None = None) -> Path:
+    """(Re)write the report of a run directory from its files (and a frontier file: the one given, else
+    `<run>/frontier.json` when present); return the path of report.html."""
     run_dir = Path(run_dir).resolve()
     data = tables.collect(run_dir)
+    data["frontier"] = frontier.find(run_dir, frontier_file)  # a bad file is refused before anything is written
     m = data["manifest"]
     figs = {k: v for k, v in _figures(data).items() if v}
     out = run_dir / "report"
     for name, png in figs.items():
         storage.write_atomic(out / "plots" / f"{name}.png", png)
-    variant = final_variant(data)
+    ans = answer.pick(data)
+    variant = ans.row.name if ans else final_variant(data)
     if variant is not None:
         stages = m.variants[variant].stages
         model_dir = run_dir / stages.get("recover", stages.get("prune")) / "model"
@@ -332,4 +379,5 @@ def _figures(data: dict) -> dict[str, bytes | None]:
         "sae": plots.sae_curves(tables.selection_evidence(curate_dir).metrics) if curate_dir else None,
         "widths": plots.kept_widths({k: tables.prune_report(run_dir / k) for k in _stage_folders(data, "prune")}),
         "recovery": plots.recovery_curves({k: tables.recovery(run_dir / k) for k in _stage_folders(data, "recover")}),
+        "frontier": frontier.plot(f, _frontier_marks(data, f)) if (f := data.get("frontier")) else None,
     }

@@ -198,15 +198,42 @@ def fmt(v, digits: int = 3) -> str:
 
 
 def relative(row: Row, dense: Row | None, col: Column) -> str:
-    """% of dense for a higher-is-better metric; the difference to dense for NLL."""
+    """% of dense for a higher-is-better metric (none when dense is at chance: `at_chance`); the difference to
+    dense for NLL."""
     if dense is None or row is dense:
         return ""
     v, d = row.values.get(col.key), dense.values.get(col.key)
     if v is None or d is None:
         return ""
     if col.higher_better:
-        return f"{100 * v / d:.0f}%" if d else ""
+        return f"{100 * v / d:.0f}%" if d and not at_chance(dense, col) else ""
     return f"{v - d:+.2f}"
+
+
+def chance_reason(dense: Row, col: Column) -> str | None:
+    """Why the dense value of a ↑ column cannot serve as a reference (None when it can): no value, no chance level
+    recorded, or not distinguishable from chance — the lower end of the one-sided 95 % Wilson interval of the dense
+    value over its n questions is at or below the task's chance level (1/choices for multiple choice, 0 for generated
+    answers, code and top-1; recorded in the results file)."""
+    v, n, chance = dense.values.get(col.key), dense.n.get(col.key), dense.chance.get(col.key)
+    if v is None or not n:
+        return "no dense value"
+    if chance is None:
+        return f"no chance level recorded ({OLD_RESULTS})"
+    if wilson_lower(v, n) > chance:
+        return None
+    return f"dense {fmt(v)} is not distinguishable from chance {chance:.3g} at n = {n}"
+
+
+def above_chance(dense: Row, col: Column) -> bool:
+    """The dense value of a ↑ column is distinguishable from its task's chance level (`chance_reason`)."""
+    return chance_reason(dense, col) is None
+
+
+def at_chance(dense: Row, col: Column) -> bool:
+    """The dense value of a ↑ column is known to be at or below chance: a chance level is recorded and the dense
+    value is not distinguishable from it. (A file without a chance level cannot tell: its % stays.)"""
+    return dense.chance.get(col.key) is not None and bool(dense.n.get(col.key)) and not above_chance(dense, col)
 
 
 def mean_percent(row: Row, dense: Row | None, columns: list[Column]) -> float | None:
@@ -252,15 +279,11 @@ def summary_columns(data: dict) -> tuple[list[Column], list[tuple[Column, str]]]
     for c in data["columns"]:
         if not c.higher_better or dense is None:
             continue
-        v, n, chance = dense.values.get(c.key), dense.n.get(c.key), dense.chance.get(c.key)
-        if v is None or not n:
-            left.append((c, "no dense value"))
-        elif chance is None:
-            left.append((c, f"no chance level recorded ({OLD_RESULTS})"))
-        elif wilson_lower(v, n) > chance:
+        reason = chance_reason(dense, c)
+        if reason is None:
             used.append(c)
         else:
-            left.append((c, f"dense {fmt(v)} is not distinguishable from chance {chance:.3g} at n = {n}"))
+            left.append((c, reason))
     return used, left
 
 

@@ -64,7 +64,7 @@ def test_an_unknown_name_is_refused_with_the_registry_list():
 
 
 def test_declared_needs_are_what_the_stages_gather():
-    assert {r.name for r in IMPORTANCE if GRADIENTS in r.needs} == {"taylor", "taylor2", "taylor_mix"}
+    assert {r.name for r in IMPORTANCE if GRADIENTS in r.needs} == {"taylor", "taylor2", "taylor_mix", "taylor_vector"}
     assert {r.name for r in IMPORTANCE if FISHER in r.needs} == {"taylor2", "taylor_mix"}
     assert {r.name for r in IMPORTANCE if ACTIVATIONS in r.needs} == {"wanda_sp", "flap"}
     assert {r.name for r in SELECTION_METHODS if MODEL in r.needs} == {"sae", "hybrid"}
@@ -124,3 +124,36 @@ def test_finish_without_a_stage_folder_writes_no_done(tmp_path):
     written = []
     stage_protocol.finish_on_rank0(None, PruneConfig(), lambda: written.append(1) or None, "results file")
     assert written == [1] and not list(tmp_path.iterdir())
+
+
+def test_taylor_vector_is_the_abs_of_each_groups_summed_first_order_term(chat_tokenizer):
+    """The importance added through the registry alone (a row and a function): LLM-Pruner's vector-wise score."""
+    from conftest import build_model
+    from finescope.modeling import ArchAdapter
+    from finescope.prune.importance import compute_scores
+    from test_prune import _batches
+
+    model = build_model("llama", len(chat_tokenizer))
+    adapter = ArchAdapter(model)
+    batches = _batches(chat_tokenizer)
+    vector = compute_scores(adapter, batches, "taylor_vector")
+    elementwise = compute_scores(adapter, batches, "taylor")
+    # |Σ x| ≤ Σ |x| for every group, and strictly below somewhere (the signs of w·g differ within a group).
+    for v, e in (
+        (vector.heads, elementwise.heads),
+        (vector.kv, elementwise.kv),
+        (vector.channels, elementwise.channels),
+    ):
+        assert v.shape == e.shape and bool((v <= e + 1e-6).all()) and bool((v < e - 1e-9).any())
+    # One MLP channel by hand: gate and up rows, down column, summed, then abs.
+    from finescope.prune import importance
+
+    gathered = importance._Gathered()
+    importance._calibration_pass(adapter, batches, gathered, need_grad=True, fisher=False, desc="test")
+    mlp, j = adapter.mlp(0), 3
+    total = sum(
+        float((w.detach().float() * gathered.grads[w].float())[idx].sum())
+        for w, idx in ((mlp.gate_proj.weight, j), (mlp.up_proj.weight, j), (mlp.down_proj.weight, (slice(None), j)))
+    )
+    assert abs(float(vector.channels[0, j]) - abs(total)) <= 1e-6 * max(1.0, abs(total))
+    assert vector.loss == elementwise.loss  # the same gradient pass

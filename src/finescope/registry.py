@@ -104,6 +104,12 @@ IMPORTANCE: Registry[Method] = Registry(
         Method(
             "taylor_mix", "abs(w·g − ½·w²·F) (LLM-Pruner param_mix)", f"{_IMP}:taylor_mix", needs(GRADIENTS, FISHER)
         ),
+        Method(
+            "taylor_vector",
+            "abs(Σ w·g) per group: the group's first-order loss change (LLM-Pruner vector-wise)",
+            f"{_IMP}:taylor_vector",
+            needs(GRADIENTS),
+        ),
         Method("magnitude", "w² summed per group, group score = its L2 norm", f"{_IMP}:magnitude"),
         Method(
             "wanda_sp",

@@ -11,6 +11,7 @@ implements it are declared once in `finescope.registry.IMPORTANCE` / `DEPTH_IMPO
 | taylor      | abs(w·g)                                             | LLM-Pruner `param_first`     |
 | taylor2     | abs(w·g) + ½·w²·F                                    | first + Fisher-diagonal term |
 | taylor_mix  | abs(w·g − ½·w²·F)                                    | LLM-Pruner `param_mix`       |
+| taylor_vector | abs(Σ w·g) over the group (abs after the sum)      | LLM-Pruner vector-wise       |
 | magnitude   | w² (group score = L2 norm)                           |                              |
 | wanda_sp    | abs(W[:, j])·‖X_j‖₂ on o_proj/down_proj inputs       | Wanda-sp (FLAP paper)        |
 | flap        | Var(X_j)·‖W[:, j]‖² on o_proj/down_proj inputs       | FLAP fluctuation metric      |
@@ -415,6 +416,17 @@ def taylor2(adapter: ArchAdapter, i: int, gathered: _Gathered, gen: torch.Genera
 
 def taylor_mix(adapter: ArchAdapter, i: int, gathered: _Gathered, gen: torch.Generator) -> LayerScores:
     return _weight_group_scores(adapter, i, "taylor_mix", gathered)
+
+
+def taylor_vector(adapter: ArchAdapter, i: int, gathered: _Gathered, gen: torch.Generator) -> LayerScores:
+    """LLM-Pruner's vector-wise importance: abs of the summed w·g over each coupled group (the first-order change
+    of the loss when the whole group is removed), where `taylor` sums the elements' abs values."""
+    elem = {
+        k: tuple(None if p is None else p.detach().float() * gathered.grads[p].float() for p in (lin.weight, lin.bias))
+        for k, lin in _projections(adapter, i).items()
+    }
+    h, g, c = _group_sums(adapter, i, elem)
+    return h.abs().cpu(), g.abs().cpu(), c.abs().cpu()
 
 
 def magnitude(adapter: ArchAdapter, i: int, gathered: _Gathered, gen: torch.Generator) -> LayerScores:

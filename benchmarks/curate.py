@@ -22,7 +22,7 @@ Seeds: the presets `preset:math|law|medicine|code` (src/finescope/seeds/, writte
 Methods: one list of (name, CurateConfig overrides), `method_variants`: SAE with each --selectors coordinate
 selector (default jacobian, the paper's), MiniLM embedding kNN, random, hybrid (reciprocal-rank fusion of the first SAE
 variant and embedding kNN) and DSIR when the installed finescope
-has it (`"dsir" in typing.get_args(CurateMethod)`; otherwise it is skipped with a note in the JSON). --methods
+has it (`"dsir" in SELECTION_METHODS`; otherwise it is skipped with a note in the JSON). --methods
 picks by name ("sae" = every SAE variant); --set KEY=VALUE applies a CurateConfig override to every variant (a variant's own
 settings, such as a lever's, win over it).
 
@@ -64,12 +64,12 @@ import statistics
 import sys
 import tempfile
 import time
-import typing
 from collections import Counter
 from pathlib import Path
 
 from finescope import storage
-from finescope.config import CurateConfig, CurateMethod, apply_overrides
+from finescope.config import CurateConfig, apply_overrides
+from finescope.registry import SELECTION_METHODS
 from labelled_pool import DISTRACTORS, DOMAINS, RELEVANT, build_labelled_pool, label_of, write_pool
 
 NOMINAL_POOL = sum(n for sources in RELEVANT.values() for n in sources.values()) + sum(
@@ -129,13 +129,13 @@ def method_variants(
         base = variants[0][1]
         variants += [(f"sae:{selectors[0]}+{spec}", {**base, **lever_overrides(spec)}) for spec in levers]
     variants += [("embedding", {"method": "embedding"}), ("random", {"method": "random"})]
-    if "hybrid" in typing.get_args(CurateMethod):
+    if "hybrid" in SELECTION_METHODS:
         variants.append(("hybrid", {"method": "hybrid", "selector": selectors[0] if selectors else "jacobian"}))
     skipped = {}
-    if "dsir" in typing.get_args(CurateMethod):
+    if "dsir" in SELECTION_METHODS:
         variants.append(("dsir", {"method": "dsir"}))
     else:
-        skipped["dsir"] = "this finescope's CurateConfig.method has no 'dsir' (CurateMethod lacks it)"
+        skipped["dsir"] = "this finescope's CurateConfig.method has no 'dsir' (SELECTION_METHODS lacks it)"
     return variants, skipped
 
 

@@ -2,7 +2,8 @@
 
 Each field carries a one-line docstring (the string literal right after it); those docstrings are the `--help`
 text of the CLI and the reference table of the README. Allowed values live in the type: `Literal[...]` for
-choices, `Annotated[T, Range(...)]` for numeric ranges. Validation names the field and the allowed range:
+choices, `Annotated[str, Choices(registry)]` for a method chosen from a registry (`finescope.registry`: the names
+are written there once), `Annotated[T, Range(...)]` for numeric ranges. Validation names the field and the allowed range:
 
     cfg = load_config(PipelineConfig, "configs/default.yaml", overrides=["curate.top_m=200"])
     # → ConfigError: configs/default.yaml: curate.top_m = 0: must be ≥ 1
@@ -32,6 +33,7 @@ import yaml
 
 from . import FinescopeError
 from .messages import QUOTE_LIMIT, count_values, quote
+from .registry import DEPTH_IMPORTANCE, IMPORTANCE, SELECTION_METHODS, Registry
 from .variants import VARIANTS
 
 
@@ -68,6 +70,16 @@ class Range:
         return "any number"
 
 
+@dataclass(frozen=True)
+class Choices:
+    """The allowed values of a string field are the names of a method registry (in its order)."""
+
+    registry: Registry
+
+    def names(self) -> tuple[str, ...]:
+        return self.registry.names()
+
+
 def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
@@ -79,8 +91,8 @@ Fraction = Annotated[float, Range(min=0, max=1, min_open=True, max_open=True)]
 # ================================================================================================ stage configs
 # Defaults are the paper's where it gives one (docs/method.md §7 lists where they depart from it).
 
-CurateMethod = Literal["sae", "embedding", "dsir", "random", "full", "hybrid"]
-"""Values of CurateConfig.method."""
+CurateMethod = Annotated[str, Choices(SELECTION_METHODS)]
+"""Values of CurateConfig.method: the names of `registry.SELECTION_METHODS`."""
 Selector = Literal["jacobian", "gradient", "magnitude", "variance", "pca", "random"]
 """Values of CurateConfig.selector."""
 
@@ -174,7 +186,7 @@ class PruneConfig:
     """Calibration records (e.g. curate/selected.jsonl); any record file works."""
     ratio: Fraction = 0.35
     """Target fraction of *total* parameters removed (the paper's ~35%)."""
-    importance: Literal["taylor", "taylor2", "taylor_mix", "magnitude", "wanda_sp", "flap", "random"] = "taylor"
+    importance: Annotated[str, Choices(IMPORTANCE)] = "taylor"
     """Width importance: first-order Taylor (LLM-Pruner param_first) by default."""
     head_mode: Literal["query", "kv_group"] = "query"
     """Prune query heads inside each KV group (same count per group) or whole KV groups."""
@@ -186,7 +198,7 @@ class PruneConfig:
     """MLP width is rounded to a multiple of this."""
     depth: Annotated[int, Range(min=0)] = 0
     """Whole decoder blocks to drop (depth pruning)."""
-    depth_importance: Literal["block_influence", "taylor_block"] = "block_influence"
+    depth_importance: Annotated[str, Choices(DEPTH_IMPORTANCE)] = "block_influence"
     """Block score for depth pruning."""
     calib_samples: Annotated[int, Range(min=1)] = 128
     """Calibration records used (at most)."""
@@ -501,6 +513,9 @@ def _spec(hint: Any) -> _Spec:
     if typing.get_origin(hint) is Annotated:
         hint, *extras = typing.get_args(hint)
         rng = next((e for e in extras if isinstance(e, Range)), None)
+        listed = next((e for e in extras if isinstance(e, Choices)), None)
+        if listed is not None:
+            return _Spec(base=hint, choices=listed.names(), range=rng)
     if typing.get_origin(hint) in (Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         optional = len(args) < len(typing.get_args(hint))

@@ -29,7 +29,8 @@ from typing import TypeGuard
 
 from . import FinescopeError, __version__, distributed, storage
 from .artifacts import PipelineManifest, VariantEntry
-from .config import KD_SETTINGS, CurateConfig, CurateMethod, PipelineConfig, RecoverConfig, Selector, to_dict
+from .config import KD_SETTINGS, CurateConfig, PipelineConfig, RecoverConfig, Selector, to_dict
+from .registry import SELECTION_METHODS
 from .stages import STAGES
 from .variants import VARIANTS
 
@@ -38,8 +39,8 @@ class PipelineError(FinescopeError):
     """The pipeline config cannot be turned into stage configs."""
 
 
-def _is_method(name: str) -> TypeGuard[CurateMethod]:
-    return name in typing.get_args(CurateMethod)
+def _is_method(name: str) -> bool:
+    return name in SELECTION_METHODS
 
 
 def _is_selector(name: str) -> TypeGuard[Selector]:

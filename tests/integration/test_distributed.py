@@ -17,6 +17,7 @@ import yaml
 
 from finescope import distributed, storage
 from finescope.config import to_dict
+from finescope.curate import embeddings
 from finescope.curate import run as curate_run
 from test_curate import _cfg
 from test_pipeline import tiny_run  # noqa: F401  (a fixture, used by name)
@@ -99,11 +100,11 @@ def test_curate_on_two_processes_selects_exactly_what_one_process_selects(tiny_m
 TINY_ENCODER = """
 import sys
 from functools import partial
-import finescope.curate.run as curate_run
+import finescope.curate.embeddings as embeddings
 from finescope.curate.baselines import MiniLM
 
-curate_run.MiniLM = partial(MiniLM, {encoder!r})
-curate_run.EMBED_SHARD_TEXTS = 16
+embeddings.MiniLM = partial(MiniLM, {encoder!r})
+embeddings.EMBED_SHARD_TEXTS = 16
 from finescope.cli import main
 sys.exit(main())
 """
@@ -121,8 +122,8 @@ def test_sentence_embeddings_are_sharded_over_two_processes_and_select_the_same(
     from test_curate import tiny_sentence_encoder
 
     enc = tiny_sentence_encoder(tmp_path / "enc", chat_tokenizer)
-    monkeypatch.setattr(curate_run, "MiniLM", partial(MiniLM, str(enc)))
-    monkeypatch.setattr(curate_run, "EMBED_SHARD_TEXTS", 16)
+    monkeypatch.setattr(embeddings, "MiniLM", partial(MiniLM, str(enc)))
+    monkeypatch.setattr(embeddings, "EMBED_SHARD_TEXTS", 16)
     cfg = _cfg(tiny_model_dirs, tmp_path, method=method, top_m=6)
     one = curate_run.run(cfg, tmp_path / "one")
     home, two = tmp_path / "home-two", tmp_path / "two"

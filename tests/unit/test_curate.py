@@ -9,6 +9,7 @@ import torch
 
 from finescope import storage
 from finescope.config import CurateConfig
+from finescope.curate import embeddings, layer_sae
 from finescope.curate import run as curate_run
 from finescope.curate.activations import TextBatches
 from finescope.curate.coords import SELECTORS, coordinate_scores, top_k_coords
@@ -200,19 +201,19 @@ def test_run_end_to_end_outputs_and_cache(tiny_model_dirs, tmp_path, cache_home,
     def forbidden(*a, **k):
         raise AssertionError("recomputed something that was cached")
 
-    monkeypatch.setattr(curate_run, "coordinate_scores", forbidden)
-    monkeypatch.setattr(curate_run, "harvest_coords", forbidden)
-    monkeypatch.setattr(curate_run, "train_sae", forbidden)
+    monkeypatch.setattr(layer_sae, "coordinate_scores", forbidden)
+    monkeypatch.setattr(layer_sae, "harvest_coords", forbidden)
+    monkeypatch.setattr(layer_sae, "train_sae", forbidden)
     calls = []
-    real_encode = curate_run.encode_pooled
+    real_encode = layer_sae.encode_pooled
 
     def counting(handle, layer, coords, encode, batches, cache_dir, *a, **k):
         calls.append((len(batches.texts), any(cache_dir.glob("shard-*"))))
         return real_encode(handle, layer, coords, encode, batches, cache_dir, *a, **k)
 
-    monkeypatch.setattr(curate_run, "encode_pooled", counting)
+    monkeypatch.setattr(layer_sae, "encode_pooled", counting)
     streamed = []
-    real_stream = curate_run.encode_pooled_stream
+    real_stream = layer_sae.encode_pooled_stream
 
     def counting_stream(handle, layer, coords, encode, chunks, cache_dir, **k):
         streamed.append(any(cache_dir.glob("shard-*")))
@@ -223,7 +224,7 @@ def test_run_end_to_end_outputs_and_cache(tiny_model_dirs, tmp_path, cache_home,
         finally:
             handle.adapter.hidden_after = real_forward
 
-    monkeypatch.setattr(curate_run, "encode_pooled_stream", counting_stream)
+    monkeypatch.setattr(layer_sae, "encode_pooled_stream", counting_stream)
     cfg2 = _cfg(tiny_model_dirs, tmp_path, top_m=5, selection="per_seed")
     out2 = curate_run.run(cfg2, tmp_path / "curate2")
     assert streamed == [True]  # pool encodings were on disk and read from there
@@ -357,8 +358,8 @@ def test_embedding_method_embeds_the_pool_once_into_cached_shards(
         loads.append(1)
         return MiniLM(str(enc), *a, **kw)
 
-    monkeypatch.setattr(curate_run, "MiniLM", counted)
-    monkeypatch.setattr(curate_run, "EMBED_SHARD_TEXTS", 16)  # 41 records: 3 shards
+    monkeypatch.setattr(embeddings, "MiniLM", counted)
+    monkeypatch.setattr(embeddings, "EMBED_SHARD_TEXTS", 16)  # 41 records: 3 shards
     cfg = _cfg(tiny_model_dirs, tmp_path, method="embedding", top_m=5)
     out = curate_run.run(cfg, tmp_path / "emb")
     assert loads == [1]

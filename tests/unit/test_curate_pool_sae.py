@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from finescope.curate import layer_sae
 from finescope.curate import run as curate_run
 from finescope.curate.activations import TextBatches, encode_pooled, harvest_records, pool_codes
 from finescope.curate.sae import train_sae
@@ -54,17 +55,17 @@ def test_pool_sae_trains_on_pool_tokens_and_reuses_the_cache(tiny_model_dirs, tm
     def forbidden(*a, **k):
         raise AssertionError("recomputed something that was cached")
 
-    monkeypatch.setattr(curate_run, "train_sae", forbidden)
-    monkeypatch.setattr(curate_run, "harvest_coords", forbidden)
-    monkeypatch.setattr(curate_run, "coordinate_scores", forbidden)
+    monkeypatch.setattr(layer_sae, "train_sae", forbidden)
+    monkeypatch.setattr(layer_sae, "harvest_coords", forbidden)
+    monkeypatch.setattr(layer_sae, "coordinate_scores", forbidden)
     encoded = []
-    real_encode = curate_run.encode_pooled
+    real_encode = layer_sae.encode_pooled
 
     def counting(handle, layer, coords, encode, batches, *a, **k):
         encoded.append(len(batches.texts))
         return real_encode(handle, layer, coords, encode, batches, *a, **k)
 
-    monkeypatch.setattr(curate_run, "encode_pooled", counting)
+    monkeypatch.setattr(layer_sae, "encode_pooled", counting)
     cfg2 = _cfg(tiny_model_dirs, tmp_path, sae_data="pool+reference", top_m=5, selection="per_seed")
     curate_run.run(cfg2, tmp_path / "curate2")
     assert encoded == [3]  # only the seeds go through the model

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from finescope.config import CurateConfig
+from finescope.curate import embeddings
 from finescope.curate import run as curate_run
 from finescope.curate.activations import TextBatches, encode_pooled
 from finescope.curate.select import LatentStats, max_cosine, seed_cosine
@@ -151,7 +152,7 @@ def test_hybrid_fuses_the_sae_and_embedding_rankings(
     cfg = BertConfig(vocab_size=len(chat_tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
     BertModel(cfg).save_pretrained(tmp_path / "enc")
     chat_tokenizer.save_pretrained(tmp_path / "enc")
-    monkeypatch.setattr(curate_run, "MiniLM", partial(MiniLM, str(tmp_path / "enc")))
+    monkeypatch.setattr(embeddings, "MiniLM", partial(MiniLM, str(tmp_path / "enc")))
     sae = curate_run.run(_cfg(tiny_model_dirs, tmp_path, top_m=41), tmp_path / "sae")
     out = curate_run.run(_cfg(tiny_model_dirs, tmp_path, method="hybrid", top_m=7), tmp_path / "hybrid")
     rows = [json.loads(l) for l in (out / "selected.jsonl").read_text().splitlines()]

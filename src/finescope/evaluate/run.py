@@ -23,7 +23,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from .. import distributed, hashing, storage, vllm_backend
+from .. import distributed, hashing, stage_protocol, storage, vllm_backend
 from ..artifacts import EvalMetrics, EvalResults, ModelIdentity, TaskResult
 from ..config import EvalConfig
 from ..generation import generate
@@ -420,7 +420,7 @@ def run(cfg: EvalConfig, out: Path) -> Path:
             return out
         _check_results_file(out, cfg)
     else:
-        if storage.is_done(out, cfg):
+        if stage_protocol.is_done(out, cfg):
             return out / EvalResults.FILE
         storage.check_stage_folder(out, cfg, overwrite=cfg.overwrite)
     tasks = prepare_tasks(cfg)
@@ -445,10 +445,7 @@ def run(cfg: EvalConfig, out: Path) -> Path:
             if distributed.on_main(open_results_file, f"opening {out}"):
                 _evaluate_into(out, out.with_name(out.stem + ".samples"), cfg, tasks, handle)
         return out
-    with contextlib.ExitStack() as held:
-        stage = distributed.on_main(
-            lambda: held.enter_context(storage.stage_folder(out, cfg, overwrite=cfg.overwrite)), f"opening {out}"
-        )
+    with stage_protocol.locked_on_rank0(out, cfg) as stage:
         if stage is None:
             return out / EvalResults.FILE
         _evaluate_into(stage / EvalResults.FILE, stage / "samples", cfg, tasks, handle, done=stage)
@@ -476,14 +473,14 @@ def _evaluate_into(
         wall_s=round(time.perf_counter() - start, 2),
     )
 
-    def write() -> None:
+    def write() -> dict | None:
         for path, samples in written:
             storage.write_jsonl_atomic(path, samples)
         report.write(results_path)
-        if done is not None:
-            storage.mark_done(done, cfg, EvalMetrics.of(report.results).to_json())
+        return EvalMetrics.of(report.results).to_json() if done is not None else None
 
-    distributed.on_main(write, f"writing {results_path} on rank 0")
+    # `done` None: a results file, not a stage folder (no DONE; its lock and hash are handled by `run`).
+    stage_protocol.finish_on_rank0(done, cfg, write, f"writing {results_path} on rank 0")
 
 
 # A results file is recognised by its own keys; anything else at --out is a user's file and is never replaced.

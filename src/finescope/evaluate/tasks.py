@@ -27,6 +27,7 @@ import os
 import random
 import re
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -504,68 +505,132 @@ def _mmlu_task(name: str, subjects: set[str]) -> Task:
     return Task(name, "mc", loader, {"subjects": sorted(subjects)})
 
 
-def known_task_names() -> list[str]:
-    """Every fixed task name plus the file/preset patterns."""
-    return (
-        ["mmlu"]
-        + [f"mmlu:{g}" for g in MMLU_GROUPS]
-        + [f"mmlu:{s}" for s in sorted(MMLU_CATEGORIES)]
-        + ["gsm8k", "humaneval", "humaneval:instruct"]
-        + [f"nll:{p}" for p in NLL_PRESETS]
-        + ["nll:<record file>", "math:<file>[@type+type]", "mbpp:<file>"]
+# ================================================================================================ task registry
+# One row per kind of task, keyed by the part of the name before ":" (the whole name when it has none). A row
+# says which names it answers to (for `--help`, the did-you-mean and the error message) and resolves a name to a
+# Task, or None when the name is not one of its own. Add a task kind with one `@task_kind(...)` function here.
+
+
+@dataclass(frozen=True)
+class TaskKind:
+    """One row of the eval-task registry."""
+
+    prefix: str
+    """The name, or the part of it before ":", that this row answers to."""
+    resolve: Callable[[str, str], Task | None]
+    """(name, argument after ":") → the Task, or None when the name is not one of this row's."""
+    names: Callable[[], list[str]]
+    """Every name it answers to (patterns in <…>), for the did-you-mean of an unknown task."""
+    listed: Callable[[], list[str]]
+    """How the error message for an unknown task lists this row."""
+
+
+TASK_KINDS: dict[str, TaskKind] = {}
+"""Prefix → row, in the order the error message lists them."""
+
+
+def task_kind(prefix: str, names: Callable[[], list[str]], listed: Callable[[], list[str]] | None = None):
+    """Register the decorated `resolve(name, arg) -> Task | None` as the task kind `prefix`."""
+
+    def register(resolve: Callable[[str, str], Task | None]) -> Callable[[str, str], Task | None]:
+        assert prefix not in TASK_KINDS, f"task kind {prefix!r} is registered twice"
+        TASK_KINDS[prefix] = TaskKind(prefix, resolve, names, listed or names)
+        return resolve
+
+    return register
+
+
+def _mmlu_names() -> list[str]:
+    return ["mmlu"] + [f"mmlu:{g}" for g in MMLU_GROUPS] + [f"mmlu:{s}" for s in sorted(MMLU_CATEGORIES)]
+
+
+def _mmlu_listed() -> list[str]:
+    example = f"mmlu:<subject> (e.g. mmlu:anatomy; {len(MMLU_CATEGORIES)} subjects)"
+    return ["mmlu", *(f"mmlu:{g}" for g in MMLU_GROUPS), example]
+
+
+@task_kind("mmlu", _mmlu_names, _mmlu_listed)
+def _mmlu(name: str, arg: str) -> Task | None:
+    if name == "mmlu":
+        return _mmlu_task(name, set(MMLU_CATEGORIES))
+    if arg in MMLU_GROUPS:
+        return _mmlu_task(name, {s for s, g in MMLU_CATEGORIES.items() if g == arg})
+    if arg in MMLU_CATEGORIES:
+        return _mmlu_task(name, {arg})
+    return None
+
+
+@task_kind("gsm8k", lambda: ["gsm8k"])
+def _gsm8k(name: str, arg: str) -> Task | None:
+    return Task(name, "gsm8k", load_gsm8k) if name == "gsm8k" else None
+
+
+@task_kind("humaneval", lambda: ["humaneval", "humaneval:instruct"])
+def _humaneval(name: str, arg: str) -> Task | None:
+    if name not in ("humaneval", "humaneval:instruct"):
+        return None
+    options = {"flavour": "humaneval", "instruct": name.endswith(":instruct")}
+    return Task(name, "code", load_humaneval, options, needs_code_execution=True)
+
+
+@task_kind("nll", lambda: [f"nll:{p}" for p in NLL_PRESETS] + ["nll:<record file>"])
+def _nll(name: str, arg: str) -> Task | None:
+    if not arg:
+        return None
+    if arg in NLL_PRESETS:
+        return Task(name, "nll", lambda: _nll_preset(arg), {"preset": arg})
+    path = Path(arg).expanduser()
+    if not os.path.lexists(path):
+        raise TaskError(
+            f"task {name!r}: {arg} is neither an NLL preset ({', '.join(NLL_PRESETS)}) nor an existing record file"
+        )
+    _check_task_path(name, path, "file or folder", "record file")
+    return Task(name, "nll", lambda: _nll_file(path), {"file": str(path)})
+
+
+@task_kind("math", lambda: ["math:<file>[@type+type]"])
+def _math(name: str, arg: str) -> Task | None:
+    if not arg:
+        return None
+    file, _, types = arg.partition("@")
+    path = Path(file).expanduser()
+    type_list = [t for t in types.split("+") if t] or None
+    if not os.path.lexists(path):
+        raise TaskError(f"task {name!r}: {path}: no such file (a MATH jsonl with problem, solution, type)")
+    _check_task_path(name, path, "file", "MATH jsonl (problem, solution, type)")
+    return Task(name, "math", lambda: load_math(path, type_list), {"file": str(path), "types": type_list})
+
+
+@task_kind("mbpp", lambda: ["mbpp:<file>"])
+def _mbpp(name: str, arg: str) -> Task | None:
+    if not arg:
+        return None
+    path = Path(arg).expanduser()
+    if not os.path.lexists(path):
+        raise TaskError(f"task {name!r}: {path}: no such file (an MBPP jsonl with text, code, test_list)")
+    _check_task_path(name, path, "file", "MBPP jsonl (text, code, test_list)")
+    return Task(
+        name, "code", lambda: load_mbpp(path), {"flavour": "mbpp", "file": str(path)}, needs_code_execution=True
     )
+
+
+def known_task_names() -> list[str]:
+    """Every fixed task name plus the file/preset patterns (every registered task kind's names)."""
+    return [n for kind in TASK_KINDS.values() for n in kind.names()]
 
 
 def resolve_task(name: str) -> Task:
     """A task name → Task; an unknown name raises TaskError listing the known ones (with a close match)."""
     name = name.strip()
     prefix, _, arg = name.partition(":")
-    if name == "mmlu":
-        return _mmlu_task(name, set(MMLU_CATEGORIES))
-    if prefix == "mmlu" and arg in MMLU_GROUPS:
-        return _mmlu_task(name, {s for s, g in MMLU_CATEGORIES.items() if g == arg})
-    if prefix == "mmlu" and arg in MMLU_CATEGORIES:
-        return _mmlu_task(name, {arg})
-    if name == "gsm8k":
-        return Task(name, "gsm8k", load_gsm8k)
-    if name in ("humaneval", "humaneval:instruct"):
-        options = {"flavour": "humaneval", "instruct": name.endswith(":instruct")}
-        return Task(name, "code", load_humaneval, options, needs_code_execution=True)
-    if prefix == "nll" and arg:
-        if arg in NLL_PRESETS:
-            return Task(name, "nll", lambda: _nll_preset(arg), {"preset": arg})
-        path = Path(arg).expanduser()
-        if not os.path.lexists(path):
-            raise TaskError(
-                f"task {name!r}: {arg} is neither an NLL preset ({', '.join(NLL_PRESETS)}) nor an existing record file"
-            )
-        _check_task_path(name, path, "file or folder", "record file")
-        return Task(name, "nll", lambda: _nll_file(path), {"file": str(path)})
-    if prefix == "math" and arg:
-        file, _, types = arg.partition("@")
-        path = Path(file).expanduser()
-        type_list = [t for t in types.split("+") if t] or None
-        if not os.path.lexists(path):
-            raise TaskError(f"task {name!r}: {path}: no such file (a MATH jsonl with problem, solution, type)")
-        _check_task_path(name, path, "file", "MATH jsonl (problem, solution, type)")
-        return Task(name, "math", lambda: load_math(path, type_list), {"file": str(path), "types": type_list})
-    if prefix == "mbpp" and arg:
-        path = Path(arg).expanduser()
-        if not os.path.lexists(path):
-            raise TaskError(f"task {name!r}: {path}: no such file (an MBPP jsonl with text, code, test_list)")
-        _check_task_path(name, path, "file", "MBPP jsonl (text, code, test_list)")
-        return Task(
-            name, "code", lambda: load_mbpp(path), {"flavour": "mbpp", "file": str(path)}, needs_code_execution=True
-        )
-    known = known_task_names()
-    close = difflib.get_close_matches(name, known, n=1)
+    kind = TASK_KINDS.get(prefix)
+    task = kind.resolve(name, arg) if kind is not None else None
+    if task is not None:
+        return task
+    close = difflib.get_close_matches(name, known_task_names(), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    groups = ", ".join(["mmlu", *(f"mmlu:{g}" for g in MMLU_GROUPS)])
-    raise TaskError(
-        f"unknown task {name!r}{hint}; known: {groups}, mmlu:<subject> (e.g. mmlu:anatomy; "
-        f"57 subjects), gsm8k, humaneval, humaneval:instruct, nll:math, nll:code, nll:<record file>, "
-        "math:<file>[@type+type], mbpp:<file>"
-    )
+    listed = ", ".join(n for kind in TASK_KINDS.values() for n in kind.listed())
+    raise TaskError(f"unknown task {name!r}{hint}; known: {listed}")
 
 
 def _check_task_path(name: str, path: Path, want: str, what: str) -> None:

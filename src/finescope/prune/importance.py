@@ -3,13 +3,15 @@
 One pass over the calibration batches gathers what the chosen scores need: gradients of the calibration LM loss
 (on every text token, or on the response tokens with calib_loss=response) for the Taylor scores, input
 statistics of o_proj/down_proj (wanda_sp, flap), and each block's input/output cosine (block influence).
-Scores are then summed over each coupled group:
+Scores are then summed over each coupled group. The methods, what each needs gathered and the function that
+implements it are declared once in `finescope.registry.IMPORTANCE` / `DEPTH_IMPORTANCE`:
 
 | name        | element score (summed over a group)                  | source                       |
 |-------------|------------------------------------------------------|------------------------------|
 | taylor      | abs(w·g)                                             | LLM-Pruner `param_first`     |
 | taylor2     | abs(w·g) + ½·w²·F                                    | first + Fisher-diagonal term |
 | taylor_mix  | abs(w·g − ½·w²·F)                                    | LLM-Pruner `param_mix`       |
+| taylor_vector | abs(Σ w·g) over the group (abs after the sum)      | LLM-Pruner vector-wise       |
 | magnitude   | w² (group score = L2 norm)                           |                              |
 | wanda_sp    | abs(W[:, j])·‖X_j‖₂ on o_proj/down_proj inputs       | Wanda-sp (FLAP paper)        |
 | flap        | Var(X_j)·‖W[:, j]‖² on o_proj/down_proj inputs       | FLAP fluctuation metric      |
@@ -35,10 +37,11 @@ from .. import FinescopeError, distributed
 from ..data import format_example, record_text
 from ..modeling import ArchAdapter
 from ..progress import progress
+from ..registry import ACTIVATIONS, BLOCK_COSINES, DEPTH_IMPORTANCE, FISHER, GRADIENTS, IMPORTANCE
 from ..tokens import IGNORE_INDEX, encode_continuation, encode_prompt, next_token_nll, pad_batch, pad_id
 
-WIDTH_IMPORTANCE = ("taylor", "taylor2", "taylor_mix", "magnitude", "wanda_sp", "flap", "random")
-DEPTH_IMPORTANCE = ("block_influence", "taylor_block")
+WIDTH_IMPORTANCE = IMPORTANCE.names()
+"""Every width importance, in the registry's order."""
 
 
 class CalibrationError(FinescopeError):
@@ -254,19 +257,19 @@ def compute_scores(
     """Scores of every head, KV group and MLP channel (and block, if `depth_importance`) of the model.
 
     Phases: one pass over the calibration batches gathers what the scores need (`_calibration_pass`), then the
-    width scores are summed over coupled groups (`_width_scores`) and the block scores taken (`_block_scores`)."""
-    if importance not in WIDTH_IMPORTANCE:
-        raise ValueError(f"unknown importance {importance!r}")
-    need_grad = importance.startswith("taylor") or depth_importance == "taylor_block"
-    need_act = importance in ("wanda_sp", "flap")
-    need_bi = depth_importance == "block_influence"
+    width scores are summed over coupled groups (`_width_scores`) and the block scores taken (the depth importance's
+    registry implementation)."""
+    width = IMPORTANCE[importance]  # an unknown name: ValueError listing the known ones
+    depth = DEPTH_IMPORTANCE[depth_importance] if depth_importance is not None else None
+    needs = width.needs | (depth.needs if depth is not None else frozenset())
+    need_grad = GRADIENTS in needs
+    need_act = ACTIVATIONS in needs
+    need_bi = BLOCK_COSINES in needs
     gathered = _Gathered(stats=_Stats(adapter, need_act, need_bi) if (need_act or need_bi) else None)
     if need_act or need_bi or need_grad:
-        _calibration_pass(
-            adapter, batches, gathered, need_grad=need_grad, fisher=importance in ("taylor2", "taylor_mix"), desc=desc
-        )
-    heads, kv, channels = _width_scores(adapter, importance, gathered, seed)
-    blocks = _block_scores(adapter, depth_importance, gathered)
+        _calibration_pass(adapter, batches, gathered, need_grad=need_grad, fisher=FISHER in width.needs, desc=desc)
+    heads, kv, channels = _width_scores(adapter, width.implementation(), gathered, seed)
+    blocks = depth.implementation()(adapter, gathered) if depth is not None else None
     loss = gathered.loss_sum / gathered.loss_tokens if need_grad and gathered.loss_tokens else None
     return Scores(heads=heads, kv=kv, channels=channels, blocks=blocks, loss=loss)
 
@@ -385,24 +388,66 @@ def _accumulate_gradients(
         p.grad = None
 
 
-def _width_scores(
-    adapter: ArchAdapter, importance: str, gathered: _Gathered, seed: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(heads, kv, channels) of every layer for one width importance."""
+LayerScores = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""(heads, kv, channels) scores of one layer."""
+
+
+def _width_scores(adapter: ArchAdapter, score_layer, gathered: _Gathered, seed: int) -> LayerScores:
+    """(heads, kv, channels) of every layer, by one width importance's `score_layer` (its registry implementation)."""
     L, H, K = adapter.num_layers, adapter.num_heads, adapter.num_kv_heads
     heads, kv, channels = torch.zeros(L, H), torch.zeros(L, K), torch.zeros(L, adapter.intermediate_size)
     gen = torch.Generator().manual_seed(seed)
     for i in range(L):
-        if importance == "random":
-            heads[i] = torch.rand(H, generator=gen)
-            kv[i] = torch.rand(K, generator=gen)
-            channels[i] = torch.rand(adapter.intermediate_size, generator=gen)
-        elif importance in ("wanda_sp", "flap"):
-            assert gathered.stats is not None, "activation importances gather input statistics"
-            heads[i], kv[i], channels[i] = _activation_group_scores(adapter, i, importance, gathered.stats)
-        else:
-            heads[i], kv[i], channels[i] = _weight_group_scores(adapter, i, importance, gathered)
+        heads[i], kv[i], channels[i] = score_layer(adapter, i, gathered, gen)
     return heads, kv, channels
+
+
+# ------------------------------------------------------------------------- the width importances (registry rows)
+# Each: (adapter, layer, gathered, generator) -> (heads, kv, channels) of that layer.
+
+
+def taylor(adapter: ArchAdapter, i: int, gathered: _Gathered, gen: torch.Generator) -> LayerScores:
+    return _weight_group_scores(adapter, i, "taylor", gathered)
+
+
+def taylor2(adapter: ArchAdapter, i: int, gathered: _Gathered, gen: torch.Generator) -> LayerScores:
+    return _weight_group_scores(adapter, i, "taylor2", gathered)
+
+
+def taylor_mix(adapter: ArchAdapter, i: int, gathered: _Gathered, gen: torch.Generator) -> LayerScores:
+    return _weight_group_scores(adapter, i, "taylor_mix", gathered)
+
+
+def taylor_vector(adapter: ArchAdapter, i: int, gathered: _Gathered, gen: torch.Generator) -> LayerScores:
+    """LLM-Pruner's vector-wise importance: abs of the summed w·g over each coupled group (the first-order change
+    of the loss when the whole group is removed), where `taylor` sums the elements' abs values."""
+    elem = {
+        k: tuple(None if p is None else p.detach().float() * gathered.grads[p].float() for p in (lin.weight, lin.bias))
+        for k, lin in _projections(adapter, i).items()
+    }
+    h, g, c = _group_sums(adapter, i, elem)
+    return h.abs().cpu(), g.abs().cpu(), c.abs().cpu()
+
+
+def magnitude(adapter: ArchAdapter, i: int, gathered: _Gathered, gen: torch.Generator) -> LayerScores:
+    return _weight_group_scores(adapter, i, "magnitude", gathered)
+
+
+def wanda_sp(adapter: ArchAdapter, i: int, gathered: _Gathered, gen: torch.Generator) -> LayerScores:
+    assert gathered.stats is not None, "activation importances gather input statistics"
+    return _activation_group_scores(adapter, i, "wanda_sp", gathered.stats)
+
+
+def flap(adapter: ArchAdapter, i: int, gathered: _Gathered, gen: torch.Generator) -> LayerScores:
+    assert gathered.stats is not None, "activation importances gather input statistics"
+    return _activation_group_scores(adapter, i, "flap", gathered.stats)
+
+
+def random_scores(adapter: ArchAdapter, i: int, gathered: _Gathered, gen: torch.Generator) -> LayerScores:
+    H, K = adapter.num_heads, adapter.num_kv_heads
+    heads = torch.rand(H, generator=gen)
+    kv = torch.rand(K, generator=gen)
+    return heads, kv, torch.rand(adapter.intermediate_size, generator=gen)
 
 
 def _weight_group_scores(adapter: ArchAdapter, i: int, importance: str, gathered: _Gathered):
@@ -434,22 +479,25 @@ def _activation_group_scores(adapter: ArchAdapter, i: int, importance: str, stat
     return heads, heads.reshape(adapter.num_kv_heads, -1).sum(1), cols["down"].float().cpu()
 
 
-def _block_scores(adapter: ArchAdapter, depth_importance: str | None, gathered: _Gathered) -> torch.Tensor | None:
-    """Per-block importance for depth pruning (None without `depth_importance`)."""
-    if depth_importance == "block_influence":
-        assert gathered.stats is not None, "block influence gathers block cosines"
-        return (gathered.stats.cos / max(gathered.stats.count, 1)).float()
-    if depth_importance == "taylor_block":
-        blocks = torch.zeros(adapter.num_layers)
-        for i in range(adapter.num_layers):
-            blocks[i] = sum(
-                float(s.sum())
-                for lin in _projections(adapter, i).values()
-                for s in _element_scores(lin, "taylor_block", gathered.grads, gathered.fisher)
-                if s is not None
-            )
-        return blocks
-    return None
+# ------------------------------------------------------------------------- the depth importances (registry rows)
+# Each: (adapter, gathered) -> (layers,) block scores.
+
+
+def block_influence(adapter: ArchAdapter, gathered: _Gathered) -> torch.Tensor:
+    assert gathered.stats is not None, "block influence gathers block cosines"
+    return (gathered.stats.cos / max(gathered.stats.count, 1)).float()
+
+
+def taylor_block(adapter: ArchAdapter, gathered: _Gathered) -> torch.Tensor:
+    blocks = torch.zeros(adapter.num_layers)
+    for i in range(adapter.num_layers):
+        blocks[i] = sum(
+            float(s.sum())
+            for lin in _projections(adapter, i).values()
+            for s in _element_scores(lin, "taylor_block", gathered.grads, gathered.fisher)
+            if s is not None
+        )
+    return blocks
 
 
 # ================================================================================================ selection

@@ -11,7 +11,6 @@ and greedy generation must give the same tokens with and without the KV cache.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import os
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .. import FinescopeError, distributed, storage
+from .. import FinescopeError, distributed, stage_protocol, storage
 from ..artifacts import (
     Calibration,
     KeptLayer,
@@ -229,7 +228,7 @@ def run(cfg: PruneConfig, out: Path) -> Path:
     """Prune `cfg.model` to `cfg.ratio` with importance computed on `cfg.data`; write the stage folder `out`."""
     out = Path(out)
     start = time.perf_counter()
-    if storage.is_done(out, cfg):
+    if stage_protocol.is_done(out, cfg):
         _log(f"{out}: already done with this config; skipping")
         return out
     if not cfg.data:
@@ -282,10 +281,7 @@ def run(cfg: PruneConfig, out: Path) -> Path:
             f"KV heads {shapes.kv_heads}→{plan.kv_heads}, head_dim {plan.head_dim}, "
             f"MLP {shapes.intermediate}→{plan.intermediate}"
         )
-    with contextlib.ExitStack() as held:  # rank 0 holds the stage lock and writes; the other ranks score
-        stage = distributed.on_main(
-            lambda: held.enter_context(storage.stage_folder(out, cfg, overwrite=cfg.overwrite)), f"opening {out}"
-        )
+    with stage_protocol.locked_on_rank0(out, cfg) as stage:  # rank 0 writes; the other ranks score
         if stage is None:
             return out
         _prune_into(stage, cfg, handle, plan, batches, calib, before, start)
@@ -320,7 +316,9 @@ def _prune_into(
         )
         comp = Compensation(cfg.compensation, cfg.refit_ridge, stats)
     t_comp = time.perf_counter() - t0
-    distributed.on_main(
+    stage_protocol.finish_on_rank0(
+        stage,
+        cfg,
         lambda: _slice_save_verify(
             stage, cfg, handle, plan, batches, calib, before, start, scores, (t_scores, t_comp), comp
         ),
@@ -340,7 +338,8 @@ def _slice_save_verify(
     scores,
     times: tuple[float, float],
     comp: Compensation | None,
-) -> None:
+) -> dict:
+    """Slice, save, reload and verify, write prune_report.json; return metrics.json's content (rank 0)."""
     t_scores, t_comp = times
     t0 = time.perf_counter()
     sliced = _slice_and_probe(handle, scores, plan, cfg.head_mode, batches, comp)
@@ -379,7 +378,7 @@ def _slice_save_verify(
             added_parameters=sliced.kept["added_parameters"],
         )
     report.write(stage / PruneReport.FILE)
-    storage.mark_done(stage, cfg, _metrics(report).to_json())
+    return _metrics(report).to_json()
 
 
 @dataclass

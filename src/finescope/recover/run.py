@@ -12,7 +12,6 @@ plain SFT on the originals; `--no-rewrite --kd-weight 1` distils the teacher's l
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import os
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .. import FinescopeError, distributed, tokens, vllm_backend
+from .. import FinescopeError, distributed, stage_protocol, tokens, vllm_backend
 from ..artifacts import (
     FilterStats,
     KdStats,
@@ -36,7 +35,7 @@ from ..artifacts import (
 from ..config import RecoverConfig
 from ..data import read_records
 from ..modeling import ModelError, ModelHandle, load, resolve_model_path
-from ..storage import CONFIG, check_stage_folder, is_done, mark_done, read_json, stage_folder, write_jsonl_atomic
+from ..storage import CONFIG, check_stage_folder, read_json, write_jsonl_atomic
 from . import kd_cache
 from .distill import KdSettings, check_hidden_fit
 from .filters import REASONS, apply_filters
@@ -153,7 +152,7 @@ def _check_training_device(device: str | None) -> None:
 def run(cfg: RecoverConfig, out: Path) -> Path:
     """Run the stage into the folder `out`; returns it (skips when it is already done with this config)."""
     _check_settings(cfg)
-    if is_done(out, cfg):
+    if stage_protocol.is_done(out, cfg):
         return Path(out)
     check_stage_folder(out, cfg, overwrite=cfg.overwrite)
     t0 = time.perf_counter()
@@ -175,10 +174,7 @@ def run(cfg: RecoverConfig, out: Path) -> Path:
     tok = student.tokenizer
     # Fail on an impossible max_length before spending minutes on the teacher (and before the folder is opened).
     build_examples(tok, rows[:1], cfg.max_length)
-    with contextlib.ExitStack() as held:  # rank 0 holds the lock and writes; the others write their rewrite shards
-        stage = distributed.on_main(
-            lambda: held.enter_context(stage_folder(out, cfg, overwrite=cfg.overwrite)), f"opening {out}"
-        )
+    with stage_protocol.locked_on_rank0(out, cfg) as stage:  # rank 0 writes; the others write their rewrite shards
         if stage is None:
             return Path(out)
         _recover_into(stage, cfg, records.skipped, rows, data_stats, student, teacher_spec, rewrites, t0)
@@ -222,7 +218,7 @@ def _recover_into(
     trained, history = _finetune(stage, cfg, train_ex, eval_ex, student, online, times)
     online = None
 
-    def save() -> None:
+    def save() -> dict:
         train = _save(stage, cfg, trained, eval_ex, student, history, times)
         for leftover in [stage / PARTIAL, *rank_partials(stage / PARTIAL)]:
             if leftover.exists():
@@ -242,9 +238,9 @@ def _recover_into(
             kd=kd_stats,
             data=data_stats,
         )
-        mark_done(stage, cfg, metrics.to_json())
+        return metrics.to_json()
 
-    distributed.on_main(save, "saving the recovered model on rank 0")
+    stage_protocol.finish_on_rank0(stage, cfg, save, "saving the recovered model on rank 0")
 
 
 def _load_teacher(cfg: RecoverConfig, student: ModelHandle, spec: str) -> ModelHandle:

@@ -111,6 +111,7 @@ class Planner:
                     "pool_sample",
                     "seed",
                     "skip_bad_rows",
+                    "device",  # where the user put the model; hash-excluded, so finished stages stay valid
                 )
             }
             return self._job("curate", data, replace(fresh, method=data, **keep))

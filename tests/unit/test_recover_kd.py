@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -410,3 +411,20 @@ def test_pipeline_gives_the_kd_recipe_to_the_kd_variants_only(tmp_path):
     assert chains["random_kd"]["curate"].cfg.method == "random"
     assert chains["random_kd"]["recover"].cfg.kd_weight == 0.5
     assert chains["random_kd"]["recover"].cfg.recover_top_m == 200  # as many random records
+
+
+def test_the_baselines_curate_on_the_users_device(tmp_path):
+    """The baselines' curate stages keep the user's curate.device (it used to fall back to the default silently)."""
+    from finescope import pipeline
+    from finescope.config import CurateConfig
+    from finescope.storage import config_hash
+
+    cfg = PipelineConfig(
+        variants=["dense", "pruned_tgd", "embedding_tgd", "pruned_random"], curate=CurateConfig(device="cpu")
+    )
+    cfg.check()
+    _, chains = pipeline.plan(cfg, tmp_path)
+    for variant in ("embedding_tgd", "pruned_random"):
+        job = chains[variant]["curate"]
+        assert job.cfg.device == "cpu"
+        assert config_hash(job.cfg) == config_hash(replace(job.cfg, device=None))  # no finished stage reruns

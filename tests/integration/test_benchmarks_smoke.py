@@ -27,6 +27,7 @@ SMOKE = {
     "curate": ["--pool-only", "--pool-size", "40", "--out", "{tmp}/bench-curate"],
     "recover_samples": ["--distilled", "{tmp}/distilled.jsonl", "--model", "tiny={tiny}", "--n", "1"]
     + ["--max-new-tokens", "4", "--gsm8k", "1"],
+    "cache_integrity": ["--shard-mib", "1", "--repeats", "1", "--cache", "{tmp}"],
 }
 NOT_SMOKED = {
     "recover": "prunes, has the teacher rewrite and trains SFT and TGD students: minutes even at its smallest",
@@ -34,6 +35,8 @@ NOT_SMOKED = {
     "finetune_engine": "compares against a checkout of the retired plain training loop (--base-src, commit 165ba64)",
     "curate_budget": "runs `finescope curate` of the default config with cold caches beside a base checkout",
     "scale": "kills a 20k-record curate mid-encoding and measures peak RSS against pool size: minutes by design",
+    "frontier": "prunes the real SmolLM2 at four ratios and scores each on two tasks: tens of minutes on a CPU",
+    "distill_terms": "re-runs a finished default run's pruned_kd recovery per recipe and seed: minutes each",
 }
 HELPERS = {"labelled_pool": "the labelled pool of curate.py", "rss_wrapper": "peak RSS of a command (scale, ranks)"}
 

@@ -71,6 +71,15 @@ class Range:
 
 
 @dataclass(frozen=True)
+class KdRecipe:
+    """Marks a `RecoverConfig` field as the recipe of the pipeline's kd variants only (`Annotated[T, KD]`): the TGD and
+    SFT variants reset it to its default. `KD_SETTINGS` is derived from the marks."""
+
+
+KD = KdRecipe()
+
+
+@dataclass(frozen=True)
 class Choices:
     """The allowed values of a string field are the names of a method registry (in its order)."""
 
@@ -245,29 +254,29 @@ class RecoverConfig:
     """Curated records (e.g. curate/selected.jsonl); any record file works."""
     no_teacher: bool = False
     """Plain SFT on the original responses (the paper's w/o-TGD ablation): no teacher at all."""
-    no_rewrite: bool = False
+    no_rewrite: Annotated[bool, KD] = False
     """Train on the original responses, without teacher rewrites (with --kd-weight > 0: logit distillation alone)."""
-    kd_weight: Annotated[float, Range(min=0, max=1)] = 0.0
+    kd_weight: Annotated[float, Range(min=0, max=1), KD] = 0.0
     """Logit distillation weight α: loss = α·τ²·KL(teacher, student) + (1 − α)·CE, each per token of its positions (--kd-scope); 0 = none (TGD alone)."""
-    kd_temperature: Annotated[float, Range(min=0, min_open=True)] = 1.0
+    kd_temperature: Annotated[float, Range(min=0, min_open=True), KD] = 1.0
     """Softmax temperature τ of both distributions in the KD term (the term is scaled by τ²)."""
-    kd_loss: Literal["forward", "reverse"] = "forward"
+    kd_loss: Annotated[Literal["forward", "reverse"], KD] = "forward"
     """KL direction: forward KL(teacher ‖ student) (mean-seeking) or reverse KL(student ‖ teacher) (mode-seeking)."""
-    kd_scope: Literal["response", "all"] = "response"
+    kd_scope: Annotated[Literal["response", "all"], KD] = "response"
     """Tokens the KD term covers: the response (as the CE term), or every token, instruction text included (more teacher signal per record)."""
-    kd_cache: str = "auto"
+    kd_cache: Annotated[str, KD] = "auto"
     """Teacher targets for KD: "auto" = its top-k distributions cached under $FINESCOPE_HOME/cache/recover (one teacher pass), a folder = cached there, "off" = the teacher runs on every batch (whole vocabulary, teacher kept in memory)."""
-    kd_top_k: Annotated[int, Range(min=1)] = 64
+    kd_top_k: Annotated[int, Range(min=1), KD] = 64
     """Teacher tokens kept per position in the KD cache (the rest of the vocabulary is one bin)."""
-    hidden_weight: Annotated[float, Range(min=0)] = 0.0
+    hidden_weight: Annotated[float, Range(min=0), KD] = 0.0
     """Hidden-state distillation weight β: adds β × the per-token loss between the student's and the teacher's residual stream after each matched block (--hidden-layers); 0 = none. The teacher then runs on every batch (online)."""
-    hidden_loss: Literal["nmse", "cosine"] = "nmse"
+    hidden_loss: Annotated[Literal["nmse", "cosine"], KD] = "nmse"
     """Hidden-state loss per token: nmse = ‖h_s − h_t‖² / ‖h_t‖², cosine = 1 − cos(h_s, h_t)."""
-    hidden_layers: list[int] = field(default_factory=list)
+    hidden_layers: Annotated[list[int], KD] = field(default_factory=list)
     """Student blocks (0-based) whose outputs are matched; empty = every block (a deeper teacher: block i ↔ round((i+1)·L_t/L_s) − 1)."""
     adapter: Literal["lora", "full"] = "lora"
     """lora = LoRA adapters merged at the end (paper); full = every weight trained (small models; memory checked first)."""
-    recover_top_m: Annotated[int, Range(min=0)] = 0
+    recover_top_m: Annotated[int, Range(min=0), KD] = 0
     """Train on the curation's top N records instead of only --data (the next-ranked pool records join; needs --data from a curate stage); 0 = --data as it is."""
     replay: str = "default"
     """Generic replay text for --replay-fraction: "default" (Wikipedia, OpenWebText, BBC News) or a record file."""
@@ -381,19 +390,16 @@ class EvalConfig:
 
 # Stage fields `finescope run` derives itself, from the top-level keys and each variant's recipe: a pipeline config
 # that sets them would be silently overwritten, so it is refused with the key that does what the user meant.
-KD_SETTINGS = (
-    "kd_weight",
-    "kd_temperature",
-    "kd_loss",
-    "kd_scope",
-    "kd_cache",
-    "kd_top_k",
-    "hidden_weight",
-    "hidden_loss",
-    "hidden_layers",
-    "no_rewrite",
-    "recover_top_m",
-)
+def marked(cls: type, mark: object) -> tuple[str, ...]:
+    """The fields of `cls` whose `Annotated[...]` type carries `mark`, in declaration order."""
+    return tuple(
+        name
+        for name, hint in typing.get_type_hints(cls, include_extras=True).items()
+        if typing.get_origin(hint) is Annotated and mark in hint.__metadata__
+    )
+
+
+KD_SETTINGS = marked(RecoverConfig, KD)
 """RecoverConfig fields that are the recipe of the pipeline's kd variants only (TGD / SFT variants reset them)."""
 
 PIPELINE_SETS: dict[str, dict[str, str]] = {

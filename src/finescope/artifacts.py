@@ -28,27 +28,18 @@ This is a lower layer: it imports nothing from the stage packages.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import math
 import os
-import types
-import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar, Union
+from typing import Any, ClassVar, TypeVar
 
-from . import FinescopeError
-from .storage import METRICS, to_jsonable, write_json_atomic
+from . import FinescopeError, typed_data
+from .storage import METRICS, write_json_atomic
+from .typed_data import FLATTEN
 
 S = TypeVar("S", bound="Schema")
-_C = TypeVar("_C", bound=type)
-_R = TypeVar("_R")
-
-FLATTEN = {"flatten": True}
-"""Field metadata: the field's content is written into the enclosing object instead of under its own key."""
 
 
 class ArtifactError(FinescopeError):
@@ -67,15 +58,7 @@ class Schema:
 
     def to_json(self) -> dict[str, Any]:
         """The object as plain JSON data, keys in field order (flattened fields merged in place)."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.metadata.get("flatten"):
-                if value is not None:
-                    out.update(_encode(value))
-            else:
-                out[f.name] = _encode(value)
-        return out
+        return typed_data.encode(self)
 
     @classmethod
     def from_json(cls: type[S], data: Any, *, source: str = "<data>", strict: bool = False) -> S:
@@ -83,7 +66,10 @@ class Schema:
 
         Unknown keys are ignored, unless `strict` (for a writer converting its own dict: a key the schema does not
         know would otherwise be dropped from the file without a word)."""
-        return _decode_schema(cls, data, source, "", strict)
+        rules = ArtifactRules(source, strict)
+        if not isinstance(data, dict):
+            raise rules.not_a("mapping", "", typed_data.Spec(base=cls), data)
+        return typed_data.decode_fields(cls, data, "", rules)
 
     def write(self, path: str | os.PathLike) -> Path:
         """Write atomically (temp file + rename) with the project's one JSON writer."""
@@ -111,129 +97,57 @@ class Schema:
         return cls.read(path) if Path(path).is_file() else None
 
 
-def _encode(value: Any) -> Any:
-    if isinstance(value, Schema):
-        return value.to_json()
-    if isinstance(value, dict):
-        return {str(k): _encode(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_encode(v) for v in value]
-    return to_jsonable(value)
-
-
-def _cache_per_class(fn: Callable[[_C], _R]) -> Callable[[_C], _R]:
-    """`functools.cache` for a function of one class, keeping its signature.
-
-    Classes are hashable, but mypy checks a dataclass class against `Hashable` through the unbound instance
-    `__hash__` and rejects it at every call of a plain `functools.cache` wrapper."""
-    return functools.cache(fn)
-
-
-@_cache_per_class
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _schema_of(tp: Any) -> type[Schema] | None:
-    """The Schema class of `tp` or of `tp | None`, else None."""
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        tp = args[0] if len(args) == 1 else None
-    return tp if isinstance(tp, type) and issubclass(tp, Schema) else None
-
-
-def _required(f: dataclasses.Field) -> bool:
-    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-
-
-@_cache_per_class
-def _own_keys(cls: type[Schema]) -> frozenset[str]:
-    """The keys a schema reads itself, including those of flattened groups (not those of a flattened dict)."""
-    keys: set[str] = set()
-    for f in dataclasses.fields(cls):
-        if not f.metadata.get("flatten"):
-            keys.add(f.name)
-        elif (group := _schema_of(_hints(cls)[f.name])) is not None:
-            keys |= _own_keys(group)
-    return frozenset(keys)
-
-
-def _join(where: str, key: Any) -> str:
-    return f"{where}.{key}" if where else str(key)
-
-
 def _kind(value: Any) -> str:
     return {dict: "an object", list: "a list", str: "a string", type(None): "null", bool: "a boolean"}.get(
         type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__
     )
 
 
-def _wrong(source: str, where: str, want: str, value: Any) -> ArtifactError:
-    return ArtifactError(
-        f"{source}: field {where or '(top level)'!r} should be {want}, not {_kind(value)}; "
-        "rerun the stage that writes this file"
-    )
+class ArtifactRules:
+    """`typed_data.decode`'s rules for stage artifacts: JSON a stage wrote is taken as it is (JSON has one number
+    type, and a reader formats what it finds); its structure is checked, and every error names the file."""
 
+    def __init__(self, source: str, strict: bool) -> None:
+        self.source, self.strict = source, strict
 
-def _decode_schema(cls: type[S], data: Any, source: str, where: str, strict: bool = False) -> S:
-    if not isinstance(data, dict):
-        raise _wrong(source, where, f"an object ({cls.__name__})", data)
-    hints, kwargs = _hints(cls), {}
-    if strict and not any(
-        f.metadata.get("flatten") and _schema_of(_hints(cls)[f.name]) is None for f in dataclasses.fields(cls)
-    ):
-        unknown = [k for k in data if k not in _own_keys(cls)]
-        if unknown:
+    def is_none(self, value: Any, spec: typed_data.Spec) -> bool:
+        return value is None
+
+    def empty(self, where: str, spec: typed_data.Spec) -> Any:
+        if spec.dataclass is not None or spec.base in (list, dict):
+            raise self.not_a("mapping" if spec.dataclass else spec.base.__name__, where, spec, None)
+        return None
+
+    def not_a(self, want: str, where: str, spec: typed_data.Spec, value: Any) -> Exception:
+        shape = {"mapping": f"an object ({getattr(spec.base, '__name__', '')})", "list": "a list"}.get(
+            want, "an object"
+        )
+        return ArtifactError(
+            f"{self.source}: field {where or '(top level)'!r} should be {shape}, not {_kind(value)}; "
+            "rerun the stage that writes this file"
+        )
+
+    def as_list(self, value: Any) -> Any:
+        return value
+
+    def scalar(self, value: Any, spec: typed_data.Spec, where: str) -> Any:
+        return value
+
+    def unknown(self, cls: type, keys: list[str], where: str) -> None:
+        if self.strict:
             raise ArtifactError(
-                f"{source}: {_join(where, unknown[0])!r} is not a field of {cls.__name__}; "
+                f"{self.source}: {typed_data.join(where, keys[0])!r} is not a field of {cls.__name__}; "
                 "add it to finescope/artifacts.py"
             )
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if f.metadata.get("flatten"):
-            group = _schema_of(tp)
-            if group is None:  # free-form extras: every key no other field reads
-                rest = {k: v for k, v in data.items() if k not in _own_keys(cls)}
-                kwargs[f.name] = _decode(tp, rest, source, where, strict)
-            elif any(g.name in data for g in dataclasses.fields(group) if _required(g)):
-                own = _own_keys(group)
-                kwargs[f.name] = _decode_schema(
-                    group, {k: v for k, v in data.items() if k in own}, source, where, strict
-                )
-            else:
-                kwargs[f.name] = None  # the group is written by some runs only (e.g. SAE curation)
-        elif f.name in data:
-            kwargs[f.name] = _decode(tp, data[f.name], source, _join(where, f.name), strict)
-        elif _required(f):
-            raise ArtifactError(
-                f"{source}: missing field {_join(where, f.name)!r} ({cls.__name__}); the file is "
-                "incomplete or from another finescope version; rerun the stage that writes it"
-            )
-    return cls(**kwargs)
 
+    def missing(self, cls: type, name: str, where: str) -> Exception:
+        return ArtifactError(
+            f"{self.source}: missing field {typed_data.join(where, name)!r} ({cls.__name__}); the file is "
+            "incomplete or from another finescope version; rerun the stage that writes it"
+        )
 
-def _decode(tp: Any, value: Any, source: str, where: str, strict: bool = False) -> Any:
-    """JSON `value` as type `tp`: schemas are built, lists and dicts checked and converted item by item; scalars
-    are taken as they are (JSON has one number type, and a reader formats what it finds)."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None and len(args) < len(typing.get_args(tp)):
-            return None
-        return _decode(args[0], value, source, where, strict) if len(args) == 1 else value
-    if isinstance(tp, type) and issubclass(tp, Schema):
-        return _decode_schema(tp, value, source, where, strict)
-    if tp is list or origin is list:
-        if not isinstance(value, list):
-            raise _wrong(source, where, "a list", value)
-        (item,) = typing.get_args(tp) or (Any,)
-        return [_decode(item, v, source, f"{where}[{i}]", strict) for i, v in enumerate(value)]
-    if tp is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise _wrong(source, where, "an object", value)
-        _, item = typing.get_args(tp) or (str, Any)
-        return {k: _decode(item, v, source, _join(where, k), strict) for k, v in value.items()}
-    return value
+    def built(self, obj: Any, where: str) -> Any:
+        return obj
 
 
 def _strict(obj: Any) -> Any:

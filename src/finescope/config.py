@@ -19,55 +19,25 @@ import ast
 import dataclasses
 import difflib
 import inspect
-import math
 import os
 import textwrap
-import types
 import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 
-from . import FinescopeError
+from . import FinescopeError, typed_data
 from .messages import QUOTE_LIMIT, count_values, quote
-from .registry import DEPTH_IMPORTANCE, IMPORTANCE, SELECTION_METHODS, Registry
+from .registry import DEPTH_IMPORTANCE, IMPORTANCE, SELECTION_METHODS
+from .typed_data import Choices, Range, Spec, join, marked
 from .variants import VARIANTS
 
 
 class ConfigError(FinescopeError):
     """A config value or key is invalid; the message names the source, the field and what is allowed."""
-
-
-@dataclass(frozen=True)
-class Range:
-    """Allowed numeric interval of a field; `None` = unbounded, `*_open` = bound excluded."""
-
-    min: float | None = None
-    max: float | None = None
-    min_open: bool = False
-    max_open: bool = False
-
-    def contains(self, v: float) -> bool:
-        if isinstance(v, float) and math.isnan(v):
-            return False
-        if self.min is not None and (v <= self.min if self.min_open else v < self.min):
-            return False
-        if self.max is not None and (v >= self.max if self.max_open else v > self.max):
-            return False
-        return True
-
-    def describe(self) -> str:
-        if self.min is not None and self.max is not None:
-            lo, hi = "(" if self.min_open else "[", ")" if self.max_open else "]"
-            return f"in {lo}{_num(self.min)}, {_num(self.max)}{hi}"
-        if self.min is not None:
-            return f"{'>' if self.min_open else '≥'} {_num(self.min)}"
-        if self.max is not None:
-            return f"{'<' if self.max_open else '≤'} {_num(self.max)}"
-        return "any number"
 
 
 @dataclass(frozen=True)
@@ -80,17 +50,22 @@ KD = KdRecipe()
 
 
 @dataclass(frozen=True)
-class Choices:
-    """The allowed values of a string field are the names of a method registry (in its order)."""
+class SetBy:
+    """Marks a stage field that `finescope run` sets itself, from the top-level keys and each variant's recipe
+    (`Annotated[T, SetBy("the key to use instead")]`): a pipeline config that sets it would be silently
+    overwritten, so it is refused, naming `instead`. `PIPELINE_SETS` is derived from the marks."""
 
-    registry: Registry
-
-    def names(self) -> tuple[str, ...]:
-        return self.registry.names()
+    instead: str
 
 
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
+@dataclass(frozen=True)
+class SaeOnly:
+    """Marks a `CurateConfig` field that only the SAE method (and hybrid, which runs it) reads (`Annotated[T,
+    SAE_ONLY]`): the pipeline's baseline curations (embedding, dsir, random, full) reset it to its default, so e.g.
+    changing `sae_steps` keeps the finished baselines. `SAE_SETTINGS` is derived from the marks."""
+
+
+SAE_ONLY = SaeOnly()
 
 
 Positive = Annotated[int, Range(min=1)]
@@ -110,55 +85,57 @@ Selector = Literal["jacobian", "gradient", "magnitude", "variance", "pca", "rand
 class CurateConfig:
     """Stage 1: SAE-guided selection of domain records from a pool (docs/method.md §2)."""
 
-    model: str = "default"
+    model: Annotated[str, SetBy("the top-level `model`")] = "default"
     """Model: "default" (embedded SmolLM2-135M-Instruct), a local HF folder, a hub id, or a .gguf file."""
     pool: str = "default"
     """Candidate records to select from (jsonl/json/parquet/csv/txt folder/HF dataset) or "default"."""
     seeds: str = "preset:math"
     """Seed examples of the domain: a record file, or a built-in preset (preset:math|code|medicine|law)."""
-    method: CurateMethod = "sae"
+    method: Annotated[
+        CurateMethod, SetBy("`variants` (embedding_tgd, pruned_random and pruned_full use the other methods)")
+    ] = "sae"
     """Selection method: SAE codes (the paper's), sentence-embedding kNN, DSIR (hashed n-grams), random subset, or the full pool."""
-    selector: Selector = "jacobian"
+    selector: Annotated[Selector, SAE_ONLY] = "jacobian"
     """How the K activation coordinates read by the SAE are chosen (jacobian = v3, gradient = v1)."""
-    layers: list[int] = field(default_factory=list)
+    layers: Annotated[list[int], SAE_ONLY] = field(default_factory=list)
     """Hook layers ℓ (0-based block index; the hidden state after block ℓ); empty = the block at `layer_depth`."""
-    layer_depth: Annotated[float, Range(min=0, max=1, max_open=True)] = 0.87
+    layer_depth: Annotated[float, Range(min=0, max=1, max_open=True), SAE_ONLY] = 0.87
     """Hook layer when `layers` is empty, as a fraction of the model's depth: block int(depth × blocks) (0.87 = block 26 of SmolLM2's 30, the best measured; 0.5 = the middle block, the paper's choice)."""
-    num_coords: Annotated[int, Range(min=1)] = 128
+    num_coords: Annotated[int, Range(min=1), SAE_ONLY] = 128
     """K: number of activation coordinates the SAE reads at each hook layer."""
-    probes: Annotated[int, Range(min=1, max=64)] = 2
+    probes: Annotated[int, Range(min=1, max=64), SAE_ONLY] = 2
     """R: Rademacher probes (Jacobian-vector products) per reference text for the jacobian selector."""
-    reference: str = "default"
+    reference: Annotated[str, SAE_ONLY] = "default"
     """Reference corpus for coordinate selection and SAE training: a record file or "default" (generic text)."""
-    reference_samples: Annotated[int, Range(min=1)] = 1000
+    reference_samples: Annotated[int, Range(min=1), SAE_ONLY] = 1000
     """Reference texts used for SAE training (sampled with the seed when the corpus is larger)."""
-    coord_samples: Annotated[int, Range(min=1)] = 64
+    coord_samples: Annotated[int, Range(min=1), SAE_ONLY] = 64
     """Reference texts used to score coordinates (the jacobian/gradient passes are the costly ones)."""
-    sae_kind: Literal["topk", "relu"] = "topk"
+    sae_kind: Annotated[Literal["topk", "relu"], SAE_ONLY] = "topk"
     """SAE variant: TopK with AuxK dead-latent loss (v3) or ReLU with L1 penalty (v1)."""
-    sae_expansion: Annotated[int, Range(min=1)] = 16
+    sae_expansion: Annotated[int, Range(min=1), SAE_ONLY] = 16
     """SAE width as a multiple of K."""
-    sae_k: Annotated[int, Range(min=1)] = 32
+    sae_k: Annotated[int, Range(min=1), SAE_ONLY] = 32
     """Active latents per token for the TopK SAE."""
-    sae_l1: Annotated[float, Range(min=0)] = 1e-3
+    sae_l1: Annotated[float, Range(min=0), SAE_ONLY] = 1e-3
     """L1 coefficient λ (relu SAE)."""
-    sae_auxk_alpha: Annotated[float, Range(min=0)] = 1 / 32
+    sae_auxk_alpha: Annotated[float, Range(min=0), SAE_ONLY] = 1 / 32
     """AuxK loss weight α (topk SAE)."""
-    sae_lr: Annotated[float, Range(min=0, min_open=True)] = 5e-4
+    sae_lr: Annotated[float, Range(min=0, min_open=True), SAE_ONLY] = 5e-4
     """SAE AdamW learning rate."""
-    sae_data: Literal["reference", "pool+reference"] = "reference"
+    sae_data: Annotated[Literal["reference", "pool+reference"], SAE_ONLY] = "reference"
     """SAE training activations: the reference corpus only (the paper), or also every pool token, harvested once by the pool encoding's own forward (cached per pool and coordinates; the pool is then encoded from that cache, with no second forward)."""
-    sae_steps: Annotated[int, Range(min=1)] = 2000
+    sae_steps: Annotated[int, Range(min=1), SAE_ONLY] = 2000
     """SAE optimisation steps."""
-    sae_batch_size: Annotated[int, Range(min=1)] = 256
+    sae_batch_size: Annotated[int, Range(min=1), SAE_ONLY] = 256
     """Token activations per SAE step."""
-    pooling: Literal["mean", "max", "mean+max"] = "mean"
+    pooling: Annotated[Literal["mean", "max", "mean+max"], SAE_ONLY] = "mean"
     """How per-token SAE codes are pooled into one vector per record (special tokens excluded; mean+max: both, concatenated)."""
     encode_fields: Literal["instruction+response", "instruction", "response"] = "instruction+response"
     """Which part of an instruction record is encoded (text records are encoded whole; response falls back to the instruction when there is none)."""
-    latent_weighting: Literal["none", "center", "idf", "zscore"] = "zscore"
+    latent_weighting: Annotated[Literal["none", "center", "idf", "zscore"], SAE_ONLY] = "zscore"
     """SAE method: reweight pooled codes by pool statistics before the cosine (zscore: each latent centred and scaled by its pool mean and std, the best measured; center; idf: × log inverse pool frequency; none = the paper)."""
-    seed_top_k: Annotated[int, Range(min=1)] = 5
+    seed_top_k: Annotated[int, Range(min=1), SAE_ONLY] = 5
     """SAE method: score = mean of a record's top-k cosines over the seeds (5: the best measured; 1 = max over seeds, the paper)."""
     selection: Literal["global", "per_seed"] = "global"
     """global: top-M by max cosine over seeds; per_seed: top-M per seed, union de-duplicated."""
@@ -166,15 +143,15 @@ class CurateConfig:
     """M: records kept (global) or kept per seed (per_seed)."""
     pool_sample: Annotated[int, Range(min=0)] = 0
     """Encode a random sample of this many pool records (0 = the whole pool)."""
-    max_length: Annotated[int, Range(min=8)] = 128
+    max_length: Annotated[int, Range(min=8), SAE_ONLY] = 128
     """Token limit per encoded record."""
-    batch_size: Annotated[int, Range(min=1)] = 8
+    batch_size: Annotated[int, Range(min=1), SAE_ONLY] = 8
     """Records per forward pass."""
     seed: int = 0
     """Random seed (sampling, probes, SAE init)."""
     skip_bad_rows: bool = False
     """Skip malformed input rows (and count them) instead of stopping at the first one."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Annotated[Literal["auto", "float32", "bfloat16", "float16"], SAE_ONLY] = "auto"
     """SAE method: the model's dtype for its forwards (auto = fp32 on CPU, bf16 on GPU); SAEs train in fp32."""
     device: str | None = None
     """SAE method: cpu, cuda, cuda:1, or auto (one model spread over the GPUs, forwards only); none = cuda if available (under several ranks: each rank's own GPU). The sentence encoder (embedding, hybrid) runs there too (auto: this rank's GPU if any)."""
@@ -189,9 +166,9 @@ class CurateConfig:
 class PruneConfig:
     """Stage 2: domain-calibrated structured pruning to a stock-loadable model (docs/method.md §3)."""
 
-    model: str = "default"
+    model: Annotated[str, SetBy("the top-level `model`")] = "default"
     """Model to prune: "default", a local HF folder, a hub id, or a .gguf file."""
-    data: str = ""
+    data: Annotated[str, SetBy("`variants` (each prunes on its own curated set) or `generic_calibration`")] = ""
     """Calibration records (e.g. curate/selected.jsonl); any record file works."""
     ratio: Fraction = 0.35
     """Target fraction of *total* parameters removed (the paper's ~35%)."""
@@ -246,13 +223,13 @@ class PruneConfig:
 class RecoverConfig:
     """Stage 3: teacher-guided distillation + LoRA fine-tuning of the pruned model (docs/method.md §4)."""
 
-    teacher: str = ""
+    teacher: Annotated[str, SetBy("the top-level `model` (the teacher of TGD recovery)")] = ""
     """Teacher that rewrites responses (and gives the KD targets); empty = the model the student was pruned from (read from the prune stage's config.json)."""
-    student: str = ""
+    student: Annotated[str, SetBy("`variants` (each recovers its own pruned model)")] = ""
     """Pruned model folder to fine-tune (e.g. prune/model)."""
-    data: str = ""
+    data: Annotated[str, SetBy("`variants` (each recovers on its own curated set)")] = ""
     """Curated records (e.g. curate/selected.jsonl); any record file works."""
-    no_teacher: bool = False
+    no_teacher: Annotated[bool, SetBy("`variants` (pruned_sft is the recovery without teacher)")] = False
     """Plain SFT on the original responses (the paper's w/o-TGD ablation): no teacher at all."""
     no_rewrite: Annotated[bool, KD] = False
     """Train on the original responses, without teacher rewrites (with --kd-weight > 0: logit distillation alone)."""
@@ -346,7 +323,7 @@ class RecoverConfig:
 class EvalConfig:
     """Stage 4: domain benchmarks and domain NLL of a model folder."""
 
-    model: str = "default"
+    model: Annotated[str, SetBy("the top-level `model` and `variants`")] = "default"
     """Model to evaluate: "default", a local HF folder, a hub id, or a .gguf file."""
     tasks: list[str] = field(default_factory=lambda: ["nll:math", "gsm8k", "mmlu:stem"])
     """Tasks, comma-separated: mmlu[:stem|humanities|social_sciences|other|<subject>], gsm8k, humaneval[:instruct], nll:<math|code|file>, math:<file>[@type+type], mbpp:<file>."""
@@ -388,37 +365,34 @@ class EvalConfig:
     HASH_OMIT_AT = {"generation_backend": "transformers"}
 
 
-# Stage fields `finescope run` derives itself, from the top-level keys and each variant's recipe: a pipeline config
-# that sets them would be silently overwritten, so it is refused with the key that does what the user meant.
-def marked(cls: type, mark: object) -> tuple[str, ...]:
-    """The fields of `cls` whose `Annotated[...]` type carries `mark`, in declaration order."""
-    return tuple(
-        name
-        for name, hint in typing.get_type_hints(cls, include_extras=True).items()
-        if typing.get_origin(hint) is Annotated and mark in hint.__metadata__
-    )
-
-
 KD_SETTINGS = marked(RecoverConfig, KD)
 """RecoverConfig fields that are the recipe of the pipeline's kd variants only (TGD / SFT variants reset them)."""
 
+SAE_SETTINGS = marked(CurateConfig, SAE_ONLY)
+"""CurateConfig fields only the SAE method reads (the baseline curations of the pipeline reset them)."""
+
+
+def _set_by_pipeline(cls: type) -> dict[str, str]:
+    hints = typed_data.hints(cls)
+    return {
+        name: mark.instead
+        for name in hints
+        if typing.get_origin(hints[name]) is Annotated
+        for mark in hints[name].__metadata__
+        if isinstance(mark, SetBy)
+    }
+
+
 PIPELINE_SETS: dict[str, dict[str, str]] = {
-    "curate": {
-        "model": "the top-level `model`",
-        "method": "`variants` (embedding_tgd, pruned_random and pruned_full use the other methods)",
-    },
-    "prune": {
-        "model": "the top-level `model`",
-        "data": "`variants` (each prunes on its own curated set) or `generic_calibration`",
-    },
-    "recover": {
-        "student": "`variants` (each recovers its own pruned model)",
-        "teacher": "the top-level `model` (the teacher of TGD recovery)",
-        "data": "`variants` (each recovers on its own curated set)",
-        "no_teacher": "`variants` (pruned_sft is the recovery without teacher)",
-    },
-    "eval": {"model": "the top-level `model` and `variants`"},
+    section: _set_by_pipeline(cls)
+    for section, cls in (
+        ("curate", CurateConfig),
+        ("prune", PruneConfig),
+        ("recover", RecoverConfig),
+        ("eval", EvalConfig),
+    )
 }
+"""Per stage section, the fields `finescope run` sets itself (marked `SetBy`) and the key to use instead."""
 
 
 @dataclass
@@ -503,48 +477,6 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-@dataclass(frozen=True)
-class _Spec:
-    """What a field accepts, read off its type hint."""
-
-    base: Any  # int | float | bool | str | a dataclass | list
-    item: Any = None  # element type of a list
-    choices: tuple | None = None
-    range: Range | None = None
-    optional: bool = False
-
-
-def _spec(hint: Any) -> _Spec:
-    optional, rng, choices = False, None, None
-    if typing.get_origin(hint) is Annotated:
-        hint, *extras = typing.get_args(hint)
-        rng = next((e for e in extras if isinstance(e, Range)), None)
-        listed = next((e for e in extras if isinstance(e, Choices)), None)
-        if listed is not None:
-            return _Spec(base=hint, choices=listed.names(), range=rng)
-    if typing.get_origin(hint) in (Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        optional = len(args) < len(typing.get_args(hint))
-        (hint,) = args
-        inner = _spec(hint)
-        return dataclasses.replace(inner, optional=optional or inner.optional, range=inner.range or rng)
-    if typing.get_origin(hint) is Literal:
-        choices = typing.get_args(hint)
-        return _Spec(base=type(choices[0]), choices=choices, range=rng, optional=optional)
-    if typing.get_origin(hint) is list:
-        (item,) = typing.get_args(hint)
-        return _Spec(base=list, item=_spec(item), range=rng, optional=optional)
-    return _Spec(base=hint, range=rng, optional=optional)
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls, include_extras=True)
-
-
-def _fields(cls: type) -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(cls) if f.init]
-
-
 # ================================================================================================ coercion
 
 
@@ -552,56 +484,85 @@ _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
 
-def _coerce(value: Any, spec: _Spec, where: str) -> Any:
-    """Turn a YAML or command-line value into the field's type, or raise ConfigError naming `where`."""
-    if value is None or (isinstance(value, str) and spec.optional and value.strip().lower() in ("none", "null")):
-        if spec.optional:
-            return None
+class ConfigRules:
+    """`typed_data.decode`'s rules for configs: values people typed are coerced to the field's type and checked
+    (choices, ranges); every error is a `ConfigError` naming the file and the dotted field."""
+
+    def __init__(self, strict: bool) -> None:
+        self.strict = strict
+
+    def is_none(self, value: Any, spec: Spec) -> bool:
+        return value is None or (isinstance(value, str) and spec.optional and value.strip().lower() in ("none", "null"))
+
+    def empty(self, where: str, spec: Spec) -> Any:
         raise ConfigError(f"{where} must not be empty")
-    base = spec.base
-    if isinstance(base, type) and dataclasses.is_dataclass(base):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping of {base.__name__} fields, got {quote(value)}")
-        return from_dict(base, value, where=where)
-    if base is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list (or comma-separated), got {quote(value)}")
-        return [_coerce(v, spec.item, f"{where}[{i}]") for i, v in enumerate(value)]
-    out: Any
-    try:
-        if base is bool:
-            if isinstance(value, bool):
-                out = value
-            elif isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-                out = value.strip().lower() in _TRUE
+
+    def not_a(self, want: str, where: str, spec: Spec, value: Any) -> Exception:
+        if want == "mapping":
+            return ConfigError(f"{where} must be a mapping of {spec.base.__name__} fields, got {quote(value)}")
+        if want == "list":
+            return ConfigError(f"{where} must be a list (or comma-separated), got {quote(value)}")
+        return ConfigError(f"{where} must be a mapping, got {quote(value)}")
+
+    def as_list(self, value: Any) -> Any:
+        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+    def scalar(self, value: Any, spec: Spec, where: str) -> Any:
+        base = spec.base
+        out: Any
+        try:
+            if base is bool:
+                if isinstance(value, bool):
+                    out = value
+                elif isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+                    out = value.strip().lower() in _TRUE
+                else:
+                    raise ValueError
+            elif base is int:
+                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                    raise ValueError
+                out = int(value) if not isinstance(value, str) else int(value.strip())
+            elif base is float:
+                if isinstance(value, bool):
+                    raise ValueError
+                out = float(value)
+            elif base is str:
+                if isinstance(value, (dict, list)):
+                    raise ValueError
+                out = str(value)
             else:
-                raise ValueError
-        elif base is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            out = int(value) if not isinstance(value, str) else int(value.strip())
-        elif base is float:
-            if isinstance(value, bool):
-                raise ValueError
-            out = float(value)
-        elif base is str:
-            if isinstance(value, (dict, list)):
-                raise ValueError
-            out = str(value)
-        else:
-            out = value
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where} = {quote(value)}: must be {_type_name(spec)}") from None
-    if spec.choices is not None and out not in spec.choices:
-        raise ConfigError(f"{where} = {quote(out)}: must be one of {', '.join(map(str, spec.choices))}")
-    if spec.range is not None and not spec.range.contains(out):
-        raise ConfigError(f"{where} = {quote(out)}: must be {spec.range.describe()}")
-    return out
+                out = value
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} = {quote(value)}: must be {_type_name(spec)}") from None
+        if spec.choices is not None and out not in spec.choices:
+            raise ConfigError(f"{where} = {quote(out)}: must be one of {', '.join(map(str, spec.choices))}")
+        if spec.range is not None and not spec.range.contains(out):
+            raise ConfigError(f"{where} = {quote(out)}: must be {spec.range.describe()}")
+        return out
+
+    def unknown(self, cls: type, keys: list[str], where: str) -> None:
+        names = [f.name for f in typed_data.fields(cls)]
+        for key in keys:
+            key = key[:QUOTE_LIMIT]
+            msg = f"{join(where, key)}: unknown config key{_suggest(key, names)}"
+            if self.strict:
+                raise ConfigError(msg)
+            warnings.warn(msg + " (ignored)", stacklevel=4)
+
+    def missing(self, cls: type, name: str, where: str) -> Exception:  # every config field has a default
+        return ConfigError(f"{join(where, name)} must be given")
+
+    def built(self, cfg: Any, where: str) -> Any:
+        check = getattr(cfg, "check", None)
+        if callable(check):
+            try:
+                check()
+            except ConfigError as e:
+                raise ConfigError(f"{where}{e}" if where.endswith(": ") else str(e)) from None
+        return cfg
 
 
-def _type_name(spec: _Spec) -> str:
+def _type_name(spec: Spec) -> str:
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}
     return names.get(spec.base, getattr(spec.base, "__name__", str(spec.base)))
 
@@ -616,29 +577,7 @@ def from_dict(cls: type, data: dict, *, where: str = "", strict: bool = False) -
     """
     if not isinstance(data, dict):
         raise ConfigError(f"{where or cls.__name__} must be a mapping, got {type(data).__name__}")
-    hints, names = _hints(cls), [f.name for f in _fields(cls)]
-    unknown = [k for k in data if k not in names]
-    for key in unknown:
-        key = str(key)[:QUOTE_LIMIT]
-        msg = f"{_join(where, key)}: unknown config key{_suggest(key, names)}"
-        if strict:
-            raise ConfigError(msg)
-        warnings.warn(msg + " (ignored)", stacklevel=2)
-    values = {k: _coerce(v, _spec(hints[k]), _join(where, k)) for k, v in data.items() if k in names}
-    cfg = cls(**values)
-    check = getattr(cfg, "check", None)
-    if callable(check):
-        try:
-            check()
-        except ConfigError as e:
-            raise ConfigError(f"{where}{e}" if where.endswith(": ") else str(e)) from None
-    return cfg
-
-
-def _join(prefix: str, key: str) -> str:
-    if not prefix:
-        return key
-    return f"{prefix}{key}" if prefix.endswith(": ") else f"{prefix}.{key}"
+    return typed_data.decode_fields(cls, data, where, ConfigRules(strict))
 
 
 def _suggest(key: str, names: list[str]) -> str:
@@ -647,9 +586,8 @@ def _suggest(key: str, names: list[str]) -> str:
 
 
 def to_dict(cfg: Any) -> dict:
-    return {
-        f.name: (to_dict(v) if dataclasses.is_dataclass(v := getattr(cfg, f.name)) else v) for f in _fields(type(cfg))
-    }
+    """The config as plain data (YAML/JSON), keys in field order."""
+    return typed_data.encode(cfg)
 
 
 def to_yaml(cfg: Any) -> str:
@@ -665,7 +603,7 @@ def apply_overrides(cfg: Any, overrides: list[str], *, where: str = "command lin
         key, value = item.split("=", 1)
         node, cls, parts = data, type(cfg), key.strip().split(".")
         for depth, part in enumerate(parts):
-            names = [f.name for f in _fields(cls)]
+            names = [f.name for f in typed_data.fields(cls)]
             if part not in names:
                 dotted = ".".join(parts[:depth])
                 raise ConfigError(
@@ -675,8 +613,8 @@ def apply_overrides(cfg: Any, overrides: list[str], *, where: str = "command lin
             if depth == len(parts) - 1:
                 node[part] = value
             else:
-                sub = _spec(_hints(cls)[part]).base
-                if not (isinstance(sub, type) and dataclasses.is_dataclass(sub)):
+                sub = typed_data.specs(cls)[part].dataclass
+                if sub is None:
                     raise ConfigError(f"{where}: {'.'.join(parts[: depth + 1])!r} has no sub-keys")
                 node, cls = node[part], sub
     return from_dict(type(cfg), data, where=f"{where}: ", strict=True)
@@ -736,10 +674,10 @@ def _flag(name: str) -> str:
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One `--flag` per field of a flat stage config, with the field docstring as help text."""
-    docs, hints = field_docs(cls), _hints(cls)
-    for f in _fields(cls):
-        spec = _spec(hints[f.name])
-        if dataclasses.is_dataclass(spec.base):
+    docs = field_docs(cls)
+    for f in typed_data.fields(cls):
+        spec = typed_data.specs(cls)[f.name]
+        if spec.dataclass is not None:
             continue
         if f.default is not dataclasses.MISSING:
             default = f.default
@@ -771,6 +709,6 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 def config_from_args(cls: type, args: argparse.Namespace, base: Any | None = None) -> Any:
     """The config `base` (or defaults) with every flag the user gave applied, validated."""
     data = to_dict(base if base is not None else cls())
-    given = {f.name: getattr(args, f.name) for f in _fields(cls) if getattr(args, f.name, None) is not None}
+    given = {f.name: getattr(args, f.name) for f in typed_data.fields(cls) if getattr(args, f.name, None) is not None}
     data.update(given)
     return from_dict(cls, data, where="", strict=True)

@@ -22,14 +22,14 @@ import random
 import sys
 import time
 import typing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import TypeGuard
 
 from . import FinescopeError, __version__, distributed, storage
 from .artifacts import PipelineManifest, VariantEntry
-from .config import KD_SETTINGS, CurateConfig, PipelineConfig, RecoverConfig, Selector, to_dict
+from .config import KD_SETTINGS, SAE_SETTINGS, CurateConfig, PipelineConfig, RecoverConfig, Selector, to_dict
 from .registry import SELECTION_METHODS
 from .stages import STAGES
 from .variants import VARIANTS
@@ -96,24 +96,11 @@ class Planner:
             if _is_selector(selector):
                 return self._job("curate", f"sae-{selector}", replace(base, method="sae", selector=selector))
         elif _is_method(data):  # "embedding", "dsir", "random" or "full" ("sae" is handled above)
-            # Fields only the SAE method reads are reset, so e.g. changing sae_steps keeps the baselines. The random
+            # Fields only the SAE method reads (config.SAE_SETTINGS) are reset, so e.g. changing sae_steps keeps the
+            # baselines; `device` is kept (where the user put the model; hash-excluded). The random
             # subset has top_m records: the SAE selection's size under global selection (the paper's "same size").
             fresh = CurateConfig()
-            keep = {
-                f: getattr(base, f)
-                for f in (
-                    "model",
-                    "pool",
-                    "seeds",
-                    "encode_fields",
-                    "selection",
-                    "top_m",
-                    "pool_sample",
-                    "seed",
-                    "skip_bad_rows",
-                    "device",  # where the user put the model; hash-excluded, so finished stages stay valid
-                )
-            }
+            keep = {f.name: getattr(base, f.name) for f in fields(base) if f.name not in (*SAE_SETTINGS, "method")}
             return self._job("curate", data, replace(fresh, method=data, **keep))
         raise PipelineError(f"unknown data source {data!r}")
 

@@ -17,7 +17,10 @@ import pytest
 from conftest import CORPUS, hold_lock
 from finescope import storage
 from finescope.cli import STAGES, build_parser, main
-from finescope.config import CurateConfig, PruneConfig, _fields, _hints, _spec, config_from_args
+from finescope.config import CurateConfig, PruneConfig, config_from_args
+from finescope.typed_data import fields as _fields
+from finescope.typed_data import hints as _hints
+from finescope.typed_data import spec as _spec
 from test_pipeline import tiny_run  # noqa: F401  (a fixture, used by name)
 
 SRC = Path(__file__).resolve().parents[2] / "src"

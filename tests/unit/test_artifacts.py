@@ -13,7 +13,7 @@ from typing import Any, Union
 
 import pytest
 
-from finescope import artifacts
+from finescope import artifacts, typed_data
 from finescope.artifacts import (
     ArtifactError,
     CurateFeatures,
@@ -65,8 +65,8 @@ def _required_paths(cls: type[Schema]) -> list[str]:
         group = _group(hints[f.name])
         if f.metadata.get("flatten"):
             if group is not None:
-                out += [g.name for g in dataclasses.fields(group) if artifacts._required(g)]
-        elif artifacts._required(f):
+                out += [g.name for g in dataclasses.fields(group) if typed_data.required(g)]
+        elif typed_data.required(f):
             out.append(f.name)
     return out
 
@@ -205,7 +205,7 @@ def _json_with_newcomers(obj: Any) -> Any:
             elif isinstance(value, Schema):
                 data.update(_json_with_newcomers(value))
             elif value is not None:
-                data.update(artifacts._encode(value))
+                data.update(typed_data.encode(value))
         if not _has_extras(obj):
             data["written_by_a_later_version"] = {"x": [1]}
         return data

@@ -11,7 +11,7 @@ import typing
 
 import pytest
 
-from finescope import config, stage_protocol, storage
+from finescope import config, stage_protocol, storage, typed_data
 from finescope.config import ConfigError, CurateConfig, PipelineConfig, PruneConfig, load_config
 from finescope.registry import (
     ACTIVATIONS,
@@ -43,10 +43,10 @@ def test_every_row_has_an_implementation_of_its_kind(registry):
 
 def test_config_choices_and_help_are_the_registry_names():
     hints = typing.get_type_hints(PruneConfig, include_extras=True)
-    assert config._spec(hints["importance"]).choices == IMPORTANCE.names()
-    assert config._spec(hints["depth_importance"]).choices == DEPTH_IMPORTANCE.names()
+    assert typed_data.spec(hints["importance"]).choices == IMPORTANCE.names()
+    assert typed_data.spec(hints["depth_importance"]).choices == DEPTH_IMPORTANCE.names()
     curate_hints = typing.get_type_hints(CurateConfig, include_extras=True)
-    assert config._spec(curate_hints["method"]).choices == SELECTION_METHODS.names()
+    assert typed_data.spec(curate_hints["method"]).choices == SELECTION_METHODS.names()
     import argparse
 
     parser = argparse.ArgumentParser()

@@ -158,15 +158,17 @@ def _recovery_section(recover: Path | None) -> list[str]:
     if rs is None:
         return ["- none"]
     r, mm = rs.recipe, rs.metrics
-    teacher = f"; teacher `{r['teacher']}`, rewrite acceptance {mm.filters.acceptance_rate}" if mm.mode == "tgd" else ""
+    teacher = (
+        f"; teacher `{r.get('teacher')}`, rewrite acceptance {mm.filters.acceptance_rate}" if mm.mode == "tgd" else ""
+    )
     if mm.adapter == "full":
         how = "full fine-tuning (every weight)"
     else:
-        how = f"LoRA r={r['lora_rank']}, α={r['lora_alpha']}, dropout {r['lora_dropout']}"
+        how = f"LoRA r={r.get('lora_rank')}, α={r.get('lora_alpha')}, dropout {r.get('lora_dropout')}"
     return [
         f"- `{tables.recovery_mode(mm)}` on {mm.records} records" + teacher,
-        f"- {how}, lr {r['lr']}, batch {r['batch_size']} (micro {r['micro_batch_size']}), {r['epochs']} epochs, "
-        f"max_length {r['max_length']}" + ("; merged into the weights" if mm.adapter != "full" else ""),
+        f"- {how}, lr {r.get('lr')}, batch {r.get('batch_size')} (micro {r.get('micro_batch_size')}), {r.get('epochs')} epochs, "
+        f"max_length {r.get('max_length')}" + ("; merged into the weights" if mm.adapter != "full" else ""),
         f"- held-out loss {tables.fmt(rs.eval_loss_first)} → {tables.fmt(rs.eval_loss_last)}",
     ]
 

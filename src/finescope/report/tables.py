@@ -441,7 +441,7 @@ class Recovery:
 
     metrics: RecoverMetrics
     recipe: dict[str, Any]
-    """LoRA and rewrite settings from config.json (lora_rank, lr, epochs, teacher, …)."""
+    """The stage's resolved RecoverConfig as its config.json records it ({} when there is none)."""
 
     @property
     def eval_loss_first(self) -> float | None:
@@ -452,34 +452,6 @@ class Recovery:
     def eval_loss_last(self) -> float | None:
         ev = self.metrics.train.eval_loss
         return ev[-1].loss if ev else None
-
-
-RECIPE_KEYS = (
-    "lora_rank",
-    "lora_alpha",
-    "lora_dropout",
-    "lr",
-    "batch_size",
-    "micro_batch_size",
-    "max_length",
-    "epochs",
-    "max_new_tokens",
-    "temperature",
-    "answer_check",
-    "no_teacher",
-    "teacher",
-    "adapter",
-    "no_rewrite",
-    "kd_weight",
-    "kd_temperature",
-    "kd_loss",
-    "kd_scope",
-    "hidden_weight",
-    "hidden_loss",
-    "hidden_layers",
-    "recover_top_m",
-    "replay_fraction",
-)
 
 
 def recovery_mode(m: RecoverMetrics) -> str:
@@ -501,4 +473,4 @@ def recovery(recover: Path) -> Recovery | None:
     if m is None:
         return None
     cfg = _stage_config(recover)
-    return Recovery(metrics=m, recipe={k: cfg.get(k) for k in RECIPE_KEYS})
+    return Recovery(metrics=m, recipe=cfg)

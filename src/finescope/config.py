@@ -19,6 +19,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import os
 import textwrap
 import typing
@@ -411,6 +412,8 @@ class PipelineConfig:
     """Generic calibration records of the *generic* variants: a record file, or "default" (Wikipedia, OpenWebText, BBC News snippets)."""
     sweep_ratios: list[Fraction] = field(default_factory=list)
     """Extra pruning ratios (curated calibration, no recovery) evaluated on the nll tasks, for an NLL-vs-ratio plot."""
+    prune_schedule: list[Fraction] = field(default_factory=list)
+    """Iterative pruning: the share of the dense model's parameters removed after each step, e.g. [0.2, 0.35]; the last must be prune.ratio. Every variant that prunes and recovers then runs prune → recover per step (importance recomputed on the recovered model; each recovery gets 1/k of the variant's epochs, so the total budget is one-shot's). Empty = one-shot."""
     kd_epochs: Annotated[float | None, Range(min=0, min_open=True)] = None
     """Epochs of the kd variants' recoveries (none = recover.epochs): distillation without rewrites saves the rewrite's time, which the budgeted recipe spends on epochs."""
     num_processes: Annotated[int, Range(min=1)] = 1
@@ -434,6 +437,19 @@ class PipelineConfig:
         if kd and self.recover.kd_weight == 0:
             raise ConfigError(
                 f"variants {', '.join(kd)}: recover.kd_weight is 0; set it (0 < α ≤ 1) for their logit distillation"
+            )
+        steps = self.prune_schedule
+        for i in range(1, len(steps)):
+            if steps[i] <= steps[i - 1]:
+                raise ConfigError(
+                    f"prune_schedule = {steps}: step {i + 1} ({steps[i]:g}) does not remove more than step {i} "
+                    f"({steps[i - 1]:g}); give increasing shares of the dense model's parameters"
+                )
+        if steps and not math.isclose(steps[-1], self.prune.ratio, abs_tol=1e-9):
+            raise ConfigError(
+                f"prune_schedule = {steps}: its last step reaches {steps[-1]:g}, not the target prune.ratio = "
+                f"{self.prune.ratio:g}; end the schedule at the target (e.g. [{self.prune.ratio / 2:g}, "
+                f"{self.prune.ratio:g}])"
             )
         for i, task in enumerate(self.eval.off_domain):
             if task not in self.eval.tasks:

@@ -55,6 +55,8 @@ class Job:
     cfg: object
     folder: Path
     label: str
+    round: int = 0
+    """Iterative pruning's step that first needs this job (0 for one-shot chains): jobs run round by round."""
 
 
 def _folder(run_dir: Path, stage: str, label: str, cfg) -> Path:
@@ -80,11 +82,13 @@ class Planner:
         self.cfg, self.run_dir = cfg, run_dir
         self.jobs: dict[tuple[str, str], Job] = {}
 
-    def _job(self, stage: str, label: str, cfg) -> Job:
+    def _job(self, stage: str, label: str, cfg, round: int = 0) -> Job:
         """The job of this stage config; the first label given to a config names its folder."""
         key = (stage, storage.config_hash(cfg))
         if key not in self.jobs:
-            self.jobs[key] = Job(stage, cfg, _folder(self.run_dir, stage, label, cfg), label)
+            self.jobs[key] = Job(stage, cfg, _folder(self.run_dir, stage, label, cfg), label, round)
+        elif round < self.jobs[key].round:  # its inputs are the same, so it can run in the earlier round
+            self.jobs[key].round = round
         return self.jobs[key]
 
     def curate(self, data: str) -> Job:
@@ -110,13 +114,21 @@ class Planner:
             return Path(spec).expanduser().resolve()
         return self.run_dir / "data" / "generic.jsonl"
 
-    def prune(self, data: Path, calib: str, ratio: float | None = None) -> Job:
-        pc = replace(self.cfg.prune, model=self.cfg.model, data=str(data))
+    def prune(
+        self,
+        data: Path,
+        calib: str,
+        ratio: float | None = None,
+        model: str | None = None,
+        step: str = "",
+        round: int = 0,
+    ) -> Job:
+        pc = replace(self.cfg.prune, model=model or self.cfg.model, data=str(data))
         if ratio is not None:
             pc = replace(pc, ratio=ratio)
-        return self._job("prune", f"{calib}-r{pc.ratio:g}", pc)
+        return self._job("prune", f"{calib}-{step or f'r{pc.ratio:g}'}", pc, round)
 
-    def recover(self, student: str, data: Path, mode: str, label: str) -> Job:
+    def recover(self, student: str, data: Path, mode: str, label: str, share: float = 1.0, round: int = 0) -> Job:
         rc = replace(
             self.cfg.recover,
             student=student,
@@ -129,11 +141,13 @@ class Planner:
             rc = replace(rc, **{k: getattr(plain, k) for k in KD_SETTINGS})
         elif self.cfg.kd_epochs is not None:
             rc = replace(rc, epochs=self.cfg.kd_epochs)
-        return self._job("recover", f"{label}-{mode}", rc)
+        if share != 1.0:  # one step of iterative pruning: its share of the recovery's epochs
+            rc = replace(rc, epochs=rc.epochs * share)
+        return self._job("recover", f"{label}-{mode}", rc, round)
 
-    def evaluate(self, model: str, label: str, tasks: list[str] | None = None) -> Job:
+    def evaluate(self, model: str, label: str, tasks: list[str] | None = None, round: int = 0) -> Job:
         ec = replace(self.cfg.eval, model=model, tasks=list(tasks) if tasks else list(self.cfg.eval.tasks))
-        return self._job("eval", label, ec)
+        return self._job("eval", label, ec, round)
 
     def dense_folder(self) -> str:
         from .modeling import resolve_model_path
@@ -161,11 +175,19 @@ def plan(cfg: PipelineConfig, run_dir: Path) -> tuple[Planner, dict[str, dict]]:
         if spec.data is not None:
             chain["curate"] = p.curate(spec.data)
             data = chain["curate"].folder / "selected.jsonl"
+        steps = cfg.prune_schedule if spec.prune is not None and spec.recovery is not None else []
+        k = max(len(steps), 1)
         if spec.prune is not None:
             calib = data if spec.prune == "data" else p.generic_data()
             assert calib is not None, f"VARIANTS[{name!r}]: calibration on the variant's data, but it has none"
             calib_label = chain["curate"].label if spec.prune == "data" else "generic"
-            chain["prune"] = p.prune(calib, calib_label)
+            if k > 1:
+                model = _prune_steps(p, chain, name, calib, calib_label, data, steps)
+                chain["prune"] = p.prune(
+                    calib, calib_label, _step_ratio(steps, k - 1), model, f"s{k}of{k}-r{steps[-1]:g}", round=k - 1
+                )
+            else:
+                chain["prune"] = p.prune(calib, calib_label)
             model = str(chain["prune"].folder / "model")
         if spec.recovery is not None:
             student = model if spec.prune is not None else p.dense_folder()
@@ -173,9 +195,9 @@ def plan(cfg: PipelineConfig, run_dir: Path) -> tuple[Planner, dict[str, dict]]:
             data_label = chain["curate"].label
             assert data is not None, f"VARIANTS[{name!r}]: recovery needs the variant's data"
             label = student_label if student_label.startswith(data_label) else f"{student_label}-{data_label}"
-            chain["recover"] = p.recover(student, data, spec.recovery, label)
+            chain["recover"] = p.recover(student, data, spec.recovery, label, 1 / k, round=k - 1)
             model = str(chain["recover"].folder / "model")
-        chain["eval"] = p.evaluate(model, name)
+        chain["eval"] = p.evaluate(model, name, round=k - 1)
         chains[name] = chain
     if cfg.sweep_ratios:
         nll = [t for t in cfg.eval.tasks if t.startswith("nll:")] or list(cfg.eval.tasks)
@@ -189,6 +211,29 @@ def plan(cfg: PipelineConfig, run_dir: Path) -> tuple[Planner, dict[str, dict]]:
             }
         chains["sweep@0"] = {"eval": p.evaluate(cfg.model, "sweep-r0", nll)}
     return p, chains
+
+
+def _step_ratio(steps: list[float], i: int) -> float:
+    """Step i's prune ratio of its input model, for the cumulative shares `steps` of the dense model's parameters:
+    the dense model's (steps[i] - steps[i-1]) out of the (1 - steps[i-1]) that step i starts from."""
+    before = steps[i - 1] if i else 0.0
+    return round((steps[i] - before) / (1 - before), 12)
+
+
+def _prune_steps(
+    p: Planner, chain: dict[str, Job], name: str, calib: Path, calib_label: str, data: Path | None, steps: list[float]
+) -> str:
+    """Iterative pruning's steps before the last: prune, then recover with 1/k of the variant's epochs, each step
+    on the model the one before recovered (`chain["prune@i"]`, `chain["recover@i"]`); returns the last of them."""
+    spec, k, model = VARIANTS[name], len(steps), p.cfg.model
+    assert data is not None and spec.recovery is not None, f"VARIANTS[{name!r}]: iterative pruning needs a recovery"
+    for i in range(k - 1):
+        pj = p.prune(calib, calib_label, _step_ratio(steps, i), model, f"s{i + 1}of{k}-r{steps[i]:g}", round=i)
+        label = pj.label if pj.label.startswith(chain["curate"].label) else f"{pj.label}-{chain['curate'].label}"
+        rj = p.recover(str(pj.folder / "model"), data, spec.recovery, label, 1 / k, round=i)
+        chain[f"prune@{i + 1}"], chain[f"recover@{i + 1}"] = pj, rj
+        model = str(rj.folder / "model")
+    return model
 
 
 # ================================================================================================ running
@@ -349,7 +394,8 @@ def _run_locked(cfg: PipelineConfig, root: Path, chains: dict[str, dict]) -> Pat
     status: dict[str, str] = {}
     started = time.perf_counter()
     order = [j for chain in chains.values() for j in chain.values()]
-    order = list({j.folder: j for j in sorted(order, key=lambda j: _STAGE_ORDER[j.stage])}.values())
+    # round by round (iterative pruning's steps after the one-shot chains), stage by stage within a round
+    order = list({j.folder: j for j in sorted(order, key=lambda j: (j.round, _STAGE_ORDER[j.stage]))}.values())
     for i, job in enumerate(order, 1):
         key = str(job.folder.relative_to(root))
         if storage.is_done(job.folder, job.cfg):
@@ -391,8 +437,10 @@ def _write_manifest(path: Path, cfg, root: Path, chains, seconds, status, wall: 
                 label=name, description="pruning-ratio sweep", data="sae", prune="data", recovery=None, stages=stages
             )
         v = VARIANTS[name]
+        steps = sum(s.startswith("prune") for s in chain)
+        label = v.label if steps == 1 or not v.prune else f"{v.label}, pruned in {steps} steps"
         return VariantEntry(
-            label=v.label, description=v.description, data=v.data, prune=v.prune, recovery=v.recovery, stages=stages
+            label=label, description=v.description, data=v.data, prune=v.prune, recovery=v.recovery, stages=stages
         )
 
     PipelineManifest(

@@ -161,6 +161,30 @@ def test_run_every_variant_shares_stages_and_rerun_skips(tiny_run, capsys, monke
     assert sorted(s for s, _ in calls_lr) == sorted(["recover"] * 5 + ["eval"] * 5)
 
 
+def test_iterative_pruning_runs_step_by_step_and_loads_in_stock_transformers(tiny_run, capsys, monkeypatch):
+    """`prune_schedule` [0.15, 0.3]: prune → recover → prune (the recovered model) → recover → eval, in that order;
+    the final model is smaller than the first step's and loads in stock transformers."""
+    from transformers import AutoModelForCausalLM
+
+    calls = _calls(monkeypatch)
+    args = ["run", "--config", str(tiny_run), "variants=dense,pruned_kd", "prune_schedule=0.15,0.3"]
+    assert cli.main(args) == 0
+    root = Path(capsys.readouterr().out.strip().splitlines()[-1]).parent.parent
+    v = json.loads((root / "pipeline.json").read_text())["variants"]["pruned_kd"]
+    st = v["stages"]
+    assert list(st) == ["curate", "prune@1", "recover@1", "prune", "recover", "eval"]
+    assert v["label"].endswith("pruned in 2 steps")
+    ran = [f for s, f in calls if s in ("prune", "recover")]
+    assert ran == [Path(st[s]).name for s in ("prune@1", "recover@1", "prune", "recover")]
+    second = json.loads((root / st["prune"] / "config.json").read_text())["config"]
+    assert second["model"] == str(root / st["recover@1"] / "model")
+    size = {s: json.loads((root / st[s] / "report.json").read_text())["parameters"] for s in ("prune@1", "prune")}
+    assert size["prune"]["after"] < size["prune@1"]["after"] == size["prune"]["before"]
+    final = AutoModelForCausalLM.from_pretrained(root / st["recover"] / "model")
+    assert sum(p.numel() for p in final.parameters()) == size["prune"]["after"]
+    assert "pruned in 2 steps" in (root / "report" / "report.md").read_text()
+
+
 def _stage_dirs(folder):
     """Stage folders of one stage (their lock files lie beside them, hidden)."""
     return (d for d in folder.iterdir() if not d.name.startswith("."))

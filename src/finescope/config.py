@@ -213,10 +213,12 @@ class PruneConfig:
     """What the compensation fits on: the dense model's inputs, one statistics pass (`dense`), or block by block
     the inputs the already-pruned earlier blocks give (`pruned`: also corrects the error carried in; ~4 forwards
     of the calibration data, rank 0 only)."""
+    compensation_memory_gib: Annotated[float, Range(min=0, min_open=True)] = 4.0
+    """Device memory the compensation statistics may hold at once (float64 sums; a re-fit's grow as width² per layer: ~0.4 GiB for SmolLM2-135M, ~34 GiB for an 8B Llama); above it they are gathered in several passes over the calibration data, with the same result."""
     overwrite: bool = False
     """Replace an existing output folder that is not a previous prune output."""
 
-    HASH_EXCLUDE = ("overwrite", "device")
+    HASH_EXCLUDE = ("overwrite", "device", "compensation_memory_gib")
     HASH_OMIT_AT = {"compensation": "none", "refit_ridge": 0.01, "compensation_inputs": "dense"}
 
 

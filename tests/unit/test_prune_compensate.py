@@ -218,3 +218,31 @@ def test_a_calibration_set_too_small_for_the_refit_is_refused_with_the_minimum(t
     with pytest.raises(PruneError, match=r"the re-fit needs at least \d+ calibration tokens .* gives \d+"):
         run(cfg, tmp_path / "p")
     assert not (tmp_path / "p").exists()
+
+
+def test_statistics_in_several_passes_equal_one_pass(chat_tokenizer):
+    """A memory budget below the accumulators' size splits the gathering into passes (one group of projections
+    each): the sums are the same, bit for bit, and so is the re-fit."""
+    from finescope.prune.importance import compute_scores
+    from finescope.prune.run import plan_kept
+    from finescope.prune.solver import solve
+    from finescope.prune.structure import model_shapes
+
+    model = build_model("llama", len(chat_tokenizer))
+    h = _Handle(model)
+    batches = _batches(chat_tokenizer)
+    plan = solve(model_shapes(h.adapter, model), 0.4, head_mode="query", mlp_multiple=8)
+    kept = plan_kept(h.adapter, compute_scores(h.adapter, batches, "magnitude"), plan, "query")
+    one = compensate.gather(h.adapter, batches, kept, "bias_refit")
+    sizes = [v.numel() * 8 + one.cross[k].numel() * 8 for k, v in one.sums.items()]
+    assert len(compensate.passes(sizes, max(sizes))) == len(sizes)  # the budget below holds one projection a pass
+    many = compensate.gather(h.adapter, batches, kept, "bias_refit", memory_gib=max(sizes) / 2**30)
+    assert many.count == one.count and one.sums.keys() == many.sums.keys()
+    for key in one.sums:
+        assert torch.equal(one.sums[key], many.sums[key]) and torch.equal(one.cross[key], many.cross[key])
+
+
+def test_passes_group_in_order_within_the_budget():
+    assert compensate.passes([3, 3, 3, 5, 1], 6) == [[0, 1], [2], [3, 4]]
+    assert compensate.passes([10, 1], 4) == [[0], [1]]  # one projection above the budget still gets its pass
+    assert compensate.passes([], 4) == []

@@ -93,16 +93,51 @@ class Stats:
     cross: dict[tuple[int, str], torch.Tensor]
 
 
-def gather(adapter: ArchAdapter, batches: list[dict], kept: dict, mode: str, *, desc: str = "compensation") -> Stats:
-    """One forward pass of the dense model over this rank's calibration batches; sums over ranks."""
+def stats_bytes(n: int, kept: int, mode: str) -> int:
+    """Bytes of one projection's float64 accumulators: Σ x (n), and Σ x x_Kᵀ (n × K) for a re-fit."""
+    return 8 * (n + (n * kept if needs_gram(mode) else 0))
+
+
+def passes(sizes: list[int], budget: int) -> list[list[int]]:
+    """Indices of `sizes` (in order) grouped so each group's total stays within `budget`; a single item larger
+    than the budget makes a group of its own. One group = one statistics pass over the calibration data."""
+    groups: list[list[int]] = []
+    total = 0
+    for i, size in enumerate(sizes):
+        if not groups or total + size > budget:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += size
+    return groups
+
+
+def gather(
+    adapter: ArchAdapter,
+    batches: list[dict],
+    kept: dict,
+    mode: str,
+    *,
+    desc: str = "compensation",
+    memory_gib: float = 4.0,
+) -> Stats:
+    """Forward passes of the dense model over this rank's calibration batches; sums over ranks.
+
+    The float64 accumulators of a re-fit grow as width² per layer (SmolLM2-135M: ~0.4 GiB in all; an 8B Llama:
+    ~34 GiB), so the projections are gathered in as many passes as keep them within `memory_gib` on the device,
+    each pass hooking its own projections; the sums are the same, bit for bit, whatever the number of passes."""
     model = adapter.model
     device = next(model.parameters()).device
     d = adapter.head_dim
     cols = {row["layer"]: _kept_columns(row, d) for row in kept["layers"]}
+    keys = [(layer, name) for layer, by_name in cols.items() for name in by_name]
+    sizes = [
+        stats_bytes(_linear(adapter, layer, name).in_features, len(cols[layer][name]), mode) for layer, name in keys
+    ]
+    groups = passes(sizes, int(memory_gib * 2**30))
     sums: dict[tuple[int, str], torch.Tensor] = {}
     cross: dict[tuple[int, str], torch.Tensor] = {}
     mask: dict[str, torch.Tensor] = {}
-    handles = []
 
     def hook(key: tuple[int, str], kept_cols: torch.Tensor):
         def fn(_m, args):
@@ -117,26 +152,35 @@ def gather(adapter: ArchAdapter, batches: list[dict], kept: dict, mode: str, *, 
 
         return fn
 
-    for layer, by_name in cols.items():
-        for name, kc in by_name.items():
-            idx = torch.tensor(kc, dtype=torch.long)
-            handles.append(_linear(adapter, layer, name).register_forward_pre_hook(hook((layer, name), idx)))
     count = 0
     ranks = distributed.ranks()
     mine = [batches[i] for i in ranks.mine(len(batches))]
-    try:
-        with torch.no_grad():
-            for batch in progress(mine, desc=desc + ranks.tag, unit="batch"):
-                mask["m"] = batch["attention_mask"]
-                count += int(batch["attention_mask"].sum())
-                model(
-                    input_ids=batch["input_ids"].to(device),
-                    attention_mask=batch["attention_mask"].to(device),
-                    use_cache=False,
-                )
-    finally:
-        for h in handles:
-            h.remove()
+    for g, group in enumerate(groups):
+        handles = []
+        for layer, name in (keys[i] for i in group):
+            idx = torch.tensor(cols[layer][name], dtype=torch.long)
+            handles.append(_linear(adapter, layer, name).register_forward_pre_hook(hook((layer, name), idx)))
+        tag = f" pass {g + 1}/{len(groups)}" if len(groups) > 1 else ""
+        count = 0
+        try:
+            with torch.no_grad():
+                for batch in progress(mine, desc=desc + tag + ranks.tag, unit="batch"):
+                    mask["m"] = batch["attention_mask"]
+                    count += int(batch["attention_mask"].sum())
+                    model(
+                        input_ids=batch["input_ids"].to(device),
+                        attention_mask=batch["attention_mask"].to(device),
+                        use_cache=False,
+                    )
+        finally:
+            for h in handles:
+                h.remove()
+        if len(groups) > 1:  # this pass's accumulators leave the device before the next pass fills its own
+            for layer, name in (keys[i] for i in group):
+                if (layer, name) in sums:
+                    sums[(layer, name)] = sums[(layer, name)].cpu()
+                if (layer, name) in cross:
+                    cross[(layer, name)] = cross[(layer, name)].cpu()
     if ranks.world > 1:
         what = "prune compensation statistics (sum over ranks)"
         count = int(distributed.all_reduce_sum(torch.tensor([float(count)]), what)[0])
@@ -144,11 +188,12 @@ def gather(adapter: ArchAdapter, batches: list[dict], kept: dict, mode: str, *, 
             for name, kc in by_name.items():
                 n = _linear(adapter, layer, name).in_features
                 key = (layer, name)
+                at = sums[key].device if key in sums else device
                 sums[key] = distributed.all_reduce_sum(
-                    sums.get(key, torch.zeros(n, dtype=torch.float64, device=device)), what
+                    sums.get(key, torch.zeros(n, dtype=torch.float64, device=at)), what
                 )
                 if needs_gram(mode):
-                    zero = torch.zeros(n, len(kc), dtype=torch.float64, device=device)
+                    zero = torch.zeros(n, len(kc), dtype=torch.float64, device=at)
                     cross[key] = distributed.all_reduce_sum(cross.get(key, zero), what)
     return Stats(count=count, sums=sums, cross=cross)
 

@@ -312,7 +312,12 @@ def _prune_into(
     elif cfg.compensation != "none":  # every rank gathers over its share; rank 0 solves while slicing
         kept = plan_kept(handle.adapter, scores, plan, cfg.head_mode)
         stats = compensate.gather(
-            handle.adapter, batches, kept, cfg.compensation, desc=f"compensation ({cfg.compensation})"
+            handle.adapter,
+            batches,
+            kept,
+            cfg.compensation,
+            desc=f"compensation ({cfg.compensation})",
+            memory_gib=cfg.compensation_memory_gib,
         )
         comp = Compensation(cfg.compensation, cfg.refit_ridge, stats)
     t_comp = time.perf_counter() - t0

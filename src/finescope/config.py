@@ -447,6 +447,11 @@ class PipelineConfig:
                     f"prune_schedule = {steps}: step {i + 1} ({steps[i]:g}) does not remove more than step {i} "
                     f"({steps[i - 1]:g}); give increasing shares of the dense model's parameters"
                 )
+        if len(steps) > 1 and not any(VARIANTS[v].prune and VARIANTS[v].recovery for v in self.variants):
+            raise ConfigError(
+                f"prune_schedule = {steps}: no variant of variants ({', '.join(self.variants)}) prunes and recovers, "
+                "and iterative pruning recovers between its steps; add one (e.g. pruned_kd) or drop the schedule"
+            )
         if steps and not math.isclose(steps[-1], self.prune.ratio, abs_tol=1e-9):
             raise ConfigError(
                 f"prune_schedule = {steps}: its last step reaches {steps[-1]:g}, not the target prune.ratio = "

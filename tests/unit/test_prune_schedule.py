@@ -73,3 +73,8 @@ def test_steps_chain_prune_and_recover_and_reach_the_target():
 def test_a_schedule_that_does_not_reach_the_target_is_refused(schedule, match):
     with pytest.raises(ConfigError, match=match):
         _cfg(f"prune_schedule={schedule}")
+
+
+def test_a_schedule_without_a_variant_that_recovers_is_refused():
+    with pytest.raises(ConfigError, match=r"no variant of variants \(dense, pruned\) prunes and recovers"):
+        _cfg("variants=dense,pruned", "prune_schedule=0.2,0.35")

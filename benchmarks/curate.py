@@ -70,11 +70,18 @@ from pathlib import Path
 from finescope import storage
 from finescope.config import CurateConfig, apply_overrides
 from finescope.registry import SELECTION_METHODS
-from labelled_pool import DISTRACTORS, DOMAINS, RELEVANT, build_labelled_pool, label_of, write_pool
-
-NOMINAL_POOL = sum(n for sources in RELEVANT.values() for n in sources.values()) + sum(
-    n for _, parts, _ in DISTRACTORS for _, n in parts
+from labelled_pool import (
+    DOMAINS,
+    POOLS,
+    build_labelled_pool,
+    label_of,
+    nominal_size,
+    seed_records,
+    seeds_spec,
+    write_pool,
 )
+from seed_variants import VARIANTS, degrade
+
 Z95 = 1.959964
 
 
@@ -86,6 +93,7 @@ LEVERS: dict[str, dict] = {
     "idf": {"latent_weighting": "idf"},
     "zscore": {"latent_weighting": "zscore"},
     "paper": {"latent_weighting": "none", "seed_top_k": 1},
+    "paper-procedure": {"layer_depth": 0.5, "latent_weighting": "none", "seed_top_k": 1},
     "top1": {"seed_top_k": 1},
     "top3": {"seed_top_k": 3},
     "top5": {"seed_top_k": 5},
@@ -188,15 +196,30 @@ def pooled_mean(cells: dict[str, dict], key: str) -> dict:
     }
 
 
-def run_variant(name: str, overrides: dict, args, pool_path: Path, stage_root: Path, relevant: dict) -> dict:
+def seed_sets(pool: str, variant: str, root: Path) -> dict[str, str]:
+    """domain → the seeds spec of the pool's seed set degraded by `variant` (a file under root/ unless clean)."""
+    if variant == "clean":
+        return {d: seeds_spec(pool, d) for d in DOMAINS}
+    out = {}
+    for d in DOMAINS:
+        path = root / f"seeds-{pool}-{variant}" / f"{d}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_pool(degrade(seed_records(pool, d), variant), path)
+        out[d] = str(path)
+    return out
+
+
+def run_variant(
+    name: str, overrides: dict, args, pool_path: Path, stage_root: Path, relevant: dict, seeds: dict[str, str]
+) -> dict:
     from finescope.curate import run as curate_run
 
     cells, times = {}, {}
-    for domain in DOMAINS:
+    for domain in relevant:
         settings = dict(
             model=args.model,
             pool=str(pool_path),
-            seeds=f"preset:{domain}",
+            seeds=seeds[domain],
             top_m=max(args.top_m, relevant[domain]),
             reference_samples=args.reference_samples,
             coord_samples=args.coord_samples,
@@ -208,7 +231,7 @@ def run_variant(name: str, overrides: dict, args, pool_path: Path, stage_root: P
         if args.set:
             cfg = apply_overrides(cfg, args.set, where="--set")
         cfg = dataclasses.replace(cfg, **overrides)  # the variant's own settings win (a lever over --set or a flag)
-        stage = stage_root / f"{name.replace(':', '-')}-{domain}"
+        stage = stage_root / f"{name.replace(':', '-').replace(' @', '@')}-{domain}"
         reused = storage.is_done(stage, cfg)
         t = time.perf_counter()
         curate_run.run(cfg, stage)
@@ -275,8 +298,17 @@ def throughput(handle, state_dir: Path, texts: list[str], max_length: int, batch
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
+    ap.add_argument("--pool", default="tuning", choices=POOLS, help="the labelled pool (labelled_pool.py)")
     ap.add_argument(
-        "--pool-size", type=int, default=0, help=f"scale every pool count by N / {NOMINAL_POOL} (0: the full pool)"
+        "--pool-size",
+        type=int,
+        default=0,
+        help="scale every pool count by N / the pool's nominal size (0: the full pool)",
+    )
+    ap.add_argument(
+        "--seed-variants",
+        default="clean",
+        help=f"comma-separated seed sets to run every method with (seed_variants.py): {', '.join(VARIANTS)}",
     )
     ap.add_argument("--top-m", type=int, default=100, help="M of precision@M")
     ap.add_argument("--methods", default="all", help='comma-separated variant names ("sae" = every SAE selector)')
@@ -304,8 +336,8 @@ def main() -> None:
     ap.add_argument("--skip-throughput", action="store_true", help="do not measure pool-encoding throughput")
     args = ap.parse_args()
 
-    scale = args.pool_size / NOMINAL_POOL if args.pool_size else 1.0
-    pool, composition = build_labelled_pool(scale, args.seed)
+    scale = args.pool_size / nominal_size(args.pool) if args.pool_size else 1.0
+    pool, composition = build_labelled_pool(scale, args.seed, args.pool)
     blob = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in pool)
     digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
     out = Path(args.out)
@@ -319,6 +351,7 @@ def main() -> None:
         "pool": {"path": str(pool_path), "digest": digest, **composition},
         "top_m": args.top_m,
         "r": relevant,
+        "seeds": {d: seeds_spec(args.pool, d) for d in DOMAINS},
     }
     if args.pool_only:
         print(json.dumps(result, indent=2))
@@ -335,8 +368,12 @@ def main() -> None:
         methods={},
         skipped=skipped,
     )
-    for name, overrides in chosen:
-        result["methods"][name] = run_variant(name, overrides, args, pool_path, out / digest, relevant)
+    seed_variants = [v.strip() for v in args.seed_variants.split(",") if v.strip()]
+    for variant in seed_variants:
+        seeds = seed_sets(args.pool, variant, out)
+        for name, overrides in chosen:
+            key = name if variant == "clean" else f"{name} @{variant}"
+            result["methods"][key] = run_variant(key, overrides, args, pool_path, out / digest, relevant, seeds)
     result["time_s_total"] = round(sum(m["time_s"] for m in result["methods"].values()), 1)
 
     first_sae = next((n for n, o in chosen if o.get("method") == "sae"), None)

@@ -2,22 +2,24 @@
 
 Prints one JSON object (progress and a one-line summary per method go to stderr).
 
-Pool (`benchmarks/labelled_pool.py`, where every source and rule is listed): 1,958 records at the default size,
-built from the packaged data with labels from each record's source —
-- relevant, ~240 per domain: math 240 (MathQA 120 + six evals maths sets), law 239 (evals us_tort_law 205,
-  adultery-state-laws 20, singapore_data_protection_decisions 14), medicine 240 (medmcqa 160, clinical-trial
-  abstracts 80), code 239 (evals sql 72, infiniteloop-match 50 and six smaller code sets);
-- distractors sharing surface form, 1,000: figures 250 (numbers without maths: BBC business/sports articles and
-  Wikipedia/OpenWebText snippets dense in figures, coordinates, event logs), legal_news 150 (BBC articles about
-  courts and laws), health_news 100 (BBC and OpenWebText health news), tech_news 150 (BBC technology),
-  exam_qa 150 (evals exam questions of other subjects: radio licence, logic, aviation, ethics),
-  general_text 200 (Wikipedia and OpenWebText).
+Pools (`benchmarks/labelled_pool.py`, where every source and rule is listed; `--pool tuning|test`), built from the
+packaged data with labels from each record's source, six domains (math, law, medicine, code, finance, security):
+- `tuning` (default; the pool the curation levers were chosen on), 2,237 records: relevant math 240, law 239,
+  medicine 240, code 239 (evals maths, tort-law, MedMCQA/clinical-trial and code sets), finance 139 (options and
+  futures sets), security 140 (CISSP questions); 1,000 distractors sharing surface form (figures 250, legal_news 150,
+  health_news 100, tech_news 150, exam_qa 150, general_text 200);
+- `test` (issue 29: selection quality on data it was not tuned on), 1,580 records from other evals sets of the same
+  domains (medicine: rows of the tuning pool's sets it did not sample) and other distractor slices (778), none of
+  them in the tuning pool (checked by text; the JSON's "pool" block counts the candidates dropped for it).
 Evaluation data never enters: candidates sharing a word 13-gram with the MMLU test, GSM8K test or HumanEval are
-dropped (32 us_tort_law rows are MMLU professional-law questions), as are texts overlapping a seed preset. The
+dropped (32 us_tort_law rows are MMLU professional-law questions), as are texts overlapping a seed set. The
 JSON's "pool" block gives the counts of the pool actually built (per domain, kind and source, drops, shortfalls);
-`--pool-size N` scales every count by N / 1,960 (the nominal total).
+`--pool-size N` scales every count by N / the pool's nominal total.
 
-Seeds: the presets `preset:math|law|medicine|code` (src/finescope/seeds/, written by us, never evaluation data).
+Seeds: tuning pool, the presets `preset:math|law|medicine|code` (src/finescope/seeds/) and
+benchmarks/seeds_tuning/{finance,security}.jsonl; test pool, benchmarks/seeds_test/<domain>.jsonl (10 each, written
+for it). All written by us, never evaluation data. `--seed-variants clean,off_topic,three,terse` runs every method
+again with each seed set degraded as `seed_variants.py` says (one off-topic seed; three seeds; keywords only).
 
 Methods: one list of (name, CurateConfig overrides), `method_variants`: SAE with each --selectors coordinate
 selector (default jacobian, the paper's), MiniLM embedding kNN, random, hybrid (reciprocal-rank fusion of the first SAE
@@ -50,6 +52,8 @@ variant ran.
     .venv/bin/python benchmarks/curate.py --pool-only                       # pool composition only (no model)
     .venv/bin/python benchmarks/curate.py                                   # everything (SAE jacobian, embedding, random, dsir)
     .venv/bin/python benchmarks/curate.py --methods embedding,random        # the baselines only
+    .venv/bin/python benchmarks/curate.py --pool test --methods sae,embedding,hybrid \
+        --seed-variants clean,off_topic,three,terse --skip-throughput       # seed degradation on the test pool
     .venv/bin/python benchmarks/curate.py --pool-size 400 --selectors jacobian,random --sae-steps 500
 """
 

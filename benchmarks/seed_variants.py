@@ -4,8 +4,9 @@ Pure Python. `degrade(seeds, variant)` returns a new list of seed records:
 - `clean`: the seeds as written (10 per domain);
 - `off_topic`: the last seed replaced by one about cooking (OFF_TOPIC), so one of the ten is off-topic;
 - `three`: the first three seeds only;
-- `terse`: every seed in another phrasing style than the pool: its instruction cut to keywords (lower-cased, stop
-  words and punctuation dropped, at most TERSE_WORDS words, as typed into a search box), no response.
+- `terse`: every seed in another phrasing style than the pool: its instruction and its response each cut to keywords
+  (lower-cased, stop words and punctuation dropped, at most TERSE_WORDS words, as typed into a search box; a seed
+  record needs both fields).
 """
 
 from __future__ import annotations
@@ -46,5 +47,8 @@ def degrade(seeds: list[dict], variant: str) -> list[dict]:
     if variant == "three":
         return [dict(s) for s in seeds[:3]]
     if variant == "terse":
-        return [{"id": s.get("id", f"seed-{i}"), "instruction": terse(s["instruction"])} for i, s in enumerate(seeds)]
+        return [
+            {"id": s.get("id", f"seed-{i}"), "instruction": terse(s["instruction"]), "response": terse(s["response"])}
+            for i, s in enumerate(seeds)
+        ]
     raise SystemExit(f"--seed-variants: unknown variant {variant!r}; known: {', '.join(VARIANTS)}")

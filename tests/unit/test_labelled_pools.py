@@ -84,10 +84,15 @@ def test_three_keeps_the_first_three_and_clean_copies():
     assert clean == SEEDS and clean[0] is not SEEDS[0]
 
 
-def test_terse_is_keywords_without_a_response():
-    out = sv.degrade(SEEDS, "terse")
-    assert len(out) == len(SEEDS) and all("response" not in s for s in out)
-    assert out[3]["instruction"] == "tort negligence case 3"
+def test_terse_is_keywords():
+    seeds = [{**s, "response": "The defendant breached a duty of reasonable care."} for s in SEEDS]
+    out = sv.degrade(seeds, "terse")
+    assert len(out) == len(seeds)
+    assert out[3] == {
+        "id": "s3",
+        "instruction": "tort negligence case 3",
+        "response": "defendant breached duty reasonable care",
+    }
     assert sv.terse("What are the elements of a valid contract, in the U.S.?") == "elements valid contract u.s"
     assert all(len(s["instruction"].split()) <= sv.TERSE_WORDS for s in sv.degrade(SEEDS * 3, "terse"))
 

@@ -402,10 +402,15 @@ def marked(cls: type, mark: object) -> tuple[str, ...]:
 KD_SETTINGS = marked(RecoverConfig, KD)
 """RecoverConfig fields that are the recipe of the pipeline's kd variants only (TGD / SFT variants reset them)."""
 
+FINESCOPE_METHODS = ("sae", "hybrid")
+"""What a pipeline config's `curate.method` may say: the selection of every variant whose data is FineScope's own
+("sae", "sae:<selector>" keeps the SAE alone); the other methods are variants of their own (`variants`)."""
+
 PIPELINE_SETS: dict[str, dict[str, str]] = {
     "curate": {
         "model": "the top-level `model`",
-        "method": "`variants` (embedding_tgd, pruned_random and pruned_full use the other methods)",
+        "method": "`variants` (embedding_tgd, pruned_random and pruned_full use the other methods; the FineScope "
+        "variants' own curation may be sae or hybrid)",
     },
     "prune": {
         "model": "the top-level `model`",
@@ -470,6 +475,8 @@ class PipelineConfig:
             cfg = getattr(self, section)
             default = type(cfg)()
             for name, instead in fields.items():
+                if section == "curate" and name == "method" and cfg.method in FINESCOPE_METHODS:
+                    continue  # the method of the variants whose data is "sae" (Planner.curate)
                 if getattr(cfg, name) != getattr(default, name):
                     raise ConfigError(
                         f"{section}.{name}: set by the pipeline for every variant, not in a pipeline "

@@ -63,7 +63,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="work-", dir=root))
     preset = Path(__file__).resolve().parents[1] / "src" / "finescope" / "configs" / "default.yaml"
     base = yaml.safe_load(preset.read_text())["curate"]
-    settings = {} if args.skip_base else {"base": {}}
+    settings: dict[str, dict] = {} if args.skip_base else {"base": {}}
     settings |= {spec: parse(spec) for spec in args.candidates.split(";") if spec.strip()}
     times: dict[str, list[float]] = {name: [] for name in settings}
     breakdown: dict[str, list[dict]] = {name: [] for name in settings}

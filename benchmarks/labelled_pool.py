@@ -314,7 +314,7 @@ def seed_ngrams() -> set[str]:
 
 def _clean(
     by_source: dict[str, list[dict]],
-    exclude: set[str] = frozenset(),  # type: ignore[assignment]
+    exclude: frozenset[str] | set[str] = frozenset(),
     evals_index: set[str] | None = None,
     seed_index: set[str] | None = None,
 ) -> tuple[dict[str, list[dict]], dict[str, Counter]]:

@@ -315,13 +315,13 @@ def seed_ngrams() -> set[str]:
 def _clean(
     by_source: dict[str, list[dict]],
     exclude: frozenset[str] | set[str] = frozenset(),
-    evals_index: set[str] | None = None,
-    seed_index: set[str] | None = None,
+    evals_index: frozenset[str] | set[str] | None = None,
+    seed_index: frozenset[str] | set[str] | None = None,
 ) -> tuple[dict[str, list[dict]], dict[str, Counter]]:
     """Drop another pool's records (`exclude`: text keys), evaluation-data and seed overlaps and repeated texts;
     returns the rest and the drop counts per reason."""
-    evals_index = decontam.eval_ngrams() if evals_index is None else evals_index
-    seed_index = seed_ngrams() if seed_index is None else seed_index
+    evals_grams = decontam.eval_ngrams() if evals_index is None else evals_index
+    seed_grams = seed_ngrams() if seed_index is None else seed_index
     dropped: dict[str, Counter] = {
         "in_tuning_pool": Counter(),
         "evaluation_data": Counter(),
@@ -336,9 +336,9 @@ def _clean(
             text, key = record_text(rec), _key(rec)
             if key in exclude:
                 dropped["in_tuning_pool"][src] += 1
-            elif decontam.overlaps(text, evals_index):
+            elif decontam.overlaps(text, evals_grams):
                 dropped["evaluation_data"][src] += 1
-            elif decontam.overlaps(text, seed_index):
+            elif decontam.overlaps(text, seed_grams):
                 dropped["seed_overlap"][src] += 1
             elif key in seen:
                 dropped["duplicate"][src] += 1

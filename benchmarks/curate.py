@@ -2,22 +2,24 @@
 
 Prints one JSON object (progress and a one-line summary per method go to stderr).
 
-Pool (`benchmarks/labelled_pool.py`, where every source and rule is listed): 1,958 records at the default size,
-built from the packaged data with labels from each record's source —
-- relevant, ~240 per domain: math 240 (MathQA 120 + six evals maths sets), law 239 (evals us_tort_law 205,
-  adultery-state-laws 20, singapore_data_protection_decisions 14), medicine 240 (medmcqa 160, clinical-trial
-  abstracts 80), code 239 (evals sql 72, infiniteloop-match 50 and six smaller code sets);
-- distractors sharing surface form, 1,000: figures 250 (numbers without maths: BBC business/sports articles and
-  Wikipedia/OpenWebText snippets dense in figures, coordinates, event logs), legal_news 150 (BBC articles about
-  courts and laws), health_news 100 (BBC and OpenWebText health news), tech_news 150 (BBC technology),
-  exam_qa 150 (evals exam questions of other subjects: radio licence, logic, aviation, ethics),
-  general_text 200 (Wikipedia and OpenWebText).
+Pools (`benchmarks/labelled_pool.py`, where every source and rule is listed; `--pool tuning|test`), built from the
+packaged data with labels from each record's source, six domains (math, law, medicine, code, finance, security):
+- `tuning` (default; the pool the curation levers were chosen on), 2,237 records: relevant math 240, law 239,
+  medicine 240, code 239 (evals maths, tort-law, MedMCQA/clinical-trial and code sets), finance 139 (options and
+  futures sets), security 140 (CISSP questions); 1,000 distractors sharing surface form (figures 250, legal_news 150,
+  health_news 100, tech_news 150, exam_qa 150, general_text 200);
+- `test` (issue 29: selection quality on data it was not tuned on), 1,580 records from other evals sets of the same
+  domains (medicine: rows of the tuning pool's sets it did not sample) and other distractor slices (778), none of
+  them in the tuning pool (checked by text; the JSON's "pool" block counts the candidates dropped for it).
 Evaluation data never enters: candidates sharing a word 13-gram with the MMLU test, GSM8K test or HumanEval are
-dropped (32 us_tort_law rows are MMLU professional-law questions), as are texts overlapping a seed preset. The
+dropped (32 us_tort_law rows are MMLU professional-law questions), as are texts overlapping a seed set. The
 JSON's "pool" block gives the counts of the pool actually built (per domain, kind and source, drops, shortfalls);
-`--pool-size N` scales every count by N / 1,960 (the nominal total).
+`--pool-size N` scales every count by N / the pool's nominal total.
 
-Seeds: the presets `preset:math|law|medicine|code` (src/finescope/seeds/, written by us, never evaluation data).
+Seeds: tuning pool, the presets `preset:math|law|medicine|code` (src/finescope/seeds/) and
+benchmarks/seeds_tuning/{finance,security}.jsonl; test pool, benchmarks/seeds_test/<domain>.jsonl (10 each, written
+for it). All written by us, never evaluation data. `--seed-variants clean,off_topic,three,terse` runs every method
+again with each seed set degraded as `seed_variants.py` says (one off-topic seed; three seeds; keywords only).
 
 Methods: one list of (name, CurateConfig overrides), `method_variants`: SAE with each --selectors coordinate
 selector (default jacobian, the paper's), MiniLM embedding kNN, random, hybrid (reciprocal-rank fusion of the first SAE
@@ -50,6 +52,8 @@ variant ran.
     .venv/bin/python benchmarks/curate.py --pool-only                       # pool composition only (no model)
     .venv/bin/python benchmarks/curate.py                                   # everything (SAE jacobian, embedding, random, dsir)
     .venv/bin/python benchmarks/curate.py --methods embedding,random        # the baselines only
+    .venv/bin/python benchmarks/curate.py --pool test --methods sae,embedding,hybrid \
+        --seed-variants clean,off_topic,three,terse --skip-throughput       # seed degradation on the test pool
     .venv/bin/python benchmarks/curate.py --pool-size 400 --selectors jacobian,random --sae-steps 500
 """
 
@@ -70,11 +74,18 @@ from pathlib import Path
 from finescope import storage
 from finescope.config import CurateConfig, apply_overrides
 from finescope.registry import SELECTION_METHODS
-from labelled_pool import DISTRACTORS, DOMAINS, RELEVANT, build_labelled_pool, label_of, write_pool
-
-NOMINAL_POOL = sum(n for sources in RELEVANT.values() for n in sources.values()) + sum(
-    n for _, parts, _ in DISTRACTORS for _, n in parts
+from labelled_pool import (
+    DOMAINS,
+    POOLS,
+    build_labelled_pool,
+    label_of,
+    nominal_size,
+    seed_records,
+    seeds_spec,
+    write_pool,
 )
+from seed_variants import VARIANTS, degrade
+
 Z95 = 1.959964
 
 
@@ -86,6 +97,7 @@ LEVERS: dict[str, dict] = {
     "idf": {"latent_weighting": "idf"},
     "zscore": {"latent_weighting": "zscore"},
     "paper": {"latent_weighting": "none", "seed_top_k": 1},
+    "paper-procedure": {"layer_depth": 0.5, "latent_weighting": "none", "seed_top_k": 1},
     "top1": {"seed_top_k": 1},
     "top3": {"seed_top_k": 3},
     "top5": {"seed_top_k": 5},
@@ -188,15 +200,30 @@ def pooled_mean(cells: dict[str, dict], key: str) -> dict:
     }
 
 
-def run_variant(name: str, overrides: dict, args, pool_path: Path, stage_root: Path, relevant: dict) -> dict:
+def seed_sets(pool: str, variant: str, root: Path) -> dict[str, str]:
+    """domain → the seeds spec of the pool's seed set degraded by `variant` (a file under root/ unless clean)."""
+    if variant == "clean":
+        return {d: seeds_spec(pool, d) for d in DOMAINS}
+    out = {}
+    for d in DOMAINS:
+        path = root / f"seeds-{pool}-{variant}" / f"{d}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_pool(degrade(seed_records(pool, d), variant), path)
+        out[d] = str(path)
+    return out
+
+
+def run_variant(
+    name: str, overrides: dict, args, pool_path: Path, stage_root: Path, relevant: dict, seeds: dict[str, str]
+) -> dict:
     from finescope.curate import run as curate_run
 
     cells, times = {}, {}
-    for domain in DOMAINS:
+    for domain in relevant:
         settings = dict(
             model=args.model,
             pool=str(pool_path),
-            seeds=f"preset:{domain}",
+            seeds=seeds[domain],
             top_m=max(args.top_m, relevant[domain]),
             reference_samples=args.reference_samples,
             coord_samples=args.coord_samples,
@@ -208,7 +235,7 @@ def run_variant(name: str, overrides: dict, args, pool_path: Path, stage_root: P
         if args.set:
             cfg = apply_overrides(cfg, args.set, where="--set")
         cfg = dataclasses.replace(cfg, **overrides)  # the variant's own settings win (a lever over --set or a flag)
-        stage = stage_root / f"{name.replace(':', '-')}-{domain}"
+        stage = stage_root / f"{name.replace(':', '-').replace(' @', '@')}-{domain}"
         reused = storage.is_done(stage, cfg)
         t = time.perf_counter()
         curate_run.run(cfg, stage)
@@ -275,8 +302,17 @@ def throughput(handle, state_dir: Path, texts: list[str], max_length: int, batch
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
+    ap.add_argument("--pool", default="tuning", choices=POOLS, help="the labelled pool (labelled_pool.py)")
     ap.add_argument(
-        "--pool-size", type=int, default=0, help=f"scale every pool count by N / {NOMINAL_POOL} (0: the full pool)"
+        "--pool-size",
+        type=int,
+        default=0,
+        help="scale every pool count by N / the pool's nominal size (0: the full pool)",
+    )
+    ap.add_argument(
+        "--seed-variants",
+        default="clean",
+        help=f"comma-separated seed sets to run every method with (seed_variants.py): {', '.join(VARIANTS)}",
     )
     ap.add_argument("--top-m", type=int, default=100, help="M of precision@M")
     ap.add_argument("--methods", default="all", help='comma-separated variant names ("sae" = every SAE selector)')
@@ -304,8 +340,8 @@ def main() -> None:
     ap.add_argument("--skip-throughput", action="store_true", help="do not measure pool-encoding throughput")
     args = ap.parse_args()
 
-    scale = args.pool_size / NOMINAL_POOL if args.pool_size else 1.0
-    pool, composition = build_labelled_pool(scale, args.seed)
+    scale = args.pool_size / nominal_size(args.pool) if args.pool_size else 1.0
+    pool, composition = build_labelled_pool(scale, args.seed, args.pool)
     blob = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in pool)
     digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
     out = Path(args.out)
@@ -319,6 +355,7 @@ def main() -> None:
         "pool": {"path": str(pool_path), "digest": digest, **composition},
         "top_m": args.top_m,
         "r": relevant,
+        "seeds": {d: seeds_spec(args.pool, d) for d in DOMAINS},
     }
     if args.pool_only:
         print(json.dumps(result, indent=2))
@@ -335,8 +372,12 @@ def main() -> None:
         methods={},
         skipped=skipped,
     )
-    for name, overrides in chosen:
-        result["methods"][name] = run_variant(name, overrides, args, pool_path, out / digest, relevant)
+    seed_variants = [v.strip() for v in args.seed_variants.split(",") if v.strip()]
+    for variant in seed_variants:
+        seeds = seed_sets(args.pool, variant, out)
+        for name, overrides in chosen:
+            key = name if variant == "clean" else f"{name} @{variant}"
+            result["methods"][key] = run_variant(key, overrides, args, pool_path, out / digest, relevant, seeds)
     result["time_s_total"] = round(sum(m["time_s"] for m in result["methods"].values()), 1)
 
     first_sae = next((n for n, o in chosen if o.get("method") == "sae"), None)

@@ -8,8 +8,12 @@ The base is the `curate` section of `configs/default.yaml` (the embedded default
 max_length 128, the middle block), run as `finescope curate` in a fresh process with its own curate cache (a
 FINESCOPE_HOME that links the shared model and data assets but not cache/), so every run computes coordinates,
 SAE and pool encoding. Runs alternate base, candidate 1, …, for `--reps` rounds; the JSON gives each setting's
-median stage time (metrics.json "total") and its ratio to the base's, with a plain forward's tokens/s measured
-in this process as the machine's reference.
+median stage time (metrics.json "total") and its ratio to the base's, each run's timing breakdown (metrics.json
+"timings_s": coordinates, SAE, encoding, the MiniLM pass "embed" of hybrid/embedding, ...), with a plain forward's
+tokens/s measured in this process as the machine's reference. `--skip-base` runs the candidates only (the share of
+a part of the stage, such as hybrid's MiniLM pass, is then read from one run's breakdown).
+
+    .venv/bin/python benchmarks/curate_budget.py --candidates "method=hybrid" --skip-base   # hybrid's MiniLM share
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ def main() -> None:
         help="run the base with the finescope of this checkout (its src/ first on PYTHONPATH), e.g. a git worktree "
         "of the commit whose curate stage is the budget; candidates run with this checkout",
     )
+    ap.add_argument("--skip-base", action="store_true", help="run the candidates only (no base, no ratios)")
     ap.add_argument("--out", default="runs/bench-curate-budget")
     args = ap.parse_args()
     root = Path(args.out).resolve()
@@ -58,8 +63,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="work-", dir=root))
     preset = Path(__file__).resolve().parents[1] / "src" / "finescope" / "configs" / "default.yaml"
     base = yaml.safe_load(preset.read_text())["curate"]
-    settings = {"base": {}} | {spec: parse(spec) for spec in args.candidates.split(";") if spec.strip()}
+    settings: dict[str, dict] = {} if args.skip_base else {"base": {}}
+    settings |= {spec: parse(spec) for spec in args.candidates.split(";") if spec.strip()}
     times: dict[str, list[float]] = {name: [] for name in settings}
+    breakdown: dict[str, list[dict]] = {name: [] for name in settings}
     for rep in range(args.reps):
         for name, overrides in settings.items():
             cfg = {**base, **overrides}
@@ -74,7 +81,8 @@ def main() -> None:
             subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
             metrics = json.loads((out / "metrics.json").read_text())
             times[name].append(round(metrics["timings_s"]["total"], 1))
-    base_s = statistics.median(times["base"])
+            breakdown[name].append({k: round(v, 1) for k, v in metrics["timings_s"].items()})
+    base_s = statistics.median(times["base"]) if "base" in times else None
     print(
         json.dumps(
             {
@@ -82,8 +90,11 @@ def main() -> None:
                 "base_src": args.base_src or "this checkout",
                 "reference_forward_tok_s": reference_throughput(),
                 "stage_s": times,
+                "stage_timings_s": breakdown,
                 "median_s": {k: statistics.median(v) for k, v in times.items()},
-                "ratio_to_base": {k: round(statistics.median(v) / base_s, 3) for k, v in times.items()},
+                "ratio_to_base": {k: round(statistics.median(v) / base_s, 3) for k, v in times.items()}
+                if base_s
+                else None,
                 "finished": time.strftime("%Y-%m-%d %H:%M"),
             },
             indent=2,

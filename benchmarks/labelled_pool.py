@@ -1,6 +1,17 @@
-"""The labelled pool of `benchmarks/curate.py`: domain records and surface-form distractors from the packaged data.
+"""The labelled pools of `benchmarks/curate.py`: domain records and surface-form distractors from the packaged data.
 
-Pure Python (no model): `build_labelled_pool(scale, seed)` returns the records and their composition.
+Pure Python (no model): `build_labelled_pool(scale, seed, pool)` returns the records and their composition.
+
+Two pools (issue 29). The **tuning** pool (`pool="tuning"`, the default) is the one the curation levers were chosen
+on, extended by two domains (finance, security); its seeds are the presets for math/law/medicine/code and
+`benchmarks/seeds_tuning/<domain>.jsonl` for the two new ones. The **test** pool (`pool="test"`) is built from source
+sets the tuning pool does not use (other evals registry sets of the same domains, other distractor slices) and is
+scored with its own seed sets, `benchmarks/seeds_test/<domain>.jsonl` (10 per domain, written for it, never
+evaluation data). No record is in both pools: the test pool is built after the tuning pool (same scale and seed) and
+every candidate whose text key (below) is a tuning record's is dropped before sampling ("in_tuning_pool" in the
+composition's drops). Where the registry has no second English set of a domain, the test pool takes rows of the
+tuning pool's set that the tuning pool did not sample (HELD_OUT_ROWS: medicine only); those rows share a source, not a
+record, with the tuning pool, and the results say so.
 
 Sources. BBC News (`bbc/<topic>`), Wikipedia and OpenWebText snippets come
 from the embedded pool file (`finescope.corpora.default_pool_path()`); OpenAI-evals registry sets (`evals/<set>`)
@@ -11,7 +22,7 @@ Labels come from the source only (`label_of`): a record is relevant to a domain 
 domain's sets below, whatever its text says. Distractors are chosen for sharing surface form with a domain (figures,
 legal or medical vocabulary, technology) and carry no label; their `kind` records why they were picked.
 
-Relevant records (counts at scale 1; each set sampled without replacement after de-duplication):
+Tuning pool. Relevant records (counts at scale 1; each set sampled without replacement after de-duplication):
 - math 240: numbers_game 60, jee-math 60, probability_questions 40, math_equations 20, math-derivatives 15,
   multistep-word-problems 15, probabilities-word-problems 15, math_for_5th-grader 15 (until pool v1, 120 of these
   were BIG-bench MathQA problems, which the package index no longer serves: figures measured before differ);
@@ -19,7 +30,9 @@ Relevant records (counts at scale 1; each set sampled without replacement after 
   dropped), adultery-state-laws 20, singapore_data_protection_decisions 15 (14 distinct);
 - medicine 240: medmcqa 160, population_span_extraction 80 (clinical-trial abstracts);
 - code 240: sql 72, infiniteloop-match 50, test_comp_sci 28, code_combination 26, syntax-check 19,
-  python_list_comprehension 15, csharp-linq 15 (14 distinct), code_progress 15.
+  python_list_comprehension 15, csharp-linq 15 (14 distinct), code_progress 15;
+- finance 139: stock_options 100 (of 200 rows, 100 distinct), logical-black-scholes 24, financial-derivatives 15;
+- security 140: cissp-study-questions 140 (of 143 distinct).
 
 Distractors (1,000 at scale 1), in the order they claim records (a record serves one kind):
 - tech_news 150: BBC tech articles ranked by software/computing vocabulary in their first 1,000 characters;
@@ -35,6 +48,25 @@ Distractors (1,000 at scale 1), in the order they claim records (a record serves
 Ranked kinds need at least 2 vocabulary hits (figures: 1 number); fewer qualifying records give a smaller kind,
 and the composition printed by the benchmark is the one actually built.
 
+Test pool. Relevant records (other sets of the same domains; ~120–150 per domain):
+- math 145: linear_equations 40, solve-for-variable 30, multi-step-equations 15, aime_evaluation 15,
+  euler_problems 15, tricky-word-problems 15, chinese-remainder-theorem 15;
+- law 120: utah_real_estate 120 (real-estate law exam questions: the registry's only other English law set with
+  distinct rows; left out of the tuning pool for being licensing practice as much as law, so law is the test pool's
+  hardest label);
+- medicine 120, HELD_OUT_ROWS: medmcqa 80 and population_span_extraction 40, rows the tuning pool did not sample
+  (the registry's other medical sets are not English, tabular, or share one instruction);
+- code 150: regex-match 40, css-selectors 40, crontab 21, gpt-protocol-buffers 25, json_patch_object 24 (the
+  tuning pool leaves the first two out of its distractors as well; here they are code);
+- finance 146: finance_calc 60, taxes 51, accounting_audit 30, finance 5;
+- security 123: cybersecurity 93, security_guide 16, reverse-shell 14.
+Distractors (~800), the same kinds from other slices: tech_news 100, legal_news 100, health_news 80 (the next
+BBC/OpenWebText/Wikipedia records by the same rankings once the tuning pool's are excluded, any BBC topic; health
+needs only 1 vocabulary hit, since the tuning pool took nearly every record with 2); figures 150 (BBC business/sports
+and Wikipedia/OpenWebText by number density 100, compare-countries-area 30, monthly_metric_comparison 20); exam_qa
+150 (music-theory 40, physics-interaction 30, ordered-history-events 30, soc_codes 30, food 20); general_text 200
+(Wikipedia 100, OpenWebText 100, none in the tuning pool).
+
 Left out on purpose (their label would be ambiguous, or their language would decide the result): utah_real_estate
 (licensing practice more than law), illinois-law (its last user turn is only the charge's name), medication_dose
 (one instruction shared by all rows), brazilian_laws and the Japanese/Russian medical exams (not English),
@@ -43,10 +75,11 @@ programming-adjacent puzzles, ner_finance (loan contracts).
 
 Evaluation data never enters: any candidate that shares a word 13-gram with the MMLU test, GSM8K test or HumanEval
 (`finescope.decontam`, the GPT-3 contamination test) or with a seed preset is dropped before sampling, and the drops
-are counted. De-duplication is on the first 400 characters of the encoded text (lower-cased, whitespace
+are counted (the seed check covers both pools' seed sets). De-duplication is on the first 400 characters of the encoded text (lower-cased, whitespace
 collapsed), about what the model sees at --max-length 96, so no two records start the same way.
 
-    .venv/bin/python benchmarks/curate.py --pool-only        # builds and prints this pool's composition
+    .venv/bin/python benchmarks/curate.py --pool-only                # builds and prints the tuning pool
+    .venv/bin/python benchmarks/curate.py --pool-only --pool test    # the test pool (and its collisions dropped)
 """
 
 from __future__ import annotations
@@ -56,12 +89,15 @@ import random
 import re
 import zipfile
 from collections import Counter
+from pathlib import Path
 
 from finescope import assets, decontam
-from finescope.corpora import _evals_record, default_pool_path, seed_preset_path
+from finescope.corpora import PRESETS, _evals_record, default_pool_path, seed_preset_path
 from finescope.data import read_records, record_text
 
-DOMAINS = ("math", "law", "medicine", "code")
+POOLS = ("tuning", "test")
+DOMAINS = ("math", "law", "medicine", "code", "finance", "security")
+BENCH_DIR = Path(__file__).resolve().parent
 
 # domain → {source: records at scale 1}
 RELEVANT: dict[str, dict[str, int]] = {
@@ -94,7 +130,39 @@ RELEVANT: dict[str, dict[str, int]] = {
         "evals/csharp-linq": 15,
         "evals/code_progress": 15,
     },
+    "finance": {
+        "evals/stock_options": 100,
+        "evals/logical-black-scholes": 24,
+        "evals/financial-derivatives": 15,
+    },
+    "security": {"evals/cissp-study-questions": 140},
 }
+
+# The test pool: other sets of the same domains (module docstring).
+RELEVANT_TEST: dict[str, dict[str, int]] = {
+    "math": {
+        "evals/linear_equations": 40,
+        "evals/solve-for-variable": 30,
+        "evals/multi-step-equations": 15,
+        "evals/aime_evaluation": 15,
+        "evals/euler_problems": 15,
+        "evals/tricky-word-problems": 15,
+        "evals/chinese-remainder-theorem": 15,
+    },
+    "law": {"evals/utah_real_estate": 120},
+    "medicine": {"evals/medmcqa": 80, "evals/population_span_extraction": 40},
+    "code": {
+        "evals/regex-match": 40,
+        "evals/css-selectors": 40,
+        "evals/crontab": 21,
+        "evals/gpt-protocol-buffers": 25,
+        "evals/json_patch_object": 24,
+    },
+    "finance": {"evals/finance_calc": 60, "evals/taxes": 51, "evals/accounting_audit": 30, "evals/finance": 5},
+    "security": {"evals/cybersecurity": 93, "evals/security_guide": 16, "evals/reverse-shell": 14},
+}
+HELD_OUT_ROWS = {"evals/medmcqa", "evals/population_span_extraction"}
+"""Test-pool sources that the tuning pool also samples (the test pool gets rows it did not sample)."""
 
 
 def _words(alternatives: str) -> re.Pattern:
@@ -139,12 +207,61 @@ DISTRACTORS: list[tuple[str, list[tuple[str, int]], Ranking | None]] = [
     ("general_text", [("wikipedia", 100), ("openwebtext", 100)], None),
 ]
 
-_SOURCE_LABEL = {source: domain for domain, sources in RELEVANT.items() for source in sources}
+DISTRACTORS_TEST: list[tuple[str, list[tuple[str, int]], Ranking | None]] = [
+    ("tech_news", [("bbc/*|openwebtext|wikipedia", 100)], (_TECH, 1000, 2)),
+    ("legal_news", [("bbc/*|openwebtext|wikipedia", 100)], (_LEGAL, 1000, 2)),
+    ("health_news", [("bbc/*|openwebtext|wikipedia", 80)], (_HEALTH, 1000, 1)),
+    ("figures", [("bbc/business|bbc/sports|wikipedia|openwebtext", 100)], (_NUMBER, 600, 1)),
+    ("figures", [("evals/compare-countries-area", 30), ("evals/monthly_metric_comparison", 20)], None),
+    (
+        "exam_qa",
+        [
+            ("evals/music-theory", 40),
+            ("evals/physics-interaction", 30),
+            ("evals/ordered-history-events", 30),
+            ("evals/soc_codes", 30),
+            ("evals/food", 20),
+        ],
+        None,
+    ),
+    ("general_text", [("wikipedia", 100), ("openwebtext", 100)], None),
+]
+
+SPECS = {"tuning": (RELEVANT, DISTRACTORS), "test": (RELEVANT_TEST, DISTRACTORS_TEST)}
+
+_SOURCE_LABEL = {
+    source: domain for spec in (RELEVANT, RELEVANT_TEST) for domain, srcs in spec.items() for source in srcs
+}
 
 
 def label_of(source: str | None) -> str | None:
-    """The domain a record is relevant to, from its source alone (None: a distractor)."""
+    """The domain a record is relevant to, from its source alone (None: a distractor); the same in both pools."""
     return _SOURCE_LABEL.get(source or "")
+
+
+def nominal_size(pool: str = "tuning") -> int:
+    """The pool's record count at scale 1 as specified (the built pool can be smaller: shortfalls, distinct rows)."""
+    relevant, distractors = SPECS[pool]
+    return sum(n for srcs in relevant.values() for n in srcs.values()) + sum(
+        n for _, parts, _ in distractors for _, n in parts
+    )
+
+
+def seeds_spec(pool: str, domain: str) -> str:
+    """The seed set a pool is scored with: presets (tuning pool, preset domains), else benchmarks/seeds_<pool>/."""
+    if pool == "tuning" and domain in PRESETS:
+        return f"preset:{domain}"
+    return str(BENCH_DIR / f"seeds_{pool}" / f"{domain}.jsonl")
+
+
+def seed_records(pool: str, domain: str) -> list[dict]:
+    spec = seeds_spec(pool, domain)
+    return read_records(seed_preset_path(spec.split(":", 1)[1]) if spec.startswith("preset:") else Path(spec))
+
+
+def collisions(a: list[dict], b: list[dict]) -> set[str]:
+    """Text keys (below) present in both record lists."""
+    return {_key(r) for r in a} & {_key(r) for r in b}
 
 
 def _key(rec: dict) -> str:
@@ -169,10 +286,11 @@ def _evals_sets(names: set[str]) -> dict[str, list[dict]]:
     return out
 
 
-def _candidates() -> dict[str, list[dict]]:
+def _candidates(pool: str = "tuning") -> dict[str, list[dict]]:
     """source → its records, in file order: the embedded pool's non-evals sources plus the evals sets used here."""
-    wanted = {s for sources in RELEVANT.values() for s in sources}
-    wanted |= {p for _, parts, _ in DISTRACTORS for pat, _ in parts for p in pat.split("|")}
+    relevant, distractors = SPECS[pool]
+    wanted = {s for sources in relevant.values() for s in sources}
+    wanted |= {p for _, parts, _ in distractors for pat, _ in parts for p in pat.split("|")}
     by_source: dict[str, list[dict]] = {}
     for rec in read_records(default_pool_path()):
         src = rec.get("source", "")
@@ -184,23 +302,43 @@ def _candidates() -> dict[str, list[dict]]:
     return by_source
 
 
-def _clean(by_source: dict[str, list[dict]]) -> tuple[dict[str, list[dict]], dict[str, Counter]]:
-    """Drop evaluation-data and seed overlaps and repeated texts; returns the rest and the drop counts per reason."""
-    evals_index = decontam.eval_ngrams()
-    seed_index: set[str] = set()
-    for preset in DOMAINS:
-        for rec in read_records(seed_preset_path(preset)):
-            seed_index |= decontam.ngrams(record_text(rec))
-    dropped: dict[str, Counter] = {"evaluation_data": Counter(), "seed_overlap": Counter(), "duplicate": Counter()}
+def seed_ngrams() -> set[str]:
+    """Word 13-grams of every seed set of both pools (presets included)."""
+    index: set[str] = set()
+    for pool in POOLS:
+        for domain in DOMAINS:
+            for rec in seed_records(pool, domain):
+                index |= decontam.ngrams(record_text(rec))
+    return index
+
+
+def _clean(
+    by_source: dict[str, list[dict]],
+    exclude: frozenset[str] | set[str] = frozenset(),
+    evals_index: frozenset[str] | set[str] | None = None,
+    seed_index: frozenset[str] | set[str] | None = None,
+) -> tuple[dict[str, list[dict]], dict[str, Counter]]:
+    """Drop another pool's records (`exclude`: text keys), evaluation-data and seed overlaps and repeated texts;
+    returns the rest and the drop counts per reason."""
+    evals_grams = decontam.eval_ngrams() if evals_index is None else evals_index
+    seed_grams = seed_ngrams() if seed_index is None else seed_index
+    dropped: dict[str, Counter] = {
+        "in_tuning_pool": Counter(),
+        "evaluation_data": Counter(),
+        "seed_overlap": Counter(),
+        "duplicate": Counter(),
+    }
     seen: set[str] = set()
     out: dict[str, list[dict]] = {}
     for src in sorted(by_source):
         keep = []
         for rec in by_source[src]:
             text, key = record_text(rec), _key(rec)
-            if decontam.overlaps(text, evals_index):
+            if key in exclude:
+                dropped["in_tuning_pool"][src] += 1
+            elif decontam.overlaps(text, evals_grams):
                 dropped["evaluation_data"][src] += 1
-            elif decontam.overlaps(text, seed_index):
+            elif decontam.overlaps(text, seed_grams):
                 dropped["seed_overlap"][src] += 1
             elif key in seen:
                 dropped["duplicate"][src] += 1
@@ -229,13 +367,22 @@ def _matching(available: dict[str, list[dict]], sources: str) -> list[str]:
     return sorted(s for s in available if any(s == n or (n.endswith("/*") and s.startswith(n[:-1])) for n in names))
 
 
-def build_labelled_pool(scale: float = 1.0, seed: int = 0) -> tuple[list[dict], dict]:
+def build_labelled_pool(scale: float = 1.0, seed: int = 0, pool: str = "tuning") -> tuple[list[dict], dict]:
     """(records, composition): the shuffled labelled pool and its counts per domain, source and distractor kind.
 
-    Every count of the module docstring is multiplied by `scale` (rounded, at least 1)."""
+    Every count of the module docstring is multiplied by `scale` (rounded, at least 1). The test pool is built after
+    the tuning pool of the same scale and seed, without any of its records."""
+    if pool not in SPECS:
+        raise SystemExit(f"--pool: unknown pool {pool!r}; known: {', '.join(POOLS)}")
+    relevant_spec, distractor_spec = SPECS[pool]
+    exclude: set[str] = set()
+    tuning: list[dict] = []
+    if pool == "test":
+        tuning, _ = build_labelled_pool(scale, seed, "tuning")
+        exclude = {_key(r) for r in tuning}
     rng = random.Random(seed)
-    available, dropped = _clean(_candidates())
-    pool: list[dict] = []
+    available, dropped = _clean(_candidates(pool), exclude)
+    records: list[dict] = []
     shortfall: dict[str, str] = {}
 
     def scaled(n: int) -> int:
@@ -247,13 +394,13 @@ def build_labelled_pool(scale: float = 1.0, seed: int = 0) -> tuple[list[dict], 
         taken = {id(r) for r in chosen}
         for src in {r["source"] for r in chosen}:
             available[src] = [r for r in available[src] if id(r) not in taken]
-        pool.extend({**r, "kind": kind} for r in chosen)
+        records.extend({**r, "kind": kind} for r in chosen)
 
-    for domain, sources in RELEVANT.items():
+    for domain, sources in relevant_spec.items():
         for src, n in sources.items():
             recs = available.get(src, [])
             claim(rng.sample(recs, min(scaled(n), len(recs))), domain, scaled(n), src)
-    for kind, parts, ranking in DISTRACTORS:
+    for kind, parts, ranking in distractor_spec:
         for names, n in parts:
             matched = _matching(available, names)
             if ranking is not None:
@@ -264,8 +411,11 @@ def build_labelled_pool(scale: float = 1.0, seed: int = 0) -> tuple[list[dict], 
             for src in matched:
                 want = scaled(n // len(matched))
                 claim(rng.sample(available[src], min(want, len(available[src]))), kind, want, src)
-    rng.shuffle(pool)
-    return pool, _composition(pool, dropped, shortfall, scale)
+    rng.shuffle(records)
+    composition = {"pool": pool, **_composition(records, dropped, shortfall, scale)}
+    if pool == "test":  # 0 by construction; counted on the built pools, not assumed
+        composition["records_also_in_tuning_pool"] = len(collisions(records, tuning))
+    return records, composition
 
 
 def _composition(pool: list[dict], dropped: dict[str, Counter], shortfall: dict[str, str], scale: float) -> dict:
@@ -277,7 +427,7 @@ def _composition(pool: list[dict], dropped: dict[str, Counter], shortfall: dict[
     return {
         "records": len(pool),
         "scale": scale,
-        "relevant": {d: relevant[d] for d in DOMAINS},
+        "relevant": {d: relevant[d] for d in DOMAINS if relevant[d]},
         "distractors": sum(kinds.values()),
         "distractor_kinds": dict(kinds),
         "sources": {k: dict(sorted(v.items(), key=lambda kv: -kv[1])) for k, v in by_kind.items()},

@@ -9,7 +9,7 @@ SmolLM2-135M-Instruct GGUF is converted once into a plain HF folder (fp32 safete
 so every stage loads it like any other model; this module sits below it and imports nothing above `storage`.
 
     finescope assets                 # the default set (model + corpora + benchmarks), idempotent
-    finescope assets minilm gemma3   # optional extras
+    finescope assets gemma3          # optional extras
     finescope assets --list          # each asset: size, what uses it, whether it is here
     finescope assets --from FILE     # an archive supplied by hand (checked against its pin)
     python -c "from finescope import assets; print(assets.data_path('gsm8k'))"
@@ -174,11 +174,10 @@ PACKAGES: dict[str, Package] = {
                     83506384,
                 ),
             ),
-            "all-MiniLM-L6-v2 sentence-transformers model (embedding-kNN baseline)",
+            "all-MiniLM-L6-v2 sentence-transformers model (embedding kNN; half of the hybrid selection)",
             "Apache-2.0 (model); package MIT",
-            used_by="curate.method embedding and hybrid (the embedding baselines; no preset's default)",
-            without="every other selection method (sae, dsir, random, ...) works",
-            default=False,
+            used_by="curate.method embedding and hybrid (hybrid: the default, law and code presets' selection)",
+            without="every other selection method (sae, dsir, random, ...) works: set `curate.method: sae`",
         ),
         Package(
             "bigbench",

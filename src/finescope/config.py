@@ -93,7 +93,10 @@ class CurateConfig:
     seeds: str = "preset:math"
     """Seed examples of the domain: a record file, or a built-in preset (preset:math|code|medicine|law)."""
     method: Annotated[
-        CurateMethod, SetBy("`variants` (embedding_tgd, pruned_random and pruned_full use the other methods)")
+        CurateMethod,
+        SetBy(
+            "`variants` (embedding_tgd, pruned_random and pruned_full use the other methods; the FineScope variants' own curation may be sae or hybrid)"
+        ),
     ] = "sae"
     """Selection method: SAE codes (the paper's), sentence-embedding kNN, DSIR (hashed n-grams), random subset, or the full pool."""
     selector: Annotated[Selector, SAE_ONLY] = "jacobian"
@@ -371,6 +374,10 @@ class EvalConfig:
 KD_SETTINGS = marked(RecoverConfig, KD)
 """RecoverConfig fields that are the recipe of the pipeline's kd variants only (TGD / SFT variants reset them)."""
 
+FINESCOPE_METHODS = ("sae", "hybrid")
+"""What a pipeline config's `curate.method` may say: the selection of every variant whose data is FineScope's own
+("sae", "sae:<selector>" keeps the SAE alone); the other methods are variants of their own (`variants`)."""
+
 SAE_SETTINGS = marked(CurateConfig, SAE_ONLY)
 """CurateConfig fields only the SAE method reads (the baseline curations of the pipeline reset them)."""
 
@@ -467,6 +474,8 @@ class PipelineConfig:
             cfg = getattr(self, section)
             default = type(cfg)()
             for name, instead in fields.items():
+                if section == "curate" and name == "method" and cfg.method in FINESCOPE_METHODS:
+                    continue  # the method of the variants whose data is "sae" (Planner.curate)
                 if getattr(cfg, name) != getattr(default, name):
                     raise ConfigError(
                         f"{section}.{name}: set by the pipeline for every variant, not in a pipeline "

@@ -29,7 +29,16 @@ from typing import TypeGuard
 
 from . import FinescopeError, __version__, distributed, storage
 from .artifacts import PipelineManifest, VariantEntry
-from .config import KD_SETTINGS, SAE_SETTINGS, CurateConfig, PipelineConfig, RecoverConfig, Selector, to_dict
+from .config import (
+    FINESCOPE_METHODS,
+    KD_SETTINGS,
+    SAE_SETTINGS,
+    CurateConfig,
+    PipelineConfig,
+    RecoverConfig,
+    Selector,
+    to_dict,
+)
 from .registry import SELECTION_METHODS
 from .stages import STAGES
 from .variants import VARIANTS
@@ -93,8 +102,9 @@ class Planner:
 
     def curate(self, data: str) -> Job:
         base = replace(self.cfg.curate, model=self.cfg.model)
-        if data == "sae":
-            return self._job("curate", f"sae-{base.selector}", replace(base, method="sae"))
+        if data == "sae":  # FineScope's own curation: curate.method, sae (the paper's) or hybrid (the default preset's)
+            method = base.method if base.method in FINESCOPE_METHODS else "sae"
+            return self._job("curate", f"{method}-{base.selector}", replace(base, method=method))
         if data.startswith("sae:"):
             selector = data.split(":", 1)[1]
             if _is_selector(selector):

@@ -24,7 +24,15 @@ SMOKE = {
     "prune": ["--smoke", "--model", "{tiny}"],
     "compensation": ["--smoke", "--model", "{tiny}"],
     "eval": ["--model", "{tiny}", "--only", "nll", "--nll", "2", "--batch-size", "2", "--max-new-tokens", "4"],
-    "curate": ["--pool-only", "--pool-size", "40", "--out", "{tmp}/bench-curate"],
+    "curate": [
+        "--pool-only",
+        "--pool",
+        "test",
+        "--pool-size",
+        "40",
+        "--out",
+        "{tmp}/bench-curate",
+    ],  # builds both pools
     "recover_samples": ["--distilled", "{tmp}/distilled.jsonl", "--model", "tiny={tiny}", "--n", "1"]
     + ["--max-new-tokens", "4", "--gsm8k", "1"],
     "cache_integrity": ["--shard-mib", "1", "--repeats", "1", "--cache", "{tmp}"],
@@ -39,7 +47,11 @@ NOT_SMOKED = {
     "distill_terms": "re-runs a finished default run's pruned_kd recovery per recipe and seed: minutes each",
     "chain_nll": "scores every model of finished real-model runs on 124 GSM8K rows: minutes per model on a CPU",
 }
-HELPERS = {"labelled_pool": "the labelled pool of curate.py", "rss_wrapper": "peak RSS of a command (scale, ranks)"}
+HELPERS = {
+    "labelled_pool": "the labelled pools of curate.py",
+    "seed_variants": "the degraded seed sets of curate.py --seed-variants",
+    "rss_wrapper": "peak RSS of a command (scale, ranks)",
+}
 
 
 def test_every_benchmark_is_smoke_run_or_says_why_not():

@@ -185,3 +185,21 @@ def test_fields_added_at_their_old_behaviour_leave_the_hash_alone():
     assert config_hash(CurateConfig(sae_data="pool+reference")) != config_hash(CurateConfig())
     assert config_hash(CurateConfig(dtype="bfloat16")) != config_hash(CurateConfig())
     assert config_hash(CurateConfig(device="cpu")) == config_hash(CurateConfig())  # device is never hashed
+
+
+def test_finescope_variants_curate_with_the_configs_method_sae_or_hybrid(tmp_path):
+    """`curate.method` in a pipeline config is the FineScope variants' own selection (sae or hybrid, issue 29: the
+    default, law and code presets use hybrid); the other methods stay variants of their own."""
+    from finescope import pipeline
+
+    def curate_methods(spec, *overrides):
+        cfg = load_config(PipelineConfig, pipeline.resolve_config(spec), [f"runs_dir={tmp_path}", *overrides])
+        _, chains = pipeline.plan(cfg, tmp_path)
+        return {name: chain["curate"].cfg.method for name, chain in chains.items() if "curate" in chain}
+
+    assert set(curate_methods("default").values()) == {"hybrid"}
+    assert set(curate_methods("default", "curate.method=sae").values()) == {"sae"}
+    paper = curate_methods("paper-ablations")
+    assert paper["pruned_tgd"] == "sae" and paper["embedding_tgd"] == "embedding" and paper["pruned_random"] == "random"
+    with pytest.raises(ConfigError, match="curate.method: set by the pipeline"):
+        load_config(PipelineConfig, pipeline.resolve_config("default"), ["curate.method=dsir"])

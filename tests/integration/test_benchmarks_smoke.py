@@ -37,6 +37,7 @@ NOT_SMOKED = {
     "scale": "kills a 20k-record curate mid-encoding and measures peak RSS against pool size: minutes by design",
     "frontier": "prunes the real SmolLM2 at four ratios and scores each on two tasks: tens of minutes on a CPU",
     "distill_terms": "re-runs a finished default run's pruned_kd recovery per recipe and seed: minutes each",
+    "data_curves": "re-runs a finished default run's pruned_kd recovery per data source, volume and seed: minutes each",
 }
 HELPERS = {"labelled_pool": "the labelled pool of curate.py", "rss_wrapper": "peak RSS of a command (scale, ranks)"}
 

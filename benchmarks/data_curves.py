@@ -42,7 +42,7 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from compensation import gsm8k_subsets, reference_throughput  # noqa: E402
 from distill_terms import domain_nll, kd_stage  # noqa: E402
-from finescope import decontam, storage  # noqa: E402
+from finescope import FinescopeError, decontam, storage  # noqa: E402
 from finescope.config import RecoverConfig, apply_overrides, from_dict  # noqa: E402
 from finescope.corpora import MATH_SETS, default_reference_texts, resolve_records_path  # noqa: E402
 from finescope.data import read_records, record_text  # noqa: E402
@@ -161,7 +161,10 @@ def main() -> None:
 
     for source, m, seeds in points:
         curated_cfg = apply_overrides(base_cfg, [f"recover_top_m={m}"], where="--point")
-        curated, _ = training_records(curated_cfg, list(read_records(selected)))
+        try:  # e.g. an M above the number of records the curation scored: its one-line refusal
+            curated, _ = training_records(curated_cfg, list(read_records(selected)))
+        except FinescopeError as e:
+            raise SystemExit(f"data_curves: --point {source}:{m}: {e}") from None
         target = sum(tokens_of(tok, curated, base_cfg.max_length))
         result["volumes"][str(m)] = {"tokens": target, "records": len(curated), "maths": sum(map(is_maths, curated))}
         key = f"{source}:{m}"

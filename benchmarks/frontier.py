@@ -12,6 +12,10 @@ Per ratio: parameters (achieved ratio), `nll:math` NLL and top-1 token accuracy 
 are computed once on the calibration batches (they do not depend on the ratio); the compensation statistics are
 gathered per ratio (they depend on what is kept), as `finescope prune` does (benchmarks/compensation.py helpers).
 The machine's reference throughput (plain forward tok/s in this process) is printed with the figures.
+
+`--curves FILE` folds in benchmarks/data_curves.py's JSON (recovery data source × volume × seed: the learning
+curves and seed spreads of curated vs random vs generic recovery data) under "curves": those are recovery runs of
+minutes each, resumable, so they are measured by their own benchmark rather than re-run here.
 """
 
 from __future__ import annotations
@@ -75,7 +79,16 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.1,0.2,0.35,0.5")
     ap.add_argument("--preset", default=str(ROOT / "configs" / "default.yaml"), help="prune/eval settings from here")
     ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--curves", default=None, help="benchmarks/data_curves.py JSON to fold in under 'curves'")
     args = ap.parse_args()
+    curves = None
+    if args.curves:
+        try:
+            curves = json.loads(Path(args.curves).read_text())
+        except (OSError, ValueError) as e:
+            sys.exit(f"frontier: --curves {args.curves}: not a data_curves.py JSON ({e})")
+        if not isinstance(curves, dict) or "points" not in curves:
+            sys.exit(f"frontier: --curves {args.curves}: missing field 'points' (not a data_curves.py JSON)")
 
     cfg = load_config(PipelineConfig, args.preset)
     pc, ec = cfg.prune, cfg.eval
@@ -124,6 +137,8 @@ def main() -> None:
         "dense": {"parameters": sum(p.numel() for p in dense.parameters()), **measure(dense, tok, docs, ec.batch_size)},
         "points": [],
     }
+    if curves is not None:
+        result["curves"] = curves
     print(f"dense {json.dumps(result['dense'])}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     scores = compute_scores(handle.adapter, batches, pc.importance, seed=pc.seed, desc=pc.importance)

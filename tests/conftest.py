@@ -11,6 +11,7 @@ folder is on sys.path; test file names are unique across tiers.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -194,3 +195,13 @@ def cache_home(tmp_path, monkeypatch):
     """A private FINESCOPE_HOME (caches of curate, KD targets, models) for one test."""
     monkeypatch.setenv("FINESCOPE_HOME", str(tmp_path / "home"))
     return tmp_path / "home"
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    """Instruction and text records from CORPUS: the prune tests' calibration file."""
+    path = tmp_path_factory.mktemp("calib") / "calib.jsonl"
+    rows = [{"instruction": f"Say something about item {i}.", "response": text} for i, text in enumerate(CORPUS)]
+    rows += [{"text": text} for text in CORPUS[:4]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -19,15 +19,6 @@ from finescope.prune.run import run
 from finescope.storage import StageError
 
 
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "calib.jsonl"
-    rows = [{"instruction": f"Say something about item {i}.", "response": text} for i, text in enumerate(CORPUS)]
-    rows += [{"text": text} for text in CORPUS[:4]]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def test_run_every_family_saves_a_stock_loadable_verified_model(family, tiny_model_dirs, calib_file, tmp_path):
     out = tmp_path / "prune"
     cfg = PruneConfig(

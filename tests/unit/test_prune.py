@@ -23,15 +23,6 @@ from finescope.prune.solver import SolverError, solve
 from finescope.prune.structure import Shapes, count_after, drop_blocks, model_shapes
 
 
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "calib.jsonl"
-    rows = [{"instruction": f"Say something about item {i}.", "response": text} for i, text in enumerate(CORPUS)]
-    rows += [{"text": text} for text in CORPUS[:4]]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def _batches(tokenizer, n=8, length=48, batch_size=4):
     recs = [{"id": str(i), "instruction": f"Tell me {i}.", "response": t} for i, t in enumerate(CORPUS[:n])]
     return calibration_batches(tokenizer, recs, samples=n, length=length, batch_size=batch_size, seed=0)[0]

@@ -36,6 +36,7 @@ SMOKE = {
     "recover_samples": ["--distilled", "{tmp}/distilled.jsonl", "--model", "tiny={tiny}", "--n", "1"]
     + ["--max-new-tokens", "4", "--gsm8k", "1"],
     "cache_integrity": ["--shard-mib", "1", "--repeats", "1", "--cache", "{tmp}"],
+    "embed_order": ["--smoke", "--model", "{tiny}", "--repeats", "2"],
 }
 NOT_SMOKED = {
     "recover": "prunes, has the teacher rewrite and trains SFT and TGD students: minutes even at its smallest",

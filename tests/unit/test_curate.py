@@ -278,9 +278,15 @@ def test_embedding_baseline_with_a_tiny_encoder(tmp_path, chat_tokenizer):
         )
     ).save_pretrained(tmp_path / "enc")
     chat_tokenizer.save_pretrained(tmp_path / "enc")
-    vecs = MiniLM(str(tmp_path / "enc")).embed(MATH[:3] + NEWS[:2], batch_size=2)
+    encoder = MiniLM(str(tmp_path / "enc"))
+    texts = MATH[:3] + NEWS[:2]
+    vecs = encoder.embed(texts, batch_size=2)
     assert vecs.shape == (5, 32)
     torch.testing.assert_close(vecs.norm(dim=1), torch.ones(5))
+    # batched by length, handed back in the texts' order: each row is that text's own vector, as embedded alone
+    alone = torch.cat([encoder.embed([t]) for t in texts])
+    torch.testing.assert_close(vecs, alone, atol=1e-5, rtol=1e-4)
+    assert encoder.embed([]).shape == (0, 32)
 
 
 def test_seed_presets_are_valid_records():

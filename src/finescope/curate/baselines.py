@@ -25,17 +25,24 @@ class MiniLM:
 
     @torch.no_grad()
     def embed(self, texts: list[str], batch_size: int = 32, max_length: int = 256) -> torch.Tensor:
-        """(len(texts), hidden) unit vectors (384 for all-MiniLM-L6-v2)."""
-        out = []
+        """(len(texts), hidden) unit vectors (384 for all-MiniLM-L6-v2), in the texts' order. The texts are batched
+        by token length, so a batch pads to its own longest text instead of a random one's; the attention mask
+        keeps padding out of every vector, so the order changes nothing beyond float rounding."""
+        if not texts:
+            return torch.zeros(0, self.model.config.hidden_size)
+        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+        order = sorted(range(len(texts)), key=lambda i: lengths[i])
+        out = torch.empty(len(texts), self.model.config.hidden_size)
         for i in range(0, len(texts), batch_size):
+            rows = order[i : i + batch_size]
             enc = self.tokenizer(
-                texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+                [texts[r] for r in rows], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
             ).to(self.device)
             hidden = self.model(**enc).last_hidden_state
             mask = enc["attention_mask"].unsqueeze(-1).float()
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-            out.append(torch.nn.functional.normalize(pooled, dim=-1).float().cpu())
-        return torch.cat(out) if out else torch.zeros(0, self.model.config.hidden_size)
+            out[torch.tensor(rows)] = torch.nn.functional.normalize(pooled, dim=-1).float().cpu()
+        return out
 
 
 def reciprocal_rank_fusion(*scores: torch.Tensor, k: int = 60) -> torch.Tensor:

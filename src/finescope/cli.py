@@ -188,8 +188,8 @@ def _add_run(sub) -> None:
         "--config",
         metavar="FILE|PRESET",
         default=None,
-        help="pipeline YAML, or a packaged preset: default (the embedded default), quick, code, medicine, "
-        "law, paper-ablations, llama31-8b-mmlu, qwen25-7b-mmlu [default: default]",
+        help="pipeline YAML, or a packaged preset: default (the embedded default), "
+        f"{', '.join(p for p in _preset_names() if p != 'default')} [default: default]",
     )
     p.add_argument("--run-dir", metavar="DIR", default=None, help="run directory [default: <runs_dir>/<name>]")
     p.add_argument(
@@ -229,6 +229,11 @@ def _add_report(sub) -> None:
         help="a size/quality frontier (benchmarks/frontier.py --out) to draw; default: RUN_DIR/frontier.json if any",
     )
     p.set_defaults(func=_cmd_report)
+
+
+def _preset_names() -> list[str]:
+    """The packaged presets (configs/*.yaml), by name."""
+    return sorted(p.stem for p in (Path(__file__).parent / "configs").glob("*.yaml"))
 
 
 def _preset_section(name: str) -> dict:

@@ -13,6 +13,13 @@ are computed once on the calibration batches (they do not depend on the ratio); 
 gathered per ratio (they depend on what is kept), as `finescope prune` does (benchmarks/compensation.py helpers).
 The machine's reference throughput (plain forward tok/s in this process) is printed with the figures.
 
+**After recovery** (`--run DIR`, repeatable): the frontier read from finished `finescope run` directories, one per
+ratio, each with the `pruned` variant and a recovered one (`--variant`, default `pruned_kd`: the default's recipe), e.g.
+`finescope run --run-dir runs/r0.2 variants=dense,pruned,pruned_kd prune.ratio=0.2`. Nothing is pruned or scored
+here: every figure is the run's own eval stage (same tasks, rows and scoring as the table of its report), dense from
+its dense eval, the recovered figures under each point's "recovered". Runs of different models or eval settings are
+refused.
+
 `--curves FILE` folds in benchmarks/data_curves.py's JSON (recovery data source × volume × seed: the learning
 curves and seed spreads of curated vs random vs generic recovery data) under "curves": those are recovery runs of
 minutes each, resumable, so they are measured by their own benchmark rather than re-run here.
@@ -73,6 +80,80 @@ def measure(model, tok, docs: dict[str, list[dict]], batch_size: int) -> dict:
     return out
 
 
+def eval_figures(run_dir: Path, stage: str, tasks: tuple[str, ...]) -> dict:
+    """An eval stage's parameters and {task: {"nll", "top1"}} of `tasks`, from its results.json."""
+    from finescope.artifacts import EvalResults
+
+    res = EvalResults.read(run_dir / stage / EvalResults.FILE)
+    out: dict = {"parameters": res.model.parameters}
+    for r in res.results:
+        if r.task in tasks and r.metric in ("nll", "top1"):
+            out.setdefault(r.task, {})[r.metric] = r.value
+            out[r.task]["n"] = r.n
+    return out
+
+
+def from_runs(run_dirs: list[str], variant: str) -> dict:
+    """The frontier of finished pipeline runs, one per ratio: pruned and `variant` (recovered) per ratio, dense once."""
+    from finescope.artifacts import PipelineManifest
+
+    points, dense, seen = [], None, {}
+    for spec in run_dirs:
+        run_dir = Path(spec).expanduser().resolve()
+        manifest = PipelineManifest.read(run_dir / PipelineManifest.FILE)
+        missing = [v for v in ("dense", "pruned", variant) if v not in manifest.variants]
+        if missing:
+            sys.exit(
+                f"frontier: {run_dir}/pipeline.json: no variant {', '.join(map(repr, missing))}; run it with "
+                f"variants=dense,pruned,{variant}"
+            )
+        cfg = manifest.config
+        same = {"model": cfg["model"], "eval": {k: cfg["eval"][k] for k in ("tasks", "limit", "mmlu_scoring")}}
+        if seen and same != seen:
+            sys.exit(f"frontier: {run_dir}: another model or eval setting than the first run ({same} vs {seen})")
+        seen = same
+        stages = {v: manifest.variants[v].stages for v in ("dense", "pruned", variant)}
+        tasks = (DOMAIN, OFF_DOMAIN)
+        d = eval_figures(run_dir, stages["dense"]["eval"], tasks)
+        if dense is not None and d != dense:
+            sys.exit(f"frontier: {run_dir}: its dense eval differs from the first run's ({d} vs {dense})")
+        dense = d
+        pruned = eval_figures(run_dir, stages["pruned"]["eval"], tasks)
+        recovered = eval_figures(run_dir, stages[variant]["eval"], tasks)
+        wall = manifest.stage_seconds or {}
+        points.append(
+            {
+                "ratio": cfg["prune"]["ratio"],
+                "ratio_achieved": round(1 - pruned["parameters"] / dense["parameters"], 4),
+                **pruned,
+                "recovered": {
+                    "variant": variant,
+                    "label": manifest.variants[variant].label,
+                    **{k: v for k, v in recovered.items() if k != "parameters"},
+                    "recover_seconds": wall.get(stages[variant]["recover"]),
+                },
+                "run": str(run_dir),
+            }
+        )
+        print(json.dumps(points[-1]), file=sys.stderr, flush=True)
+    cfg0 = PipelineManifest.read(Path(run_dirs[0]).expanduser().resolve() / PipelineManifest.FILE).config
+    return {
+        "model": str(seen["model"]),
+        "reference_forward_tok_s": None,
+        "reference_note": "figures read from finished runs; each run's machine and wall time are in its own records",
+        "prune": {
+            **{k: cfg0["prune"].get(k) for k in ("importance", "compensation", "refit_ridge", "calib_samples")},
+            "recovery": "none",
+        },
+        "recovered_variant": variant,
+        "tasks": {DOMAIN: {"role": "domain", "n": dense[DOMAIN]["n"]}, OFF_DOMAIN: {"role": "off_domain"}},
+        "domain_task": DOMAIN,
+        "off_domain_task": OFF_DOMAIN,
+        "dense": dense,
+        "points": sorted(points, key=lambda p: p["ratio"]),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=None, help="calibration records (default: runs/default/curate/*/selected.jsonl)")
@@ -80,6 +161,15 @@ def main() -> None:
     ap.add_argument("--preset", default=str(ROOT / "configs" / "default.yaml"), help="prune/eval settings from here")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--curves", default=None, help="benchmarks/data_curves.py JSON to fold in under 'curves'")
+    ap.add_argument(
+        "--run",
+        action="append",
+        default=[],
+        metavar="RUN_DIR",
+        help="a finished `finescope run` (variants dense, pruned and --variant) at one ratio; repeat per ratio: the "
+        "frontier after recovery, read from the runs' eval stages (nothing is pruned here)",
+    )
+    ap.add_argument("--variant", default="pruned_kd", help="--run: the recovered variant drawn beside pruned")
     args = ap.parse_args()
     curves = None
     if args.curves:
@@ -89,6 +179,16 @@ def main() -> None:
             sys.exit(f"frontier: --curves {args.curves}: not a data_curves.py JSON ({e})")
         if not isinstance(curves, dict) or "points" not in curves:
             sys.exit(f"frontier: --curves {args.curves}: missing field 'points' (not a data_curves.py JSON)")
+
+    if args.run:
+        result = from_runs(args.run, args.variant)
+        if curves is not None:
+            result["curves"] = curves
+        text = json.dumps(result, indent=2)
+        print(text)
+        if args.out:
+            storage.write_atomic(Path(args.out), text + "\n")
+        return
 
     cfg = load_config(PipelineConfig, args.preset)
     pc, ec = cfg.prune, cfg.eval

@@ -305,6 +305,31 @@ def test_the_frontier_is_drawn_from_a_frontier_file(tmp_path, capsys):
     assert not png.exists() and "Size / quality frontier" not in (root / "report/report.md").read_text()
 
 
+def test_a_frontier_after_recovery_draws_and_tells_both_lines(tmp_path):
+    """benchmarks/frontier.py --run: each point also carries its recovered model's figures."""
+    root = _default_like(tmp_path / "run")
+    rec = {"variant": "pruned_kd", "label": "FineScope + KD", "nll:math": {"nll": 1.5, "top1": 0.66}}
+    points = [
+        {"ratio": 0.2, "parameters": 107_000_000, "nll:math": {"nll": 1.8, "top1": 0.6}, "recovered": rec},
+        {"ratio": 0.5, "parameters": 67_000_000, "nll:math": {"nll": 3.5, "top1": 0.4}},  # not recovered
+    ]
+    f = frontier.read(_frontier(tmp_path / "f.json", points=points))
+    assert f.recovered_label == "FineScope + KD"
+    assert [p.recovered.nll if p.recovered else None for p in f.points] == [1.5, None]
+    said = frontier.sentences(f)
+    assert said[0].endswith(
+        "(perplexity 1.57× dense) before any training. After FineScope + KD: NLL 1.500 = 1.11× dense, "
+        "96% of dense top-1."
+    )
+    assert "After" not in said[1] and "before any training" not in said[1]
+    assert cli.main(["report", str(root), "--frontier", str(f.path)]) == 0
+    assert (root / "report/plots/frontier.png").read_bytes().startswith(PNG)
+    # A recovered entry without the domain task is refused like any other missing field.
+    bad = _frontier(tmp_path / "bad.json", points=[{**points[0], "recovered": {"label": "KD"}}])
+    with pytest.raises(frontier.FrontierError, match=r"'points\[0\]\.recovered\.nll:math'"):
+        frontier.read(bad)
+
+
 @pytest.mark.parametrize(
     "change, field",
     [

@@ -1,6 +1,6 @@
 """The size/quality frontier in the report: a JSON file written by `benchmarks/frontier.py` (pruned models at several
-ratios, before any training, and dense), drawn as domain NLL against parameters with dense as the reference line and
-the run's own pick marked, and told in one sentence per ratio.
+ratios, before any training, and dense; with `--run`, each ratio's recovered model too), drawn as domain NLL against
+parameters with dense as the reference line and the run's own pick marked, and told in one sentence per ratio.
 
 The report takes `finescope report RUN --frontier FILE`, else `RUN/frontier.json` when there is one. A file that is
 not JSON or lacks a field is refused in one line naming the file and the field."""
@@ -34,6 +34,9 @@ class Point:
     parameters: int
     domain: Quality
     off_domain: Quality | None
+    recovered: Quality | None = None
+    """The domain quality of the same pruned model after the frontier's recovery (`Frontier.recovered_label`)."""
+    recovered_off_domain: Quality | None = None
 
 
 @dataclass
@@ -48,6 +51,8 @@ class Frontier:
     """What the points had after pruning ("none": prune + compensation only)."""
     throughput: float | None
     """The measuring machine's plain forward tok/s."""
+    recovered_label: str | None = None
+    """The recovery of the points' `recovered` figures (e.g. "FineScope + KD"); None: the file has none."""
 
 
 def _field(path: Path, data: Any, where: str, key: str, kind: str, required: bool = True) -> Any:
@@ -84,11 +89,15 @@ def _quality(path: Path, data: Any, where: str, task: str, required: bool = True
 
 def _point(path: Path, data: Any, where: str, domain: str, off: str | None, ratio: float | None) -> Point:
     r = ratio if ratio is not None else float(_field(path, data, where, "ratio", "number"))
+    rec = _field(path, data, where, "recovered", "object", required=False) if ratio is None else None
+    at = f"{where}.recovered"
     return Point(
         ratio=r,
         parameters=int(_field(path, data, where, "parameters", "positive")),
         domain=_quality(path, data, where, domain),  # type: ignore[arg-type]
         off_domain=_quality(path, data, where, off, required=False) if off else None,
+        recovered=_quality(path, rec, at, domain) if rec is not None else None,
+        recovered_off_domain=_quality(path, rec, at, off, required=False) if rec is not None and off else None,
     )
 
 
@@ -109,6 +118,7 @@ def read(path: str | Path) -> Frontier:
     points = [_point(path, p, f"points[{i}]", domain, off, None) for i, p in enumerate(raw)]
     prune = data.get("prune") if isinstance(data.get("prune"), dict) else {}
     tput = data.get("reference_forward_tok_s")
+    labels = [p["recovered"].get("label") or p["recovered"].get("variant") for p in raw if p.get("recovered")]
     return Frontier(
         path=path,
         domain_task=domain,
@@ -117,6 +127,7 @@ def read(path: str | Path) -> Frontier:
         points=sorted(points, key=lambda p: -p.parameters),
         recovery=str(prune.get("recovery", "none")),
         throughput=float(tput) if isinstance(tput, (int, float)) and not isinstance(tput, bool) else None,
+        recovered_label=str(labels[0]) if labels else None,
     )
 
 
@@ -145,7 +156,19 @@ def sentences(f: Frontier) -> list[str]:
         off = ""
         if p.off_domain is not None and d.off_domain is not None and d.off_domain.nll > 0:
             off = f"; off-domain {f.off_domain_task} NLL {p.off_domain.nll / d.off_domain.nll:.2f}× dense"
-        out.append(f"Ratio {p.ratio:g} ({size}) keeps {top1}has {nll}{off}.")
+        when = " before any training" if p.recovered is not None else ""
+        after = ""
+        if p.recovered is not None:
+            r = p.recovered
+            kept = (
+                f", {100 * r.top1 / d.domain.top1:.0f}% of dense top-1" if r.top1 is not None and d.domain.top1 else ""
+            )
+            after = f" After {f.recovered_label}: NLL {r.nll:.3f} = {r.nll / d.domain.nll:.2f}× dense{kept}"
+            ro = p.recovered_off_domain
+            if ro is not None and d.off_domain is not None and d.off_domain.nll > 0:
+                after += f"; off-domain {ro.nll / d.off_domain.nll:.2f}× dense"
+            after += "."
+        out.append(f"Ratio {p.ratio:g} ({size}) keeps {top1}has {nll}{off}{when}.{after}")
     return out
 
 
@@ -162,6 +185,9 @@ def plot(f: Frontier, marks: list[tuple[str, int, float]]) -> bytes:
     ax.plot(xs, ys, marker="o", color="#1f77b4", label=f"frontier: {label}")
     for p, x, y in zip(f.points, xs, ys):
         ax.annotate(f"r={p.ratio:g}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    rec = [(p.parameters / 1e6, p.recovered.nll) for p in f.points if p.recovered is not None]
+    if rec:
+        ax.plot(*zip(*rec), marker="D", color="#8c564b", label=f"frontier: pruned + {f.recovered_label}")
     ax.axhline(f.dense.domain.nll, color="k", ls="--", lw=1, label=f"dense ({f.dense.domain.nll:.3f})")
     ax.plot([f.dense.parameters / 1e6], [f.dense.domain.nll], marker="s", color="k", ls="")
     colours = ["#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]

@@ -465,6 +465,12 @@ class PipelineConfig:
                 f"{self.prune.ratio:g}; end the schedule at the target (e.g. [{self.prune.ratio / 2:g}, "
                 f"{self.prune.ratio:g}])"
             )
+        sample, want = self.curate.pool_sample, self.recover.recover_top_m
+        if kd and sample and want > sample:
+            raise ConfigError(
+                f"recover.recover_top_m = {want}: more records than the {sample} that curate.pool_sample draws from "
+                f"the pool for the curation to rank; ask for at most {sample}, or raise curate.pool_sample"
+            )
         for i, task in enumerate(self.eval.off_domain):
             if task not in self.eval.tasks:
                 raise ConfigError(

@@ -287,6 +287,20 @@ def test_pruned_kd_needs_a_kd_weight():
     PipelineConfig(variants=["dense", "pruned_kd"], recover=RecoverConfig(kd_weight=0.5)).check()
 
 
+def test_a_recovery_volume_larger_than_the_pool_sample_is_refused_before_any_work():
+    from finescope.config import CurateConfig
+
+    def cfg(top_m: int, sample: int, variants=("dense", "pruned_kd")) -> PipelineConfig:
+        recover = RecoverConfig(kd_weight=0.8, recover_top_m=top_m)
+        return PipelineConfig(variants=list(variants), curate=CurateConfig(pool_sample=sample), recover=recover)
+
+    with pytest.raises(ConfigError, match=r"recover_top_m = 900: more records than the 800 .* at most 800"):
+        cfg(900, 800).check()
+    cfg(800, 800).check()
+    cfg(900, 0).check()  # the whole pool: its size is known once it is read (recover refuses then)
+    cfg(900, 800, variants=("dense", "pruned_tgd")).check()  # no kd variant reads recover_top_m
+
+
 # ================================================================================================ full fine-tuning
 
 

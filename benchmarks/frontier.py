@@ -97,7 +97,9 @@ def from_runs(run_dirs: list[str], variant: str) -> dict:
     """The frontier of finished pipeline runs, one per ratio: pruned and `variant` (recovered) per ratio, dense once."""
     from finescope.artifacts import PipelineManifest
 
-    points, dense, seen = [], None, {}
+    points: list[dict] = []
+    dense: dict | None = None
+    seen: dict = {}
     for spec in run_dirs:
         run_dir = Path(spec).expanduser().resolve()
         manifest = PipelineManifest.read(run_dir / PipelineManifest.FILE)
@@ -139,6 +141,7 @@ def from_runs(run_dirs: list[str], variant: str) -> dict:
             }
         )
         print(json.dumps(points[-1]), file=sys.stderr, flush=True)
+    assert dense is not None  # run_dirs is not empty
     cfg0 = PipelineManifest.read(Path(run_dirs[0]).expanduser().resolve() / PipelineManifest.FILE).config
     return {
         "model": str(seen["model"]),
@@ -184,10 +187,10 @@ def main() -> None:
             sys.exit(f"frontier: --curves {args.curves}: missing field 'points' (not a data_curves.py JSON)")
 
     if args.run:
-        result = from_runs(args.run, args.variant)
+        recovered = from_runs(args.run, args.variant)
         if curves is not None:
-            result["curves"] = curves
-        text = json.dumps(result, indent=2)
+            recovered["curves"] = curves
+        text = json.dumps(recovered, indent=2)
         print(text)
         if args.out:
             storage.write_atomic(Path(args.out), text + "\n")

@@ -187,7 +187,12 @@ def plot(f: Frontier, marks: list[tuple[str, int, float]]) -> bytes:
         ax.annotate(f"r={p.ratio:g}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     rec = [(p.parameters / 1e6, p.recovered.nll) for p in f.points if p.recovered is not None]
     if rec:
-        ax.plot(*zip(*rec), marker="D", color="#8c564b", label=f"frontier: pruned + {f.recovered_label}")
+        ax.plot(
+            *zip(*rec),
+            marker="D",
+            color="#8c564b",
+            label=f"frontier: {f.recovered_label} (same pruned models, recovered)",
+        )
     ax.axhline(f.dense.domain.nll, color="k", ls="--", lw=1, label=f"dense ({f.dense.domain.nll:.3f})")
     ax.plot([f.dense.parameters / 1e6], [f.dense.domain.nll], marker="s", color="k", ls="")
     colours = ["#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]

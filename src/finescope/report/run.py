@@ -85,6 +85,8 @@ def _frontier_blocks(data: dict, plot_files: dict[str, bytes]) -> list[tuple]:
     if f is None:
         return []
     what = "pruned with compensation, no recovery" if f.recovery == "none" else f"pruned, then {f.recovery}"
+    if f.recovered_label:
+        what += f"; and the same models after {f.recovered_label}"
     tput = f" Measuring machine: {f.throughput:,.0f} tok/s plain forward." if f.throughput else ""
     b: list[tuple] = [
         ("h2", "Size / quality frontier"),

@@ -135,7 +135,7 @@ def from_runs(run_dirs: list[str], variant: str) -> dict:
                     "variant": variant,
                     "label": manifest.variants[variant].label,
                     **{k: v for k, v in recovered.items() if k != "parameters"},
-                    "recover_seconds": wall.get(stages[variant]["recover"]),
+                    "recover_seconds": wall.get(stages[variant].get("recover", "")),
                 },
                 "run": str(run_dir),
             }

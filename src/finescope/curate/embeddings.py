@@ -47,8 +47,8 @@ def _embed_device(cfg: CurateConfig) -> str:
 
 
 def embed_pool(cfg: CurateConfig, pool: Pool, seed_texts: list[str], timings: dict[str, float]) -> PoolEmbeddings:
-    """all-MiniLM-L6-v2 embeddings of the pool, loaded once, shard s (EMBED_SHARD_TEXTS texts) on rank s mod N, cached (a
-    killed run, or another seed set over the same pool, reuses finished shards); and of the seeds."""
+    """all-MiniLM-L6-v2 embeddings of the pool, loaded once, shard s (EMBED_SHARD_TEXTS texts) on rank s mod N,
+    cached (a killed run, or another seed set over the same pool, reuses finished shards); and of the seeds."""
     t = time.perf_counter()
     encoder = distributed.main_first(lambda: MiniLM(device=_embed_device(cfg)), "loading all-MiniLM-L6-v2")
     key = hashing.digest_parts("minilm", hashing.model_fingerprint(encoder.path), 256, EMBED_SHARD_TEXTS, pool.digest)

@@ -187,7 +187,12 @@ def main() -> None:
             sys.exit(f"frontier: --curves {args.curves}: missing field 'points' (not a data_curves.py JSON)")
 
     if args.run:
-        recovered = from_runs(args.run, args.variant)
+        from finescope import FinescopeError
+
+        try:
+            recovered = from_runs(args.run, args.variant)
+        except FinescopeError as e:  # a folder that is not a finished run: one line, nothing written
+            sys.exit(f"frontier: --run: {e}")
         if curves is not None:
             recovered["curves"] = curves
         text = json.dumps(recovered, indent=2)

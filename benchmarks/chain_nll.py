@@ -26,10 +26,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compensation import gsm8k_subsets, reference_throughput  # noqa: E402
+from compensation import gsm8k_subsets  # noqa: E402
 from distill_terms import domain_nll  # noqa: E402
 from finescope.artifacts import EvalResults, PipelineManifest  # noqa: E402
 from finescope.modeling import load  # noqa: E402
+from reference import reference_throughput  # noqa: E402
 
 
 def chain_models(run_dir: Path, variant: str) -> dict[str, Path]:

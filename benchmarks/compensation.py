@@ -19,7 +19,6 @@ import copy
 import json
 import os
 import random
-import statistics
 import sys
 import time
 from typing import Any
@@ -39,6 +38,7 @@ from finescope.prune.run import Compensation, plan_kept, prune_model  # noqa: E4
 from finescope.prune.solver import solve  # noqa: E402
 from finescope.prune.structure import model_shapes  # noqa: E402
 from prune import nll  # noqa: E402  (benchmarks/prune.py: token-mean response NLL)
+from reference import reference_throughput  # noqa: E402
 
 
 def gsm8k_subsets(tune_n: int, report_n: int) -> dict[str, list[dict]]:
@@ -48,26 +48,6 @@ def gsm8k_subsets(tune_n: int, report_n: int) -> dict[str, list[dict]]:
     tune_idx = [i for i in range(len(rows) // 2 + 1, len(rows)) if i not in taken][:tune_n]
     recs = [{"id": str(i), "instruction": r["question"], "response": r["answer"]} for i, r in enumerate(rows)]
     return {"tune": [recs[i] for i in tune_idx], "report": [recs[i] for i in report_idx]}
-
-
-@torch.no_grad()
-def token_ids(model, shape: tuple[int, ...]) -> torch.Tensor:
-    """Random token ids for a timing forward: ids 100…20,000 of a real vocabulary (any id of a tiny test model's)."""
-    vocab = model.config.vocab_size
-    low, high = (100, 20000) if vocab >= 20000 else (0, vocab)
-    return torch.randint(low, high, shape, generator=torch.Generator().manual_seed(0))
-
-
-def reference_throughput(model) -> float:
-    """Tokens/s of a plain forward (batch 8 × 128 tokens), median of 3."""
-    ids = token_ids(model, (8, 128))
-    model(input_ids=ids[:2, :16])
-    rates = []
-    for _ in range(3):
-        t = time.perf_counter()
-        model(input_ids=ids)
-        rates.append(ids.numel() / (time.perf_counter() - t))
-    return round(statistics.median(rates), 1)
 
 
 def calibration_records(path: str | None, n: int, seed: int) -> tuple[list[dict], str]:

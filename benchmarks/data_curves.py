@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from transformers import AutoTokenizer  # noqa: E402
 
-from compensation import gsm8k_subsets, reference_throughput  # noqa: E402
+from compensation import gsm8k_subsets  # noqa: E402
 from distill_terms import domain_nll, kd_stage  # noqa: E402
 from finescope import FinescopeError, decontam, storage  # noqa: E402
 from finescope.config import RecoverConfig, apply_overrides, from_dict  # noqa: E402
@@ -51,6 +51,7 @@ from finescope.recover.finetune import build_examples  # noqa: E402
 from finescope.recover.run import run  # noqa: E402
 from finescope.recover.sources import training_records  # noqa: E402
 from finescope.storage import read_json  # noqa: E402
+from reference import reference_throughput  # noqa: E402
 
 SOURCES = ("curated", "random", "generic")
 

@@ -25,13 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from compensation import gsm8k_subsets, reference_throughput  # noqa: E402
+from compensation import gsm8k_subsets  # noqa: E402
 from finescope.config import RecoverConfig, apply_overrides, from_dict  # noqa: E402
 from finescope.modeling import load  # noqa: E402
 from finescope.prune.importance import calibration_batches  # noqa: E402
 from finescope.recover.run import run  # noqa: E402
 from finescope.storage import read_json  # noqa: E402
 from prune import nll  # noqa: E402
+from reference import reference_throughput  # noqa: E402
 
 
 def kd_stage(run_dir: Path) -> Path:

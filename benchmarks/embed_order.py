@@ -45,10 +45,9 @@ def pool_texts(n: int, seed: int) -> list[str]:
 
 
 def reference_throughput() -> float:
-    from finescope.assets import model_folder
-    from scale import reference_throughput as ref  # benchmarks/ is on sys.path: the script's own folder
+    from reference import reference_throughput as ref  # benchmarks/reference.py: the embedded default model
 
-    return ref(model_folder())
+    return ref()
 
 
 def main() -> None:

@@ -54,7 +54,7 @@ from finescope.prune.solver import solve  # noqa: E402
 from finescope.prune.structure import model_shapes  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compensation import reference_throughput  # noqa: E402  (benchmarks/compensation.py)
+from reference import reference_throughput  # noqa: E402  (benchmarks/reference.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 DOMAIN, OFF_DOMAIN = "nll:math", "nll:code"

@@ -40,6 +40,7 @@ from finescope.prune.importance import calibration_batches, compute_scores  # no
 from finescope.prune.run import prune_model  # noqa: E402
 from finescope.prune.solver import solve  # noqa: E402
 from finescope.prune.structure import model_shapes  # noqa: E402
+from reference import token_ids  # noqa: E402  (benchmarks/reference.py)
 
 
 def math_records(n: int, seed: int, skip: int = 0) -> list[dict]:
@@ -97,13 +98,6 @@ def nll(model, batches) -> float:
         )
         count += int((labels != -100).sum())
     return total / count
-
-
-def token_ids(model, shape: tuple[int, ...]) -> torch.Tensor:
-    """Random token ids for a timing forward: ids 100…20,000 of a real vocabulary (any id of a tiny test model's)."""
-    vocab = model.config.vocab_size
-    low, high = (100, 20000) if vocab >= 20000 else (0, vocab)
-    return torch.randint(low, high, shape, generator=torch.Generator().manual_seed(0))
 
 
 @torch.no_grad()

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,21 +43,9 @@ RSS_WRAPPER = Path(__file__).resolve().parent / "rss_wrapper.py"
 
 
 def reference_throughput() -> float:
-    """Tokens/s of a plain forward of the default model (batch 8 × 128 tokens), median of 3."""
-    import torch
+    from reference import reference_throughput as ref  # benchmarks/reference.py
 
-    from finescope.modeling import load
-
-    handle = load("default")
-    ids = torch.randint(100, 20000, (8, 128))
-    rates = []
-    with torch.no_grad():
-        handle.model(input_ids=ids[:2, :16])
-        for _ in range(3):
-            t = time.perf_counter()
-            handle.model(input_ids=ids)
-            rates.append(ids.numel() / (time.perf_counter() - t))
-    return round(statistics.median(rates), 1)
+    return ref()
 
 
 def cold_home(root: Path) -> Path:

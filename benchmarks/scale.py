@@ -81,20 +81,9 @@ def write_pool(path: Path, n: int, seed: int = 0) -> Path:
 
 
 def reference_throughput(model: Path) -> float:
-    import torch
+    from reference import reference_throughput as ref  # benchmarks/reference.py
 
-    from finescope.modeling import load
-
-    h = load(str(model), device="cpu")
-    ids = torch.randint(100, 20000, (64, 32))
-    rates = []
-    with torch.no_grad():
-        h.model(input_ids=ids[:2])
-        for _ in range(5):
-            t = time.perf_counter()
-            h.model(input_ids=ids)
-            rates.append(ids.numel() / (time.perf_counter() - t))
-    return round(statistics.median(rates), 1)
+    return ref(model)
 
 
 def curate_cmd(work: Path, model: Path, pool: Path, out: Path) -> tuple[list[str], Path]:

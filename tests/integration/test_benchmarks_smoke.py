@@ -53,6 +53,7 @@ HELPERS = {
     "labelled_pool": "the labelled pools of curate.py",
     "seed_variants": "the degraded seed sets of curate.py --seed-variants",
     "rss_wrapper": "peak RSS of a command (scale, ranks)",
+    "reference": "the reference throughput every benchmark prints beside its timings",
 }
 
 

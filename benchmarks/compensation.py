@@ -67,6 +67,12 @@ def main() -> None:
     ap.add_argument("--inputs", default="dense", help="dense (one shot), pruned (block by block), or both")
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--calib-length", type=int, default=128)
+    ap.add_argument(
+        "--calib-loss",
+        default="text",
+        choices=["text", "response"],
+        help="prune.calib_loss: each record as plain text, or chat-formatted (the form the eval and recovery read)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save", default=None, help="folder: save each pruned model there (for recovery runs)")
     ap.add_argument("--model", default="default", help="the model to prune (default: the embedded SmolLM2)")
@@ -90,7 +96,13 @@ def main() -> None:
     }
     records, source = calibration_records(args.data, args.calib_samples, args.seed)
     batches, info = calibration_batches(
-        tok, records, samples=args.calib_samples, length=args.calib_length, batch_size=8, seed=args.seed
+        tok,
+        records,
+        samples=args.calib_samples,
+        length=args.calib_length,
+        batch_size=8,
+        seed=args.seed,
+        loss_on=args.calib_loss,
     )
     result: dict = {
         "model": "SmolLM2-135M-Instruct (embedded default)" if args.model == "default" else args.model,
@@ -98,7 +110,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "ratio_target": args.ratio,
         "params_after": plan.params_after,
-        "calibration": {"source": source, **info},
+        "calibration": {"source": source, "loss_on": args.calib_loss, **info},
         "nll_data": "GSM8K test solutions given their questions, response tokens; tune: 64 rows outside the eval's "
         "subset; report: the eval's nll:math --limit 60 rows",
         "dense": {name: nll(dense, b) for name, b in evals.items()},

@@ -196,7 +196,9 @@ class PruneConfig:
     """Token limit per calibration record."""
     calib_loss: Literal["text", "response"] = "text"
     """Calibration loss: LM loss on every token of the record's plain text (instruction + response, as
-    LLM-Pruner's plain-text calibration) or only on the response tokens of the chat-formatted record."""
+    LLM-Pruner's plain-text calibration) or only on the response tokens of the chat-formatted record. It also sets
+    what every importance and the compensation read: `response` runs the records through the chat template, the
+    form the recovery trains on and the eval scores (the default preset's choice: docs/results.md §2.1)."""
     batch_size: Annotated[int, Range(min=1)] = 4
     """Calibration records per forward/backward pass."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

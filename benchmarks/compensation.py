@@ -8,8 +8,10 @@ Two disjoint GSM8K test subsets, so that a lever is chosen on one and reported o
   tune   — 64 test solutions that are not among the eval's `nll:math` questions (rows 661…, skipping those);
   report — exactly the eval's `nll:math --limit 60` questions (`select_subset(1319, 60)`).
 NLL: token-mean NLL of the solution given its question (chat template), on the response tokens.
-Calibration: the default preset's settings (64 records × 128 tokens) on --data (default: 64 of the default
-pool's maths records, a fixed set, not a curation). The machine's reference throughput (plain forward) is printed.
+Calibration: 64 records × 128 tokens as plain text on --data (default: 64 of the default pool's maths records, a
+fixed set, not a curation), the default preset's settings when the re-fit was chosen; the preset now reads them
+chat-formatted (`--calib-loss response --calib-length 256`). The machine's reference throughput (plain forward) is
+printed.
 """
 
 from __future__ import annotations

@@ -167,3 +167,33 @@ def test_a_family_without_a_bias_field_is_refused_for_bias_modes_and_refits(fami
     )
     out = run(cfg, tmp_path / "p2")
     assert json.loads((out / "report.json").read_text())["verification"]["logits_match"]
+
+
+def test_the_default_presets_calibration_reads_the_records_through_the_chat_template(
+    tiny_model_dirs, calib_file, tmp_path
+):
+    """The default preset prunes with flap + re-fit on the chat-formatted records (calib_loss: response): the stage
+    runs, verifies, and its calibration holds the template's tokens besides the records' own."""
+    from finescope import pipeline
+    from finescope.config import PipelineConfig, load_config
+
+    preset = load_config(PipelineConfig, pipeline.resolve_config("default"), []).prune
+    assert (preset.importance, preset.compensation, preset.calib_loss) == ("flap", "refit", "response")
+    common = dict(
+        model=str(tiny_model_dirs["llama"]),
+        data=str(calib_file),
+        ratio=0.3,
+        importance=preset.importance,
+        compensation=preset.compensation,
+        refit_ridge=preset.refit_ridge,
+        calib_length=preset.calib_length,
+        batch_size=8,
+    )
+    reports = {}
+    for form in ("text", preset.calib_loss):
+        out = tmp_path / form
+        run(PruneConfig(**common, calib_loss=form), out)
+        reports[form] = json.loads((out / "report.json").read_text())
+    chat, text = reports["response"], reports["text"]
+    assert chat["verification"]["logits_match"] and chat["calibration"]["records"] == text["calibration"]["records"]
+    assert chat["calibration"]["tokens"] > text["calibration"]["tokens"]  # <|user|>, <|assistant|>, </s> per record

@@ -23,7 +23,7 @@ from pathlib import Path
 from . import FinescopeError, __version__, distributed
 from .assets import PACKAGES
 from .child_process import watch_launcher
-from .config import add_config_arguments, config_from_args, load_config, to_dict
+from .config import add_config_arguments, config_from_args, load_config, preset_dir, read_config_file, to_dict
 from .messages import one_line
 from .stages import STAGES, Stage
 
@@ -233,14 +233,12 @@ def _add_report(sub) -> None:
 
 def _preset_names() -> list[str]:
     """The packaged presets (configs/*.yaml), by name."""
-    return sorted(p.stem for p in (Path(__file__).parent / "configs").glob("*.yaml"))
+    return sorted(p.stem for p in preset_dir().glob("*.yaml"))
 
 
 def _preset_section(name: str) -> dict:
     """The `name` section of the packaged preset `finescope run` uses by default (configs/<RUN_PRESET>.yaml)."""
-    import yaml
-
-    data = yaml.safe_load((Path(__file__).parent / "configs" / f"{RUN_PRESET}.yaml").read_text(encoding="utf-8"))
+    data = read_config_file(preset_dir() / f"{RUN_PRESET}.yaml")
     section = (data or {}).get(name)
     return section if isinstance(section, dict) else {}
 

@@ -693,12 +693,69 @@ def _read_yaml(path: Path) -> Any:
     return data
 
 
+def preset_dir() -> Path:
+    """The packaged presets (`--config default`, `quick`, …): src/finescope/configs/<name>.yaml."""
+    return Path(__file__).resolve().parent / "configs"
+
+
+EXTENDS = "extends"
+MAX_EXTENDS_DEPTH = 8
+
+
+def _merged(base: dict, over: dict) -> dict:
+    """`over` on top of `base`: sections (mappings) merge key by key, every other value (lists too) replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _extended_base(path: Path, spec: Any) -> Path:
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(
+            f"{path}: {EXTENDS} = {quote(spec)}: must name a packaged preset ({', '.join(_presets())}) or a YAML file"
+        )
+    spec = spec.strip()
+    if spec.endswith((".yaml", ".yml")) or "/" in spec:
+        base = Path(spec).expanduser()
+        return base if base.is_absolute() else path.parent / base
+    base = preset_dir() / f"{spec}.yaml"
+    if not base.is_file():
+        raise ConfigError(f"{path}: {EXTENDS} = {quote(spec)}: no such preset; presets: {', '.join(_presets())}")
+    return base
+
+
+def _presets() -> list[str]:
+    return sorted(p.stem for p in preset_dir().glob("*.yaml"))
+
+
+def read_config_file(path: Path, chain: tuple[Path, ...] = ()) -> Any:
+    """A config file's mapping, with `extends: <preset or file>` resolved: the named config first (itself possibly
+    extending another), this file's keys on top (sections merge key by key; lists and values replace)."""
+    data = _read_yaml(path)
+    if not isinstance(data, dict) or EXTENDS not in data:
+        return data
+    data = dict(data)
+    base = _extended_base(path, data.pop(EXTENDS))
+    here = (*chain, path.resolve())
+    if base.resolve() in here:
+        loop = " → ".join(str(p) for p in (*here, base.resolve()))
+        raise ConfigError(f"{path}: {EXTENDS}: a loop ({loop})")
+    if len(here) > MAX_EXTENDS_DEPTH:
+        raise ConfigError(f"{path}: {EXTENDS}: more than {MAX_EXTENDS_DEPTH} configs deep")
+    inherited = read_config_file(base, here)
+    if not isinstance(inherited, dict):
+        raise ConfigError(f"{base}: not a mapping of config keys (extended by {path})")
+    return _merged(inherited, data)
+
+
 def load_config(cls: type, path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Any:
-    """Defaults ← YAML file (if given) ← dotted overrides; validated, with the file named in every error."""
+    """Defaults ← YAML file (if given; `extends:` another first) ← dotted overrides; validated, with the file named
+    in every error."""
     cfg = cls()
     if path is not None:
         path = Path(path)
-        data = _read_yaml(path)
+        data = read_config_file(path)
         cfg = from_dict(cls, data, where=f"{path}: ")
     if overrides:
         cfg = apply_overrides(cfg, overrides)

@@ -37,6 +37,7 @@ from .config import (
     PipelineConfig,
     RecoverConfig,
     Selector,
+    preset_dir,
     to_dict,
 )
 from .registry import SELECTION_METHODS
@@ -478,10 +479,6 @@ def load_manifest(run_dir: str | Path) -> PipelineManifest:
 
 
 # ================================================================================================ presets
-
-
-def preset_dir() -> Path:
-    return Path(__file__).resolve().parent / "configs"
 
 
 def resolve_config(spec: str | None) -> Path:

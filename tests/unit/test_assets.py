@@ -313,14 +313,11 @@ def test_a_home_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
 def test_each_presets_eval_data_names_the_preset_in_its_assets_used_by():
     """`used_by` is written by hand: every packaged preset whose eval tasks read an embedded benchmark is named
     there, so `--list` and the unreachable-asset error tell the truth about what needs it."""
-    import yaml
+    from finescope.config import preset_dir, read_config_file
 
-    from finescope import pipeline
-
-    configs = Path(pipeline.__file__).parent / "configs"
     needs = {"mmlu:": "mmlu", "nll:math": "gsm8k", "gsm8k": "gsm8k", "nll:code": "humaneval", "humaneval": "humaneval"}
-    for path in sorted(configs.glob("*.yaml")):
-        tasks = (yaml.safe_load(path.read_text()).get("eval") or {}).get("tasks") or []
+    for path in sorted(preset_dir().glob("*.yaml")):
+        tasks = (read_config_file(path).get("eval") or {}).get("tasks") or []
         for task in tasks:
             for prefix, key in needs.items():
                 if task.startswith(prefix):

@@ -20,6 +20,7 @@ from finescope.config import (
     field_docs,
     from_dict,
     load_config,
+    preset_dir,
     to_yaml,
 )
 
@@ -203,3 +204,56 @@ def test_finescope_variants_curate_with_the_configs_method_sae_or_hybrid(tmp_pat
     assert paper["pruned_tgd"] == "sae" and paper["embedding_tgd"] == "embedding" and paper["pruned_random"] == "random"
     with pytest.raises(ConfigError, match="curate.method: set by the pipeline"):
         load_config(PipelineConfig, pipeline.resolve_config("default"), ["curate.method=dsir"])
+
+
+def test_extends_takes_a_preset_and_lays_the_files_keys_on_top(tmp_path):
+    """`extends: default` starts from the packaged preset: sections merge key by key, lists and values replace."""
+    path = tmp_path / "mine.yaml"
+    path.write_text(
+        "extends: default\nname: mine\ncurate:\n  pool_sample: 8000\neval:\n  tasks: [nll:math, nll:code]\n"
+    )
+    cfg = load_config(PipelineConfig, path)
+    default = load_config(PipelineConfig, preset_dir() / "default.yaml")
+    assert cfg.name == "mine" and cfg.curate.pool_sample == 8000 and cfg.eval.tasks == ["nll:math", "nll:code"]
+    # every other key is the preset's, not the dataclass default's
+    assert cfg.curate.method == default.curate.method == "hybrid"
+    assert cfg.prune == default.prune and cfg.recover == default.recover and cfg.variants == default.variants
+    assert cfg.curate.top_m == default.curate.top_m and cfg.eval.limit == default.eval.limit
+
+
+def test_extends_a_file_relative_to_the_extending_one_chained(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.yaml").write_text("name: base\ncurate:\n  top_m: 7\n  pool_sample: 50\n")
+    (tmp_path / "sub" / "mid.yaml").write_text("extends: ../base.yaml\ncurate:\n  top_m: 9\n")
+    (tmp_path / "sub" / "top.yaml").write_text("extends: mid.yaml\nname: top\n")
+    cfg = load_config(PipelineConfig, tmp_path / "sub" / "top.yaml")
+    assert (cfg.name, cfg.curate.top_m, cfg.curate.pool_sample) == ("top", 9, 50)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("extends: nonesuch\n", r"mine.yaml: extends = 'nonesuch': no such preset; presets: .*default"),
+        (
+            "extends: [default]\n",
+            r"mine.yaml: extends = .*: must name a packaged preset \(.*default.*\) or a YAML file",
+        ),
+        ("extends: missing.yaml\n", r"missing.yaml: config file not found"),
+        ("extends: mine.yaml\n", r"mine.yaml: extends: a loop \(.*mine.yaml → .*mine.yaml\)"),
+        ("extends: list.yaml\n", r"list.yaml: not a mapping of config keys \(extended by .*mine.yaml\)"),
+    ],
+)
+def test_a_bad_extends_is_one_line_naming_the_file(tmp_path, text, message):
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(PipelineConfig, path)
+    assert "\n" not in str(err.value)
+
+
+def test_a_loop_through_two_files_is_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"b.yaml: extends: a loop \(.*a.yaml → .*b.yaml → .*a.yaml\)"):
+        load_config(PipelineConfig, tmp_path / "a.yaml")

@@ -48,6 +48,7 @@ NOT_SMOKED = {
     "distill_terms": "re-runs a finished default run's pruned_kd recovery per recipe and seed: minutes each",
     "chain_nll": "scores every model of finished real-model runs on 124 GSM8K rows: minutes per model on a CPU",
     "data_curves": "re-runs a finished default run's pruned_kd recovery per data source, volume and seed: minutes each",
+    "kd_batch_time": "re-runs a finished default run's pruned_kd recovery at two batch sizes, repeatedly: minutes each",
 }
 HELPERS = {
     "labelled_pool": "the labelled pools of curate.py",

@@ -23,7 +23,15 @@ from pathlib import Path
 from . import FinescopeError, __version__, distributed
 from .assets import PACKAGES
 from .child_process import watch_launcher
-from .config import add_config_arguments, config_from_args, load_config, preset_dir, read_config_file, to_dict
+from .config import (
+    add_config_arguments,
+    config_from_args,
+    load_config,
+    preset_dir,
+    preset_names,
+    read_config_file,
+    to_dict,
+)
 from .messages import one_line
 from .stages import STAGES, Stage
 
@@ -189,7 +197,7 @@ def _add_run(sub) -> None:
         metavar="FILE|PRESET",
         default=None,
         help="pipeline YAML, or a packaged preset: default (the embedded default), "
-        f"{', '.join(p for p in _preset_names() if p != 'default')} [default: default]",
+        f"{', '.join(p for p in preset_names() if p != 'default')} [default: default]",
     )
     p.add_argument("--run-dir", metavar="DIR", default=None, help="run directory [default: <runs_dir>/<name>]")
     p.add_argument(
@@ -229,11 +237,6 @@ def _add_report(sub) -> None:
         help="a size/quality frontier (benchmarks/frontier.py --out) to draw; default: RUN_DIR/frontier.json if any",
     )
     p.set_defaults(func=_cmd_report)
-
-
-def _preset_names() -> list[str]:
-    """The packaged presets (configs/*.yaml), by name."""
-    return sorted(p.stem for p in preset_dir().glob("*.yaml"))
 
 
 def _preset_section(name: str) -> dict:

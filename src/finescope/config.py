@@ -713,7 +713,7 @@ def _merged(base: dict, over: dict) -> dict:
 def _extended_base(path: Path, spec: Any) -> Path:
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(
-            f"{path}: {EXTENDS} = {quote(spec)}: must name a packaged preset ({', '.join(_presets())}) or a YAML file"
+            f"{path}: {EXTENDS} = {quote(spec)}: must name a packaged preset ({', '.join(preset_names())}) or a YAML file"
         )
     spec = spec.strip()
     if spec.endswith((".yaml", ".yml")) or "/" in spec:
@@ -721,11 +721,12 @@ def _extended_base(path: Path, spec: Any) -> Path:
         return base if base.is_absolute() else path.parent / base
     base = preset_dir() / f"{spec}.yaml"
     if not base.is_file():
-        raise ConfigError(f"{path}: {EXTENDS} = {quote(spec)}: no such preset; presets: {', '.join(_presets())}")
+        raise ConfigError(f"{path}: {EXTENDS} = {quote(spec)}: no such preset; presets: {', '.join(preset_names())}")
     return base
 
 
-def _presets() -> list[str]:
+def preset_names() -> list[str]:
+    """The packaged presets, by name (default, quick, quality, …)."""
     return sorted(p.stem for p in preset_dir().glob("*.yaml"))
 
 

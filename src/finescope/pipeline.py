@@ -38,6 +38,7 @@ from .config import (
     RecoverConfig,
     Selector,
     preset_dir,
+    preset_names,
     to_dict,
 )
 from .registry import SELECTION_METHODS
@@ -489,6 +490,6 @@ def resolve_config(spec: str | None) -> Path:
         return path
     preset = preset_dir() / f"{spec}.yaml"
     if not preset.is_file():
-        known = ", ".join(sorted(p.stem for p in preset_dir().glob("*.yaml")))
+        known = ", ".join(preset_names())
         raise PipelineError(f"--config {spec}: no such file or preset; presets: {known}")
     return preset

@@ -34,7 +34,7 @@ test-fast: setup
 	$(BIN)/python -m pytest tests/unit
 
 lint: setup
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks docs
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
 

@@ -45,6 +45,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--epochs", type=float, default=1.0)
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error(f"--repeats {args.repeats}: want at least 1 (each repeat times both settings once)")
+    if args.epochs <= 0:
+        ap.error(f"--epochs {args.epochs}: want a positive number of epochs")
     stage = kd_stage(Path(args.run))
     base = from_dict(RecoverConfig, read_json(stage / "config.json")["config"])
     out: dict = {"kd_stage": str(stage), "epochs": args.epochs, "reference_tok_s_before": reference_throughput()}

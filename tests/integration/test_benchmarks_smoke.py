@@ -37,6 +37,7 @@ SMOKE = {
     + ["--max-new-tokens", "4", "--gsm8k", "1"],
     "cache_integrity": ["--shard-mib", "1", "--repeats", "1", "--cache", "{tmp}"],
     "embed_order": ["--smoke", "--model", "{tiny}", "--repeats", "2"],
+    "answers": ["--model", "tiny={tiny}", "--rows", "1001", "--max-new-tokens", "4"],
 }
 NOT_SMOKED = {
     "recover": "prunes, has the teacher rewrite and trains SFT and TGD students: minutes even at its smallest",

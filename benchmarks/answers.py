@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from compensation import gsm8k_subsets  # noqa: E402
 from finescope import assets  # noqa: E402
+from finescope.data import format_prompt  # noqa: E402
 
 ROWS = (1001, 1103, 1207)
 
@@ -69,11 +70,11 @@ def main() -> None:
         model = AutoModelForCausalLM.from_pretrained(folder).eval()
         answers = []
         for i in args.rows:
-            chat = [{"role": "user", "content": rows[i]["question"]}]
-            ids = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+            # the chat template's text, tokenized without added specials: what apply_chat_template(tokenize=True) gives
+            enc = tok(format_prompt(tok, rows[i]["question"]), return_tensors="pt", add_special_tokens=False)
             with torch.no_grad():
-                gen = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False)
-            answers.append(tok.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
+                gen = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False)
+            answers.append(tok.decode(gen[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
             print(f"{name} row {i}: {answers[-1][:100]!r}", file=sys.stderr, flush=True)
         out["answers"][name] = {"model": str(folder), "text": answers}
     print(json.dumps(out, indent=1))

@@ -50,6 +50,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.max_new_tokens < 1:
         ap.error("--max-new-tokens must be at least 1")
+    if not args.rows:
+        ap.error("--rows: name at least one row")
     rows = [json.loads(line) for line in assets.data_path("gsm8k").read_text().splitlines() if line.strip()]
     scored = {int(r["id"]) for subset in gsm8k_subsets(64, 60).values() for r in subset}
     for i in args.rows:
@@ -57,8 +59,8 @@ def main() -> None:
             ap.error(f"--rows: {i} is not a row of the GSM8K test split (0..{len(rows) - 1})")
         if i in scored:
             ap.error(f"--rows: {i} is one of the rows the benchmarks score (eval or tune subset); pick an unseen one")
-    torch.manual_seed(0)
-    out: dict = {"rows": args.rows, "max_new_tokens": args.max_new_tokens, "decoding": "greedy, chat template"}
+    decoding = "greedy, under the model's chat template (Alpaca's prompt where it has none)"
+    out: dict = {"rows": args.rows, "max_new_tokens": args.max_new_tokens, "decoding": decoding}
     out["questions"] = [
         {"row": i, "question": rows[i]["question"], "reference": rows[i]["answer"].split("####")[-1].strip()}
         for i in args.rows

@@ -21,7 +21,9 @@ Added records overlapping an embedded benchmark (a word 13-gram; the recover sta
 dropped before counting. Epochs stay at the recipe's 2 at every volume: more tokens means more distinct records.
 The seed is the recipe's `seed` (LoRA init, dropout, data order, held-out split) and, for random and generic, the
 subset. Each point reports how many of its records are maths (the pool's GSM8K / MATH / maths-eval sources).
-Stages land in <work>/<source>-m<M>-s<seed>/stage and are resumed; their NLLs are kept in nll.json beside them.
+Stages land in <work>/<source>-m<M>-s<seed>/stage and are resumed; their NLLs are kept in nll.json beside them. A
+curated point at the run's own M and seed is the run's `pruned_kd` stage itself (its DONE certifies the same
+config): it is scored, not trained again.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from finescope.modeling import load, resolve_model_path  # noqa: E402
 from finescope.recover.finetune import build_examples  # noqa: E402
 from finescope.recover.run import run  # noqa: E402
 from finescope.recover.sources import training_records  # noqa: E402
+from finescope.stage_protocol import is_done  # noqa: E402
 from finescope.storage import read_json  # noqa: E402
 from reference import reference_throughput  # noqa: E402
 
@@ -200,7 +203,8 @@ def main() -> None:
             out = work / name
             out.mkdir(parents=True, exist_ok=True)
             t = time.perf_counter()
-            stage = run(cfg, out / "stage")
+            # the run's own stage when the point is its very recipe (curated, its M and its seed): read, not re-trained
+            stage = base_stage if is_done(base_stage, cfg) else run(cfg, out / "stage")
             seconds = round(time.perf_counter() - t, 1)
             metrics = read_json(stage / "metrics.json")
             cached = out / "nll.json"

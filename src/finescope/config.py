@@ -21,6 +21,7 @@ import difflib
 import inspect
 import math
 import os
+import re
 import textwrap
 import typing
 import warnings
@@ -528,16 +529,32 @@ class ConfigRules:
     """`typed_data.decode`'s rules for configs: values people typed are coerced to the field's type and checked
     (choices, ranges); every error is a `ConfigError` naming the file and the dotted field."""
 
-    def __init__(self, strict: bool) -> None:
+    def __init__(self, strict: bool, origins: dict[str, str] | None = None, prefix: str = "") -> None:
         self.strict = strict
+        self.origins = origins or {}
+        self.prefix = prefix
+
+    def at(self, where: str) -> str:
+        """`where` naming the file that set the key: a key an `extends:` base brought in is that base's error, not
+        the extending file's (`origins`: dotted key → file, `prefix`: the extending file's "path: ")."""
+        if not self.origins or not where.startswith(self.prefix):
+            return where
+        key = where[len(self.prefix) :]
+        parts = re.sub(r"\[\d+\]", "", key).split(".")
+        for n in range(len(parts), 0, -1):
+            origin = self.origins.get(".".join(parts[:n]))
+            if origin is not None:
+                return f"{origin}: {key}"
+        return where
 
     def is_none(self, value: Any, spec: Spec) -> bool:
         return value is None or (isinstance(value, str) and spec.optional and value.strip().lower() in ("none", "null"))
 
     def empty(self, where: str, spec: Spec) -> Any:
-        raise ConfigError(f"{where} must not be empty")
+        raise ConfigError(f"{self.at(where)} must not be empty")
 
     def not_a(self, want: str, where: str, spec: Spec, value: Any) -> Exception:
+        where = self.at(where)
         if want == "mapping":
             return ConfigError(f"{where} must be a mapping of {spec.base.__name__} fields, got {quote(value)}")
         if want == "list":
@@ -549,6 +566,7 @@ class ConfigRules:
 
     def scalar(self, value: Any, spec: Spec, where: str) -> Any:
         base = spec.base
+        where = self.at(where)
         out: Any
         try:
             if base is bool:
@@ -584,7 +602,7 @@ class ConfigRules:
         names = [f.name for f in typed_data.fields(cls)]
         for key in keys:
             key = key[:QUOTE_LIMIT]
-            msg = f"{join(where, key)}: unknown config key{_suggest(key, names)}"
+            msg = f"{self.at(join(where, key))}: unknown config key{_suggest(key, names)}"
             if self.strict:
                 raise ConfigError(msg)
             warnings.warn(msg + " (ignored)", stacklevel=4)
@@ -610,14 +628,17 @@ def _type_name(spec: Spec) -> str:
 # ================================================================================================ dicts, YAML, overrides
 
 
-def from_dict(cls: type, data: dict, *, where: str = "", strict: bool = False) -> Any:
+def from_dict(
+    cls: type, data: dict, *, where: str = "", strict: bool = False, origins: dict[str, str] | None = None
+) -> Any:
     """Build and validate a config of type `cls` from a (possibly partial) mapping; missing keys keep defaults.
 
-    Unknown keys warn (or raise when `strict`). `where` prefixes messages, e.g. "configs/x.yaml: curate".
+    Unknown keys warn (or raise when `strict`). `where` prefixes messages, e.g. "configs/x.yaml: curate";
+    `origins` (dotted key → file, from `read_config_origins`) names the `extends:` base a key came from instead.
     """
     if not isinstance(data, dict):
         raise ConfigError(f"{where or cls.__name__} must be a mapping, got {type(data).__name__}")
-    return typed_data.decode_fields(cls, data, where, ConfigRules(strict))
+    return typed_data.decode_fields(cls, data, where, ConfigRules(strict, origins, where))
 
 
 def _suggest(key: str, names: list[str]) -> str:
@@ -730,12 +751,29 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in preset_dir().glob("*.yaml"))
 
 
-def read_config_file(path: Path, chain: tuple[Path, ...] = ()) -> Any:
+def read_config_file(path: Path) -> Any:
     """A config file's mapping, with `extends: <preset or file>` resolved: the named config first (itself possibly
     extending another), this file's keys on top (sections merge key by key; lists and values replace)."""
+    return read_config_origins(path)[0]
+
+
+def _origins(data: dict, source: str, prefix: str = "") -> dict[str, str]:
+    """Dotted key → `source` for every key and section of one file's mapping."""
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        out[dotted] = source
+        if isinstance(value, dict):
+            out.update(_origins(value, source, f"{dotted}."))
+    return out
+
+
+def read_config_origins(path: Path, chain: tuple[Path, ...] = ()) -> tuple[Any, dict[str, str]]:
+    """`read_config_file`'s mapping and, for each dotted key an `extends:` base set and no file above it replaced,
+    that base's path (a key of `path` itself is absent: errors name `path` already)."""
     data = _read_yaml(path)
     if not isinstance(data, dict) or EXTENDS not in data:
-        return data
+        return data, {}
     data = dict(data)
     base = _extended_base(path, data.pop(EXTENDS))
     here = (*chain, path.resolve())
@@ -744,10 +782,13 @@ def read_config_file(path: Path, chain: tuple[Path, ...] = ()) -> Any:
         raise ConfigError(f"{path}: {EXTENDS}: a loop ({loop})")
     if len(here) > MAX_EXTENDS_DEPTH:
         raise ConfigError(f"{path}: {EXTENDS}: more than {MAX_EXTENDS_DEPTH} configs deep")
-    inherited = read_config_file(base, here)
+    inherited, origins = read_config_origins(base, here)
     if not isinstance(inherited, dict):
         raise ConfigError(f"{base}: not a mapping of config keys (extended by {path})")
-    return _merged(inherited, data)
+    origins = {**_origins(inherited, str(base)), **origins}
+    for key in _origins(data, str(path)):
+        origins.pop(key, None)
+    return _merged(inherited, data), origins
 
 
 def load_config(cls: type, path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Any:
@@ -756,8 +797,8 @@ def load_config(cls: type, path: str | os.PathLike | None = None, overrides: lis
     cfg = cls()
     if path is not None:
         path = Path(path)
-        data = read_config_file(path)
-        cfg = from_dict(cls, data, where=f"{path}: ")
+        data, origins = read_config_origins(path)
+        cfg = from_dict(cls, data, where=f"{path}: ", origins=origins)
     if overrides:
         cfg = apply_overrides(cfg, overrides)
     return cfg

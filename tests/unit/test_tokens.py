@@ -91,6 +91,50 @@ def test_next_token_nll_is_token_weighted_across_batches():
     assert torch.allclose(whole, sum(part for part, _ in parts))
 
 
+def _saved_bytes(fn, *args, **kwargs):
+    """fn(*args, **kwargs) and the bytes autograd saved for its backward pass (activation memory)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args, **kwargs)
+    return out, total
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_next_token_nll_equals_one_piece_in_value_and_gradient_and_keeps_less(dtype):
+    torch.manual_seed(2)
+    base = torch.randn(3, 9, 50).to(dtype)
+    labels = torch.randint(0, 50, (3, 9))
+    labels[0, :4] = IGNORE_INDEX
+    labels[2, 6:] = IGNORE_INDEX
+    results = {}
+    for name, chunk in (("whole", None), ("chunked", 3 * 50)):  # 3 positions per chunk: 6 chunks of the 18
+        logits = base.clone().requires_grad_()
+        (loss, n), saved = _saved_bytes(next_token_nll, logits, labels, chunk_elements=chunk)
+        loss.backward()
+        results[name] = (loss.detach(), n, logits.grad, saved)
+    (whole, n_whole, g_whole, saved_whole), (chunked, n_chunked, g_chunked, saved_chunked) = results.values()
+    assert n_whole == n_chunked == int((labels[:, 1:] != IGNORE_INDEX).sum())
+    torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(g_chunked.float(), g_whole.float(), atol=1e-5, rtol=1e-4)
+    # autograd keeps the labelled rows themselves (in their dtype) and a few index bytes, not a float32 log-softmax:
+    # each chunk's is recomputed in the backward pass
+    rows = n_whole * base.shape[-1]
+    assert saved_chunked <= rows * base.element_size() + 512
+    assert saved_whole >= rows * 4 * 2
+
+
+def test_next_token_nll_above_the_chunk_size_with_nothing_labelled_is_zero():
+    logits = torch.randn(2, 4, 5, requires_grad=True)
+    loss, n = next_token_nll(logits, torch.full((2, 4), IGNORE_INDEX), chunk_elements=5)
+    assert n == 0 and float(loss.detach()) == 0.0
+
+
 # ================================================================================================ BOS rule
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .. import FinescopeError
 from ..config import RecoverConfig
-from ..tokens import IGNORE_INDEX
+from ..tokens import IGNORE_INDEX, LOSS_CHUNK_ELEMENTS, LOSS_ONE_PIECE_MAX, chunked_row_sum
 
 Direction = Literal["forward", "reverse"]
 HiddenLoss = Literal["nmse", "cosine"]
@@ -83,6 +83,9 @@ class TopK:
     logp: torch.Tensor  # (N, k) float32
     log_rest: torch.Tensor  # (N,) float32
 
+    def __getitem__(self, rows: slice) -> TopK:
+        return TopK(self.ids[rows], self.logp[rows], self.log_rest[rows])
+
     @staticmethod
     def cat(parts: list[TopK]) -> TopK:
         return TopK(
@@ -93,9 +96,10 @@ class TopK:
 
 
 def labelled_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(N, vocab) float32 logits of the positions that predict a labelled token, row-major (example by example)."""
+    """(N, vocab) logits of the positions that predict a labelled token, row-major (example by example), in the
+    logits' dtype: the losses upcast them to float32 chunk by chunk (`chunked_row_sum`)."""
     mask = labels[:, 1:] != IGNORE_INDEX
-    return logits[:, :-1][mask].float()
+    return logits[:, :-1][mask]
 
 
 def kd_positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -105,6 +109,9 @@ def kd_positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def top_k_of(logits: torch.Tensor, temperature: float, k: int) -> TopK:
     """Top-k of a (N, vocab) distribution at temperature τ, with the log-mass of the rest."""
+    if logits.numel() > LOSS_ONE_PIECE_MAX and logits.shape[0] > 1:  # row chunks: one float32 copy at a time
+        step = max(1, LOSS_CHUNK_ELEMENTS // logits.shape[-1])
+        return TopK.cat([top_k_of(logits[a : a + step], temperature, k) for a in range(0, logits.shape[0], step)])
     logp = F.log_softmax(logits.float() / temperature, dim=-1)
     k = min(k, logp.shape[-1])
     top, ids = logp.topk(k, dim=-1)
@@ -134,16 +141,24 @@ def kl_top_k(student: torch.Tensor, teacher: TopK, temperature: float, direction
 
 
 def kd_summed(
-    student_logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | TopK, s: KdSettings
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher: torch.Tensor | TopK,
+    s: KdSettings,
+    *,
+    chunk_elements: int | None = None,
 ) -> torch.Tensor:
     """τ² · Σ KL over the labelled positions of a batch; `teacher` is (N, vocab) logits of those positions, in the
-    same order, or their cached top-k."""
+    same order, or their cached top-k. Taken in checkpointed chunks of positions above `tokens.LOSS_ONE_PIECE_MAX`
+    logits (or `chunk_elements`), in one piece up to it (`tokens.chunked_row_sum`)."""
+
+    def kl_sum(student: torch.Tensor, target: torch.Tensor | TopK) -> torch.Tensor:
+        if isinstance(target, TopK):
+            return kl_top_k(student, target, s.temperature, s.loss).sum()
+        return kl_full(student, target, s.temperature, s.loss).sum()
+
     student = labelled_logits(student_logits, labels)
-    if isinstance(teacher, TopK):
-        per_token = kl_top_k(student, teacher, s.temperature, s.loss)
-    else:
-        per_token = kl_full(student, teacher, s.temperature, s.loss)
-    return per_token.sum() * s.temperature**2
+    return chunked_row_sum(kl_sum, student, teacher, chunk_elements=chunk_elements) * s.temperature**2
 
 
 class HiddenStateError(FinescopeError):

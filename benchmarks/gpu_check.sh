@@ -12,6 +12,8 @@
 #               the same in one process: values must agree (1e-3 relative: bf16 sums in another batch order)
 #   ranks       with ≥ 2 GPUs: benchmarks/ranks.py with N = GPU count (1 vs N per stage, same_output per stage);
 #               with 1 GPU: the CPU equivalence tests (tests/integration/test_distributed.py, gloo, CUDA hidden)
+#   loss_memory benchmarks/loss_memory.py on the GPU: the KD loss's peak device memory at 8 × 2,048 positions of a
+#               128k vocabulary (bf16 logits), in one piece against the checkpointed chunks FineScope takes there
 #   full_eval   the dense default on the whole of MMLU (cloze), GSM8K (8-shot CoT) and HumanEval (pass@1, code
 #               execution on): the figures README → Evaluation quotes from CPU subsets
 # Nothing here is faked on CPU: without CUDA the script stops after `env` with "no CUDA". SMOKE=1 runs every
@@ -48,8 +50,9 @@ if [ "${RC[env]}" != 0 ] && [ "$SMOKE" != 1 ]; then
   exit 1
 fi
 NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
-LIMIT=64 FULL_LIMIT=0 NPROC=$NGPU
-if [ "$SMOKE" = 1 ]; then LIMIT=4 FULL_LIMIT=2 NPROC=$((NGPU > 1 ? NGPU : 2)); fi
+LIMIT=64 FULL_LIMIT=0 NPROC=$NGPU LOSS_POSITIONS=16384 LOSS_DEVICE=cuda
+if [ "$SMOKE" = 1 ]; then LIMIT=4 FULL_LIMIT=2 NPROC=$((NGPU > 1 ? NGPU : 2)) LOSS_POSITIONS=256; fi
+if [ "$NGPU" = 0 ]; then LOSS_DEVICE=cpu; fi
 
 if [ "$SMOKE" = 1 ]; then
   echo "[gpu_check] SMOKE=1: quick preset skipped" >&2
@@ -69,6 +72,9 @@ elif [ "$NGPU" -ge 2 ]; then
 else
   step ranks env CUDA_VISIBLE_DEVICES= "$PY" -m pytest -q -p no:warnings tests/integration/test_distributed.py
 fi
+
+step loss_memory "$PY" benchmarks/loss_memory.py --device "$LOSS_DEVICE" --positions "$LOSS_POSITIONS" --repeats 1 \
+  --out "$OUT/loss_memory.json"
 
 step full_eval "$PY" -m finescope eval --model default --tasks mmlu,gsm8k,humaneval --limit "$FULL_LIMIT" --batch-size 64 \
   --allow-code-execution --out "$OUT/eval-full"
@@ -103,6 +109,7 @@ report = {
     "launch": {"one_process": one, "all_gpus": many, "agree_1e-3": agree},
     "ranks": json.loads((out / "ranks.json").read_text()) if (out / "ranks.json").is_file() else None,
     "full_eval": results("eval-full"),
+    "loss_memory": json.loads((out / "loss_memory.json").read_text()) if (out / "loss_memory.json").is_file() else None,
     # SMOKE=1 on a machine without CUDA: the env check fails by design, the rest must pass
     "ok": all(c["exit"] == 0 for k, c in checks.items() if not (k == "env" and os.environ.get("SMOKE") == "1"))
     and agree is not False,

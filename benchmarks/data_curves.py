@@ -1,6 +1,6 @@
 """Does curation pay? The recovery data source as an axis, on a finished default run: its `pruned_kd` stage's recipe
-(KD α 0.8 over every token, LoRA, 2 epochs, same student, same settings) re-run on data from three sources at equal
-tokens, over several seeds, at several volumes. Domain NLL on the two disjoint GSM8K subsets of distill_terms.py
+(KD α 0.8 over every token, LoRA, the run's epochs, same student, same settings) re-run on data from three sources
+at equal tokens, over several seeds, at several volumes. Domain NLL on the two disjoint GSM8K subsets of distill_terms.py
 (`tune`: 64 rows outside the eval's subset; `report`: the eval's 60 `nll:math` rows). Prints one JSON object (and
 writes it to --out after every point, so a run cut short leaves what it finished); `frontier.py --curves FILE`
 folds it into the frontier's JSON.
@@ -18,7 +18,8 @@ included). The other sources draw records until they reach T tokens:
 - `generic`: the reference corpus (`default_reference_texts()`: Wikipedia, OpenWebText, BBC News; the text the
   run's generic calibration and SAE training read), shuffled with the seed, as text records.
 Added records overlapping an embedded benchmark (a word 13-gram; the recover stage's own decontamination) are
-dropped before counting. Epochs stay at the recipe's 2 at every volume: more tokens means more distinct records.
+dropped before counting. Epochs stay at the recipe's (1 in the default since session 37, 2 before) at every volume:
+more tokens means more distinct records.
 The seed is the recipe's `seed` (LoRA init, dropout, data order, held-out split) and, for random and generic, the
 subset. Each point reports how many of its records are maths (the pool's GSM8K / MATH / maths-eval sources).
 Stages land in <work>/<source>-m<M>-s<seed>/stage and are resumed; their NLLs are kept in nll.json beside them. A

@@ -119,7 +119,10 @@ def chunked_row_sum(fn, rows: torch.Tensor, *aligned, chunk_elements: int | None
     total = torch.zeros((), dtype=torch.float32, device=rows.device)
     for a in range(0, rows.shape[0], step):
         part = (rows[a : a + step], *(x[a : a + step] for x in aligned))
-        total = total + (torch.utils.checkpoint.checkpoint(fn, *part, use_reentrant=False) if grad else fn(*part))
+        if grad:  # fn draws no random numbers: no RNG state to save and restore for the recomputation
+            total = total + torch.utils.checkpoint.checkpoint(fn, *part, use_reentrant=False, preserve_rng_state=False)
+        else:
+            total = total + fn(*part)
     return total
 
 

@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--positions", type=int, default=2048, help="labelled positions per step (batch 4)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu", help="cpu (peak RSS) or cuda (peak allocated device memory)")
+    ap.add_argument("--model", default="default", help="the model of the reference throughput (a folder; smoke tests)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", choices=["whole", "chunked"], help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -90,7 +91,7 @@ def main() -> None:
         "chunk_elements": LOSS_CHUNK_ELEMENTS,
         "one_piece_max": LOSS_ONE_PIECE_MAX,
         "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
-        "reference_tok_s": reference_throughput(),  # CPU, 1 forward of the default model
+        "reference_tok_s": reference_throughput(None if args.model == "default" else args.model),  # CPU forward
         "settings": {},
     }
     runs: dict[str, list[dict]] = {"whole": [], "chunked": []}

@@ -38,6 +38,7 @@ SMOKE = {
     "cache_integrity": ["--shard-mib", "1", "--repeats", "1", "--cache", "{tmp}"],
     "embed_order": ["--smoke", "--model", "{tiny}", "--repeats", "2"],
     "answers": ["--model", "tiny={tiny}", "--rows", "1001", "--max-new-tokens", "4"],
+    "loss_memory": ["--positions", "8", "--repeats", "1", "--model", "{tiny}"],
 }
 NOT_SMOKED = {
     "recover": "prunes, has the teacher rewrite and trains SFT and TGD students: minutes even at its smallest",

@@ -12,8 +12,9 @@
 #               the same in one process: values must agree (1e-3 relative: bf16 sums in another batch order)
 #   ranks       with ≥ 2 GPUs: benchmarks/ranks.py with N = GPU count (1 vs N per stage, same_output per stage);
 #               with 1 GPU: the CPU equivalence tests (tests/integration/test_distributed.py, gloo, CUDA hidden)
-#   loss_memory benchmarks/loss_memory.py on the GPU: the KD loss's peak device memory at 8 × 2,048 positions of a
-#               128k vocabulary (bf16 logits), in one piece against the checkpointed chunks FineScope takes there
+#   loss_memory benchmarks/loss_memory.py on the GPU: the KD loss's peak device memory at up to 8 × 2,048 positions
+#               of a 128k vocabulary (bf16 logits), in one piece against the checkpointed chunks FineScope takes there;
+#               the one piece needs ~3.3 MiB per position, so the positions are sized to the card (2,048 per 9 GiB)
 #   full_eval   the dense default on the whole of MMLU (cloze), GSM8K (8-shot CoT) and HumanEval (pass@1, code
 #               execution on): the figures README → Evaluation quotes from CPU subsets
 # Nothing here is faked on CPU: without CUDA the script stops after `env` with "no CUDA". SMOKE=1 runs every
@@ -53,6 +54,10 @@ NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 LIMIT=64 FULL_LIMIT=0 NPROC=$NGPU LOSS_POSITIONS=16384 LOSS_DEVICE=cuda
 if [ "$SMOKE" = 1 ]; then LIMIT=4 FULL_LIMIT=2 NPROC=$((NGPU > 1 ? NGPU : 2)) LOSS_POSITIONS=256; fi
 if [ "$NGPU" = 0 ]; then LOSS_DEVICE=cpu; fi
+if [ "$SMOKE" != 1 ] && [ "$NGPU" != 0 ]; then  # 2,048 positions per 9 GiB of the first GPU, 2,048 … 16,384
+  LOSS_POSITIONS=$("$PY" -c "import torch; g = torch.cuda.get_device_properties(0).total_memory / 2**30; \
+print(max(1, min(8, int(g // 9))) * 2048)")
+fi
 
 if [ "$SMOKE" = 1 ]; then
   echo "[gpu_check] SMOKE=1: quick preset skipped" >&2

@@ -1,8 +1,10 @@
 """Compensation at prune time (prune/compensate.py) on the embedded SmolLM2-135M-Instruct: domain NLL of the pruned
-model before any training, per importance × compensation mode (× ridge). Prints one JSON object.
+model before any training, per importance × compensation mode (× ridge), and per shape allocation (the split of the
+ratio between attention heads, MLP channels and whole blocks). Prints one JSON object.
 
     .venv/bin/python benchmarks/compensation.py --data runs/default/curate/selected.jsonl        # ~10 min on CPU
     .venv/bin/python benchmarks/compensation.py --importance taylor --modes none,refit --ridges 0.001,0.01,0.1
+    .venv/bin/python benchmarks/compensation.py --importance flap --modes refit --attention-ratios auto,0,0.667 --depths 0,2
 
 Two disjoint GSM8K test subsets, so that a lever is chosen on one and reported on the other:
   tune   — 64 test solutions that are not among the eval's `nll:math` questions (rows 661…, skipping those);
@@ -75,6 +77,14 @@ def main() -> None:
         choices=["text", "response"],
         help="prune.calib_loss: each record as plain text, or chat-formatted (the form the eval and recovery read)",
     )
+    ap.add_argument(
+        "--attention-ratios",
+        default="auto",
+        help="the shapes' split between attention and MLP: fractions of query heads removed per layer "
+        "(prune.attention_ratio; the MLP width takes up the rest of the ratio), comma-separated; auto = the solver's "
+        "balanced choice",
+    )
+    ap.add_argument("--depths", default="0", help="whole blocks dropped (prune.depth), comma-separated")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save", default=None, help="folder: save each pruned model there (for recovery runs)")
     ap.add_argument("--model", default="default", help="the model to prune (default: the embedded SmolLM2)")
@@ -90,7 +100,12 @@ def main() -> None:
         args.importance, args.modes, args.calib_samples, args.calib_length = "wanda_sp", "none,refit", 4, 32
     handle = load(args.model, device="cpu")
     dense, tok = handle.model, handle.tokenizer
-    plan = solve(model_shapes(handle.adapter, dense), args.ratio)
+    shapes = model_shapes(handle.adapter, dense)
+    plans = [
+        solve(shapes, args.ratio, attention_ratio=None if a == "auto" else float(a), depth=int(d))
+        for d in args.depths.split(",")
+        for a in args.attention_ratios.split(",")
+    ]
     subsets = gsm8k_subsets(64, 60)
     evals = {
         name: calibration_batches(tok, recs, samples=len(recs), length=256, batch_size=8, seed=0, loss_on="response")[0]
@@ -111,7 +126,7 @@ def main() -> None:
         "reference_forward_tok_s": reference_throughput(dense),
         "threads": torch.get_num_threads(),
         "ratio_target": args.ratio,
-        "params_after": plan.params_after,
+        "params_after": plans[0].params_after,
         "calibration": {"source": source, "loss_on": args.calib_loss, **info},
         "nll_data": "GSM8K test solutions given their questions, response tokens; tune: 64 rows outside the eval's "
         "subset; report: the eval's nll:math --limit 60 rows",
@@ -120,35 +135,49 @@ def main() -> None:
     }
     print(f"dense {result['dense']}", file=sys.stderr, flush=True)
     for importance in args.importance.split(","):
-        scores = compute_scores(handle.adapter, batches, importance, seed=args.seed, desc=importance)
-        kept = plan_kept(handle.adapter, scores, plan, "query")
-        stats = None  # gathered once (with the second moments, which every mode can read) per importance
-        for mode in args.modes.split(","):
-            ridges = [float(r) for r in args.ridges.split(",")] if compensate.needs_gram(mode) else [0.0]
-            for inputs in args.inputs.split(",") if mode != "none" else ["dense"]:
-                for ridge in ridges:
-                    model: Any = copy.deepcopy(dense)  # a transformers model (save_pretrained), not a bare Module
-                    h = type("Handle", (), {})()
-                    h.model, h.adapter = model, type(handle.adapter)(model)
-                    t0 = time.perf_counter()
-                    comp = None
-                    if mode != "none" and inputs == "pruned":
-                        comp = Compensation(mode, ridge, inputs="pruned", batches=batches)
-                    elif mode != "none":
-                        if stats is None:
-                            stats = compensate.gather(handle.adapter, batches, kept, "bias_refit", desc="statistics")
-                        comp = Compensation(mode, ridge, stats)
-                    prune_model(h, scores, plan, "query", comp)
-                    seconds = time.perf_counter() - t0
-                    row = {"importance": importance, "mode": mode, "inputs": inputs, "ridge": ridge}
-                    row.update({"seconds": round(seconds, 1), **{name: nll(model, b) for name, b in evals.items()}})
-                    result["pruned"].append(row)
-                    print(json.dumps(row), file=sys.stderr, flush=True)
-                    if args.save:
-                        out = os.path.join(args.save, f"{importance}-{mode}-{inputs}-{ridge:g}")
-                        model.save_pretrained(out)
-                        tok.save_pretrained(out)
-                    del model
+        depth_importance = "block_influence" if any(p.depth for p in plans) else None  # the stage's default
+        scores = compute_scores(
+            handle.adapter, batches, importance, depth_importance=depth_importance, seed=args.seed, desc=importance
+        )
+        for plan in plans:
+            shape = {
+                "heads": plan.heads,
+                "intermediate": plan.intermediate,
+                "depth": plan.depth,
+                "params_after": plan.params_after,
+            }
+            kept = plan_kept(handle.adapter, scores, plan, "query")
+            stats = None  # gathered once (with the second moments, which every mode can read) per importance × shape
+            for mode in args.modes.split(","):
+                ridges = [float(r) for r in args.ridges.split(",")] if compensate.needs_gram(mode) else [0.0]
+                for inputs in args.inputs.split(",") if mode != "none" else ["dense"]:
+                    for ridge in ridges:
+                        model: Any = copy.deepcopy(dense)  # a transformers model (save_pretrained), not a bare Module
+                        h = type("Handle", (), {})()
+                        h.model, h.adapter = model, type(handle.adapter)(model)
+                        t0 = time.perf_counter()
+                        comp = None
+                        if mode != "none" and inputs == "pruned":
+                            comp = Compensation(mode, ridge, inputs="pruned", batches=batches)
+                        elif mode != "none":
+                            if stats is None:
+                                stats = compensate.gather(
+                                    handle.adapter, batches, kept, "bias_refit", desc="statistics"
+                                )
+                            comp = Compensation(mode, ridge, stats)
+                        prune_model(h, scores, plan, "query", comp)
+                        seconds = time.perf_counter() - t0
+                        row = {"importance": importance, "mode": mode, "inputs": inputs, "ridge": ridge, **shape}
+                        row.update({"seconds": round(seconds, 1), **{name: nll(model, b) for name, b in evals.items()}})
+                        result["pruned"].append(row)
+                        print(json.dumps(row), file=sys.stderr, flush=True)
+                        if args.save:
+                            out = os.path.join(
+                                args.save, f"{importance}-{mode}-{inputs}-{ridge:g}-h{plan.heads}-i{plan.intermediate}"
+                            )
+                            model.save_pretrained(out)
+                            tok.save_pretrained(out)
+                        del model
     print(json.dumps(result, indent=2))
 
 

@@ -22,7 +22,7 @@ SMOKE = {
     "dead_rank": ["--smoke"],
     "generation_stops": ["--smoke"],
     "prune": ["--smoke", "--model", "{tiny}"],
-    "compensation": ["--smoke", "--model", "{tiny}"],
+    "compensation": ["--smoke", "--model", "{tiny}", "--attention-ratios", "auto,0", "--depths", "0,1"],
     "eval": ["--model", "{tiny}", "--only", "nll", "--nll", "2", "--batch-size", "2", "--max-new-tokens", "4"],
     "curate": [
         "--pool-only",

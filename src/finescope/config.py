@@ -270,6 +270,10 @@ class RecoverConfig:
     """Generic replay records added, as a fraction of the domain records (against forgetting); 0 = none."""
     max_new_tokens: Annotated[int, Range(min=1)] = 256
     """Token limit of each teacher rewrite; a rewrite that hits it is rejected as cut off."""
+    rewrite_prompt: Literal["reference", "own"] = "reference"
+    """What the teacher sees when it rewrites: `reference` = SDFT's prompt, the instruction with the original
+    response as a reference answer; `own` = the student's own prompt (the record's chat prompt, no reference), so
+    the student trains on the teacher's own answers (sequence-level KD)."""
     temperature: Annotated[float, Range(min=0)] = 0.0
     """Teacher sampling temperature; 0 = greedy decoding (the default)."""
     rewrite_batch_size: Annotated[int, Range(min=1)] = 8
@@ -325,6 +329,7 @@ class RecoverConfig:
         "hidden_weight": 0.0,
         "hidden_loss": "nmse",
         "hidden_layers": [],
+        "rewrite_prompt": "reference",
     }
 
 

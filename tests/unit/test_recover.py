@@ -13,7 +13,8 @@ from conftest import build_model, build_tokenizer
 from finescope import FinescopeError
 from finescope.cli import main
 from finescope.config import RecoverConfig
-from finescope.data import RecordError, format_example
+from finescope.data import RecordError, format_example, format_prompt
+from finescope.generation import generate
 from finescope.modeling import ModelError
 from finescope.recover import filters
 from finescope.recover.filters import apply_filters, check_rewrite
@@ -28,7 +29,7 @@ from finescope.recover.finetune import (
     summed_loss,
     tokenize_pair,
 )
-from finescope.recover.rewrite import DISTILL_SYSTEM, read_partial, rewrite_prompt, rewrite_records
+from finescope.recover.rewrite import DISTILL_SYSTEM, prompt_hash, read_partial, rewrite_prompt, rewrite_records
 from finescope.recover.run import PARTIAL, RecoverError, run
 from finescope.recover.trainer import fine_tune
 from finescope.storage import is_done, read_json
@@ -81,6 +82,40 @@ def test_rewrite_prompt_without_chat_template(tiny_tokenizer):
 
 
 @pytest.mark.parametrize("chat", [True, False])
+def test_own_rewrite_prompt_is_the_students_prompt_without_the_reference(chat, chat_tokenizer, tiny_tokenizer):
+    tok = chat_tokenizer if chat else tiny_tokenizer
+    rec = {**RECORDS[0], "system": "Answer with a number."}
+    prompt = rewrite_prompt(tok, rec, "own")
+    assert prompt == format_prompt(tok, rec["instruction"], "Answer with a number.")
+    assert prompt == format_example(tok, rec)[0]  # exactly the prompt the student trains and is scored on
+    assert "12 * 7 = 84" not in prompt and DISTILL_SYSTEM not in prompt and "Reference" not in prompt
+    with pytest.raises(ValueError, match="reference or own"):
+        rewrite_prompt(tok, rec, "mine")
+
+
+def test_own_rewrites_are_the_teachers_own_answers_and_a_switch_redoes_them(tmp_path, chat_tokenizer):
+    model = build_model("llama", len(chat_tokenizer))
+    partial = tmp_path / PARTIAL
+    recs = RECORDS[:3]
+    rows, _ = rewrite_records(model, chat_tokenizer, recs, max_new_tokens=5, batch_size=2, partial_path=partial)
+    own, stats = rewrite_records(
+        model, chat_tokenizer, recs, max_new_tokens=5, batch_size=2, partial_path=partial, prompt="own"
+    )
+    assert stats["resumed"] == 0 and stats["generated"] == 3  # the reference prompts' rows are not reused
+    plain = generate(
+        model,
+        chat_tokenizer,
+        [format_prompt(chat_tokenizer, r["instruction"]) for r in recs],
+        max_new_tokens=5,
+        batch_size=2,
+    )
+    assert [own[r["id"]]["rewrite"] for r in recs] == [p[0]["text"].strip() for p in plain]
+    assert all(
+        own[r["id"]]["prompt_hash"] == prompt_hash(format_prompt(chat_tokenizer, r["instruction"])) for r in recs
+    )
+    assert [own[r["id"]]["rewrite"] for r in recs] != [rows[r["id"]]["rewrite"] for r in recs]
+
+
 def test_completion_only_labels(chat, chat_tokenizer, tiny_tokenizer):
     tok = chat_tokenizer if chat else tiny_tokenizer
     prompt, completion = format_example(tok, RECORDS[1])

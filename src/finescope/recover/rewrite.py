@@ -37,16 +37,21 @@ def uses_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def rewrite_prompt(tokenizer, rec: dict) -> str:
+def rewrite_prompt(tokenizer, rec: dict, mode: str = "reference") -> str:
     """The teacher's prompt for one instruction record.
 
-    With a chat template: the SDFT instruction is the system turn (plus the record's own system prompt, which
+    mode "own": the student's own prompt (`data.format_prompt` of the record's instruction and system prompt), no
+    reference answer — the teacher answers as itself. mode "reference", with a chat template: the SDFT instruction is the system turn (plus the record's own system prompt, which
     often fixes the answer format), the instruction and reference answer are the user turn. Without one: SDFT's
     plain `alpaca_distill_using` text.
     """
-    body = DISTILL_BODY.format(instruction=rec["instruction"].strip(), reference=rec["response"].strip())
     rec_system = rec.get("system")
     own = rec_system if isinstance(rec_system, str) and rec_system.strip() else None
+    if mode == "own":
+        return format_prompt(tokenizer, rec["instruction"], own)
+    if mode != "reference":
+        raise ValueError(f"rewrite prompt {mode!r}: must be reference or own")
+    body = DISTILL_BODY.format(instruction=rec["instruction"].strip(), reference=rec["response"].strip())
     if uses_chat_template(tokenizer):
         system = DISTILL_SYSTEM + (f"\n\n{own.strip()}" if own else "")
         return format_prompt(tokenizer, body, system=system)
@@ -92,18 +97,22 @@ def rewrite_records(
     seed: int = 0,
     partial_path: Path | None = None,
     sharded: bool = False,
+    prompt: str = "reference",
 ) -> tuple[dict[str, dict], dict[str, Any]]:
     """Teacher rewrites of the instruction records: `({id: row}, stats)`.
 
     Rows already in `partial_path` whose prompt hash still matches are reused (resume); new rows are appended
     to it after every batch, flushed and fsynced, so a killed run loses at most one batch.
 
+    prompt: `rewrite_prompt`'s mode (reference: SDFT's prompt with the original as a reference answer; own: the
+    record's own prompt). The prompt hash of each row tells a resume which rows were made with another prompt.
+
     sharded (launched with several ranks): the pending records' batches are split over the ranks, each rank
     appends to its own `<partial stem>.rank<r>.jsonl`, and every rank returns all rows.
     """
     ranks = distributed.ranks() if sharded else distributed.Ranks()
     todo = [r for r in records if "instruction" in r]
-    prompts = {r["id"]: rewrite_prompt(tokenizer, r) for r in todo}
+    prompts = {r["id"]: rewrite_prompt(tokenizer, r, prompt) for r in todo}
     done = _resumable_rows(partial_path, prompts)
     if ranks.world > 1:
         distributed.barrier("reading the partial rewrites")  # every rank reads before any rank appends

@@ -271,6 +271,7 @@ def _rewrite(
         seed=cfg.seed,
         partial_path=stage / PARTIAL,
         sharded=True,
+        prompt=cfg.rewrite_prompt,
     )
     times["rewrite"] = round(time.perf_counter() - t, 2)
     instruction_records = stats.pop("instruction_records")

@@ -270,16 +270,18 @@ class RecoverConfig:
     """Generic replay records added, as a fraction of the domain records (against forgetting); 0 = none."""
     max_new_tokens: Annotated[int, Range(min=1)] = 256
     """Token limit of each teacher rewrite; a rewrite that hits it is rejected as cut off."""
-    rewrite_prompt: Literal["reference", "own"] = "reference"
-    """What the teacher sees when it rewrites: `reference` = SDFT's prompt, the instruction with the original
-    response as a reference answer; `own` = the student's own prompt (the record's chat prompt, no reference), so
-    the student trains on the teacher's own answers (sequence-level KD)."""
+    rewrite_prompt: Annotated[Literal["reference", "own"], KD] = "reference"
+    """What the teacher sees when it rewrites (needs rewrites: not --no-rewrite): `reference` = SDFT's prompt, the
+    instruction with the original response as a reference answer (TGD's, always); `own` = the student's own prompt
+    (the record's chat prompt, no reference), so the student trains on the teacher's own answers (sequence-level
+    KD). Own answers are not answer-checked: the teacher is distilled as it is, right or wrong, as its logits are."""
     temperature: Annotated[float, Range(min=0)] = 0.0
     """Teacher sampling temperature; 0 = greedy decoding (the default)."""
     rewrite_batch_size: Annotated[int, Range(min=1)] = 8
     """Prompts per batched generate call (left padding)."""
     answer_check: bool = True
-    """Reject rewrites whose final number / option letter differs from the original's (when it has one)."""
+    """Reject rewrites whose final number / option letter differs from the original's (when it has one); reference
+    rewrites only (--rewrite-prompt)."""
     lora_rank: Annotated[int, Range(min=1)] = 32
     """LoRA rank r (paper: 32)."""
     lora_alpha: Annotated[float, Range(min=0, min_open=True)] = 64

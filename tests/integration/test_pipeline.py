@@ -256,6 +256,15 @@ def test_ablation_matrix_plan_shares_outputs(tmp_path):
     assert chains["pruned_sft"]["recover"].cfg.no_teacher and not chains["pruned_tgd"]["recover"].cfg.no_teacher
 
 
+def test_own_rewrites_are_the_kd_variants_recipe_tgd_keeps_the_reference_prompt(tmp_path):
+    overrides = ["recover.rewrite_prompt=own", "recover.no_rewrite=false", "recover.kd_weight=0.8"]
+    cfg = load_config(PipelineConfig, CONFIGS / "paper-ablations.yaml", overrides)
+    _, chains = pipeline.plan(cfg, tmp_path)
+    kd, tgd = chains["pruned_kd"]["recover"].cfg, chains["pruned_tgd"]["recover"].cfg
+    assert (kd.rewrite_prompt, kd.no_rewrite) == ("own", False)
+    assert (tgd.rewrite_prompt, tgd.kd_weight) == ("reference", 0.0)
+
+
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_preset_parses_strictly(path):
     with warnings.catch_warnings():

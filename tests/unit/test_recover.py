@@ -259,6 +259,19 @@ def test_apply_filters_falls_back_and_counts():
     assert all(r.get("response") == r.get("original") for r in sft_rows if "instruction" in r)
 
 
+def test_own_answers_are_not_answer_checked_reference_rewrites_are(tmp_path):
+    from finescope.recover.run import _filter
+
+    rewrites = {"r1": {"rewrite": "12 * 7 = 74. The answer is 74.", "cut_off": False}}
+    recs = RECORDS[:1]
+    for prompt, reason in (("reference", "answer_mismatch"), ("own", "accepted")):
+        cfg = RecoverConfig(student="s", data="d", rewrite_prompt=prompt)
+        rows, _ = _filter(None, cfg, recs, rewrites)
+        assert rows[0]["reason"] == reason
+    rows, _ = _filter(None, RecoverConfig(student="s", data="d", answer_check=False), recs, rewrites)
+    assert rows[0]["reason"] == "accepted"
+
+
 # ================================================================================================ LoRA
 
 

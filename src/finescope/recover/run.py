@@ -285,7 +285,9 @@ def _rewrite(
 def _filter(stage: Path | None, cfg: RecoverConfig, records, rewrites: dict | None) -> tuple[list[dict], FilterStats]:
     """Keep or reject each rewrite (falling back to the original response); write distilled.jsonl (into `stage`,
     None on the ranks that do not write)."""
-    rows, counts = apply_filters(records, rewrites, answer_check=cfg.answer_check)
+    # own answers are distilled as the teacher gives them; only a rewrite of a reference answer is checked against it
+    check = cfg.answer_check and cfg.rewrite_prompt == "reference"
+    rows, counts = apply_filters(records, rewrites, answer_check=check)
     if stage is not None:
         write_jsonl_atomic(stage / "distilled.jsonl", rows)
     judged = sum(counts.get(r, 0) for r in REASONS)

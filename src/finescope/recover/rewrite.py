@@ -41,9 +41,9 @@ def rewrite_prompt(tokenizer, rec: dict, mode: str = "reference") -> str:
     """The teacher's prompt for one instruction record.
 
     mode "own": the student's own prompt (`data.format_prompt` of the record's instruction and system prompt), no
-    reference answer — the teacher answers as itself. mode "reference", with a chat template: the SDFT instruction is the system turn (plus the record's own system prompt, which
-    often fixes the answer format), the instruction and reference answer are the user turn. Without one: SDFT's
-    plain `alpaca_distill_using` text.
+    reference answer — the teacher answers as itself. mode "reference", with a chat template: the SDFT instruction
+    is the system turn (plus the record's own system prompt, which often fixes the answer format), the instruction
+    and reference answer are the user turn. Without one: SDFT's plain `alpaca_distill_using` text.
     """
     rec_system = rec.get("system")
     own = rec_system if isinstance(rec_system, str) and rec_system.strip() else None

@@ -116,6 +116,7 @@ def test_own_rewrites_are_the_teachers_own_answers_and_a_switch_redoes_them(tmp_
     assert [own[r["id"]]["rewrite"] for r in recs] != [rows[r["id"]]["rewrite"] for r in recs]
 
 
+@pytest.mark.parametrize("chat", [True, False])
 def test_completion_only_labels(chat, chat_tokenizer, tiny_tokenizer):
     tok = chat_tokenizer if chat else tiny_tokenizer
     prompt, completion = format_example(tok, RECORDS[1])

@@ -463,6 +463,9 @@ class TeacherRewriteStats(Schema):
     resumed: int
     """Rewrites taken over from an interrupted run."""
     generated: int
+    prompt_too_long: int = 0
+    """Instruction records not sent to the teacher: their prompt alone fills `max_length`, so training drops them
+    whatever the response."""
     seconds: float
     new_tokens: int
     tokens_per_second: float | None

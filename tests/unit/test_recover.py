@@ -383,6 +383,22 @@ def test_run_writes_distilled_adapter_model_metrics(tmp_path, tiny_model_dirs):
     assert run(cfg, tmp_path / "recover") == tmp_path / "recover" and (out / "DONE").stat().st_mtime_ns == stamp
 
 
+def test_a_prompt_that_fills_max_length_is_not_sent_to_the_teacher(tmp_path, tiny_model_dirs):
+    long = {"id": "long", "instruction": "How many apples are there? " * 40, "response": "Seven."}
+    data = write_records(tmp_path / "data.jsonl", [*RECORDS, long])
+    cfg = _cfg(tiny_model_dirs["llama"], tiny_model_dirs["llama"], data, rewrite_prompt="own")
+    out = run(cfg, tmp_path / "recover")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["rewrite"]["instruction_records"], metrics["rewrite"]["generated"]) == (6, 5)
+    assert metrics["rewrite"]["prompt_too_long"] == 1 and metrics["filters"]["counts"]["prompt_too_long"] == 1
+    assert metrics["too_long_skipped"] == 1  # training drops it, as it did when the teacher answered it
+    row = [json.loads(l) for l in (out / "distilled.jsonl").read_text().splitlines()][-1]
+    assert (row["id"], row["reason"], row["rewrite"], row["response"]) == ("long", "prompt_too_long", None, "Seven.")
+    short = _cfg(tiny_model_dirs["llama"], tiny_model_dirs["llama"], data, rewrite_prompt="own", max_length=1024)
+    metrics = json.loads((run(short, tmp_path / "roomy") / "metrics.json").read_text())
+    assert metrics["rewrite"]["generated"] == 6 and metrics["rewrite"]["prompt_too_long"] == 0
+
+
 def test_no_teacher_is_plain_sft_without_chat_template(tmp_path):
     student = plain_model_dir(tmp_path)
     data = write_records(tmp_path / "data.jsonl")

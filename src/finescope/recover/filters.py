@@ -155,13 +155,19 @@ def check_rewrite(rec: dict, rewrite: str, cut_off: bool = False, *, answer_chec
 
 
 def apply_filters(
-    records: list[dict], rewrites: dict[str, dict] | None, *, answer_check: bool = True
+    records: list[dict],
+    rewrites: dict[str, dict] | None,
+    *,
+    answer_check: bool = True,
+    not_rewritten: frozenset[str] = frozenset(),
 ) -> tuple[list[dict], dict[str, int]]:
     """distilled.jsonl rows and counts per reason.
 
     Each instruction row keeps `original` and `rewrite` (None without a teacher), `used` ("rewrite" or
     "original") and `reason`; `response` holds the text used, so the file is itself a record file. Text records
     pass through as language-modelling data (`used` = "text"). `rewrites=None` means no teacher (plain SFT).
+    `not_rewritten`: ids the teacher was not asked to rewrite because their prompt fills the training length
+    (reason "prompt_too_long", the original kept; training drops them).
     """
     counts: Counter = Counter()
     rows = []
@@ -172,6 +178,8 @@ def apply_filters(
             continue
         if rewrites is None:
             reason, rewrite = "no_teacher", None
+        elif rec["id"] in not_rewritten:
+            reason, rewrite = "prompt_too_long", None
         else:
             got = rewrites.get(rec["id"])
             if got is None:

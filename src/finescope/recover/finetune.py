@@ -125,6 +125,12 @@ def tokenize_pair(tokenizer, prompt: str, completion: str, max_length: int) -> E
     return Example(ids, labels)
 
 
+def prompt_fills(tokenizer, record: dict, max_length: int) -> bool:
+    """Whether an instruction record's prompt alone fills `max_length`: training drops it whatever its response."""
+    prompt, _ = format_example(tokenizer, {**record, "response": ""})
+    return bool(prompt) and len(encode_prompt(tokenizer, prompt)) >= max_length
+
+
 def template_overhead(tokenizer) -> int:
     """Prompt tokens of the template around a one-word instruction: the floor for `max_length`."""
     prompt, _ = format_example(tokenizer, {"instruction": "Hi", "response": "Hi"})

@@ -39,7 +39,7 @@ from ..storage import CONFIG, check_stage_folder, read_json, write_jsonl_atomic
 from . import kd_cache
 from .distill import KdSettings, check_hidden_fit
 from .filters import REASONS, apply_filters
-from .finetune import Example, TrainSettings, build_examples, mean_loss, save_trained, split_records
+from .finetune import Example, TrainSettings, build_examples, mean_loss, prompt_fills, save_trained, split_records
 from .rewrite import rank_partials, rewrite_records
 from .sources import training_records
 from .trainer import check_launch_engine, fine_tune
@@ -206,11 +206,17 @@ def _recover_into(
     )
     if rewrite and teacher is not None and cfg.generation_backend == "vllm":
         teacher.generator = vllm_backend.VllmEngine(resolve_model_path(teacher.source), dtype=cfg.dtype, seed=cfg.seed)
-    rewrite_stats, rewrites = _rewrite(stage, cfg, records, teacher if rewrite else None, times)
+    # the teacher answers only records the student can train on: a prompt that fills max_length is dropped anyway
+    long_prompts = frozenset(
+        r["id"]
+        for r in records
+        if rewrite and "instruction" in r and prompt_fills(student.tokenizer, r, cfg.max_length)
+    )
+    rewrite_stats, rewrites = _rewrite(stage, cfg, records, teacher if rewrite else None, times, long_prompts)
     if teacher is not None and teacher.generator is not None:
         teacher.generator.close()  # its GPU memory goes back before the student trains
         teacher.generator = None
-    rows, filter_stats = _filter(stage if ranks.is_main else None, cfg, records, rewrites)
+    rows, filter_stats = _filter(stage if ranks.is_main else None, cfg, records, rewrites, long_prompts)
     train_ex, eval_ex, too_long = _examples(student.tokenizer, cfg, rows)
     kd_stats, online = _kd_targets(cfg, teacher, train_ex, tokens.pad_id(student.tokenizer), times)
     teacher = None  # the last reference unless KD runs online: the teacher's memory is free before the student trains
@@ -254,9 +260,15 @@ def _load_teacher(cfg: RecoverConfig, student: ModelHandle, spec: str) -> ModelH
 
 
 def _rewrite(
-    stage: Path, cfg: RecoverConfig, records: list[dict], teacher: ModelHandle | None, times: dict[str, float]
+    stage: Path,
+    cfg: RecoverConfig,
+    records: list[dict],
+    teacher: ModelHandle | None,
+    times: dict[str, float],
+    long_prompts: frozenset[str] = frozenset(),
 ) -> tuple[RewriteStats, dict | None]:
-    """The teacher's rewrites of the instruction records (resuming a partial file), or None without rewrites."""
+    """The teacher's rewrites of the instruction records (resuming a partial file), or None without rewrites;
+    records in `long_prompts` (their prompt fills max_length) are not sent to the teacher."""
     n_instr = sum("instruction" in r for r in records)
     if teacher is None:
         return RewriteStats(instruction_records=n_instr, text_records=len(records) - n_instr), None
@@ -264,7 +276,7 @@ def _rewrite(
     rewrites, stats = rewrite_records(
         teacher.generator or teacher.model,
         teacher.tokenizer,
-        records,
+        [r for r in records if r["id"] not in long_prompts],
         max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.rewrite_batch_size,
         temperature=cfg.temperature,
@@ -274,20 +286,26 @@ def _rewrite(
         prompt=cfg.rewrite_prompt,
     )
     times["rewrite"] = round(time.perf_counter() - t, 2)
-    instruction_records = stats.pop("instruction_records")
+    stats.pop("instruction_records")
     return RewriteStats(
-        instruction_records=instruction_records,
+        instruction_records=n_instr,
         text_records=len(records) - n_instr,
-        teacher_run=TeacherRewriteStats(**stats, teacher=teacher.source),
+        teacher_run=TeacherRewriteStats(**stats, prompt_too_long=len(long_prompts), teacher=teacher.source),
     ), rewrites
 
 
-def _filter(stage: Path | None, cfg: RecoverConfig, records, rewrites: dict | None) -> tuple[list[dict], FilterStats]:
+def _filter(
+    stage: Path | None,
+    cfg: RecoverConfig,
+    records,
+    rewrites: dict | None,
+    long_prompts: frozenset[str] = frozenset(),
+) -> tuple[list[dict], FilterStats]:
     """Keep or reject each rewrite (falling back to the original response); write distilled.jsonl (into `stage`,
     None on the ranks that do not write)."""
     # own answers are distilled as the teacher gives them; only a rewrite of a reference answer is checked against it
     check = cfg.answer_check and cfg.rewrite_prompt == "reference"
-    rows, counts = apply_filters(records, rewrites, answer_check=check)
+    rows, counts = apply_filters(records, rewrites, answer_check=check, not_rewritten=long_prompts)
     if stage is not None:
         write_jsonl_atomic(stage / "distilled.jsonl", rows)
     judged = sum(counts.get(r, 0) for r in REASONS)

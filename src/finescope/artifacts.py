@@ -499,6 +499,9 @@ class TrainLossPoint(Schema):
     loss: float
     """Token-weighted training loss of the step (α·KD + (1 − α)·CE with logit distillation)."""
     lr: float
+    ce: float | None = None
+    """The step's token-weighted CE on its labelled tokens: the measure of the held-out loss (`eval_loss`), which
+    `loss` is not once a KD or hidden-state term is mixed in. None in runs written before this field."""
     kd: float | None = None
     """The step's mean KD term (τ²·KL per token); None without logit distillation."""
     hidden: float | None = None

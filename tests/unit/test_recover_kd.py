@@ -231,6 +231,9 @@ def test_stage_with_kd_caches_targets_and_reuses_them(tmp_path, tiny_model_dirs)
     assert first["kd"]["targets"] == "top-k cache" and first["kd"]["cache_hit"] is False
     assert first["kd"]["cache"] == str(cache / kd_cache.FILE) and first["seconds"]["kd_targets"] > 0
     assert all(p["kd"] > 0 for p in first["train"]["train_loss"])
+    # The step's loss is the mix of its recorded CE and KD terms (α = 0.5); the CE is what held-out measures.
+    for p in first["train"]["train_loss"]:
+        assert p["loss"] == pytest.approx(0.5 * p["ce"] + 0.5 * p["kd"], rel=1e-9) and p["ce"] > 0
     second = json.loads((run(cfg(teacher), tmp_path / "b") / "metrics.json").read_text())
     assert second["kd"]["cache_hit"] is True
     assert [p["loss"] for p in second["train"]["train_loss"]] == [p["loss"] for p in first["train"]["train_loss"]]

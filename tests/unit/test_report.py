@@ -533,3 +533,17 @@ def test_the_card_goes_to_the_kd_recovery_when_the_run_has_one():
     assert final_variant(run("pruned_tgd", "pruned_sft")) == "pruned_tgd"
     assert final_variant(run("pruned_sft")) == "pruned_sft"
     assert final_variant(run()) is None
+
+
+def test_the_recovery_plot_draws_the_training_ce_beside_the_held_out_ce():
+    """With KD the step's loss mixes CE and KL (0.4 against a held-out CE of 1.3 read like overfitting): the plot
+    draws the step's CE, the held-out loss's measure; runs written before `ce` name their curve the objective."""
+    from finescope.artifacts import TrainLossPoint
+    from finescope.report.plots import train_curve
+
+    new = [TrainLossPoint(step=i, epoch=1, loss=0.4, lr=1e-4, ce=1.3, kd=0.2) for i in (1, 2)]
+    assert train_curve(new) == ([1.3, 1.3], "train CE")
+    old_kd = [TrainLossPoint(step=i, epoch=1, loss=0.4, lr=1e-4, kd=0.2) for i in (1, 2)]
+    assert train_curve(old_kd) == ([0.4, 0.4], "train objective (CE + KD)")
+    old_sft = [TrainLossPoint(step=1, epoch=1, loss=1.1, lr=1e-4)]
+    assert train_curve(old_sft) == ([1.1], "train CE")

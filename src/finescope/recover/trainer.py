@@ -121,9 +121,9 @@ def _trainer_class():
             loss = mixed_loss(terms, n_ce, n_kd, self.kd) * self.accelerator.num_processes
             return (loss, None) if return_outputs else loss
 
-        def take_step_means(self) -> tuple[float, float | None, float | None]:
-            """The finished step's token-weighted mean loss, mean KD term and mean hidden-state term (None when
-            off), over every rank."""
+        def take_step_means(self) -> tuple[float, float, float | None, float | None]:
+            """The finished step's token-weighted mean loss, mean CE, mean KD term and mean hidden-state term (None
+            when off), over every rank."""
             sums = self.step_sums.to(self.args.device)
             if self.accelerator.num_processes > 1:
                 sums = self.accelerator.reduce(sums, reduction="sum")
@@ -132,9 +132,10 @@ def _trainer_class():
             self.step_sums = torch.zeros(3, dtype=torch.float64)
             kd_mean = kd_sum / n_kd if self.kd.weight > 0 else None
             hidden_mean = hidden_sum / n_kd if self.kd.hidden_weight > 0 else None
-            loss = (1 - self.kd.weight) * ce_sum / n_ce if kd_mean is not None else ce_sum / n_ce
+            ce_mean = ce_sum / n_ce
+            loss = (1 - self.kd.weight) * ce_mean if kd_mean is not None else ce_mean
             loss += self.kd.weight * (kd_mean or 0.0) + self.kd.hidden_weight * (hidden_mean or 0.0)
-            return loss, kd_mean, hidden_mean
+            return loss, ce_mean, kd_mean, hidden_mean
 
     return CompletionTrainer
 
@@ -166,11 +167,12 @@ def _history_callback(trainer, held_out: list[Example], pad_id: int, micro: int,
             self.bar = progress(total=state.max_steps, initial=state.global_step, desc=desc, unit="step")
 
         def on_step_end(self, args, state, control, **kw):
-            loss, kd, hidden = trainer.take_step_means()
+            loss, ce, kd, hidden = trainer.take_step_means()
             point = {
                 "step": state.global_step,
                 "epoch": max(1, math.ceil(state.epoch - 1e-9)),
                 "loss": loss,
+                "ce": ce,
                 "lr": kw["lr_scheduler"].get_last_lr()[0],
             }
             if kd is not None:

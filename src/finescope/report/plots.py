@@ -172,17 +172,26 @@ def ratio_sweep(sweep: list[dict]) -> bytes | None:
     return _png(fig)
 
 
+def train_curve(points: list) -> tuple[list[float], str]:
+    """The per-step training figure to draw beside the held-out loss, and its legend text: the step's CE (the
+    held-out loss's measure); in runs written before `ce` was recorded, the step's loss, named as the objective
+    when a KD or hidden-state term is mixed into it (it is then not comparable with the held-out CE)."""
+    if all(p.ce is not None for p in points):
+        return [p.ce for p in points], "train CE"
+    mixed = any(p.kd is not None or p.hidden is not None for p in points)
+    return [p.loss for p in points], "train objective (CE + KD)" if mixed else "train CE"
+
+
 def recovery_curves(recovers: dict[str, Recovery | None]) -> bytes | None:
-    """LoRA train / held-out loss per step of each recovery."""
+    """Per-step training CE and per-epoch held-out CE (response tokens, nats) of each recovery."""
     histories = {k: v.metrics.train for k, v in recovers.items() if v and v.metrics.train.train_loss}
     if not histories:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.4))
     for label, train in histories.items():
-        (line,) = ax.plot(
-            [p.step for p in train.train_loss], [p.loss for p in train.train_loss], label=f"{label} train"
-        )
+        values, what = train_curve(train.train_loss)
+        (line,) = ax.plot([p.step for p in train.train_loss], values, label=f"{label} {what}")
         spe = max(1, train.total_steps or 1) / max(1e-9, max(p.epoch for p in train.eval_loss) or 1)
         ax.plot(
             [p.epoch * spe for p in train.eval_loss],
@@ -190,10 +199,10 @@ def recovery_curves(recovers: dict[str, Recovery | None]) -> bytes | None:
             ls="--",
             marker="o",
             color=line.get_color(),
-            label=f"{label} held-out",
+            label=f"{label} held-out CE",
         )
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("recovery fine-tuning loss", fontsize=9)
+    ax.set_ylabel("nats / response token")
+    ax.set_title("recovery fine-tuning: training per step, held-out CE per epoch", fontsize=9)
     ax.legend(fontsize=7)
     return _png(fig)

@@ -265,7 +265,7 @@ def _recovery_blocks(data: dict, plot_files: dict[str, bytes]) -> list[tuple]:
         ),
     ]
     if "recovery" in plot_files:
-        b.append(("img", "recovery", "recovery loss curves"))
+        b.append(("img", "recovery", "recovery: train and held-out CE per response token"))
     return b
 
 

@@ -545,5 +545,9 @@ def test_the_recovery_plot_draws_the_training_ce_beside_the_held_out_ce():
     assert train_curve(new) == ([1.3, 1.3], "train CE")
     old_kd = [TrainLossPoint(step=i, epoch=1, loss=0.4, lr=1e-4, kd=0.2) for i in (1, 2)]
     assert train_curve(old_kd) == ([0.4, 0.4], "train objective (CE + KD)")
+    old_hidden = [TrainLossPoint(step=1, epoch=1, loss=0.9, lr=1e-4, hidden=0.3)]
+    assert train_curve(old_hidden) == ([0.9], "train objective (CE + hidden)")
+    old_both = [TrainLossPoint(step=1, epoch=1, loss=0.5, lr=1e-4, kd=0.2, hidden=0.3)]
+    assert train_curve(old_both) == ([0.5], "train objective (CE + KD + hidden)")
     old_sft = [TrainLossPoint(step=1, epoch=1, loss=1.1, lr=1e-4)]
     assert train_curve(old_sft) == ([1.1], "train CE")

@@ -178,8 +178,9 @@ def train_curve(points: list) -> tuple[list[float], str]:
     when a KD or hidden-state term is mixed into it (it is then not comparable with the held-out CE)."""
     if all(p.ce is not None for p in points):
         return [p.ce for p in points], "train CE"
-    mixed = any(p.kd is not None or p.hidden is not None for p in points)
-    return [p.loss for p in points], "train objective (CE + KD)" if mixed else "train CE"
+    terms = ["KD"] if any(p.kd is not None for p in points) else []
+    terms += ["hidden"] if any(p.hidden is not None for p in points) else []
+    return [p.loss for p in points], f"train objective (CE + {' + '.join(terms)})" if terms else "train CE"
 
 
 def recovery_curves(recovers: dict[str, Recovery | None]) -> bytes | None:

@@ -205,3 +205,21 @@ def calib_file(tmp_path_factory):
     rows += [{"text": text} for text in CORPUS[:4]]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def fake_curation(tmp_path: Path, pool: list[dict], best: int = 2) -> Path:
+    """A curate stage folder: config.json naming the pool, scores.parquet (record i scores 0.1·i), selected.jsonl
+    (the best `best`); returns selected.jsonl."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "curate"
+    folder.mkdir()
+    pool_file = tmp_path / "pool.jsonl"
+    pool_file.write_text("".join(json.dumps(r) + "\n" for r in pool), encoding="utf-8")
+    (folder / "config.json").write_text(json.dumps({"config": {"pool": str(pool_file)}}))
+    scores = [0.1 * i for i in range(len(pool))]
+    pq.write_table(pa.table({"id": [r["id"] for r in pool], "score": scores}), folder / "scores.parquet")
+    selected = folder / "selected.jsonl"
+    selected.write_text("".join(json.dumps(r) + "\n" for r in pool[::-1][:best]), encoding="utf-8")
+    return selected

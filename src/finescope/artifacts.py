@@ -304,6 +304,8 @@ class Calibration(Schema):
     tokens: int
     loss_tokens: int
     batches: int
+    added_next_ranked: int = 0
+    """The curation's next-ranked pool records `calib_top_m` added to the data (before sampling calib_samples)."""
 
 
 @dataclass(kw_only=True)

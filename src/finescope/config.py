@@ -192,7 +192,9 @@ class PruneConfig:
     depth_importance: Annotated[str, Choices(DEPTH_IMPORTANCE)] = "block_influence"
     """Block score for depth pruning."""
     calib_samples: Annotated[int, Range(min=1)] = 128
-    """Calibration records used (at most)."""
+    """Calibration records used (at most; a seeded sample of the data when it holds more)."""
+    calib_top_m: Annotated[int, Range(min=0)] = 0
+    """Calibrate on the curation's top N records instead of only --data (the next-ranked pool records join, those that overlap evaluation data left out; needs --data from a curate stage); 0 = --data as it is. The pipeline ignores it for generic calibration."""
     calib_length: Annotated[int, Range(min=8)] = 256
     """Token limit per calibration record."""
     calib_loss: Literal["text", "response"] = "text"
@@ -225,7 +227,7 @@ class PruneConfig:
     """Replace an existing output folder that is not a previous prune output."""
 
     HASH_EXCLUDE = ("overwrite", "device", "compensation_memory_gib")
-    HASH_OMIT_AT = {"compensation": "none", "refit_ridge": 0.01, "compensation_inputs": "dense"}
+    HASH_OMIT_AT = {"compensation": "none", "refit_ridge": 0.01, "compensation_inputs": "dense", "calib_top_m": 0}
 
 
 @dataclass
@@ -475,12 +477,17 @@ class PipelineConfig:
                 f"{self.prune.ratio:g}; end the schedule at the target (e.g. [{self.prune.ratio / 2:g}, "
                 f"{self.prune.ratio:g}])"
             )
-        sample, want = self.curate.pool_sample, self.recover.recover_top_m
-        if kd and sample and want > sample:
-            raise ConfigError(
-                f"recover.recover_top_m = {want}: more records than the {sample} that curate.pool_sample draws from "
-                f"the pool for the curation to rank; ask for at most {sample}, or raise curate.pool_sample"
-            )
+        sample = self.curate.pool_sample
+        curated_calibration = bool(self.sweep_ratios) or any(VARIANTS[v].prune == "data" for v in self.variants)
+        for key, want, reads in (
+            ("recover.recover_top_m", self.recover.recover_top_m, kd),
+            ("prune.calib_top_m", self.prune.calib_top_m, curated_calibration),
+        ):
+            if reads and sample and want > sample:
+                raise ConfigError(
+                    f"{key} = {want}: more records than the {sample} that curate.pool_sample draws from the pool "
+                    f"for the curation to rank; ask for at most {sample}, or raise curate.pool_sample"
+                )
         for i, task in enumerate(self.eval.off_domain):
             if task not in self.eval.tasks:
                 raise ConfigError(

@@ -136,6 +136,8 @@ class Planner:
         round: int = 0,
     ) -> Job:
         pc = replace(self.cfg.prune, model=model or self.cfg.model, data=str(data))
+        if calib == "generic":  # a text list, not a curation: no ranking to extend it from
+            pc = replace(pc, calib_top_m=0)
         if ratio is not None:
             pc = replace(pc, ratio=ratio)
         return self._job("prune", f"{calib}-{step or f'r{pc.ratio:g}'}", pc, round)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -334,3 +335,67 @@ def test_gradient_sums_of_a_bf16_model_are_kept_in_float32():
     total = gathered.grads[p]
     assert total.dtype == torch.float32 and p.grad is None
     assert torch.allclose(total, torch.full((4,), 300 * float(torch.tensor(1e-3, dtype=torch.bfloat16))))
+
+
+# ================================================================================================ calib_top_m
+
+
+def _ranked_pool(n: int = 12) -> list[dict]:
+    """Pool records whose instructions (≥ 13 words, each with its own number) tell them apart for decontam."""
+    return [
+        {
+            "id": f"p{i}",
+            "instruction": f"Please tell me one more useful thing about item number {i} of this list.",
+            "response": CORPUS[i % len(CORPUS)],
+        }
+        for i in range(n)
+    ]
+
+
+def test_calib_top_m_calibrates_on_the_curations_next_ranked_records(tiny_model_dirs, tmp_path, monkeypatch):
+    """The selection (top 3) plus the next-ranked pool records up to 8, one of them left out for sharing a 13-gram
+    with evaluation data: 7 calibration records, 4 of them added."""
+    from conftest import fake_curation
+    from finescope import decontam
+
+    pool = _ranked_pool()
+    selected = fake_curation(tmp_path, pool, best=3)
+    monkeypatch.setattr(decontam, "eval_ngrams", lambda: frozenset(decontam.ngrams(pool[6]["instruction"])))
+    cfg = PruneConfig(model=str(tiny_model_dirs["llama"]), data=str(selected), ratio=0.3, calib_samples=16)
+    out = run(replace(cfg, calib_top_m=8), tmp_path / "top8")
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration"]["records"] == 7 and report["calibration"]["added_next_ranked"] == 4
+    plain = run(cfg, tmp_path / "plain")  # calib_top_m 0: the data as it is
+    assert json.loads((plain / "report.json").read_text())["calibration"]["records"] == 3
+
+
+def test_calib_top_m_beyond_the_ranking_or_without_a_curation_is_refused_before_any_work(
+    tiny_model_dirs, calib_file, tmp_path
+):
+    from conftest import fake_curation
+    from finescope import FinescopeError
+
+    selected = fake_curation(tmp_path, _ranked_pool(), best=3)
+    model, out = str(tiny_model_dirs["llama"]), tmp_path / "out"
+    with pytest.raises(FinescopeError, match=r"--calib-top-m 13: the curation scored 12 pool records .*at most 12"):
+        run(PruneConfig(model=model, data=str(selected), calib_top_m=13), out)
+    with pytest.raises(FinescopeError, match="--calib-top-m needs --data from a curate stage folder"):
+        run(PruneConfig(model=model, data=str(calib_file), calib_top_m=4), out)
+    assert not out.exists()
+
+
+def test_the_pipeline_checks_calib_top_m_against_the_pool_sample_and_drops_it_for_generic_calibration(tmp_path):
+    from finescope import pipeline
+    from finescope.config import ConfigError, CurateConfig, PipelineConfig
+
+    def cfg(top_m: int, variants=("dense", "pruned")) -> PipelineConfig:
+        return PipelineConfig(
+            variants=list(variants), curate=CurateConfig(pool_sample=800), prune=PruneConfig(calib_top_m=top_m)
+        )
+
+    with pytest.raises(ConfigError, match=r"prune.calib_top_m = 900: more records than the 800 .* at most 800"):
+        cfg(900).check()
+    cfg(900, variants=("dense", "pruned_generic")).check()  # generic calibration reads no ranking
+    _, chains = pipeline.plan(cfg(256, variants=("pruned", "pruned_generic")), tmp_path)
+    assert chains["pruned"]["prune"].cfg.calib_top_m == 256
+    assert chains["pruned_generic"]["prune"].cfg.calib_top_m == 0

@@ -10,9 +10,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import build_model
+from conftest import build_model, fake_curation
 from finescope import FinescopeError
 from finescope.config import ConfigError, PipelineConfig, RecoverConfig, apply_overrides
+from finescope.ranking import next_ranked
 from finescope.recover import kd_cache
 from finescope.recover.distill import KdSettings, OnlineTeacher, kd_summed, kl_full, kl_top_k, top_k_of
 from finescope.recover.finetune import (
@@ -27,7 +28,6 @@ from finescope.recover.finetune import (
     teacher_targets,
 )
 from finescope.recover.run import RecoverError, run
-from finescope.recover.sources import next_ranked
 from finescope.recover.trainer import fine_tune
 from finescope.tokens import IGNORE_INDEX
 from test_recover import RECORDS, _cfg, write_records
@@ -412,24 +412,9 @@ def test_stage_with_full_fine_tuning(tmp_path, tiny_model_dirs):
 # ================================================================================================ data
 
 
-def _fake_curation(tmp_path, pool):
-    """A curate stage folder: config.json naming the pool, scores.parquet, selected.jsonl (the best two)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    folder = tmp_path / "curate"
-    folder.mkdir()
-    pool_file = write_records(tmp_path / "pool.jsonl", pool)
-    (folder / "config.json").write_text(json.dumps({"config": {"pool": str(pool_file)}}))
-    scores = [0.1 * i for i in range(len(pool))]
-    pq.write_table(pa.table({"id": [r["id"] for r in pool], "score": scores}), folder / "scores.parquet")
-    best = sorted(pool, key=lambda r: -scores[pool.index(r)])[:2]
-    return write_records(folder / "selected.jsonl", best)
-
-
 def test_recover_top_m_adds_the_next_ranked_pool_records(tmp_path):
     pool = [{"id": f"p{i}", "instruction": f"Question {i}?", "response": f"Answer {i}."} for i in range(6)]
-    selected = _fake_curation(tmp_path, pool)
+    selected = fake_curation(tmp_path, pool)
     assert [r["id"] for r in next_ranked(str(selected), 4, {"p5", "p4"})] == ["p3", "p2"]
     assert next_ranked(str(selected), 2, {"p5", "p4"}) == []
     assert len(next_ranked(str(selected), 6, set())) == 6  # the whole scored pool

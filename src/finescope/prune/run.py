@@ -42,6 +42,7 @@ from ..artifacts import (
 from ..config import PruneConfig
 from ..data import read_records
 from ..modeling import load, model_info
+from ..ranking import next_ranked, without_eval_overlap
 from . import compensate
 from .importance import calibration_batches, compute_scores, select_attention, select_blocks, select_channels
 from .solver import solve
@@ -239,7 +240,7 @@ def run(cfg: PruneConfig, out: Path) -> Path:
             "stays on one device; use cuda, cuda:N or cpu"
         )
     storage.check_stage_folder(out, cfg, overwrite=cfg.overwrite)
-    records = read_records(cfg.data)
+    records, added = _calibration_records(cfg)
     handle = distributed.main_first(lambda: load(cfg.model, dtype=cfg.dtype, device=cfg.device), f"loading {cfg.model}")
     before = model_info(handle)
     shapes = model_shapes(handle.adapter, handle.model)
@@ -263,6 +264,7 @@ def run(cfg: PruneConfig, out: Path) -> Path:
         source=str(cfg.data),
         loss_on=cfg.calib_loss,
     )
+    calib["added_next_ranked"] = added
     need = compensate.min_tokens_for(plan.intermediate, plan.heads * plan.head_dim, cfg.compensation)
     if calib["tokens"] < need:
         raise PruneError(
@@ -329,6 +331,22 @@ def _prune_into(
         ),
         "slicing, saving and verifying on rank 0",
     )
+
+
+def _calibration_records(cfg: PruneConfig) -> tuple[list[dict], int]:
+    """--data's records and, with calib_top_m, the curation's next-ranked pool records after them (those that
+    overlap evaluation data left out); the second value counts the added ones."""
+    records = list(read_records(cfg.data))
+    if not cfg.calib_top_m:
+        return records, 0
+    ranked = next_ranked(cfg.data, cfg.calib_top_m, {r.get("id") for r in records}, setting="--calib-top-m")
+    more = without_eval_overlap(ranked)
+    if distributed.ranks().is_main:
+        _log(
+            f"calibration: {len(records)} records of {cfg.data} + {len(more)} next-ranked pool records "
+            f"(calib_top_m={cfg.calib_top_m}; {len(ranked) - len(more)} left out for overlapping evaluation data)"
+        )
+    return records + more, len(more)
 
 
 def _slice_save_verify(

@@ -196,6 +196,34 @@ def test_calibration_labels_cover_the_response_only(chat_tokenizer):
         calibration_batches(chat_tokenizer, recs[:1], samples=10, length=4, batch_size=2, seed=0, loss_on="response")
 
 
+@pytest.mark.parametrize("importance", ["flap", "wanda_sp", "taylor"])
+def test_calibration_batches_group_like_lengths_and_the_scores_do_not_depend_on_it(importance, chat_tokenizer):
+    """Records are batched longest first, so little padding is computed; every score is a sum over real tokens, so
+    batching them otherwise (short and long together: more padding) gives the same scores."""
+    from finescope.tokens import pad_batch, pad_id
+
+    recs = [{"id": str(i), "instruction": f"Item {i}.", "response": " ".join(CORPUS[: 1 + i % 5])} for i in range(8)]
+    batches, _ = calibration_batches(chat_tokenizer, recs, samples=8, length=96, batch_size=3, seed=0)
+    lengths = [int(n) for b in batches for n in b["attention_mask"].sum(1)]
+    assert lengths == sorted(lengths, reverse=True)
+    rows = [
+        (b["input_ids"][j][: int(m.sum())].tolist(), b["labels"][j][: int(m.sum())].tolist())
+        for b in batches
+        for j, m in enumerate(b["attention_mask"])
+    ]
+    mixed = rows[::2] + rows[1::2]  # short and long records in one batch
+    pad = pad_id(chat_tokenizer)
+    unsorted = [
+        pad_batch([ids for ids, _ in mixed[k : k + 3]], pad, labels=[lab for _, lab in mixed[k : k + 3]])
+        for k in range(0, 8, 3)
+    ]
+    assert sum(b["input_ids"].numel() for b in batches) < sum(b["input_ids"].numel() for b in unsorted)
+    model = build_model("llama", len(chat_tokenizer))
+    a, b = (compute_scores(ArchAdapter(model), x, importance) for x in (batches, unsorted))
+    for got, want in ((a.heads, b.heads), (a.channels, b.channels)):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-9)
+
+
 def test_calibration_text_loss_covers_instruction_and_response(chat_tokenizer):
     recs = [{"id": "a", "instruction": "Add 2 and 2.", "response": "The answer is 4."}]
     batches, info = calibration_batches(chat_tokenizer, recs, samples=10, length=64, batch_size=1, seed=0)

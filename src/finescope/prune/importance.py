@@ -68,7 +68,9 @@ def calibration_batches(
     `loss_on="response"`: the chat-formatted record with the loss on the completion tokens only (prompt = -100).
 
     At most `samples` records are used (a seeded sample when there are more); records whose completion is cut
-    off entirely by `length` are skipped and counted.
+    off entirely by `length` are skipped and counted. The batches hold records of like lengths, longest first: every
+    score and statistic is a sum over tokens, so the order changes nothing but the padding the forwards compute
+    (1.63× the real tokens in sampled order on the default run's top 256 records, 40–256 tokens long).
     """
     records = list(records)
     if len(records) > samples:
@@ -92,6 +94,7 @@ def calibration_batches(
             f"{source}: no usable calibration text ({len(records)} records, {skipped} with no "
             f"response tokens within calib_length = {length})"
         )
+    rows.sort(key=lambda row: -len(row[0]))  # longest first (stable): batches of like lengths waste little on padding
     pad = pad_id(tokenizer)
     batches = [
         pad_batch([ids for ids, _ in chunk], pad, labels=[lab for _, lab in chunk])

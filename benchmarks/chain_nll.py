@@ -13,6 +13,11 @@ Per run: for each stage of the variant's chain that holds a model (`prune@1`, `r
 its parameters and tune/report NLL (response tokens, records cut at 256 tokens: not the eval's own figure, so
 compare rows with each other), then the eval stage's `nll:math` NLL and top-1. The dense model is scored once.
 The machine's reference throughput (plain SmolLM2 forward, tok/s in this process) is printed with the figures.
+
+`--model NAME=DIR` (repeatable) scores model folders on their own, e.g. the prune stages of one run directory at
+several calibration sizes (docs/results.md §2.5):
+
+    .venv/bin/python benchmarks/chain_nll.py --model c64=runs/x/prune/<a>/model --model c256=runs/x/prune/<b>/model
 """
 
 from __future__ import annotations
@@ -59,7 +64,8 @@ def parameters(model_dir: Path) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", action="append", required=True, help="NAME=RUN_DIR of a finished run (repeatable)")
+    ap.add_argument("--run", action="append", default=[], help="NAME=RUN_DIR of a finished run (repeatable)")
+    ap.add_argument("--model", action="append", default=[], help="NAME=MODEL_DIR: a model folder (repeatable)")
     ap.add_argument("--variant", default="pruned_kd")
     ap.add_argument("--task", default="nll:math", help="the eval task whose figures are copied beside")
     ap.add_argument("--tune", type=int, default=64)
@@ -67,6 +73,8 @@ def main() -> None:
     ap.add_argument("--dense", default="default", help="the dense model, scored once as the reference")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if not args.run and not args.model:
+        ap.error("give at least one --run NAME=RUN_DIR or --model NAME=MODEL_DIR")
     evals = gsm8k_subsets(args.tune, args.report)
     dense = load(args.dense, dtype="float32", device="cpu")
     out: dict = {"reference_tok_s": reference_throughput(dense.model), "variant": args.variant, "task": args.task}
@@ -85,6 +93,12 @@ def main() -> None:
             "chain": chain,
             "eval": eval_figures(run_dir, args.variant, args.task),
         }
+    out["models"] = {}
+    for item in args.model:
+        name, _, path = item.partition("=")
+        model = Path(path).expanduser().resolve()
+        out["models"][name] = {"model": str(model), "parameters": parameters(model), **domain_nll(model, evals)}
+        print(f"{name}: {out['models'][name]}", file=sys.stderr, flush=True)
     text = json.dumps(out, indent=1)
     if args.out:
         Path(args.out).write_text(text + "\n")

@@ -48,7 +48,7 @@ NOT_SMOKED = {
     "scale": "kills a 20k-record curate mid-encoding and measures peak RSS against pool size: minutes by design",
     "frontier": "prunes the real SmolLM2 at four ratios and scores each on two tasks: tens of minutes on a CPU",
     "distill_terms": "re-runs a finished default run's pruned_kd recovery per recipe and seed: minutes each",
-    "chain_nll": "scores every model of finished real-model runs on 124 GSM8K rows: minutes per model on a CPU",
+    "chain_nll": "scores real-model runs or model folders on 124 GSM8K rows: minutes per model on a CPU",
     "data_curves": "re-runs a finished default run's pruned_kd recovery per data source, volume and seed: minutes each",
     "kd_batch_time": "re-runs a finished default run's pruned_kd recovery at two batch sizes, repeatedly: minutes each",
 }

@@ -70,6 +70,16 @@ class SaeOnly:
 SAE_ONLY = SaeOnly()
 
 
+@dataclass(frozen=True)
+class RankedCalibration:
+    """Marks a `PruneConfig` field that reads the curation's ranking beside the calibration data (`Annotated[T,
+    RANKED]`): the pipeline resets it to its default where a variant calibrates on generic text, which has no ranking.
+    `RANKED_CALIBRATION` is derived from the marks."""
+
+
+RANKED = RankedCalibration()
+
+
 Positive = Annotated[int, Range(min=1)]
 Fraction = Annotated[float, Range(min=0, max=1, min_open=True, max_open=True)]
 
@@ -193,7 +203,7 @@ class PruneConfig:
     """Block score for depth pruning."""
     calib_samples: Annotated[int, Range(min=1)] = 128
     """Calibration records used (at most; a seeded sample of the data when it holds more)."""
-    calib_top_m: Annotated[int, Range(min=0)] = 0
+    calib_top_m: Annotated[int, Range(min=0), RANKED] = 0
     """Calibrate on the curation's top N records instead of only --data (the next-ranked pool records join, those that overlap evaluation data left out; needs --data from a curate stage); 0 = --data as it is. The pipeline ignores it for generic calibration."""
     calib_length: Annotated[int, Range(min=8)] = 256
     """Token limit per calibration record."""
@@ -385,6 +395,9 @@ class EvalConfig:
 
 KD_SETTINGS = marked(RecoverConfig, KD)
 """RecoverConfig fields that are the recipe of the pipeline's kd variants only (TGD / SFT variants reset them)."""
+
+RANKED_CALIBRATION = marked(PruneConfig, RANKED)
+"""PruneConfig fields that read the curation's ranking (the pipeline resets them for generic calibration)."""
 
 FINESCOPE_METHODS = ("sae", "hybrid")
 """What a pipeline config's `curate.method` may say: the selection of every variant whose data is FineScope's own

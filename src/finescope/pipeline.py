@@ -32,9 +32,11 @@ from .artifacts import PipelineManifest, VariantEntry
 from .config import (
     FINESCOPE_METHODS,
     KD_SETTINGS,
+    RANKED_CALIBRATION,
     SAE_SETTINGS,
     CurateConfig,
     PipelineConfig,
+    PruneConfig,
     RecoverConfig,
     Selector,
     preset_dir,
@@ -137,7 +139,8 @@ class Planner:
     ) -> Job:
         pc = replace(self.cfg.prune, model=model or self.cfg.model, data=str(data))
         if calib == "generic":  # a text list, not a curation: no ranking to extend it from
-            pc = replace(pc, calib_top_m=0)
+            plain = PruneConfig()
+            pc = replace(pc, **{k: getattr(plain, k) for k in RANKED_CALIBRATION})
         if ratio is not None:
             pc = replace(pc, ratio=ratio)
         return self._job("prune", f"{calib}-{step or f'r{pc.ratio:g}'}", pc, round)

@@ -10,6 +10,7 @@ from pathlib import Path
 from finescope.config import (
     KD_SETTINGS,
     PIPELINE_SETS,
+    RANKED_CALIBRATION,
     SAE_SETTINGS,
     CurateConfig,
     PipelineConfig,
@@ -36,7 +37,7 @@ def test_the_planner_only_changes_marked_fields():
         cfg = load_config(PipelineConfig, PRESET)
     allowed = {
         "curate": {*PIPELINE_SETS["curate"], *SAE_SETTINGS},
-        "prune": {*PIPELINE_SETS["prune"], "ratio"},
+        "prune": {*PIPELINE_SETS["prune"], *RANKED_CALIBRATION, "ratio"},
         "recover": {*PIPELINE_SETS["recover"], *KD_SETTINGS, "epochs"},
         "eval": {*PIPELINE_SETS["eval"], "tasks"},  # the sweep evaluates its nll tasks only
     }

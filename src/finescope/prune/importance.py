@@ -70,7 +70,7 @@ def calibration_batches(
     At most `samples` records are used (a seeded sample when there are more); records whose completion is cut
     off entirely by `length` are skipped and counted. The batches hold records of like lengths, longest first: every
     score and statistic is a sum over tokens, so the order changes nothing but the padding the forwards compute
-    (1.63× the real tokens in sampled order on the default run's top 256 records, 40–256 tokens long).
+    (1.63× the real tokens in sampled order on the default run's top 256 records, 43–256 tokens long).
     """
     records = list(records)
     if len(records) > samples:

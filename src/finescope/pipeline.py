@@ -402,9 +402,27 @@ def launch(cfg: PipelineConfig, root: Path) -> Path:
     return root
 
 
+def _note_other_config(previous: Path, name: str) -> None:
+    """Say so when the run directory was last run with another named config: `--config` (default: `default`)
+    picks the config, not the directory's pipeline.yaml, and a rerun without it silently runs other stages."""
+    import yaml
+
+    try:
+        before = yaml.safe_load(previous.read_text(encoding="utf-8")) if previous.is_file() else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return
+    last = before.get("name") if isinstance(before, dict) else None
+    if isinstance(last, str) and last != name:
+        _log(
+            f"{previous.parent}: last run with config {last!r}, this run uses {name!r} "
+            "(the config comes from --config, not from the run directory)"
+        )
+
+
 def _run_locked(cfg: PipelineConfig, root: Path, chains: dict[str, dict]) -> Path:
     main = distributed.ranks().is_main
     if main:
+        _note_other_config(root / "pipeline.yaml", cfg.name)
         storage.write_atomic(root / "pipeline.yaml", _yaml(cfg))
     manifest_path = root / "pipeline.json"
     seconds = dict(PipelineManifest.read(manifest_path).stage_seconds) if manifest_path.is_file() else {}

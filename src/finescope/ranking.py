@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import FinescopeError, decontam
 from .corpora import resolve_records_path
-from .data import read_records, record_text
+from .data import RecordStream, record_text
 from .storage import CONFIG, read_json
 
 
@@ -45,11 +45,17 @@ def next_ranked(data: str, top_m: int, have: set[str], *, setting: str = "--reco
     wanted = [table["id"][i] for i in order if table["id"][i] not in have][: max(0, top_m - len(have))]
     if not wanted:
         return []
-    pool = {r["id"]: r for r in read_records(resolve_records_path(pool_spec, "pool"))}
-    missing = [i for i in wanted if i not in pool]
+    # one streamed pass over the pool, holding only the wanted records (a pool can be larger than memory)
+    want, found = set(wanted), {}
+    for rec in RecordStream(resolve_records_path(pool_spec, "pool")):
+        if rec["id"] in want:
+            found[rec["id"]] = rec
+            if len(found) == len(want):
+                break
+    missing = [i for i in wanted if i not in found]
     if missing:
         raise RankingError(f"{scores}: record {missing[0]!r} is not in the pool {pool_spec!r} any more")
-    return [pool[i] for i in wanted]
+    return [found[i] for i in wanted]
 
 
 def without_eval_overlap(records: list[dict]) -> list[dict]:

@@ -154,6 +154,11 @@ def test_run_every_variant_shares_stages_and_rerun_skips(tiny_run, capsys, monke
     calls_again = _calls(monkeypatch, fail=True)
     assert cli.main(["run", "--config", str(tiny_run)]) == 0
     assert calls_again == []
+    assert "last run with config" not in capsys.readouterr().err
+    # The same folder under another config's name: the run says which config it uses now.
+    assert cli.main(["run", "--config", str(tiny_run), "--run-dir", str(root), "name=other"]) == 0
+    assert f"{root}: last run with config 'tiny', this run uses 'other'" in capsys.readouterr().err
+    assert calls_again == []
 
     # A recovery setting changes: only the recoveries and the evaluations of their models run again.
     calls_lr = _calls(monkeypatch)

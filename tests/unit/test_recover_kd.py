@@ -422,6 +422,11 @@ def test_recover_top_m_adds_the_next_ranked_pool_records(tmp_path):
         next_ranked(str(selected), 7, set())
     with pytest.raises(FinescopeError, match="needs --data from a curate stage folder"):
         next_ranked(str(write_records(tmp_path / "loose.jsonl", pool)), 4, set())
+    # the pool is read as a stream and only the wanted records are kept; one gone from the pool is named
+    (tmp_path / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pool if r["id"] != "p2"))
+    assert [r["id"] for r in next_ranked(str(selected), 3, {"p5", "p4"})] == ["p3"]
+    with pytest.raises(FinescopeError, match=r"record 'p2' is not in the pool .* any more"):
+        next_ranked(str(selected), 4, {"p5", "p4"})
 
 
 def test_pipeline_gives_the_kd_recipe_to_the_kd_variants_only(tmp_path):

@@ -1,7 +1,9 @@
 """A few answers to unseen GSM8K questions, side by side: each model answers the same test questions (chat template,
 greedy, a fixed number of new tokens), and the reference answer is printed beside them. The questions are rows of
 the GSM8K test split outside both subsets the benchmarks score (the eval's `nll:math --limit 60` rows and the
-64 `tune` rows of benchmarks/compensation.py), so no lever was chosen on them. Prints one JSON object.
+64 `tune` rows of benchmarks/compensation.py), so no lever was chosen on them. Prints one JSON object: the answers,
+and per model how many are right (lm-eval's flexible GSM8K extraction: the last number), loop (the recover
+filters' repetition check) and run to the token cap without ending. Many rows (`--rows 1001-1030`) make these rates.
 
     FINESCOPE_HOME=<the run's home> .venv/bin/python benchmarks/answers.py \
         --model dense=default --model kd=runs/default/recover/<the pruned_kd stage>/model
@@ -24,6 +26,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from compensation import gsm8k_subsets  # noqa: E402
 from finescope import assets  # noqa: E402
 from finescope.data import format_prompt  # noqa: E402
+from finescope.evaluate.answers import extract_gsm8k, gsm8k_target  # noqa: E402
+from finescope.recover.filters import is_degenerate  # noqa: E402
 
 ROWS = (1001, 1103, 1207)
 
@@ -36,10 +40,16 @@ def model_arg(text: str) -> tuple[str, str]:
 
 
 def rows_arg(text: str) -> list[int]:
+    rows: list[int] = []
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        for part in (x.strip() for x in text.split(",") if x.strip()):
+            first, dash, last = part.partition("-")
+            rows += list(range(int(first), int(last) + 1)) if dash else [int(first)]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: want comma-separated row numbers, e.g. 1001,1103") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: want comma-separated row numbers or ranges, e.g. 1001,1103 or 1001-1030"
+        ) from None
+    return rows
 
 
 def main() -> None:
@@ -57,10 +67,14 @@ def main() -> None:
     for i in args.rows:
         if not 0 <= i < len(rows):
             ap.error(f"--rows: {i} is not a row of the GSM8K test split (0..{len(rows) - 1})")
-        if i in scored:
-            ap.error(f"--rows: {i} is one of the rows the benchmarks score (eval or tune subset); pick an unseen one")
+    left_out = [i for i in args.rows if i in scored]  # a range may cross them; no lever was chosen on the rest
+    args.rows = [i for i in args.rows if i not in scored]
+    if not args.rows:
+        ap.error(f"--rows: {left_out} are all rows the benchmarks score (eval or tune subset); pick unseen ones")
     decoding = "greedy, under the model's chat template (Alpaca's prompt where it has none)"
     out: dict = {"rows": args.rows, "max_new_tokens": args.max_new_tokens, "decoding": decoding}
+    if left_out:
+        out["left_out_scored_rows"] = left_out
     out["questions"] = [
         {"row": i, "question": rows[i]["question"], "reference": rows[i]["answer"].split("####")[-1].strip()}
         for i in args.rows
@@ -70,15 +84,26 @@ def main() -> None:
         folder = assets.model_folder() if path == "default" else Path(path)
         tok = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder).eval()
-        answers = []
+        answers, correct, loops, capped = [], [], [], []
         for i in args.rows:
             # the chat template's text, tokenized without added specials: what apply_chat_template(tokenize=True) gives
             enc = tok(format_prompt(tok, rows[i]["question"]), return_tensors="pt", add_special_tokens=False)
             with torch.no_grad():
                 gen = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False)
-            answers.append(tok.decode(gen[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+            new = gen[0, enc["input_ids"].shape[1] :]
+            answers.append(tok.decode(new, skip_special_tokens=True))
+            correct.append(extract_gsm8k(answers[-1])[1] == gsm8k_target(rows[i]["answer"]))
+            loops.append(is_degenerate(answers[-1]))
+            capped.append(len(new) >= args.max_new_tokens and int(new[-1]) != tok.eos_token_id)
             print(f"{name} row {i}: {answers[-1][:100]!r}", file=sys.stderr, flush=True)
-        out["answers"][name] = {"model": str(folder), "text": answers}
+        out["answers"][name] = {
+            "model": str(folder),
+            "text": answers,
+            "correct": correct,
+            "loops": loops,
+            "cut_off": capped,
+            "summary": {"rows": len(answers), "correct": sum(correct), "loops": sum(loops), "cut_off": sum(capped)},
+        }
     print(json.dumps(out, indent=1))
 
 

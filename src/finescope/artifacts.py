@@ -464,6 +464,9 @@ class TeacherRewriteStats(Schema):
 
     resumed: int
     """Rewrites taken over from an interrupted run."""
+    from_cache: int = 0
+    """Answers read from the teacher-answer cache (`recover/answer_cache.py`): another stage asked the same teacher,
+    under the same settings, the same prompts."""
     generated: int
     prompt_too_long: int = 0
     """Instruction records not sent to the teacher: their prompt alone fills `max_length`, so training drops them

@@ -301,7 +301,7 @@ def test_eval_on_two_processes_gives_the_results_of_one_process(tiny_model_dirs,
         assert (two / "samples" / name).read_text() == (one / "samples" / name).read_text(), name
 
 
-def test_recover_on_two_processes_rewrites_and_trains_like_one_process(tiny_model_dirs, tmp_path):
+def test_recover_on_two_processes_rewrites_and_trains_like_one_process(tiny_model_dirs, tmp_path, monkeypatch):
     """Rewrites split over 2 ranks, LoRA trained data-parallel (Trainer, DDP on gloo) with the same global batch:
     the same distilled.jsonl, and — with 8 training examples in 2 global batches of 4 and no dropout, so that
     both runs see the same examples in each step — the same per-step losses, held-out losses and merged weights
@@ -326,11 +326,18 @@ def test_recover_on_two_processes_rewrites_and_trains_like_one_process(tiny_mode
         eval_fraction=0.28,  # 3 of 11 held out: 8 to train
         epochs=2.0,
     )
+    monkeypatch.setenv("FINESCOPE_HOME", str(tmp_path / "home-one"))  # each run its own teacher-answer cache
     one = recover_run(cfg, tmp_path / "one")
     _torchrun_stage("recover", cfg, tmp_path / "two", tmp_path / "home", "teacher rewrite")
     two = tmp_path / "two"
     assert storage.is_done(two, cfg)
     assert (two / "distilled.jsonl").read_text() == (one / "distilled.jsonl").read_text()
+    assert storage.read_json(two / "metrics.json")["rewrite"]["generated"] == 10
+    # again on two ranks: rank 0 reads the answers the first two-rank run cached and hands them to rank 1
+    _torchrun_stage("recover", cfg, tmp_path / "three", tmp_path / "home", "fine-tune")
+    three = storage.read_json(tmp_path / "three" / "metrics.json")["rewrite"]
+    assert (three["from_cache"], three["generated"]) == (10, 0)
+    assert (tmp_path / "three" / "distilled.jsonl").read_text() == (one / "distilled.jsonl").read_text()
     assert not list(two.glob(PARTIAL.replace(".jsonl", "*")))  # rank files removed once distilled.jsonl is written
     h1, h2 = (storage.read_json(d / "metrics.json")["train"] for d in (one, two))
     assert h1["train_examples"] == 8 and h1["effective_batch"] == h2["effective_batch"] == 4

@@ -195,6 +195,41 @@ def test_rewrite_resumes_from_partial_file(tmp_path, chat_tokenizer):
     assert set(read_partial(partial)) == set(rows)
 
 
+def test_rewrite_takes_known_answers_by_prompt_and_generates_the_rest(tmp_path, chat_tokenizer):
+    model = build_model("llama", len(chat_tokenizer))
+    kw = dict(max_new_tokens=4, batch_size=2)
+    first, _ = rewrite_records(model, chat_tokenizer, RECORDS[:2], **kw)
+    known = {row["prompt_hash"]: {k: v for k, v in row.items() if k != "id"} for row in first.values()}
+    renamed = [{**RECORDS[0], "id": "other-id"}, {**RECORDS[1], "response": "a different reference"}, RECORDS[2]]
+    rows, stats = rewrite_records(model, chat_tokenizer, renamed, known=known, partial_path=tmp_path / PARTIAL, **kw)
+    # r1's prompt under another id is known; r2's prompt changed with its reference, r3 is new
+    assert (stats["resumed"], stats["from_cache"], stats["generated"]) == (0, 1, 2)
+    assert rows["other-id"] == {**first["r1"], "id": "other-id"}
+    assert set(read_partial(tmp_path / PARTIAL)) == {"other-id", "r2", "r3"}
+
+
+def test_answer_cache_keeps_rows_across_writes_and_skips_altered_ones(cache_home, capsys):
+    from finescope.recover.answer_cache import AnswerCache
+
+    settings = dict(dtype="torch.float32", device="cpu", backend="transformers", max_new_tokens=8, temperature=0.0)
+    cache = AnswerCache.for_teacher("some/teacher", seed=0, **settings)
+    assert cache.path.parent == cache_home / "cache" / "recover" and cache.read() == {}
+    assert AnswerCache.for_teacher("some/teacher", seed=1, **settings).path != cache.path
+    assert AnswerCache.for_teacher("other/teacher", seed=0, **settings).path != cache.path
+    rows = [{"id": f"x{i}", "rewrite": f"answer {i}", "new_tokens": i, "cut_off": False, "prompt_hash": f"h{i}"}
+            for i in range(3)]  # fmt: skip
+    assert cache.add(rows[:2]) == 2 and cache.add(rows) == 1 and cache.add(rows) == 0
+    assert set(cache.read()) == {"h0", "h1", "h2"} and cache.read()["h1"]["rewrite"] == "answer 1"
+    lines = cache.path.read_text().splitlines()
+    lines[0] = lines[0].replace("answer 0", "answer 9")  # altered: its check no longer matches
+    cache.path.write_text("\n".join(lines) + '\n{"prompt_hash": "h3", "rewr')  # and a torn last line
+    assert set(cache.read()) == {"h1", "h2"}
+    assert "2 cached teacher answer(s) altered or torn" in capsys.readouterr().err
+    blocked = AnswerCache(cache_home / "a-file" / "answers.jsonl")  # its folder cannot be made
+    (cache_home / "a-file").write_text("")
+    assert blocked.add(rows) == 0 and "teacher answers not kept for later stages" in capsys.readouterr().err
+
+
 # ================================================================================================ filters
 
 
@@ -361,7 +396,7 @@ def _cfg(teacher, student, data, **kw) -> RecoverConfig:
     return RecoverConfig(**base)
 
 
-def test_run_writes_distilled_adapter_model_metrics(tmp_path, tiny_model_dirs):
+def test_run_writes_distilled_adapter_model_metrics(tmp_path, tiny_model_dirs, cache_home):
     from transformers import AutoModelForCausalLM
 
     data = write_records(tmp_path / "data.jsonl")
@@ -383,7 +418,7 @@ def test_run_writes_distilled_adapter_model_metrics(tmp_path, tiny_model_dirs):
     assert run(cfg, tmp_path / "recover") == tmp_path / "recover" and (out / "DONE").stat().st_mtime_ns == stamp
 
 
-def test_a_prompt_that_fills_max_length_is_not_sent_to_the_teacher(tmp_path, tiny_model_dirs):
+def test_a_prompt_that_fills_max_length_is_not_sent_to_the_teacher(tmp_path, tiny_model_dirs, cache_home):
     long = {"id": "long", "instruction": "How many apples are there? " * 40, "response": "Seven."}
     data = write_records(tmp_path / "data.jsonl", [*RECORDS, long])
     cfg = _cfg(tiny_model_dirs["llama"], tiny_model_dirs["llama"], data, rewrite_prompt="own")
@@ -396,7 +431,9 @@ def test_a_prompt_that_fills_max_length_is_not_sent_to_the_teacher(tmp_path, tin
     assert (row["id"], row["reason"], row["rewrite"], row["response"]) == ("long", "prompt_too_long", None, "Seven.")
     short = _cfg(tiny_model_dirs["llama"], tiny_model_dirs["llama"], data, rewrite_prompt="own", max_length=1024)
     metrics = json.loads((run(short, tmp_path / "roomy") / "metrics.json").read_text())
-    assert metrics["rewrite"]["generated"] == 6 and metrics["rewrite"]["prompt_too_long"] == 0
+    # the five prompts the first run's teacher answered are read back from the answer cache; the long one is new
+    assert (metrics["rewrite"]["from_cache"], metrics["rewrite"]["generated"]) == (5, 1)
+    assert metrics["rewrite"]["prompt_too_long"] == 0
 
 
 def test_no_teacher_is_plain_sft_without_chat_template(tmp_path):
@@ -427,6 +464,24 @@ def test_interrupted_run_resumes_the_rewrite(tmp_path, tiny_model_dirs, monkeypa
     out = run(cfg, tmp_path / "recover")
     rewrite = json.loads((out / "metrics.json").read_text())["rewrite"]
     assert (rewrite["resumed"], rewrite["generated"]) == (5, 0)
+
+
+def test_a_second_stage_reads_the_teachers_answers_back(tmp_path, tiny_model_dirs, cache_home):
+    data = write_records(tmp_path / "data.jsonl")
+    cfg = _cfg(tiny_model_dirs["qwen2"], tiny_model_dirs["qwen2"], data)
+    first = run(cfg, tmp_path / "a")
+    # another stage (here another learning rate; in a run, another pruned student) asks the same prompts
+    second = run(_cfg(tiny_model_dirs["qwen2"], tiny_model_dirs["qwen2"], data, lr=2e-3), tmp_path / "b")
+    one, two = (json.loads((d / "metrics.json").read_text())["rewrite"] for d in (first, second))
+    assert (one["from_cache"], one["generated"]) == (0, 5) and (two["from_cache"], two["generated"]) == (5, 0)
+    rows = [
+        [json.loads(l).get("rewrite") for l in (d / "distilled.jsonl").read_text().splitlines()]
+        for d in (first, second)
+    ]
+    assert rows[0] == rows[1] and sum(r is not None for r in rows[0]) == 5
+    # other generation settings are another cache entry
+    third = run(_cfg(tiny_model_dirs["qwen2"], tiny_model_dirs["qwen2"], data, max_new_tokens=5), tmp_path / "c")
+    assert json.loads((third / "metrics.json").read_text())["rewrite"]["generated"] == 5
 
 
 def test_default_teacher_is_read_from_the_prune_stage(tmp_path, tiny_model_dirs):

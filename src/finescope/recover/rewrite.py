@@ -98,6 +98,7 @@ def rewrite_records(
     partial_path: Path | None = None,
     sharded: bool = False,
     prompt: str = "reference",
+    known: dict[str, dict] | None = None,
 ) -> tuple[dict[str, dict], dict[str, Any]]:
     """Teacher rewrites of the instruction records: `({id: row}, stats)`.
 
@@ -109,15 +110,29 @@ def rewrite_records(
 
     sharded (launched with several ranks): the pending records' batches are split over the ranks, each rank
     appends to its own `<partial stem>.rank<r>.jsonl`, and every rank returns all rows.
+
+    known: answers of this teacher under these settings by prompt hash (`answer_cache`): a record whose prompt is
+    there is not generated again (every rank must get the same `known`).
     """
     ranks = distributed.ranks() if sharded else distributed.Ranks()
     todo = [r for r in records if "instruction" in r]
     prompts = {r["id"]: rewrite_prompt(tokenizer, r, prompt) for r in todo}
     done = _resumable_rows(partial_path, prompts)
+    resumed, from_cache = len(done), 0
+    for r in todo:
+        row = (known or {}).get(prompt_hash(prompts[r["id"]]))
+        if row is not None and r["id"] not in done:
+            done[r["id"]] = {"id": r["id"], **row}
+            from_cache += 1
     if ranks.world > 1:
         distributed.barrier("reading the partial rewrites")  # every rank reads before any rank appends
     pending = [r for r in todo if r["id"] not in done]
-    stats: dict[str, Any] = {"instruction_records": len(todo), "resumed": len(done), "generated": len(pending)}
+    stats: dict[str, Any] = {
+        "instruction_records": len(todo),
+        "resumed": resumed,
+        "from_cache": from_cache,
+        "generated": len(pending),
+    }
     handle = None
     if partial_path is not None:
         if ranks.world > 1:

@@ -6,7 +6,8 @@ with logit distillation from the teacher) → merge → save.
 
 Writes `distilled.jsonl` (original and rewrite, the text used and why), `adapter/` (peft; LoRA only), `model/`
 (merged, stock-loadable), `metrics.json` (data by source, rewrite statistics, filter counts, KD settings, loss
-curves, wall times) and `DONE`. An interrupted rewrite resumes from `rewrites.partial.jsonl`. `--no-teacher` is
+curves, wall times) and `DONE`. An interrupted rewrite resumes from `rewrites.partial.jsonl`; prompts another
+stage asked the same teacher under the same settings are read back (`answer_cache`). `--no-teacher` is
 plain SFT on the originals; `--no-rewrite --kd-weight 1` distils the teacher's logits on the originals.
 """
 
@@ -36,7 +37,7 @@ from ..config import RecoverConfig
 from ..data import read_records
 from ..modeling import ModelError, ModelHandle, load, resolve_model_path
 from ..storage import CONFIG, check_stage_folder, read_json, write_jsonl_atomic
-from . import kd_cache
+from . import answer_cache, kd_cache
 from .distill import KdSettings, check_hidden_fit
 from .filters import REASONS, apply_filters
 from .finetune import Example, TrainSettings, build_examples, mean_loss, prompt_fills, save_trained, split_records
@@ -273,6 +274,17 @@ def _rewrite(
     if teacher is None:
         return RewriteStats(instruction_records=n_instr, text_records=len(records) - n_instr), None
     t = time.perf_counter()
+    param = next(teacher.model.parameters())
+    cache = answer_cache.AnswerCache.for_teacher(
+        teacher.source,
+        dtype=str(param.dtype),
+        device=param.device.type,
+        backend=cfg.generation_backend,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        seed=cfg.seed,
+    )
+    known = distributed.on_main(cache.read, "reading the teacher's cached answers")
     rewrites, stats = rewrite_records(
         teacher.generator or teacher.model,
         teacher.tokenizer,
@@ -284,7 +296,10 @@ def _rewrite(
         partial_path=stage / PARTIAL,
         sharded=True,
         prompt=cfg.rewrite_prompt,
+        known=known,
     )
+    if stats["generated"] or stats["resumed"]:  # answers the cache does not hold yet
+        distributed.on_main(lambda: cache.add(rewrites.values()), "caching the teacher's answers")
     times["rewrite"] = round(time.perf_counter() - t, 2)
     stats.pop("instruction_records")
     return RewriteStats(

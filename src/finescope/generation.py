@@ -14,7 +14,7 @@ batch ends when every row has ended or reached `max_new_tokens`. `cut_off` is Tr
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -85,6 +85,7 @@ def generate(
     desc: str = "generate",
     on_batch: Callable[[list[int], list[list[dict[str, Any]]]], None] | None = None,
     sharded: bool = False,
+    skip: Collection[int] = (),
 ) -> list[list[dict[str, Any]]]:
     """`num_samples` completions per prompt, in prompt order: `{"text", "new_tokens", "cut_off"}` each.
 
@@ -95,6 +96,10 @@ def generate(
 
     sharded: split the batches over the ranks (batch b on rank b mod world; batches and sampling seeds as in one
     process) and gather the completions on every rank; `on_batch` then sees this rank's batches only.
+
+    skip: indices of prompts the caller already has (a resumed run's): a batch of only such prompts is not
+    generated, and their completions come back empty. The batches keep the prompts and seeds they have without
+    `skip`, so a resumed sampled run draws what an uninterrupted one does.
     """
     stop = [s for s in (stop or []) if s]
     stops = stop_token_ids(model, tokenizer)
@@ -108,9 +113,15 @@ def generate(
     was_training = model.training
     model.eval()
     ranks = distributed.ranks() if sharded else distributed.Ranks()
+    skip = set(skip)
     all_starts = range(0, len(order), batch_size)
-    starts = [all_starts[b] for b in ranks.mine(len(all_starts))]
-    bar = progress(total=sum(len(order[s : s + batch_size]) for s in starts), desc=desc + ranks.tag, unit="prompt")
+    starts = [
+        all_starts[b]
+        for b in ranks.mine(len(all_starts))
+        if not all(i in skip for i in order[all_starts[b] : all_starts[b] + batch_size])
+    ]
+    total = sum(i not in skip for s in starts for i in order[s : s + batch_size])
+    bar = progress(total=total, desc=desc + ranks.tag, unit="prompt")
     try:
         for group in _groups(starts, batch_size, engine):
             done = (
@@ -121,8 +132,10 @@ def generate(
                 ]
             )
             for idx, batch in done:
-                for row, i in enumerate(idx):
-                    results[i] = batch[row]
+                kept = [(i, b) for i, b in zip(idx, batch) if i not in skip]  # the caller has the skipped ones
+                idx, batch = [i for i, _ in kept], [b for _, b in kept]
+                for i, b in kept:
+                    results[i] = b
                 if on_batch is not None:
                     on_batch(idx, batch)
                 bar.update(len(idx))
@@ -130,7 +143,7 @@ def generate(
         bar.close()
         model.train(was_training)
     if ranks.world > 1:
-        mine = {i: r for i, r in enumerate(results) if r}
+        mine = {i: r for i, r in enumerate(results) if r or (ranks.is_main and i in skip)}
         return distributed.merge_indexed(mine, len(prompts), f"{desc}: gathering completions")
     return results
 

@@ -536,13 +536,6 @@ def test_recover_killed_then_rerun_equals_uninterrupted(
     assert [r["loss"] for r in metrics["train"]["train_loss"]] == [r["loss"] for r in want["train"]["train_loss"]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: sampled rewrites are seeded per batch as seed + the batch's offset in "
-    "the *pending* list (generation.generate: torch.manual_seed(seed + start)), so a resumed rewrite "
-    "draws other samples than an uninterrupted one; fix: pass seed + len(resumed rows) from "
-    "rewrite_records, or seed by record",
-)
 def test_recover_sampled_rewrite_killed_then_rerun_equals_uninterrupted(
     tmp_path, tmpdir_for_stage, tiny_model_dirs, inputs
 ):

@@ -86,6 +86,18 @@ def test_samples_callback_and_training_mode(tiny_tokenizer):
     assert len({c["text"] for o in outs for c in o}) > len(PROMPTS)  # samples differ
 
 
+def test_skipped_prompts_leave_the_other_batches_as_they_were(tiny_tokenizer):
+    """A resumed run skips what it has; the rest is sampled in the batches, with the seeds, of an uninterrupted run."""
+    model = build_model("llama", len(tiny_tokenizer))
+    kw = dict(max_new_tokens=5, batch_size=2, temperature=1.0, seed=3)
+    whole = generate(model, tiny_tokenizer, PROMPTS, **kw)
+    seen = []
+    skip = {0, 2}
+    part = generate(model, tiny_tokenizer, PROMPTS, skip=skip, on_batch=lambda idx, c: seen.extend(idx), **kw)
+    assert all(part[i] == [] for i in skip) and sorted(seen) == [i for i in range(len(PROMPTS)) if i not in skip]
+    assert [part[i] for i in seen] == [whole[i] for i in seen]
+
+
 def test_cut_at_stop():
     assert cut_at_stop("    return a\ndef other():", ["\ndef", "\nclass"]) == "    return a"
     assert cut_at_stop("no stop", ["\n\n"]) == "no stop"

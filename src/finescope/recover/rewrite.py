@@ -142,11 +142,14 @@ def rewrite_records(
     start = time.perf_counter()
     try:
         if pending:
-            sink = _BatchSink([r["id"] for r in pending], prompts, done, handle)
+            # every record in the batches an uninterrupted run would form (same prompts, same sampling seeds); the
+            # batches of records already answered are skipped
+            ids = [r["id"] for r in todo]
+            sink = _BatchSink(ids, prompts, done, handle)
             outs = generate(
                 model,
                 tokenizer,
-                [prompts[r["id"]] for r in pending],
+                [prompts[i] for i in ids],
                 max_new_tokens=max_new_tokens,
                 batch_size=batch_size,
                 temperature=temperature,
@@ -154,9 +157,11 @@ def rewrite_records(
                 desc="teacher rewrite",
                 on_batch=sink.save,
                 sharded=ranks.world > 1,
+                skip={k for k, i in enumerate(ids) if i in done},
             )
-            for r, res in zip(pending, outs):  # the other ranks' batches
-                done.setdefault(r["id"], sink.row(r["id"], res[0]))
+            for rid, res in zip(ids, outs):  # the other ranks' batches
+                if res:
+                    done.setdefault(rid, sink.row(rid, res[0]))
     finally:
         if handle is not None:
             handle.close()

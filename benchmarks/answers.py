@@ -91,9 +91,10 @@ def main() -> None:
             with torch.no_grad():
                 gen = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False)
             new = gen[0, enc["input_ids"].shape[1] :]
-            answers.append(tok.decode(new, skip_special_tokens=True))
-            correct.append(extract_gsm8k(answers[-1])[1] == gsm8k_target(rows[i]["answer"]))
-            loops.append(is_degenerate(answers[-1]))
+            text = str(tok.decode(new, skip_special_tokens=True))
+            answers.append(text)
+            correct.append(extract_gsm8k(text)[1] == gsm8k_target(rows[i]["answer"]))
+            loops.append(is_degenerate(text))
             capped.append(len(new) >= args.max_new_tokens and int(new[-1]) != tok.eos_token_id)
             print(f"{name} row {i}: {answers[-1][:100]!r}", file=sys.stderr, flush=True)
         out["answers"][name] = {

@@ -27,7 +27,7 @@ from compensation import gsm8k_subsets  # noqa: E402
 from finescope import assets  # noqa: E402
 from finescope.data import format_prompt  # noqa: E402
 from finescope.evaluate.answers import extract_gsm8k, gsm8k_target  # noqa: E402
-from finescope.recover.filters import is_degenerate  # noqa: E402
+from finescope.generation import is_degenerate  # noqa: E402
 
 ROWS = (1001, 1103, 1207)
 

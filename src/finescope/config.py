@@ -354,7 +354,7 @@ class EvalConfig:
     model: Annotated[str, SetBy("the top-level `model` and `variants`")] = "default"
     """Model to evaluate: "default", a local HF folder, a hub id, or a .gguf file."""
     tasks: list[str] = field(default_factory=lambda: ["nll:math", "gsm8k", "mmlu:stem"])
-    """Tasks, comma-separated: mmlu[:stem|humanities|social_sciences|other|<subject>], gsm8k, humaneval[:instruct], nll:<math|code|file>, math:<file>[@type+type], mbpp:<file>."""
+    """Tasks, comma-separated: mmlu[:stem|humanities|social_sciences|other|<subject>], gsm8k, humaneval[:instruct], nll:<math|code|file>, answers:<math|file>, math:<file>[@type+type], mbpp:<file>."""
     off_domain: list[str] = field(default_factory=list)
     """Tasks of `tasks` that measure off-domain quality (what a domain model may lose, e.g. nll:code for a maths run); every other task is domain. Read by the report only (its answer section); results do not depend on it."""
     shots: Annotated[int | None, Range(min=0)] = None

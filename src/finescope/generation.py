@@ -10,10 +10,13 @@ sorted longest first so an out-of-memory error surfaces in the first batch and e
 completion ends at the first stop token (the tokenizer's EOS and every EOS id of the generation config) or stop
 sequence; a row whose completion ended stops generating while the others continue (per-row stopping), and the
 batch ends when every row has ended or reached `max_new_tokens`. `cut_off` is True when neither ended it.
+`is_degenerate(text)` says whether a completion loops (the recover filters and the eval's `answers:` tasks).
 """
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -22,6 +25,21 @@ import torch
 from . import distributed
 from .progress import progress
 from .tokens import encode_prompt, pad_batch, pad_id
+
+
+def is_degenerate(text: str) -> bool:
+    """Repetition loops typical of small models under greedy decoding."""
+    if re.search(r"(.)\1{29,}", text):
+        return True
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    if lines and Counter(lines).most_common(1)[0][1] >= 4:
+        return True
+    words = text.split()
+    if len(words) >= 24:
+        grams = [tuple(words[i : i + 4]) for i in range(len(words) - 3)]
+        if len(set(grams)) / len(grams) < 0.5:
+            return True
+    return False
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:

@@ -351,3 +351,81 @@ def test_cli_errors_exit_2(tmp_path, capsys):
     assert "unknown task 'nope'" in capsys.readouterr().err
     assert cli.main(["eval", "--tasks", "humaneval", "--out", str(tmp_path / "e")]) == 2
     assert "--allow-code-execution" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------- answers:
+
+
+def test_answers_task_counts_right_looping_and_cut_off(monkeypatch, chat_tokenizer):
+    """Each reply is checked on its own (last number vs the reference's, the repetition check, the cap), the
+    shares are their means, and the first three answers go into the results file."""
+    from types import SimpleNamespace
+
+    from finescope.data import format_prompt
+    from finescope.evaluate import run as eval_run
+    from finescope.evaluate.run import evaluate_task
+    from finescope.evaluate.tasks import Task
+
+    loop = "She has 6 apples. " * 12
+    replies = [("2 + 2 = 4, so the answer is 4.", False), (loop, True), ("It is 7", False), ("The answer is 9", True)]
+    docs = [
+        {"id": f"q{i}", "instruction": f"question {i}?", "response": f"… #### {t}", "target": t}
+        for i, t in enumerate(["4", "5", "8", "9"])
+    ]
+    asked: list[list[str]] = []
+
+    def fake_generate(model, tok, prompts, **kw):
+        asked.append(prompts)
+        return [[{"text": t, "new_tokens": 3, "cut_off": c}] for t, c in replies[: len(prompts)]]
+
+    monkeypatch.setattr(eval_run, "generate", fake_generate)
+    handle = SimpleNamespace(model=None, generator=None, tokenizer=chat_tokenizer)
+    got = evaluate_task(Task("answers:x", "answers", lambda: docs), handle, EvalConfig(max_new_tokens=16))
+    assert asked == [[format_prompt(chat_tokenizer, d["instruction"]) for d in docs]]  # the chat template's prompt
+    by_metric = {res["metric"]: (res, samples) for res, samples in got}
+    assert list(by_metric) == ["exact_match", "looping", "cut_off"]
+    assert by_metric["exact_match"][0]["value"] == 0.5  # q0 and q3 (a cut reply still has its last number)
+    assert by_metric["exact_match"][0]["chance"] == 0.0 and by_metric["looping"][0]["chance"] is None
+    assert by_metric["looping"][0]["value"] == 0.25 and by_metric["cut_off"][0]["value"] == 0.5
+    assert all(r["n"] == 4 and r["variant"] == "greedy, chat, 16 tokens" for r, _ in got)
+    samples = by_metric["exact_match"][1]
+    assert [(s["right"], s["looping"], s["cut_off"]) for s in samples] == [
+        (True, False, False),
+        (False, True, True),
+        (False, False, False),
+        (True, False, True),
+    ]
+    assert by_metric["exact_match"][0]["examples"] == samples[:3] and samples[1]["answer"] == loop
+    assert "examples" not in by_metric["looping"][0]
+
+
+def test_answers_task_on_a_record_file_runs_and_refuses_text_records(tiny_model_dirs, tmp_path):
+    """A record file: the model's replies are counted (no right/wrong: records have no target) and kept; a text
+    record is refused before any model loads, naming the file and the record."""
+    rows = [{"instruction": f"What is {i} plus {i}?", "response": f"{2 * i}"} for i in range(1, 5)]
+    good = tmp_path / "asks.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = EvalConfig(
+        model=str(tiny_model_dirs["llama"]), tasks=[f"answers:{good}"], max_new_tokens=6, batch_size=2, device="cpu"
+    )
+    report = json.loads(run(cfg, tmp_path / "eval" / "dense").read_text())
+    assert [r["metric"] for r in report["results"]] == ["looping", "cut_off"]
+    loop, cut = report["results"]
+    assert loop["n"] == cut["n"] == 4 and 0 <= loop["value"] <= 1 and 0 <= cut["value"] <= 1
+    assert [e["question"] for e in loop["examples"]] == [r["instruction"] for r in rows[:3]]
+    assert all(set(e) == {"id", "question", "reference", "answer", "looping", "cut_off"} for e in loop["examples"])
+    # a tiny random model never ends its turn within 6 tokens: every reply is cut at the cap
+    assert cut["value"] == sum(e["cut_off"] for e in loop["examples"]) / 3 == 1.0
+    bad = tmp_path / "mixed.jsonl"
+    bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"text": "The court held that the contract was void."}))
+    with pytest.raises(TaskError, match=r"mixed\.jsonl: record 2 .* is a text record; an answers: task needs"):
+        prepare_tasks(EvalConfig(tasks=[f"answers:{bad}"]))
+
+
+def test_answers_math_is_gsm8k_with_targets():
+    task = resolve_task("answers:math")
+    docs = task.docs()
+    assert task.kind == "answers" and task.generative and len(docs) == 1319
+    assert docs[0]["target"] == gen.gsm8k_target(docs[0]["response"]) and docs[0]["instruction"].strip()
+    with pytest.raises(TaskError, match="neither an answers preset"):
+        resolve_task("answers:nowhere.jsonl")

@@ -81,10 +81,10 @@ def test_a_registry_refuses_a_duplicate_or_an_undeclared_need():
 def test_eval_tasks_resolve_through_their_registered_kind():
     from finescope.evaluate.tasks import TASK_KINDS, TaskError, known_task_names, resolve_task
 
-    assert list(TASK_KINDS) == ["mmlu", "gsm8k", "humaneval", "nll", "math", "mbpp"]
+    assert list(TASK_KINDS) == ["mmlu", "gsm8k", "humaneval", "nll", "answers", "math", "mbpp"]
     assert resolve_task("gsm8k").kind == "gsm8k" and resolve_task("nll:code").options == {"preset": "code"}
     assert "mmlu:anatomy" in known_task_names() and "nll:<record file>" in known_task_names()
-    for bad in ("gsm8k:x", "nll:", "mmlu:", "nope"):
+    for bad in ("gsm8k:x", "nll:", "answers:", "mmlu:", "nope"):
         with pytest.raises(TaskError, match=f"unknown task '{bad}'.*known: mmlu, mmlu:stem.*mbpp:<file>"):
             resolve_task(bad)
 

@@ -156,6 +156,52 @@ def test_a_tie_goes_to_the_smaller_model_and_no_off_domain_is_said(tmp_path):
     assert "Off-domain: no task declared (`eval.off_domain` in the run's config)." in text
 
 
+def _answers(examples: list[tuple[str, bool, bool, bool]], right: float, loops: float) -> list[TaskResult]:
+    """An answers:math task's three results, the first holding the examples (answer, right, looping, cut_off)."""
+    ex = [
+        {"id": f"gsm8k-{i}", "question": f"Question {i}?", "reference": f"… #### {i}", "answer": a, "right": r}
+        | {"looping": lp, "cut_off": c}
+        for i, (a, r, lp, c) in enumerate(examples)
+    ]
+    common = {"task": "answers:math", "variant": "greedy, chat, 128 tokens", "stderr": 0.05, "n": 60, "wall_s": 1}
+    return [
+        TaskResult(metric="exact_match", value=right, chance=0.0, extra={"examples": ex}, **common),
+        TaskResult(metric="looping", value=loops, **common),
+        TaskResult(metric="cut_off", value=loops, **common),
+    ]
+
+
+def test_the_report_shows_dense_and_the_picked_models_answers_side_by_side(tmp_path):
+    fenced = "Use ```python\nprint(2)\n``` and get 2"
+    root = _run(
+        tmp_path / "run",
+        {
+            "dense": (100, _nll("nll:math", 1.0, 0.7) + _answers([("It is 0.", True, False, False)], 0.1, 0.05)),
+            "pruned": (60, _nll("nll:math", 3.0, 0.4) + _answers([("No idea", False, False, False)], 0.0, 0.3)),
+            "pruned_kd": (60, _nll("nll:math", 2.0, 0.5) + _answers([(fenced, False, True, True)], 0.0, 0.2)),
+        },
+        tasks=["nll:math", "answers:math"],
+        off_domain=[],
+    )
+    data = tables.collect(root)
+    looping = next(c for c in data["columns"] if c.key.endswith("|looping"))
+    assert not looping.higher_better  # a share of looping replies: lower is better
+    text = write_report(root).parent.joinpath("report.md").read_text()
+    section = text.split("## Answers side by side")[1].split("\n## ")[0]
+    assert "### answers:math, question 1 (`gsm8k-0`)" in section and "Question 0?" in section
+    # dense and the pick (pruned_kd), not the un-recovered pruned model
+    assert "`dense` (right):" in section and "`FineScope + KD` (wrong, loops, cut at the cap):" in section
+    assert "No idea" not in section
+    assert "````text\n" + fenced + "\n````" in section  # a fence longer than the reply's own
+    html = (root / "report" / "report.html").read_text()
+    assert "<pre>Use ```python" in html and html.index("Answers side by side") > html.index("<h2>Results</h2>")
+
+
+def test_no_answers_section_without_an_answers_task(tmp_path):
+    root = _default_like(tmp_path / "run")
+    assert "Answers side by side" not in write_report(root).read_text()
+
+
 def test_no_answer_without_a_compact_variant_with_results(tmp_path):
     root = _run(tmp_path / "run", {"dense": (100, _nll("nll:math", 1.0, 0.7))}, tasks=["nll:math"], off_domain=[])
     data = tables.collect(root)

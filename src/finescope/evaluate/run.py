@@ -26,7 +26,8 @@ from pathlib import Path
 from .. import distributed, hashing, stage_protocol, storage, vllm_backend
 from ..artifacts import EvalMetrics, EvalResults, ModelIdentity, TaskResult
 from ..config import EvalConfig
-from ..generation import generate
+from ..data import format_prompt
+from ..generation import generate, is_degenerate
 from ..progress import progress
 from .answers import extract_gsm8k, extract_math_answer, gsm8k_target, math_equal
 from .code_exec import CodeExecutionError, Limits, pass_at_k, run_program
@@ -57,7 +58,7 @@ from .tasks import (
     shot_picker,
 )
 
-DEFAULT_SHOTS = {"mc": 0, "gsm8k": 8, "code": 0, "math": 0, "nll": 0}
+DEFAULT_SHOTS = {"mc": 0, "gsm8k": 8, "code": 0, "math": 0, "nll": 0, "answers": 0}
 
 
 def prepare_tasks(cfg: EvalConfig) -> list[Task]:
@@ -96,7 +97,7 @@ def _shots(cfg: EvalConfig, task: Task) -> int:
 # ================================================================================================ task runners
 
 
-def _result(task: Task, variant: str, metric: str, values: list[float], *, chance: float, **extra) -> dict:
+def _result(task: Task, variant: str, metric: str, values: list[float], *, chance: float | None, **extra) -> dict:
     """A result of per-question scores: their mean and its standard error; `chance` is a random guess's value."""
     n = len(values)
     return {
@@ -361,6 +362,57 @@ def run_nll(task: Task, handle, cfg: EvalConfig) -> list[tuple[dict, list[dict]]
     return [(nll, samples), (top1, [])]
 
 
+ANSWER_EXAMPLES = 3
+"""Answers an `answers:` task keeps in its results file (the report shows them beside dense's)."""
+
+
+def run_answers(task: Task, handle, cfg: EvalConfig) -> list[tuple[dict, list[dict]]]:
+    """The model's own greedy replies to the task's instructions (chat template, `max_new_tokens`): the share right
+    (records with a `target`: GSM8K's last-number rule), the share that loop (`generation.is_degenerate`) and the
+    share cut at the token cap without ending their turn. The first `ANSWER_EXAMPLES` go into the results file."""
+    docs = task.docs()
+    idx = select_subset(len(docs), cfg.limit)
+    tok = handle.tokenizer
+    prompts = [format_prompt(tok, docs[i]["instruction"]) for i in idx]
+    outs = generate(
+        handle.generator or handle.model,
+        tok,
+        prompts,
+        max_new_tokens=cfg.max_new_tokens,
+        stop=end_of_turn_stops(tok),
+        batch_size=cfg.batch_size,
+        desc=task.name,
+        sharded=True,
+    )
+    scored = all("target" in docs[i] for i in idx)
+    right, loops, cut, samples = [], [], [], []
+    for i, comps in zip(idx, outs):
+        d, text = docs[i], comps[0]["text"]
+        sample = {"id": d["id"], "question": d["instruction"], "reference": d.get("response", ""), "answer": text}
+        if scored:
+            sample["right"] = extract_gsm8k(text)[1] == d["target"]
+            right.append(float(sample["right"]))
+        sample["looping"], sample["cut_off"] = is_degenerate(text), bool(comps[0]["cut_off"])
+        loops.append(float(sample["looping"]))
+        cut.append(float(sample["cut_off"]))
+        samples.append(sample)
+    variant = f"greedy, chat, {cfg.max_new_tokens} tokens"
+    loop = _result(
+        task, variant, "looping", loops, chance=None, definition="share of replies caught in a repetition loop"
+    )
+    capped = _result(
+        task, variant, "cut_off", cut, chance=None, definition="share of replies cut at the token cap unfinished"
+    )
+    first = loop
+    out: list[tuple[dict, list[dict]]] = []
+    if scored:
+        first = _result(task, variant, "exact_match", right, chance=0.0, extraction="last number in the reply")
+        out.append((first, samples))
+    first["examples"] = samples[:ANSWER_EXAMPLES]
+    out += [(loop, [] if scored else samples), (capped, [])]
+    return out
+
+
 def evaluate_task(task: Task, handle, cfg: EvalConfig) -> list[tuple[dict, list[dict]]]:
     """Every result (one per scoring variant and metric) of one task, each with the wall time of the pass that
     computed it (the two results of an `nll:` task share one)."""
@@ -370,6 +422,8 @@ def evaluate_task(task: Task, handle, cfg: EvalConfig) -> list[tuple[dict, list[
         runs = [partial(_one, run_mc, task, handle, cfg, v) for v in variants]
     elif task.kind == "nll":
         runs = [partial(run_nll, task, handle, cfg)]
+    elif task.kind == "answers":
+        runs = [partial(run_answers, task, handle, cfg)]
     else:
         runner = {"gsm8k": run_gsm8k, "math": run_math, "code": run_code}[task.kind]
         runs = [partial(_one, runner, task, handle, cfg)]

@@ -7,6 +7,7 @@
 | `humaneval`                            | packaged HumanEval (164); pass@1 (unbiased pass@k for k ≤ n samples); needs --allow-code-execution |
 | `humaneval:instruct`                   | the same problems asked in the chat template ("Complete the following Python function…"); the program is built from the reply's code block |
 | `nll:math`, `nll:code`, `nll:<file>`   | mean response-token NLL and perplexity, and top-1 accuracy of those tokens (math = GSM8K test solutions given their questions; code = HumanEval canonical solutions) |
+| `answers:math`, `answers:<file>`       | the model's own greedy replies in its chat template: share that loop and share cut at the token cap (math: GSM8K test questions, and the share whose last number is the reference's; file: instruction records) |
 | `math:<file>[@type+type…]`             | a MATH jsonl (`problem`, `solution` with \\boxed answer, `type`, `level`); accuracy overall and per type |
 | `mbpp:<file>`                          | an MBPP jsonl (`text`, `code`, `test_list`); pass@1; needs --allow-code-execution |
 
@@ -34,6 +35,7 @@ from typing import Any
 
 from .. import FinescopeError
 from ..messages import flat
+from .answers import gsm8k_target
 
 
 class TaskError(FinescopeError):
@@ -472,6 +474,9 @@ NLL_PRESETS = {
 }
 
 
+ANSWER_PRESETS = {"math": "GSM8K test questions in the chat template; right = the reference's final number"}
+
+
 # ================================================================================================ registry
 
 
@@ -481,7 +486,7 @@ class Task:
 
     name: str
     kind: str
-    """mc | gsm8k | code | math | nll."""
+    """mc | gsm8k | code | math | nll | answers."""
     loader: Any = field(repr=False)
     options: dict = field(default_factory=dict)
     needs_code_execution: bool = False
@@ -490,7 +495,7 @@ class Task:
     @property
     def generative(self) -> bool:
         """Scored on generated text (gsm8k, code, math), not on log-likelihoods."""
-        return self.kind in ("gsm8k", "code", "math")
+        return self.kind in ("gsm8k", "code", "math", "answers")
 
     def docs(self) -> list[dict]:
         if self._docs is None:
@@ -588,6 +593,22 @@ def _nll(name: str, arg: str) -> Task | None:
     return Task(name, "nll", lambda: _nll_file(path), {"file": str(path)})
 
 
+@task_kind("answers", lambda: [f"answers:{p}" for p in ANSWER_PRESETS] + ["answers:<record file>"])
+def _answers(name: str, arg: str) -> Task | None:
+    if not arg:
+        return None
+    if arg in ANSWER_PRESETS:
+        return Task(name, "answers", lambda: _answers_preset(arg), {"preset": arg})
+    path = Path(arg).expanduser()
+    if not os.path.lexists(path):
+        raise TaskError(
+            f"task {name!r}: {arg} is neither an answers preset ({', '.join(ANSWER_PRESETS)}) nor an existing "
+            "record file"
+        )
+    _check_task_path(name, path, "file or folder", "record file")
+    return Task(name, "answers", lambda: _answers_file(path), {"file": str(path)})
+
+
 @task_kind("math", lambda: ["math:<file>[@type+type]"])
 def _math(name: str, arg: str) -> Task | None:
     if not arg:
@@ -647,6 +668,27 @@ def _nll_preset(preset: str) -> list[dict]:
     if preset == "math":
         return [{"id": d["id"], "instruction": d["question"], "response": d["answer"]} for d in load_gsm8k()]
     return [{"id": d["id"], "context": d["prompt"], "continuation": d["canonical_solution"]} for d in load_humaneval()]
+
+
+def _answers_preset(preset: str) -> list[dict]:
+    return [
+        {"id": d["id"], "instruction": d["question"], "response": d["answer"], "target": gsm8k_target(d["answer"])}
+        for d in load_gsm8k()
+    ]
+
+
+def _answers_file(path: Path) -> list[dict]:
+    """The instruction records of a record file (a text record has no question to answer: refused, named)."""
+    from ..data import read_records
+
+    docs = list(read_records(path))
+    for i, d in enumerate(docs):
+        if "instruction" not in d:
+            raise TaskError(
+                f"{path}: record {i + 1} (id {d['id']!r}) is a text record; an answers: task needs instruction "
+                "records (instruction, response) to ask the model"
+            )
+    return docs
 
 
 def _nll_file(path: Path) -> list[dict]:

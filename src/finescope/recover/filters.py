@@ -18,6 +18,8 @@ import re
 from collections import Counter
 from fractions import Fraction
 
+from ..generation import is_degenerate
+
 REASONS = ("accepted", "empty", "cut_off", "leakage", "degenerate", "answer_mismatch")
 
 # SDFT drops rewrites that mention the template; lower-case substrings.
@@ -38,21 +40,6 @@ LEAKAGE_PHRASES = (
 def leaks_template(text: str) -> bool:
     low = text.lower()
     return any(p in low for p in LEAKAGE_PHRASES)
-
-
-def is_degenerate(text: str) -> bool:
-    """Repetition loops typical of small models under greedy decoding."""
-    if re.search(r"(.)\1{29,}", text):
-        return True
-    lines = [l.strip() for l in text.splitlines() if l.strip()]
-    if lines and Counter(lines).most_common(1)[0][1] >= 4:
-        return True
-    words = text.split()
-    if len(words) >= 24:
-        grams = [tuple(words[i : i + 4]) for i in range(len(words) - 3)]
-        if len(set(grams)) / len(grams) < 0.5:
-            return True
-    return False
 
 
 # ------------------------------------------------------------------------------------------------ answers

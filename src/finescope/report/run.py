@@ -18,21 +18,23 @@ import time
 from pathlib import Path
 
 from .. import storage
-from . import answer, card, frontier, plots, tables
+from . import answer, card, examples, frontier, plots, tables
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:13px}th,td{border:1px solid #ccc;padding:3px 7px;
 text-align:left;vertical-align:top}th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee;margin:.4em 0}
 code{background:#f5f5f5;padding:0 3px}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
-.note{color:#555;font-size:13px}"""
+.note{color:#555;font-size:13px}pre{background:#f7f7f7;padding:.5em;white-space:pre-wrap;font-size:13px}"""
 
 
 def _blocks(data: dict, plot_files: dict[str, bytes]) -> list[tuple]:
-    """The report as a list of blocks (heading, paragraph, note, table, image), rendered to Markdown and HTML."""
+    """The report as a list of blocks (heading, paragraph, note, table, image, preformatted text), rendered to
+    Markdown and HTML."""
     return [
         *_header_blocks(data),
         *answer.blocks(data),
         *_results_blocks(data, plot_files),
+        *examples.blocks(data),
         *_frontier_blocks(data, plot_files),
         *_variants_blocks(data),
         *_selection_blocks(data, plot_files),
@@ -68,7 +70,7 @@ def _results_blocks(data: dict, plot_files: dict[str, bytes]) -> list[tuple]:
             "note",
             "Rows = variants, columns = metrics (↑ higher is better, ↓ lower is better). In "
             "brackets: % of the dense model's value for ↑ metrics (none where the dense value is at chance), "
-            "the difference to dense for NLL. "
+            "the difference to dense for ↓ metrics (NLL; the shares of looping and cut-off replies). "
             "Questions per task: " + ", ".join(ns) + ". Small n means wide error bars (see the "
             "plot's whiskers).",
         ),
@@ -298,7 +300,15 @@ def render_markdown(blocks: list[tuple]) -> str:
             out.append(tables.markdown_table(blk[1], blk[2]))
         elif kind == "img":
             out.append(f"![{blk[2]}](plots/{blk[1]}.png)\n")
+        elif kind == "pre":
+            out.append(_fenced(blk[1]))
     return "\n".join(out)
+
+
+def _fenced(text: str) -> str:
+    """`text` verbatim in a Markdown code fence longer than any backtick run inside it."""
+    fence = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", text)), default=0))
+    return f"{fence}text\n{text}\n{fence}\n"
 
 
 def _inline_code(text: str) -> str:
@@ -325,6 +335,8 @@ def render_html(blocks: list[tuple], plot_files: dict[str, bytes], title: str) -
             out.append(f"<p class='note'>{_inline_code(blk[1])}</p>")
         elif kind == "table":
             out.append(tables.html_table(blk[1], blk[2]))
+        elif kind == "pre":
+            out.append(f"<pre>{html.escape(blk[1])}</pre>")
         elif kind == "img":
             data = base64.b64encode(plot_files[blk[1]]).decode("ascii")
             out.append(

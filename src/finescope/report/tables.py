@@ -26,7 +26,8 @@ from ..artifacts import (
 )
 from ..storage import CONFIG, METRICS
 
-LOWER_IS_BETTER = {"nll", "perplexity"}
+LOWER_IS_BETTER = {"nll", "perplexity", "looping", "cut_off"}
+"""Metrics where less is better: NLL and perplexity, and the `answers:` tasks' shares of looping and cut-off replies."""
 
 
 @dataclass
@@ -48,6 +49,8 @@ class Row:
     stderr: dict[str, float | None] = field(default_factory=dict)
     n: dict[str, int] = field(default_factory=dict)
     chance: dict[str, float | None] = field(default_factory=dict)
+    examples: dict[str, list[dict]] = field(default_factory=dict)
+    """Task → the first answers an `answers:` task kept in its results (question, reference, answer, checks)."""
     """A random guess's value per column, from the results file (None: not recorded, or not an accuracy)."""
 
 
@@ -121,6 +124,8 @@ def collect(run_dir: Path) -> dict:
             key = f"{r.task}|{r.variant}|{r.metric}"
             columns.setdefault(key, Column(key, f"{r.task} {r.metric}", r.metric not in LOWER_IS_BETTER))
             row.values[key], row.stderr[key], row.n[key], row.chance[key] = r.value, r.stderr, r.n, r.chance
+            if isinstance(r.extra.get("examples"), list):
+                row.examples[r.task] = r.extra["examples"]
         rows.append(row)
     # Two scoring variants of one task and metric: say which is which.
     labels = [c.label for c in columns.values()]

@@ -57,9 +57,17 @@ def main() -> None:
     ap.add_argument("--model", type=model_arg, action="append", required=True, help="NAME=MODEL_DIR (repeatable)")
     ap.add_argument("--rows", type=rows_arg, default=list(ROWS), help="GSM8K test rows [1001,1103,1207]")
     ap.add_argument("--max-new-tokens", type=int, default=160)
+    ap.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=None,
+        help="passed to generate (CTRL's penalty; 1 = none); unset = the model's generation_config",
+    )
     args = ap.parse_args()
     if args.max_new_tokens < 1:
         ap.error("--max-new-tokens must be at least 1")
+    if args.repetition_penalty is not None and args.repetition_penalty <= 0:
+        ap.error("--repetition-penalty must be positive (1 = none)")
     if not args.rows:
         ap.error("--rows: name at least one row")
     rows = [json.loads(line) for line in assets.data_path("gsm8k").read_text().splitlines() if line.strip()]
@@ -73,6 +81,8 @@ def main() -> None:
         ap.error(f"--rows: {left_out} are all rows the benchmarks score (eval or tune subset); pick unseen ones")
     decoding = "greedy, under the model's chat template (Alpaca's prompt where it has none)"
     out: dict = {"rows": args.rows, "max_new_tokens": args.max_new_tokens, "decoding": decoding}
+    penalty = {} if args.repetition_penalty is None else {"repetition_penalty": args.repetition_penalty}
+    out["repetition_penalty"] = args.repetition_penalty
     if left_out:
         out["left_out_scored_rows"] = left_out
     out["questions"] = [
@@ -89,7 +99,7 @@ def main() -> None:
             # the chat template's text, tokenized without added specials: what apply_chat_template(tokenize=True) gives
             enc = tok(format_prompt(tok, rows[i]["question"]), return_tensors="pt", add_special_tokens=False)
             with torch.no_grad():
-                gen = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False)
+                gen = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False, **penalty)
             new = gen[0, enc["input_ids"].shape[1] :]
             text = str(tok.decode(new, skip_special_tokens=True))
             answers.append(text)

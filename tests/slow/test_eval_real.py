@@ -37,7 +37,7 @@ def test_eval_stage_on_smollm2(tmp_path):
 
     cfg = EvalConfig(
         model="default",
-        tasks=["mmlu:anatomy", "nll:math", "gsm8k"],
+        tasks=["mmlu:anatomy", "nll:math", "gsm8k", "answers:math"],
         limit=4,
         shots=1,
         mmlu_scoring="both",
@@ -53,3 +53,10 @@ def test_eval_stage_on_smollm2(tmp_path):
         r = res[("mmlu:anatomy", variant)]
         assert r["n"] == 4 and r["shots"] == 1 and 0.0 <= r["value"] <= 1.0
     assert res[("gsm8k", "1-shot cot")]["n"] == 4
+    # The dense model's own chat replies: real sentences, not loops (its loops start later than 40 tokens).
+    answers = [r for r in report["results"] if r["task"] == "answers:math"]
+    assert [r["metric"] for r in answers] == ["exact_match", "looping", "cut_off"]
+    assert all(r["n"] == 4 for r in answers) and answers[1]["value"] == 0.0
+    examples = answers[0]["examples"]
+    assert len(examples) == 3 and examples[0]["question"].startswith("Janet")  # GSM8K test row 0
+    assert all(len(e["answer"].split()) >= 5 and not e["looping"] for e in examples)

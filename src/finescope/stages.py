@@ -52,7 +52,7 @@ STAGES: dict[str, Stage] = {
             "eval",
             EvalConfig,
             "finescope.evaluate.run",
-            "evaluate a model: MMLU slices, GSM8K, HumanEval, domain NLL, task files",
+            "evaluate a model: MMLU slices, GSM8K, HumanEval, domain NLL, its own replies, task files",
         ),
     )
 }

@@ -311,6 +311,7 @@ def test_run_writes_results_and_skips_rerun(tiny_model_dirs, tmp_path):
             f"nll:{FIX / 'nll_small.jsonl'}",
             f"math:{FIX / 'math_small.jsonl'}",
             f"mbpp:{FIX / 'mbpp_small.jsonl'}",
+            f"answers:{FIX / 'answers_small.jsonl'}",
         ],
         allow_code_execution=True,
         max_new_tokens=8,
@@ -332,7 +333,12 @@ def test_run_writes_results_and_skips_rerun(tiny_model_dirs, tmp_path):
     assert by_task["mbpp"]["metric"] == "pass@1" and 0 <= by_task["mbpp"]["value"] <= 1
     assert all("wall_s" in r and "stderr" in r for r in report["results"])
     assert report["model"]["path"] == model and len(report["model"]["config_hash"]) == 16
-    assert len(list((out / "samples").glob("*.jsonl"))) == 3
+    assert len(list((out / "samples").glob("*.jsonl"))) == 4
+    # metrics.json: one key per result, the metric added where one task and variant give several
+    metrics = json.loads((out / "metrics.json").read_text())
+    answers = [r for r in report["results"] if r["task"].startswith("answers:")]
+    assert [r["metric"] for r in answers] == ["looping", "cut_off"] and len(metrics) == len(report["results"])
+    assert metrics[f"{answers[1]['task']} [{answers[1]['variant']}] cut_off"] == answers[1]["value"]
     mtime = path.stat().st_mtime_ns
     assert run(cfg, out) == path and path.stat().st_mtime_ns == mtime  # done with this config: skipped
 
@@ -372,6 +378,7 @@ def test_answers_task_counts_right_looping_and_cut_off(monkeypatch, chat_tokeniz
         {"id": f"q{i}", "instruction": f"question {i}?", "response": f"… #### {t}", "target": t}
         for i, t in enumerate(["4", "5", "8", "9"])
     ]
+    docs[3]["system"] = "Answer in one line."  # asked as format_example scores it: with its system turn
     asked: list[list[str]] = []
 
     def fake_generate(model, tok, prompts, **kw):
@@ -381,7 +388,8 @@ def test_answers_task_counts_right_looping_and_cut_off(monkeypatch, chat_tokeniz
     monkeypatch.setattr(eval_run, "generate", fake_generate)
     handle = SimpleNamespace(model=None, generator=None, tokenizer=chat_tokenizer)
     got = evaluate_task(Task("answers:x", "answers", lambda: docs), handle, EvalConfig(max_new_tokens=16))
-    assert asked == [[format_prompt(chat_tokenizer, d["instruction"]) for d in docs]]  # the chat template's prompt
+    assert asked == [[format_prompt(chat_tokenizer, d["instruction"], d.get("system")) for d in docs]]
+    assert "Answer in one line." in asked[0][3] and "Answer in one line." not in asked[0][2]
     by_metric = {res["metric"]: (res, samples) for res, samples in got}
     assert list(by_metric) == ["exact_match", "looping", "cut_off"]
     assert by_metric["exact_match"][0]["value"] == 0.5  # q0 and q3 (a cut reply still has its last number)
@@ -426,6 +434,6 @@ def test_answers_math_is_gsm8k_with_targets():
     task = resolve_task("answers:math")
     docs = task.docs()
     assert task.kind == "answers" and task.generative and len(docs) == 1319
-    assert docs[0]["target"] == gen.gsm8k_target(docs[0]["response"]) and docs[0]["instruction"].strip()
+    assert docs[0]["instruction"].startswith("Janet") and docs[0]["target"] == "18"  # GSM8K test row 0
     with pytest.raises(TaskError, match="neither an answers preset"):
         resolve_task("answers:nowhere.jsonl")

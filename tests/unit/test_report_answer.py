@@ -197,6 +197,31 @@ def test_the_report_shows_dense_and_the_picked_models_answers_side_by_side(tmp_p
     assert "<pre>Use ```python" in html and html.index("Answers side by side") > html.index("<h2>Results</h2>")
 
 
+def test_no_percent_of_dense_from_a_few_hits(tmp_path):
+    """Dense right on 2 of 60 is above chance (0) by the Wilson bound, but 0 of 60 against it is "0 %" by two
+    questions: no % of dense, left out of the mean with the reason, and the answer's table says why."""
+    root = _run(
+        tmp_path / "run",
+        {
+            "dense": (100, _nll("nll:math", 1.0, 0.7) + _answers([("It is 0.", True, False, False)], 2 / 60, 0.05)),
+            "pruned_kd": (60, _nll("nll:math", 2.0, 0.5) + _answers([("No", False, False, False)], 0.0, 0.2)),
+        },
+        tasks=["nll:math", "answers:math"],
+        off_domain=[],
+    )
+    data = tables.collect(root)
+    col = next(c for c in data["columns"] if c.key.endswith("|exact_match"))
+    dense, kd = data["dense"], data["rows"][1]
+    assert tables.wilson_lower(2 / 60, 60) > 0 and tables.relative(kd, dense, col) == ""
+    used, left = tables.summary_columns(data)
+    assert col not in used and dict((c.key, r) for c, r in left)[col.key] == (
+        "dense 0.033 is 2 of 60: a % of dense would be a ratio of a few counts"
+    )
+    assert answer.versus_dense(kd, dense, col).startswith("no % of dense: dense 0.033 is 2 of 60")
+    top1 = next(c for c in data["columns"] if c.key.endswith("|top1"))
+    assert tables.relative(kd, dense, top1) == "71%"  # 42 of 60: a % as before
+
+
 def test_no_answers_section_without_an_answers_task(tmp_path):
     root = _default_like(tmp_path / "run")
     assert "Answers side by side" not in write_report(root).read_text()

@@ -8,9 +8,11 @@ with the same config is skipped) or, when it ends in `.json`, that results file 
 (`--write-samples`) goes to `<out>/samples/` or `<stem>.samples/` beside the file.
 
 Each task result: task, variant (scoring), metric, value, stderr, n, chance (the value a random guess gets, for
-accuracy metrics: 1/choices for multiple choice, 0 for generation, code and top-1), wall time, plus task-specific
-extras (per-subject/type breakdowns, both GSM8K extractions, perplexity). An `nll:` task gives two results from one
-scoring pass: `nll` and `top1`. The model is identified by its folder and a hash of its config.json and weight
+accuracy metrics: 1/choices for multiple choice, 0 for generation, code and top-1; None for NLL and for the shares
+of looping / cut-off replies), wall time, plus task-specific extras (per-subject/type breakdowns, both GSM8K
+extractions, perplexity, an `answers:` task's first replies as `examples`). An `nll:` task gives two results from one
+scoring pass: `nll` and `top1`; an `answers:` task three from one generation pass: `exact_match` (records with a
+reference number), `looping` and `cut_off`. The model is identified by its folder and a hash of its config.json and weight
 files' names and sizes.
 """
 
@@ -373,7 +375,8 @@ def run_answers(task: Task, handle, cfg: EvalConfig) -> list[tuple[dict, list[di
     docs = task.docs()
     idx = select_subset(len(docs), cfg.limit)
     tok = handle.tokenizer
-    prompts = [format_prompt(tok, docs[i]["instruction"]) for i in idx]
+    system = [d.get("system") if isinstance(d.get("system"), str) else None for d in (docs[i] for i in idx)]
+    prompts = [format_prompt(tok, docs[i]["instruction"], s) for i, s in zip(idx, system)]  # as format_example
     outs = generate(
         handle.generator or handle.model,
         tok,

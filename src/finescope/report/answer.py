@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .tables import Column, Row, above_chance, fmt
+from .tables import Column, Row, above_chance, chance_reason, few_counts, fmt
 
 
 @dataclass
@@ -94,7 +94,7 @@ def pick(data: dict) -> Answer | None:
 
 def versus_dense(row: Row, dense: Row | None, col: Column) -> str:
     """How a value compares with dense: × dense and the difference for ↓ metrics (NLL); % of dense for ↑ metrics
-    whose dense value is above chance; otherwise why there is no comparison."""
+    whose dense value is above chance with enough hits (`tables.chance_reason`); otherwise why there is none."""
     v = row.values.get(col.key)
     d = dense.values.get(col.key) if dense is not None else None
     if v is None or d is None or dense is None:
@@ -102,7 +102,10 @@ def versus_dense(row: Row, dense: Row | None, col: Column) -> str:
     if not col.higher_better:
         ppl = f"; perplexity {math.exp(v - d):.2f}× dense" if col.key.endswith("|nll") else ""
         return f"{v / d:.2f}× dense ({v - d:+.2f}{ppl})" if d > 0 else f"{v - d:+.2f}"
-    if not above_chance(dense, col):
+    reason = chance_reason(dense, col)
+    if reason is not None and reason == few_counts(dense, col):
+        return f"no % of dense: {reason}"
+    if reason is not None:
         chance = dense.chance.get(col.key)
         return f"no % of dense: dense {fmt(d)} is at chance ({chance:.3g})" if chance is not None else "–"
     return f"{100 * v / d:.0f}% of dense" if d else "–"

@@ -54,7 +54,7 @@ def used_assets(manifest) -> dict[str, list[str]]:
             "mmlu"
             if name.startswith("mmlu")
             else "gsm8k"
-            if name in ("gsm8k", "nll:math")
+            if name in ("gsm8k", "nll:math", "answers:math")
             else "humaneval"
             if name.startswith("humaneval") or name == "nll:code"
             else None

@@ -49,9 +49,9 @@ class Row:
     stderr: dict[str, float | None] = field(default_factory=dict)
     n: dict[str, int] = field(default_factory=dict)
     chance: dict[str, float | None] = field(default_factory=dict)
+    """A random guess's value per column, from the results file (None: not recorded, or not an accuracy)."""
     examples: dict[str, list[dict]] = field(default_factory=dict)
     """Task → the first answers an `answers:` task kept in its results (question, reference, answer, checks)."""
-    """A random guess's value per column, from the results file (None: not recorded, or not an accuracy)."""
 
 
 def _stage_config(folder: Path) -> dict[str, Any]:
@@ -217,17 +217,30 @@ def relative(row: Row, dense: Row | None, col: Column) -> str:
 
 def chance_reason(dense: Row, col: Column) -> str | None:
     """Why the dense value of a ↑ column cannot serve as a reference (None when it can): no value, no chance level
-    recorded, or not distinguishable from chance — the lower end of the one-sided 95 % Wilson interval of the dense
+    recorded, not distinguishable from chance — the lower end of the one-sided 95 % Wilson interval of the dense
     value over its n questions is at or below the task's chance level (1/choices for multiple choice, 0 for generated
-    answers, code and top-1; recorded in the results file)."""
+    answers, code and top-1; recorded in the results file) —, or too few hits (`few_counts`)."""
     v, n, chance = dense.values.get(col.key), dense.n.get(col.key), dense.chance.get(col.key)
     if v is None or not n:
         return "no dense value"
     if chance is None:
         return f"no chance level recorded ({OLD_RESULTS})"
-    if wilson_lower(v, n) > chance:
+    if wilson_lower(v, n) <= chance:
+        return f"dense {fmt(v)} is not distinguishable from chance {chance:.3g} at n = {n}"
+    return few_counts(dense, col)
+
+
+MIN_HITS = 5
+"""A ↑ metric whose dense value counts fewer hits than this over its n questions (v·n < 5, the usual bound for a
+proportion's normal approximation) gives no % of dense: 0 of 60 against dense's 2 of 60 is "0 %" by two questions."""
+
+
+def few_counts(dense: Row, col: Column) -> str | None:
+    """Why a % of dense would be a ratio of a few counts (dense scores under `MIN_HITS` of its n), or None."""
+    v, n = dense.values.get(col.key), dense.n.get(col.key)
+    if v is None or not n or v * n >= MIN_HITS:
         return None
-    return f"dense {fmt(v)} is not distinguishable from chance {chance:.3g} at n = {n}"
+    return f"dense {fmt(v)} is {v * n:.0f} of {n}: a % of dense would be a ratio of a few counts"
 
 
 def above_chance(dense: Row, col: Column) -> bool:
@@ -300,7 +313,7 @@ def summary_note(data: dict) -> str | None:
     used, left = summary_columns(data)
     rule = (
         "distinguishable from chance (the lower end of its one-sided 95 % Wilson interval lies above the task's "
-        "chance level)"
+        f"chance level) and counts at least {MIN_HITS} hits"
     )
     why = "; left out: " + "; ".join(f"{c.label} — {reason}" for c, reason in left) if left else ""
     if not used:

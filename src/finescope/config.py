@@ -361,6 +361,8 @@ class EvalConfig:
     """Few-shot examples per question; none = each task's default (mmlu 0, gsm8k 8 CoT exemplars, others 0)."""
     limit: Annotated[int, Range(min=0)] = 0
     """Questions per task, evenly spaced through it (0 = all)."""
+    answers_limit: Annotated[int, Range(min=0)] = 0
+    """Questions per `answers:` task, evenly spaced (0 = `limit`): its replies run to `max_new_tokens`, so they cost far more per question than the scoring tasks."""
     batch_size: Annotated[int, Range(min=1)] = 8
     """Questions per forward pass / prompts per generate call."""
     max_new_tokens: Annotated[int, Range(min=1)] = 256
@@ -390,7 +392,7 @@ class EvalConfig:
     """Generative tasks through transformers' generate or vLLM (needs the vllm package and a CUDA GPU)."""
 
     HASH_EXCLUDE = ("device", "overwrite", "off_domain")
-    HASH_OMIT_AT = {"generation_backend": "transformers"}
+    HASH_OMIT_AT = {"generation_backend": "transformers", "answers_limit": 0}
 
 
 KD_SETTINGS = marked(RecoverConfig, KD)

@@ -428,6 +428,18 @@ def test_answers_task_on_a_record_file_runs_and_refuses_text_records(tiny_model_
     bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"text": "The court held that the contract was void."}))
     with pytest.raises(TaskError, match=r"mixed\.jsonl: record 2 .* is a text record; an answers: task needs"):
         prepare_tasks(EvalConfig(tasks=[f"answers:{bad}"]))
+    # answers_limit sets the answers: task's count alone (and is checked against it); 0 leaves it to limit
+    cfg.answers_limit, cfg.limit, cfg.tasks = 2, 3, [f"answers:{good}", f"nll:{good}"]
+    report = json.loads(run(cfg, tmp_path / "eval" / "two").read_text())
+    assert [(r["task"].split(":")[0], r["n"]) for r in report["results"]] == [
+        ("answers", 2),
+        ("answers", 2),
+        ("nll", 3),
+        ("nll", 3),
+    ]
+    cfg.answers_limit = 5
+    with pytest.raises(TaskError, match=r"has 4 questions; --answers-limit 5 is larger"):
+        prepare_tasks(cfg)
 
 
 def test_answers_math_is_gsm8k_with_targets():

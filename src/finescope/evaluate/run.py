@@ -76,9 +76,10 @@ def prepare_tasks(cfg: EvalConfig) -> list[Task]:
         )
     for t in tasks:
         n = len(t.docs())
-        if cfg.limit > n:
+        flag, limit = ("--answers-limit", cfg.answers_limit) if _answers_limit(cfg, t) else ("--limit", cfg.limit)
+        if limit > n:
             raise TaskError(
-                f"task {t.name!r} has {n} questions; --limit {cfg.limit} is larger (use a smaller limit, or 0 for all)"
+                f"task {t.name!r} has {n} questions; {flag} {limit} is larger (use a smaller limit, or 0 for all)"
             )
         shots = _shots(cfg, t)
         if t.kind == "gsm8k" and shots > len(GSM8K_COT_EXEMPLARS):
@@ -88,6 +89,11 @@ def prepare_tasks(cfg: EvalConfig) -> list[Task]:
         if t.kind in ("mc", "math", "code") and t.options.get("flavour") != "humaneval" and shots >= n:
             raise TaskError(f"task {t.name!r}: --shots {shots} needs more than {n} questions")
     return tasks
+
+
+def _answers_limit(cfg: EvalConfig, task: Task) -> bool:
+    """`answers_limit` sets this task's question count (an `answers:` task, with the setting given)."""
+    return task.kind == "answers" and cfg.answers_limit > 0
 
 
 def _shots(cfg: EvalConfig, task: Task) -> int:
@@ -373,7 +379,7 @@ def run_answers(task: Task, handle, cfg: EvalConfig) -> list[tuple[dict, list[di
     (records with a `target`: GSM8K's last-number rule), the share that loop (`generation.is_degenerate`) and the
     share cut at the token cap without ending their turn. The first `ANSWER_EXAMPLES` go into the results file."""
     docs = task.docs()
-    idx = select_subset(len(docs), cfg.limit)
+    idx = select_subset(len(docs), cfg.answers_limit if _answers_limit(cfg, task) else cfg.limit)
     tok = handle.tokenizer
     system = [d.get("system") if isinstance(d.get("system"), str) else None for d in (docs[i] for i in idx)]
     prompts = [format_prompt(tok, docs[i]["instruction"], s) for i, s in zip(idx, system)]  # as format_example

@@ -494,7 +494,7 @@ class Task:
 
     @property
     def generative(self) -> bool:
-        """Scored on generated text (gsm8k, code, math), not on log-likelihoods."""
+        """Scored on generated text (gsm8k, code, math, answers), not on log-likelihoods."""
         return self.kind in ("gsm8k", "code", "math", "answers")
 
     def docs(self) -> list[dict]:

@@ -26,9 +26,46 @@ from . import distributed
 from .progress import progress
 from .tokens import encode_prompt, pad_batch, pad_id
 
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+
+
+def _number_values(word: str) -> tuple[float, ...]:
+    return tuple(float(m.replace(",", "")) if m.count(".") <= 1 else 0.0 for m in _NUMBER.findall(word))
+
+
+def loops_at_end(text: str, *, min_words: int = 20, min_repeats: int = 3, max_unit: int = 16) -> bool:
+    """True when the text ends in a loop: a unit of 1-`max_unit` words repeated at least `min_repeats` times, over
+    at least `min_words` words, up to the last word (which may be cut short by a token cap).
+
+    Two words repeat when they are equal, or when they differ only in their numbers and each number is at least
+    its counterpart one unit earlier: that catches counting and doubling loops ("1. 2. 3. 4. ...", "2 * 4 = 8
+    pounds / 2 * 8 = 16 pounds / ...") that differ in every word, while a digit grid or a sum of unrelated numbers
+    ("5 + 9 + 2 + ...") goes up and down and is no loop. A loop a model broke out of (text that ends otherwise)
+    is not counted here.
+    """
+    words = text.split()
+    n = len(words)
+    shapes = [(_NUMBER.sub("0", w).strip(".,;:!?") or w).lower() for w in words]
+    values = [_number_values(w) for w in words]
+
+    def repeats(i: int, j: int) -> bool:
+        if words[i] == words[j] or (i == n - 1 and words[j].startswith(words[i])):
+            return True
+        same_shape = shapes[i] == shapes[j] and len(values[i]) == len(values[j])
+        return same_shape and all(a >= b for a, b in zip(values[i], values[j], strict=True))
+
+    for unit in range(1, max_unit + 1):
+        k = 0  # trailing words equal to the word one unit before
+        while k < n - unit and repeats(n - 1 - k, n - 1 - k - unit):
+            k += 1
+        if k and k + unit >= max(min_words, min_repeats * unit):
+            return True
+    return False
+
 
 def is_degenerate(text: str) -> bool:
-    """Repetition loops typical of small models under greedy decoding."""
+    """Repetition loops typical of small models under greedy decoding: a character run, a line four times, text
+    whose 4-grams are mostly repeats, or a loop at the end (`loops_at_end`)."""
     if re.search(r"(.)\1{29,}", text):
         return True
     lines = [l.strip() for l in text.splitlines() if l.strip()]
@@ -39,7 +76,7 @@ def is_degenerate(text: str) -> bool:
         grams = [tuple(words[i : i + 4]) for i in range(len(words) - 3)]
         if len(set(grams)) / len(grams) < 0.5:
             return True
-    return False
+    return loops_at_end(text)
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:

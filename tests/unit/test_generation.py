@@ -4,10 +4,11 @@ per-batch callback, and the model's training mode is restored."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import build_model
-from finescope.generation import cut_at_stop, generate, stop_token_ids
+from finescope.generation import cut_at_stop, generate, is_degenerate, loops_at_end, stop_token_ids
 
 PROMPTS = [
     "What is 12 times 7?",
@@ -102,3 +103,35 @@ def test_cut_at_stop():
     assert cut_at_stop("    return a\ndef other():", ["\ndef", "\nclass"]) == "    return a"
     assert cut_at_stop("no stop", ["\n\n"]) == "no stop"
     assert cut_at_stop("a;b|c", ["|", ";"]) == "a"
+
+
+COUNTING = "1. 1. 2. 3. 4. 5. 6. 7. 8. 9. 10. 11. 12. 13. 14. 15. 16. 18. 19. 20. 21. 22. 23. 24. 25. 26. 28. 29. 30"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        COUNTING,  # a compact model's reply (session 45): every word differs, so no 4-gram repeats
+        "You can use the formula 2000 * 1800 = " + "2000 * 2000 = " * 8 + "2000 *",  # a unit of 3 words
+        "Weight = 2 * 4 = 8 pounds\n" + "".join(f"Weight = 2 * {2**i} = {2 ** (i + 1)} pounds\n" for i in range(3, 8)),
+        "So 1/100 * 1 / 100 = " * 5 + "So 1/100 * 1 / 10",  # the token cap cut the last number short
+        "1. The answer is: X\n2. The answer is: X\n3. The answer is: X\n4. The answer is: X\n5. The answer is: X",
+    ],
+)
+def test_loops_at_end_catches_loops_whose_words_differ(text):
+    assert loops_at_end(text) and is_degenerate(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        COUNTING + " and so the answer is 30.",  # a loop the text ends after is not a loop at the end
+        "Output:\n" + "\n".join(" ".join(str((i * 7 + j * 3) % 9) for j in range(9)) for i in range(8)),  # a grid
+        "The total is " + " + ".join(str(n) for n in (5, 9, 2, 14, 3, 8, 1, 7, 6, 4, 11, 2)) + " +",  # cut by the cap
+        "Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\nShe makes 9 * 2 = $<<9*2=18>>18 every day.\n#### 18",
+        "1. 2. 3. 4. 5. 6. 7. 8.",  # a short list: under 20 words
+        "",
+    ],
+)
+def test_loops_at_end_leaves_text_that_ends(text):
+    assert not loops_at_end(text)

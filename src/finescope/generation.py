@@ -37,28 +37,36 @@ def loops_at_end(text: str, *, min_words: int = 20, min_repeats: int = 3, max_un
     """True when the text ends in a loop: a unit of 1-`max_unit` words repeated at least `min_repeats` times, over
     at least `min_words` words, up to the last word (which may be cut short by a token cap).
 
-    Two words repeat when they are equal, or when they differ only in their numbers and each number is at least
-    its counterpart one unit earlier: that catches counting and doubling loops ("1. 2. 3. 4. ...", "2 * 4 = 8
-    pounds / 2 * 8 = 16 pounds / ...") that differ in every word, while a digit grid or a sum of unrelated numbers
-    ("5 + 9 + 2 + ...") goes up and down and is no loop. A loop a model broke out of (text that ends otherwise)
-    is not counted here.
+    Two words repeat when they are equal, or when they differ only in their numbers (case and trailing punctuation
+    aside) and no number is smaller than its counterpart one unit earlier: that catches counting and doubling loops
+    ("1. 2. 3. 4. ...", "2 * 4 = 8 pounds / 2 * 8 = 16 pounds / ...") whose words all differ. A run that repeats
+    only so needs twice the repeats (a worked solution may step through three days or years), and a digit grid or
+    a sum of unrelated numbers ("5 + 9 + 2 + ...") goes up and down and is no loop. A loop a model broke out of
+    (text that ends otherwise) is not counted here.
     """
     words = text.split()
     n = len(words)
     shapes = [(_NUMBER.sub("0", w).strip(".,;:!?") or w).lower() for w in words]
     values = [_number_values(w) for w in words]
 
-    def repeats(i: int, j: int) -> bool:
-        if words[i] == words[j] or (i == n - 1 and words[j].startswith(words[i])):
-            return True
+    def same(i: int, j: int) -> bool:
+        return words[i] == words[j] or (i == n - 1 and words[j].startswith(words[i]))
+
+    def grows(i: int, j: int) -> bool:
         same_shape = shapes[i] == shapes[j] and len(values[i]) == len(values[j])
         return same_shape and all(a >= b for a, b in zip(values[i], values[j], strict=True))
 
     for unit in range(1, max_unit + 1):
-        k = 0  # trailing words equal to the word one unit before
-        while k < n - unit and repeats(n - 1 - k, n - 1 - k - unit):
+        k, grown = 0, False  # trailing words that repeat the word one unit before; any only by growing numbers
+        while k < n - unit:
+            i = n - 1 - k
+            if not same(i, i - unit):
+                if not grows(i, i - unit):
+                    break
+                grown = True
             k += 1
-        if k and k + unit >= max(min_words, min_repeats * unit):
+        repeats = min_repeats * (2 if grown else 1)
+        if k and k + unit >= max(min_words, repeats * unit):
             return True
     return False
 

@@ -115,7 +115,7 @@ COUNTING = "1. 1. 2. 3. 4. 5. 6. 7. 8. 9. 10. 11. 12. 13. 14. 15. 16. 18. 19. 20
         "You can use the formula 2000 * 1800 = " + "2000 * 2000 = " * 8 + "2000 *",  # a unit of 3 words
         "Weight = 2 * 4 = 8 pounds\n" + "".join(f"Weight = 2 * {2**i} = {2 ** (i + 1)} pounds\n" for i in range(3, 8)),
         "So 1/100 * 1 / 100 = " * 5 + "So 1/100 * 1 / 10",  # the token cap cut the last number short
-        "1. The answer is: X\n2. The answer is: X\n3. The answer is: X\n4. The answer is: X\n5. The answer is: X",
+        "".join(f"{i}. The answer is: X\n" for i in range(1, 9)),  # a teacher's answer, cut at 64 tokens
     ],
 )
 def test_loops_at_end_catches_loops_whose_words_differ(text):
@@ -130,8 +130,15 @@ def test_loops_at_end_catches_loops_whose_words_differ(text):
         "The total is " + " + ".join(str(n) for n in (5, 9, 2, 14, 3, 8, 1, 7, 6, 4, 11, 2)) + " +",  # cut by the cap
         "Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\nShe makes 9 * 2 = $<<9*2=18>>18 every day.\n#### 18",
         "1. 2. 3. 4. 5. 6. 7. 8.",  # a short list: under 20 words
+        "Day 1: 5 + 3 = 8 apples\nDay 2: 8 + 3 = 11 apples\nDay 3: 11 + 3 = 14 apples",  # three worked steps
+        " ".join(f"{n}." for n in range(40, 10, -1)),  # counting down: numbers that shrink
         "",
     ],
 )
 def test_loops_at_end_leaves_text_that_ends(text):
     assert not loops_at_end(text)
+
+
+def test_loops_at_end_needs_20_words():
+    assert not loops_at_end("step " * 19) and loops_at_end("step " * 20)
+    assert loops_at_end("".join(f"Day {d}: {d} apples\n" for d in range(1, 7)))  # six growing repeats of 4 words

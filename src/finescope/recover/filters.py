@@ -4,7 +4,8 @@ Reasons, checked in this order (the first that applies is recorded):
     empty           nothing but whitespace (or under 2 characters)
     cut_off         the teacher hit `max_new_tokens` before ending its turn
     leakage         the rewrite talks about the template ("reference answer", "your response", "### Instruction", …)
-    degenerate      repetition loops (few distinct word 4-grams, a line repeated 4+ times, a 30-char run)
+    degenerate      repetition loops (few distinct word 4-grams, a line repeated 4+ times, a 30-char run, a loop
+                    at the end: `generation.loops_at_end`)
     answer_mismatch the original has a checkable answer (final number, or an option letter for multiple choice)
                     and the rewrite's differs or is missing
 

@@ -36,9 +36,20 @@ from reference import reference_throughput  # noqa: E402
 
 
 def kd_stage(run_dir: Path) -> Path:
+    """The run's `pruned_kd` recover stage: the one its last `finescope run` used (pipeline.json), else the only
+    finished one; a run directory holding several (a config changed between runs) and no record refuses."""
+    record = read_json(run_dir / "pipeline.json") if (run_dir / "pipeline.json").is_file() else {}
+    named = record.get("variants", {}).get("pruned_kd", {}).get("stages", {}).get("recover")
+    if named and (run_dir / named / "DONE").is_file():
+        return run_dir / named
     stages = sorted(p for p in (run_dir / "recover").glob("*-kd-*") if (p / "DONE").is_file())
     if not stages:
         raise SystemExit(f"{run_dir}/recover: no finished kd stage (run `finescope run` with the pruned_kd variant)")
+    if len(stages) > 1:
+        raise SystemExit(
+            f"{run_dir}/recover: {len(stages)} finished kd stages ({', '.join(p.name for p in stages)}) and no "
+            f"pipeline.json naming the run's own; re-run `finescope run` there or move the others aside"
+        )
     return stages[0]
 
 

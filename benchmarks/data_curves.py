@@ -1,6 +1,6 @@
 """Does curation pay? The recovery data source as an axis, on a finished default run: its `pruned_kd` stage's recipe
-(KD over every token at the run's α, LoRA, the run's epochs, same student, same settings) re-run on data from three sources
-at equal tokens, over several seeds, at several volumes. Domain NLL on the two disjoint GSM8K subsets of
+(KD over every token at the run's α, LoRA, the run's epochs, same student, same settings) re-run on data from three
+sources at equal tokens, over several seeds, at several volumes. Domain NLL on the two disjoint GSM8K subsets of
 distill_terms.py (`tune`: 64 rows outside the eval's subset; `report`: the eval's 60 `nll:math` rows). Prints one
 JSON object (and writes it to --out after every point, so a run cut short leaves what it finished);
 `frontier.py --curves FILE` folds it into the frontier's JSON.

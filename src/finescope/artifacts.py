@@ -547,6 +547,22 @@ class TrainHistory(Schema):
 
 
 @dataclass(kw_only=True)
+class OnPolicyStats(Schema):
+    """On-policy distillation: what the student answered itself during training."""
+
+    share: float
+    """λ: the share of training examples answered by the student (prompted examples only)."""
+    temperature: float
+    answers: int
+    """Answers generated over the whole training (an example drawn twice counts twice)."""
+    mean_tokens: float
+    ended: float
+    """Share of the answers that ended with a stop token within the cap."""
+    seconds: float
+    """Generation and teacher passes inside the training time."""
+
+
+@dataclass(kw_only=True)
 class KdStats(Schema):
     """Distillation from the teacher: logits (kd_weight > 0) and / or hidden states (hidden_weight > 0)."""
 
@@ -572,6 +588,8 @@ class KdStats(Schema):
     """nmse | cosine (hidden-state distillation only)."""
     hidden_layers: list[int] | None = None
     """Student blocks matched (0-based); empty = every block."""
+    on_policy: OnPolicyStats | None = None
+    """The student's own answers trained on (on-policy distillation; None when off)."""
 
 
 @dataclass(kw_only=True)

@@ -211,6 +211,28 @@ def generate(
     return results
 
 
+@torch.no_grad()
+def generate_ids(
+    model, rows: list[list[int]], *, stops: set[int], pad: int, max_new_tokens: int, temperature: float = 0.0
+) -> list[list[int]]:
+    """The new token ids of one batch generated after the prompt id `rows` (left padded), each cut after its first
+    stop token (kept: it is what ended the row); greedy at `temperature` 0, else sampled from the whole
+    distribution at that temperature, from torch's global generator (seed it, or fork it, around the call). For
+    callers that train on the ids (on-policy distillation); text comes from `generate`."""
+    was_training = model.training
+    model.eval()
+    try:
+        kwargs = _decoding_kwargs(max_new_tokens, 1, temperature, 1.0, pad, stops)
+        new = _generate_batch(model, None, rows, pad, [], next(model.parameters()).device, kwargs)
+    finally:
+        model.train(was_training)
+    out = []
+    for toks in new.tolist():
+        end = next((j for j, t in enumerate(toks) if t in stops), None)
+        out.append(toks if end is None else toks[: end + 1])
+    return out
+
+
 def _groups(starts: list[int], batch_size: int, engine: bool) -> list[list[int]]:
     """The batch starts run together: one batch at a time for transformers, up to `vllm_backend.CHUNK` prompts
     per call for a vLLM engine (which batches by itself)."""

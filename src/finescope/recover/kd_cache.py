@@ -49,21 +49,28 @@ def cache_path(setting: str, key: str) -> Path:
 def teacher_top_k(model, examples, s: KdSettings, micro_batch_size: int, pad_id: int) -> list[TopK]:
     """The teacher's top-k distribution at each example's KD positions, one `TopK` per example."""
     model.eval()
-    device = next(model.parameters()).device
     out: list[TopK] = []
     bar = progress(total=len(examples), desc="teacher logits", unit="ex")
     for start in range(0, len(examples), micro_batch_size):
         chunk = examples[start : start + micro_batch_size]
-        batch = pad_batch([e.input_ids for e in chunk], pad_id, labels=[e.kd_labels or e.labels for e in chunk])
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-        top = top_k_of(labelled_logits(logits.logits, batch["labels"].to(device)), s.temperature, s.top_k)
-        at = 0
-        for e in chunk:
-            n = e.kd_targets
-            out.append(TopK(top.ids[at : at + n].cpu(), top.logp[at : at + n].cpu(), top.log_rest[at : at + n].cpu()))
-            at += n
+        out.extend(batch_top_k(model, chunk, s, pad_id))
         bar.update(len(chunk))
     bar.close()
+    return out
+
+
+@torch.no_grad()
+def batch_top_k(model, examples, s: KdSettings, pad_id: int) -> list[TopK]:
+    """One teacher pass over `examples` as a single batch: each one's top-k at its KD positions (on the CPU)."""
+    device = next(model.parameters()).device
+    batch = pad_batch([e.input_ids for e in examples], pad_id, labels=[e.kd_labels or e.labels for e in examples])
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+    top = top_k_of(labelled_logits(logits.logits, batch["labels"].to(device)), s.temperature, s.top_k)
+    out, at = [], 0
+    for e in examples:
+        n = e.kd_targets
+        out.append(TopK(top.ids[at : at + n].cpu(), top.logp[at : at + n].cpu(), top.log_rest[at : at + n].cpu()))
+        at += n
     return out
 
 

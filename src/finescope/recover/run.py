@@ -27,6 +27,7 @@ from .. import FinescopeError, distributed, stage_protocol, tokens, vllm_backend
 from ..artifacts import (
     FilterStats,
     KdStats,
+    OnPolicyStats,
     RecoverMetrics,
     RecoveryData,
     RewriteStats,
@@ -41,6 +42,7 @@ from . import answer_cache, kd_cache
 from .distill import KdSettings, check_hidden_fit
 from .filters import REASONS, apply_filters
 from .finetune import Example, TrainSettings, build_examples, mean_loss, prompt_fills, save_trained, split_records
+from .on_policy import OnPolicy
 from .rewrite import rank_partials, rewrite_records
 from .sources import training_records
 from .trainer import check_launch_engine, fine_tune
@@ -114,6 +116,11 @@ def _check_settings(cfg: RecoverConfig) -> None:
         raise RecoverError(
             "--no-teacher with --hidden-weight > 0: hidden-state distillation needs the teacher; use --no-rewrite "
             "to distil without teacher rewrites"
+        )
+    if cfg.on_policy > 0 and cfg.kd_weight == 0:
+        raise RecoverError(
+            f"--on-policy {cfg.on_policy}: the student's own answers are trained on the KD term alone, and "
+            "--kd-weight is 0; set --kd-weight > 0 (or --on-policy 0)"
         )
     if cfg.generation_backend == "vllm":
         vllm_backend.check_available()
@@ -220,10 +227,14 @@ def _recover_into(
     rows, filter_stats = _filter(stage if ranks.is_main else None, cfg, records, rewrites, long_prompts)
     train_ex, eval_ex, too_long = _examples(student.tokenizer, cfg, rows)
     kd_stats, online = _kd_targets(cfg, teacher, train_ex, tokens.pad_id(student.tokenizer), times)
+    policy = _on_policy(cfg, student, teacher, cached=online is None)
     teacher = None  # the last reference unless KD runs online: the teacher's memory is free before the student trains
     _free()
-    trained, history = _finetune(stage, cfg, train_ex, eval_ex, student, online, times)
+    trained, history = _finetune(stage, cfg, train_ex, eval_ex, student, online, times, policy)
     online = None
+    if policy is not None and kd_stats is not None:
+        kd_stats.on_policy = _on_policy_stats(cfg, policy)
+    policy = None
 
     def save() -> dict:
         train = _save(stage, cfg, trained, eval_ex, student, history, times)
@@ -388,6 +399,37 @@ def _kd_targets(
     return stats, None
 
 
+def _on_policy(
+    cfg: RecoverConfig, student: ModelHandle, teacher: ModelHandle | None, *, cached: bool
+) -> OnPolicy | None:
+    """The on-policy answerer (`on_policy.py`) when --on-policy > 0: it holds the teacher for the top-k of the
+    student's answers when the other KD targets are cached (`cached`); with the online teacher the loss reads it."""
+    if cfg.on_policy <= 0 or teacher is None:
+        return None
+    s = KdSettings.from_config(cfg)
+    vocab = _vocab_size(teacher.model)
+    if vocab and s.top_k > vocab:
+        s = dataclasses.replace(s, top_k=vocab)
+    return OnPolicy(
+        student.model, student.tokenizer, teacher.model if cached else None, s, share=cfg.on_policy,
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.on_policy_temperature, max_length=cfg.max_length,
+        scope=cfg.kd_scope, seed=cfg.seed,
+    )  # fmt: skip
+
+
+def _on_policy_stats(cfg: RecoverConfig, policy: OnPolicy) -> OnPolicyStats:
+    """This rank's on-policy answers (rank 0's under several ranks: each rank answers its own share)."""
+    n = policy.stats["examples"]
+    return OnPolicyStats(
+        share=cfg.on_policy,
+        temperature=cfg.on_policy_temperature,
+        answers=int(n),
+        mean_tokens=round(policy.stats["tokens"] / n, 2) if n else 0.0,
+        ended=round(policy.stats["ended"] / n, 4) if n else 0.0,
+        seconds=round(policy.stats["seconds"], 2),
+    )
+
+
 def _finetune(
     stage: Path,
     cfg: RecoverConfig,
@@ -396,13 +438,14 @@ def _finetune(
     student: ModelHandle,
     online_teacher,
     times: dict[str, float],
+    policy: OnPolicy | None = None,
 ):
     """Fine-tune the student (LoRA or full) on every rank; the trained model and the raw history."""
     t = time.perf_counter()
     settings = TrainSettings.from_config(cfg, checkpoint_dir=stage / CHECKPOINTS)
     pad_id = tokens.pad_id(student.tokenizer)
     trained, history = fine_tune(
-        student.model, train_ex, eval_ex, settings, pad_id=pad_id, online_teacher=online_teacher
+        student.model, train_ex, eval_ex, settings, pad_id=pad_id, online_teacher=online_teacher, on_policy=policy
     )
     times["finetune"] = round(time.perf_counter() - t, 2)
     return trained, history

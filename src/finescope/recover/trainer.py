@@ -47,6 +47,7 @@ from .finetune import (
     mixed_loss,
     teacher_targets,
 )
+from .on_policy import OnPolicy
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -65,12 +66,15 @@ class _Examples(torch.utils.data.Dataset):
 
 
 class _Collator:
-    """Right-padded batch (`collate`), plus the examples' cached teacher top-k concatenated over KD positions."""
+    """Right-padded batch (`collate`), plus the examples' cached teacher top-k concatenated over KD positions; with
+    on-policy distillation the chosen examples first get the student's own answers (`OnPolicy`)."""
 
-    def __init__(self, pad_id: int, with_teacher: bool):
-        self.pad_id, self.with_teacher = pad_id, with_teacher
+    def __init__(self, pad_id: int, with_teacher: bool, on_policy: OnPolicy | None = None):
+        self.pad_id, self.with_teacher, self.on_policy = pad_id, with_teacher, on_policy
 
     def __call__(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        if self.on_policy is not None:
+            examples = self.on_policy(examples)
         batch = collate(examples, self.pad_id)
         if self.with_teacher:
             top = teacher_targets(examples)
@@ -265,12 +269,14 @@ def fine_tune(
     *,
     pad_id: int,
     online_teacher=None,
+    on_policy: OnPolicy | None = None,
     callbacks: list | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Fine-tune `model` (LoRA adapters or every weight) on `train` with `transformers.Trainer`; returns the trained
     model (peft-wrapped for LoRA) and the history (losses, steps, timings). Under several ranks every rank calls
     this with the same examples (the Trainer's sampler splits them). `online_teacher`: a teacher model run on every
-    batch for KD instead of the examples' cached targets; `callbacks`: more `TrainerCallback`s. With
+    batch for KD instead of the examples' cached targets; `on_policy`: the share of examples the student answers
+    itself at each draw (bound here to the model in training); `callbacks`: more `TrainerCallback`s. With
     `s.checkpoint_dir`, Trainer checkpoints are written there every `s.checkpoint_steps` steps and the newest one
     found is resumed; without it nothing is written outside a temporary folder."""
     if not train:
@@ -287,18 +293,22 @@ def fine_tune(
             p.requires_grad_(True)
     else:
         trained = attach_lora(model, s)  # peft keeps the adapters in float32
+    if on_policy is not None:
+        on_policy.student = trained  # it answers as the model being trained, adapters included
     with contextlib.ExitStack() as stack:
         # The Trainer wants an output folder even when it saves nothing: a temporary one then, never the cwd.
         out_dir = s.checkpoint_dir or Path(
             stack.enter_context(tempfile.TemporaryDirectory(prefix="finescope-trainer-"))
         )
-        out, history = _fine_tune(trained, model, train, held_out, s, pad_id, online, callbacks, world, out_dir)
+        out, history = _fine_tune(
+            trained, model, train, held_out, s, pad_id, online, callbacks, world, out_dir, on_policy
+        )
     if s.adapter == "full" and load_dtype != torch.float32:
         out = out.to(load_dtype)
     return out, history
 
 
-def _fine_tune(trained, model, train, held_out, s, pad_id, online, callbacks, world, out_dir: Path):
+def _fine_tune(trained, model, train, held_out, s, pad_id, online, callbacks, world, out_dir: Path, on_policy=None):
     """`fine_tune` once the trained model (`trained`: peft-wrapped or `model` itself) and the folder are set."""
     from transformers import PrinterCallback, TrainingArguments
 
@@ -357,7 +367,7 @@ def _fine_tune(trained, model, train, held_out, s, pad_id, online, callbacks, wo
         model=trained,
         args=args,
         train_dataset=_Examples(train),
-        data_collator=_Collator(pad_id, s.kd.weight > 0 and online is None),
+        data_collator=_Collator(pad_id, s.kd.weight > 0 and online is None, on_policy),
         kd=s.kd,
         online=online,
     )

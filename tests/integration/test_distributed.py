@@ -353,6 +353,22 @@ def test_recover_on_two_processes_rewrites_and_trains_like_one_process(tiny_mode
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
+def test_recover_with_on_policy_answers_trains_on_two_processes(tiny_model_dirs, tmp_path):
+    """On-policy distillation under DDP: each rank's collator answers its own examples with its copy of the student
+    (adapters included), the teacher's top-k of them computed there; the stage ends and counts rank 0's answers."""
+    from test_recover import write_records
+    from test_recover import _cfg as recover_cfg
+
+    data = write_records(tmp_path / "data.jsonl")
+    cfg = recover_cfg(
+        tiny_model_dirs["llama"], tiny_model_dirs["qwen2"], data,
+        kd_weight=0.5, kd_top_k=8, kd_cache=str(tmp_path / "kd"), on_policy=1.0, on_policy_temperature=0.0, epochs=2.0,
+    )  # fmt: skip
+    _torchrun_stage("recover", cfg, tmp_path / "two", tmp_path / "home", "fine-tune")
+    metrics = storage.read_json(tmp_path / "two" / "metrics.json")
+    assert metrics["kd"]["on_policy"]["answers"] > 0 and all(p["kd"] > 0 for p in metrics["train"]["train_loss"])
+
+
 def test_rewrites_of_a_killed_two_rank_run_resume_in_one_process(tmp_path, chat_tokenizer):
     from finescope.recover.rewrite import read_partial, rewrite_records
     from test_recover import RECORDS, build_model

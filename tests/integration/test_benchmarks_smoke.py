@@ -39,6 +39,7 @@ SMOKE = {
     "embed_order": ["--smoke", "--model", "{tiny}", "--repeats", "2"],
     "answers": ["--model", "tiny={tiny}", "--rows", "1001", "--max-new-tokens", "4"],
     "loss_memory": ["--positions", "8", "--repeats", "1", "--model", "{tiny}"],
+    "teacher_at_loops": ["--teacher", "{tiny}", "--student", "{tiny}", "--samples", "{tmp}/samples.jsonl"],
 }
 NOT_SMOKED = {
     "recover": "prunes, has the teacher rewrite and trains SFT and TGD students: minutes even at its smallest",
@@ -73,6 +74,13 @@ def test_benchmark_smoke_run_prints_one_json_object(name, tiny_model_dirs, tmp_p
             {"id": "r0", "instruction": "What is 2 + 3?", "original": "5", "rewrite": "2 + 3 = 5.", "used": "rewrite"}
         )
         + "\n"
+    )
+    loop = "1. 2. 3. " + "4. 4. 4. " * 10
+    (tmp_path / "samples.jsonl").write_text(
+        "".join(
+            json.dumps({"id": i, "question": "What is 2 + 3?", "answer": a, "looping": lp, "cut_off": lp}) + "\n"
+            for i, a, lp in (("q0", loop, True), ("q1", "5", False))
+        )
     )
     args = [a.format(tiny=tiny_model_dirs["llama"], tmp=tmp_path) for a in SMOKE[name]]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FINESCOPE_PROGRESS": "0"}

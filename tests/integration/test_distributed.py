@@ -356,8 +356,8 @@ def test_recover_on_two_processes_rewrites_and_trains_like_one_process(tiny_mode
 def test_recover_with_on_policy_answers_trains_on_two_processes(tiny_model_dirs, tmp_path):
     """On-policy distillation under DDP: each rank's collator answers its own examples with its copy of the student
     (adapters included), the teacher's top-k of them computed there; the stage ends and counts rank 0's answers."""
-    from test_recover import write_records
     from test_recover import _cfg as recover_cfg
+    from test_recover import write_records
 
     data = write_records(tmp_path / "data.jsonl")
     cfg = recover_cfg(

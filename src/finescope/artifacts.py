@@ -511,6 +511,8 @@ class TrainLossPoint(Schema):
     """The step's mean KD term (τ²·KL per token); None without logit distillation."""
     hidden: float | None = None
     """The step's mean hidden-state term (per KD position, averaged over the matched blocks); None without it."""
+    ul: float | None = None
+    """The step's mean unlikelihood term (per labelled token); None without it."""
 
 
 @dataclass(kw_only=True)

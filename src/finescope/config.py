@@ -272,6 +272,8 @@ class RecoverConfig:
     """Hidden-state loss per token: nmse = ‖h_s − h_t‖² / ‖h_t‖², cosine = 1 − cos(h_s, h_t)."""
     hidden_layers: Annotated[list[int], KD] = field(default_factory=list)
     """Student blocks (0-based) whose outputs are matched; empty = every block (a deeper teacher: block i ↔ round((i+1)·L_t/L_s) − 1)."""
+    unlikelihood_weight: Annotated[float, Range(min=0), KD] = 0.0
+    """Token-level unlikelihood weight γ against repetition (Welleck et al. 2019): adds γ × Σ −log(1 − p) over the response tokens already produced (other than the one due), per labelled token; 0 = none."""
     on_policy: Annotated[float, Range(min=0, max=1), KD] = 0.0
     """On-policy distillation (GKD's λ): the share of training examples whose response is, each time its batch is drawn, the student's own continuation of the prompt (sampled at --on-policy-temperature, up to --max-new-tokens), trained on the KD term alone; 0 = none. Needs --kd-weight > 0 and keeps the teacher in memory during training."""
     on_policy_temperature: Annotated[float, Range(min=0), KD] = 1.0
@@ -349,6 +351,7 @@ class RecoverConfig:
         "hidden_layers": [],
         "rewrite_prompt": "reference",
         "on_policy": 0.0,
+        "unlikelihood_weight": 0.0,
         "on_policy_temperature": 1.0,
     }
 

@@ -55,6 +55,9 @@ class KdSettings:
     hidden_loss: HiddenLoss = _R.hidden_loss
     hidden_layers: tuple[int, ...] = tuple(_R.hidden_layers)
     """Student blocks (0-based) whose outputs are matched; () = every block."""
+    unlikelihood_weight: float = _R.unlikelihood_weight
+    """γ of the token-level unlikelihood term against repetition (`unlikelihood.py`); 0 = none. Not a distillation
+    term (it reads the student only), but a term of the same loss."""
 
     @classmethod
     def from_config(cls, cfg: RecoverConfig) -> KdSettings:
@@ -66,6 +69,7 @@ class KdSettings:
             hidden_weight=cfg.hidden_weight,
             hidden_loss=cfg.hidden_loss,
             hidden_layers=tuple(cfg.hidden_layers),
+            unlikelihood_weight=cfg.unlikelihood_weight,
         )
 
     @property

@@ -31,6 +31,7 @@ from ..data import format_example
 from ..storage import atomic_dir
 from ..tokens import IGNORE_INDEX, encode_continuation, encode_prompt, next_token_nll, pad_batch
 from .distill import KdSettings, OnlineTeacher, TopK, hidden_summed, kd_positions, kd_summed
+from .unlikelihood import unlikelihood_summed
 
 IGNORE = IGNORE_INDEX  # label of prompt and padding positions
 
@@ -214,11 +215,12 @@ def teacher_targets(examples: list[Example]) -> TopK:
 
 class Terms(NamedTuple):
     """A micro-batch's summed loss terms: CE over the labelled tokens; KD (α > 0) and hidden-state (β > 0) terms
-    over the KD positions; None for a term that is off."""
+    over the KD positions; the unlikelihood term (γ > 0) over the labelled tokens; None for a term that is off."""
 
     ce: torch.Tensor
     kd: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
+    ul: torch.Tensor | None = None
 
 
 def batch_loss(
@@ -230,8 +232,9 @@ def batch_loss(
 ) -> Terms:
     """A collated micro-batch's summed loss terms against the cached `teacher` targets or the `online` teacher
     (CE alone without distillation, when this is exactly `summed_loss` and the teacher is not consulted). The
-    hidden-state term needs the online teacher."""
-    if not kd.needs_teacher:
+    hidden-state term needs the online teacher. The unlikelihood term (γ > 0) reads the student's logits only."""
+    with_ul = kd.unlikelihood_weight > 0
+    if not kd.needs_teacher and not with_ul:
         return Terms(summed_loss(model, batch)[0])
     device = next(model.parameters()).device
     hidden = kd.hidden_weight > 0
@@ -240,7 +243,11 @@ def batch_loss(
         attention_mask=batch["attention_mask"].to(device),
         output_hidden_states=hidden,
     )
-    ce, _ = next_token_nll(out.logits, batch["labels"].to(device))
+    labels = batch["labels"].to(device)
+    ce, _ = next_token_nll(out.logits, labels)
+    ul = unlikelihood_summed(out.logits, labels) if with_ul else None
+    if not kd.needs_teacher:
+        return Terms(ce, ul=ul)
     positions = kd_positions(batch).to(device)
     target: torch.Tensor | TopK
     teacher_hidden = None
@@ -254,17 +261,19 @@ def batch_loss(
         raise FinetuneError("kd weight > 0 but the batch has no teacher targets and no online teacher")
     kd_sum = kd_summed(out.logits, positions, target, kd) if kd.weight > 0 else None
     hidden_sum = hidden_summed(out.hidden_states, teacher_hidden, positions, kd) if teacher_hidden else None
-    return Terms(ce, kd_sum, hidden_sum)
+    return Terms(ce, kd_sum, hidden_sum, ul)
 
 
 def mixed_loss(terms: Terms, n_ce: float, n_kd: float, kd: KdSettings) -> torch.Tensor:
-    """The token-weighted training loss: (1 − α)·CE / n_ce + α·KD / n_kd + β·H / n_kd (CE / n_ce alone without
-    distillation)."""
+    """The token-weighted training loss: (1 − α)·CE / n_ce + α·KD / n_kd + β·H / n_kd + γ·UL / n_ce (CE / n_ce
+    alone without distillation)."""
     loss = (1 - kd.weight) * terms.ce / max(n_ce, 1) if terms.kd is not None else terms.ce / max(n_ce, 1)
     if terms.kd is not None:
         loss = loss + kd.weight * terms.kd / max(n_kd, 1)
     if terms.hidden is not None:
         loss = loss + kd.hidden_weight * terms.hidden / max(n_kd, 1)
+    if terms.ul is not None:
+        loss = loss + kd.unlikelihood_weight * terms.ul / max(n_ce, 1)
     return loss
 
 

@@ -101,7 +101,7 @@ def _trainer_class():
         def __init__(self, *args, kd, online: OnlineTeacher | None, **kwargs):
             super().__init__(*args, **kwargs)
             self.kd, self.online = kd, online
-            self.step_sums = torch.zeros(3, dtype=torch.float64)  # this rank's CE, KD, hidden sums in the step
+            self.step_sums = torch.zeros(4, dtype=torch.float64)  # this rank's CE, KD, hidden, UL sums in the step
             self.step_counts = torch.zeros(2, dtype=torch.float64)  # the step's global CE and KD token counts
 
         def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
@@ -125,21 +125,23 @@ def _trainer_class():
             loss = mixed_loss(terms, n_ce, n_kd, self.kd) * self.accelerator.num_processes
             return (loss, None) if return_outputs else loss
 
-        def take_step_means(self) -> tuple[float, float, float | None, float | None]:
-            """The finished step's token-weighted mean loss, mean CE, mean KD term and mean hidden-state term (None
-            when off), over every rank."""
+        def take_step_means(self) -> tuple[float, float, float | None, float | None, float | None]:
+            """The finished step's token-weighted mean loss, mean CE, mean KD term, mean hidden-state term and mean
+            unlikelihood term (None when off), over every rank."""
             sums = self.step_sums.to(self.args.device)
             if self.accelerator.num_processes > 1:
                 sums = self.accelerator.reduce(sums, reduction="sum")
-            ce_sum, kd_sum, hidden_sum = (float(x) for x in sums.cpu().tolist())
+            ce_sum, kd_sum, hidden_sum, ul_sum = (float(x) for x in sums.cpu().tolist())
             n_ce, n_kd = (max(float(x), 1.0) for x in self.step_counts.tolist())
-            self.step_sums = torch.zeros(3, dtype=torch.float64)
+            self.step_sums = torch.zeros(4, dtype=torch.float64)
             kd_mean = kd_sum / n_kd if self.kd.weight > 0 else None
             hidden_mean = hidden_sum / n_kd if self.kd.hidden_weight > 0 else None
+            ul_mean = ul_sum / n_ce if self.kd.unlikelihood_weight > 0 else None
             ce_mean = ce_sum / n_ce
             loss = (1 - self.kd.weight) * ce_mean if kd_mean is not None else ce_mean
             loss += self.kd.weight * (kd_mean or 0.0) + self.kd.hidden_weight * (hidden_mean or 0.0)
-            return loss, ce_mean, kd_mean, hidden_mean
+            loss += self.kd.unlikelihood_weight * (ul_mean or 0.0)
+            return loss, ce_mean, kd_mean, hidden_mean, ul_mean
 
     return CompletionTrainer
 
@@ -171,7 +173,7 @@ def _history_callback(trainer, held_out: list[Example], pad_id: int, micro: int,
             self.bar = progress(total=state.max_steps, initial=state.global_step, desc=desc, unit="step")
 
         def on_step_end(self, args, state, control, **kw):
-            loss, ce, kd, hidden = trainer.take_step_means()
+            loss, ce, kd, hidden, ul = trainer.take_step_means()
             point = {
                 "step": state.global_step,
                 "epoch": max(1, math.ceil(state.epoch - 1e-9)),
@@ -183,6 +185,8 @@ def _history_callback(trainer, held_out: list[Example], pad_id: int, micro: int,
                 point["kd"] = kd
             if hidden is not None:
                 point["hidden"] = hidden
+            if ul is not None:
+                point["ul"] = ul
             history["train_loss"].append(point)
             if self.bar is not None:  # postfix first, without a redraw: in a log, update() draws at most every 30 s
                 self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)

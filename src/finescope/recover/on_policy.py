@@ -7,7 +7,8 @@ Here a share λ (`on_policy`) of the examples get, each time a batch holding the
 student's continuation of the example's prompt, sampled at `temperature` up to `max_new_tokens` (the stop token
 kept). The teacher's distribution at those tokens is the target of the KD term; the cross-entropy term skips them
 (the student's own tokens are no target). Which examples is fixed by (seed, example id) and each draw's sampling
-is seeded by the batch's ids and the draw count, so a run is reproducible; the rest of training's randomness
+is seeded by the batch's ids and the draw count, so a run is reproducible (one resumed from a checkpoint draws
+anew after it); the rest of training's randomness
 (dropout) does not see the draws (the generator is forked). Examples without a prompt (text records) stay as
 they are.
 
@@ -27,6 +28,7 @@ from ..generation import generate_ids, stop_token_ids
 from ..tokens import IGNORE_INDEX, pad_id
 from .distill import KdSettings
 from .finetune import Example
+from .kd_cache import batch_top_k
 
 
 def prompt_length(ex: Example) -> int:
@@ -94,8 +96,6 @@ class OnPolicy:
             self.stats["tokens"] += len(ids) - len(prompt)
             self.stats["ended"] += int(answer[-1] in self.stops)
         if self.teacher is not None:
-            from .kd_cache import batch_top_k
-
             for i, top in zip(fresh, batch_top_k(self.teacher, [out[i] for i in fresh], self.kd, self.pad)):
                 out[i].teacher = top
         self.stats["examples"] += len(fresh)

@@ -228,7 +228,8 @@ def _recover_into(
     train_ex, eval_ex, too_long = _examples(student.tokenizer, cfg, rows)
     kd_stats, online = _kd_targets(cfg, teacher, train_ex, tokens.pad_id(student.tokenizer), times)
     policy = _on_policy(cfg, student, teacher, cached=online is None)
-    teacher = None  # the last reference unless KD runs online: the teacher's memory is free before the student trains
+    # the last reference unless KD runs online or on-policy: the teacher's memory is free before the student trains
+    teacher = None
     _free()
     trained, history = _finetune(stage, cfg, train_ex, eval_ex, student, online, times, policy)
     online = None

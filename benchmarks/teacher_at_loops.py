@@ -69,8 +69,10 @@ def main() -> None:
     groups: dict[str, list[dict[str, float]]] = {"looping": [], "ended": []}
     for r in rows:
         kind = "looping" if r["looping"] else "ended" if not r["cut_off"] else None
+        if kind is None:  # cut off without a loop: neither group, so no forward passes
+            continue
         stats = token_stats(teacher.model, student.model, teacher.tokenizer, r["question"], r["answer"])
-        if kind is not None and stats is not None:
+        if stats is not None:
             groups[kind].append({"id": r["id"], **stats})
     out = {"teacher": args.teacher, "student": args.student, "samples": args.samples, "replies": len(rows)}
     for kind, items in groups.items():

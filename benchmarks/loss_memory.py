@@ -34,7 +34,8 @@ def rss_mib() -> float:
 def child(positions: int, chunked: bool, device: str) -> dict:
     import torch
 
-    from finescope.recover.distill import KdSettings, TopK, kd_summed
+    from finescope.recover.distill import TopK, kd_summed
+    from finescope.recover.loss_terms import KdSettings
     from finescope.tokens import next_token_nll
 
     torch.manual_seed(0)

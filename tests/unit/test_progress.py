@@ -28,7 +28,7 @@ def test_the_fine_tune_bar_writes_no_line_per_step_to_a_log(monkeypatch, capsys)
     monkeypatch.setenv("FINESCOPE_PROGRESS_INTERVAL", "30")
     monkeypatch.delenv("FINESCOPE_PROGRESS", raising=False)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
-    trainer = SimpleNamespace(take_step_means=lambda: (1.25, 1.25, None, None, None))
+    trainer = SimpleNamespace(take_step_means=lambda: (1.25, {"ce": 1.25}))
     history: dict = {"train_loss": [], "eval_loss": [], "steps_per_epoch": 50}
     callback = _history_callback(trainer, [], 0, 1, history, 0.0)
     state = SimpleNamespace(max_steps=50, global_step=0, epoch=0.0)

@@ -13,13 +13,13 @@ from conftest import build_model, tiny_config
 from finescope.config import ConfigError, PipelineConfig, RecoverConfig, apply_overrides
 from finescope.recover.distill import (
     HiddenStateError,
-    KdSettings,
     OnlineTeacher,
     check_hidden_fit,
     hidden_summed,
     layer_pairs,
 )
-from finescope.recover.finetune import TrainSettings, build_examples, collate, mixed_loss, summed_loss
+from finescope.recover.finetune import TrainSettings, build_examples, collate, summed_loss
+from finescope.recover.loss_terms import KdSettings, mixed_loss
 from finescope.recover.run import RecoverError, run
 from finescope.recover.trainer import fine_tune
 from finescope.storage import config_hash, hash_excluded, to_jsonable
@@ -66,9 +66,7 @@ def test_a_student_equal_to_its_teacher_has_zero_hidden_loss(chat_tokenizer):
     model = build_model("llama", len(chat_tokenizer))
     examples, _ = build_examples(chat_tokenizer, RECORDS[:2], max_length=128)
     terms = step_loss(model, examples, 0, KdSettings(hidden_weight=0.5), OnlineTeacher(model))
-    assert (
-        terms.kd is None and terms.hidden is not None and float(terms.hidden.detach()) == pytest.approx(0.0, abs=1e-6)
-    )
+    assert "kd" not in terms and "hidden" in terms and float(terms["hidden"].detach()) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_beta_adds_the_hidden_term_to_ce_and_kd(chat_tokenizer):
@@ -78,15 +76,17 @@ def test_beta_adds_the_hidden_term_to_ce_and_kd(chat_tokenizer):
     ref, n = summed_loss(student, collate(examples, pad))
     s = KdSettings(weight=0.3, hidden_weight=0.2)
     terms = step_loss(student, examples, pad, s, OnlineTeacher(teacher))
-    assert terms.kd is not None and terms.hidden is not None
-    assert float(terms.ce) == pytest.approx(float(ref), rel=1e-6)
+    assert "kd" in terms and "hidden" in terms
+    assert float(terms["ce"]) == pytest.approx(float(ref), rel=1e-6)
     loss = float(mixed_loss(terms, n, n, s).detach())
-    assert loss == pytest.approx((0.7 * float(terms.ce) + 0.3 * float(terms.kd) + 0.2 * float(terms.hidden)) / n)
+    assert loss == pytest.approx(
+        (0.7 * float(terms["ce"]) + 0.3 * float(terms["kd"]) + 0.2 * float(terms["hidden"])) / n
+    )
     # β alone: CE keeps its full weight
     s0 = KdSettings(weight=0.0, hidden_weight=0.2)
     t0 = step_loss(student, examples, pad, s0, OnlineTeacher(teacher))
-    assert t0.kd is None
-    assert float(mixed_loss(t0, n, n, s0).detach()) == pytest.approx((float(t0.ce) + 0.2 * float(t0.hidden)) / n)
+    assert "kd" not in t0
+    assert float(mixed_loss(t0, n, n, s0).detach()) == pytest.approx((float(t0["ce"]) + 0.2 * float(t0["hidden"])) / n)
 
 
 def test_the_hidden_term_needs_the_online_teacher(chat_tokenizer):

@@ -15,18 +15,18 @@ from finescope import FinescopeError
 from finescope.config import ConfigError, PipelineConfig, RecoverConfig, apply_overrides
 from finescope.ranking import next_ranked
 from finescope.recover import kd_cache
-from finescope.recover.distill import KdSettings, OnlineTeacher, kd_summed, kl_full, kl_top_k, top_k_of
+from finescope.recover.distill import OnlineTeacher, kd_summed, kl_full, kl_top_k, top_k_of
 from finescope.recover.finetune import (
     FinetuneError,
     TrainSettings,
     batch_loss,
     build_examples,
     collate,
-    mixed_loss,
     save_trained,
     summed_loss,
     teacher_targets,
 )
+from finescope.recover.loss_terms import KdSettings, mixed_loss
 from finescope.recover.run import RecoverError, run
 from finescope.recover.trainer import fine_tune
 from finescope.tokens import IGNORE_INDEX
@@ -142,7 +142,7 @@ def test_alpha_zero_is_todays_cross_entropy_step_and_never_asks_the_teacher(chat
 
     terms = step_loss(model, examples[:3], chat_tokenizer.pad_token_id, KdSettings(weight=0.0), Boom())
     ref, n_ref = summed_loss(model, collate(examples[:3], chat_tokenizer.pad_token_id))
-    assert terms.kd is None and terms.hidden is None and torch.equal(terms.ce, ref)
+    assert "kd" not in terms and "hidden" not in terms and torch.equal(terms["ce"], ref)
     assert torch.equal(mixed_loss(terms, n_ref, 0, KdSettings(weight=0.0)), ref / n_ref)  # today's step loss
 
     s = TrainSettings(rank=4, alpha=8, dropout=0.0, lr=5e-3, batch_size=4, micro_batch_size=2, epochs=2.0, seed=0)
@@ -164,7 +164,7 @@ def test_alpha_mixes_kd_and_ce(chat_tokenizer):
     ref, n = summed_loss(student, collate(examples[:2], pad))
     s = KdSettings(weight=0.3, temperature=1.0)
     terms = step_loss(student, examples[:2], pad, s, OnlineTeacher(teacher))
-    ce, kd = terms.ce, terms.kd
+    ce, kd = terms["ce"], terms["kd"]
     assert kd is not None and float(kd) > 0 and float(ce) == pytest.approx(float(ref), rel=1e-6)
     loss = mixed_loss(terms, n, n, s)
     assert float(loss.detach()) == pytest.approx(0.3 * float(kd) / n + 0.7 * float(ce.detach()) / n, rel=1e-5)
@@ -180,11 +180,11 @@ def test_kd_over_every_token_covers_the_instruction_too(chat_tokenizer):
         ex.kd_labels = list(ex.input_ids)
     assert all(ex.kd_targets == len(ex.input_ids) - 1 > ex.targets for ex in examples)
     s = KdSettings(weight=1.0, top_k=len(chat_tokenizer))
-    online = step_loss(student, examples, 0, s, OnlineTeacher(teacher)).kd
+    online = step_loss(student, examples, 0, s, OnlineTeacher(teacher))["kd"]
     for ex, part in zip(examples, kd_cache.teacher_top_k(teacher, examples, s, micro_batch_size=1, pad_id=0)):
         assert len(part.log_rest) == ex.kd_targets
         ex.teacher = part
-    cached = step_loss(student, examples, 0, s).kd
+    cached = step_loss(student, examples, 0, s)["kd"]
     assert float(cached) == pytest.approx(float(online), rel=1e-4)
     batch = collate(examples, 0)
     with torch.no_grad():

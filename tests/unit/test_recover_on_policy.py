@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM
 from conftest import build_model
 from finescope.config import RecoverConfig
 from finescope.recover import kd_cache
-from finescope.recover.distill import KdSettings
 from finescope.recover.finetune import Example, build_examples
+from finescope.recover.loss_terms import KdSettings
 from finescope.recover.on_policy import OnPolicy, prompt_length
 from finescope.recover.run import RecoverError, run
 from finescope.storage import config_hash

@@ -11,8 +11,8 @@ import torch
 
 from conftest import build_model
 from finescope.config import RecoverConfig
-from finescope.recover.distill import KdSettings
-from finescope.recover.finetune import batch_loss, build_examples, collate, mixed_loss, summed_loss
+from finescope.recover.finetune import batch_loss, build_examples, collate, summed_loss
+from finescope.recover.loss_terms import KdSettings, mixed_loss
 from finescope.recover.run import run
 from finescope.recover.unlikelihood import candidates, unlikelihood_summed
 from finescope.storage import config_hash
@@ -63,17 +63,19 @@ def test_gamma_adds_the_term_to_the_loss_and_its_gradient_lowers_repeats(chat_to
     ce, n = summed_loss(model, batch)
     s = KdSettings(unlikelihood_weight=0.5)
     terms = batch_loss(model, batch, s)
-    assert terms.kd is None and terms.hidden is None and terms.ul is not None
-    assert float(terms.ce.detach()) == pytest.approx(float(ce.detach()), rel=1e-6)
+    assert "kd" not in terms and "hidden" not in terms and "ul" in terms
+    assert float(terms["ce"].detach()) == pytest.approx(float(ce.detach()), rel=1e-6)
     loss = mixed_loss(terms, n, n, s)
-    assert float(loss.detach()) == pytest.approx(float(ce.detach()) / n + 0.5 * float(terms.ul.detach()) / n, rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(
+        float(ce.detach()) / n + 0.5 * float(terms["ul"].detach()) / n, rel=1e-6
+    )
     # one plain gradient step on the term alone lowers it
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    before = float(batch_loss(model, batch, s).ul)
+    before = float(batch_loss(model, batch, s)["ul"])
     opt.zero_grad()
-    batch_loss(model, batch, s).ul.backward()
+    batch_loss(model, batch, s)["ul"].backward()
     opt.step()
-    assert float(batch_loss(model, batch, s).ul) < before
+    assert float(batch_loss(model, batch, s)["ul"]) < before
 
 
 def test_recover_with_unlikelihood_records_the_term_per_step(tmp_path, tiny_model_dirs):

@@ -25,57 +25,31 @@ chosen blocks, summed over the KD positions and divided by their count like the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from .. import FinescopeError
-from ..config import RecoverConfig
 from ..tokens import IGNORE_INDEX, LOSS_CHUNK_ELEMENTS, LOSS_ONE_PIECE_MAX, chunked_row_sum
 
 Direction = Literal["forward", "reverse"]
 HiddenLoss = Literal["nmse", "cosine"]
 _LOG_FLOOR = -100.0  # log-mass of an empty bin: exp() is ~4e-44, so its terms vanish without 0·(−inf) = nan
-_R = RecoverConfig()  # the defaults are declared once, on the config
 
 
-@dataclass
-class KdSettings:
-    """The distillation terms of the training loss (`RecoverConfig`'s kd_* and hidden_* fields)."""
+class KlSettings(Protocol):
+    """What the KD term reads of its settings (`loss_terms.KdSettings`, which imports this module)."""
 
-    weight: float = _R.kd_weight
-    """α: 0 = plain cross-entropy on the targets (today's TGD), 1 = KD only."""
-    temperature: float = _R.kd_temperature
-    loss: Direction = _R.kd_loss
-    top_k: int = _R.kd_top_k
-    """Teacher tokens kept per position when the targets are cached."""
-    hidden_weight: float = _R.hidden_weight
-    """β of the hidden-state term; 0 = none."""
-    hidden_loss: HiddenLoss = _R.hidden_loss
-    hidden_layers: tuple[int, ...] = tuple(_R.hidden_layers)
-    """Student blocks (0-based) whose outputs are matched; () = every block."""
-    unlikelihood_weight: float = _R.unlikelihood_weight
-    """γ of the token-level unlikelihood term against repetition (`unlikelihood.py`); 0 = none. Not a distillation
-    term (it reads the student only), but a term of the same loss."""
+    temperature: float
+    loss: Direction
 
-    @classmethod
-    def from_config(cls, cfg: RecoverConfig) -> KdSettings:
-        return cls(
-            weight=cfg.kd_weight,
-            temperature=cfg.kd_temperature,
-            loss=cfg.kd_loss,
-            top_k=cfg.kd_top_k,
-            hidden_weight=cfg.hidden_weight,
-            hidden_loss=cfg.hidden_loss,
-            hidden_layers=tuple(cfg.hidden_layers),
-            unlikelihood_weight=cfg.unlikelihood_weight,
-        )
 
-    @property
-    def needs_teacher(self) -> bool:
-        """A term of the loss reads the teacher (logit or hidden-state distillation)."""
-        return self.weight > 0 or self.hidden_weight > 0
+class HiddenSettings(Protocol):
+    """What the hidden-state term reads of its settings (`loss_terms.KdSettings`)."""
+
+    hidden_loss: HiddenLoss
+    hidden_layers: tuple[int, ...]
 
 
 @dataclass
@@ -148,7 +122,7 @@ def kd_summed(
     student_logits: torch.Tensor,
     labels: torch.Tensor,
     teacher: torch.Tensor | TopK,
-    s: KdSettings,
+    s: KlSettings,
     *,
     chunk_elements: int | None = None,
 ) -> torch.Tensor:
@@ -203,7 +177,7 @@ def hidden_summed(
     student_hidden: tuple[torch.Tensor, ...],
     teacher_hidden: tuple[torch.Tensor, ...],
     labels: torch.Tensor,
-    s: KdSettings,
+    s: HiddenSettings,
 ) -> torch.Tensor:
     """Σ over the KD positions of the per-position hidden-state loss averaged over the matched blocks. Positions
     are those of the KD term: each one that predicts a labelled token (`labelled_logits`)."""

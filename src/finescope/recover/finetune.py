@@ -21,7 +21,6 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
@@ -30,8 +29,8 @@ from ..config import RecoverConfig
 from ..data import format_example
 from ..storage import atomic_dir
 from ..tokens import IGNORE_INDEX, encode_continuation, encode_prompt, next_token_nll, pad_batch
-from .distill import KdSettings, OnlineTeacher, TopK, hidden_summed, kd_positions, kd_summed
-from .unlikelihood import unlikelihood_summed
+from .distill import OnlineTeacher, TopK, kd_positions
+from .loss_terms import KdSettings, TermInputs, Terms
 
 IGNORE = IGNORE_INDEX  # label of prompt and padding positions
 
@@ -213,16 +212,6 @@ def teacher_targets(examples: list[Example]) -> TopK:
     return TopK.cat([e.teacher for e in examples if e.teacher is not None])
 
 
-class Terms(NamedTuple):
-    """A micro-batch's summed loss terms: CE over the labelled tokens; KD (α > 0) and hidden-state (β > 0) terms
-    over the KD positions; the unlikelihood term (γ > 0) over the labelled tokens; None for a term that is off."""
-
-    ce: torch.Tensor
-    kd: torch.Tensor | None = None
-    hidden: torch.Tensor | None = None
-    ul: torch.Tensor | None = None
-
-
 def batch_loss(
     model,
     batch: dict[str, torch.Tensor],
@@ -230,51 +219,40 @@ def batch_loss(
     teacher: TopK | None = None,
     online: OnlineTeacher | None = None,
 ) -> Terms:
-    """A collated micro-batch's summed loss terms against the cached `teacher` targets or the `online` teacher
-    (CE alone without distillation, when this is exactly `summed_loss` and the teacher is not consulted). The
-    hidden-state term needs the online teacher. The unlikelihood term (γ > 0) reads the student's logits only."""
-    with_ul = kd.unlikelihood_weight > 0
-    if not kd.needs_teacher and not with_ul:
-        return Terms(summed_loss(model, batch)[0])
+    """A collated micro-batch's summed loss terms (`loss_terms.TERMS`: CE, then each term that is on) against the
+    cached `teacher` targets or the `online` teacher. With every term off this is exactly `summed_loss`, and the
+    teacher is not consulted; a term that reads the teacher's hidden states needs the online teacher."""
+    on = kd.terms_on()
+    if not on:
+        return {"ce": summed_loss(model, batch)[0]}
     device = next(model.parameters()).device
-    hidden = kd.hidden_weight > 0
+    hidden = any(t.teacher == "hidden" for t in on)
     out = model(
         input_ids=batch["input_ids"].to(device),
         attention_mask=batch["attention_mask"].to(device),
         output_hidden_states=hidden,
     )
     labels = batch["labels"].to(device)
-    ce, _ = next_token_nll(out.logits, labels)
-    ul = unlikelihood_summed(out.logits, labels) if with_ul else None
-    if not kd.needs_teacher:
-        return Terms(ce, ul=ul)
-    positions = kd_positions(batch).to(device)
-    target: torch.Tensor | TopK
+    target: torch.Tensor | TopK | None = None
     teacher_hidden = None
-    if online is not None:
-        target, teacher_hidden = online.states(batch, hidden=hidden)
-    elif teacher is not None and not hidden:
-        target = TopK(teacher.ids.to(device), teacher.logp.to(device), teacher.log_rest.to(device))
-    elif hidden:
-        raise FinetuneError("hidden-state distillation (hidden weight > 0) needs the online teacher")
-    else:
-        raise FinetuneError("kd weight > 0 but the batch has no teacher targets and no online teacher")
-    kd_sum = kd_summed(out.logits, positions, target, kd) if kd.weight > 0 else None
-    hidden_sum = hidden_summed(out.hidden_states, teacher_hidden, positions, kd) if teacher_hidden else None
-    return Terms(ce, kd_sum, hidden_sum, ul)
-
-
-def mixed_loss(terms: Terms, n_ce: float, n_kd: float, kd: KdSettings) -> torch.Tensor:
-    """The token-weighted training loss: (1 − α)·CE / n_ce + α·KD / n_kd + β·H / n_kd + γ·UL / n_ce (CE / n_ce
-    alone without distillation)."""
-    loss = (1 - kd.weight) * terms.ce / max(n_ce, 1) if terms.kd is not None else terms.ce / max(n_ce, 1)
-    if terms.kd is not None:
-        loss = loss + kd.weight * terms.kd / max(n_kd, 1)
-    if terms.hidden is not None:
-        loss = loss + kd.hidden_weight * terms.hidden / max(n_kd, 1)
-    if terms.ul is not None:
-        loss = loss + kd.unlikelihood_weight * terms.ul / max(n_ce, 1)
-    return loss
+    if any(t.teacher != "none" for t in on):
+        if online is not None:
+            target, teacher_hidden = online.states(batch, hidden=hidden)
+        elif hidden:
+            needs = ", ".join(f"{t.config} > 0" for t in on if t.teacher == "hidden")
+            raise FinetuneError(f"{needs}: the term reads the teacher's hidden states and needs the online teacher")
+        elif teacher is not None:
+            target = TopK(teacher.ids.to(device), teacher.logp.to(device), teacher.log_rest.to(device))
+        else:
+            raise FinetuneError("kd weight > 0 but the batch has no teacher targets and no online teacher")
+    inputs = TermInputs(
+        out.logits, labels, kd_positions(batch).to(device), out.hidden_states if hidden else None, target,
+        teacher_hidden,
+    )  # fmt: skip
+    terms: Terms = {"ce": next_token_nll(out.logits, labels)[0]}
+    for t in on:
+        terms[t.name] = t.compute(inputs, kd)
+    return terms
 
 
 # ------------------------------------------------------------------------------------------------ LoRA / full

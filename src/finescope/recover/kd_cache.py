@@ -22,7 +22,8 @@ from .. import assets, cache_entry, hashing
 from ..progress import progress
 from ..storage import write_atomic
 from ..tokens import pad_batch
-from .distill import KdSettings, TopK, labelled_logits, top_k_of
+from .distill import TopK, labelled_logits, top_k_of
+from .loss_terms import KdSettings
 
 VERSION = "1"
 FILE = "kd-targets.safetensors"

@@ -26,9 +26,9 @@ import torch
 from .. import hashing
 from ..generation import generate_ids, stop_token_ids
 from ..tokens import IGNORE_INDEX, pad_id
-from .distill import KdSettings
 from .finetune import Example
 from .kd_cache import batch_top_k
+from .loss_terms import KdSettings
 
 
 def prompt_length(ex: Example) -> int:

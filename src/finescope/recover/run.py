@@ -39,9 +39,10 @@ from ..data import read_records
 from ..modeling import ModelError, ModelHandle, load, resolve_model_path
 from ..storage import CONFIG, check_stage_folder, read_json, write_jsonl_atomic
 from . import answer_cache, kd_cache
-from .distill import KdSettings, check_hidden_fit
+from .distill import check_hidden_fit
 from .filters import REASONS, apply_filters
 from .finetune import Example, TrainSettings, build_examples, mean_loss, prompt_fills, save_trained, split_records
+from .loss_terms import KdSettings
 from .on_policy import OnPolicy
 from .rewrite import rank_partials, rewrite_records
 from .sources import training_records
@@ -381,7 +382,7 @@ def _kd_targets(
     if s.hidden_weight > 0:
         stats.hidden_weight, stats.hidden_loss = s.hidden_weight, s.hidden_loss
         stats.hidden_layers = list(s.hidden_layers)
-    if cfg.kd_cache == "off" or s.hidden_weight > 0:  # hidden states are the batch's own: the teacher runs online
+    if cfg.kd_cache == "off" or s.needs_online_teacher:  # hidden states are the batch's own: the teacher runs online
         return stats, teacher.model
     t = time.perf_counter()
     key = kd_cache.cache_key(teacher.source, train_ex, s)

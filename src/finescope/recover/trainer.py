@@ -34,6 +34,7 @@ import torch
 from .. import distributed
 from ..progress import progress
 from ..tokens import IGNORE_INDEX
+from . import loss_terms
 from .distill import OnlineTeacher, TopK, kd_positions
 from .finetune import (
     Example,
@@ -44,9 +45,9 @@ from .finetune import (
     check_full_tuning_fits,
     collate,
     mean_loss,
-    mixed_loss,
     teacher_targets,
 )
+from .loss_terms import mixed_loss, term_means
 from .on_policy import OnPolicy
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -101,7 +102,8 @@ def _trainer_class():
         def __init__(self, *args, kd, online: OnlineTeacher | None, **kwargs):
             super().__init__(*args, **kwargs)
             self.kd, self.online = kd, online
-            self.step_sums = torch.zeros(4, dtype=torch.float64)  # this rank's CE, KD, hidden, UL sums in the step
+            self.names = ["ce"] + [t.name for t in loss_terms.TERMS]
+            self.step_sums = torch.zeros(len(self.names), dtype=torch.float64)  # this rank's sums of the step
             self.step_counts = torch.zeros(2, dtype=torch.float64)  # the step's global CE and KD token counts
 
         def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
@@ -118,32 +120,31 @@ def _trainer_class():
                 num_items_in_batch = _counts([inputs])
             n_ce, n_kd = num_items_in_batch.tolist()
             self.step_counts = num_items_in_batch.detach().double().cpu()
-            for i, term in enumerate(terms):
-                if term is not None:
-                    self.step_sums[i] += float(term.detach())
+            for name, term in terms.items():
+                self.step_sums[self.names.index(name)] += float(term.detach())
             # DDP (and DeepSpeed) average gradients over ranks; each rank's share of the global mean is summed.
             loss = mixed_loss(terms, n_ce, n_kd, self.kd) * self.accelerator.num_processes
             return (loss, None) if return_outputs else loss
 
-        def take_step_means(self) -> tuple[float, float, float | None, float | None, float | None]:
-            """The finished step's token-weighted mean loss, mean CE, mean KD term, mean hidden-state term and mean
-            unlikelihood term (None when off), over every rank."""
+        def take_step_means(self) -> tuple[float, dict[str, float]]:
+            """The finished step's token-weighted loss and the per-token mean of each term ("ce", then each term of
+            `loss_terms.TERMS` that is on), over every rank."""
             sums = self.step_sums.to(self.args.device)
             if self.accelerator.num_processes > 1:
                 sums = self.accelerator.reduce(sums, reduction="sum")
-            ce_sum, kd_sum, hidden_sum, ul_sum = (float(x) for x in sums.cpu().tolist())
-            n_ce, n_kd = (max(float(x), 1.0) for x in self.step_counts.tolist())
-            self.step_sums = torch.zeros(4, dtype=torch.float64)
-            kd_mean = kd_sum / n_kd if self.kd.weight > 0 else None
-            hidden_mean = hidden_sum / n_kd if self.kd.hidden_weight > 0 else None
-            ul_mean = ul_sum / n_ce if self.kd.unlikelihood_weight > 0 else None
-            ce_mean = ce_sum / n_ce
-            loss = (1 - self.kd.weight) * ce_mean if kd_mean is not None else ce_mean
-            loss += self.kd.weight * (kd_mean or 0.0) + self.kd.hidden_weight * (hidden_mean or 0.0)
-            loss += self.kd.unlikelihood_weight * (ul_mean or 0.0)
-            return loss, ce_mean, kd_mean, hidden_mean, ul_mean
+            values = dict(zip(self.names, (float(x) for x in sums.cpu().tolist())))
+            on = ["ce"] + [t.name for t in self.kd.terms_on()]
+            n_ce, n_kd = (float(x) for x in self.step_counts.tolist())
+            self.step_sums = torch.zeros(len(self.names), dtype=torch.float64)
+            summed = {name: values[name] for name in on}
+            return float(mixed_loss(summed, n_ce, n_kd, self.kd)), term_means(summed, n_ce, n_kd)
 
     return CompletionTrainer
+
+
+def _reads_cached_targets(kd) -> bool:
+    """A term that is on reads the teacher's logits, which the examples then carry as cached top-k targets."""
+    return any(t.teacher == "logits" for t in kd.terms_on())
 
 
 def _counts(batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
@@ -173,20 +174,15 @@ def _history_callback(trainer, held_out: list[Example], pad_id: int, micro: int,
             self.bar = progress(total=state.max_steps, initial=state.global_step, desc=desc, unit="step")
 
         def on_step_end(self, args, state, control, **kw):
-            loss, ce, kd, hidden, ul = trainer.take_step_means()
+            loss, means = trainer.take_step_means()
             point = {
                 "step": state.global_step,
                 "epoch": max(1, math.ceil(state.epoch - 1e-9)),
                 "loss": loss,
-                "ce": ce,
+                "ce": means.pop("ce"),
                 "lr": kw["lr_scheduler"].get_last_lr()[0],
             }
-            if kd is not None:
-                point["kd"] = kd
-            if hidden is not None:
-                point["hidden"] = hidden
-            if ul is not None:
-                point["ul"] = ul
+            point.update(means)  # each term that is on, by its name in loss_terms.TERMS
             history["train_loss"].append(point)
             if self.bar is not None:  # postfix first, without a redraw: in a log, update() draws at most every 30 s
                 self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
@@ -371,7 +367,7 @@ def _fine_tune(trained, model, train, held_out, s, pad_id, online, callbacks, wo
         model=trained,
         args=args,
         train_dataset=_Examples(train),
-        data_collator=_Collator(pad_id, s.kd.weight > 0 and online is None, on_policy),
+        data_collator=_Collator(pad_id, _reads_cached_targets(s.kd) and online is None, on_policy),
         kd=s.kd,
         online=online,
     )

@@ -502,7 +502,8 @@ class TrainLossPoint(Schema):
     step: int
     epoch: int
     loss: float
-    """Token-weighted training loss of the step (α·KD + (1 − α)·CE with logit distillation)."""
+    """Token-weighted training loss of the step (α·KD + (1 − α)·CE with logit distillation, plus each other term
+    that is on: `recover/loss_terms.py`)."""
     lr: float
     ce: float | None = None
     """The step's token-weighted CE on its labelled tokens: the measure of the held-out loss (`eval_loss`), which

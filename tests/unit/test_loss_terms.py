@@ -39,7 +39,7 @@ def test_every_term_is_wired_to_its_settings_config_and_metrics():
 
 def test_what_the_terms_that_are_on_need_of_the_teacher():
     assert KdSettings(weight=0.5).needs_teacher and not KdSettings(weight=0.5).needs_online_teacher
-    assert KdSettings(hidden_weight=0.1).needs_online_teacher
+    assert KdSettings(hidden_weight=0.1).needs_online_teacher and KdSettings(hidden_weight=0.1).needs_teacher
     assert not KdSettings(unlikelihood_weight=1.0).needs_teacher
 
 

@@ -7,7 +7,7 @@ generate after the prompt. Labels are -100 on prompt and padding. The training i
 `transformers.Trainer` (`trainer.py`): AdamW, linear warmup then cosine decay, gradient accumulation up to the
 effective batch, token-weighted loss, a held-out eval loss per epoch, fully determined by the seed. With
 `kd.weight` > 0 the loss mixes in logit distillation from the teacher (`distill.py`): its top-k targets attached to
-each example (`Example.teacher`), or an `OnlineTeacher`.
+each example (`Example.teacher`), or an `OnlineTeacher`; every term of the loss is a row of `loss_terms.TERMS`.
 
     from finescope.recover.finetune import TrainSettings, build_examples, save_trained
     from finescope.recover.trainer import fine_tune
@@ -101,6 +101,7 @@ class Example:
 
     @property
     def targets(self) -> int:
+        """Labelled tokens: the positions the CE covers (the first token is never labelled)."""
         return sum(1 for t in self.labels if t != IGNORE)
 
     @property
@@ -121,7 +122,9 @@ def tokenize_pair(tokenizer, prompt: str, completion: str, max_length: int) -> E
     if len(p_ids) >= max_length or not c_ids:
         return None
     ids = (p_ids + c_ids)[:max_length]
-    labels = ([IGNORE] * len(p_ids) + c_ids)[:max_length]
+    # A text record's first token is predicted by nothing: unlabelled, so the step's label count (the CE's
+    # normaliser, `Example.targets`) counts exactly the positions the CE covers.
+    labels = ([IGNORE] * len(p_ids) + ([IGNORE] + c_ids[1:] if not p_ids else c_ids))[:max_length]
     return Example(ids, labels)
 
 
@@ -233,9 +236,17 @@ def batch_loss(
         output_hidden_states=hidden,
     )
     labels = batch["labels"].to(device)
-    target: torch.Tensor | TopK | None = None
-    teacher_hidden = None
+    positions = kd_positions(batch).to(device)
+    student_hidden = out.hidden_states if hidden else None
+    # the terms that read the student alone first, as the CE: the teacher's logits are not held while they run
+    terms: Terms = {"ce": next_token_nll(out.logits, labels)[0]}
+    own = TermInputs(out.logits, labels, positions, student_hidden)
+    for t in on:
+        if t.teacher == "none":
+            terms[t.name] = t.compute(own, kd)
     if any(t.teacher != "none" for t in on):
+        target: torch.Tensor | TopK | None = None
+        teacher_hidden = None
         if online is not None:
             target, teacher_hidden = online.states(batch, hidden=hidden)
         elif hidden:
@@ -245,13 +256,10 @@ def batch_loss(
             target = TopK(teacher.ids.to(device), teacher.logp.to(device), teacher.log_rest.to(device))
         else:
             raise FinetuneError("kd weight > 0 but the batch has no teacher targets and no online teacher")
-    inputs = TermInputs(
-        out.logits, labels, kd_positions(batch).to(device), out.hidden_states if hidden else None, target,
-        teacher_hidden,
-    )  # fmt: skip
-    terms: Terms = {"ce": next_token_nll(out.logits, labels)[0]}
-    for t in on:
-        terms[t.name] = t.compute(inputs, kd)
+        inputs = TermInputs(out.logits, labels, positions, student_hidden, target, teacher_hidden)
+        for t in on:
+            if t.teacher != "none":
+                terms[t.name] = t.compute(inputs, kd)
     return terms
 
 

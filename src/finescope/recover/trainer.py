@@ -136,8 +136,8 @@ def _trainer_class():
             on = ["ce"] + [t.name for t in self.kd.terms_on()]
             n_ce, n_kd = (float(x) for x in self.step_counts.tolist())
             self.step_sums = torch.zeros(len(self.names), dtype=torch.float64)
-            summed = {name: values[name] for name in on}
-            return float(mixed_loss(summed, n_ce, n_kd, self.kd)), term_means(summed, n_ce, n_kd)
+            means = term_means({name: values[name] for name in on}, n_ce, n_kd)
+            return float(mixed_loss(means, 1, 1, self.kd)), means  # the means mixed with the loss's weights
 
     return CompletionTrainer
 

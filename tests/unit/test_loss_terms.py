@@ -57,12 +57,13 @@ def test_the_loss_of_summed_terms_by_hand_in_tensors_and_in_floats():
 
 
 def test_a_new_row_is_trained_on_and_recorded_per_step(tmp_path, tiny_model_dirs, monkeypatch):
-    """Each label adds exactly 1 to the new term's sum, so its per-step mean (divided by the step's label count, the
-    CE's normaliser) is 1 and each step's loss is CE + 0.25: a row is all the loss, the Trainer's step means over
-    ranks and the history need."""
+    """Each position the CE covers adds exactly 1 to the new term's sum, so its per-step mean (divided by the step's
+    label count, the CE's normaliser) is 1 and each step's loss is CE + 0.25: a row is all the loss, the Trainer's
+    step means over ranks and the history need. (The data hold a text record, whose first token is labelled and
+    predicted by nothing: the normaliser must not count it.)"""
 
     def per_labelled_token(x, s):
-        return (x.labels != IGNORE_INDEX).sum().float() + 0.0 * x.logits.sum()
+        return (x.labels[:, 1:] != IGNORE_INDEX).sum().float() + 0.0 * x.logits.sum()
 
     # The new row borrows the unlikelihood term's weight field and metrics field (`ul`): a real term adds its own.
     row = LossTerm(

@@ -132,10 +132,10 @@ def test_completion_only_labels(chat, chat_tokenizer, tiny_tokenizer):
 def test_text_record_is_all_target_and_cutoff(chat_tokenizer):
     examples, too_long = build_examples(chat_tokenizer, [RECORDS[5]], max_length=512)
     ex = examples[0]
-    # every token a target but the first, which nothing predicts: the label count is the CE's own count
-    assert not too_long and ex.labels[0] == IGNORE and ex.labels[1:] == ex.input_ids[1:]
+    assert not too_long and ex.labels == ex.input_ids
+    # nothing predicts the first token: the label count is the CE's own count, one less than the tokens
     labels = collate(examples, pad_id=chat_tokenizer.pad_token_id)["labels"]
-    assert ex.targets == int((labels != IGNORE).sum()) == int((labels[:, 1:] != IGNORE).sum()) > 0
+    assert ex.targets == int((labels[:, 1:] != IGNORE).sum()) == len(ex.input_ids) - 1
     short, _ = build_examples(chat_tokenizer, [RECORDS[5]], max_length=24)
     assert len(short[0].input_ids) == 24
 

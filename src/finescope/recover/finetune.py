@@ -101,8 +101,9 @@ class Example:
 
     @property
     def targets(self) -> int:
-        """Labelled tokens: the positions the CE covers (the first token is never labelled)."""
-        return sum(1 for t in self.labels if t != IGNORE)
+        """Labelled tokens after the first, the positions the CE covers: a text record's first token is labelled, and
+        nothing predicts it."""
+        return sum(1 for t in self.labels[1:] if t != IGNORE)
 
     @property
     def kd_targets(self) -> int:
@@ -122,9 +123,7 @@ def tokenize_pair(tokenizer, prompt: str, completion: str, max_length: int) -> E
     if len(p_ids) >= max_length or not c_ids:
         return None
     ids = (p_ids + c_ids)[:max_length]
-    # A text record's first token is predicted by nothing: unlabelled, so the step's label count (the CE's
-    # normaliser, `Example.targets`) counts exactly the positions the CE covers.
-    labels = ([IGNORE] * len(p_ids) + ([IGNORE] + c_ids[1:] if not p_ids else c_ids))[:max_length]
+    labels = ([IGNORE] * len(p_ids) + c_ids)[:max_length]
     return Example(ids, labels)
 
 

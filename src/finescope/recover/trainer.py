@@ -149,7 +149,7 @@ def _reads_cached_targets(kd) -> bool:
 
 def _counts(batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     """Labelled tokens (the CE normaliser, as `Example.targets`) and KD positions (`Example.kd_targets`)."""
-    n_ce = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+    n_ce = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
     n_kd = sum(int((kd_positions(b)[:, 1:] != IGNORE_INDEX).sum()) for b in batches)
     return torch.tensor([n_ce, n_kd], dtype=torch.float64)
 

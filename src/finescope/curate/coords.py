@@ -16,13 +16,16 @@ Selectors (per-coordinate score over reference texts; the top K are kept):
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 
 from .. import FinescopeError
+from ..config import Selector
 from ..progress import progress
 from .activations import TextBatches
 
-SELECTORS = ("jacobian", "gradient", "magnitude", "variance", "pca", "random")
+SELECTORS: tuple[str, ...] = get_args(Selector)  # the names are declared once, on the config
 
 
 def _math_sdpa():

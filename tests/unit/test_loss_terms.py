@@ -12,7 +12,7 @@ import torch
 
 from finescope.artifacts import TrainLossPoint
 from finescope.config import RecoverConfig
-from finescope.recover import loss_terms
+from finescope.recover import loss_terms, trainer
 from finescope.recover.loss_terms import TERMS, KdSettings, LossTerm, mixed_loss, term_means
 from finescope.recover.run import run
 from finescope.tokens import IGNORE_INDEX
@@ -39,6 +39,7 @@ def test_every_term_is_wired_to_its_settings_config_and_metrics():
 
 def test_what_the_terms_that_are_on_need_of_the_teacher():
     assert KdSettings(weight=0.5).needs_teacher and not KdSettings(weight=0.5).needs_online_teacher
+    assert KdSettings(weight=0.5).reads_teacher_logits and not KdSettings(hidden_weight=0.1).reads_teacher_logits
     assert KdSettings(hidden_weight=0.1).needs_online_teacher and KdSettings(hidden_weight=0.1).needs_teacher
     assert not KdSettings(unlikelihood_weight=1.0).needs_teacher
 
@@ -75,6 +76,7 @@ def test_a_new_row_is_trained_on_and_recorded_per_step(tmp_path, tiny_model_dirs
         summary="1 per label",
     )
     monkeypatch.setattr(loss_terms, "TERMS", (row,))
+    monkeypatch.setattr(trainer, "TERMS", (row,))
     data = write_records(tmp_path / "data.jsonl")
     cfg = _cfg(tiny_model_dirs["llama"], tiny_model_dirs["qwen2"], data, no_rewrite=True, unlikelihood_weight=0.25)
     steps = json.loads((run(cfg, tmp_path / "out") / "metrics.json").read_text())["train"]["train_loss"]

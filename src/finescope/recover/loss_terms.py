@@ -74,6 +74,12 @@ class KdSettings:
         return any(t.teacher != "none" for t in self.terms_on())
 
     @property
+    def reads_teacher_logits(self) -> bool:
+        """A term that is on reads the teacher's logits: the cached top-k targets the examples carry, unless the
+        teacher runs online."""
+        return any(t.teacher == "logits" for t in self.terms_on())
+
+    @property
     def needs_online_teacher(self) -> bool:
         """A term that is on reads what the top-k cache does not hold (the teacher's hidden states of the batch)."""
         return any(t.teacher == "hidden" for t in self.terms_on())

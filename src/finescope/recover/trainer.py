@@ -34,7 +34,6 @@ import torch
 from .. import distributed
 from ..progress import progress
 from ..tokens import IGNORE_INDEX
-from . import loss_terms
 from .distill import OnlineTeacher, TopK, kd_positions
 from .finetune import (
     Example,
@@ -47,7 +46,7 @@ from .finetune import (
     mean_loss,
     teacher_targets,
 )
-from .loss_terms import mixed_loss, term_means
+from .loss_terms import TERMS, mixed_loss, term_means
 from .on_policy import OnPolicy
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -102,7 +101,7 @@ def _trainer_class():
         def __init__(self, *args, kd, online: OnlineTeacher | None, **kwargs):
             super().__init__(*args, **kwargs)
             self.kd, self.online = kd, online
-            self.names = ["ce"] + [t.name for t in loss_terms.TERMS]
+            self.names = ["ce"] + [t.name for t in TERMS]
             self.step_sums = torch.zeros(len(self.names), dtype=torch.float64)  # this rank's sums of the step
             self.step_counts = torch.zeros(2, dtype=torch.float64)  # the step's global CE and KD token counts
 
@@ -140,11 +139,6 @@ def _trainer_class():
             return float(mixed_loss(means, 1, 1, self.kd)), means  # the means mixed with the loss's weights
 
     return CompletionTrainer
-
-
-def _reads_cached_targets(kd) -> bool:
-    """A term that is on reads the teacher's logits, which the examples then carry as cached top-k targets."""
-    return any(t.teacher == "logits" for t in kd.terms_on())
 
 
 def _counts(batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
@@ -367,7 +361,7 @@ def _fine_tune(trained, model, train, held_out, s, pad_id, online, callbacks, wo
         model=trained,
         args=args,
         train_dataset=_Examples(train),
-        data_collator=_Collator(pad_id, _reads_cached_targets(s.kd) and online is None, on_policy),
+        data_collator=_Collator(pad_id, s.kd.reads_teacher_logits and online is None, on_policy),
         kd=s.kd,
         online=online,
     )

@@ -312,10 +312,13 @@ def main(argv: list[str] | None = None) -> int:
     watch_launcher()  # a rank of `finescope run --num-processes N` dies with its launcher (no-op otherwise)
     if not sys.stderr.isatty():
         _quiet_library_progress_bars()
+    failed = True
     try:
         with warnings.catch_warnings():  # restores the caller's warning display when main returns
             warnings.showwarning = _show_warning
-            return args.func(args)
+            code = args.func(args)
+        failed = code != 0
+        return code
     except FinescopeError as e:
         return _error(args.command, one_line(e, 1000))
     except Exception as e:
@@ -332,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown(failed=failed)  # a launched rank leaves its process group before the interpreter exits
 
 
 if __name__ == "__main__":

@@ -127,6 +127,24 @@ def _object_group() -> Any:
     return _OBJECT_GROUP
 
 
+def shutdown(*, failed: bool = False) -> None:
+    """Leave the process group, if this process joined one (the CLI calls it once, on the way out). A gloo group
+    left to the interpreter's exit tears down its worker threads in whatever order the C++ statics die, and on a
+    busy 2-core machine about one exit in three then aborts ("terminate called without an active exception",
+    SIGABRT) after the stage's work is done and written; destroying the groups first joins those threads. After a
+    failure (`failed`), only gloo groups are destroyed: that is local to the process, where an NCCL group's
+    teardown may wait on a collective that a dead peer never finishes."""
+    global _OBJECT_GROUP
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if failed and dist.get_backend() != "gloo":
+        return
+    _OBJECT_GROUP = None
+    dist.destroy_process_group()
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0][:300] if text else type(e).__name__

@@ -177,3 +177,24 @@ def test_stage_subcommand_plumbing(monkeypatch, tmp_path, capsys):
     assert storage.is_done(out, calls[0])
     assert main(["fakeprune", "--out", str(out), "--ratio", "1.5"]) == 2
     assert "ratio = 1.5: must be in (0, 1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["assets", "--list"], ["info", "/nonexistent/model-dir"]], ids=["ok", "refused"])
+def test_main_leaves_the_process_group_on_the_way_out(argv, tmp_path, monkeypatch, capsys):
+    """A launched rank destroys its gloo groups before the interpreter exits, after success and after a refusal:
+    left to the exit, gloo's worker threads sometimes die as "terminate called without an active exception"
+    (SIGABRT) after the stage's work is written (CI, session 51)."""
+    import torch.distributed as dist
+
+    from finescope import distributed
+
+    monkeypatch.setenv("FINESCOPE_HOME", str(tmp_path / "home"))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        assert distributed._object_group() is not None  # the second (object) group as collectives create it
+        code = main(argv)
+        assert (code == 0) == (argv[0] == "assets"), capsys.readouterr().err
+        assert not dist.is_initialized() and distributed._OBJECT_GROUP is None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -316,6 +316,9 @@ class RecoverConfig:
     """Effective batch size (micro batch × gradient accumulation; paper: 128)."""
     micro_batch_size: Annotated[int, Range(min=1)] = 8
     """Records per forward/backward pass."""
+    group_by_length: bool = True
+    """Micro-batches of records of like length, drawn in random order (less padding: a CPU step costs its padded
+    tokens); false: records drawn at random."""
     max_length: Annotated[int, Range(min=16)] = 256
     """Token cutoff per training example, prompt included (paper: 256)."""
     epochs: Annotated[float, Range(min=0, min_open=True)] = 2.0
@@ -353,6 +356,7 @@ class RecoverConfig:
         "on_policy": 0.0,
         "unlikelihood_weight": 0.0,
         "on_policy_temperature": 1.0,
+        "group_by_length": False,
     }
 
 

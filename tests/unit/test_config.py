@@ -177,7 +177,7 @@ def test_fields_added_at_their_old_behaviour_leave_the_hash_alone():
     from finescope.config import CurateConfig, RecoverConfig
     from finescope.storage import config_hash, to_jsonable
 
-    for cfg in (CurateConfig(layer_depth=0.5), RecoverConfig()):  # every added field at its old behaviour
+    for cfg in (CurateConfig(layer_depth=0.5), RecoverConfig(group_by_length=False)):  # added fields, old behaviour
         data = to_jsonable(cfg)
         for name in (*cfg.HASH_EXCLUDE, *cfg.HASH_OMIT_AT):
             data.pop(name)
@@ -186,6 +186,7 @@ def test_fields_added_at_their_old_behaviour_leave_the_hash_alone():
     assert config_hash(CurateConfig(sae_data="pool+reference")) != config_hash(CurateConfig())
     assert config_hash(CurateConfig(dtype="bfloat16")) != config_hash(CurateConfig())
     assert config_hash(CurateConfig(device="cpu")) == config_hash(CurateConfig())  # device is never hashed
+    assert config_hash(RecoverConfig()) != config_hash(RecoverConfig(group_by_length=False))
 
 
 def test_finescope_variants_curate_with_the_configs_method_sae_or_hybrid(tmp_path):

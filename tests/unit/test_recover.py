@@ -574,17 +574,18 @@ def test_errors_are_finescope_errors():
     assert issubclass(RecoverError, FinescopeError) and issubclass(FinetuneError, FinescopeError)
 
 
-def test_killed_fine_tuning_resumes_from_its_trainer_checkpoint(tmp_path, chat_tokenizer):
-    """Checkpoints every step; a run killed after step 2 resumes at step 3 and ends where an uninterrupted run
-    ends (optimiser, schedule and data order restored)."""
+@pytest.mark.parametrize("killed_after, micro", [(2, 1), (4, 2)])  # in the first epoch; in the second
+def test_killed_fine_tuning_resumes_from_its_trainer_checkpoint(tmp_path, chat_tokenizer, killed_after, micro):
+    """Checkpoints every step; a run killed after step k resumes at step k + 1 and ends where an uninterrupted run
+    ends (optimiser, schedule and data order restored, in the first epoch and in a later one)."""
     from transformers import TrainerCallback
 
     class Killed(Exception):
         pass
 
-    class KillAtStep3(TrainerCallback):
+    class KillAfter(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            if state.global_step == 2:
+            if state.global_step == killed_after:
                 raise Killed
 
     train, _ = build_examples(chat_tokenizer, RECORDS, max_length=128)  # 6 examples: 3 steps of 2 per epoch
@@ -592,7 +593,7 @@ def test_killed_fine_tuning_resumes_from_its_trainer_checkpoint(tmp_path, chat_t
 
     def settings(folder):
         return TrainSettings(
-            rank=4, alpha=8, dropout=0.0, lr=5e-3, batch_size=2, micro_batch_size=1, epochs=2.0, seed=0,
+            rank=4, alpha=8, dropout=0.0, lr=5e-3, batch_size=2, micro_batch_size=micro, epochs=2.0, seed=0,
             checkpoint_dir=folder, checkpoint_steps=1,
         )  # fmt: skip
 
@@ -600,12 +601,14 @@ def test_killed_fine_tuning_resumes_from_its_trainer_checkpoint(tmp_path, chat_t
     ckpt = tmp_path / "checkpoints"
     with pytest.raises(Killed):
         fine_tune(
-            build_model("llama", len(chat_tokenizer)), train, [], settings(ckpt), pad_id=pad, callbacks=[KillAtStep3()]
+            build_model("llama", len(chat_tokenizer)), train, [], settings(ckpt), pad_id=pad, callbacks=[KillAfter()]
         )
-    assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoint-2"]  # the newest only
+    assert sorted(p.name for p in ckpt.iterdir()) == [f"checkpoint-{killed_after}"]  # the newest only
     resumed, h = fine_tune(build_model("llama", len(chat_tokenizer)), train, train[:2], settings(ckpt), pad_id=pad)
-    assert h["resumed_from_step"] == 2 and [p["step"] for p in h["train_loss"]] == [3, 4, 5, 6]
-    assert [p["loss"] for p in h["train_loss"]] == pytest.approx([p["loss"] for p in h_whole["train_loss"][2:]])
+    assert h["resumed_from_step"] == killed_after
+    assert [p["step"] for p in h["train_loss"]] == list(range(killed_after + 1, 7))
+    want = [p["loss"] for p in h_whole["train_loss"][killed_after:]]
+    assert [p["loss"] for p in h["train_loss"]] == pytest.approx(want)
     assert h["eval_loss"][-1]["loss"] == pytest.approx(h_whole["eval_loss"][-1]["loss"], rel=1e-5)
     a, b = whole.state_dict(), resumed.state_dict()
     assert any("lora" in k for k in a) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a if "lora" in k)

@@ -59,6 +59,8 @@ class TrainSettings:
     warmup_ratio: float = _R.warmup_ratio
     seed: int = _R.seed
     kd: KdSettings = field(default_factory=KdSettings)
+    group_by_length: bool = _R.group_by_length
+    """Micro-batches of like lengths, in random order (`length_batches`); else drawn at random."""
     gradient_checkpointing: bool = _R.gradient_checkpointing
     """Recompute activations in the backward pass (less memory, ~30 % more time)."""
     bf16: bool | None = None
@@ -83,6 +85,7 @@ class TrainSettings:
             warmup_ratio=cfg.warmup_ratio,
             seed=cfg.seed,
             kd=KdSettings.from_config(cfg),
+            group_by_length=cfg.group_by_length,
             gradient_checkpointing=cfg.gradient_checkpointing,
             checkpoint_dir=checkpoint_dir if cfg.checkpoint_steps > 0 else None,
             checkpoint_steps=cfg.checkpoint_steps,
@@ -199,8 +202,9 @@ def mean_loss(model, examples: list[Example], pad_id: int, micro_batch_size: int
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for start in range(0, len(examples), micro_batch_size):
-        loss, n = summed_loss(model, collate(examples[start : start + micro_batch_size], pad_id))
+    by_length = sorted(examples, key=lambda e: -len(e.input_ids))  # like lengths per batch: little padding
+    for start in range(0, len(by_length), micro_batch_size):
+        loss, n = summed_loss(model, collate(by_length[start : start + micro_batch_size], pad_id))
         total, count = total + float(loss), count + n
     model.train(was_training)
     return total / max(count, 1)

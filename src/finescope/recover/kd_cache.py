@@ -48,16 +48,19 @@ def cache_path(setting: str, key: str) -> Path:
 
 @torch.no_grad()
 def teacher_top_k(model, examples, s: KdSettings, micro_batch_size: int, pad_id: int) -> list[TopK]:
-    """The teacher's top-k distribution at each example's KD positions, one `TopK` per example."""
+    """The teacher's top-k distribution at each example's KD positions, one `TopK` per example (in their order; the
+    batches go longest first, so like lengths share one and little of it is padding)."""
     model.eval()
-    out: list[TopK] = []
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    out: dict[int, TopK] = {}
     bar = progress(total=len(examples), desc="teacher logits", unit="ex")
-    for start in range(0, len(examples), micro_batch_size):
-        chunk = examples[start : start + micro_batch_size]
-        out.extend(batch_top_k(model, chunk, s, pad_id))
+    for start in range(0, len(order), micro_batch_size):
+        chunk = order[start : start + micro_batch_size]
+        for i, top in zip(chunk, batch_top_k(model, [examples[i] for i in chunk], s, pad_id)):
+            out[i] = top
         bar.update(len(chunk))
     bar.close()
-    return out
+    return [out[i] for i in range(len(examples))]
 
 
 @torch.no_grad()

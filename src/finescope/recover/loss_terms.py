@@ -75,8 +75,9 @@ class KdSettings:
 
     @property
     def reads_teacher_logits(self) -> bool:
-        """A term that is on reads the teacher's logits: the cached top-k targets the examples carry, unless the
-        teacher runs online."""
+        """A term that is on reads the teacher's logits. Whether they come from the examples' cached top-k targets
+        or from a teacher run online is the caller's to decide (the trainer's collator attaches the cached ones only
+        when no teacher runs online)."""
         return any(t.teacher == "logits" for t in self.terms_on())
 
     @property

@@ -46,6 +46,7 @@ from .finetune import (
     mean_loss,
     teacher_targets,
 )
+from .length_batches import LengthBatches
 from .loss_terms import TERMS, mixed_loss, term_means
 from .on_policy import OnPolicy
 
@@ -98,12 +99,25 @@ def _trainer_class():
 
         loss_is_scaled_for_ga = True  # normalised by the step's global token count already
 
-        def __init__(self, *args, kd, online: OnlineTeacher | None, **kwargs):
+        def __init__(self, *args, kd, online: OnlineTeacher | None, by_length: bool, **kwargs):
             super().__init__(*args, **kwargs)
-            self.kd, self.online = kd, online
+            self.kd, self.online, self.by_length = kd, online, by_length
             self.names = ["ce"] + [t.name for t in TERMS]
             self.step_sums = torch.zeros(len(self.names), dtype=torch.float64)  # this rank's sums of the step
             self.step_counts = torch.zeros(2, dtype=torch.float64)  # the step's global CE and KD token counts
+
+        def _get_train_sampler(self, train_dataset=None):
+            """Steps of like lengths in random order (`length_batches`), or the Trainer's random order."""
+            data = train_dataset if train_dataset is not None else self.train_dataset
+            if not self.by_length or not isinstance(data, _Examples):
+                return super()._get_train_sampler(train_dataset)
+            a = self.args
+            return LengthBatches(
+                [len(e.input_ids) for e in data.examples],
+                step=a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size,
+                seed=a.data_seed if a.data_seed is not None else a.seed,
+                epoch=lambda: math.floor((self.state.epoch or 0) + 1e-6),  # resumed runs: the epoch they stopped in
+            )
 
         def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
             """Labelled tokens (CE) and KD positions of the whole optimiser step, summed over every rank."""
@@ -364,6 +378,7 @@ def _fine_tune(trained, model, train, held_out, s, pad_id, online, callbacks, wo
         data_collator=_Collator(pad_id, s.kd.reads_teacher_logits and online is None, on_policy),
         kd=s.kd,
         online=online,
+        by_length=s.group_by_length,
     )
     trainer.remove_callback(PrinterCallback)
     _check_engine(trainer)

@@ -30,14 +30,36 @@ def _batches(order: list[int], micro: int) -> list[list[int]]:
     return [order[a : a + micro] for a in range(0, len(order), micro)]
 
 
-@pytest.mark.parametrize("n, micro", [(400, 4), (354, 4), (7, 3), (5, 8), (1, 1)])
-def test_every_example_once_per_epoch_and_only_the_last_micro_batch_short(n, micro):
-    sampler = LengthBatches(_lengths(n), step=micro, seed=3, epoch=lambda: 0)
+@pytest.mark.parametrize("n, step, micro", [(400, 4, 4), (354, 4, 4), (7, 3, 3), (5, 8, 8), (1, 1, 1), (30, 8, 4)])
+def test_every_example_once_per_epoch_and_only_the_last_step_short(n, step, micro):
+    """Only the last step may be short, so the data loader's cut into micro-batches stays on step boundaries."""
+    sampler = LengthBatches(_lengths(n), step=step, seed=3, epoch=lambda: 0)
     for epoch in range(3):
         order = sampler.order(epoch)
         assert sorted(order) == list(range(n))
-        sizes = [len(b) for b in _batches(order, micro)]
-        assert all(s == micro for s in sizes[:-1]) and 1 <= sizes[-1] <= micro
+        sizes = [len(b) for b in _batches(order, step)]
+        assert all(s == step for s in sizes[:-1]) and 1 <= sizes[-1] <= step
+        micro_batches = _batches(order, micro)
+        assert all(len(b) == micro for b in micro_batches[: (n // step) * (step // micro)])
+
+
+def test_two_ranks_together_take_each_full_step_of_the_order():
+    """Under DDP accelerate deals the micro-batches out (`BatchSamplerShard`): rank r takes micro-batches r, r + W,
+    …; the accumulation steps of both ranks together are exactly the sampler's step, as in one process."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    lengths, micro, accum, world = _lengths(64), 2, 2, 2
+    step = micro * accum * world
+    sampler = LengthBatches(lengths, step=step, seed=0, epoch=lambda: 0)
+    per_rank = [
+        list(BatchSamplerShard(BatchSampler(sampler, micro, drop_last=False), num_processes=world, process_index=r))
+        for r in range(world)
+    ]
+    order = sampler.order(0)
+    for u in range(len(order) // step):
+        taken = [i for r in range(world) for b in per_rank[r][u * accum : (u + 1) * accum] for i in b]
+        assert sorted(taken) == sorted(order[u * step : (u + 1) * step])
 
 
 def test_micro_batches_hold_like_lengths_in_random_order():

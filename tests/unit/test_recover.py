@@ -29,6 +29,7 @@ from finescope.recover.finetune import (
     summed_loss,
     tokenize_pair,
 )
+from finescope.recover.length_batches import LengthBatches
 from finescope.recover.rewrite import DISTILL_SYSTEM, prompt_hash, read_partial, rewrite_prompt, rewrite_records
 from finescope.recover.run import PARTIAL, RecoverError, run
 from finescope.recover.trainer import fine_tune
@@ -574,7 +575,7 @@ def test_errors_are_finescope_errors():
     assert issubclass(RecoverError, FinescopeError) and issubclass(FinetuneError, FinescopeError)
 
 
-@pytest.mark.parametrize("killed_after, micro", [(2, 1), (4, 2)])  # in the first epoch; in the second
+@pytest.mark.parametrize("killed_after, micro", [(2, 1), (3, 2), (4, 2)])  # first epoch, at its end, second
 def test_killed_fine_tuning_resumes_from_its_trainer_checkpoint(tmp_path, chat_tokenizer, killed_after, micro):
     """Checkpoints every step; a run killed after step k resumes at step k + 1 and ends where an uninterrupted run
     ends (optimiser, schedule and data order restored, in the first epoch and in a later one)."""
@@ -590,6 +591,8 @@ def test_killed_fine_tuning_resumes_from_its_trainer_checkpoint(tmp_path, chat_t
 
     train, _ = build_examples(chat_tokenizer, RECORDS, max_length=128)  # 6 examples: 3 steps of 2 per epoch
     pad = chat_tokenizer.pad_token_id
+    drawn = LengthBatches([len(e.input_ids) for e in train], step=2, seed=0, epoch=lambda: 0)
+    assert drawn.order(0) != drawn.order(1)  # so resuming in the wrong epoch would train on other steps
 
     def settings(folder):
         return TrainSettings(

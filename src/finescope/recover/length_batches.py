@@ -9,8 +9,9 @@ once per epoch, a step and each of its micro-batches hold examples of like lengt
 the order of the steps is random — unlike transformers' `group_by_length`, whose sorted windows also put each
 window's longest examples first.
 
-The order is a function of (seed, epoch) alone: every rank draws the same one (the data loader then deals the
-micro-batches out, so a step holds the same examples however it is split over ranks and accumulation), and a
+The order is a function of the seed, the epoch and the step size alone: every rank draws the same one (the data
+loader then deals the micro-batches out, so a full step holds the same examples however it is split over ranks
+and accumulation; a short last step is topped up by accelerate under several ranks, as in random order), and a
 resumed run redraws the epoch it stopped in.
 
     sampler = LengthBatches(lengths=[len(e.input_ids) for e in train], step=4, seed=0, epoch=lambda: 0)

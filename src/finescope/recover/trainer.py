@@ -99,24 +99,27 @@ def _trainer_class():
 
         loss_is_scaled_for_ga = True  # normalised by the step's global token count already
 
-        def __init__(self, *args, kd, online: OnlineTeacher | None, by_length: bool, **kwargs):
+        def __init__(self, *args, kd, online: OnlineTeacher | None, by_length_step: int | None, **kwargs):
             super().__init__(*args, **kwargs)
-            self.kd, self.online, self.by_length = kd, online, by_length
+            self.kd, self.online, self.by_length_step = kd, online, by_length_step
             self.names = ["ce"] + [t.name for t in TERMS]
             self.step_sums = torch.zeros(len(self.names), dtype=torch.float64)  # this rank's sums of the step
             self.step_counts = torch.zeros(2, dtype=torch.float64)  # the step's global CE and KD token counts
 
         def _get_train_sampler(self, train_dataset=None):
-            """Steps of like lengths in random order (`length_batches`), or the Trainer's random order."""
+            """Steps (`by_length_step` examples: the global batch) of like lengths in random order
+            (`length_batches`), or the Trainer's random order."""
             data = train_dataset if train_dataset is not None else self.train_dataset
-            if not self.by_length or not isinstance(data, _Examples):
+            if self.by_length_step is None or not isinstance(data, _Examples):
                 return super()._get_train_sampler(train_dataset)
             a = self.args
             return LengthBatches(
                 [len(e.input_ids) for e in data.examples],
-                step=a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size,
+                step=self.by_length_step,
                 seed=a.data_seed if a.data_seed is not None else a.seed,
-                epoch=lambda: math.floor((self.state.epoch or 0) + 1e-6),  # resumed runs: the epoch they stopped in
+                # state.epoch is e + steps done / steps per epoch (exactly e + 1.0 after an epoch's last step), read
+                # when the epoch's first batch is drawn: a resumed run redraws the epoch it stopped in
+                epoch=lambda: int(self.state.epoch or 0),
             )
 
         def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
@@ -378,7 +381,7 @@ def _fine_tune(trained, model, train, held_out, s, pad_id, online, callbacks, wo
         data_collator=_Collator(pad_id, s.kd.reads_teacher_logits and online is None, on_policy),
         kd=s.kd,
         online=online,
-        by_length=s.group_by_length,
+        by_length_step=effective if s.group_by_length else None,
     )
     trainer.remove_callback(PrinterCallback)
     _check_engine(trainer)

@@ -317,8 +317,8 @@ class RecoverConfig:
     micro_batch_size: Annotated[int, Range(min=1)] = 8
     """Records per forward/backward pass."""
     group_by_length: bool = True
-    """Micro-batches of records of like length, drawn in random order (less padding: a CPU step costs its padded
-    tokens); false: records drawn at random."""
+    """Steps of records of like length, drawn in random order (their micro-batches pad little: a CPU step costs its
+    padded tokens); false: records drawn at random."""
     max_length: Annotated[int, Range(min=16)] = 256
     """Token cutoff per training example, prompt included (paper: 256)."""
     epochs: Annotated[float, Range(min=0, min_open=True)] = 2.0

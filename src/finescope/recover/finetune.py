@@ -60,7 +60,7 @@ class TrainSettings:
     seed: int = _R.seed
     kd: KdSettings = field(default_factory=KdSettings)
     group_by_length: bool = _R.group_by_length
-    """Micro-batches of like lengths, in random order (`length_batches`); else drawn at random."""
+    """Steps of like lengths, in random order (`length_batches`); else drawn at random."""
     gradient_checkpointing: bool = _R.gradient_checkpointing
     """Recompute activations in the backward pass (less memory, ~30 % more time)."""
     bf16: bool | None = None

@@ -45,15 +45,15 @@ class LengthBatches(torch.utils.data.Sampler[int]):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         perm = torch.randperm(len(self.lengths), generator=g).tolist()
         span = self.window * self.step
-        batches: list[list[int]] = []
+        steps: list[list[int]] = []
         for start in range(0, len(perm), span):
             window = sorted(perm[start : start + span], key=lambda i: -self.lengths[i])  # stable
-            batches += [window[b : b + self.step] for b in range(0, len(window), self.step)]
-        short = batches.pop() if batches and len(batches[-1]) < self.step else None
-        shuffled = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+            steps += [window[b : b + self.step] for b in range(0, len(window), self.step)]
+        short = steps.pop() if steps and len(steps[-1]) < self.step else None
+        shuffled = [steps[i] for i in torch.randperm(len(steps), generator=g).tolist()]
         if short is not None:
             shuffled.append(short)
-        return [i for batch in shuffled for i in batch]
+        return [i for step in shuffled for i in step]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.order(self.epoch()))

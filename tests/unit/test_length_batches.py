@@ -1,5 +1,5 @@
-"""The training order (`recover.group_by_length`): micro-batches of like lengths, in random order, every example
-once per epoch, the same on every rank and after a resume; and the Trainer draws exactly that order."""
+"""The training order (`recover.group_by_length`): steps of like lengths, in random order, every example once per
+epoch, the same on every rank and after a resume; and the Trainer draws exactly that order."""
 
 from __future__ import annotations
 

@@ -361,7 +361,8 @@ class PruneTimings(Schema):
     verify_s: float
     total_s: float
     compensate_s: float = 0.0
-    """Compensation's statistics pass and solve (0 without compensation)."""
+    """Compensation's statistics pass and solve (0 without compensation); where the statistics were gathered in
+    the importance pass (`prune/compensate.Collector`), their time is in `importance_s` and this is the rest."""
 
 
 @dataclass(kw_only=True)

@@ -232,7 +232,7 @@ class PruneConfig:
     the inputs the already-pruned earlier blocks give (`pruned`: also corrects the error carried in; ~4 forwards
     of the calibration data, rank 0 only)."""
     compensation_memory_gib: Annotated[float, Range(min=0, min_open=True)] = 4.0
-    """Device memory the compensation statistics may hold at once (float64 sums; a re-fit's grow as width² per layer: ~0.4 GiB for SmolLM2-135M, ~34 GiB for an 8B Llama); above it they are gathered in several passes over the calibration data, with the same result."""
+    """Device memory the compensation statistics may hold at once (float64 sums; a re-fit's grow as width² per layer). Where every projection's full matrix fits (~0.6 GiB for SmolLM2-135M) they are gathered in the importance pass itself; else in a pass of their own (~0.4 GiB of kept columns for SmolLM2, ~34 GiB for an 8B Llama), split into as many passes as keep them within this budget. The results agree up to float rounding."""
     overwrite: bool = False
     """Replace an existing output folder that is not a previous prune output."""
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import build_model
-from finescope.generation import cut_at_stop, generate, is_degenerate, loops_at_end, stop_token_ids
+from finescope.generation import batch_spans, cut_at_stop, generate, is_degenerate, loops_at_end, stop_token_ids
 
 PROMPTS = [
     "What is 12 times 7?",
@@ -97,6 +97,31 @@ def test_skipped_prompts_leave_the_other_batches_as_they_were(tiny_tokenizer):
     part = generate(model, tiny_tokenizer, PROMPTS, skip=skip, on_batch=lambda idx, c: seen.extend(idx), **kw)
     assert all(part[i] == [] for i in skip) and sorted(seen) == [i for i in range(len(PROMPTS)) if i not in skip]
     assert [part[i] for i in seen] == [whole[i] for i in seen]
+
+
+def test_batches_end_early_rather_than_be_half_padding():
+    # the default's rewrite: one 1,330-token prompt heads the longest-first order
+    lengths = [1330, 503, 477, 462, 326] + [250] * 40 + [80] * 100
+    spans = batch_spans(lengths, 32, 64)
+    assert spans[0] == (0, 4)  # a fifth row would make the batch more than half padding
+    assert [e - s for s, e in spans[1:]] == [32] * 4 + [13]  # similar lengths: plain batches, the last short
+    assert [i for s, e in spans for i in range(s, e)] == list(range(len(lengths)))  # every prompt once, in order
+    for s, e in spans:
+        assert e - s == 1 or (e - s) * (lengths[s] + 64) <= 2 * sum(n + 64 for n in lengths[s:e])
+    assert batch_spans([200, 190, 150, 120, 110, 100, 100, 90], 8, 128) == [(0, 8)]  # GSM8K-like: one batch
+    assert batch_spans([5000, 10, 10], 8, 0) == [(0, 2), (2, 3)] and batch_spans([], 8, 16) == []
+
+
+def test_a_long_outlier_prompt_does_not_pad_the_whole_batch_and_completions_stay_the_same(tiny_tokenizer):
+    model = build_model("llama", len(tiny_tokenizer))
+    prompts = [" ".join(["word"] * 300) + " " + PROMPTS[0], *PROMPTS[1:]]
+    seen = []
+    outs = generate(
+        model, tiny_tokenizer, prompts, max_new_tokens=4, batch_size=8, on_batch=lambda i, c: seen.append(i)
+    )
+    assert seen[0] == [0, 1] and sorted(seen[1]) == [2, 3, 4]  # two rows are at most half padding
+    alone = [generate(model, tiny_tokenizer, [p], max_new_tokens=4)[0] for p in prompts]
+    assert [o[0]["text"] for o in outs] == [a[0]["text"] for a in alone]
 
 
 def test_cut_at_stop():

@@ -192,3 +192,58 @@ def test_passes_group_in_order_within_the_budget():
     assert compensate.passes([3, 3, 3, 5, 1], 6) == [[0, 1], [2], [3, 4]]
     assert compensate.passes([10, 1], 4) == [[0], [1]]  # one projection above the budget still gets its pass
     assert compensate.passes([], 4) == []
+
+
+@pytest.mark.parametrize("mode", ["bias", "refit", "bias_refit"])
+@pytest.mark.parametrize("importance", ["flap", "taylor", "magnitude"])
+def test_statistics_gathered_in_the_importance_pass_equal_a_pass_of_their_own(chat_tokenizer, importance, mode):
+    """The Collector rides on the importance pass (whatever that pass gathers: activations, gradients, or nothing
+    for magnitude): the scores are those of a pass without it, and the statistics of the kept columns are
+    gather's up to float32 rounding (Σ x xᵀ then its kept columns, against Σ x x_Kᵀ)."""
+    from finescope.prune.importance import compute_scores
+    from finescope.prune.run import plan_kept
+    from finescope.prune.solver import solve
+    from finescope.prune.structure import model_shapes
+
+    model = build_model("llama", len(chat_tokenizer))
+    h = _Handle(model)
+    batches = _batches(chat_tokenizer)
+    plan = solve(model_shapes(h.adapter, model), 0.4, head_mode="query", mlp_multiple=8)
+    plain = compute_scores(h.adapter, batches, importance)
+    collector = compensate.Collector(h.adapter, mode)
+    scores = compute_scores(h.adapter, batches, importance, on_batch=collector.observe)
+    collector.close()
+    for a, b in ((plain.heads, scores.heads), (plain.kv, scores.kv), (plain.channels, scores.channels)):
+        assert torch.equal(a, b)
+    kept = plan_kept(h.adapter, scores, plan, "query")
+    assert any(len(row["channels"]) < h.adapter.intermediate_size for row in kept["layers"])
+    ours, theirs = collector.stats(kept), compensate.gather(h.adapter, batches, kept, mode)
+    assert ours.count == theirs.count and ours.sums.keys() == theirs.sums.keys() == ours.cross.keys() | ours.sums.keys()
+    assert ours.cross.keys() == (theirs.sums.keys() if compensate.needs_gram(mode) else set())
+    for key in theirs.sums:
+        torch.testing.assert_close(ours.sums[key], theirs.sums[key], rtol=1e-6, atol=1e-6)
+        if compensate.needs_gram(mode):
+            assert ours.cross[key].shape == theirs.cross[key].shape
+            torch.testing.assert_close(ours.cross[key], theirs.cross[key], rtol=1e-5, atol=1e-5)
+    assert collector.handles == [] and not model.model.layers[0].mlp.down_proj._forward_pre_hooks
+
+
+def test_the_prune_stage_gathers_the_statistics_in_the_importance_pass_where_they_fit(
+    tiny_model_dirs, calib_file, tmp_path, capsys
+):
+    """Within compensation_memory_gib: one pass over the calibration data (its progress line names both); under
+    a budget too small for the full matrices: a pass of their own. The two models agree up to float rounding."""
+    from safetensors.torch import load_file
+
+    common = dict(model=str(tiny_model_dirs["llama"]), data=str(calib_file), ratio=0.4, batch_size=8)
+    common |= dict(importance="flap", compensation="bias_refit")
+    run(PruneConfig(**common), tmp_path / "one")
+    err = capsys.readouterr().err
+    assert "importance (flap) + compensation (bias_refit)" in err and "compensation (bias_refit) pass" not in err
+    run(PruneConfig(**common, compensation_memory_gib=1e-6), tmp_path / "two")
+    err = capsys.readouterr().err
+    assert "importance (flap) + compensation" not in err and "compensation (bias_refit) pass 1/" in err
+    a, b = (load_file(tmp_path / d / "model" / "model.safetensors") for d in ("one", "two"))
+    assert a.keys() == b.keys() and any(k.endswith("down_proj.bias") for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)

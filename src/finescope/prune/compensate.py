@@ -22,6 +22,7 @@ here; the gate/up and q/k/v biases that come with them are zero). Qwen2, Qwen3, 
 for every family. Dropped blocks (depth pruning) are not compensated.
 
     stats = gather(adapter, batches, kept, mode)       # one shot: every rank its share, summed over ranks
+    # or, inside the importance pass where the full matrices fit (full_bytes): Collector(adapter, mode).stats(kept)
     updates = solve(adapter, kept, stats, mode, ridge) # per layer, before slicing
     ... slice ...
     apply(adapter, kept, updates, mode)                # after slicing
@@ -112,6 +113,44 @@ def passes(sizes: list[int], budget: int) -> list[list[int]]:
     return groups
 
 
+def _hook(sums: dict, cross: dict, key: tuple[int, str], cols: torch.Tensor | None, mode: str, mask: dict):
+    """A forward pre-hook adding this batch's real tokens to Σ x and, for a re-fit, Σ x x_Kᵀ (every column when
+    `cols` is None: the full Σ x xᵀ)."""
+
+    def fn(_m, args):
+        x = args[0].detach()[mask["m"].to(args[0].device).bool()].float()  # (real tokens, features)
+        if key not in sums:
+            sums[key] = torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device)
+            if needs_gram(mode):
+                width = x.shape[-1] if cols is None else len(cols)
+                cross[key] = torch.zeros(x.shape[-1], width, dtype=torch.float64, device=x.device)
+        sums[key] += x.sum(0).double()
+        if needs_gram(mode):
+            cross[key] += (x.T @ (x if cols is None else x.index_select(1, cols.to(x.device)))).double()
+
+    return fn
+
+
+def _sum_over_ranks(adapter: ArchAdapter, cols: dict, stats: Stats, mode: str) -> Stats:
+    """Several ranks: each rank's sums (of its share of the batches) added up on every rank."""
+    if distributed.ranks().world <= 1:
+        return stats
+    device = next(adapter.model.parameters()).device
+    what = "prune compensation statistics (sum over ranks)"
+    count = int(distributed.all_reduce_sum(torch.tensor([float(stats.count)]), what)[0])
+    sums, cross = dict(stats.sums), dict(stats.cross)
+    for layer, by_name in cols.items():
+        for name, kc in by_name.items():
+            n = _linear(adapter, layer, name).in_features
+            key = (layer, name)
+            at = sums[key].device if key in sums else device
+            sums[key] = distributed.all_reduce_sum(sums.get(key, torch.zeros(n, dtype=torch.float64, device=at)), what)
+            if needs_gram(mode):
+                zero = torch.zeros(n, len(kc), dtype=torch.float64, device=at)
+                cross[key] = distributed.all_reduce_sum(cross.get(key, zero), what)
+    return Stats(count=count, sums=sums, cross=cross)
+
+
 def gather(
     adapter: ArchAdapter,
     batches: list[dict],
@@ -125,7 +164,8 @@ def gather(
 
     The float64 accumulators of a re-fit grow as width² per layer (SmolLM2-135M: ~0.4 GiB in all; an 8B Llama:
     ~34 GiB), so the projections are gathered in as many passes as keep them within `memory_gib` on the device,
-    each pass hooking its own projections; the sums are the same, bit for bit, whatever the number of passes."""
+    each pass hooking its own projections; the sums are the same, bit for bit, whatever the number of passes.
+    (Where every projection's full Σ x xᵀ fits, `Collector` gathers them inside the importance pass instead.)"""
     model = adapter.model
     device = next(model.parameters()).device
     d = adapter.head_dim
@@ -138,20 +178,6 @@ def gather(
     sums: dict[tuple[int, str], torch.Tensor] = {}
     cross: dict[tuple[int, str], torch.Tensor] = {}
     mask: dict[str, torch.Tensor] = {}
-
-    def hook(key: tuple[int, str], kept_cols: torch.Tensor):
-        def fn(_m, args):
-            x = args[0].detach()[mask["m"].to(args[0].device).bool()].float()  # (real tokens, features)
-            if key not in sums:
-                sums[key] = torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device)
-                if needs_gram(mode):
-                    cross[key] = torch.zeros(x.shape[-1], len(kept_cols), dtype=torch.float64, device=x.device)
-            sums[key] += x.sum(0).double()
-            if needs_gram(mode):
-                cross[key] += (x.T @ x.index_select(1, kept_cols.to(x.device))).double()
-
-        return fn
-
     count = 0
     ranks = distributed.ranks()
     mine = [batches[i] for i in ranks.mine(len(batches))]
@@ -159,7 +185,11 @@ def gather(
         handles = []
         for layer, name in (keys[i] for i in group):
             idx = torch.tensor(cols[layer][name], dtype=torch.long)
-            handles.append(_linear(adapter, layer, name).register_forward_pre_hook(hook((layer, name), idx)))
+            handles.append(
+                _linear(adapter, layer, name).register_forward_pre_hook(
+                    _hook(sums, cross, (layer, name), idx, mode, mask)
+                )
+            )
         tag = f" pass {g + 1}/{len(groups)}" if len(groups) > 1 else ""
         count = 0
         try:
@@ -181,21 +211,70 @@ def gather(
                     sums[(layer, name)] = sums[(layer, name)].cpu()
                 if (layer, name) in cross:
                     cross[(layer, name)] = cross[(layer, name)].cpu()
-    if ranks.world > 1:
-        what = "prune compensation statistics (sum over ranks)"
-        count = int(distributed.all_reduce_sum(torch.tensor([float(count)]), what)[0])
-        for layer, by_name in cols.items():
-            for name, kc in by_name.items():
-                n = _linear(adapter, layer, name).in_features
-                key = (layer, name)
-                at = sums[key].device if key in sums else device
-                sums[key] = distributed.all_reduce_sum(
-                    sums.get(key, torch.zeros(n, dtype=torch.float64, device=at)), what
-                )
-                if needs_gram(mode):
-                    zero = torch.zeros(n, len(kc), dtype=torch.float64, device=at)
-                    cross[key] = distributed.all_reduce_sum(cross.get(key, zero), what)
-    return Stats(count=count, sums=sums, cross=cross)
+    return _sum_over_ranks(adapter, cols, Stats(count=count, sums=sums, cross=cross), mode)
+
+
+def full_bytes(adapter: ArchAdapter, mode: str) -> int:
+    """Bytes of `Collector`'s accumulators: Σ x and the full Σ x xᵀ of every layer's o_proj and down_proj."""
+    return sum(
+        stats_bytes(n, n, mode)
+        for i in range(adapter.num_layers)
+        for n in (adapter.attention(i).o_proj.in_features, adapter.mlp(i).down_proj.in_features)
+    )
+
+
+class Collector:
+    """`gather`'s statistics taken during another pass over the calibration batches (the importance pass), so the
+    dense model runs over them once, not twice.
+
+    The kept columns are not known until the scores are, so a re-fit keeps the full Σ x xᵀ of every projection
+    (n × n instead of n × K: use only where `full_bytes` fits the memory budget; SmolLM2-135M ~0.6 GiB) and
+    `stats(kept)` takes the kept columns. Call `observe(batch)` before each forward of a batch; `close()` removes
+    the hooks. Equal to `gather`'s statistics up to float32 rounding (the products are summed in another order).
+
+        collector = Collector(adapter, "refit")
+        scores = compute_scores(adapter, batches, "flap", on_batch=collector.observe)
+        collector.close()
+        stats = collector.stats(plan_kept(adapter, scores, plan, "query"))   # sums over ranks
+    """
+
+    def __init__(self, adapter: ArchAdapter, mode: str):
+        self.adapter, self.mode, self.count = adapter, mode, 0
+        self.sums: dict[tuple[int, str], torch.Tensor] = {}
+        self.cross: dict[tuple[int, str], torch.Tensor] = {}
+        self.mask: dict[str, torch.Tensor] = {}
+        self.handles = [
+            _linear(adapter, layer, name).register_forward_pre_hook(
+                _hook(self.sums, self.cross, (layer, name), None, mode, self.mask)
+            )
+            for layer in range(adapter.num_layers)
+            for name in ("o", "down")
+        ]
+
+    def observe(self, batch: dict) -> None:
+        self.mask["m"] = batch["attention_mask"]
+        self.count += int(batch["attention_mask"].sum())
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def stats(self, kept: dict) -> Stats:
+        cols = {row["layer"]: _kept_columns(row, self.adapter.head_dim) for row in kept["layers"]}
+        cross = {}
+        if needs_gram(self.mode):
+            for layer, by_name in cols.items():
+                for name, kc in by_name.items():
+                    key = (layer, name)
+                    if key in self.cross:  # absent on a rank that saw no batch
+                        cross[key] = self.cross[key].index_select(1, torch.tensor(kc, device=self.cross[key].device))
+        sums = {
+            key: self.sums[key]
+            for key in ((layer, name) for layer, b in cols.items() for name in b)
+            if key in self.sums
+        }
+        return _sum_over_ranks(self.adapter, cols, Stats(count=self.count, sums=sums, cross=cross), self.mode)
 
 
 @dataclass

@@ -28,6 +28,7 @@ output) averaged over tokens (ShortGPT); `taylor_block` = Σ abs(w·g) over the 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -256,12 +257,17 @@ def compute_scores(
     depth_importance: str | None = None,
     seed: int = 0,
     desc: str = "calibration",
+    on_batch: Callable[[dict], None] | None = None,
 ) -> Scores:
     """Scores of every head, KV group and MLP channel (and block, if `depth_importance`) of the model.
 
     Phases: one pass over the calibration batches gathers what the scores need (`_calibration_pass`), then the
     width scores are summed over coupled groups (`_width_scores`) and the block scores taken (the depth importance's
-    registry implementation)."""
+    registry implementation).
+
+    on_batch: called with each batch (on the model's device) before its forward, so that hooks of the caller's
+    (compensation's `Collector`) gather their own statistics in the same pass; the pass then runs even for a
+    score that needs none."""
     width = IMPORTANCE[importance]  # an unknown name: ValueError listing the known ones
     depth = DEPTH_IMPORTANCE[depth_importance] if depth_importance is not None else None
     needs = width.needs | (depth.needs if depth is not None else frozenset())
@@ -269,8 +275,9 @@ def compute_scores(
     need_act = ACTIVATIONS in needs
     need_bi = BLOCK_COSINES in needs
     gathered = _Gathered(stats=_Stats(adapter, need_act, need_bi) if (need_act or need_bi) else None)
-    if need_act or need_bi or need_grad:
-        _calibration_pass(adapter, batches, gathered, need_grad=need_grad, fisher=FISHER in width.needs, desc=desc)
+    if need_act or need_bi or need_grad or on_batch is not None:
+        fisher = FISHER in width.needs
+        _calibration_pass(adapter, batches, gathered, need_grad=need_grad, fisher=fisher, desc=desc, on_batch=on_batch)
     heads, kv, channels = _width_scores(adapter, width.implementation(), gathered, seed)
     blocks = depth.implementation()(adapter, gathered) if depth is not None else None
     loss = gathered.loss_sum / gathered.loss_tokens if need_grad and gathered.loss_tokens else None
@@ -302,7 +309,14 @@ def _scored_parameters(adapter: ArchAdapter) -> list[torch.Tensor]:
 
 
 def _calibration_pass(
-    adapter: ArchAdapter, batches: list[dict], gathered: _Gathered, *, need_grad: bool, fisher: bool, desc: str
+    adapter: ArchAdapter,
+    batches: list[dict],
+    gathered: _Gathered,
+    *,
+    need_grad: bool,
+    fisher: bool,
+    desc: str,
+    on_batch: Callable[[dict], None] | None = None,
 ) -> None:
     """Forward every batch (hooks of `gathered.stats` record activations); with `need_grad`, backpropagate the
     token-mean loss into the projections only. Restores every parameter's `requires_grad` and removes the hooks."""
@@ -323,6 +337,8 @@ def _calibration_pass(
                 param.requires_grad_(True)
         for batch in progress(mine, desc=desc, unit="batch"):
             batch = {k: v.to(device) for k, v in batch.items()}
+            if on_batch is not None:
+                on_batch(batch)
             if stats is not None:
                 stats.mask = batch["attention_mask"]
                 stats.count += int(batch["attention_mask"].sum())

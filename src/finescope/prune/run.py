@@ -297,30 +297,47 @@ def _prune_into(
 
     Several ranks: each scores its share of the calibration batches and the sums are all-reduced, so every rank
     holds the same scores; rank 0 alone slices, saves and verifies, the others wait for its outcome."""
-    t0 = time.perf_counter()
-    scores = compute_scores(
-        handle.adapter,
-        batches,
-        cfg.importance,
-        depth_importance=cfg.depth_importance if cfg.depth else None,
-        seed=cfg.seed,
-        desc=f"importance ({cfg.importance})",
+    dense_stats = cfg.compensation != "none" and cfg.compensation_inputs == "dense"
+    # the statistics gathered in the importance pass where every projection's full matrix fits, else a pass of their own
+    collector = (
+        compensate.Collector(handle.adapter, cfg.compensation)
+        if dense_stats
+        and compensate.full_bytes(handle.adapter, cfg.compensation) <= cfg.compensation_memory_gib * 2**30
+        else None
     )
+    t0 = time.perf_counter()
+    try:
+        scores = compute_scores(
+            handle.adapter,
+            batches,
+            cfg.importance,
+            depth_importance=cfg.depth_importance if cfg.depth else None,
+            seed=cfg.seed,
+            desc=f"importance ({cfg.importance})" + (f" + compensation ({cfg.compensation})" if collector else ""),
+            on_batch=collector.observe if collector else None,
+        )
+    finally:
+        if collector is not None:
+            collector.close()
     t_scores = time.perf_counter() - t0
     t0 = time.perf_counter()
     comp = None
     if cfg.compensation != "none" and cfg.compensation_inputs == "pruned":  # rank 0 alone, block by block
         comp = Compensation(cfg.compensation, cfg.refit_ridge, inputs="pruned", batches=batches)
-    elif cfg.compensation != "none":  # every rank gathers over its share; rank 0 solves while slicing
+    elif dense_stats:  # every rank gathers over its share; rank 0 solves while slicing
         kept = plan_kept(handle.adapter, scores, plan, cfg.head_mode)
-        stats = compensate.gather(
-            handle.adapter,
-            batches,
-            kept,
-            cfg.compensation,
-            desc=f"compensation ({cfg.compensation})",
-            memory_gib=cfg.compensation_memory_gib,
-        )
+        if collector is not None:
+            stats = collector.stats(kept)
+            del collector
+        else:
+            stats = compensate.gather(
+                handle.adapter,
+                batches,
+                kept,
+                cfg.compensation,
+                desc=f"compensation ({cfg.compensation})",
+                memory_gib=cfg.compensation_memory_gib,
+            )
         comp = Compensation(cfg.compensation, cfg.refit_ridge, stats)
     t_comp = time.perf_counter() - t0
     stage_protocol.finish_on_rank0(

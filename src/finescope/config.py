@@ -228,11 +228,12 @@ class PruneConfig:
     refit_ridge: Annotated[float, Range(min=0)] = 0.01
     """Ridge of the re-fit, relative to the mean diagonal of the kept inputs' second moment."""
     compensation_inputs: Literal["dense", "pruned"] = "dense"
-    """What the compensation fits on: the dense model's inputs, one statistics pass (`dense`), or block by block
+    """What the compensation fits on: the dense model's inputs, gathered in the importance pass or one pass of their
+    own (`dense`), or block by block
     the inputs the already-pruned earlier blocks give (`pruned`: also corrects the error carried in; ~4 forwards
     of the calibration data, rank 0 only)."""
     compensation_memory_gib: Annotated[float, Range(min=0, min_open=True)] = 4.0
-    """Device memory the compensation statistics may hold at once (float64 sums; a re-fit's grow as width² per layer). Where every projection's full matrix fits (~0.6 GiB for SmolLM2-135M) they are gathered in the importance pass itself; else in a pass of their own (~0.4 GiB of kept columns for SmolLM2, ~34 GiB for an 8B Llama), split into as many passes as keep them within this budget. The results agree up to float rounding."""
+    """Device memory the compensation statistics may hold at once (float64 sums; a re-fit's grow as width² per layer). Where every projection's full matrix fits (~0.6 GiB for SmolLM2-135M) and the importance forwards the calibration data anyway, they are gathered in that pass; else in a pass of their own (~0.4 GiB of kept columns for SmolLM2, ~34 GiB for an 8B Llama), split into as many passes as keep them within this budget. The results agree up to float rounding."""
     overwrite: bool = False
     """Replace an existing output folder that is not a previous prune output."""
 
@@ -296,7 +297,8 @@ class RecoverConfig:
     temperature: Annotated[float, Range(min=0)] = 0.0
     """Teacher sampling temperature; 0 = greedy decoding (the default)."""
     rewrite_batch_size: Annotated[int, Range(min=1)] = 8
-    """Prompts per batched generate call (left padding)."""
+    """Prompts per batched generate call at most (left padding; fewer where a batch would be more than half
+    padding)."""
     answer_check: bool = True
     """Reject rewrites whose final number / option letter differs from the original's (when it has one); reference
     rewrites only (--rewrite-prompt)."""
@@ -377,7 +379,8 @@ class EvalConfig:
     answers_limit: Annotated[int, Range(min=0)] = 0
     """Questions per `answers:` task, evenly spaced (0 = `limit`): its replies run to `max_new_tokens`, so they cost far more per question than the scoring tasks."""
     batch_size: Annotated[int, Range(min=1)] = 8
-    """Questions per forward pass / prompts per generate call."""
+    """Questions per forward pass / prompts per generate call (at most: fewer where a batch would be more than half
+    padding)."""
     max_new_tokens: Annotated[int, Range(min=1)] = 256
     """Token limit for generation tasks."""
     mmlu_scoring: Literal["letter", "cloze", "both"] = "cloze"

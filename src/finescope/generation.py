@@ -153,8 +153,8 @@ def generate(
 ) -> list[list[dict[str, Any]]]:
     """`num_samples` completions per prompt, in prompt order: `{"text", "new_tokens", "cut_off"}` each.
 
-    Greedy when `temperature` is 0, else nucleus sampling seeded per batch (reproducible for a given
-    `batch_size`). `text` is the completion decoded without special tokens and cut at the first stop sequence,
+    Greedy when `temperature` is 0, else nucleus sampling seeded per batch (reproducible for the same prompts,
+    `batch_size` and `max_new_tokens`, which set the batches: `batch_spans`). `text` is the completion decoded without special tokens and cut at the first stop sequence,
     not stripped (leading whitespace matters for code). `on_batch(prompt_indices, completions)` is called after
     every batch, e.g. to append finished rows to a resumable file.
 
@@ -185,7 +185,7 @@ def generate(
     total = sum(i not in skip for span in spans for i in order[slice(*span)])
     bar = progress(total=total, desc=desc + ranks.tag, unit="prompt")
     try:
-        for group in _groups(spans, batch_size, engine):
+        for group in _groups(spans, engine):
             done = (
                 _engine_batches(model, tokenizer, encoded, order, group, kwargs, seed, stop, stops)
                 if engine
@@ -234,8 +234,9 @@ def batch_spans(lengths: list[int], batch_size: int, max_new_tokens: int) -> lis
     """The batches of prompts whose token `lengths` are sorted longest first, as [start, end) spans: at most
     `batch_size` prompts each, and no more than leave half of the batch's tokens padding. A batch pads every row
     to its longest prompt (plus `max_new_tokens` of decoding), so without the second bound one long outlier makes
-    its whole batch as long (the default's rewrite: one 1,330-token prompt padded 31 others of 193-503 tokens to
-    its length). Prompts of similar lengths get plain `batch_size` batches."""
+    its whole batch as long (among the default's KD records, a 1,330-token prompt would pad 31 others of 193-503
+    tokens to its length; the rewrite leaves out prompts that fill the training length). Prompts of similar lengths
+    get plain `batch_size` batches."""
     new = max(max_new_tokens, 0)
     spans: list[tuple[int, int]] = []
     start = 0
@@ -251,15 +252,23 @@ def batch_spans(lengths: list[int], batch_size: int, max_new_tokens: int) -> lis
     return spans
 
 
-def _groups(spans: list[tuple[int, int]], batch_size: int, engine: bool) -> list[list[tuple[int, int]]]:
-    """The batches run together: one at a time for transformers, up to `vllm_backend.CHUNK` prompts per call for
-    a vLLM engine (which batches by itself)."""
+def _groups(spans: list[tuple[int, int]], engine: bool) -> list[list[tuple[int, int]]]:
+    """The batches run together: one at a time for transformers; for a vLLM engine (which batches by itself and
+    pads nothing), consecutive batches up to `vllm_backend.CHUNK` prompts per call (at least one batch)."""
     if not engine:
         return [[span] for span in spans]
     from .vllm_backend import CHUNK
 
-    per = max(1, CHUNK // batch_size)
-    return [spans[k : k + per] for k in range(0, len(spans), per)]
+    groups: list[list[tuple[int, int]]] = []
+    held = 0
+    for span in spans:
+        size = span[1] - span[0]
+        if not groups or held + size > CHUNK:
+            groups.append([])
+            held = 0
+        groups[-1].append(span)
+        held += size
+    return groups
 
 
 def _hf_batch(model, tokenizer, encoded, order, span, kwargs, seed, stop, stops, device):

@@ -238,7 +238,9 @@ def test_prune_on_two_processes_scores_like_one_process_and_makes_the_same_plan(
         batch_size=2,  # several batches, split over the ranks
     )
     one = prune_run(cfg, tmp_path / "one")
-    _torchrun_stage("prune", cfg, tmp_path / "two", tmp_path / "home", f"importance ({importance})")
+    # bias_refit: the statistics ride on the importance pass (compensate.Collector), and the pass says so
+    marker = f"importance ({importance})" + (f" + compensation ({compensation})" if compensation != "none" else "")
+    _torchrun_stage("prune", cfg, tmp_path / "two", tmp_path / "home", marker)
     a = json.loads((one / "report.json").read_text())
     b = json.loads((tmp_path / "two" / "report.json").read_text())
     assert a["kept"] == b["kept"] and a["dropped_blocks"] == b["dropped_blocks"]  # the same plan

@@ -124,6 +124,15 @@ def test_a_long_outlier_prompt_does_not_pad_the_whole_batch_and_completions_stay
     assert [o[0]["text"] for o in outs] == [a[0]["text"] for a in alone]
 
 
+def test_a_vllm_engine_gets_whole_batches_up_to_its_chunk_per_call(monkeypatch):
+    from finescope import generation, vllm_backend
+
+    monkeypatch.setattr(vllm_backend, "CHUNK", 4)
+    spans = [(0, 2), (2, 3), (3, 4), (4, 7), (7, 12)]  # batches of 2, 1, 1, 3 and 5 prompts
+    assert generation._groups(spans, engine=True) == [[(0, 2), (2, 3), (3, 4)], [(4, 7)], [(7, 12)]]
+    assert generation._groups(spans, engine=False) == [[span] for span in spans]
+
+
 def test_cut_at_stop():
     assert cut_at_stop("    return a\ndef other():", ["\ndef", "\nclass"]) == "    return a"
     assert cut_at_stop("no stop", ["\n\n"]) == "no stop"

@@ -218,6 +218,7 @@ def test_statistics_gathered_in_the_importance_pass_equal_a_pass_of_their_own(ch
     kept = plan_kept(h.adapter, scores, plan, "query")
     assert any(len(row["channels"]) < h.adapter.intermediate_size for row in kept["layers"])
     ours, theirs = collector.stats(kept), compensate.gather(h.adapter, batches, kept, mode)
+    assert collector.sums == {} and collector.cross == {}  # single use: the full matrices are released
     assert ours.count == theirs.count and ours.sums.keys() == theirs.sums.keys() == ours.cross.keys() | ours.sums.keys()
     assert ours.cross.keys() == (theirs.sums.keys() if compensate.needs_gram(mode) else set())
     for key in theirs.sums:
@@ -247,3 +248,7 @@ def test_the_prune_stage_gathers_the_statistics_in_the_importance_pass_where_the
     assert a.keys() == b.keys() and any(k.endswith("down_proj.bias") for k in a)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    # magnitude scores read the weights only: no pass to ride on, so the statistics take their own (kept columns)
+    run(PruneConfig(**{**common, "importance": "magnitude"}), tmp_path / "three")
+    err = capsys.readouterr().err
+    assert "+ compensation" not in err and "compensation (bias_refit):" in err

@@ -2,7 +2,7 @@
 channels contributed, measured on the calibration data, before any training.
 
 For one projection y = W x + b whose input columns split into kept K and removed R, over the calibration tokens
-(statistics of the *dense* model's inputs, one forward pass, no gradients):
+(statistics of the *dense* model's inputs: a forward pass of their own, or the importance pass's):
 
 | mode         | new weights W'_K                      | new bias b'                         | anchor            |
 |--------------|----------------------------------------|-------------------------------------|-------------------|
@@ -261,20 +261,23 @@ class Collector:
         self.handles = []
 
     def stats(self, kept: dict) -> Stats:
+        """The statistics of the kept columns, summed over ranks. Single use: each full matrix is released as its
+        columns are taken (the peak stays the full matrices plus one projection's kept columns), and the
+        collector is emptied."""
+        self.close()
         cols = {row["layer"]: _kept_columns(row, self.adapter.head_dim) for row in kept["layers"]}
+        keys = [(layer, name) for layer, by_name in cols.items() for name in by_name]
         cross = {}
         if needs_gram(self.mode):
-            for layer, by_name in cols.items():
-                for name, kc in by_name.items():
-                    key = (layer, name)
-                    if key in self.cross:  # absent on a rank that saw no batch
-                        cross[key] = self.cross[key].index_select(1, torch.tensor(kc, device=self.cross[key].device))
-        sums = {
-            key: self.sums[key]
-            for key in ((layer, name) for layer, b in cols.items() for name in b)
-            if key in self.sums
-        }
-        return _sum_over_ranks(self.adapter, cols, Stats(count=self.count, sums=sums, cross=cross), self.mode)
+            for layer, name in keys:
+                full = self.cross.pop((layer, name), None)  # absent on a rank that saw no batch
+                if full is not None:
+                    cross[(layer, name)] = full.index_select(1, torch.tensor(cols[layer][name], device=full.device))
+                    del full
+        sums = {key: self.sums[key] for key in keys if key in self.sums}
+        count = self.count
+        self.sums, self.cross, self.count = {}, {}, 0
+        return _sum_over_ranks(self.adapter, cols, Stats(count=count, sums=sums, cross=cross), self.mode)
 
 
 @dataclass

@@ -270,7 +270,7 @@ def compute_scores(
     score that needs none."""
     width = IMPORTANCE[importance]  # an unknown name: ValueError listing the known ones
     depth = DEPTH_IMPORTANCE[depth_importance] if depth_importance is not None else None
-    needs = width.needs | (depth.needs if depth is not None else frozenset())
+    needs = _needs(importance, depth_importance)
     need_grad = GRADIENTS in needs
     need_act = ACTIVATIONS in needs
     need_bi = BLOCK_COSINES in needs
@@ -282,6 +282,17 @@ def compute_scores(
     blocks = depth.implementation()(adapter, gathered) if depth is not None else None
     loss = gathered.loss_sum / gathered.loss_tokens if need_grad and gathered.loss_tokens else None
     return Scores(heads=heads, kv=kv, channels=channels, blocks=blocks, loss=loss)
+
+
+def _needs(importance: str, depth_importance: str | None) -> frozenset:
+    depth = DEPTH_IMPORTANCE[depth_importance].needs if depth_importance is not None else frozenset()
+    return IMPORTANCE[importance].needs | depth
+
+
+def runs_a_pass(importance: str, depth_importance: str | None = None) -> bool:
+    """Whether `compute_scores` forwards the calibration batches for these scores (magnitude and random read the
+    weights only): where it does, other statistics can ride on that pass (`on_batch`)."""
+    return bool(_needs(importance, depth_importance) & {GRADIENTS, ACTIVATIONS, BLOCK_COSINES})
 
 
 @dataclass

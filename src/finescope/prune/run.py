@@ -44,7 +44,14 @@ from ..data import read_records
 from ..modeling import load, model_info
 from ..ranking import next_ranked, without_eval_overlap
 from . import compensate
-from .importance import calibration_batches, compute_scores, select_attention, select_blocks, select_channels
+from .importance import (
+    calibration_batches,
+    compute_scores,
+    runs_a_pass,
+    select_attention,
+    select_blocks,
+    select_channels,
+)
 from .solver import solve
 from .structure import drop_blocks, model_shapes, prune_attention, prune_mlp, rewrite_config
 
@@ -298,10 +305,13 @@ def _prune_into(
     Several ranks: each scores its share of the calibration batches and the sums are all-reduced, so every rank
     holds the same scores; rank 0 alone slices, saves and verifies, the others wait for its outcome."""
     dense_stats = cfg.compensation != "none" and cfg.compensation_inputs == "dense"
-    # the statistics gathered in the importance pass where every projection's full matrix fits, else a pass of their own
+    depth_importance = cfg.depth_importance if cfg.depth else None
+    # the statistics ride on the importance pass where there is one and every projection's full matrix fits the
+    # budget; else they take a pass of their own (kept columns only, in as many passes as the budget needs)
     collector = (
         compensate.Collector(handle.adapter, cfg.compensation)
         if dense_stats
+        and runs_a_pass(cfg.importance, depth_importance)
         and compensate.full_bytes(handle.adapter, cfg.compensation) <= cfg.compensation_memory_gib * 2**30
         else None
     )
@@ -311,7 +321,7 @@ def _prune_into(
             handle.adapter,
             batches,
             cfg.importance,
-            depth_importance=cfg.depth_importance if cfg.depth else None,
+            depth_importance=depth_importance,
             seed=cfg.seed,
             desc=f"importance ({cfg.importance})" + (f" + compensation ({cfg.compensation})" if collector else ""),
             on_batch=collector.observe if collector else None,
@@ -328,7 +338,6 @@ def _prune_into(
         kept = plan_kept(handle.adapter, scores, plan, cfg.head_mode)
         if collector is not None:
             stats = collector.stats(kept)
-            del collector
         else:
             stats = compensate.gather(
                 handle.adapter,

@@ -154,8 +154,8 @@ def generate(
     """`num_samples` completions per prompt, in prompt order: `{"text", "new_tokens", "cut_off"}` each.
 
     Greedy when `temperature` is 0, else nucleus sampling seeded per batch (reproducible for the same prompts,
-    `batch_size` and `max_new_tokens`, which set the batches: `batch_spans`). `text` is the completion decoded without special tokens and cut at the first stop sequence,
-    not stripped (leading whitespace matters for code). `on_batch(prompt_indices, completions)` is called after
+    `batch_size` and `max_new_tokens`, which set the batches: `batch_spans`). `text` is the completion decoded
+    without special tokens and cut at the first stop sequence, not stripped (leading whitespace matters for code). `on_batch(prompt_indices, completions)` is called after
     every batch, e.g. to append finished rows to a resumable file.
 
     sharded: split the batches over the ranks (batch b on rank b mod world; batches and sampling seeds as in one

@@ -100,7 +100,7 @@ def test_skipped_prompts_leave_the_other_batches_as_they_were(tiny_tokenizer):
 
 
 def test_batches_end_early_rather_than_be_half_padding():
-    # the default's rewrite: one 1,330-token prompt heads the longest-first order
+    # one 1,330-token prompt heads the longest-first order (as it would among the default's KD records)
     lengths = [1330, 503, 477, 462, 326] + [250] * 40 + [80] * 100
     spans = batch_spans(lengths, 32, 64)
     assert spans[0] == (0, 4)  # a fifth row would make the batch more than half padding
